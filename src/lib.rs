@@ -1,0 +1,21 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! vhost-user-zram: a compressed-RAM block device for virtual machines.
+//!
+//! The crate is zram's engine as a library plus a vhost-user-blk daemon around it:
+//!
+//! - [`store`]: the compressed page store — the slot table, same-filled page detection, the
+//!   size-class slab allocator (our zsmalloc), the memory limit and zram's statistics.
+//! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
+//! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
+
+pub mod codec;
+pub mod pagegen;
+
+/// The store's unit: one 4 KiB page, as zram uses on x86-64.
+pub const PAGE_SIZE: usize = 4096;
+
+/// The virtio-blk unit: one 512-byte sector.
+pub const SECTOR_SIZE: usize = 512;
+
+/// Sectors per page.
+pub const SECTORS_PER_PAGE: u64 = (PAGE_SIZE / SECTOR_SIZE) as u64;
