@@ -122,7 +122,7 @@ mod tests {
             let upper = bucket_upper_bound(bucket);
             assert!(upper >= ns, "{ns} above its bucket's bound {upper}");
             assert!(
-                upper - ns <= ns / SUB_BUCKETS,
+                upper - ns <= ns / SUB_BUCKETS as u64,
                 "{ns}: bound {upper} too loose"
             );
             if bucket > 0 {
