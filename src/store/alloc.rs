@@ -52,6 +52,9 @@ pub const HUGE_CLASS: usize = COMPRESSED_CLASSES;
 /// Segments are this large (or one chunk, if a chunk is larger).
 const SEGMENT_BYTES: usize = 2 << 20;
 
+/// Linux's `MADV_POPULATE_WRITE` (5.14).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
 const NONE16: u16 = u16::MAX;
 const NONE32: u32 = u32::MAX;
 
