@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod pagegen;
+pub mod store;
 
 /// The store's unit: one 4 KiB page, as zram uses on x86-64.
 pub const PAGE_SIZE: usize = 4096;
