@@ -155,13 +155,13 @@ fn bench_compaction(store: &PageStore, pages: &[[u8; PAGE_SIZE]]) -> CompactionR
     let mut expected: Vec<Option<usize>> = (0..pages.len()).map(Some).collect();
     let mut replacement = [0u8; PAGE_SIZE];
     let mut replacements = Vec::new();
-    for index in 0..pages.len() {
+    for (index, expectation) in expected.iter_mut().enumerate() {
         match rng.below(4) {
             0 => {
                 store
                     .discard(index as u64..index as u64 + 1)
                     .expect("discard");
-                expected[index] = None;
+                *expectation = None;
             }
             1 => {
                 fill_page(SEED ^ 0xfeed, index as u64, &mut replacement);
