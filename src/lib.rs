@@ -8,6 +8,7 @@
 //! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
+pub mod blk;
 pub mod codec;
 pub mod pagegen;
 
