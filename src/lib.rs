@@ -9,7 +9,10 @@
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
 pub mod blk;
+pub mod cli;
 pub mod codec;
+pub mod control;
+pub mod daemon;
 pub mod pagegen;
 
 /// The store's unit: one 4 KiB page, as zram uses on x86-64.

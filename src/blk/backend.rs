@@ -39,6 +39,7 @@ pub struct BlkBackend<S: BlockBackend> {
     mem: RwLock<GuestMemory>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
+    frontend_spoke: AtomicBool,
     workers: Vec<Mutex<Worker>>,
 }
 
@@ -55,6 +56,7 @@ impl<S: BlockBackend> BlkBackend<S> {
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
+            frontend_spoke: AtomicBool::new(false),
             workers,
         }
     }
@@ -62,6 +64,12 @@ impl<S: BlockBackend> BlkBackend<S> {
     /// The device description.
     pub fn device(&self) -> &DeviceConfig {
         &self.device
+    }
+
+    /// Whether a frontend has sent a vhost-user message (every frontend starts with
+    /// `GET_FEATURES`). A connection that closes without one was a liveness probe.
+    pub fn frontend_spoke(&self) -> bool {
+        self.frontend_spoke.load(Ordering::Acquire)
     }
 
     /// The features the frontend acknowledged last (0 after a reset).
@@ -130,6 +138,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn features(&self) -> u64 {
+        self.frontend_spoke.store(true, Ordering::Release);
         self.device.features()
     }
 
@@ -138,6 +147,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.frontend_spoke.store(true, Ordering::Release);
         DeviceConfig::protocol_features()
     }
 

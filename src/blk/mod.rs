@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod config;
+mod page_store;
 pub mod ratelimit;
 pub mod request;
 
