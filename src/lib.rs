@@ -8,7 +8,11 @@
 //! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
+pub mod blk;
+pub mod cli;
 pub mod codec;
+pub mod control;
+pub mod daemon;
 pub mod pagegen;
 pub mod store;
 
