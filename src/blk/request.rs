@@ -675,7 +675,7 @@ fn check_sectors<E: std::error::Error>(
     len: u64,
     device: &DeviceConfig,
 ) -> Result<(), RequestError<E>> {
-    if len % SECTOR_BYTES != 0 {
+    if !len.is_multiple_of(SECTOR_BYTES) {
         return Err(RequestError::UnalignedLength { len });
     }
     let sectors = len / SECTOR_BYTES;
@@ -770,7 +770,7 @@ where
     B: BlockBackend,
 {
     let len = payload.remaining;
-    if len == 0 || len % DISCARD_SEGMENT_LEN as u64 != 0 {
+    if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_LEN as u64) {
         return Err(RequestError::BadSegmentPayload { len });
     }
     let count = len / DISCARD_SEGMENT_LEN as u64;
