@@ -390,7 +390,11 @@ impl SlabAllocator {
         // without MADV_POPULATE_WRITE (before 5.14) says EINVAL and the pages fault on use.
         // SAFETY: the chunk lies inside a mapped segment and holds no object yet.
         unsafe {
-            libc::madvise(chunk_ptr(c, chunk).cast(), c.chunk_bytes, MADV_POPULATE_WRITE);
+            libc::madvise(
+                chunk_ptr(c, chunk).cast(),
+                c.chunk_bytes,
+                MADV_POPULATE_WRITE,
+            );
         }
         inner.chunks[chunk] = ChunkMeta {
             live: true,
