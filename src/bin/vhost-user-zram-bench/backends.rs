@@ -565,3 +565,34 @@ impl MemorySnapshot {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mm_stat_lines_parse_as_zram_prints_them() {
+        let mm = MmStat::parse(
+            "  4096000  1024000  1200000        0  1300000      250        3       40       41\n",
+        )
+        .expect("9 columns");
+        assert_eq!(mm.orig_data_size, 4_096_000);
+        assert_eq!(mm.mem_used_total, 1_200_000);
+        assert_eq!(mm.same_pages, 250);
+        assert_eq!(mm.huge_pages_since, 41);
+        assert!(MmStat::parse("1 2 3").is_err());
+        assert!(MmStat::parse("1 2 3 4 5 6 7 8 x").is_err());
+    }
+
+    #[test]
+    fn stats_json_gives_mm_and_the_slot_table() {
+        let json = r#"{"mm":{"orig_data_size":8192,"compr_data_size":100,"mem_used_total":5000,
+            "mem_limit":0,"mem_used_max":6000,"same_pages":1,"pages_compacted":0,"huge_pages":0,
+            "huge_pages_since":0},"io":{},"info":{"slot_table_bytes":4096}}"#;
+        let snapshot = MemorySnapshot::from_stats_json(json).expect("valid");
+        assert_eq!(snapshot.mm.orig_data_size, 8192);
+        assert_eq!(snapshot.mm.mem_used_max, 6000);
+        assert_eq!(snapshot.slot_table_bytes, Some(4096));
+        assert!(MemorySnapshot::from_stats_json(r#"{"mm":{}}"#).is_err());
+    }
+}

@@ -411,3 +411,37 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
     }
     entry
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_must_be_whole_pages() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("8192"), Ok(8192));
+        assert!(parse_size("1000").is_err(), "not a multiple of 4 KiB");
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err(), "overflow");
+    }
+
+    #[test]
+    fn the_flags_parse() {
+        let args = Args::try_parse_from([
+            "vhost-user-zram-bench",
+            "--compare",
+            "--phases",
+            "fill,randread",
+            "--queues",
+            "2",
+        ])
+        .expect("valid flags");
+        assert_eq!(args.phases, [Phase::Fill, Phase::RandRead]);
+        assert_eq!((args.queues, args.queue_depth, args.size), (2, 32, 1 << 30));
+        assert!(Args::try_parse_from(["b", "--socket", "/s", "--compare"]).is_err());
+        assert!(Args::try_parse_from(["b", "--phases", "fill,bogus"]).is_err());
+    }
+}
