@@ -29,6 +29,8 @@ pub use self::config::DeviceConfig;
 /// The page interface the virtio-blk request code runs against.
 ///
 /// Pages are addressed by index (`sector / 8`). Implementations are shared by all queue threads.
+/// An implementation counts its own failed reads and writes (zram's `failed_reads` and
+/// `failed_writes`); the request code counts only what it refuses itself (`invalid_io`).
 pub trait BlockBackend: Send + Sync {
     /// The error a page operation reports.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -52,12 +54,6 @@ pub trait BlockBackend: Send + Sync {
 
     /// Frees the pages in `pages`; they then read as zeros.
     fn discard_pages(&self, pages: Range<u64>) -> Result<(), Self::Error>;
-
-    /// Counts a read the store could not complete (zram's `failed_reads`).
-    fn count_failed_read(&self);
-
-    /// Counts a write the store could not complete (zram's `failed_writes`).
-    fn count_failed_write(&self);
 
     /// Counts a malformed or out-of-range request (zram's `invalid_io`).
     fn count_invalid_io(&self);

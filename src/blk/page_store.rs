@@ -34,14 +34,6 @@ impl BlockBackend for PageStore {
         self.discard(pages)
     }
 
-    fn count_failed_read(&self) {
-        PageStore::count_failed_read(self)
-    }
-
-    fn count_failed_write(&self) {
-        PageStore::count_failed_write(self)
-    }
-
     fn count_invalid_io(&self) {
         PageStore::count_invalid_io(self)
     }

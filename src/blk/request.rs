@@ -230,17 +230,6 @@ pub enum RequestError<E: std::error::Error + 'static> {
     },
 }
 
-/// Which zram counter a failure increments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCounter {
-    /// `failed_reads`.
-    FailedRead,
-    /// `failed_writes`.
-    FailedWrite,
-    /// `invalid_io`.
-    InvalidIo,
-}
-
 impl<E: std::error::Error + 'static> RequestError<E> {
     /// The `VIRTIO_BLK_S_*` status this failure reports to the guest.
     pub fn status(&self) -> u8 {
@@ -250,13 +239,14 @@ impl<E: std::error::Error + 'static> RequestError<E> {
         }
     }
 
-    /// The zram counter this failure increments.
-    pub fn counter(&self) -> ErrorCounter {
-        match self {
-            RequestError::ReadFailed { .. } => ErrorCounter::FailedRead,
-            RequestError::WriteFailed { .. } => ErrorCounter::FailedWrite,
-            _ => ErrorCounter::InvalidIo,
-        }
+    /// Whether this failure counts in zram's `invalid_io`: every failure but the store's own,
+    /// which the store counts in `failed_reads` / `failed_writes` itself, as zram counts them
+    /// in its own I/O path.
+    pub fn is_invalid_io(&self) -> bool {
+        !matches!(
+            self,
+            RequestError::ReadFailed { .. } | RequestError::WriteFailed { .. }
+        )
     }
 }
 
@@ -433,10 +423,8 @@ impl Worker {
         let status = match result {
             Ok(()) => STATUS_OK,
             Err(error) => {
-                match error.counter() {
-                    ErrorCounter::FailedRead => backend.count_failed_read(),
-                    ErrorCounter::FailedWrite => backend.count_failed_write(),
-                    ErrorCounter::InvalidIo => backend.count_invalid_io(),
+                if error.is_invalid_io() {
+                    backend.count_invalid_io();
                 }
                 self.warn(format_args!("request failed: {}", ErrorChain(&error)));
                 error.status()
@@ -675,7 +663,7 @@ fn check_sectors<E: std::error::Error>(
     len: u64,
     device: &DeviceConfig,
 ) -> Result<(), RequestError<E>> {
-    if len % SECTOR_BYTES != 0 {
+    if !len.is_multiple_of(SECTOR_BYTES) {
         return Err(RequestError::UnalignedLength { len });
     }
     let sectors = len / SECTOR_BYTES;
@@ -770,7 +758,7 @@ where
     B: BlockBackend,
 {
     let len = payload.remaining;
-    if len == 0 || len % DISCARD_SEGMENT_LEN as u64 != 0 {
+    if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_LEN as u64) {
         return Err(RequestError::BadSegmentPayload { len });
     }
     let count = len / DISCARD_SEGMENT_LEN as u64;

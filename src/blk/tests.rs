@@ -103,6 +103,8 @@ impl BlockBackend for TestStore {
             "write past capacity reached the store"
         );
         if self.fail_writes {
+            // Like the page store, the test store counts its own failures.
+            self.failed_writes.fetch_add(1, Ordering::Relaxed);
             return Err(InjectedFailure);
         }
         self.pages.lock().unwrap().insert(index, Box::new(*page));
@@ -119,6 +121,8 @@ impl BlockBackend for TestStore {
             "modify past capacity reached the store"
         );
         if self.fail_writes {
+            // Like the page store, the test store counts its own failures.
+            self.failed_writes.fetch_add(1, Ordering::Relaxed);
             return Err(InjectedFailure);
         }
         let mut pages = self.pages.lock().unwrap();
@@ -139,14 +143,6 @@ impl BlockBackend for TestStore {
         }
         self.discarded.lock().unwrap().push(pages);
         Ok(())
-    }
-
-    fn count_failed_read(&self) {
-        self.failed_reads.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn count_failed_write(&self) {
-        self.failed_writes.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count_invalid_io(&self) {
@@ -191,19 +187,30 @@ fn guest_memory() -> GuestMemoryMmap<()> {
 }
 
 /// A queue, a worker and a store, plus helpers to submit chains.
-struct Harness<'m> {
+struct Harness<'m, S = TestStore> {
     mem: &'m GuestMemoryMmap<()>,
     vq: MockSplitQueue<'m, GuestMemoryMmap<()>>,
     queue: Queue,
     next_desc: u16,
     submitted: u16,
-    store: TestStore,
+    store: S,
     device: DeviceConfig,
     worker: Worker,
 }
 
-impl<'m> Harness<'m> {
+impl<'m> Harness<'m, TestStore> {
     fn new(mem: &'m GuestMemoryMmap<()>, device: DeviceConfig) -> Self {
+        let store = TestStore::new(device.capacity_pages);
+        Harness::with_store(mem, device, store)
+    }
+
+    fn with_pages(mem: &'m GuestMemoryMmap<()>, pages: u64) -> Self {
+        Self::new(mem, DeviceConfig::new(pages))
+    }
+}
+
+impl<'m, S: BlockBackend> Harness<'m, S> {
+    fn with_store(mem: &'m GuestMemoryMmap<()>, device: DeviceConfig, store: S) -> Self {
         let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
         let queue = vq.create_queue().unwrap();
         Harness {
@@ -212,14 +219,10 @@ impl<'m> Harness<'m> {
             queue,
             next_desc: 0,
             submitted: 0,
-            store: TestStore::new(device.capacity_pages),
+            store,
             worker: Worker::standalone(&device),
             device,
         }
-    }
-
-    fn with_pages(mem: &'m GuestMemoryMmap<()>, pages: u64) -> Self {
-        Self::new(mem, DeviceConfig::new(pages))
     }
 
     fn write_header(&self, request_type: u32, sector: u64) {
@@ -881,4 +884,40 @@ fn descriptor_loop_terminates() {
         .unwrap();
     assert_eq!(h.queue.next_used(), 1, "the looping chain was completed");
     h.assert_still_works();
+}
+
+#[test]
+fn page_store_failures_count_once_and_leave_old_data() {
+    use crate::codec::Algorithm;
+    use crate::pagegen::{PageGen, PageKind};
+    use crate::store::{PageStore, StoreConfig};
+
+    let mem = guest_memory();
+    let store = PageStore::new(StoreConfig {
+        capacity_pages: 256,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: Some(96 * 1024),
+    })
+    .unwrap();
+    let mut h = Harness::with_store(&mem, DeviceConfig::new(256), store);
+    let first = PageGen::new(1).page_of(PageKind::Random);
+    assert_eq!(h.write(0, &first[..]), (1, OK));
+    // Fill up to the limit with incompressible pages until the store refuses one.
+    let mut gen = PageGen::new(2);
+    let refused = (1..256u64)
+        .find(|&page| h.write(page * 8, &gen.page_of(PageKind::Random)[..]).1 == IOERR)
+        .expect("the memory limit was never reached");
+    let io = h.store.stats().io;
+    assert_eq!((io.failed_writes, io.invalid_io), (1, 0), "page {refused}");
+    // Overwriting page 0 now fails too, and page 0 keeps its data.
+    assert_eq!(h.write(0, &gen.page_of(PageKind::Random)[..]), (1, IOERR));
+    assert_eq!(h.read(0, PAGE_SIZE), first.to_vec());
+    // A request past the end is the guest's error: invalid_io, not a failed write.
+    assert_eq!(h.write(256 * 8, &[0; 512]), (1, IOERR));
+    let io = h.store.stats().io;
+    assert_eq!(
+        (io.failed_reads, io.failed_writes, io.invalid_io),
+        (0, 2, 1)
+    );
 }

@@ -283,16 +283,6 @@ impl PageStore {
         self.slots.bytes() as u64 + self.alloc.bytes() + self.fill_words.bytes() as u64
     }
 
-    /// Counts a read that failed outside the store (e.g. in guest memory).
-    pub fn count_failed_read(&self) {
-        add(&self.counters.failed_reads, 1);
-    }
-
-    /// Counts a write that failed outside the store.
-    pub fn count_failed_write(&self) {
-        add(&self.counters.failed_writes, 1);
-    }
-
     /// Counts a request refused as malformed or out of range.
     pub fn count_invalid_io(&self) {
         add(&self.counters.invalid_io, 1);

@@ -1,0 +1,280 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Command-line tests: the built binary's errors, capabilities, sockets and the `ctl` tool,
+//! and the contrib files' agreement with the binary.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vhost_user_zram::cli::Cli;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// Asserts a failed run with exactly one line on stderr, starting with "error: ".
+fn assert_one_sentence_error(output: &Output, needle: &str) {
+    assert!(!output.status.success(), "expected failure: {output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got {stderr:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr:?}");
+    assert!(lines[0].contains(needle), "{stderr:?} lacks {needle:?}");
+    assert!(!stderr.contains("panicked"), "{stderr:?}");
+}
+
+/// A daemon process, killed with SIGTERM when dropped.
+struct Running {
+    child: Child,
+}
+
+impl Running {
+    fn start(args: &[&str], wait_for: &Path) -> Self {
+        let child = Command::new(BIN)
+            .args(args)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let running = Running { child };
+        wait_for_socket(wait_for);
+        running
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal; no memory involved.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until `path` is a socket that accepts connections (no fixed sleeps). A connection
+/// that closes without a message is a liveness probe the daemon ignores.
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sock(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+#[test]
+fn wrong_values_give_one_sentence_and_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sock(&dir, "a.sock");
+    let s = s.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--socket-path", s, "--size", "4097"], "multiple of 4 KiB"),
+        (&["--socket-path", s, "--size", "0"], "must not be zero"),
+        (&["--socket-path", s, "--size", "12Q"], "suffix"),
+        (
+            &["--socket-path", s, "--size", "1M", "--algorithm", "lzo"],
+            "unknown compression algorithm",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--algorithm",
+                "zstd",
+                "--algorithm-level",
+                "40",
+            ],
+            "out of range",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--algorithm-level", "3"],
+            "takes no level",
+        ),
+        (
+            &["--socket-path", "/nonexistent-dir/x.sock", "--size", "1M"],
+            "does not exist",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--serial",
+                "a-serial-longer-than-20",
+            ],
+            "at most 20",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--queue-size", "100"],
+            "power of two",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--num-queues", "0"],
+            "between 1 and 64",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--socket-mode", "999"],
+            "permission mode",
+        ),
+        (&["--size", "1M"], "--socket-path or --fd"),
+        (&["--socket-path", s], "--size is required"),
+        (
+            &["--fd", "99", "--size", "1M"],
+            "not a listening Unix socket",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_one_sentence_error(&run(args), needle);
+    }
+}
+
+#[test]
+fn print_capabilities_prints_the_block_type_json() {
+    let output = run(&["--print-capabilities"]);
+    assert!(output.status.success());
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(value["type"], "block");
+    assert_eq!(value["features"], serde_json::json!(["read-only"]));
+}
+
+#[test]
+fn socket_is_created_with_mode_0600_and_removed_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "mode.sock");
+    let daemon = Running::start(
+        &["--socket-path", path.to_str().unwrap(), "--size", "1M"],
+        &path,
+    );
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(daemon.terminate().success(), "SIGTERM exits 0");
+    assert!(!path.exists(), "the socket file is removed");
+}
+
+#[test]
+fn socket_mode_option_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "mode.sock");
+    let args = [
+        "--socket-path",
+        path.to_str().unwrap(),
+        "--size",
+        "1M",
+        "--socket-mode",
+        "0660",
+    ];
+    let daemon = Running::start(&args, &path);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn stale_socket_is_reused_and_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "stale.sock");
+    // A socket file nobody listens on.
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let p = path.to_str().unwrap();
+    let daemon = Running::start(&["--socket-path", p, "--size", "1M"], &path);
+    // The path is live now: a second daemon is refused, and the first keeps running.
+    assert_one_sentence_error(&run(&["--socket-path", p, "--size", "1M"]), "in use");
+    assert!(
+        daemon.terminate().success(),
+        "the probe did not end the first daemon"
+    );
+}
+
+#[test]
+fn ctl_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "d.sock");
+    let control = sock(&dir, "d.ctl");
+    let c = control.to_str().unwrap();
+    let daemon = Running::start(
+        &[
+            "--socket-path",
+            path.to_str().unwrap(),
+            "--size",
+            "1M",
+            "--control-socket",
+            c,
+        ],
+        &control,
+    );
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--control-socket", c];
+        all.extend_from_slice(args);
+        let output = run(&all);
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let mm_stat = ctl(&["mm_stat"]);
+    assert_eq!(mm_stat.lines().count(), 1);
+    assert_eq!(mm_stat.split_whitespace().count(), 9, "{mm_stat:?}");
+    let io_stat = ctl(&["io_stat"]);
+    assert_eq!(io_stat.split_whitespace().count(), 4, "{io_stat:?}");
+    assert!(!ctl(&["stats"]).is_empty());
+    let json: serde_json::Value = serde_json::from_str(&ctl(&["stats", "--json"])).unwrap();
+    assert!(json.is_object());
+    assert!(ctl(&["compact"]).starts_with("compacted "));
+    assert!(daemon.terminate().success());
+    assert!(!control.exists(), "the control socket is removed");
+
+    let output = run(&["ctl", "--control-socket", c, "stats"]);
+    assert_one_sentence_error(&output, "cannot connect");
+}
+
+#[test]
+fn contrib_json_matches_print_capabilities() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let description: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("contrib/50-vhost-user-zram.json")).unwrap(),
+    )
+    .unwrap();
+    let capabilities: serde_json::Value =
+        serde_json::from_slice(&run(&["--print-capabilities"]).stdout).unwrap();
+    assert_eq!(description["type"], capabilities["type"]);
+    assert_eq!(description["binary"], "/usr/bin/vhost-user-zram");
+    assert!(description["description"].is_string());
+}
+
+#[test]
+fn systemd_unit_exec_start_uses_accepted_flags() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("contrib/vhost-user-zram@.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("the unit has ExecStart");
+    let args: Vec<String> = exec
+        .split_whitespace()
+        .map(|word| word.replace("%i", "instance"))
+        .collect();
+    assert_eq!(args[0], "/usr/bin/vhost-user-zram");
+    let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{exec}: {e}"));
+    assert_eq!(cli.serve.fd, Some(3), "socket activation passes fd 3");
+    cli.serve.daemon_config().unwrap();
+    let socket = std::fs::read_to_string(root.join("contrib/vhost-user-zram@.socket")).unwrap();
+    assert!(socket.contains("ListenStream="));
+    assert!(socket.contains("SocketMode=0600"));
+}

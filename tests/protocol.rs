@@ -1,0 +1,301 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! In-process vhost-user protocol tests: the vhost crate's `Frontend` against the daemon over a
+//! Unix socket, with memfd-backed guest memory shared between the two, as a VMM would.
+
+// Descriptor indexes, flags and lengths here are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_zram::blk::DeviceConfig;
+use vhost_user_zram::codec::Algorithm;
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, ListenOn};
+use vhost_user_zram::store::StoreConfig;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const PAGES: u64 = 256;
+const MEM_SIZE: usize = 4 << 20;
+const QUEUE_SIZE: u16 = 256;
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
+    let mut device = DeviceConfig::new(PAGES);
+    device.num_queues = num_queues;
+    device.queue_size = QUEUE_SIZE;
+    DaemonConfig {
+        listen: ListenOn::Path(socket.to_owned()),
+        socket_mode: 0o600,
+        store: StoreConfig {
+            capacity_pages: PAGES,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        },
+        device,
+        control_socket: None,
+    }
+}
+
+/// Starts a daemon on a socket in a fresh directory; returns the directory guard, the socket
+/// path and the thread running `Daemon::run`.
+fn start_daemon(
+    num_queues: u16,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    thread::JoinHandle<Result<(), vhost_user_zram::daemon::DaemonError>>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let daemon = Daemon::new(config(&socket, num_queues)).unwrap();
+    let runner = thread::spawn(move || daemon.run());
+    (dir, socket, runner)
+}
+
+fn guest_memory() -> GuestMemoryMmap<()> {
+    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
+fn expected_features() -> u64 {
+    [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_BLK_F_SIZE_MAX,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_TOPOLOGY,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+    ]
+    .iter()
+    .fold(PROTOCOL_FEATURES_BIT, |acc, bit| acc | 1 << bit)
+}
+
+fn negotiate(frontend: &mut Frontend) {
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    assert_eq!(features, expected_features());
+    frontend.set_features(features).unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    assert_eq!(
+        protocol,
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    );
+    frontend.set_protocol_features(protocol).unwrap();
+}
+
+fn le32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap())
+}
+
+#[test]
+fn negotiation_and_config_space_describe_the_device() {
+    let (_dir, socket, runner) = start_daemon(4);
+    let mut frontend = Frontend::connect(&socket, 4).unwrap();
+    negotiate(&mut frontend);
+    assert_eq!(frontend.get_queue_num().unwrap(), 4);
+    let (_, space) = frontend
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0; 60])
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(space[0..8].try_into().unwrap()),
+        PAGES * 8,
+        "capacity"
+    );
+    assert_eq!(le32(&space, 8), 1 << 20, "size_max");
+    assert_eq!(le32(&space, 12), 254, "seg_max");
+    assert_eq!(le32(&space, 20), 4096, "blk_size");
+    assert_eq!(space[24], 0, "physical_block_exp");
+    assert_eq!(u16::from_le_bytes([space[34], space[35]]), 4, "num_queues");
+    assert_eq!(le32(&space, 44), 8, "discard_sector_alignment");
+    assert_eq!(space[56], 1, "write_zeroes_may_unmap");
+    drop(frontend);
+    runner.join().unwrap().unwrap();
+}
+
+/// Drives one queue through real shared memory: a write, then a read of the same page.
+#[test]
+fn request_completes_through_shared_memory_and_disconnect_ends_the_daemon() {
+    let (_dir, socket, runner) = start_daemon(1);
+    let mut frontend = Frontend::connect(&socket, 1).unwrap();
+    negotiate(&mut frontend);
+
+    let mem = guest_memory();
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+    frontend.set_mem_table(&[info]).unwrap();
+    let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: host_base + vq.desc_table_addr().0,
+                used_ring_addr: host_base + vq.used_addr().0,
+                avail_ring_addr: host_base + vq.avail_addr().0,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+    frontend.set_vring_base(0, 0).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    frontend.set_vring_kick(0, &kick).unwrap();
+    frontend.set_vring_call(0, &call).unwrap();
+    frontend.set_vring_enable(0, true).unwrap();
+
+    let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    mem.write_slice(&page, GuestAddress(DATA)).unwrap();
+    let submit = |head: u16, request_type: u32, data_flags: u32, avail_idx: u16| {
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&request_type.to_le_bytes());
+        header[8..16].copy_from_slice(&3u64.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        let descs = [
+            Descriptor::new(HEADER, 16, next, head + 1),
+            Descriptor::new(DATA, 4096, next | data_flags as u16, head + 2),
+            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, desc) in descs.into_iter().enumerate() {
+            vq.desc_table()
+                .store(head + i as u16, RawDescriptor::from(desc))
+                .unwrap();
+        }
+        vq.avail()
+            .ring()
+            .ref_at(usize::from(avail_idx))
+            .unwrap()
+            .store(head);
+        vq.avail().idx().store(avail_idx + 1);
+        kick.write(1).unwrap();
+        wait_for_used(&vq, &call, avail_idx + 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    };
+
+    submit(0, VIRTIO_BLK_T_OUT, 0, 0);
+    mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
+    submit(3, VIRTIO_BLK_T_IN, VRING_DESC_F_WRITE, 1);
+    let used = vq.used().ring().ref_at(1).unwrap().load();
+    assert_eq!((used.id(), used.len()), (3, 4097));
+    let mut back = vec![0u8; 4096];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(back, page);
+
+    drop(frontend);
+    runner.join().unwrap().unwrap();
+}
+
+/// Waits (on the call eventfd, with a deadline) until the used index reaches `target`.
+fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventFd, target: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vq.used().idx().load() != target {
+        assert!(Instant::now() < deadline, "request not completed in time");
+        let mut fds = [libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, length passed exactly.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+        let _ = call.read();
+    }
+}
+
+#[test]
+fn virtio_reset_keeps_the_connection_and_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let daemon = Daemon::new(config(&socket, 1)).unwrap();
+    let store = daemon.store().clone();
+    let runner = thread::spawn(move || daemon.run());
+    let mut frontend = Frontend::connect(&socket, 1).unwrap();
+    negotiate(&mut frontend);
+    let page = [0x5a; 4096];
+    store.write(7, &page).unwrap();
+    frontend.reset_device().unwrap();
+    let mut back = [0; 4096];
+    store.read(7, &mut back).unwrap();
+    assert_eq!(back, page, "a virtio reset keeps the data");
+    // A rebooted guest negotiates again on the same connection.
+    negotiate_again(&mut frontend);
+    drop(frontend);
+    runner.join().unwrap().unwrap();
+}
+
+fn negotiate_again(frontend: &mut Frontend) {
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+}
+
+#[test]
+fn stop_handle_ends_a_daemon_waiting_for_its_frontend() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let daemon = Daemon::new(config(&socket, 1)).unwrap();
+    let stop = daemon.stop_handle();
+    let runner = thread::spawn(move || daemon.run());
+    stop.stop();
+    runner.join().unwrap().unwrap();
+    assert!(!socket.exists(), "the socket file is removed");
+}
+
+#[test]
+fn stop_handle_ends_a_connected_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let daemon = Daemon::new(config(&socket, 1)).unwrap();
+    let stop = daemon.stop_handle();
+    let runner = thread::spawn(move || daemon.run());
+    let mut frontend = Frontend::connect(&socket, 1).unwrap();
+    negotiate(&mut frontend);
+    stop.stop();
+    runner.join().unwrap().unwrap();
+    assert!(!socket.exists());
+}
