@@ -543,7 +543,18 @@ fn mm_stat_reflects_what_was_written() {
 
     let stats = daemon.ctl(&["stats", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&stats).expect("stats --json is JSON");
-    assert!(json.is_object(), "stats --json is an object: {stats}");
+    for (name, value) in [
+        ("orig_data_size", again.orig_data_size),
+        ("compr_data_size", again.compr_data_size),
+        ("same_pages", again.same_pages),
+        ("huge_pages", again.huge_pages),
+    ] {
+        assert_eq!(
+            json["mm"][name].as_u64(),
+            Some(value),
+            "stats --json agrees on {name}: {stats}"
+        );
+    }
 
     client.lane().verify_pages(0..pages, |p| swap_page(p).1);
     daemon.expect_clean_exit_after_disconnect(client);

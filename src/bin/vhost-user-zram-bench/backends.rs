@@ -497,28 +497,102 @@ impl Backend {
     }
 
     /// The backend's zram statistics, when it has any.
-    pub fn mm_stat(&self) -> Option<Result<MmStat, String>> {
+    pub fn mm_stat(&self) -> Option<Result<MemorySnapshot, String>> {
         if let Some(device) = &self.kernel_zram {
-            return Some(device.mm_stat());
+            return Some(device.mm_stat().map(|mm| MemorySnapshot {
+                mm,
+                slot_table_bytes: None,
+            }));
         }
         let (binary, control) = (self.daemon_binary.as_ref()?, self.control_socket.as_ref()?);
         let output = Command::new(binary)
             .arg("ctl")
             .arg("--control-socket")
             .arg(control)
-            .arg("mm_stat")
+            .arg("stats")
+            .arg("--json")
             .stdin(Stdio::null())
             .output();
         Some(match output {
             Ok(output) if output.status.success() => {
-                MmStat::parse(&String::from_utf8_lossy(&output.stdout))
+                MemorySnapshot::from_stats_json(&String::from_utf8_lossy(&output.stdout))
             }
             Ok(output) => Err(format!(
-                "ctl mm_stat: {}: {}",
+                "ctl stats --json: {}: {}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             )),
             Err(e) => Err(format!("run {} ctl: {e}", binary.display())),
         })
+    }
+}
+
+/// A backend's memory figures at one moment.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MemorySnapshot {
+    /// zram's mm_stat.
+    #[serde(flatten)]
+    pub mm: MmStat,
+    /// vhost-user-zram's slot table, which its mem_used_total includes; kernel zram's
+    /// mem_used_total counts only zsmalloc's pages, not its table.
+    pub slot_table_bytes: Option<u64>,
+}
+
+impl MemorySnapshot {
+    /// Reads vhost-user-zram's `ctl stats --json`: `{"mm": {mm_stat fields}, "info":
+    /// {"slot_table_bytes": N, ...}, ...}`.
+    fn from_stats_json(text: &str) -> Result<MemorySnapshot, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("stats --json: {e}: '{text}'"))?;
+        let field = |section: &str, name: &str| {
+            value[section][name]
+                .as_u64()
+                .ok_or_else(|| format!("stats --json has no {section}.{name}: '{}'", text.trim()))
+        };
+        Ok(MemorySnapshot {
+            mm: MmStat {
+                orig_data_size: field("mm", "orig_data_size")?,
+                compr_data_size: field("mm", "compr_data_size")?,
+                mem_used_total: field("mm", "mem_used_total")?,
+                mem_limit: field("mm", "mem_limit")?,
+                mem_used_max: field("mm", "mem_used_max")?,
+                same_pages: field("mm", "same_pages")?,
+                pages_compacted: field("mm", "pages_compacted")?,
+                huge_pages: field("mm", "huge_pages")?,
+                huge_pages_since: field("mm", "huge_pages_since")?,
+            },
+            slot_table_bytes: field("info", "slot_table_bytes").ok(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mm_stat_lines_parse_as_zram_prints_them() {
+        let mm = MmStat::parse(
+            "  4096000  1024000  1200000        0  1300000      250        3       40       41\n",
+        )
+        .expect("9 columns");
+        assert_eq!(mm.orig_data_size, 4_096_000);
+        assert_eq!(mm.mem_used_total, 1_200_000);
+        assert_eq!(mm.same_pages, 250);
+        assert_eq!(mm.huge_pages_since, 41);
+        assert!(MmStat::parse("1 2 3").is_err());
+        assert!(MmStat::parse("1 2 3 4 5 6 7 8 x").is_err());
+    }
+
+    #[test]
+    fn stats_json_gives_mm_and_the_slot_table() {
+        let json = r#"{"mm":{"orig_data_size":8192,"compr_data_size":100,"mem_used_total":5000,
+            "mem_limit":0,"mem_used_max":6000,"same_pages":1,"pages_compacted":0,"huge_pages":0,
+            "huge_pages_since":0},"io":{},"info":{"slot_table_bytes":4096}}"#;
+        let snapshot = MemorySnapshot::from_stats_json(json).expect("valid");
+        assert_eq!(snapshot.mm.orig_data_size, 8192);
+        assert_eq!(snapshot.mm.mem_used_max, 6000);
+        assert_eq!(snapshot.slot_table_bytes, Some(4096));
+        assert!(MemorySnapshot::from_stats_json(r#"{"mm":{}}"#).is_err());
     }
 }

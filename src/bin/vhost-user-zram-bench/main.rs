@@ -100,6 +100,12 @@ struct Args {
     #[arg(long)]
     compare: bool,
 
+    /// Run the whole set of backends this many times, alternating, and report each phase's
+    /// median round: on a shared machine, load from other processes then hits every backend
+    /// alike instead of one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    rounds: u32,
+
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -235,6 +241,7 @@ fn run(args: &Args) -> Result<Report, String> {
             queue_size: args.queue_size,
             block_size: vhost_user_zram::PAGE_SIZE,
             seconds_per_phase: args.duration,
+            rounds: args.rounds,
             seed: args.seed,
             pool_pages: args.pool_pages,
             algorithm: args.algorithm.clone(),
@@ -243,55 +250,72 @@ fn run(args: &Args) -> Result<Report, String> {
         },
         backends: Vec::new(),
     };
-    for kind in plan {
-        if STOP.load(Ordering::Relaxed) {
-            break;
-        }
-        let started = match kind {
-            BackendKind::External => Ok(Backend::external(
-                args.socket.clone().expect("--socket"),
-                args.control_socket.clone(),
-                daemon.binary.clone(),
-            )),
-            BackendKind::VhostUserZram => {
-                Backend::vhost_user_zram(&dir, &daemon, args.size, queues)
+    let mut all_rounds: Vec<BackendReport> = Vec::new();
+    for round in 0..args.rounds {
+        for &kind in &plan {
+            if STOP.load(Ordering::Relaxed) {
+                break;
             }
-            BackendKind::QsdNull | BackendKind::QsdShmFile => {
-                Backend::qemu_storage_daemon(&dir, kind, args.size, queues)
+            if args.rounds > 1 && !args.json {
+                eprintln!("round {} of {}: {}", round + 1, args.rounds, kind.label());
             }
-            BackendKind::KernelZram => {
-                if !KernelZram::supported() {
-                    report.backends.push(BackendReport::skipped(
-                        kind,
-                        "no /sys/class/zram-control (zram module not loaded?)".into(),
-                    ));
-                    continue;
+            let started = match kind {
+                BackendKind::External => Ok(Backend::external(
+                    args.socket.clone().expect("--socket"),
+                    args.control_socket.clone(),
+                    daemon.binary.clone(),
+                )),
+                BackendKind::VhostUserZram => {
+                    Backend::vhost_user_zram(&dir, &daemon, args.size, queues)
                 }
-                match Backend::kernel_zram(&args.algorithm, args.size) {
-                    Ok(backend) => Ok(backend),
-                    Err(KernelZramError::AlgorithmUnavailable(offered)) => {
-                        report.backends.push(BackendReport::skipped(
+                BackendKind::QsdNull | BackendKind::QsdShmFile => {
+                    Backend::qemu_storage_daemon(&dir, kind, args.size, queues)
+                }
+                BackendKind::KernelZram => {
+                    if !KernelZram::supported() {
+                        all_rounds.push(BackendReport::skipped(
                             kind,
-                            format!(
-                                "{} not available in this kernel's zram (offers: {offered})",
-                                args.algorithm
-                            ),
+                            "no /sys/class/zram-control (zram module not loaded?)".into(),
                         ));
                         continue;
                     }
-                    Err(KernelZramError::Failed(e)) => Err(e),
+                    match Backend::kernel_zram(&args.algorithm, args.size) {
+                        Ok(backend) => Ok(backend),
+                        Err(KernelZramError::AlgorithmUnavailable(offered)) => {
+                            all_rounds.push(BackendReport::skipped(
+                                kind,
+                                format!(
+                                    "{} not available in this kernel's zram (offers: {offered})",
+                                    args.algorithm
+                                ),
+                            ));
+                            continue;
+                        }
+                        Err(KernelZramError::Failed(e)) => Err(e),
+                    }
                 }
+            };
+            let entry = match started {
+                Ok(backend) => run_backend(args, backend),
+                Err(e) => BackendReport::failed(kind, e),
+            };
+            if !args.json {
+                eprintln!("{}", entry.progress_line());
             }
-        };
-        let entry = match started {
-            Ok(backend) => run_backend(args, backend),
-            Err(e) => BackendReport::failed(kind, e),
-        };
-        if !args.json {
-            eprintln!("{}", entry.progress_line());
+            all_rounds.push(entry);
         }
-        report.backends.push(entry);
     }
+    report.backends = plan
+        .iter()
+        .map(|&kind| {
+            BackendReport::median_of(
+                all_rounds
+                    .iter()
+                    .filter(|entry| entry.backend == kind)
+                    .collect(),
+            )
+        })
+        .collect();
     Ok(report)
 }
 
@@ -386,4 +410,38 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
         }
     }
     entry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_must_be_whole_pages() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("8192"), Ok(8192));
+        assert!(parse_size("1000").is_err(), "not a multiple of 4 KiB");
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err(), "overflow");
+    }
+
+    #[test]
+    fn the_flags_parse() {
+        let args = Args::try_parse_from([
+            "vhost-user-zram-bench",
+            "--compare",
+            "--phases",
+            "fill,randread",
+            "--queues",
+            "2",
+        ])
+        .expect("valid flags");
+        assert_eq!(args.phases, [Phase::Fill, Phase::RandRead]);
+        assert_eq!((args.queues, args.queue_depth, args.size), (2, 32, 1 << 30));
+        assert!(Args::try_parse_from(["b", "--socket", "/s", "--compare"]).is_err());
+        assert!(Args::try_parse_from(["b", "--phases", "fill,bogus"]).is_err());
+    }
 }

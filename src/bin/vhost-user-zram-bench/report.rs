@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::backends::{BackendKind, MmStat};
+use crate::backends::{BackendKind, MemorySnapshot};
 use crate::workload::{Phase, PhaseResult};
 
 /// Everything one run measured.
@@ -33,6 +33,8 @@ pub struct WorkloadDescription {
     pub block_size: usize,
     /// Length of each timed phase.
     pub seconds_per_phase: f64,
+    /// Rounds over all backends; each phase reports its median round.
+    pub rounds: u32,
     /// Page generator seed.
     pub seed: u64,
     /// Distinct pages the contents are drawn from.
@@ -46,7 +48,7 @@ pub struct WorkloadDescription {
 }
 
 /// One backend's results.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendReport {
     /// The backend.
     pub backend: BackendKind,
@@ -58,16 +60,18 @@ pub struct BackendReport {
     pub error: Option<String>,
     /// Remarks.
     pub notes: Vec<String>,
-    /// Per-phase results.
+    /// Per-phase results (with several rounds: the round with the median IOPS).
     pub phases: Vec<PhaseReport>,
+    /// Each phase's IOPS in every round, in round order.
+    pub iops_by_round: Vec<(Phase, Vec<f64>)>,
     /// zram statistics right after the fill.
-    pub mm_stat_after_fill: Option<MmStat>,
+    pub mm_stat_after_fill: Option<MemorySnapshot>,
     /// zram statistics after the last phase.
-    pub mm_stat_at_end: Option<MmStat>,
+    pub mm_stat_at_end: Option<MemorySnapshot>,
 }
 
 /// One phase's results.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PhaseReport {
     /// The phase.
     pub phase: Phase,
@@ -115,6 +119,7 @@ impl BackendReport {
             error: None,
             notes: Vec::new(),
             phases: Vec::new(),
+            iops_by_round: Vec::new(),
             mm_stat_after_fill: None,
             mm_stat_at_end: None,
         }
@@ -134,6 +139,40 @@ impl BackendReport {
             error: Some(error),
             ..BackendReport::new(backend, None)
         }
+    }
+
+    /// Merges one backend's rounds: each phase from its median round, memory from the first
+    /// round that has it, every note and the first error.
+    pub fn median_of(rounds: Vec<&BackendReport>) -> BackendReport {
+        let first = rounds[0];
+        let mut merged = BackendReport {
+            phases: Vec::new(),
+            notes: Vec::new(),
+            ..first.clone()
+        };
+        merged.error = rounds.iter().find_map(|r| r.error.clone());
+        merged.mm_stat_after_fill = rounds.iter().find_map(|r| r.mm_stat_after_fill);
+        merged.mm_stat_at_end = rounds.iter().find_map(|r| r.mm_stat_at_end);
+        for round in &rounds {
+            for note in &round.notes {
+                if !merged.notes.contains(note) {
+                    merged.notes.push(note.clone());
+                }
+            }
+        }
+        for phase in Phase::ALL {
+            let mut runs: Vec<&PhaseReport> =
+                rounds.iter().filter_map(|r| r.phase(phase)).collect();
+            if runs.is_empty() {
+                continue;
+            }
+            merged
+                .iops_by_round
+                .push((phase, runs.iter().map(|p| p.iops).collect()));
+            runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            merged.phases.push(runs[runs.len() / 2].clone());
+        }
+        merged
     }
 
     /// One line for stderr when the backend is done.
@@ -164,7 +203,8 @@ fn iops(value: f64) -> String {
     }
 }
 
-fn mm_stat_line(mm: &MmStat) -> String {
+fn mm_stat_line(snapshot: &MemorySnapshot) -> String {
+    let mm = &snapshot.mm;
     let ratio = if mm.compr_data_size > 0 {
         format!(
             "{:.2}",
@@ -174,10 +214,14 @@ fn mm_stat_line(mm: &MmStat) -> String {
         "-".into()
     };
     format!(
-        "orig_data_size {}, compr_data_size {}, mem_used_total {}, same_pages {}, huge_pages {}, pages_compacted {} (orig/mem_used {ratio})",
+        "orig_data_size {}, compr_data_size {}, mem_used_total {}{}, same_pages {}, huge_pages {}, pages_compacted {} (orig/mem_used {ratio})",
         mib(mm.orig_data_size),
         mib(mm.compr_data_size),
         mib(mm.mem_used_total),
+        snapshot
+            .slot_table_bytes
+            .map(|table| format!(" (slot table {})", mib(table)))
+            .unwrap_or_default(),
         mm.same_pages,
         mm.huge_pages,
         mm.pages_compacted,
@@ -191,7 +235,7 @@ impl Report {
         let w = &self.workload;
         let _ = writeln!(
             out,
-            "workload: {} device ({} pages), 4 KiB requests, {} queue(s) x depth {}, {} s per timed phase, swap-like pages (seed {}, pool of {}), algorithm {}{}{}",
+            "workload: {} device ({} pages), 4 KiB requests, {} queue(s) x depth {}, {} s per timed phase, swap-like pages (seed {}, pool of {}), algorithm {}{}{}{}",
             mib(w.size_bytes),
             w.pages,
             w.queues,
@@ -202,6 +246,11 @@ impl Report {
             w.algorithm,
             w.algorithm_level.map(|l| format!(" level {l}")).unwrap_or_default(),
             if w.verify { ", reads verified" } else { "" },
+            if w.rounds > 1 {
+                format!(", median of {} rounds", w.rounds)
+            } else {
+                String::new()
+            },
         );
         for backend in &self.backends {
             let device = backend
@@ -231,6 +280,17 @@ impl Report {
                         p.p99_us,
                         p.requests,
                         p.verified_reads
+                    );
+                }
+            }
+            if w.rounds > 1 {
+                for (phase, iops_list) in &backend.iops_by_round {
+                    let list: Vec<String> = iops_list.iter().map(|&v| iops(v)).collect();
+                    let _ = writeln!(
+                        out,
+                        "{:<15} IOPS by round: {}",
+                        phase.name(),
+                        list.join(" ")
                     );
                 }
             }
@@ -295,24 +355,38 @@ impl Report {
             };
             let _ = writeln!(out, "{line} {ratio:>10}");
         }
-        let mem = |b: Option<&BackendReport>| {
-            b.and_then(|b| b.mm_stat_after_fill)
-                .map(|m| m.mem_used_total)
-        };
-        let mut line = format!("{:<18}", "mem_used (fill)");
-        for backend in &self.backends {
-            let text = match backend.mm_stat_after_fill {
-                Some(mm) => mib(mm.mem_used_total),
-                None if backend.skipped.is_some() => "n/a".into(),
-                None => "-".into(),
+        let memory_row = |label: &str, of: &dyn Fn(&MemorySnapshot) -> u64| {
+            let mut line = format!("{label:<18}");
+            for backend in &self.backends {
+                let text = match &backend.mm_stat_after_fill {
+                    Some(snapshot) => mib(of(snapshot)),
+                    None if backend.skipped.is_some() => "n/a".into(),
+                    None => "-".into(),
+                };
+                let _ = write!(line, " {text:>16}");
+            }
+            let value =
+                |b: Option<&BackendReport>| b.and_then(|b| b.mm_stat_after_fill.as_ref()).map(of);
+            let ratio = match (value(ours), value(kernel)) {
+                (Some(a), Some(b)) if b > 0 => format!("{:.3}x", a as f64 / b as f64),
+                _ => "n/a".into(),
             };
-            let _ = write!(line, " {text:>16}");
-        }
-        let ratio = match (mem(ours), mem(kernel)) {
-            (Some(a), Some(b)) if b > 0 => format!("{:.2}x", a as f64 / b as f64),
-            _ => "n/a".into(),
+            format!("{line} {ratio:>10}\n")
         };
-        let _ = writeln!(out, "{line} {ratio:>10}");
+        out.push_str(&memory_row("mem_used_total", &|s| s.mm.mem_used_total));
+        if ours.is_some_and(|b| {
+            b.mm_stat_after_fill
+                .is_some_and(|s| s.slot_table_bytes.is_some())
+        }) {
+            out.push_str(&memory_row("  minus slot table", &|s| {
+                s.mm.mem_used_total - s.slot_table_bytes.unwrap_or(0)
+            }));
+        }
+        let _ = writeln!(
+            out,
+            "(memory after the fill, same data on every backend; kernel zram's mem_used_total \
+             excludes its slot table, vhost-user-zram's includes it)"
+        );
         if let Some(why) = kernel_note {
             let _ = writeln!(out, "kernel-zram: {why}");
         }

@@ -447,3 +447,39 @@ impl QueueWorker<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_hash_sees_a_one_byte_change_anywhere() {
+        let pool = PagePool::new(3, 8);
+        for page in &pool.pages {
+            let base = page_hash(page);
+            for at in [0, 1, 31, 32, 2048, PAGE_SIZE - 1] {
+                let mut changed = *page;
+                changed[at] ^= 0x10;
+                assert_ne!(
+                    page_hash(&changed),
+                    base,
+                    "a change at byte {at} went unseen"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn generations_of_a_page_map_to_varied_pool_pages() {
+        let pool = PagePool::new(3, 1024);
+        let indexes: std::collections::HashSet<usize> = (0..64)
+            .map(|generation| pool.index_of(77, generation))
+            .collect();
+        assert!(
+            indexes.len() > 48,
+            "only {} distinct contents",
+            indexes.len()
+        );
+        assert_eq!(pool.index_of(77, 5), pool.index_of(77, 5), "deterministic");
+    }
+}
