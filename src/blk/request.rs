@@ -16,7 +16,8 @@
 //! 3. **Execute** against a [`BlockBackend`], page by page, through one per-thread page buffer.
 //!
 //! Every failure is a [`RequestError`]; [`RequestError::status`] is the one place that maps
-//! failures to `VIRTIO_BLK_S_*`, and [`RequestError::counter`] to zram's error counters. Nothing
+//! failures to `VIRTIO_BLK_S_*`, and [`RequestError::is_invalid_io`] decides what counts in zram's
+//! `invalid_io` (the store counts its own failed reads and writes). Nothing
 //! here allocates per request or in proportion to a guest-chosen length: data is copied in
 //! page-sized pieces while walking the descriptors.
 
