@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use log::{debug, error};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -80,7 +80,6 @@ impl<S: BlockBackend> BlkBackend<S> {
     /// Serves the queue `vring` on worker `thread_id` until it is empty, with notifications
     /// suppressed while we work when EVENT_IDX is on.
     fn serve_queue(&self, vring: &VringRwLock, thread_id: usize) -> Result<(), ServeError> {
-        let mem = self.mem.read().map_err(|_| ServeError::Poisoned)?.memory();
         let mut worker = self
             .workers
             .get(thread_id)
@@ -93,9 +92,19 @@ impl<S: BlockBackend> BlkBackend<S> {
             if event_idx {
                 state.disable_notification().map_err(ServeError::Queue)?;
             }
-            let completed = worker
-                .process_queue(state.get_queue_mut(), &*mem, &*self.store, &self.device)
-                .map_err(ServeError::Queue)?;
+            // A fresh memory snapshot for every request: a region the frontend adds (and
+            // acknowledges) while this queue is busy must serve the very next request.
+            let mut completed = 0usize;
+            loop {
+                let mem = self.mem.read().map_err(|_| ServeError::Poisoned)?.memory();
+                let served = worker
+                    .process_next(state.get_queue_mut(), &*mem, &*self.store, &self.device)
+                    .map_err(ServeError::Queue)?;
+                if !served {
+                    break;
+                }
+                completed += 1;
+            }
             if completed > 0 && state.needs_notification().map_err(ServeError::Queue)? {
                 state.signal_used_queue().map_err(ServeError::Signal)?;
             }
@@ -162,6 +171,12 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // QEMU asks for the device's config space from offset 0; cloud-hypervisor adds
+        // VHOST_USER_CONFIG_OFFSET (0x100, where virtio-pci places it) to every offset. The
+        // space is 60 bytes long, so an offset at or past 0x100 can only mean the latter.
+        let offset = offset
+            .checked_sub(VHOST_USER_CONFIG_OFFSET)
+            .unwrap_or(offset);
         self.device.read_config(offset, size)
     }
 

@@ -388,13 +388,34 @@ impl Worker {
         B: BlockBackend,
     {
         let mut completed = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let used_len = self.process_chain(chain, mem, backend, device);
-            queue.add_used(mem, head, used_len)?;
+        while self.process_next(queue, mem, backend, device)? {
             completed += 1;
         }
         Ok(completed)
+    }
+
+    /// Serves the next available chain of `queue`, if there is one, and returns whether there
+    /// was. The daemon calls this with a fresh guest memory snapshot for every request, so
+    /// memory the frontend adds while a queue is busy is usable at once.
+    pub fn process_next<Q, M, B>(
+        &mut self,
+        queue: &mut Q,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+    ) -> Result<bool, virtio_queue::Error>
+    where
+        Q: QueueT,
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let used_len = self.process_chain(chain, mem, backend, device);
+        queue.add_used(mem, head, used_len)?;
+        Ok(true)
     }
 
     /// Serves one chain and returns the used length: the bytes written into device-writable
