@@ -32,6 +32,7 @@ pub struct MmStat {
 
 /// zram's `io_stat`: failures and frees.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct IoStat {
     /// Reads that failed.
     pub failed_reads: u64,
@@ -45,6 +46,7 @@ pub struct IoStat {
 
 /// Facts about the store that zram keeps in other sysfs files.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StoreInfo {
     /// The device size in bytes (zram's `disksize`).
     pub disksize: u64,
@@ -64,9 +66,51 @@ pub struct Stats {
     /// Memory use.
     pub mm: MmStat,
     /// Failures and frees.
+    #[serde(default)]
     pub io: IoStat,
     /// Device facts.
+    #[serde(default)]
     pub info: StoreInfo,
+}
+
+/// An `mm_stat` line that is not nine numbers.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("'{line}' is not an mm_stat line of nine numbers")]
+pub struct BadMmStatLine {
+    /// The line, trimmed.
+    pub line: String,
+}
+
+impl std::str::FromStr for MmStat {
+    type Err = BadMmStatLine;
+
+    /// Parses an `mm_stat` line as zram (or [`Stats::mm_stat_line`]) prints it.
+    fn from_str(line: &str) -> Result<MmStat, BadMmStatLine> {
+        let bad = || BadMmStatLine {
+            line: line.trim().to_owned(),
+        };
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad())?;
+        let [orig_data_size, compr_data_size, mem_used_total, mem_limit, mem_used_max, same_pages, pages_compacted, huge_pages, huge_pages_since] =
+            numbers[..]
+        else {
+            return Err(bad());
+        };
+        Ok(MmStat {
+            orig_data_size,
+            compr_data_size,
+            mem_used_total,
+            mem_limit,
+            mem_used_max,
+            same_pages,
+            pages_compacted,
+            huge_pages,
+            huge_pages_since,
+        })
+    }
 }
 
 impl Stats {
@@ -190,5 +234,19 @@ mod tests {
         );
         assert_eq!(stats.mm_stat_line().split_whitespace().count(), 9);
         assert!(stats.table().contains("mem_used_total"));
+        assert_eq!(stats.mm_stat_line().parse::<MmStat>(), Ok(stats.mm));
+    }
+
+    #[test]
+    fn mm_stat_lines_parse_as_zram_prints_them() {
+        let line =
+            "  4096000  1024000  1200000        0  1300000      250        3       40       41\n";
+        let mm: MmStat = line.parse().unwrap();
+        assert_eq!(mm.orig_data_size, 4_096_000);
+        assert_eq!(mm.mem_used_total, 1_200_000);
+        assert_eq!(mm.same_pages, 250);
+        assert_eq!(mm.huge_pages_since, 41);
+        assert!("1 2 3".parse::<MmStat>().is_err());
+        assert!("1 2 3 4 5 6 7 8 x".parse::<MmStat>().is_err());
     }
 }

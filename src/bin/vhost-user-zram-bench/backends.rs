@@ -9,60 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use vhost_user_zram::store::{MmStat, Stats};
+
 use crate::device::Transport;
 
 /// How long a backend may take to create its socket.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// zram's `mm_stat` line, in bytes and pages as the kernel prints it.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct MmStat {
-    /// Uncompressed bytes stored (same-filled pages included).
-    pub orig_data_size: u64,
-    /// Compressed bytes stored.
-    pub compr_data_size: u64,
-    /// Bytes of memory the store uses, metadata included.
-    pub mem_used_total: u64,
-    /// The memory limit (0: none).
-    pub mem_limit: u64,
-    /// The high-water mark of `mem_used_total`.
-    pub mem_used_max: u64,
-    /// Pages stored as one repeated word, without compressed data.
-    pub same_pages: u64,
-    /// Pages freed by compaction.
-    pub pages_compacted: u64,
-    /// Pages stored uncompressed because they did not compress.
-    pub huge_pages: u64,
-    /// Huge pages stored since the device was created.
-    pub huge_pages_since: u64,
-}
-
-impl MmStat {
-    /// Parses the 9 whitespace-separated numbers of an `mm_stat` line.
-    pub fn parse(line: &str) -> Result<MmStat, String> {
-        let numbers: Vec<u64> = line
-            .split_whitespace()
-            .map(|field| field.parse::<u64>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("mm_stat '{}': {e}", line.trim()))?;
-        let [orig_data_size, compr_data_size, mem_used_total, mem_limit, mem_used_max, same_pages, pages_compacted, huge_pages, huge_pages_since] =
-            numbers[..]
-        else {
-            return Err(format!("mm_stat '{}' does not have 9 columns", line.trim()));
-        };
-        Ok(MmStat {
-            orig_data_size,
-            compr_data_size,
-            mem_used_total,
-            mem_limit,
-            mem_used_max,
-            same_pages,
-            pages_compacted,
-            huge_pages,
-            huge_pages_since,
-        })
-    }
-}
 
 /// A scratch directory for sockets and logs, removed on drop.
 pub struct RunDir(PathBuf);
@@ -283,7 +235,7 @@ impl KernelZram {
     pub fn mm_stat(&self) -> Result<MmStat, String> {
         let text =
             fs::read_to_string(self.sysfs("mm_stat")).map_err(|e| format!("mm_stat: {e}"))?;
-        MmStat::parse(&text)
+        text.parse::<MmStat>().map_err(|e| e.to_string())
     }
 }
 
@@ -542,26 +494,11 @@ impl MemorySnapshot {
     /// Reads vhost-user-zram's `ctl stats --json`: `{"mm": {mm_stat fields}, "info":
     /// {"slot_table_bytes": N, ...}, ...}`.
     fn from_stats_json(text: &str) -> Result<MemorySnapshot, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("stats --json: {e}: '{text}'"))?;
-        let field = |section: &str, name: &str| {
-            value[section][name]
-                .as_u64()
-                .ok_or_else(|| format!("stats --json has no {section}.{name}: '{}'", text.trim()))
-        };
+        let stats: Stats = serde_json::from_str(text)
+            .map_err(|e| format!("stats --json: {e}: '{}'", text.trim()))?;
         Ok(MemorySnapshot {
-            mm: MmStat {
-                orig_data_size: field("mm", "orig_data_size")?,
-                compr_data_size: field("mm", "compr_data_size")?,
-                mem_used_total: field("mm", "mem_used_total")?,
-                mem_limit: field("mm", "mem_limit")?,
-                mem_used_max: field("mm", "mem_used_max")?,
-                same_pages: field("mm", "same_pages")?,
-                pages_compacted: field("mm", "pages_compacted")?,
-                huge_pages: field("mm", "huge_pages")?,
-                huge_pages_since: field("mm", "huge_pages_since")?,
-            },
-            slot_table_bytes: field("info", "slot_table_bytes").ok(),
+            mm: stats.mm,
+            slot_table_bytes: Some(stats.info.slot_table_bytes),
         })
     }
 }
@@ -569,20 +506,6 @@ impl MemorySnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mm_stat_lines_parse_as_zram_prints_them() {
-        let mm = MmStat::parse(
-            "  4096000  1024000  1200000        0  1300000      250        3       40       41\n",
-        )
-        .expect("9 columns");
-        assert_eq!(mm.orig_data_size, 4_096_000);
-        assert_eq!(mm.mem_used_total, 1_200_000);
-        assert_eq!(mm.same_pages, 250);
-        assert_eq!(mm.huge_pages_since, 41);
-        assert!(MmStat::parse("1 2 3").is_err());
-        assert!(MmStat::parse("1 2 3 4 5 6 7 8 x").is_err());
-    }
 
     #[test]
     fn stats_json_gives_mm_and_the_slot_table() {
