@@ -31,6 +31,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+const _: () = assert!(
+    std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>(),
+    "the slot table reinterprets zeroed u64s as AtomicU64s"
+);
+
 const LOCK: u64 = 1;
 const STATE_SHIFT: u32 = 1;
 const STATE_MASK: u64 = 0b111 << STATE_SHIFT;
@@ -175,13 +180,16 @@ pub struct SlotTable {
 impl SlotTable {
     /// A table of `pages` empty slots.
     pub fn new(pages: usize) -> SlotTable {
-        // A zeroed Vec comes from calloc, so the kernel supplies untouched pages lazily.
-        let slots: Vec<AtomicU64> = std::iter::repeat_with(|| AtomicU64::new(0))
-            .take(pages)
-            .collect();
-        SlotTable {
-            slots: slots.into_boxed_slice(),
-        }
+        // `vec![0; n]` comes from calloc, which for a large table maps fresh zero pages: the
+        // kernel supplies each page of the table only when a slot on it is first written, so a
+        // large, mostly unused device costs little until the guest fills it.
+        let zeroed: Box<[u64]> = vec![0u64; pages].into_boxed_slice();
+        // SAFETY: AtomicU64 has the same size and bit validity as u64 and, as the assertion
+        // above the type checks, the same alignment; zero is a valid AtomicU64. The pointer
+        // comes from a Box of exactly this length, so the new Box owns the same allocation
+        // with the same layout.
+        let slots = unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) };
+        SlotTable { slots }
     }
 
     /// The number of slots.
@@ -298,6 +306,24 @@ mod tests {
             assert_eq!(e.payload(), MAX_PAYLOAD);
             assert_eq!(e.bits() & LOCK, 0);
         }
+    }
+
+    #[test]
+    fn a_large_table_costs_memory_only_where_used() {
+        fn resident_bytes() -> u64 {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+            pages * 4096
+        }
+        let before = resident_bytes();
+        let table = SlotTable::new(1 << 24); // a 64 GiB device: a 128 MiB table
+        assert_eq!(table.bytes(), 128 << 20);
+        drop(table.lock(12345).unwrap());
+        let grown = resident_bytes().saturating_sub(before);
+        assert!(
+            grown < 32 << 20,
+            "creating the table made {grown} bytes resident"
+        );
     }
 
     #[test]
