@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+# Entry point of the guest tests: builds the guest if needed (setup.sh), boots it in QEMU
+# against the vhost-user-blk device under test (vhost-user-zram, or qemu-storage-daemon while the
+# daemon does not exist yet), runs every suite, then the fio bench (ci/fio-bench.sh).
+# Prints `PASS name` / `FAIL name: reason` per check and ends with `N passed, M failed`.
+#
+# Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
+#                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
+set -euo pipefail
+
+# shellcheck source=guest-tests/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
+PASSED=0
+FAILED=0
+
+record_pass() {
+    PASSED=$((PASSED + 1))
+    echo "PASS $1"
+}
+record_fail() {
+    FAILED=$((FAILED + 1))
+    echo "FAIL $1: $2"
+}
+record_skip() { echo "SKIP $1: $2"; }
+
+# collect_results OUT_PREFIX SUITE EXPECTED...: turns the guest's VUZ-RESULT lines into
+# PASS/FAIL lines; an expected check the guest never reported is a failure.
+collect_results() {
+    local out="$1" suite="$2" line name reason
+    shift 2
+    local -A seen=()
+    while IFS= read -r line; do
+        line="${line#*VUZ-RESULT }"
+        case "$line" in
+            PASS\ *)
+                name="${line#PASS }"
+                seen[$name]=1
+                record_pass "$name"
+                ;;
+            FAIL\ *)
+                name="${line#FAIL }"
+                reason="${name#*: }"
+                name="${name%%: *}"
+                seen[$name]=1
+                record_fail "$name" "$reason"
+                ;;
+        esac
+    done < <(tr -d '\r' <"$out.console.log" | grep 'VUZ-RESULT ')
+    for name in "$@"; do
+        [[ -n "${seen[$name]:-}" ]] ||
+            record_fail "$name" "the guest reported no result (console: $out.console.log)"
+    done
+    if ! console_has "VUZ-GUEST-DONE test=$suite"; then
+        record_fail "$suite/guest-finished" "the guest did not finish (console: $out.console.log)"
+    fi
+}
+
+# qemu_finish SECONDS: waits for QEMU to exit; a timeout kills it.
+qemu_finish() {
+    if ! wait_exit "$QEMU_PID" "$1"; then
+        stop_pid "$QEMU_PID"
+        EXIT_RC=timeout
+    fi
+    log "QEMU exited: $EXIT_RC"
+}
+
+# The seed of the pressure program's pattern; printed, and reusable with VUZ_SEED.
+SEED="${VUZ_SEED:-$((RANDOM * 32768 + RANDOM))}"
+
+# suite main: swap-under-pressure and block-semantics, one boot, a read-write and a read-only
+# device.
+suite_main() {
+    local out="$RESULTS_DIR/main" ram="$GUEST_RAM_MIB"
+    local pressure_mib=$((ram * 22 / 10)) tmpfs_mib=$((ram * 8 / 10))
+    start_device RW "$DEVICE_KIND" main-rw 1G 1 vuz-main-rw RW "$RESULTS_DIR" || {
+        record_fail main/device "the read-write device did not start"
+        return
+    }
+    start_device RO "$DEVICE_KIND" main-ro 64M 1 vuz-main-ro RO "$RESULTS_DIR" || {
+        record_fail main/device "the read-only device did not start"
+        return
+    }
+    local qargs
+    mapfile -t qargs < <(vhost_user_args vuz0 "$RW_SOCK" 1; vhost_user_args vuz1 "$RO_SOCK" 1)
+    # qemu-storage-daemon gives every export the same serial: the guest then goes by PCI order.
+    local ro_nth=0
+    [[ "$RO_SERIAL" == "$RW_SERIAL" ]] && ro_nth=1
+    log "main: ${pressure_mib} MiB anonymous + ${tmpfs_mib} MiB tmpfs in ${ram} MiB RAM, seed $SEED"
+    APPEND="vuz.rw=$RW_SERIAL vuz.ro=$RO_SERIAL vuz.ro_nth=$ro_nth vuz.rw_bytes=$((1 << 30)) vuz.seed=$SEED \
+vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$tmpfs_mib" SMP=1 \
+        run_guest_bg "$GUEST" "$out" main "${VUZ_MAIN_TIMEOUT:-600}" "${qargs[@]}"
+
+    # While the pressure program holds its pages on swap, look at the device from the host.
+    if wait_console 'VUZ-HOSTCHECK-MMSTAT' "${VUZ_MAIN_TIMEOUT:-600}"; then
+        check_mm_stat "$RW_KIND" "$RW_CTL" "$out"
+        console_send "go"
+    fi
+    qemu_finish "${VUZ_MAIN_TIMEOUT:-600}"
+    collect_results "$out" main \
+        swap-under-pressure/{swapon,anon-pages,swap-used,tmpfs-files,swapoff} \
+        block-semantics/{capacity,fio-verify-4k,fio-verify-64k,fio-verify-512-unaligned} \
+        block-semantics/{fio-verify-mixed-unaligned,discard-zeroes,serial} \
+        block-semantics/read-only/{ro-flag,write-refused,read-works}
+    stop_pid "$RW_PID"
+    stop_pid "$RO_PID"
+}
+
+# check_mm_stat KIND CTL OUT: the daemon stored pages (orig_data_size > 0) and found same-filled
+# pages (same_pages > 0) while the guest's swap is in use.
+check_mm_stat() {
+    local kind="$1" ctl="$2" out="$3" name=swap-under-pressure/mm-stat stat
+    if [[ "$kind" != vuz ]]; then
+        record_skip "$name" "the device is qemu-storage-daemon"
+        return
+    fi
+    if ! stat="$(mm_stat "$ctl" 2>"$out.mm_stat.err")"; then
+        record_fail "$name" "ctl mm_stat failed: $(head -c 300 "$out.mm_stat.err")"
+        return
+    fi
+    echo "$stat" >"$out.mm_stat"
+    log "mm_stat: $stat"
+    local cols
+    read -r -a cols <<<"$stat"
+    if ((${#cols[@]} != 9)); then
+        record_fail "$name" "mm_stat has ${#cols[@]} columns, expected 9: '$stat'"
+    elif ! ((cols[0] > 0)); then
+        record_fail "$name" "orig_data_size is ${cols[0]} with swap in use: '$stat'"
+    elif ! ((cols[5] > 0)); then
+        record_fail "$name" "same_pages is ${cols[5]} though the guest swapped zero pages: '$stat'"
+    else
+        record_pass "$name"
+    fi
+}
+
+# suite multiqueue: two queues on the daemon and the QEMU device, two vCPUs.
+suite_multiqueue() {
+    local out="$RESULTS_DIR/multiqueue"
+    start_device MQ "$DEVICE_KIND" multiqueue 256M 2 vuz-mq RW "$RESULTS_DIR" || {
+        record_fail multi-queue/device "the device did not start"
+        return
+    }
+    local qargs
+    mapfile -t qargs < <(vhost_user_args vuz0 "$MQ_SOCK" 2)
+    APPEND="vuz.mq=$MQ_SERIAL" SMP=2 \
+        run_guest_bg "$GUEST" "$out" multiqueue "${VUZ_MQ_TIMEOUT:-300}" "${qargs[@]}"
+    qemu_finish "${VUZ_MQ_TIMEOUT:-300}"
+    collect_results "$out" multiqueue multi-queue/{hw-queues,fio-verify-4k,fio-verify-64k}
+    stop_pid "$MQ_PID"
+}
+
+# suite lifecycle: data survives a guest reboot; the daemon exits 0 when QEMU goes away.
+suite_lifecycle() {
+    local out="$RESULTS_DIR/lifecycle"
+    start_device LC "$DEVICE_KIND" lifecycle 128M 1 vuz-lifecycle RW "$RESULTS_DIR" || {
+        record_fail lifecycle/device "the device did not start"
+        return
+    }
+    local qargs
+    mapfile -t qargs < <(vhost_user_args vuz0 "$LC_SOCK" 1)
+    APPEND="vuz.lc=$LC_SERIAL" SMP=1 REBOOT=yes \
+        run_guest_bg "$GUEST" "$out" lifecycle "${VUZ_LC_TIMEOUT:-240}" "${qargs[@]}"
+    qemu_finish "${VUZ_LC_TIMEOUT:-240}"
+    collect_results "$out" lifecycle lifecycle/{write-before-reboot,data-after-reboot}
+    local boots
+    boots="$(tr -d '\r' <"$out.console.log" | grep -c 'VUZ-GUEST-READY' || true)"
+    if [[ "$boots" == 2 ]]; then
+        record_pass lifecycle/rebooted
+    else
+        record_fail lifecycle/rebooted "the guest booted $boots time(s), expected 2"
+    fi
+    if [[ "$LC_KIND" != vuz ]]; then
+        record_skip lifecycle/daemon-exit "the device is qemu-storage-daemon (it does not exit)"
+    elif ! wait_exit "$LC_PID" 30; then
+        record_fail lifecycle/daemon-exit "the daemon still runs 30 s after QEMU exited"
+    elif [[ "$EXIT_RC" != 0 ]]; then
+        record_fail lifecycle/daemon-exit "the daemon exited with status $EXIT_RC"
+    else
+        record_pass lifecycle/daemon-exit
+    fi
+    stop_pid "$LC_PID"
+}
+
+usage() { sed -n '9,10s/^# \{0,1\}//p' "$0"; }
+
+main() {
+    local accel=auto device=auto suites=main,multiqueue,lifecycle bench=yes
+    while (($#)); do
+        case "$1" in
+            --accel) accel="$2" && shift ;;
+            --device) device="$2" && shift ;;
+            --suites) suites="$2" && shift ;;
+            --no-bench) bench=no ;;
+            --bench-only) suites="" ;;
+            -h | --help) usage && exit 0 ;;
+            *) usage >&2 && exit 2 ;;
+        esac
+        shift
+    done
+    install_cleanup_trap
+    local start=$SECONDS
+    GUEST="$("$GT_DIR/setup.sh" | tail -n 1)"
+    rm -rf "$RESULTS_DIR"
+    mkdir -p "$RESULTS_DIR"
+    DEVICE_KIND="$device"
+    [[ "$device" == auto ]] && DEVICE_KIND="$(device_kind_auto)"
+    if [[ "$DEVICE_KIND" == qsd ]]; then
+        warn "testing qemu-storage-daemon, not vhost-user-zram ($VUZ_BIN is missing or not the daemon)"
+    fi
+    log "device under test: $DEVICE_KIND; guest: $GUEST; results: $RESULTS_DIR"
+    pick_accel "$accel" "$GUEST" "$RESULTS_DIR"
+
+    local suite t0
+    for suite in ${suites//,/ }; do
+        t0=$SECONDS
+        log "=== suite $suite"
+        "suite_$suite"
+        log "=== suite $suite took $((SECONDS - t0)) s"
+    done
+    if [[ "$bench" == yes ]]; then
+        t0=$SECONDS
+        log "=== fio bench"
+        if "$REPO_DIR/ci/fio-bench.sh" --guest "$GUEST" --accel "$ACCEL" --device "$DEVICE_KIND"; then
+            record_pass fio-bench
+        else
+            record_fail fio-bench "ci/fio-bench.sh failed (logs in $REPO_DIR/results/fio)"
+        fi
+        log "=== fio bench took $((SECONDS - t0)) s"
+    fi
+    log "guest stage took $((SECONDS - start)) s on $ACCEL"
+    echo "$PASSED passed, $FAILED failed"
+    ((FAILED == 0))
+}
+
+main "$@"
