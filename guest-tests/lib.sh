@@ -14,6 +14,7 @@ GUEST_RAM_MIB="${VUZ_GUEST_RAM_MIB:-160}"
 ROOT_SERIAL="vuz-rootfs"
 # The serial qemu-storage-daemon's vhost-user-blk export reports (it has no option for it).
 QSD_SERIAL="vhost_user_blk"
+# shellcheck disable=SC2034 # used by setup.sh
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs jq xz-utils)
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ mm_stat() { timeout 10 "$VUZ_BIN" ctl --control-socket "$1" mm_stat; }
 
 # wait_exit PID SECONDS: waits (bounded) for a child of this shell to exit and sets EXIT_RC to
 # its exit status. Fails on timeout. Not for $(...): a subshell cannot wait for our children.
-EXIT_RC=""
+export EXIT_RC=""
 wait_exit() {
     local pid="$1" timeout="$2"
     EXIT_RC=""
@@ -251,6 +252,7 @@ run_guest_bg() {
     track_pid $!
     local cpu=qemu64
     [[ "$ACCEL" == kvm ]] && cpu=host
+    # shellcheck disable=SC2054 # commas inside QEMU option values
     local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -nographic -monitor none
         -accel "$ACCEL" -cpu "$cpu" -smp "${SMP:-1}" -m "${GUEST_RAM_MIB}M"
         -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on"

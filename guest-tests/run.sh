@@ -9,7 +9,7 @@
 #                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
 set -euo pipefail
 
-# shellcheck source=guest-tests/lib.sh
+# shellcheck source=./lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
@@ -87,6 +87,7 @@ suite_main() {
     mapfile -t qargs < <(vhost_user_args vuz0 "$RW_SOCK" 1; vhost_user_args vuz1 "$RO_SOCK" 1)
     # qemu-storage-daemon gives every export the same serial: the guest then goes by PCI order.
     local ro_nth=0
+    # shellcheck disable=SC2153 # set by start_device
     [[ "$RO_SERIAL" == "$RW_SERIAL" ]] && ro_nth=1
     log "main: ${pressure_mib} MiB anonymous + ${tmpfs_mib} MiB tmpfs in ${ram} MiB RAM, seed $SEED"
     APPEND="vuz.rw=$RW_SERIAL vuz.ro=$RO_SERIAL vuz.ro_nth=$ro_nth vuz.rw_bytes=$((1 << 30)) vuz.seed=$SEED \

@@ -15,6 +15,7 @@ echo 1 >/proc/sys/vm/overcommit_memory
 
 # param NAME: the value of vuz.NAME= on the kernel command line (empty if absent).
 param() {
+    # shellcheck disable=SC2013 # the command line is one line of words
     for word in $(cat /proc/cmdline); do
         case "$word" in
             "vuz.$1="*) echo "${word#*=}" ;;
@@ -22,7 +23,7 @@ param() {
     done
 }
 
-# shellcheck source=guest-tests/guest/tests.sh
+# shellcheck source=guest-tests/guest/tests.sh disable=SC1091
 . /vuz/tests.sh
 
 suite="$(param test)"

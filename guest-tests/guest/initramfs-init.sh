@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # /init of the guest's initramfs: loads the virtio and ext4 modules (the Debian kernel has them
 # as modules), finds the root disk by its serial, mounts it and hands over to /vuz/init.sh there.

@@ -216,6 +216,7 @@ read_only() {
 }
 
 suite_main() {
+    rw="" ro=""
     need_dev rw rw || return
     need_dev ro ro || return
     swap_under_pressure "$rw"
@@ -228,7 +229,7 @@ suite_main() {
 suite_multiqueue() {
     need_dev dev mq || return
     t=multi-queue
-    queues="$(ls -d "/sys/block/$dev/mq/"* | wc -l)"
+    queues="$(find "/sys/block/$dev/mq/" -mindepth 1 -maxdepth 1 -type d | wc -l)"
     check "$t/hw-queues" "the disk has $queues hardware queues, expected 2" [ "$queues" = 2 ]
     fio_verify "$t/fio-verify-4k" "$dev" --rw=randwrite --bs=4k --size=32m --numjobs=2 \
         --offset_increment=32m --cpus_allowed=0-1 --cpus_allowed_policy=split
@@ -284,7 +285,7 @@ suite_lifecycle() {
             reboot -f
             ;;
         rebooted)
-            echo done >"$LIFECYCLE_MARKER"
+            echo "done" >"$LIFECYCLE_MARKER"
             sync
             read -r last sum </vuz/lifecycle.sum
             if ! lifecycle_fio "$dev" --verify_only; then
@@ -356,7 +357,7 @@ time_based
 runtime=$runtime
 EOF
         if fio --output-format=json --output="/tmp/bench-$label.json" /tmp/bench.fio \
-            >/tmp/bench-$label.log 2>&1; then
+            >"/tmp/bench-$label.log" 2>&1; then
             echo "VUZ-FIO-JSON-BEGIN $label"
             cat "/tmp/bench-$label.json"
             echo "VUZ-FIO-JSON-END $label"
