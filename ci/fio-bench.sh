@@ -71,7 +71,8 @@ main() {
     [[ -n "$guest" ]] || guest="$("$GT_DIR/setup.sh" | tail -n 1)"
     rm -rf "$OUT_DIR"
     mkdir -p "$OUT_DIR"
-    [[ "$device" == auto ]] && device="$(device_kind_auto)"
+    resolve_device_kind "$device"
+    device="$DEVICE_KIND"
     ACCEL=""
     pick_accel "$accel" "$guest" "$OUT_DIR"
 
@@ -92,7 +93,9 @@ main() {
     APPEND="vuz.bench_labels=a,b vuz.bench_a=$A_SERIAL vuz.bench_b=$B_SERIAL \
 vuz.bench_b_nth=$b_nth vuz.bench_runtime=$RUNTIME vuz.bench_size=$(numfmt --from=iec "$size")" SMP=1 \
         run_guest_bg "$guest" "$OUT_DIR/bench" bench "$timeout" "${qargs[@]}"
-    wait_exit "$QEMU_PID" "$timeout" || die "the bench guest did not finish in ${timeout} s"
+    poll_until "$timeout" "the bench guest to finish" guest_or_device_ended ||
+        die "the bench guest did not finish in ${timeout} s"
+    wait_exit "$QEMU_PID" 1 || die "a device process exited while the bench ran (logs in $OUT_DIR)"
     log "bench guest finished in $((SECONDS - t0)) s"
 
     extract_json a || die "fio did not report for $zlabel"

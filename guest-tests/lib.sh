@@ -142,12 +142,37 @@ pick_accel() {
 # ---------------------------------------------------------------------------------------------
 # The device under test.
 
-# device_kind_auto: vhost-user-zram when its binary exists (building it if the sources have a
-# daemon), qemu-storage-daemon otherwise.
+# resolve_device_kind auto|vuz|qsd: sets DEVICE_KIND. auto means vhost-user-zram when its
+# binary is the daemon (building it first if it is missing), qemu-storage-daemon otherwise; with
+# VUZ_REQUIRE_DAEMON=1 that fallback is an error. Not for $(...): it may need to exit.
+DEVICE_KIND=""
+resolve_device_kind() {
+    case "$1" in
+        vuz | qsd) DEVICE_KIND="$1" ;;
+        auto)
+            DEVICE_KIND="$(device_kind_auto)"
+            [[ "$DEVICE_KIND" != build-failed ]] || die "cargo build --release of vhost-user-zram failed"
+            ;;
+        *) die "unknown device kind '$1' (auto, vuz or qsd)" ;;
+    esac
+    if [[ "$DEVICE_KIND" == qsd && "${VUZ_REQUIRE_DAEMON:-0}" == 1 ]]; then
+        die "VUZ_REQUIRE_DAEMON=1 but $VUZ_BIN is missing or is not the vhost-user-zram daemon"
+    fi
+    if [[ "$DEVICE_KIND" == vuz && ! -x "$VUZ_BIN" ]]; then
+        die "the device is vhost-user-zram, but $VUZ_BIN does not exist"
+    fi
+    if [[ "$DEVICE_KIND" == qsd ]]; then
+        warn "the device under test is qemu-storage-daemon, not vhost-user-zram ($VUZ_BIN is missing or not the daemon)"
+    fi
+}
+
 device_kind_auto() {
     if [[ ! -x "$VUZ_BIN" && "$VUZ_BIN" == "$REPO_DIR/target/release/vhost-user-zram" ]]; then
         log "building vhost-user-zram (cargo build --release)"
-        (cd "$REPO_DIR" && cargo build --release >&2) || warn "cargo build --release failed"
+        (cd "$REPO_DIR" && cargo build --release >&2) || {
+            echo build-failed
+            return
+        }
     fi
     if [[ -x "$VUZ_BIN" ]] && "$VUZ_BIN" --help 2>&1 | grep -q -- '--socket-path'; then
         echo vuz
@@ -200,6 +225,7 @@ start_device() {
         tail -n 20 "$logf" >&2 || true
         return 1
     fi
+    WATCH_PIDS+=("$pid")
     printf -v "${var}_PID" '%s' "$pid"
     printf -v "${var}_SOCK" '%s' "$sock"
     printf -v "${var}_CTL" '%s' "$ctl"
@@ -278,8 +304,21 @@ run_guest() {
 # console_has PATTERN: the console log has a line matching the extended regex PATTERN.
 console_has() { tr -d '\r' <"$CONSOLE_LOG" | grep -Eq -- "$1"; }
 
-# console_or_exit PATTERN: the console has PATTERN, or QEMU has exited (so it never will).
-console_or_exit() { console_has "$1" || pid_gone "$QEMU_PID"; }
+# Device processes to watch while a guest runs: if one dies, waiting for the guest stops.
+WATCH_PIDS=()
+
+# guest_or_device_ended: QEMU has exited, or a watched device process has.
+guest_or_device_ended() {
+    local pid
+    pid_gone "$QEMU_PID" && return 0
+    for pid in "${WATCH_PIDS[@]}"; do
+        pid_gone "$pid" && return 0
+    done
+    return 1
+}
+
+# console_or_exit PATTERN: the console has PATTERN, or it never will (QEMU or a device ended).
+console_or_exit() { console_has "$1" || guest_or_device_ended; }
 
 # console_send LINE: types LINE (and a newline) on the guest's serial console.
 console_send() {

@@ -58,13 +58,36 @@ collect_results() {
     fi
 }
 
-# qemu_finish SECONDS: waits for QEMU to exit; a timeout kills it.
+# qemu_finish SUITE SECONDS: waits for QEMU to exit; a timeout kills it. A device process that
+# dies while the guest runs is a failure, and QEMU is stopped rather than left to time out.
 qemu_finish() {
-    if ! wait_exit "$QEMU_PID" "$1"; then
+    local suite="$1" timeout="$2" pid
+    poll_until "$timeout" "QEMU ($suite) to exit" guest_or_device_ended || true
+    if ! pid_gone "$QEMU_PID"; then
+        for pid in "${WATCH_PIDS[@]}"; do
+            if pid_gone "$pid"; then
+                wait_exit "$pid" 1 || true
+                record_fail "$suite/device-alive" \
+                    "device process $pid exited with status $EXIT_RC while the guest ran (logs in $RESULTS_DIR)"
+            fi
+        done
+    fi
+    if ! wait_exit "$QEMU_PID" 1; then
+        log "stopping QEMU ($suite)"
         stop_pid "$QEMU_PID"
-        EXIT_RC=timeout
+        wait_exit "$QEMU_PID" 5 || true
+        EXIT_RC="killed (timeout or device exit)"
     fi
     log "QEMU exited: $EXIT_RC"
+}
+
+# suite_done: stop this suite's devices, and watch none of them any more.
+suite_done() {
+    local pid
+    for pid in "${WATCH_PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    WATCH_PIDS=()
 }
 
 # The seed of the pressure program's pattern; printed, and reusable with VUZ_SEED.
@@ -98,15 +121,16 @@ vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$tmpfs_mib" SMP=1 \
     if wait_console 'VUZ-HOSTCHECK-MMSTAT' "${VUZ_MAIN_TIMEOUT:-600}"; then
         check_mm_stat "$RW_KIND" "$RW_CTL" "$out"
         console_send "go"
+    elif [[ "$RW_KIND" == vuz ]]; then
+        record_fail swap-under-pressure/mm-stat "the guest never reached the point to check it"
     fi
-    qemu_finish "${VUZ_MAIN_TIMEOUT:-600}"
+    qemu_finish main "${VUZ_MAIN_TIMEOUT:-600}"
     collect_results "$out" main \
         swap-under-pressure/{swapon,anon-pages,swap-used,tmpfs-files,swapoff} \
         block-semantics/{capacity,fio-verify-4k,fio-verify-64k,fio-verify-512-unaligned} \
         block-semantics/{fio-verify-mixed-unaligned,discard-zeroes,serial} \
         block-semantics/read-only/{ro-flag,write-refused,read-works}
-    stop_pid "$RW_PID"
-    stop_pid "$RO_PID"
+    suite_done
 }
 
 # check_mm_stat KIND CTL OUT: the daemon stored pages (orig_data_size > 0) and found same-filled
@@ -147,9 +171,9 @@ suite_multiqueue() {
     mapfile -t qargs < <(vhost_user_args vuz0 "$MQ_SOCK" 2)
     APPEND="vuz.mq=$MQ_SERIAL" SMP=2 \
         run_guest_bg "$GUEST" "$out" multiqueue "${VUZ_MQ_TIMEOUT:-300}" "${qargs[@]}"
-    qemu_finish "${VUZ_MQ_TIMEOUT:-300}"
+    qemu_finish multiqueue "${VUZ_MQ_TIMEOUT:-300}"
     collect_results "$out" multiqueue multi-queue/{hw-queues,fio-verify-4k,fio-verify-64k}
-    stop_pid "$MQ_PID"
+    suite_done
 }
 
 # suite lifecycle: data survives a guest reboot; the daemon exits 0 when QEMU goes away.
@@ -163,7 +187,8 @@ suite_lifecycle() {
     mapfile -t qargs < <(vhost_user_args vuz0 "$LC_SOCK" 1)
     APPEND="vuz.lc=$LC_SERIAL" SMP=1 REBOOT=yes \
         run_guest_bg "$GUEST" "$out" lifecycle "${VUZ_LC_TIMEOUT:-240}" "${qargs[@]}"
-    qemu_finish "${VUZ_LC_TIMEOUT:-240}"
+    # The daemon exits only after QEMU has gone, so watching it here still catches a crash.
+    qemu_finish lifecycle "${VUZ_LC_TIMEOUT:-240}"
     collect_results "$out" lifecycle lifecycle/{write-before-reboot,data-after-reboot}
     local boots
     boots="$(tr -d '\r' <"$out.console.log" | grep -c 'VUZ-GUEST-READY' || true)"
@@ -182,6 +207,7 @@ suite_lifecycle() {
         record_pass lifecycle/daemon-exit
     fi
     stop_pid "$LC_PID"
+    suite_done
 }
 
 usage() { sed -n '9,10s/^# \{0,1\}//p' "$0"; }
@@ -205,11 +231,7 @@ main() {
     GUEST="$("$GT_DIR/setup.sh" | tail -n 1)"
     rm -rf "$RESULTS_DIR"
     mkdir -p "$RESULTS_DIR"
-    DEVICE_KIND="$device"
-    [[ "$device" == auto ]] && DEVICE_KIND="$(device_kind_auto)"
-    if [[ "$DEVICE_KIND" == qsd ]]; then
-        warn "testing qemu-storage-daemon, not vhost-user-zram ($VUZ_BIN is missing or not the daemon)"
-    fi
+    resolve_device_kind "$device"
     log "device under test: $DEVICE_KIND; guest: $GUEST; results: $RESULTS_DIR"
     pick_accel "$accel" "$GUEST" "$RESULTS_DIR"
 

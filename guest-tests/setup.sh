@@ -40,7 +40,11 @@ ensure_packages() {
 }
 
 # file_is_static FILE: FILE needs no shared library (ldd comes with libc, unlike readelf).
-file_is_static() { LC_ALL=C ldd "$1" 2>&1 | grep -Eq 'not a dynamic executable|statically linked'; }
+file_is_static() {
+    local out
+    out="$(LC_ALL=C ldd "$1" 2>&1 || true)" # ldd fails on a static binary
+    [[ "$out" == *"not a dynamic executable"* || "$out" == *"statically linked"* ]]
+}
 
 # resolve_modules MODDIR: prints the .ko paths (relative to MODDIR) of GUEST_MODULES and their
 # dependencies, each after everything it depends on.

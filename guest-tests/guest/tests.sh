@@ -235,20 +235,19 @@ suite_multiqueue() {
         --offset_increment=32m --cpus_allowed=0-1 --cpus_allowed_policy=split
     fio_verify "$t/fio-verify-64k" "$dev" --rw=randwrite --bs=64k --offset=64m --size=64m \
         --numjobs=2 --offset_increment=64m --cpus_allowed=0-1 --cpus_allowed_policy=split
-    # Both queues really carried requests: blk-mq debugfs counts, per hardware queue, how often
-    # it was run (`run`; older kernels also have `queued`).
-    mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-    dbg="/sys/kernel/debug/block/$dev"
-    counter=""
-    for f in queued run; do
-        [ -r "$dbg/hctx0/$f" ] && [ -r "$dbg/hctx1/$f" ] && counter="$f" && break
-    done
-    if [ -n "$counter" ]; then
-        q0="$(cat "$dbg/hctx0/$counter")" q1="$(cat "$dbg/hctx1/$counter")"
-        check "$t/both-queues-used" "hctx $counter counts: $q0 and $q1" [ "$q0" -gt 0 -a "$q1" -gt 0 ]
-    else
-        echo "multi-queue: no blk-mq debugfs counter, per-queue use not checked: $(ls "$dbg/hctx0" 2>&1)"
-    fi
+    # Both virtqueues really completed requests: each has its own MSI-X vector, named
+    # virtioN-req.Q in /proc/interrupts.
+    vdev="$(basename "$(readlink -f "/sys/block/$dev/device")")"
+    q0="$(queue_interrupts "$vdev-req.0")" q1="$(queue_interrupts "$vdev-req.1")"
+    check "$t/both-queues-used" "interrupts of $vdev-req.0 and req.1: $q0 and $q1" \
+        [ "$q0" -gt 0 -a "$q1" -gt 0 ]
+}
+
+# queue_interrupts NAME: the interrupts (all CPUs) of the /proc/interrupts line named NAME.
+queue_interrupts() {
+    awk -v name="$1" -v cpus="$(nproc)" '
+        $NF == name { for (i = 2; i <= cpus + 1; i++) s += $i }
+        END { print s + 0 }' /proc/interrupts
 }
 
 # ---------------------------------------------------------------------------------------------
