@@ -70,7 +70,26 @@ fio_verify() {
         grep -q 'err= 0' "$log" && ! grep -q 'verify: bad' "$log"; then
         pass "$name"
     else
-        fail "$name" "fio verify failed ($(grep -m1 -E 'err=|verify|fio:' "$log"))"
+        fail "$name" "fio verify failed ($(grep -m1 -E 'fio: |verify: bad|err= *[1-9]' "$log"))"
+        show_tail "$log"
+    fi
+}
+
+# fio_verify_buffered NAME DEV FIO_ARGS...: the same through the page cache: write and fsync,
+# drop the cache, then verify what the device returns (fio replays the same offsets).
+fio_verify_buffered() {
+    name="$1" dev="$2"
+    shift 2
+    log="/tmp/fio-$(echo "$name" | tr '/' '-').log"
+    set -- --name="$(basename "$name")" --filename="/dev/$dev" --direct=0 --ioengine=psync \
+        --verify=crc32c --verify_fatal=1 "$@"
+    if fio "$@" --do_verify=0 --end_fsync=1 >"$log" 2>&1 && grep -q 'err= 0' "$log" &&
+        sync && echo 3 >/proc/sys/vm/drop_caches &&
+        fio "$@" --verify_only >>"$log" 2>&1 && [ "$(grep -c 'err= 0' "$log")" = 2 ] &&
+        grep -q 'READ: bw=' "$log" && ! grep -q 'verify: bad' "$log"; then
+        pass "$name"
+    else
+        fail "$name" "buffered fio verify failed ($(grep -m1 -E 'fio: |verify: bad|err= *[1-9]' "$log"))"
         show_tail "$log"
     fi
 }
@@ -155,10 +174,23 @@ block_semantics() {
     fio_verify "$t/fio-verify-4k" "$dev" --rw=randwrite --bs=4k --offset=0 --size=32m
     fio_verify "$t/fio-verify-64k" "$dev" --rw=randwrite --bs=64k --offset=32m --size=64m
     # 512-byte I/O at 512-byte (not 4 KiB) aligned offsets, then mixed sizes at odd alignments.
-    fio_verify "$t/fio-verify-512-unaligned" "$dev" --rw=randwrite --bs=512 --offset=96m \
-        --size=2m
-    fio_verify "$t/fio-verify-mixed-unaligned" "$dev" --rw=randwrite --bsrange=512-36k \
-        --blockalign=512 --offset=98m --size=8m
+    lbs="$(cat "/sys/block/$dev/queue/logical_block_size")"
+    echo "logical block size of /dev/$dev: $lbs"
+    if [ "$lbs" -le 512 ]; then
+        fio_verify "$t/fio-verify-512-unaligned" "$dev" --rw=randwrite --bs=512 --offset=96m \
+            --size=2m
+        fio_verify "$t/fio-verify-mixed-unaligned" "$dev" --rw=randwrite --bsrange=512-36k \
+            --blockalign=512 --offset=98m --size=8m
+    else
+        # Linux refuses O_DIRECT I/O smaller than the logical block size (zram's is 4 KiB too),
+        # so the same I/O goes through the page cache: the device sees read-modify-write of
+        # whole blocks, and the verify reads come from the device once the cache is dropped.
+        echo "VUZ-NOTE 512-byte I/O is buffered: the logical block size is $lbs"
+        fio_verify_buffered "$t/fio-verify-512-unaligned" "$dev" --rw=randwrite --bs=512 \
+            --offset=96m --size=2m
+        fio_verify_buffered "$t/fio-verify-mixed-unaligned" "$dev" --rw=randwrite \
+            --bsrange=512-36k --blockalign=512 --offset=98m --size=8m
+    fi
 
     discard_zeroes "$dev"
 
