@@ -218,6 +218,7 @@ start_device() {
         *) die "unknown device kind '$kind'" ;;
     esac
     track_pid "$pid"
+    log "$name: pid $pid"
     local ready=("[" -S "$sock" "]")
     [[ -n "$ctl" ]] && ready=(bash -c "[[ -S '$sock' && -S '$ctl' ]]")
     if ! poll_until 30 "$name socket $sock" "${ready[@]}"; then

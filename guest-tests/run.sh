@@ -9,7 +9,7 @@
 #                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
 set -euo pipefail
 
-# shellcheck source=./lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
@@ -60,10 +60,12 @@ collect_results() {
 
 # qemu_finish SUITE SECONDS: waits for QEMU to exit; a timeout kills it. A device process that
 # dies while the guest runs is a failure, and QEMU is stopped rather than left to time out.
+# vhost-user-zram exits as soon as QEMU closes the socket, which is while QEMU is exiting, so
+# QEMU gets a few seconds to finish exiting before the device's exit counts as a crash.
 qemu_finish() {
     local suite="$1" timeout="$2" pid
     poll_until "$timeout" "QEMU ($suite) to exit" guest_or_device_ended || true
-    if ! pid_gone "$QEMU_PID"; then
+    if ! pid_gone "$QEMU_PID" && ! poll_until 10 "QEMU ($suite) to exit" pid_gone "$QEMU_PID"; then
         for pid in "${WATCH_PIDS[@]}"; do
             if pid_gone "$pid"; then
                 wait_exit "$pid" 1 || true

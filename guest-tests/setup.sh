@@ -9,7 +9,7 @@
 # Usage: guest-tests/setup.sh [--force]
 set -euo pipefail
 
-# shellcheck source=./lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Modules to load, in the order the issue lists them; their dependencies are added from
