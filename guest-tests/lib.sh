@@ -234,9 +234,6 @@ start_device() {
     printf -v "${var}_SERIAL" '%s' "$serial"
 }
 
-# mm_stat CTL_SOCKET: the daemon's zram-style mm_stat line.
-mm_stat() { timeout 10 "$VUZ_BIN" ctl --control-socket "$1" mm_stat; }
-
 # wait_exit PID SECONDS: waits (bounded) for a child of this shell to exit and sets EXIT_RC to
 # its exit status. Fails on timeout. Not for $(...): a subshell cannot wait for our children.
 export EXIT_RC=""

@@ -135,31 +135,58 @@ vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$tmpfs_mib" SMP=1 \
     suite_done
 }
 
-# check_mm_stat KIND CTL OUT: the daemon stored pages (orig_data_size > 0) and found same-filled
-# pages (same_pages > 0) while the guest's swap is in use.
+# check_mm_stat KIND CTL OUT: while the guest's swap is in use, the daemon stored pages
+# (orig_data_size > 0), compressed them (0 < compr_data_size < orig_data_size: a quarter of the
+# pages are zero-filled) and found same-filled pages (same_pages > 0); io_stat shows no failed
+# reads or writes. `stats --json` is kept in the results for reading.
 check_mm_stat() {
     local kind="$1" ctl="$2" out="$3" name=swap-under-pressure/mm-stat stat
     if [[ "$kind" != vuz ]]; then
         record_skip "$name" "the device is qemu-storage-daemon"
+        record_skip swap-under-pressure/io-stat "the device is qemu-storage-daemon"
         return
     fi
-    if ! stat="$(mm_stat "$ctl" 2>"$out.mm_stat.err")"; then
+    timeout 10 "$VUZ_BIN" ctl --control-socket "$ctl" stats --json >"$out.stats.json" 2>&1 || true
+    if ! stat="$(ctl_line "$ctl" mm_stat "$out")"; then
         record_fail "$name" "ctl mm_stat failed: $(head -c 300 "$out.mm_stat.err")"
-        return
-    fi
-    echo "$stat" >"$out.mm_stat"
-    log "mm_stat: $stat"
-    local cols
-    read -r -a cols <<<"$stat"
-    if ((${#cols[@]} != 9)); then
-        record_fail "$name" "mm_stat has ${#cols[@]} columns, expected 9: '$stat'"
-    elif ! ((cols[0] > 0)); then
-        record_fail "$name" "orig_data_size is ${cols[0]} with swap in use: '$stat'"
-    elif ! ((cols[5] > 0)); then
-        record_fail "$name" "same_pages is ${cols[5]} though the guest swapped zero pages: '$stat'"
     else
-        record_pass "$name"
+        log "mm_stat: $stat"
+        local c
+        read -r -a c <<<"$stat"
+        if ((${#c[@]} != 9)); then
+            record_fail "$name" "mm_stat has ${#c[@]} columns, expected 9: '$stat'"
+        elif ! ((c[0] > 0)); then
+            record_fail "$name" "orig_data_size is ${c[0]} with swap in use: '$stat'"
+        elif ! ((c[1] > 0 && c[1] < c[0])); then
+            record_fail "$name" "compr_data_size is ${c[1]}, expected between 0 and orig_data_size ${c[0]}: '$stat'"
+        elif ! ((c[5] > 0)); then
+            record_fail "$name" "same_pages is ${c[5]} though the guest swapped zero pages: '$stat'"
+        else
+            record_pass "$name"
+        fi
     fi
+    if ! stat="$(ctl_line "$ctl" io_stat "$out")"; then
+        record_fail swap-under-pressure/io-stat "ctl io_stat failed: $(head -c 300 "$out.io_stat.err")"
+    else
+        log "io_stat: $stat"
+        local c
+        read -r -a c <<<"$stat"
+        if ((${#c[@]} < 4)); then
+            record_fail swap-under-pressure/io-stat "io_stat has ${#c[@]} columns, expected 4: '$stat'"
+        elif ((c[0] != 0 || c[1] != 0)); then
+            record_fail swap-under-pressure/io-stat "failed_reads ${c[0]}, failed_writes ${c[1]}: '$stat'"
+        else
+            record_pass swap-under-pressure/io-stat
+        fi
+    fi
+}
+
+# ctl_line CTL STAT OUT: one line of `vhost-user-zram ctl STAT`, also kept in OUT.STAT.
+ctl_line() {
+    local line
+    line="$(timeout 10 "$VUZ_BIN" ctl --control-socket "$1" "$2" 2>"$3.$2.err")" || return 1
+    echo "$line" >"$3.$2"
+    echo "$line"
 }
 
 # suite multiqueue: two queues on the daemon and the QEMU device, two vCPUs.
