@@ -62,7 +62,7 @@ main() {
             --device) device="$2" && shift ;;
             --runtime) RUNTIME="$2" && shift ;;
             --size) size="$2" && shift ;;
-            -h | --help) sed -n '10,11s/^# \{0,1\}//p' "$0" && exit 0 ;;
+            -h | --help) sed -n '/^# Usage:/,/^[^#]/s/^# \{0,1\}//p' "$0" && exit 0 ;;
             *) die "unknown argument $1" ;;
         esac
         shift

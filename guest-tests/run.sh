@@ -239,7 +239,7 @@ suite_lifecycle() {
     suite_done
 }
 
-usage() { sed -n '9,10s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '/^# Usage:/,/^[^#]/s/^# \{0,1\}//p' "$0"; }
 
 main() {
     local accel=auto device=auto suites=main,multiqueue,lifecycle bench=yes
