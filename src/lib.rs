@@ -8,8 +8,13 @@
 //! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
+pub mod blk;
+pub mod cli;
 pub mod codec;
+pub mod control;
+pub mod daemon;
 pub mod pagegen;
+pub mod store;
 
 /// The store's unit: one 4 KiB page, as zram uses on x86-64.
 pub const PAGE_SIZE: usize = 4096;

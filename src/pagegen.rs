@@ -174,7 +174,7 @@ pub fn fill_kind(kind: PageKind, rng: &mut SplitMix64, page: &mut [u8; PAGE_SIZE
                 let roll = rng.below(WORDS.len() as u64 + 8);
                 let word: &[u8] = match usize::try_from(roll).ok().and_then(|i| WORDS.get(i)) {
                     Some(w) => w.as_bytes(),
-                    None if roll % 2 == 0 => b". ",
+                    None if roll.is_multiple_of(2) => b". ",
                     None => b", ",
                 };
                 for &b in word.iter().chain(b" ") {

@@ -1,0 +1,524 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The backends the bench drives, and the guards that tear each one down whatever happens:
+//! vhost-user-zram itself, qemu-storage-daemon exporting null-co or a file on /dev/shm, and a
+//! kernel zram device made with `hot_add` and always removed with `hot_remove`.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::device::Transport;
+
+/// How long a backend may take to create its socket.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// zram's `mm_stat` line, in bytes and pages as the kernel prints it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct MmStat {
+    /// Uncompressed bytes stored (same-filled pages included).
+    pub orig_data_size: u64,
+    /// Compressed bytes stored.
+    pub compr_data_size: u64,
+    /// Bytes of memory the store uses, metadata included.
+    pub mem_used_total: u64,
+    /// The memory limit (0: none).
+    pub mem_limit: u64,
+    /// The high-water mark of `mem_used_total`.
+    pub mem_used_max: u64,
+    /// Pages stored as one repeated word, without compressed data.
+    pub same_pages: u64,
+    /// Pages freed by compaction.
+    pub pages_compacted: u64,
+    /// Pages stored uncompressed because they did not compress.
+    pub huge_pages: u64,
+    /// Huge pages stored since the device was created.
+    pub huge_pages_since: u64,
+}
+
+impl MmStat {
+    /// Parses the 9 whitespace-separated numbers of an `mm_stat` line.
+    pub fn parse(line: &str) -> Result<MmStat, String> {
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .map(|field| field.parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("mm_stat '{}': {e}", line.trim()))?;
+        let [orig_data_size, compr_data_size, mem_used_total, mem_limit, mem_used_max, same_pages, pages_compacted, huge_pages, huge_pages_since] =
+            numbers[..]
+        else {
+            return Err(format!("mm_stat '{}' does not have 9 columns", line.trim()));
+        };
+        Ok(MmStat {
+            orig_data_size,
+            compr_data_size,
+            mem_used_total,
+            mem_limit,
+            mem_used_max,
+            same_pages,
+            pages_compacted,
+            huge_pages,
+            huge_pages_since,
+        })
+    }
+}
+
+/// A scratch directory for sockets and logs, removed on drop.
+pub struct RunDir(PathBuf);
+
+impl RunDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn create() -> Result<RunDir, String> {
+        let base = std::env::temp_dir();
+        for attempt in 0..100u32 {
+            let path = base.join(format!(
+                "vhost-user-zram-bench.{}.{attempt}",
+                std::process::id()
+            ));
+            match fs::create_dir(&path) {
+                Ok(()) => return Ok(RunDir(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("create {}: {e}", path.display())),
+            }
+        }
+        Err("could not create a scratch directory".into())
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed and reaped when dropped, unless it was already waited for.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `command` with stdout and stderr going to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Result<ChildGuard, String> {
+        let log_file =
+            fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let log_clone = log_file.try_clone().map_err(|e| e.to_string())?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_clone)
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("spawn {name} ({:?}): {e}", command.get_program()))?;
+        Ok(ChildGuard {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The last lines the child printed.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Waits until `socket` exists, failing early if the child exits first.
+    pub fn wait_for_socket(&mut self, socket: &Path) -> Result<(), String> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if socket.exists() {
+                return Ok(());
+            }
+            let child = self.child.as_mut().ok_or("the child was already reaped")?;
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                self.child = None;
+                return Err(format!(
+                    "{} exited with {status} before creating {}:\n{}",
+                    self.name,
+                    socket.display(),
+                    self.log_tail()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not create {} in time",
+                    self.name,
+                    socket.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` for the child to exit by itself, and kills it after that. Returns
+    /// its exit status, or `None` when it had to be killed.
+    pub fn finish(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A file that is deleted on drop.
+pub struct FileGuard(PathBuf);
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A kernel zram device this run made with `hot_add`; dropping it removes it with `hot_remove`.
+pub struct KernelZram {
+    id: u32,
+}
+
+/// Why a kernel zram device could not be set up.
+#[derive(Debug)]
+pub enum KernelZramError {
+    /// The kernel's zram does not offer the algorithm; the list it offers.
+    AlgorithmUnavailable(String),
+    /// Something else failed.
+    Failed(String),
+}
+
+const ZRAM_CONTROL: &str = "/sys/class/zram-control";
+
+impl KernelZram {
+    /// Whether this kernel can make zram devices.
+    pub fn supported() -> bool {
+        Path::new(ZRAM_CONTROL).join("hot_add").exists()
+    }
+
+    /// Adds a zram device with `algorithm` and `disksize` bytes.
+    pub fn create(algorithm: &str, disksize: u64) -> Result<KernelZram, KernelZramError> {
+        let failed = KernelZramError::Failed;
+        let id_text = fs::read_to_string(Path::new(ZRAM_CONTROL).join("hot_add"))
+            .map_err(|e| failed(format!("zram hot_add: {e}")))?;
+        let id: u32 = id_text
+            .trim()
+            .parse()
+            .map_err(|e| failed(format!("zram hot_add returned '{}': {e}", id_text.trim())))?;
+        if id == 0 {
+            // hot_add never hands out a device that exists, but zram0 belongs to the system:
+            // neither use it nor remove it.
+            return Err(failed(
+                "zram hot_add returned zram0; refusing to touch it".into(),
+            ));
+        }
+        // From here on the guard removes the device, whatever fails next.
+        let device = KernelZram { id };
+        let offered = fs::read_to_string(device.sysfs("comp_algorithm"))
+            .map_err(|e| failed(format!("read comp_algorithm: {e}")))?;
+        let available = offered
+            .split_whitespace()
+            .any(|name| name.trim_matches(|c| c == '[' || c == ']') == algorithm);
+        if !available {
+            return Err(KernelZramError::AlgorithmUnavailable(
+                offered.trim().to_owned(),
+            ));
+        }
+        device
+            .write_sysfs("comp_algorithm", algorithm)
+            .map_err(failed)?;
+        device
+            .write_sysfs("disksize", &disksize.to_string())
+            .map_err(failed)?;
+        Ok(device)
+    }
+
+    /// The device node.
+    pub fn device_path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/zram{}", self.id))
+    }
+
+    /// The device's name, `zramN`.
+    pub fn name(&self) -> String {
+        format!("zram{}", self.id)
+    }
+
+    fn sysfs(&self, attribute: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/block/zram{}/{attribute}", self.id))
+    }
+
+    fn write_sysfs(&self, attribute: &str, value: &str) -> Result<(), String> {
+        let path = self.sysfs(attribute);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(value.as_bytes()))
+            .map_err(|e| format!("write '{value}' to {}: {e}", path.display()))
+    }
+
+    /// The device's current `mm_stat`.
+    pub fn mm_stat(&self) -> Result<MmStat, String> {
+        let text =
+            fs::read_to_string(self.sysfs("mm_stat")).map_err(|e| format!("mm_stat: {e}"))?;
+        MmStat::parse(&text)
+    }
+}
+
+impl Drop for KernelZram {
+    fn drop(&mut self) {
+        // The device may still be closing (an io_uring instance releases it asynchronously):
+        // retry EBUSY for a while.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let result = fs::OpenOptions::new()
+                .write(true)
+                .open(Path::new(ZRAM_CONTROL).join("hot_remove"))
+                .and_then(|mut file| file.write_all(self.id.to_string().as_bytes()));
+            match result {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    eprintln!("warning: could not hot_remove zram{}: {e}", self.id);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Which backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// vhost-user-zram, launched by the bench.
+    VhostUserZram,
+    /// A vhost-user-blk backend that was already running (`--socket`).
+    External,
+    /// The kernel's zram, through io_uring with O_DIRECT.
+    KernelZram,
+    /// qemu-storage-daemon's null-co driver: the transport ceiling.
+    QsdNull,
+    /// qemu-storage-daemon serving a file on /dev/shm.
+    QsdShmFile,
+}
+
+impl BackendKind {
+    /// The column header.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendKind::VhostUserZram => "vhost-user-zram",
+            BackendKind::External => "socket",
+            BackendKind::KernelZram => "kernel-zram",
+            BackendKind::QsdNull => "qsd-null-co",
+            BackendKind::QsdShmFile => "qsd-shm-file",
+        }
+    }
+
+    /// Whether the backend keeps what is written, so reads can be verified.
+    pub fn keeps_data(self) -> bool {
+        self != BackendKind::QsdNull
+    }
+}
+
+/// What the bench needs to launch vhost-user-zram.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The daemon binary.
+    pub binary: PathBuf,
+    /// `--algorithm`.
+    pub algorithm: String,
+    /// `--algorithm-level`.
+    pub level: Option<i32>,
+    /// `--queue-size`.
+    pub queue_size: usize,
+    /// Extra arguments passed through verbatim.
+    pub extra_args: Vec<String>,
+}
+
+/// A running backend; dropping it tears the backend down.
+pub struct Backend {
+    /// Which backend this is.
+    pub kind: BackendKind,
+    /// How to reach it.
+    pub transport: Transport,
+    /// The process serving it, if the bench launched one.
+    pub process: Option<ChildGuard>,
+    /// vhost-user-zram's control socket, for `ctl mm_stat`.
+    control_socket: Option<PathBuf>,
+    daemon_binary: Option<PathBuf>,
+    /// The kernel zram device, for its sysfs mm_stat.
+    pub kernel_zram: Option<KernelZram>,
+    _backing_file: Option<FileGuard>,
+}
+
+impl Backend {
+    /// An already-running vhost-user-blk backend; `control` is vhost-user-zram's control
+    /// socket, when it is one.
+    pub fn external(socket: PathBuf, control: Option<PathBuf>, daemon_binary: PathBuf) -> Backend {
+        Backend {
+            kind: BackendKind::External,
+            transport: Transport::VhostUser(socket),
+            process: None,
+            daemon_binary: control.as_ref().map(|_| daemon_binary),
+            control_socket: control,
+            kernel_zram: None,
+            _backing_file: None,
+        }
+    }
+
+    /// Launches vhost-user-zram with a `size`-byte device and `queues` queues.
+    pub fn vhost_user_zram(
+        dir: &RunDir,
+        options: &DaemonOptions,
+        size: u64,
+        queues: usize,
+    ) -> Result<Backend, String> {
+        let socket = dir.join("vhost-user-zram.sock");
+        let control = dir.join("vhost-user-zram.ctl");
+        let mut command = Command::new(&options.binary);
+        command
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--size")
+            .arg(size.to_string())
+            .arg("--num-queues")
+            .arg(queues.to_string())
+            .arg("--queue-size")
+            .arg(options.queue_size.to_string())
+            .arg("--algorithm")
+            .arg(&options.algorithm)
+            .arg("--control-socket")
+            .arg(&control)
+            .args(&options.extra_args);
+        if let Some(level) = options.level {
+            command.arg("--algorithm-level").arg(level.to_string());
+        }
+        let mut process =
+            ChildGuard::spawn("vhost-user-zram", command, dir.join("vhost-user-zram.log"))?;
+        process.wait_for_socket(&socket)?;
+        Ok(Backend {
+            kind: BackendKind::VhostUserZram,
+            transport: Transport::VhostUser(socket),
+            process: Some(process),
+            control_socket: Some(control),
+            daemon_binary: Some(options.binary.clone()),
+            kernel_zram: None,
+            _backing_file: None,
+        })
+    }
+
+    /// Launches qemu-storage-daemon exporting null-co (`kind` = QsdNull) or a file on /dev/shm
+    /// (`kind` = QsdShmFile) as vhost-user-blk.
+    pub fn qemu_storage_daemon(
+        dir: &RunDir,
+        kind: BackendKind,
+        size: u64,
+        queues: usize,
+    ) -> Result<Backend, String> {
+        let socket = dir.join(&format!("{}.sock", kind.label()));
+        let mut backing_file = None;
+        let blockdev = match kind {
+            BackendKind::QsdNull => {
+                format!("driver=null-co,node-name=disk,size={size},read-zeroes=off")
+            }
+            BackendKind::QsdShmFile => {
+                let path = PathBuf::from(format!(
+                    "/dev/shm/vhost-user-zram-bench.{}.img",
+                    std::process::id()
+                ));
+                let file = fs::File::create(&path)
+                    .map_err(|e| format!("create {}: {e}", path.display()))?;
+                backing_file = Some(FileGuard(path.clone()));
+                file.set_len(size)
+                    .map_err(|e| format!("size {}: {e}", path.display()))?;
+                format!("driver=file,node-name=disk,filename={}", path.display())
+            }
+            _ => unreachable!("not a qemu-storage-daemon backend"),
+        };
+        let mut command = Command::new("qemu-storage-daemon");
+        command.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
+            "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            socket.display()
+        ));
+        let mut process = ChildGuard::spawn(
+            kind.label(),
+            command,
+            dir.join(&format!("{}.log", kind.label())),
+        )?;
+        process.wait_for_socket(&socket)?;
+        Ok(Backend {
+            kind,
+            transport: Transport::VhostUser(socket),
+            process: Some(process),
+            control_socket: None,
+            daemon_binary: None,
+            kernel_zram: None,
+            _backing_file: backing_file,
+        })
+    }
+
+    /// Makes a kernel zram device with `algorithm` and `size` bytes.
+    pub fn kernel_zram(algorithm: &str, size: u64) -> Result<Backend, KernelZramError> {
+        let device = KernelZram::create(algorithm, size)?;
+        Ok(Backend {
+            kind: BackendKind::KernelZram,
+            transport: Transport::IoUring(device.device_path()),
+            process: None,
+            control_socket: None,
+            daemon_binary: None,
+            kernel_zram: Some(device),
+            _backing_file: None,
+        })
+    }
+
+    /// The backend's zram statistics, when it has any.
+    pub fn mm_stat(&self) -> Option<Result<MmStat, String>> {
+        if let Some(device) = &self.kernel_zram {
+            return Some(device.mm_stat());
+        }
+        let (binary, control) = (self.daemon_binary.as_ref()?, self.control_socket.as_ref()?);
+        let output = Command::new(binary)
+            .arg("ctl")
+            .arg("--control-socket")
+            .arg(control)
+            .arg("mm_stat")
+            .stdin(Stdio::null())
+            .output();
+        Some(match output {
+            Ok(output) if output.status.success() => {
+                MmStat::parse(&String::from_utf8_lossy(&output.stdout))
+            }
+            Ok(output) => Err(format!(
+                "ctl mm_stat: {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Err(e) => Err(format!("run {} ctl: {e}", binary.display())),
+        })
+    }
+}

@@ -1,0 +1,389 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vhost-user-zram-bench`: drives a vhost-user-blk device through libblkio with a swap-like
+//! workload and reports IOPS, throughput, latency percentiles and the backend's zram memory
+//! statistics; with `--compare`, runs the same workload against vhost-user-zram, kernel zram,
+//! qemu-storage-daemon null-co and a /dev/shm file, and prints them side by side.
+
+mod backends;
+mod device;
+mod histogram;
+mod report;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::backends::{Backend, BackendKind, DaemonOptions, KernelZram, KernelZramError, RunDir};
+use crate::device::Device;
+use crate::report::{BackendReport, PhaseReport, Report, WorkloadDescription};
+use crate::workload::{Phase, Workload};
+
+/// Benchmark a vhost-user-blk device (vhost-user-zram by default) with a swap-like workload.
+///
+/// Phases, in order: fill (writes every page once, sequentially), randwrite, randread (every read
+/// is verified against what was written), mixed (70 % reads, 30 % writes); all 4 KiB requests,
+/// `--queue-depth` in flight on each of `--queues` queues. Pages come from the crate's swap-like
+/// generator (zero, same-filled, text, pointer-heavy and random pages). Without `--socket` the
+/// bench launches vhost-user-zram itself; `--compare` adds kernel zram (when
+/// /sys/class/zram-control exists), qemu-storage-daemon null-co (the transport ceiling) and a
+/// file on /dev/shm exported by qemu-storage-daemon.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-user-zram-bench", version)]
+struct Args {
+    /// Benchmark the vhost-user-blk backend already listening on this socket instead of
+    /// launching vhost-user-zram.
+    #[arg(long, value_name = "PATH", conflicts_with = "compare")]
+    socket: Option<PathBuf>,
+
+    /// With --socket: the backend's vhost-user-zram control socket, to report its mm_stat.
+    #[arg(long, value_name = "PATH", requires = "socket")]
+    control_socket: Option<PathBuf>,
+
+    /// The vhost-user-zram binary to launch (default: `vhost-user-zram` next to this program).
+    #[arg(long, value_name = "PATH")]
+    daemon_bin: Option<PathBuf>,
+
+    /// Device size (bytes, or with a K/M/G/T suffix, binary units). Every page is written once by
+    /// the fill phase.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+
+    /// How long each timed phase (all but fill) runs, in seconds.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    duration: f64,
+
+    /// Requests kept in flight on each queue.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    queue_depth: u32,
+
+    /// Virtqueues (threads in the bench; --num-queues of the daemon).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    queues: u32,
+
+    /// Virtqueue size (a power of two ≥ the queue depth); passed to the daemon as --queue-size.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u32,
+
+    /// Compression algorithm of vhost-user-zram and of kernel zram in --compare (lz4, zstd,
+    /// deflate; kernel zram may offer fewer).
+    #[arg(long, default_value = "lz4")]
+    algorithm: String,
+
+    /// vhost-user-zram's --algorithm-level (kernel zram keeps its default level).
+    #[arg(long)]
+    algorithm_level: Option<i32>,
+
+    /// Phases to run, comma-separated, from fill, randwrite, randread, mixed. Reads are verified
+    /// only when fill ran first.
+    #[arg(long, value_delimiter = ',', default_value = "fill,randwrite,randread,mixed", value_parser = parse_phase)]
+    phases: Vec<Phase>,
+
+    /// Seed of the swap-like page generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+
+    /// Distinct swap-like pages the bench makes up front and writes from (64 MiB at the
+    /// default); see the workload's documentation for why it does not generate every page.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pool_pages: u32,
+
+    /// Do not verify read data (verification hashes each page read; it costs bench CPU).
+    #[arg(long)]
+    no_verify: bool,
+
+    /// Run the workload against vhost-user-zram, kernel zram, qemu-storage-daemon null-co and a
+    /// /dev/shm file, and print one side-by-side table.
+    #[arg(long)]
+    compare: bool,
+
+    /// Print the results as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+
+    /// Extra argument for vhost-user-zram (repeatable), e.g. --daemon-arg=--mem-limit=2G.
+    #[arg(long = "daemon-arg", value_name = "ARG", allow_hyphen_values = true)]
+    daemon_args: Vec<String>,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &text[digits.len()..];
+    let number: u64 = digits
+        .parse()
+        .map_err(|e| format!("'{text}' is not a size: {e}"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("unknown size suffix '{suffix}' (use K, M, G or T)")),
+    };
+    let bytes = number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes == 0 || bytes % vhost_user_zram::PAGE_SIZE as u64 != 0 {
+        return Err(format!("'{text}' is not a positive multiple of 4 KiB"));
+    }
+    Ok(bytes)
+}
+
+fn parse_phase(text: &str) -> Result<Phase, String> {
+    match text {
+        "fill" => Ok(Phase::Fill),
+        "randwrite" => Ok(Phase::RandWrite),
+        "randread" => Ok(Phase::RandRead),
+        "mixed" => Ok(Phase::Mixed),
+        _ => Err(format!(
+            "unknown phase '{text}' (fill, randwrite, randread, mixed)"
+        )),
+    }
+}
+
+/// Raised by SIGINT/SIGTERM: phases stop early and every backend is torn down normally.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `on_signal` is async-signal-safe (one atomic store) and has the signature
+        // `signal` expects.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    install_signal_handlers();
+    match run(&args) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.render());
+            }
+            if report.backends.iter().any(|b| b.error.is_some()) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_daemon_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locate this program: {e}"))?;
+    Ok(exe.with_file_name("vhost-user-zram"))
+}
+
+fn run(args: &Args) -> Result<Report, String> {
+    if args.queue_size < args.queue_depth || !args.queue_size.is_power_of_two() {
+        return Err("--queue-size must be a power of two ≥ --queue-depth".into());
+    }
+    if args.duration.is_nan() || args.duration <= 0.0 {
+        return Err("--duration must be positive".into());
+    }
+    let daemon = DaemonOptions {
+        binary: match &args.daemon_bin {
+            Some(path) => path.clone(),
+            None => default_daemon_binary()?,
+        },
+        algorithm: args.algorithm.clone(),
+        level: args.algorithm_level,
+        queue_size: args.queue_size as usize,
+        extra_args: args.daemon_args.clone(),
+    };
+    let dir = RunDir::create()?;
+    let queues = args.queues as usize;
+    let mut plan = vec![if args.socket.is_some() {
+        BackendKind::External
+    } else {
+        BackendKind::VhostUserZram
+    }];
+    if args.compare {
+        plan.extend([
+            BackendKind::KernelZram,
+            BackendKind::QsdNull,
+            BackendKind::QsdShmFile,
+        ]);
+    }
+    let mut report = Report {
+        workload: WorkloadDescription {
+            size_bytes: args.size,
+            pages: args.size / vhost_user_zram::PAGE_SIZE as u64,
+            queues: args.queues,
+            queue_depth: args.queue_depth,
+            queue_size: args.queue_size,
+            block_size: vhost_user_zram::PAGE_SIZE,
+            seconds_per_phase: args.duration,
+            seed: args.seed,
+            pool_pages: args.pool_pages,
+            algorithm: args.algorithm.clone(),
+            algorithm_level: args.algorithm_level,
+            verify: !args.no_verify,
+        },
+        backends: Vec::new(),
+    };
+    for kind in plan {
+        if STOP.load(Ordering::Relaxed) {
+            break;
+        }
+        let started = match kind {
+            BackendKind::External => Ok(Backend::external(
+                args.socket.clone().expect("--socket"),
+                args.control_socket.clone(),
+                daemon.binary.clone(),
+            )),
+            BackendKind::VhostUserZram => {
+                Backend::vhost_user_zram(&dir, &daemon, args.size, queues)
+            }
+            BackendKind::QsdNull | BackendKind::QsdShmFile => {
+                Backend::qemu_storage_daemon(&dir, kind, args.size, queues)
+            }
+            BackendKind::KernelZram => {
+                if !KernelZram::supported() {
+                    report.backends.push(BackendReport::skipped(
+                        kind,
+                        "no /sys/class/zram-control (zram module not loaded?)".into(),
+                    ));
+                    continue;
+                }
+                match Backend::kernel_zram(&args.algorithm, args.size) {
+                    Ok(backend) => Ok(backend),
+                    Err(KernelZramError::AlgorithmUnavailable(offered)) => {
+                        report.backends.push(BackendReport::skipped(
+                            kind,
+                            format!(
+                                "{} not available in this kernel's zram (offers: {offered})",
+                                args.algorithm
+                            ),
+                        ));
+                        continue;
+                    }
+                    Err(KernelZramError::Failed(e)) => Err(e),
+                }
+            }
+        };
+        let entry = match started {
+            Ok(backend) => run_backend(args, backend),
+            Err(e) => BackendReport::failed(kind, e),
+        };
+        if !args.json {
+            eprintln!("{}", entry.progress_line());
+        }
+        report.backends.push(entry);
+    }
+    Ok(report)
+}
+
+/// Runs every phase against one backend and tears it down.
+fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
+    let kind = backend.kind;
+    let mut entry = BackendReport::new(kind, backend.kernel_zram.as_ref().map(|z| z.name()));
+    let queues = args.queues as usize;
+    let queue_depth = args.queue_depth as usize;
+    let result = (|| -> Result<(), String> {
+        let mut device = Device::open(
+            &backend.transport,
+            queues,
+            args.queue_size as usize,
+            Workload::buffer_bytes_per_lane(queue_depth),
+            Duration::from_secs(10),
+        )?;
+        if device.lanes.len() != queues {
+            return Err(format!(
+                "asked for {queues} queues, got {}",
+                device.lanes.len()
+            ));
+        }
+        let pages = device.capacity.min(args.size) / vhost_user_zram::PAGE_SIZE as u64;
+        if device.capacity < args.size {
+            entry.notes.push(format!(
+                "device capacity {} bytes is below --size; using {pages} pages",
+                device.capacity
+            ));
+        }
+        let verify = !args.no_verify && kind.keeps_data();
+        if !kind.keeps_data() {
+            entry
+                .notes
+                .push("reads not verified: null-co keeps no data".into());
+        }
+        let mut workload = Workload::new(
+            args.seed,
+            args.pool_pages as usize,
+            queues,
+            queue_depth,
+            pages,
+            verify,
+        );
+        for &phase in &args.phases {
+            if STOP.load(Ordering::Relaxed) {
+                entry.notes.push("interrupted".into());
+                break;
+            }
+            if !args.json {
+                eprintln!("{}: {}...", kind.label(), phase.name());
+            }
+            let result = workload.run(
+                &mut device,
+                phase,
+                Duration::from_secs_f64(args.duration),
+                &STOP,
+            )?;
+            entry.phases.push(PhaseReport::from(&result));
+            if phase == Phase::Fill {
+                entry.mm_stat_after_fill = backend.mm_stat().transpose()?;
+            }
+        }
+        entry.mm_stat_at_end = backend.mm_stat().transpose()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        entry.error = Some(e);
+    }
+    // The device was dropped inside the closure: the frontend has disconnected. vhost-user-zram
+    // exits by itself then; qemu-storage-daemon is killed.
+    if let Some(process) = backend.process.as_mut() {
+        let wait = if kind == BackendKind::VhostUserZram {
+            Duration::from_secs(10)
+        } else {
+            Duration::ZERO
+        };
+        let status = process.finish(wait);
+        if kind == BackendKind::VhostUserZram {
+            match status {
+                Some(status) if status.success() => {}
+                Some(status) => entry.notes.push(format!("daemon exited with {status}")),
+                None => entry
+                    .notes
+                    .push("daemon did not exit after the disconnect; killed".into()),
+            }
+            if entry.error.is_some() {
+                entry
+                    .notes
+                    .push(format!("daemon log:\n{}", process.log_tail()));
+            }
+        }
+    }
+    entry
+}

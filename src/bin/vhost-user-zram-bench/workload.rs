@@ -1,0 +1,449 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The workload: 4 KiB requests kept `queue_depth` deep on every queue, one thread per queue.
+//!
+//! Each queue owns the pages `q, q + queues, q + 2 * queues, ...`, so no two threads ever touch
+//! the same page, and a queue never has two requests for one page in flight; what a read must
+//! return is therefore always known. The fill writes generation 0 of every page, every later write
+//! of a page the next generation, and a read is verified by comparing a hash of what came back
+//! with the hash of what was written last.
+//!
+//! Contents come from a pool of pages made once with `pagegen::fill_page` (the swap-like mix):
+//! generation `g` of page `p` is pool page `mix(p, g) % pool_size`. Generating every page on the
+//! fly costs the bench more CPU than the backend it measures (the generator runs at about
+//! 160k pages/s per core); copying a pool page costs a memcpy. The pool is far larger than the
+//! CPU caches, and zram-like stores do not deduplicate, so the repetition changes nothing for the
+//! backend: every backend of a run sees exactly the same data.
+
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use blkio::{Completion, ReqFlags};
+use vhost_user_zram::pagegen::fill_page;
+use vhost_user_zram::PAGE_SIZE;
+
+use crate::device::{Device, Lane};
+use crate::histogram::LatencyHistogram;
+
+/// A benchmark phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Sequential writes of every page once (no time limit).
+    Fill,
+    /// Uniformly random page writes.
+    RandWrite,
+    /// Uniformly random page reads, verified.
+    RandRead,
+    /// Random requests, 70 % reads and 30 % writes.
+    Mixed,
+}
+
+impl Phase {
+    /// Every phase, in the order they run.
+    pub const ALL: [Phase; 4] = [Phase::Fill, Phase::RandWrite, Phase::RandRead, Phase::Mixed];
+
+    /// The name in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Fill => "fill",
+            Phase::RandWrite => "randwrite",
+            Phase::RandRead => "randread",
+            Phase::Mixed => "mixed-70r/30w",
+        }
+    }
+
+    /// The share of reads among the requests, in percent.
+    fn read_percent(self) -> u64 {
+        match self {
+            Phase::Fill | Phase::RandWrite => 0,
+            Phase::RandRead => 100,
+            Phase::Mixed => 70,
+        }
+    }
+}
+
+/// What one phase measured.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    /// The phase.
+    pub phase: Phase,
+    /// Requests completed.
+    pub requests: u64,
+    /// Reads among them.
+    pub reads: u64,
+    /// Reads whose data was checked against what was written.
+    pub verified_reads: u64,
+    /// Wall-clock time from the first submission to the last completion.
+    pub elapsed: Duration,
+    /// Submission-to-completion latency of every request.
+    pub latency: LatencyHistogram,
+}
+
+impl PhaseResult {
+    /// Requests per second.
+    pub fn iops(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Payload megabytes (10^6 bytes) per second.
+    pub fn megabytes_per_second(&self) -> f64 {
+        self.iops() * PAGE_SIZE as f64 / 1e6
+    }
+}
+
+/// The per-page state one queue keeps: whether it was written, and the generation last written.
+#[derive(Clone, Copy, Default)]
+struct PageState {
+    written: bool,
+    generation: u32,
+}
+
+/// Swap-like pages made once, and their hashes.
+pub struct PagePool {
+    pages: Vec<[u8; PAGE_SIZE]>,
+    hashes: Vec<u64>,
+}
+
+impl PagePool {
+    /// `size` pages: `fill_page(seed, 0..size)`.
+    pub fn new(seed: u64, size: usize) -> PagePool {
+        let mut pages = vec![[0u8; PAGE_SIZE]; size.max(1)];
+        for (index, page) in pages.iter_mut().enumerate() {
+            fill_page(seed, index as u64, page);
+        }
+        let hashes = pages.iter().map(|page| page_hash(page)).collect();
+        PagePool { pages, hashes }
+    }
+
+    /// The pool index of generation `generation` of device page `page`.
+    fn index_of(&self, page: u64, generation: u32) -> usize {
+        let mut mixed = page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(generation);
+        mixed = (mixed ^ (mixed >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        mixed ^= mixed >> 29;
+        to_index(mixed % self.pages.len() as u64)
+    }
+}
+
+/// A page number as a vector index (this bench targets 64-bit hosts).
+fn to_index(page: u64) -> usize {
+    usize::try_from(page).expect("page numbers fit in usize")
+}
+
+/// The state of the whole workload across phases.
+pub struct Workload {
+    seed: u64,
+    pool: PagePool,
+    queue_depth: usize,
+    /// Whether reads are checked. Off for backends that do not keep data (null-co).
+    verify: bool,
+    /// Per queue, per owned page (index `page / queues`).
+    page_states: Vec<Vec<PageState>>,
+    /// Whether the fill ran, i.e. whether the page states describe the device.
+    filled: bool,
+}
+
+/// A fast 64-bit hash of a page, four lanes wide so it runs near memory speed. It only needs to
+/// tell a correct page from a corrupt one, not to resist an adversary.
+pub fn page_hash(page: &[u8]) -> u64 {
+    const K: u64 = 0x9fb2_1c65_1e98_df25;
+    let mut lanes = [0x243f_6a88_85a3_08d3u64, 1, 2, 3];
+    for block in page.chunks_exact(32) {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            let word = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+            *lane = (*lane ^ word).wrapping_mul(K).rotate_left(29);
+        }
+    }
+    lanes
+        .iter()
+        .fold(0u64, |h, &lane| (h ^ lane).wrapping_mul(K).rotate_left(31))
+}
+
+impl Workload {
+    /// A workload over the first `pages` pages of a device with `queues` queues.
+    pub fn new(
+        seed: u64,
+        pool_pages: usize,
+        queues: usize,
+        queue_depth: usize,
+        pages: u64,
+        verify: bool,
+    ) -> Self {
+        let page_states = (0..queues as u64)
+            .map(|q| {
+                vec![
+                    PageState::default();
+                    to_index(pages.saturating_sub(q).div_ceil(queues as u64))
+                ]
+            })
+            .collect();
+        Workload {
+            seed,
+            pool: PagePool::new(seed, pool_pages),
+            queue_depth,
+            verify,
+            page_states,
+            filled: false,
+        }
+    }
+
+    /// The bytes of buffer each queue needs.
+    pub fn buffer_bytes_per_lane(queue_depth: usize) -> usize {
+        queue_depth * PAGE_SIZE
+    }
+
+    /// Runs `phase` on every queue of `device` until `duration` passes (the fill: until every page
+    /// is written) or `stop` is raised.
+    pub fn run(
+        &mut self,
+        device: &mut Device,
+        phase: Phase,
+        duration: Duration,
+        stop: &AtomicBool,
+    ) -> Result<PhaseResult, String> {
+        let queues = device.lanes.len() as u64;
+        let verify = self.verify && self.filled;
+        let started = Instant::now();
+        let deadline = started + duration;
+        let results: Vec<Result<PhaseResult, String>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = device
+                .lanes
+                .iter_mut()
+                .zip(self.page_states.iter_mut())
+                .enumerate()
+                .map(|(queue, (lane, states))| {
+                    let worker = QueueWorker {
+                        lane,
+                        states,
+                        first_page: queue as u64,
+                        page_stride: queues,
+                        pool: &self.pool,
+                        queue_depth: self.queue_depth,
+                        verify,
+                        rng: vhost_user_zram::pagegen::SplitMix64::new(
+                            self.seed ^ 0x5eed ^ ((queue as u64) << 32) ^ (phase as u64),
+                        ),
+                    };
+                    scope.spawn(move || worker.run(phase, deadline, stop))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err("a queue thread panicked".into()))
+                })
+                .collect()
+        });
+        let elapsed = started.elapsed();
+        let mut total = PhaseResult {
+            phase,
+            requests: 0,
+            reads: 0,
+            verified_reads: 0,
+            elapsed,
+            latency: LatencyHistogram::default(),
+        };
+        for result in results {
+            let result = result?;
+            total.requests += result.requests;
+            total.reads += result.reads;
+            total.verified_reads += result.verified_reads;
+            total.latency.merge(&result.latency);
+        }
+        debug_assert_eq!(total.latency.count(), total.requests);
+        if phase == Phase::Fill && !stop.load(Ordering::Relaxed) {
+            self.filled = true;
+        }
+        Ok(total)
+    }
+}
+
+/// What a buffer slot is doing.
+#[derive(Clone, Copy)]
+struct InFlight {
+    page: u64,
+    is_read: bool,
+    submitted: Instant,
+}
+
+struct QueueWorker<'a> {
+    lane: &'a mut Lane,
+    states: &'a mut Vec<PageState>,
+    first_page: u64,
+    page_stride: u64,
+    pool: &'a PagePool,
+    queue_depth: usize,
+    verify: bool,
+    rng: vhost_user_zram::pagegen::SplitMix64,
+}
+
+impl QueueWorker<'_> {
+    fn run(
+        mut self,
+        phase: Phase,
+        deadline: Instant,
+        stop: &AtomicBool,
+    ) -> Result<PhaseResult, String> {
+        let mut result = PhaseResult {
+            phase,
+            requests: 0,
+            reads: 0,
+            verified_reads: 0,
+            elapsed: Duration::ZERO,
+            latency: LatencyHistogram::default(),
+        };
+        let owned_pages = self.states.len() as u64;
+        if owned_pages == 0 {
+            return Ok(result);
+        }
+        let mut slots: Vec<Option<InFlight>> = vec![None; self.queue_depth];
+        let mut completions: Vec<MaybeUninit<Completion>> = (0..self.queue_depth)
+            .map(|_| MaybeUninit::uninit())
+            .collect();
+        let mut next_fill_page = 0u64;
+        let mut in_flight = 0usize;
+        let mut issuing = true;
+
+        // Prime every slot.
+        for slot in 0..self.queue_depth {
+            match self.next_request(phase, &slots, &mut next_fill_page, owned_pages) {
+                Some((page, is_read)) => {
+                    slots[slot] = Some(self.submit(slot, page, is_read));
+                    in_flight += 1;
+                }
+                None => break,
+            }
+        }
+        let started = Instant::now();
+        while in_flight > 0 {
+            let done = self
+                .lane
+                .queue
+                .do_io(&mut completions, 1, None, None)
+                .map_err(|e| format!("do_io: {e:?}"))?;
+            let now = Instant::now();
+            if issuing && (now >= deadline && phase != Phase::Fill || stop.load(Ordering::Relaxed))
+            {
+                issuing = false;
+            }
+            for completion in &completions[..done] {
+                // SAFETY: do_io initialized the first `done` entries.
+                let completion = unsafe { completion.assume_init_read() };
+                let slot = completion.user_data;
+                let request = slots[slot].take().ok_or("a completion for an idle slot")?;
+                in_flight -= 1;
+                if completion.ret != 0 {
+                    return Err(format!(
+                        "{} of page {} failed: {}",
+                        if request.is_read { "read" } else { "write" },
+                        request.page,
+                        std::io::Error::from_raw_os_error(-completion.ret)
+                    ));
+                }
+                result.latency.record(now - request.submitted);
+                result.requests += 1;
+                if request.is_read {
+                    result.reads += 1;
+                    if self.verify {
+                        self.check(slot, request.page)?;
+                        result.verified_reads += 1;
+                    }
+                }
+                if issuing {
+                    if let Some((page, is_read)) =
+                        self.next_request(phase, &slots, &mut next_fill_page, owned_pages)
+                    {
+                        slots[slot] = Some(self.submit(slot, page, is_read));
+                        in_flight += 1;
+                    }
+                }
+            }
+        }
+        result.elapsed = started.elapsed();
+        Ok(result)
+    }
+
+    /// The next request: a page (an index into `states`) and whether it is a read. `None` when the
+    /// fill is complete.
+    fn next_request(
+        &mut self,
+        phase: Phase,
+        slots: &[Option<InFlight>],
+        next_fill_page: &mut u64,
+        owned_pages: u64,
+    ) -> Option<(u64, bool)> {
+        if phase == Phase::Fill {
+            let page = *next_fill_page;
+            *next_fill_page += 1;
+            return (page < owned_pages).then_some((page, false));
+        }
+        let is_read = self.rng.below(100) < phase.read_percent();
+        // A queue never has two requests for one page in flight; with at most queue_depth busy
+        // pages this loop ends quickly unless the device is tiny.
+        for _ in 0..1000 {
+            let page = self.rng.below(owned_pages);
+            if !slots.iter().flatten().any(|r| r.page == page) {
+                return Some((page, is_read));
+            }
+        }
+        None
+    }
+
+    fn device_page(&self, page: u64) -> u64 {
+        self.first_page + page * self.page_stride
+    }
+
+    fn submit(&mut self, slot: usize, page: u64, is_read: bool) -> InFlight {
+        let buffer = self.lane.buffer(slot, PAGE_SIZE);
+        let offset = self.device_page(page) * PAGE_SIZE as u64;
+        if is_read {
+            self.lane
+                .queue
+                .read(offset, buffer, PAGE_SIZE, slot, ReqFlags::empty());
+        } else {
+            let state = &mut self.states[to_index(page)];
+            // The fill writes generation 0; later writes the next one.
+            let generation = if state.written {
+                state.generation.wrapping_add(1)
+            } else {
+                0
+            };
+            *state = PageState {
+                written: true,
+                generation,
+            };
+            let device_page = self.first_page + page * self.page_stride;
+            let content = &self.pool.pages[self.pool.index_of(device_page, generation)];
+            // SAFETY: the slot's buffer is PAGE_SIZE bytes of the lane's mapped region and has no
+            // request in flight (the slot is free), so nothing else reads or writes it now; the
+            // pool is ordinary memory that does not overlap the region.
+            unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), buffer, PAGE_SIZE) };
+            self.lane
+                .queue
+                .write(offset, buffer, PAGE_SIZE, slot, ReqFlags::empty());
+        }
+        InFlight {
+            page,
+            is_read,
+            submitted: Instant::now(),
+        }
+    }
+
+    fn check(&self, slot: usize, page: u64) -> Result<(), String> {
+        let buffer = self.lane.buffer(slot, PAGE_SIZE);
+        // SAFETY: the read into this slot's buffer has completed and the slot is not reused
+        // until after this check.
+        let data = unsafe { std::slice::from_raw_parts(buffer, PAGE_SIZE) };
+        let state = self.states[to_index(page)];
+        let expected = self.pool.index_of(self.device_page(page), state.generation);
+        if !state.written || page_hash(data) != self.pool.hashes[expected] {
+            return Err(format!(
+                "data mismatch: page {} does not hold generation {} of the swap-like content",
+                self.device_page(page),
+                state.generation
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The virtio-blk device: request parsing and execution, the vhost-user backend and the
+//! device's configuration space.
+//!
+//! - [`config`]: the features the device offers and the virtio-blk configuration space.
+//! - [`request`]: turns one descriptor chain into one executed request and a status byte. This is
+//!   where untrusted guest input is checked; every failure maps to a `VIRTIO_BLK_S_*` status in one
+//!   place, [`request::RequestError::status`].
+//! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation, one worker thread
+//!   per queue over one shared store.
+//!
+//! The device speaks 512-byte sectors; the store speaks 4 KiB pages. [`BlockBackend`] is the
+//! narrow page interface the request code needs; the page store implements it, and tests use
+//! small doubles.
+
+pub mod backend;
+pub mod config;
+mod page_store;
+pub mod ratelimit;
+pub mod request;
+
+use std::ops::Range;
+
+use crate::PAGE_SIZE;
+
+pub use self::backend::BlkBackend;
+pub use self::config::DeviceConfig;
+
+/// The page interface the virtio-blk request code runs against.
+///
+/// Pages are addressed by index (`sector / 8`). Implementations are shared by all queue threads.
+pub trait BlockBackend: Send + Sync {
+    /// The error a page operation reports.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The number of pages the device holds.
+    fn capacity_pages(&self) -> u64;
+
+    /// Reads page `index` into `page`; a page never written reads as zeros.
+    fn read_page(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), Self::Error>;
+
+    /// Replaces page `index` with `page`.
+    fn write_page(&self, index: u64, page: &[u8; PAGE_SIZE]) -> Result<(), Self::Error>;
+
+    /// Reads page `index`, lets `f` change it and stores the result, atomically with respect to
+    /// other operations on the same page. Used for writes that cover part of a page.
+    fn modify_page<R>(
+        &self,
+        index: u64,
+        f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R,
+    ) -> Result<R, Self::Error>;
+
+    /// Frees the pages in `pages`; they then read as zeros.
+    fn discard_pages(&self, pages: Range<u64>) -> Result<(), Self::Error>;
+
+    /// Counts a read the store could not complete (zram's `failed_reads`).
+    fn count_failed_read(&self);
+
+    /// Counts a write the store could not complete (zram's `failed_writes`).
+    fn count_failed_write(&self);
+
+    /// Counts a malformed or out-of-range request (zram's `invalid_io`).
+    fn count_invalid_io(&self);
+}
+
+#[cfg(test)]
+mod tests;

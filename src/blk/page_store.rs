@@ -1,0 +1,48 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! [`BlockBackend`] for the compressed page store: the device's pages are the store's slots.
+
+use std::ops::Range;
+
+use super::BlockBackend;
+use crate::store::{PageStore, StoreError};
+use crate::PAGE_SIZE;
+
+impl BlockBackend for PageStore {
+    type Error = StoreError;
+
+    fn capacity_pages(&self) -> u64 {
+        PageStore::capacity_pages(self)
+    }
+
+    fn read_page(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
+        self.read(index, page)
+    }
+
+    fn write_page(&self, index: u64, page: &[u8; PAGE_SIZE]) -> Result<(), StoreError> {
+        self.write(index, page)
+    }
+
+    fn modify_page<R>(
+        &self,
+        index: u64,
+        f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R,
+    ) -> Result<R, StoreError> {
+        self.modify(index, f)
+    }
+
+    fn discard_pages(&self, pages: Range<u64>) -> Result<(), StoreError> {
+        self.discard(pages)
+    }
+
+    fn count_failed_read(&self) {
+        PageStore::count_failed_read(self)
+    }
+
+    fn count_failed_write(&self) {
+        PageStore::count_failed_write(self)
+    }
+
+    fn count_invalid_io(&self) {
+        PageStore::count_invalid_io(self)
+    }
+}

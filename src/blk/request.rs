@@ -1,0 +1,846 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! virtio-blk requests: from a descriptor chain to an executed request and a status byte.
+//!
+//! The guest is untrusted. Every chain goes through three steps:
+//!
+//! 1. **Collect** ([`Worker::process_chain`]): walk the chain once, check each descriptor (no
+//!    zero lengths, inside guest memory, device-readable ones before device-writable ones, at
+//!    most `seg_max + 2` of them) and remember them in a per-thread table whose capacity is
+//!    fixed when the worker starts. The status byte is the last byte of the last descriptor,
+//!    which must be device-writable; a chain without one cannot be answered and is returned
+//!    with a used length of 0.
+//! 2. **Parse**: the 16-byte header is the start of the device-readable bytes (it may span
+//!    descriptors: virtio 1.x frames messages independently of descriptors); the data is the
+//!    rest of the readable bytes (writes) or the writable bytes before the status byte (reads).
+//!    A request carrying data in the direction its type does not use is refused.
+//! 3. **Execute** against a [`BlockBackend`], page by page, through one per-thread page buffer.
+//!
+//! Every failure is a [`RequestError`]; [`RequestError::status`] is the one place that maps
+//! failures to `VIRTIO_BLK_S_*`, and [`RequestError::counter`] to zram's error counters. Nothing
+//! here allocates per request or in proportion to a guest-chosen length: data is copied in
+//! page-sized pieces while walking the descriptors.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use log::warn;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+
+use super::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_BYTES};
+use super::ratelimit::{RateLimiter, Verdict, WARNINGS_PER_SECOND};
+use super::BlockBackend;
+use crate::PAGE_SIZE;
+
+/// The size of the request header (`struct virtio_blk_outhdr`).
+pub const HEADER_LEN: usize = 16;
+
+/// The size of one discard or write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
+pub const DISCARD_SEGMENT_LEN: usize = 16;
+
+const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+
+// The statuses are 0, 1 and 2, so the narrowing casts are exact.
+#[allow(clippy::cast_possible_truncation)]
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation)]
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+#[allow(clippy::cast_possible_truncation)]
+const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// The request types the device knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// `VIRTIO_BLK_T_IN`: read sectors.
+    In,
+    /// `VIRTIO_BLK_T_OUT`: write sectors.
+    Out,
+    /// `VIRTIO_BLK_T_FLUSH`.
+    Flush,
+    /// `VIRTIO_BLK_T_GET_ID`: read the serial number.
+    GetId,
+    /// `VIRTIO_BLK_T_DISCARD`.
+    Discard,
+    /// `VIRTIO_BLK_T_WRITE_ZEROES`.
+    WriteZeroes,
+    /// Anything else.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(value: u32) -> Self {
+        match value {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+/// Which data direction a request type uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Data flows from the guest to the device.
+    ToDevice,
+    /// Data flows from the device to the guest.
+    FromDevice,
+    /// No data.
+    None,
+}
+
+/// A failure while copying between guest memory and the page buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Guest memory refused the access.
+    #[error("guest memory access failed")]
+    Memory(#[source] GuestMemoryError),
+    /// The descriptors ended before the copy did.
+    #[error("the descriptors hold fewer bytes than the request needs")]
+    Exhausted,
+}
+
+/// Why a request failed. `E` is the backend's error.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError<E: std::error::Error + 'static> {
+    /// A descriptor of length zero.
+    #[error("descriptor {index} of the chain has length zero")]
+    EmptyDescriptor {
+        /// Position in the chain.
+        index: usize,
+    },
+    /// A descriptor that points outside guest memory.
+    #[error("descriptor {index} of the chain ({addr:#x}, {len} bytes) lies outside guest memory")]
+    OutsideGuestMemory {
+        /// Position in the chain.
+        index: usize,
+        /// Guest physical address.
+        addr: u64,
+        /// Length.
+        len: u32,
+    },
+    /// A device-readable descriptor after a device-writable one.
+    #[error("descriptor {index} is device-readable but follows a device-writable descriptor")]
+    ReadableAfterWritable {
+        /// Position in the chain.
+        index: usize,
+    },
+    /// More descriptors than `seg_max` allows.
+    #[error("the chain has more than {max} descriptors")]
+    TooManyDescriptors {
+        /// The limit: `seg_max` plus header and status.
+        max: usize,
+    },
+    /// Fewer than 16 device-readable bytes.
+    #[error("the request header needs {HEADER_LEN} device-readable bytes, the chain has {len}")]
+    ShortHeader {
+        /// Device-readable bytes present.
+        len: u64,
+    },
+    /// A request type that carries no data, or data in one direction only, came with data in the
+    /// other direction.
+    #[error("a {kind:?} request carries {len} bytes of {what} data, which it does not take")]
+    UnexpectedData {
+        /// The request type.
+        kind: RequestType,
+        /// Which kind of data was present.
+        what: &'static str,
+        /// How many bytes.
+        len: u64,
+    },
+    /// A read or write whose length is not a multiple of 512.
+    #[error("the data length {len} is not a multiple of 512 bytes")]
+    UnalignedLength {
+        /// The data length.
+        len: u64,
+    },
+    /// Sectors past the end of the device, or a range that overflows.
+    #[error("sectors {sector}..+{sectors} lie beyond the device's {capacity} sectors")]
+    OutOfRange {
+        /// First sector.
+        sector: u64,
+        /// Number of sectors.
+        sectors: u64,
+        /// Device capacity in sectors.
+        capacity: u64,
+    },
+    /// A request type the device does not support.
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+    /// A write-type request on a read-only device.
+    #[error("the device is read-only")]
+    ReadOnly,
+    /// A discard or write-zeroes payload that is not whole segments.
+    #[error("the {len}-byte discard/write-zeroes payload is not a non-zero multiple of {DISCARD_SEGMENT_LEN} bytes")]
+    BadSegmentPayload {
+        /// Payload length.
+        len: u64,
+    },
+    /// More discard or write-zeroes segments than `max_discard_seg`.
+    #[error("{count} discard/write-zeroes segments exceed the limit of {MAX_DISCARD_SEG}")]
+    TooManySegments {
+        /// Segments present.
+        count: u64,
+    },
+    /// A discard or write-zeroes segment longer than the announced maximum.
+    #[error("a discard/write-zeroes segment of {sectors} sectors exceeds the limit of {MAX_DISCARD_SECTORS}")]
+    SegmentTooLong {
+        /// Sectors requested.
+        sectors: u32,
+    },
+    /// Unknown flags in a discard or write-zeroes segment, or `UNMAP` on a discard.
+    #[error("flags {flags:#x} are not valid for a {kind:?} segment")]
+    BadSegmentFlags {
+        /// The request type.
+        kind: RequestType,
+        /// The flags given.
+        flags: u32,
+    },
+    /// Copying between guest memory and the device failed.
+    #[error("copying request data failed")]
+    Copy(#[source] CopyError),
+    /// The store could not read a page.
+    #[error("reading page {index} failed")]
+    ReadFailed {
+        /// Page index.
+        index: u64,
+        /// The store's error.
+        #[source]
+        source: E,
+    },
+    /// The store could not write, modify or discard a page.
+    #[error("writing page {index} failed")]
+    WriteFailed {
+        /// Page index.
+        index: u64,
+        /// The store's error.
+        #[source]
+        source: E,
+    },
+}
+
+/// Which zram counter a failure increments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCounter {
+    /// `failed_reads`.
+    FailedRead,
+    /// `failed_writes`.
+    FailedWrite,
+    /// `invalid_io`.
+    InvalidIo,
+}
+
+impl<E: std::error::Error + 'static> RequestError<E> {
+    /// The `VIRTIO_BLK_S_*` status this failure reports to the guest.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) | RequestError::BadSegmentFlags { .. } => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
+        }
+    }
+
+    /// The zram counter this failure increments.
+    pub fn counter(&self) -> ErrorCounter {
+        match self {
+            RequestError::ReadFailed { .. } => ErrorCounter::FailedRead,
+            RequestError::WriteFailed { .. } => ErrorCounter::FailedWrite,
+            _ => ErrorCounter::InvalidIo,
+        }
+    }
+}
+
+/// One device-visible piece of a descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    addr: GuestAddress,
+    len: u32,
+}
+
+/// Walks a run of segments as one byte stream.
+struct Cursor<'s> {
+    segments: &'s [Segment],
+    index: usize,
+    offset: u32,
+    remaining: u64,
+}
+
+impl<'s> Cursor<'s> {
+    fn new(segments: &'s [Segment]) -> Self {
+        let remaining = segments.iter().map(|s| u64::from(s.len)).sum();
+        Cursor {
+            segments,
+            index: 0,
+            offset: 0,
+            remaining,
+        }
+    }
+
+    /// Visits the next `len` bytes as (address, length) pieces.
+    fn advance(
+        &mut self,
+        len: usize,
+        mut visit: impl FnMut(GuestAddress, Range<usize>) -> Result<(), CopyError>,
+    ) -> Result<(), CopyError> {
+        if (len as u64) > self.remaining {
+            return Err(CopyError::Exhausted);
+        }
+        let mut done = 0usize;
+        while done < len {
+            let segment = self.segments.get(self.index).ok_or(CopyError::Exhausted)?;
+            let available = segment.len - self.offset;
+            if available == 0 {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let wanted = u32::try_from(len - done).unwrap_or(u32::MAX);
+            let n32 = available.min(wanted);
+            let n = n32 as usize;
+            let addr = segment
+                .addr
+                .checked_add(u64::from(self.offset))
+                .ok_or(CopyError::Exhausted)?;
+            visit(addr, done..done + n)?;
+            done += n;
+            self.offset += n32;
+            self.remaining -= u64::from(n32);
+        }
+        Ok(())
+    }
+
+    /// Copies the next `buf.len()` bytes of guest memory into `buf`.
+    fn read_into<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        buf: &mut [u8],
+    ) -> Result<(), CopyError> {
+        self.advance(buf.len(), |addr, range| {
+            mem.read_slice(&mut buf[range], addr)
+                .map_err(CopyError::Memory)
+        })
+    }
+
+    /// Copies `buf` into the next `buf.len()` bytes of guest memory.
+    fn write_from<M: GuestMemoryBackend>(&mut self, mem: &M, buf: &[u8]) -> Result<(), CopyError> {
+        self.advance(buf.len(), |addr, range| {
+            mem.write_slice(&buf[range], addr)
+                .map_err(CopyError::Memory)
+        })
+    }
+}
+
+/// The shape of a collected chain: which segments are readable and which writable.
+struct Layout {
+    readable: Range<usize>,
+    writable: Range<usize>,
+}
+
+/// Per-thread request state: the page buffer and the descriptor table, both allocated once.
+pub struct Worker {
+    /// The one copy of request data between guest memory and the store.
+    ///
+    /// Data is copied out of guest memory before it is compressed (and decompressed here before
+    /// it is copied in) because the guest may change its memory at any time, including while
+    /// we compress: the compressor and the same-filled check must see one stable page, and Rust
+    /// may not hold a reference to memory another agent writes. One page-sized copy per page is
+    /// the price; nothing else is buffered.
+    page: Box<[u8; PAGE_SIZE]>,
+    segments: Vec<Segment>,
+    max_descriptors: usize,
+    log_limiter: Arc<Mutex<RateLimiter>>,
+}
+
+impl Worker {
+    /// A worker for a device described by `device`, sharing `log_limiter` with the other
+    /// workers.
+    pub fn new(device: &DeviceConfig, log_limiter: Arc<Mutex<RateLimiter>>) -> Self {
+        let max_descriptors = device.seg_max() as usize + 2;
+        Worker {
+            page: Box::new([0; PAGE_SIZE]),
+            segments: Vec::with_capacity(max_descriptors),
+            max_descriptors,
+            log_limiter,
+        }
+    }
+
+    /// A worker with its own log limiter (tests, single-queue use).
+    pub fn standalone(device: &DeviceConfig) -> Self {
+        Self::new(
+            device,
+            Arc::new(Mutex::new(RateLimiter::new(WARNINGS_PER_SECOND))),
+        )
+    }
+
+    /// Serves every available chain of `queue` and returns how many it completed. Signalling the
+    /// guest is the caller's business.
+    pub fn process_queue<Q, M, B>(
+        &mut self,
+        queue: &mut Q,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+    ) -> Result<usize, virtio_queue::Error>
+    where
+        Q: QueueT,
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let mut completed = 0;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let used_len = self.process_chain(chain, mem, backend, device);
+            queue.add_used(mem, head, used_len)?;
+            completed += 1;
+        }
+        Ok(completed)
+    }
+
+    /// Serves one chain and returns the used length: the bytes written into device-writable
+    /// buffers, status byte included, or 0 when the chain has nowhere to put a status.
+    pub fn process_chain<M, B>(
+        &mut self,
+        chain: DescriptorChain<&M>,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+    ) -> u32
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let (status_addr, layout) = self.collect(chain, mem);
+        let Some(status_addr) = status_addr else {
+            backend.count_invalid_io();
+            self.warn(format_args!(
+                "dropping a request without a device-writable status byte"
+            ));
+            return 0;
+        };
+        let mut written = 0u64;
+        let result =
+            layout.and_then(|layout| self.execute(&layout, mem, backend, device, &mut written));
+        let status = match result {
+            Ok(()) => STATUS_OK,
+            Err(error) => {
+                match error.counter() {
+                    ErrorCounter::FailedRead => backend.count_failed_read(),
+                    ErrorCounter::FailedWrite => backend.count_failed_write(),
+                    ErrorCounter::InvalidIo => backend.count_invalid_io(),
+                }
+                self.warn(format_args!("request failed: {}", ErrorChain(&error)));
+                error.status()
+            }
+        };
+        if let Err(error) = mem.write_obj(status, status_addr) {
+            self.warn(format_args!("cannot write the status byte: {error}"));
+            return used_len(written);
+        }
+        used_len(written + 1)
+    }
+
+    fn warn(&self, message: std::fmt::Arguments<'_>) {
+        let verdict = match self.log_limiter.lock() {
+            Ok(mut limiter) => limiter.check(Instant::now()),
+            Err(_) => Verdict::Log {
+                suppressed_before: 0,
+            },
+        };
+        if let Verdict::Log { suppressed_before } = verdict {
+            if suppressed_before > 0 {
+                warn!("{suppressed_before} similar warnings suppressed");
+            }
+            warn!("{message}");
+        }
+    }
+
+    /// Walks the chain, fills `self.segments` and finds the status byte. The status address is
+    /// returned even when the layout is bad, so the failure can be reported.
+    #[allow(clippy::type_complexity)]
+    fn collect<M, E>(
+        &mut self,
+        chain: DescriptorChain<&M>,
+        mem: &M,
+    ) -> (Option<GuestAddress>, Result<Layout, RequestError<E>>)
+    where
+        M: GuestMemoryBackend,
+        E: std::error::Error + 'static,
+    {
+        self.segments.clear();
+        let mut error: Option<RequestError<E>> = None;
+        let mut first_writable: Option<usize> = None;
+        let mut last = None;
+        for (index, desc) in chain.enumerate() {
+            last = Some(desc);
+            if error.is_some() {
+                // Keep walking (the chain is bounded by the queue size) to find the status byte.
+                continue;
+            }
+            if desc.len() == 0 {
+                error = Some(RequestError::EmptyDescriptor { index });
+            } else if !mem.check_range(desc.addr(), desc.len() as usize) {
+                error = Some(RequestError::OutsideGuestMemory {
+                    index,
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            } else if !desc.is_write_only() && first_writable.is_some() {
+                error = Some(RequestError::ReadableAfterWritable { index });
+            } else if self.segments.len() == self.max_descriptors {
+                error = Some(RequestError::TooManyDescriptors {
+                    max: self.max_descriptors,
+                });
+            } else {
+                if desc.is_write_only() && first_writable.is_none() {
+                    first_writable = Some(self.segments.len());
+                }
+                self.segments.push(Segment {
+                    addr: desc.addr(),
+                    len: desc.len(),
+                });
+            }
+        }
+        let status_addr = last
+            .filter(|desc| desc.is_write_only() && desc.len() > 0)
+            .and_then(|desc| desc.addr().checked_add(u64::from(desc.len()) - 1))
+            .filter(|addr| mem.check_range(*addr, 1));
+        let Some(status_addr) = status_addr else {
+            // Nowhere to report anything: the caller drops the chain; the error is not used.
+            return (
+                None,
+                Err(error.unwrap_or(RequestError::ShortHeader { len: 0 })),
+            );
+        };
+        if let Some(error) = error {
+            return (Some(status_addr), Err(error));
+        }
+        // The last descriptor is writable (it holds the status byte), so it was pushed and
+        // `first_writable` is set.
+        let first_writable = first_writable.unwrap_or(self.segments.len());
+        // The status byte is not data: take it off the last segment.
+        if let Some(last) = self.segments.last_mut() {
+            last.len -= 1;
+        }
+        let count = self.segments.len();
+        (
+            Some(status_addr),
+            Ok(Layout {
+                readable: 0..first_writable,
+                writable: first_writable..count,
+            }),
+        )
+    }
+
+    fn execute<M, B>(
+        &mut self,
+        layout: &Layout,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+        written: &mut u64,
+    ) -> Result<(), RequestError<B::Error>>
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let mut readable = Cursor::new(&self.segments[layout.readable.clone()]);
+        let mut writable = Cursor::new(&self.segments[layout.writable.clone()]);
+        if readable.remaining < HEADER_LEN as u64 {
+            return Err(RequestError::ShortHeader {
+                len: readable.remaining,
+            });
+        }
+        let mut header = [0u8; HEADER_LEN];
+        readable
+            .read_into(mem, &mut header)
+            .map_err(RequestError::Copy)?;
+        let kind = RequestType::from(u32::from_le_bytes([
+            header[0], header[1], header[2], header[3],
+        ]));
+        let mut sector_bytes = [0u8; 8];
+        sector_bytes.copy_from_slice(&header[8..16]);
+        let sector = u64::from_le_bytes(sector_bytes);
+
+        let direction = match kind {
+            RequestType::In | RequestType::GetId => Direction::FromDevice,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
+                Direction::ToDevice
+            }
+            RequestType::Flush => Direction::None,
+            RequestType::Unsupported(value) => return Err(RequestError::Unsupported(value)),
+        };
+        if direction != Direction::ToDevice && readable.remaining > 0 {
+            return Err(RequestError::UnexpectedData {
+                kind,
+                what: "device-readable",
+                len: readable.remaining,
+            });
+        }
+        if direction != Direction::FromDevice && writable.remaining > 0 {
+            return Err(RequestError::UnexpectedData {
+                kind,
+                what: "device-writable",
+                len: writable.remaining,
+            });
+        }
+        let writes = matches!(
+            kind,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        );
+        if device.read_only && writes {
+            return Err(match kind {
+                RequestType::Out => RequestError::ReadOnly,
+                // A read-only device does not offer these; a guest sending them anyway gets
+                // UNSUPP.
+                _ => RequestError::Unsupported(match kind {
+                    RequestType::Discard => VIRTIO_BLK_T_DISCARD,
+                    _ => VIRTIO_BLK_T_WRITE_ZEROES,
+                }),
+            });
+        }
+
+        let page = &mut *self.page;
+        match kind {
+            RequestType::In => {
+                let len = writable.remaining;
+                check_sectors(sector, len, device)?;
+                for_each_page(sector, len, |index, in_page| {
+                    backend
+                        .read_page(index, page)
+                        .map_err(|source| RequestError::ReadFailed { index, source })?;
+                    writable
+                        .write_from(mem, &page[in_page.clone()])
+                        .map_err(RequestError::Copy)?;
+                    *written += in_page.len() as u64;
+                    Ok(())
+                })
+            }
+            RequestType::Out => {
+                let len = readable.remaining;
+                check_sectors(sector, len, device)?;
+                for_each_page(sector, len, |index, in_page| {
+                    if in_page.len() == PAGE_SIZE {
+                        readable.read_into(mem, page).map_err(RequestError::Copy)?;
+                        backend
+                            .write_page(index, page)
+                            .map_err(|source| RequestError::WriteFailed { index, source })
+                    } else {
+                        backend
+                            .modify_page(index, |stored| {
+                                readable.read_into(mem, &mut stored[in_page.clone()])
+                            })
+                            .map_err(|source| RequestError::WriteFailed { index, source })?
+                            .map_err(RequestError::Copy)
+                    }
+                })
+            }
+            RequestType::Flush => Ok(()),
+            RequestType::GetId => {
+                let len = usize::try_from(writable.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(device.serial.len());
+                writable
+                    .write_from(mem, &device.serial[..len])
+                    .map_err(RequestError::Copy)?;
+                *written += len as u64;
+                Ok(())
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                execute_ranges(kind, readable, mem, backend, device)
+            }
+            RequestType::Unsupported(value) => Err(RequestError::Unsupported(value)),
+        }
+    }
+}
+
+/// A used length: a chain holds at most 2^32 - 1 bytes (virtio-queue stops walking it
+/// otherwise), so this never saturates in practice.
+fn used_len(bytes: u64) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// Checks that `len` bytes from `sector` are whole sectors inside the device.
+fn check_sectors<E: std::error::Error>(
+    sector: u64,
+    len: u64,
+    device: &DeviceConfig,
+) -> Result<(), RequestError<E>> {
+    if len % SECTOR_BYTES != 0 {
+        return Err(RequestError::UnalignedLength { len });
+    }
+    let sectors = len / SECTOR_BYTES;
+    let capacity = device.capacity_sectors();
+    match sector.checked_add(sectors) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(RequestError::OutOfRange {
+            sector,
+            sectors,
+            capacity,
+        }),
+    }
+}
+
+/// Calls `f(page_index, byte_range_in_page)` for each page the byte range
+/// `[sector * 512, sector * 512 + len)` touches, in order. The range must have been checked.
+// `offset` and `offset + n` are at most PAGE_SIZE, so the casts to usize are exact.
+#[allow(clippy::cast_possible_truncation)]
+fn for_each_page<E>(
+    sector: u64,
+    len: u64,
+    mut f: impl FnMut(u64, Range<usize>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut position = sector * SECTOR_BYTES;
+    let end = position + len;
+    while position < end {
+        let index = position / PAGE_BYTES;
+        let offset = position % PAGE_BYTES;
+        let n = (PAGE_BYTES - offset).min(end - position);
+        f(index, offset as usize..(offset + n) as usize)?;
+        position += n;
+    }
+    Ok(())
+}
+
+/// One segment of a discard or write-zeroes request.
+#[derive(Debug, Clone, Copy)]
+struct RangeSegment {
+    sector: u64,
+    sectors: u32,
+    flags: u32,
+}
+
+impl RangeSegment {
+    fn read<M: GuestMemoryBackend>(cursor: &mut Cursor<'_>, mem: &M) -> Result<Self, CopyError> {
+        let mut raw = [0u8; DISCARD_SEGMENT_LEN];
+        cursor.read_into(mem, &mut raw)?;
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&raw[0..8]);
+        Ok(RangeSegment {
+            sector: u64::from_le_bytes(sector),
+            sectors: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+            flags: u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]),
+        })
+    }
+
+    fn check<E: std::error::Error>(
+        &self,
+        kind: RequestType,
+        device: &DeviceConfig,
+    ) -> Result<(), RequestError<E>> {
+        let allowed = match kind {
+            RequestType::WriteZeroes => VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            _ => 0,
+        };
+        if self.flags & !allowed != 0 {
+            return Err(RequestError::BadSegmentFlags {
+                kind,
+                flags: self.flags,
+            });
+        }
+        if self.sectors > MAX_DISCARD_SECTORS {
+            return Err(RequestError::SegmentTooLong {
+                sectors: self.sectors,
+            });
+        }
+        check_sectors(self.sector, u64::from(self.sectors) * SECTOR_BYTES, device)
+    }
+}
+
+/// Executes a discard or write-zeroes request whose segments follow the header in `payload`.
+/// Every segment is checked before any is executed.
+fn execute_ranges<M, B>(
+    kind: RequestType,
+    payload: Cursor<'_>,
+    mem: &M,
+    backend: &B,
+    device: &DeviceConfig,
+) -> Result<(), RequestError<B::Error>>
+where
+    M: GuestMemoryBackend,
+    B: BlockBackend,
+{
+    let len = payload.remaining;
+    if len == 0 || len % DISCARD_SEGMENT_LEN as u64 != 0 {
+        return Err(RequestError::BadSegmentPayload { len });
+    }
+    let count = len / DISCARD_SEGMENT_LEN as u64;
+    if count > u64::from(MAX_DISCARD_SEG) {
+        return Err(RequestError::TooManySegments { count });
+    }
+    // Two passes over the same guest bytes; the second re-checks, so a guest that changes the
+    // payload in between only gets an error, never an out-of-range operation.
+    let mut check_pass = Cursor {
+        segments: payload.segments,
+        index: payload.index,
+        offset: payload.offset,
+        remaining: payload.remaining,
+    };
+    for _ in 0..count {
+        RangeSegment::read(&mut check_pass, mem)
+            .map_err(RequestError::Copy)?
+            .check(kind, device)?;
+    }
+    let mut run_pass = payload;
+    for _ in 0..count {
+        let segment = RangeSegment::read(&mut run_pass, mem).map_err(RequestError::Copy)?;
+        segment.check(kind, device)?;
+        let start = segment.sector * SECTOR_BYTES;
+        let end = start + u64::from(segment.sectors) * SECTOR_BYTES;
+        let unmap =
+            kind == RequestType::Discard || segment.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+        let whole_pages = start.div_ceil(PAGE_BYTES)..end / PAGE_BYTES;
+        if kind == RequestType::WriteZeroes {
+            // Zero the partial pages at either end; whole pages are handled below.
+            for_each_page(segment.sector, end - start, |index, in_page| {
+                if in_page.len() == PAGE_SIZE {
+                    return Ok(());
+                }
+                backend
+                    .modify_page(index, |page| page[in_page].fill(0))
+                    .map_err(|source| RequestError::WriteFailed { index, source })
+            })?;
+        }
+        if whole_pages.is_empty() {
+            // A discard smaller than a page frees nothing, as in zram.
+            continue;
+        }
+        if unmap {
+            let index = whole_pages.start;
+            backend
+                .discard_pages(whole_pages)
+                .map_err(|source| RequestError::WriteFailed { index, source })?;
+        } else {
+            for index in whole_pages {
+                backend
+                    .write_page(index, &ZERO_PAGE)
+                    .map_err(|source| RequestError::WriteFailed { index, source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Formats an error with its sources, `outer: inner: innermost`.
+pub(crate) struct ErrorChain<'e>(pub(crate) &'e dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}

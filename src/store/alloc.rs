@@ -1,0 +1,882 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The size-class slab allocator: our zsmalloc.
+//!
+//! Compressed objects are rounded up to a multiple of [`CLASS_STEP`] bytes and kept in the class
+//! of that size. A class packs its objects back to back into *chunks* of one to
+//! [`MAX_CHUNK_PAGES`] pages; unlike the kernel we run in user space, where a chunk is contiguous
+//! virtual memory, so an object may span a page boundary and the chunk size is chosen per class
+//! to waste least (see [`chunk_pages_for`]). Chunks live in *segments*: one anonymous mapping of
+//! several chunks, reserved with `MAP_NORESERVE`, so the kernel supplies a chunk's pages only
+//! when they are touched and takes them back (`MADV_DONTNEED`) when the chunk empties.
+//!
+//! There is no per-object header. An object is named by its *object number* within its class
+//! (`chunk * objects_per_chunk + index`); the slot entry keeps that number and the compressed
+//! size, from which the class follows. A free object holds the index of the next free object of
+//! its chunk in its first two bytes (an embedded free list), and objects past a chunk's *bump*
+//! mark have never been used.
+//!
+//! Invariants (checked by [`SlabAllocator::check_consistency`]):
+//! - a chunk is live iff it holds at least one object; a dead chunk holds no memory;
+//! - a live chunk is on its class's partial list iff it has a free object and is not a
+//!   compaction victim; the list is exact (each chunk at most once, `partial_pos` is its index);
+//! - free-list length + (objects per chunk − bump) = objects per chunk − used;
+//! - `live_bytes` = Σ live chunks × chunk bytes.
+//!
+//! Concurrency: each class has one mutex over its chunk metadata. Object *contents* are read
+//! and written without it: the owner of an object (the thread holding the slot lock that
+//! references it) is the only one that touches it, and a segment's mapping never moves while
+//! the allocator lives.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use crate::PAGE_SIZE;
+
+/// Object sizes are rounded up to a multiple of this.
+pub const CLASS_STEP: usize = 16;
+/// The largest chunk, in pages.
+pub const MAX_CHUNK_PAGES: usize = 16;
+/// The chain length used to derive the huge threshold, as zsmalloc's default chain size.
+const HUGE_CHAIN_PAGES: usize = 8;
+/// The largest compressed size worth keeping compressed: the biggest class of which a chunk of
+/// [`HUGE_CHAIN_PAGES`] pages still holds one object more than it has pages (3632 bytes with
+/// 4 KiB pages, zsmalloc's `huge_class_size` with its default chain). Larger results are stored
+/// raw, as huge pages.
+pub const HUGE_THRESHOLD: usize =
+    HUGE_CHAIN_PAGES * PAGE_SIZE / (HUGE_CHAIN_PAGES + 1) / CLASS_STEP * CLASS_STEP;
+/// The classes for compressed objects: 16, 32, ..., [`HUGE_THRESHOLD`] bytes.
+pub const COMPRESSED_CLASSES: usize = HUGE_THRESHOLD / CLASS_STEP;
+/// The class of raw pages.
+pub const HUGE_CLASS: usize = COMPRESSED_CLASSES;
+/// Segments are this large (or one chunk, if a chunk is larger).
+const SEGMENT_BYTES: usize = 2 << 20;
+
+/// Linux's `MADV_POPULATE_WRITE` (5.14).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+const NONE16: u16 = u16::MAX;
+const NONE32: u32 = u32::MAX;
+
+/// Errors from the allocator.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AllocError {
+    /// A new chunk would take the store past its memory limit.
+    #[error("the memory limit of {limit} bytes is reached")]
+    MemoryLimit {
+        /// The limit for the allocator's own memory.
+        limit: u64,
+    },
+    /// The operating system refused memory.
+    #[error("the operating system refused {bytes} bytes of memory")]
+    OutOfMemory {
+        /// The size of the refused mapping.
+        bytes: usize,
+    },
+}
+
+/// The class for an object of `len` bytes (1..=[`HUGE_THRESHOLD`]), or [`HUGE_CLASS`] for a raw
+/// page.
+pub fn class_of(len: usize) -> usize {
+    if len > HUGE_THRESHOLD {
+        HUGE_CLASS
+    } else {
+        len.max(1).div_ceil(CLASS_STEP) - 1
+    }
+}
+
+/// The object size of `class`.
+pub fn class_size(class: usize) -> usize {
+    if class >= HUGE_CLASS {
+        PAGE_SIZE
+    } else {
+        (class + 1) * CLASS_STEP
+    }
+}
+
+/// The chunk size, in pages, for objects of `size` bytes: the smallest chunk whose unusable tail
+/// is under 0.25% of it, or else the one with the least waste. Small chunks keep the
+/// partly-filled chunk of each class small and make compaction fine-grained; the 0.25% bound
+/// was chosen by measuring the store benchmark at 1%, 0.5%, 0.25% and 0.1% (the total overhead
+/// stops falling at 0.25%).
+pub fn chunk_pages_for(size: usize) -> usize {
+    let waste = |pages: usize| (pages * PAGE_SIZE) % size;
+    let tolerable = (1..=MAX_CHUNK_PAGES).find(|&p| waste(p) * 400 < p * PAGE_SIZE);
+    tolerable.unwrap_or_else(|| {
+        (1..=MAX_CHUNK_PAGES)
+            .min_by(|&a, &b| (waste(a) * b).cmp(&(waste(b) * a)))
+            .unwrap_or(MAX_CHUNK_PAGES)
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChunkMeta {
+    /// Objects in use.
+    used: u16,
+    /// First free object below `bump`, or [`NONE16`].
+    free_head: u16,
+    /// Objects at and past this index have never been handed out.
+    bump: u16,
+    /// Whether the chunk holds memory.
+    live: bool,
+    /// Whether compaction is emptying the chunk (it takes no new objects).
+    victim: bool,
+    /// Index in the class's partial list, or [`NONE32`].
+    partial_pos: u32,
+}
+
+impl ChunkMeta {
+    const DEAD: ChunkMeta = ChunkMeta {
+        used: 0,
+        free_head: NONE16,
+        bump: 0,
+        live: false,
+        victim: false,
+        partial_pos: NONE32,
+    };
+}
+
+/// One anonymous mapping holding several chunks of a class.
+#[derive(Debug)]
+struct Segment {
+    base: NonNull<u8>,
+    bytes: usize,
+}
+
+// SAFETY: a Segment is an owned anonymous mapping; its pointer is only dereferenced under the
+// allocator's ownership rules (module doc), never through shared mutable aliasing.
+unsafe impl Send for Segment {}
+// SAFETY: as above; &Segment only exposes the base address.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    fn map(bytes: usize) -> Result<Segment, AllocError> {
+        // SAFETY: an anonymous private mapping with no address hint touches no existing memory;
+        // the result is checked for MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(AllocError::OutOfMemory { bytes });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(AllocError::OutOfMemory { bytes })?;
+        Ok(Segment { base, bytes })
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: base/bytes are exactly the mapping made in `map`, and no object reference
+        // outlives the allocator that owns the segment.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+#[derive(Debug, Default)]
+struct ClassInner {
+    chunks: Vec<ChunkMeta>,
+    /// Live, non-victim chunks with a free object.
+    partial: Vec<u32>,
+    /// Ids of dead chunks, for reuse.
+    dead: Vec<u32>,
+    live_chunks: u64,
+    used_objects: u64,
+    victims: Vec<u32>,
+}
+
+/// One size class.
+#[derive(Debug)]
+struct SizeClass {
+    size: usize,
+    chunk_bytes: usize,
+    objects_per_chunk: usize,
+    chunks_per_segment: usize,
+    inner: Mutex<ClassInner>,
+    segments: RwLock<Vec<Segment>>,
+    has_victims: AtomicBool,
+}
+
+/// A snapshot of one class, for statistics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ClassStats {
+    /// Object size in bytes.
+    pub size: usize,
+    /// Pages per chunk.
+    pub chunk_pages: usize,
+    /// Objects per chunk.
+    pub objects_per_chunk: usize,
+    /// Live chunks.
+    pub live_chunks: u64,
+    /// Objects in use.
+    pub used_objects: u64,
+}
+
+/// The allocator: all size classes and the memory they hold.
+#[derive(Debug)]
+pub struct SlabAllocator {
+    classes: Box<[SizeClass]>,
+    /// Bytes of live chunks.
+    live_bytes: AtomicU64,
+    /// Bytes of metadata (chunk tables, lists, segment tables).
+    meta_bytes: AtomicU64,
+}
+
+impl Default for SlabAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SlabAllocator {
+    /// An empty allocator (it holds no memory until the first object).
+    pub fn new() -> SlabAllocator {
+        let classes: Box<[SizeClass]> = (0..=HUGE_CLASS)
+            .map(|class| {
+                let size = class_size(class);
+                let chunk_pages = if class == HUGE_CLASS {
+                    1
+                } else {
+                    chunk_pages_for(size)
+                };
+                let chunk_bytes = chunk_pages * PAGE_SIZE;
+                SizeClass {
+                    size,
+                    chunk_bytes,
+                    objects_per_chunk: chunk_bytes / size,
+                    chunks_per_segment: (SEGMENT_BYTES / chunk_bytes).max(1),
+                    inner: Mutex::new(ClassInner::default()),
+                    segments: RwLock::new(Vec::new()),
+                    has_victims: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        let classes: Box<[SizeClass]> = classes;
+        let fixed = std::mem::size_of_val(&*classes) as u64;
+        SlabAllocator {
+            classes,
+            live_bytes: AtomicU64::new(0),
+            meta_bytes: AtomicU64::new(fixed),
+        }
+    }
+
+    /// Bytes the allocator holds from the OS: live chunks plus metadata.
+    pub fn bytes(&self) -> u64 {
+        self.live_bytes.load(Ordering::Relaxed) + self.meta_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of live chunks alone.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.live_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Allocates an object in `class` and copies `data` (at most the class size) into it.
+    /// A new chunk is only taken while `bytes()` stays within `limit`.
+    pub fn store(&self, class: usize, data: &[u8], limit: Option<u64>) -> Result<u64, AllocError> {
+        let c = &self.classes[class];
+        debug_assert!(data.len() <= c.size);
+        let object = {
+            let mut inner = lock(&c.inner);
+            match take_from_partial(c, &mut inner) {
+                Some(object) => object,
+                None => self.take_from_new_chunk(c, &mut inner, limit)?,
+            }
+        };
+        // SAFETY: the object was just handed out, so no one else references it, and it lies in
+        // a live chunk of a mapped segment (object_ptr's contract); data fits the class size.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), object_ptr(c, object), data.len());
+        }
+        Ok(object)
+    }
+
+    /// The first `len` bytes of `object` in `class`.
+    ///
+    /// # Safety
+    /// `object` must be live (returned by [`store`](Self::store) and not yet freed) and the
+    /// caller must own it — hold the slot lock of the slot that references it — for as long as
+    /// the returned slice lives, so that it is neither freed nor moved meanwhile.
+    pub unsafe fn object(&self, class: usize, object: u64, len: usize) -> &[u8] {
+        let c = &self.classes[class];
+        debug_assert!(len <= c.size);
+        // SAFETY: by this function's contract the object is live and owned by the caller, so
+        // its `len` (≤ class size) bytes are mapped, initialised by `store` and not written by
+        // anyone else while the slice lives.
+        unsafe { std::slice::from_raw_parts(object_ptr(c, object), len) }
+    }
+
+    /// Frees `object` of `class`. Returns the pages given back to the OS (a chunk that emptied).
+    ///
+    /// The caller must own the object (see [`object`](Self::object)) and must not use it again.
+    pub fn free(&self, class: usize, object: u64) -> u64 {
+        let c = &self.classes[class];
+        let mut inner = lock(&c.inner);
+        self.free_locked(c, &mut inner, object)
+    }
+
+    fn free_locked(&self, c: &SizeClass, inner: &mut ClassInner, object: u64) -> u64 {
+        let (chunk, index) = split(c, object);
+        let meta = inner.chunks[chunk];
+        debug_assert!(meta.live && meta.used > 0 && index < meta.bump);
+        // SAFETY: the caller owns the object and gives it up; writing the free-list link into
+        // its first two bytes (every object is at least 16 bytes) touches nothing else, and the
+        // class lock we hold serialises free-list updates of this chunk.
+        unsafe {
+            object_ptr(c, object)
+                .cast::<u16>()
+                .write_unaligned(meta.free_head)
+        };
+        let meta = &mut inner.chunks[chunk];
+        meta.free_head = index;
+        meta.used -= 1;
+        inner.used_objects -= 1;
+        if inner.chunks[chunk].used == 0 {
+            self.release_chunk(c, inner, chunk);
+            return (c.chunk_bytes / PAGE_SIZE) as u64;
+        }
+        if !inner.chunks[chunk].victim && inner.chunks[chunk].partial_pos == NONE32 {
+            self.list_partial(inner, chunk);
+        }
+        0
+    }
+
+    fn take_from_new_chunk(
+        &self,
+        c: &SizeClass,
+        inner: &mut ClassInner,
+        limit: Option<u64>,
+    ) -> Result<u64, AllocError> {
+        // Grow the metadata first, so that the limit check below sees every byte this chunk
+        // will cost and nothing grows after it.
+        self.reserve(&mut inner.chunks, 1, std::mem::size_of::<ChunkMeta>());
+        self.reserve(&mut inner.partial, 1, 4);
+        // The dead list can come to hold every chunk id.
+        let dead_room = inner.chunks.len() + 1 - inner.dead.len();
+        self.reserve(&mut inner.dead, dead_room, 4);
+        self.reserve(&mut *write(&c.segments), 1, std::mem::size_of::<Segment>());
+        if let Some(limit) = limit {
+            if self.bytes() + c.chunk_bytes as u64 > limit {
+                return Err(AllocError::MemoryLimit { limit });
+            }
+        }
+        let chunk = match inner.dead.pop() {
+            Some(chunk) => chunk as usize,
+            None => {
+                let chunk = inner.chunks.len();
+                if chunk / c.chunks_per_segment >= read(&c.segments).len() {
+                    let segment = Segment::map(c.chunk_bytes * c.chunks_per_segment)?;
+                    let mut segments = write(&c.segments);
+                    let before = segments.capacity();
+                    segments.push(segment);
+                    self.grew(before, segments.capacity(), std::mem::size_of::<Segment>());
+                }
+                let before = inner.chunks.capacity();
+                inner.chunks.push(ChunkMeta::DEAD);
+                self.grew(
+                    before,
+                    inner.chunks.capacity(),
+                    std::mem::size_of::<ChunkMeta>(),
+                );
+                chunk
+            }
+        };
+        // Fault the chunk's pages in with one call rather than one fault a page; a kernel
+        // without MADV_POPULATE_WRITE (before 5.14) says EINVAL and the pages fault on use.
+        // SAFETY: the chunk lies inside a mapped segment and holds no object yet.
+        unsafe {
+            libc::madvise(chunk_ptr(c, chunk).cast(), c.chunk_bytes, MADV_POPULATE_WRITE);
+        }
+        inner.chunks[chunk] = ChunkMeta {
+            live: true,
+            ..ChunkMeta::DEAD
+        };
+        inner.live_chunks += 1;
+        self.live_bytes
+            .fetch_add(c.chunk_bytes as u64, Ordering::Relaxed);
+        self.list_partial(inner, chunk);
+        take_from_partial(c, inner).ok_or(AllocError::OutOfMemory {
+            bytes: c.chunk_bytes,
+        })
+    }
+
+    fn release_chunk(&self, c: &SizeClass, inner: &mut ClassInner, chunk: usize) {
+        unlist_partial(inner, chunk);
+        inner.chunks[chunk] = ChunkMeta::DEAD;
+        inner.live_chunks -= 1;
+        let before = inner.dead.capacity();
+        inner.dead.push(u32::try_from(chunk).unwrap_or(NONE32));
+        self.grew(before, inner.dead.capacity(), 4);
+        self.live_bytes
+            .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+        // SAFETY: the chunk is dead: no object in it is referenced, so discarding its pages
+        // (they read back as zeros) loses nothing; the range lies inside a mapped segment.
+        unsafe {
+            libc::madvise(
+                chunk_ptr(c, chunk).cast(),
+                c.chunk_bytes,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+
+    fn list_partial(&self, inner: &mut ClassInner, chunk: usize) {
+        let before = inner.partial.capacity();
+        inner.chunks[chunk].partial_pos = u32::try_from(inner.partial.len()).unwrap_or(NONE32);
+        inner.partial.push(u32::try_from(chunk).unwrap_or(NONE32));
+        self.grew(before, inner.partial.capacity(), 4);
+    }
+
+    fn reserve<T>(&self, v: &mut Vec<T>, additional: usize, elem: usize) {
+        let before = v.capacity();
+        v.reserve(additional);
+        self.grew(before, v.capacity(), elem);
+    }
+
+    fn grew(&self, before: usize, after: usize, elem: usize) {
+        if after > before {
+            self.meta_bytes
+                .fetch_add(((after - before) * elem) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts a compaction: in every class, marks the sparsest chunks whose objects fit in the
+    /// free space of the others as victims; they take no new objects. Returns whether any class
+    /// has victims.
+    pub fn begin_compaction(&self) -> bool {
+        let mut any = false;
+        for c in self.classes.iter() {
+            let mut inner = lock(&c.inner);
+            let per_chunk = c.objects_per_chunk as u64;
+            let needed = inner.used_objects.div_ceil(per_chunk);
+            let spare = inner.live_chunks.saturating_sub(needed);
+            if spare == 0 {
+                continue;
+            }
+            let mut candidates: Vec<(u16, u32)> = inner
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.live)
+                .map(|(i, m)| (m.used, u32::try_from(i).unwrap_or(NONE32)))
+                .collect();
+            candidates.sort_unstable();
+            let spare = usize::try_from(spare).unwrap_or(usize::MAX);
+            inner.victims = candidates.iter().take(spare).map(|&(_, i)| i).collect();
+            for v in inner.victims.clone() {
+                unlist_partial(&mut inner, v as usize);
+                inner.chunks[v as usize].victim = true;
+            }
+            c.has_victims.store(true, Ordering::Relaxed);
+            any = true;
+        }
+        any
+    }
+
+    /// Whether `class` has compaction victims (a cheap check before taking a slot lock).
+    pub fn class_has_victims(&self, class: usize) -> bool {
+        self.classes[class].has_victims.load(Ordering::Relaxed)
+    }
+
+    /// Moves `object` (of `len` bytes) out of a victim chunk into another chunk of its class,
+    /// without taking a new chunk. Returns the new object number and the pages given back to
+    /// the OS, or `None` when the object is not in a victim or no room is left.
+    ///
+    /// The caller must own the object (see [`object`](Self::object)) and, on `Some`, must
+    /// replace its reference with the new number before releasing ownership.
+    pub fn relocate(&self, class: usize, object: u64, len: usize) -> Option<(u64, u64)> {
+        let c = &self.classes[class];
+        let mut inner = lock(&c.inner);
+        let (chunk, _) = split(c, object);
+        if !inner.chunks.get(chunk).is_some_and(|m| m.live && m.victim) {
+            return None;
+        }
+        let moved = take_from_partial(c, &mut inner)?;
+        // SAFETY: both objects are owned by the caller (the old one by contract, the new one
+        // was just handed out), distinct, live and at least `len` bytes long.
+        unsafe { std::ptr::copy_nonoverlapping(object_ptr(c, object), object_ptr(c, moved), len) };
+        let freed = self.free_locked(c, &mut inner, object);
+        Some((moved, freed))
+    }
+
+    /// Ends a compaction: victims that still hold objects take new ones again.
+    pub fn end_compaction(&self) {
+        for c in self.classes.iter() {
+            let mut inner = lock(&c.inner);
+            for v in std::mem::take(&mut inner.victims) {
+                let meta = inner.chunks[v as usize];
+                if meta.live && meta.victim {
+                    inner.chunks[v as usize].victim = false;
+                    if usize::from(meta.used) < c.objects_per_chunk {
+                        self.list_partial(&mut inner, v as usize);
+                    }
+                }
+            }
+            c.has_victims.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A snapshot of every class.
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        self.classes
+            .iter()
+            .map(|c| {
+                let inner = lock(&c.inner);
+                ClassStats {
+                    size: c.size,
+                    chunk_pages: c.chunk_bytes / PAGE_SIZE,
+                    objects_per_chunk: c.objects_per_chunk,
+                    live_chunks: inner.live_chunks,
+                    used_objects: inner.used_objects,
+                }
+            })
+            .collect()
+    }
+
+    /// The chunk that holds `object` of `class` and its address (for tests and the checker).
+    pub fn chunk_of(&self, class: usize, object: u64) -> (usize, *const u8) {
+        let c = &self.classes[class];
+        let (chunk, _) = split(c, object);
+        (chunk, chunk_ptr(c, chunk).cast_const())
+    }
+
+    /// Walks every class and checks the invariants in the module doc. `referenced(class)` lists
+    /// the object numbers the slot table references in that class. Debug aid: it locks one class
+    /// at a time and is slow.
+    pub fn check_consistency(&self, referenced: &dyn Fn(usize) -> Vec<u64>) -> Result<(), String> {
+        let mut live_bytes = 0u64;
+        for (class, c) in self.classes.iter().enumerate() {
+            let inner = lock(&c.inner);
+            let mut used_by_chunk = vec![0usize; inner.chunks.len()];
+            let mut seen = std::collections::HashSet::new();
+            for object in referenced(class) {
+                let (chunk, index) = split(c, object);
+                let meta = inner
+                    .chunks
+                    .get(chunk)
+                    .ok_or(format!("class {class}: {object} past the chunks"))?;
+                if !meta.live || index >= meta.bump {
+                    return Err(format!("class {class}: object {object} is not allocated"));
+                }
+                if !seen.insert(object) {
+                    return Err(format!("class {class}: object {object} referenced twice"));
+                }
+                used_by_chunk[chunk] += 1;
+            }
+            let mut live = 0;
+            for (i, meta) in inner.chunks.iter().enumerate() {
+                if usize::from(meta.used) != used_by_chunk[i] {
+                    return Err(format!(
+                        "class {class} chunk {i}: used {} but {} referenced",
+                        meta.used, used_by_chunk[i]
+                    ));
+                }
+                if meta.live != (meta.used > 0) {
+                    return Err(format!(
+                        "class {class} chunk {i}: live={} used={}",
+                        meta.live, meta.used
+                    ));
+                }
+                if !meta.live {
+                    continue;
+                }
+                live += 1;
+                let mut free = 0usize;
+                let mut next = meta.free_head;
+                while next != NONE16 {
+                    if next >= meta.bump || free > c.objects_per_chunk {
+                        return Err(format!("class {class} chunk {i}: free list is broken"));
+                    }
+                    free += 1;
+                    let object = (i * c.objects_per_chunk + usize::from(next)) as u64;
+                    // SAFETY: `next` is below bump in a live chunk, so the object is mapped; it
+                    // is free, so only its link (written under this class lock) is read.
+                    next = unsafe { object_ptr(c, object).cast::<u16>().read_unaligned() };
+                }
+                let unused = c.objects_per_chunk - usize::from(meta.bump);
+                if free + unused != c.objects_per_chunk - usize::from(meta.used) {
+                    return Err(format!("class {class} chunk {i}: free objects miscounted"));
+                }
+                let should_list = !meta.victim && usize::from(meta.used) < c.objects_per_chunk;
+                let listed = meta.partial_pos != NONE32
+                    && inner.partial.get(meta.partial_pos as usize)
+                        == u32::try_from(i).ok().as_ref();
+                if should_list != listed {
+                    return Err(format!(
+                        "class {class} chunk {i}: partial list membership wrong"
+                    ));
+                }
+            }
+            if inner.partial.len()
+                != inner
+                    .chunks
+                    .iter()
+                    .filter(|m| m.partial_pos != NONE32)
+                    .count()
+            {
+                return Err(format!("class {class}: partial list has stale entries"));
+            }
+            if live != inner.live_chunks {
+                return Err(format!(
+                    "class {class}: live_chunks {} but {live} live",
+                    inner.live_chunks
+                ));
+            }
+            live_bytes += live * c.chunk_bytes as u64;
+        }
+        if live_bytes != self.chunk_bytes() {
+            return Err(format!(
+                "live bytes {} but chunks hold {live_bytes}",
+                self.chunk_bytes()
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn split(c: &SizeClass, object: u64) -> (usize, u16) {
+    let object = usize::try_from(object).unwrap_or(usize::MAX);
+    // An index is below objects_per_chunk ≤ 4096, so it fits u16.
+    #[allow(clippy::cast_possible_truncation)]
+    let index = (object % c.objects_per_chunk) as u16;
+    (object / c.objects_per_chunk, index)
+}
+
+fn take_from_partial(c: &SizeClass, inner: &mut ClassInner) -> Option<u64> {
+    let chunk = *inner.partial.last()? as usize;
+    let meta = &mut inner.chunks[chunk];
+    let index = if meta.free_head != NONE16 {
+        let index = meta.free_head;
+        let object = (chunk * c.objects_per_chunk + usize::from(index)) as u64;
+        // SAFETY: a free object below bump in a live chunk is mapped; its link was written by
+        // free_locked under the class lock, which we hold.
+        meta.free_head = unsafe { object_ptr(c, object).cast::<u16>().read_unaligned() };
+        index
+    } else {
+        meta.bump += 1;
+        meta.bump - 1
+    };
+    meta.used += 1;
+    inner.used_objects += 1;
+    if usize::from(meta.used) == c.objects_per_chunk {
+        unlist_partial(inner, chunk);
+    }
+    Some((chunk * c.objects_per_chunk + usize::from(index)) as u64)
+}
+
+fn unlist_partial(inner: &mut ClassInner, chunk: usize) {
+    let pos = inner.chunks[chunk].partial_pos;
+    if pos == NONE32 {
+        return;
+    }
+    inner.partial.swap_remove(pos as usize);
+    if let Some(&moved) = inner.partial.get(pos as usize) {
+        inner.chunks[moved as usize].partial_pos = pos;
+    }
+    inner.chunks[chunk].partial_pos = NONE32;
+}
+
+fn chunk_ptr(c: &SizeClass, chunk: usize) -> *mut u8 {
+    let segments = read(&c.segments);
+    let segment = &segments[chunk / c.chunks_per_segment];
+    // SAFETY: the offset of a chunk inside its segment is below the segment's size.
+    unsafe {
+        segment
+            .base
+            .as_ptr()
+            .add((chunk % c.chunks_per_segment) * c.chunk_bytes)
+    }
+}
+
+/// The address of `object`.
+///
+/// The object's chunk must have been created (its segment is mapped): true for every object
+/// number the allocator handed out.
+fn object_ptr(c: &SizeClass, object: u64) -> *mut u8 {
+    let (chunk, index) = split(c, object);
+    // SAFETY: index < objects_per_chunk, so the object lies inside its chunk.
+    unsafe { chunk_ptr(c, chunk).add(usize::from(index) * c.size) }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the metadata consistent before it can panic, so a poisoned
+    // lock's data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_threshold_matches_zsmalloc() {
+        assert_eq!(HUGE_THRESHOLD, 3632);
+        assert_eq!(class_of(1), 0);
+        assert_eq!(class_of(16), 0);
+        assert_eq!(class_of(17), 1);
+        assert_eq!(class_of(3632), COMPRESSED_CLASSES - 1);
+        assert_eq!(class_of(3633), HUGE_CLASS);
+        assert_eq!(class_size(HUGE_CLASS), PAGE_SIZE);
+    }
+
+    #[test]
+    fn chunk_sizes_waste_little() {
+        let mut worst = 0.0f64;
+        for class in 0..COMPRESSED_CLASSES {
+            let size = class_size(class);
+            let pages = chunk_pages_for(size);
+            let waste = ((pages * PAGE_SIZE) % size) as f64 / (pages * PAGE_SIZE) as f64;
+            worst = worst.max(waste);
+        }
+        assert!(worst < 0.03, "worst tail waste {worst}");
+    }
+
+    fn referenced(objects: &[(usize, u64)]) -> impl Fn(usize) -> Vec<u64> + '_ {
+        move |class| {
+            objects
+                .iter()
+                .filter(|o| o.0 == class)
+                .map(|o| o.1)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn store_read_free_reuse() {
+        let a = SlabAllocator::new();
+        let class = class_of(100);
+        let data: Vec<u8> = (0..100u8).collect();
+        let objects: Vec<u64> = (0..1000)
+            .map(|_| a.store(class, &data, None).unwrap())
+            .collect();
+        let held: Vec<_> = objects.iter().map(|&o| (class, o)).collect();
+        a.check_consistency(&referenced(&held)).unwrap();
+        for &o in &objects {
+            // SAFETY: the test owns every object it stored.
+            assert_eq!(unsafe { a.object(class, o, 100) }, &data[..]);
+        }
+        let per_chunk = class_size(class);
+        assert!(a.chunk_bytes() as usize >= 1000 * per_chunk);
+        for &o in &objects[..500] {
+            a.free(class, o);
+        }
+        a.check_consistency(&referenced(&held[500..])).unwrap();
+        let again = a.store(class, &data, None).unwrap();
+        assert!(objects[..500].contains(&again), "a freed object is reused");
+    }
+
+    #[test]
+    fn empty_chunks_are_given_back() {
+        let a = SlabAllocator::new();
+        let class = class_of(2000);
+        let objects: Vec<u64> = (0..100)
+            .map(|_| a.store(class, &[7u8; 2000], None).unwrap())
+            .collect();
+        assert!(a.chunk_bytes() > 0);
+        let mut pages = 0;
+        for o in objects {
+            pages += a.free(class, o);
+        }
+        assert_eq!(a.chunk_bytes(), 0);
+        assert!(pages > 0);
+        a.check_consistency(&|_| Vec::new()).unwrap();
+    }
+
+    #[test]
+    fn limit_refuses_new_chunks() {
+        let a = SlabAllocator::new();
+        let class = class_of(1000);
+        let limit = 256 * 1024;
+        let mut stored = 0;
+        loop {
+            match a.store(class, &[1u8; 1000], Some(limit)) {
+                Ok(_) => stored += 1,
+                Err(e) => {
+                    assert_eq!(e, AllocError::MemoryLimit { limit });
+                    break;
+                }
+            }
+            assert!(stored < 1000, "the limit never bit");
+        }
+        assert!(a.bytes() <= limit);
+        assert!(stored >= 190, "stored only {stored}");
+    }
+
+    #[test]
+    fn compaction_empties_sparse_chunks() {
+        let a = SlabAllocator::new();
+        let class = class_of(512);
+        let mut objects: Vec<(usize, u64)> = (0..2000u32)
+            .map(|i| {
+                (
+                    class,
+                    a.store(class, &i.to_le_bytes().repeat(128), None).unwrap(),
+                )
+            })
+            .collect();
+        // Free three of every four objects: every chunk stays live but sparse.
+        let mut kept = Vec::new();
+        for (i, o) in objects.drain(..).enumerate() {
+            if i % 4 == 0 {
+                kept.push((i, o));
+            } else {
+                a.free(o.0, o.1);
+            }
+        }
+        let before = a.chunk_bytes();
+        assert!(a.begin_compaction());
+        let mut freed_pages = 0;
+        for (i, o) in kept.iter_mut() {
+            if let Some((moved, freed)) = a.relocate(class, o.1, 512) {
+                o.1 = moved;
+                freed_pages += freed;
+            }
+            // SAFETY: the test owns the object.
+            let bytes = unsafe { a.object(class, o.1, 512) };
+            let expect = u32::try_from(*i).unwrap().to_le_bytes().repeat(128);
+            assert_eq!(bytes, &expect[..], "object {i} survived the move");
+        }
+        a.end_compaction();
+        let held: Vec<_> = kept.iter().map(|k| k.1).collect();
+        a.check_consistency(&referenced(&held)).unwrap();
+        let after = a.chunk_bytes();
+        assert!(after * 3 < before, "compaction freed {before} -> {after}");
+        assert_eq!(freed_pages * PAGE_SIZE as u64, before - after);
+    }
+
+    #[test]
+    fn freed_chunk_pages_leave_memory() {
+        let a = SlabAllocator::new();
+        let class = HUGE_CLASS;
+        let object = a.store(class, &[0xa5; PAGE_SIZE], None).unwrap();
+        let (_, addr) = a.chunk_of(class, object);
+        let resident = |addr: *const u8| {
+            let mut vec = 0u8;
+            // SAFETY: addr is page-aligned inside a live mapping of the allocator, and mincore
+            // writes one byte for one page into `vec`.
+            let rc = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE, &mut vec) };
+            assert_eq!(rc, 0);
+            vec & 1 == 1
+        };
+        assert!(resident(addr));
+        a.free(class, object);
+        assert!(
+            !resident(addr),
+            "the freed chunk's page went back to the OS"
+        );
+    }
+}

@@ -1,0 +1,325 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The slot table: one 8-byte entry per page of the device.
+//!
+//! zram spends 16 bytes a slot (a handle, a word of flags, size and lock bit, an access time);
+//! we pack the same facts into one `AtomicU64`, which is also the slot's lock:
+//!
+//! ```text
+//!  63                                            8 7 6 5 4 3     1 0
+//! +-----------------------------------------------+-+-+-+-+-------+-+
+//! |                  payload (56 bits)            |r|r|I|D| state |L|
+//! +-----------------------------------------------+-+-+-+-+-------+-+
+//! L  lock bit (bit 0): held while a thread reads or changes the slot
+//! state (bits 1-3): Empty, SameFilled, Compressed, Huge, WrittenBack, Pending
+//! D  idle (bit 4): set by `mark idle`, cleared on access (for writeback, a later issue)
+//! I  incompressible (bit 5): the page did not compress (kept across writeback)
+//! r  reserved (bits 6-7)
+//!
+//! payload by state:
+//!   Empty        0
+//!   SameFilled   the fill word's encoding (see same_fill.rs)
+//!   Compressed   size (bits 8-19, 1..=4095 bytes) | object handle << 12 (bits 20-63, 44 bits)
+//!   Huge         object handle (44 bits); the object is a raw 4 KiB page
+//!   WrittenBack  block number in the backing file (reserved for writeback)
+//!   Pending      reserved for asynchronous compression
+//! ```
+//!
+//! Locking: a thread takes a slot's lock bit with a compare-and-swap, spinning briefly and then
+//! yielding. Different slots proceed in parallel; the same slot is serialised. A thread holds at
+//! most one slot lock at a time, and takes the allocator's class locks only inside a slot lock
+//! (never the other way round), so the lock order is slot, then class: no deadlock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const LOCK: u64 = 1;
+const STATE_SHIFT: u32 = 1;
+const STATE_MASK: u64 = 0b111 << STATE_SHIFT;
+const IDLE: u64 = 1 << 4;
+const INCOMPRESSIBLE: u64 = 1 << 5;
+const PAYLOAD_SHIFT: u32 = 8;
+const SIZE_BITS: u32 = 12;
+
+/// The largest handle a slot can hold.
+pub const MAX_HANDLE: u64 = (1 << (64 - PAYLOAD_SHIFT - SIZE_BITS)) - 1;
+/// The largest payload a slot can hold.
+pub const MAX_PAYLOAD: u64 = (1 << (64 - PAYLOAD_SHIFT)) - 1;
+
+/// What a slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Never written, or discarded: reads as zeros.
+    Empty = 0,
+    /// A page of one repeated 8-byte word, kept in the entry itself.
+    SameFilled = 1,
+    /// A compressed object in the allocator.
+    Compressed = 2,
+    /// A raw page in the allocator's huge class (it did not compress well).
+    Huge = 3,
+    /// Written back to the backing file (reserved for the writeback issue).
+    WrittenBack = 4,
+    /// Being compressed asynchronously (reserved for the worker issue).
+    Pending = 5,
+}
+
+impl SlotState {
+    fn from_bits(bits: u64) -> SlotState {
+        match bits {
+            1 => SlotState::SameFilled,
+            2 => SlotState::Compressed,
+            3 => SlotState::Huge,
+            4 => SlotState::WrittenBack,
+            5 => SlotState::Pending,
+            _ => SlotState::Empty,
+        }
+    }
+}
+
+/// A decoded slot entry (without its lock bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotEntry(u64);
+
+impl SlotEntry {
+    /// The empty entry.
+    pub const EMPTY: SlotEntry = SlotEntry(0);
+
+    /// An entry in `state` with `payload` (at most [`MAX_PAYLOAD`]).
+    pub fn new(state: SlotState, payload: u64) -> SlotEntry {
+        debug_assert!(payload <= MAX_PAYLOAD);
+        SlotEntry(((state as u64) << STATE_SHIFT) | (payload << PAYLOAD_SHIFT))
+    }
+
+    /// A compressed object of `size` bytes (1..=4095) at `handle`.
+    pub fn compressed(handle: u64, size: usize) -> SlotEntry {
+        debug_assert!(handle <= MAX_HANDLE && (1..1 << SIZE_BITS).contains(&size));
+        SlotEntry::new(SlotState::Compressed, (handle << SIZE_BITS) | size as u64)
+    }
+
+    /// A raw page at `handle`.
+    pub fn huge(handle: u64) -> SlotEntry {
+        SlotEntry::new(SlotState::Huge, handle)
+    }
+
+    /// The state.
+    pub fn state(self) -> SlotState {
+        SlotState::from_bits((self.0 & STATE_MASK) >> STATE_SHIFT)
+    }
+
+    /// The 56-bit payload.
+    pub fn payload(self) -> u64 {
+        self.0 >> PAYLOAD_SHIFT
+    }
+
+    /// The allocator handle of a Compressed or Huge entry.
+    pub fn handle(self) -> u64 {
+        match self.state() {
+            SlotState::Compressed => self.payload() >> SIZE_BITS,
+            _ => self.payload(),
+        }
+    }
+
+    /// This Compressed or Huge entry pointing at `handle` instead, its size and flags kept.
+    pub fn with_handle(self, handle: u64) -> SlotEntry {
+        debug_assert!(handle <= MAX_HANDLE);
+        let flags = self.0 & ((1 << PAYLOAD_SHIFT) - 1);
+        let payload = match self.state() {
+            SlotState::Compressed => (handle << SIZE_BITS) | self.compressed_size() as u64,
+            _ => handle,
+        };
+        SlotEntry(flags | (payload << PAYLOAD_SHIFT))
+    }
+
+    /// The compressed size of a Compressed entry.
+    pub fn compressed_size(self) -> usize {
+        // The mask keeps 12 bits, which always fit.
+        #[allow(clippy::cast_possible_truncation)]
+        let size = (self.payload() & ((1 << SIZE_BITS) - 1)) as usize;
+        size
+    }
+
+    /// Whether the idle flag is set.
+    pub fn is_idle(self) -> bool {
+        self.0 & IDLE != 0
+    }
+
+    /// This entry with the idle flag set or cleared.
+    pub fn with_idle(self, idle: bool) -> SlotEntry {
+        SlotEntry(if idle { self.0 | IDLE } else { self.0 & !IDLE })
+    }
+
+    /// Whether the incompressible flag is set.
+    pub fn is_incompressible(self) -> bool {
+        self.0 & INCOMPRESSIBLE != 0
+    }
+
+    /// This entry with the incompressible flag set or cleared.
+    pub fn with_incompressible(self, flag: bool) -> SlotEntry {
+        SlotEntry(if flag {
+            self.0 | INCOMPRESSIBLE
+        } else {
+            self.0 & !INCOMPRESSIBLE
+        })
+    }
+
+    /// The raw bits (lock bit clear).
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+}
+
+/// The table of slots, one per page.
+#[derive(Debug)]
+pub struct SlotTable {
+    slots: Box<[AtomicU64]>,
+}
+
+impl SlotTable {
+    /// A table of `pages` empty slots.
+    pub fn new(pages: usize) -> SlotTable {
+        // A zeroed Vec comes from calloc, so the kernel supplies untouched pages lazily.
+        let slots: Vec<AtomicU64> = std::iter::repeat_with(|| AtomicU64::new(0))
+            .take(pages)
+            .collect();
+        SlotTable {
+            slots: slots.into_boxed_slice(),
+        }
+    }
+
+    /// The number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the table has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The bytes the table occupies.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.slots)
+    }
+
+    /// Reads slot `index` without locking it (a snapshot that may change at once).
+    pub fn peek(&self, index: usize) -> Option<SlotEntry> {
+        self.slots
+            .get(index)
+            .map(|s| SlotEntry(s.load(Ordering::Relaxed) & !LOCK))
+    }
+
+    /// Locks slot `index`, or returns `None` when it is out of range.
+    pub fn lock(&self, index: usize) -> Option<SlotGuard<'_>> {
+        let slot = self.slots.get(index)?;
+        let mut spins = 0u32;
+        loop {
+            let current = slot.load(Ordering::Relaxed);
+            if current & LOCK == 0
+                && slot
+                    .compare_exchange_weak(
+                        current,
+                        current | LOCK,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                return Some(SlotGuard {
+                    slot,
+                    entry: SlotEntry(current),
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// A locked slot; dropping it stores the (possibly changed) entry and releases the lock.
+#[derive(Debug)]
+pub struct SlotGuard<'a> {
+    slot: &'a AtomicU64,
+    entry: SlotEntry,
+}
+
+impl SlotGuard<'_> {
+    /// The entry as of now.
+    pub fn entry(&self) -> SlotEntry {
+        self.entry
+    }
+
+    /// Replaces the entry (published when the guard drops) and returns the old one.
+    pub fn replace(&mut self, entry: SlotEntry) -> SlotEntry {
+        std::mem::replace(&mut self.entry, entry)
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.slot.store(self.entry.0, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn compressed_entry_roundtrips_handle_and_size() {
+        let e = SlotEntry::compressed(MAX_HANDLE, 4095);
+        assert_eq!(e.state(), SlotState::Compressed);
+        assert_eq!(e.handle(), MAX_HANDLE);
+        assert_eq!(e.compressed_size(), 4095);
+        let e = e.with_idle(true).with_incompressible(true);
+        assert!(e.is_idle() && e.is_incompressible());
+        assert_eq!((e.handle(), e.compressed_size()), (MAX_HANDLE, 4095));
+        assert_eq!(e.with_idle(false).state(), SlotState::Compressed);
+        let moved = e.with_handle(7);
+        assert_eq!((moved.handle(), moved.compressed_size()), (7, 4095));
+        assert!(moved.is_idle() && moved.is_incompressible());
+        assert_eq!(SlotEntry::huge(9).with_handle(3), SlotEntry::huge(3));
+    }
+
+    #[test]
+    fn every_state_survives_encoding() {
+        for state in [
+            SlotState::Empty,
+            SlotState::SameFilled,
+            SlotState::Compressed,
+            SlotState::Huge,
+            SlotState::WrittenBack,
+            SlotState::Pending,
+        ] {
+            let e = SlotEntry::new(state, MAX_PAYLOAD);
+            assert_eq!(e.state(), state);
+            assert_eq!(e.payload(), MAX_PAYLOAD);
+            assert_eq!(e.bits() & LOCK, 0);
+        }
+    }
+
+    #[test]
+    fn lock_serialises_one_slot() {
+        let table = Arc::new(SlotTable::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let table = Arc::clone(&table);
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        let mut guard = table.lock(2).unwrap();
+                        let next = guard.entry().payload() + 1;
+                        guard.replace(SlotEntry::new(SlotState::WrittenBack, next));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(table.peek(2).unwrap().payload(), 40_000);
+        assert!(table.lock(4).is_none());
+        assert_eq!(table.bytes(), 32);
+    }
+}

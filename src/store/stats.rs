@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Statistics with zram's names and meanings (Documentation/admin-guide/blockdev/zram.rst).
+//!
+//! `mm_stat` and `io_stat` print byte for byte what zram's sysfs files print, so scripts written
+//! for zram read them unchanged.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// zram's `mm_stat`: memory use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmStat {
+    /// Uncompressed size of the data stored (same-filled pages included), bytes.
+    pub orig_data_size: u64,
+    /// Compressed size of the data stored (a huge page counts as a full page), bytes.
+    pub compr_data_size: u64,
+    /// Every byte the store holds from the OS: chunks, slot table, metadata.
+    pub mem_used_total: u64,
+    /// The memory limit in bytes; 0 when there is none.
+    pub mem_limit: u64,
+    /// The most memory the store has held, bytes.
+    pub mem_used_max: u64,
+    /// Pages stored as one repeated word, with no allocation.
+    pub same_pages: u64,
+    /// Pages given back to the OS by compaction.
+    pub pages_compacted: u64,
+    /// Pages stored raw because they did not compress enough.
+    pub huge_pages: u64,
+    /// Huge pages ever stored.
+    pub huge_pages_since: u64,
+}
+
+/// zram's `io_stat`: failures and frees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoStat {
+    /// Reads that failed.
+    pub failed_reads: u64,
+    /// Writes that failed (memory limit included).
+    pub failed_writes: u64,
+    /// Requests refused as malformed or out of range.
+    pub invalid_io: u64,
+    /// Pages freed by discard (the guest's swap-slot frees arrive as discards).
+    pub notify_free: u64,
+}
+
+/// Facts about the store that zram keeps in other sysfs files.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreInfo {
+    /// The device size in bytes (zram's `disksize`).
+    pub disksize: u64,
+    /// The compression algorithm (zram's `comp_algorithm`).
+    pub algorithm: String,
+    /// Bytes of the slot table.
+    pub slot_table_bytes: u64,
+    /// Bytes of the allocator's live chunks.
+    pub chunk_bytes: u64,
+    /// Bytes of allocator and same-fill metadata.
+    pub metadata_bytes: u64,
+}
+
+/// Everything `stats` reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Memory use.
+    pub mm: MmStat,
+    /// Failures and frees.
+    pub io: IoStat,
+    /// Device facts.
+    pub info: StoreInfo,
+}
+
+impl Stats {
+    /// The `mm_stat` line, exactly as zram prints it (with its trailing newline).
+    pub fn mm_stat_line(&self) -> String {
+        let m = &self.mm;
+        format!(
+            "{:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8} {:8}\n",
+            m.orig_data_size,
+            m.compr_data_size,
+            m.mem_used_total,
+            m.mem_limit,
+            m.mem_used_max,
+            m.same_pages,
+            m.pages_compacted,
+            m.huge_pages,
+            m.huge_pages_since
+        )
+    }
+
+    /// The `io_stat` line, exactly as zram prints it (with its trailing newline).
+    pub fn io_stat_line(&self) -> String {
+        let i = &self.io;
+        format!(
+            "{:8} {:8} {:8} {:8}\n",
+            i.failed_reads, i.failed_writes, i.invalid_io, i.notify_free
+        )
+    }
+
+    /// A readable table of every figure.
+    pub fn table(&self) -> String {
+        let m = &self.mm;
+        let ratio = if m.compr_data_size == 0 {
+            0.0
+        } else {
+            m.orig_data_size as f64 / m.compr_data_size as f64
+        };
+        let rows: [(&str, String); 18] = [
+            ("disksize", self.info.disksize.to_string()),
+            ("comp_algorithm", self.info.algorithm.clone()),
+            ("orig_data_size", m.orig_data_size.to_string()),
+            ("compr_data_size", m.compr_data_size.to_string()),
+            ("compression ratio", format!("{ratio:.2}")),
+            ("mem_used_total", m.mem_used_total.to_string()),
+            ("  slot table", self.info.slot_table_bytes.to_string()),
+            ("  chunks", self.info.chunk_bytes.to_string()),
+            ("  metadata", self.info.metadata_bytes.to_string()),
+            ("mem_limit", m.mem_limit.to_string()),
+            ("mem_used_max", m.mem_used_max.to_string()),
+            ("same_pages", m.same_pages.to_string()),
+            ("pages_compacted", m.pages_compacted.to_string()),
+            ("huge_pages", m.huge_pages.to_string()),
+            ("huge_pages_since", m.huge_pages_since.to_string()),
+            ("failed_reads", self.io.failed_reads.to_string()),
+            ("failed_writes", self.io.failed_writes.to_string()),
+            (
+                "invalid_io / notify_free",
+                format!("{} / {}", self.io.invalid_io, self.io.notify_free),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, value) in rows {
+            let _ = writeln!(out, "{name:<26} {value:>16}");
+        }
+        out
+    }
+}
+
+/// The store's live counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub pages_stored: AtomicU64,
+    pub compr_data_size: AtomicU64,
+    pub mem_used_max: AtomicU64,
+    pub same_pages: AtomicU64,
+    pub pages_compacted: AtomicU64,
+    pub huge_pages: AtomicU64,
+    pub huge_pages_since: AtomicU64,
+    pub failed_reads: AtomicU64,
+    pub failed_writes: AtomicU64,
+    pub invalid_io: AtomicU64,
+    pub notify_free: AtomicU64,
+}
+
+/// Adds `value` to a counter.
+pub(crate) fn add(counter: &AtomicU64, value: u64) {
+    if value != 0 {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+}
+
+/// Subtracts `value` from a counter.
+pub(crate) fn sub(counter: &AtomicU64, value: u64) {
+    if value != 0 {
+        counter.fetch_sub(value, Ordering::Relaxed);
+    }
+}
+
+/// Reads a counter.
+pub(crate) fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_match_zram_sysfs_format() {
+        let mut stats = Stats::default();
+        stats.mm.orig_data_size = 4096;
+        stats.mm.mem_used_total = 123456789;
+        stats.io.notify_free = 3;
+        assert_eq!(
+            stats.mm_stat_line(),
+            "    4096        0 123456789        0        0        0        0        0        0\n"
+        );
+        assert_eq!(
+            stats.io_stat_line(),
+            "       0        0        0        3\n"
+        );
+        assert_eq!(stats.mm_stat_line().split_whitespace().count(), 9);
+        assert!(stats.table().contains("mem_used_total"));
+    }
+}
