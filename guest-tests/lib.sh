@@ -143,7 +143,7 @@ pick_accel() {
 # The device under test.
 
 # resolve_device_kind auto|vuz|qsd: sets DEVICE_KIND. auto means vhost-user-zram when its
-# binary is the daemon (building it first if it is missing), qemu-storage-daemon otherwise; with
+# binary is the daemon, qemu-storage-daemon otherwise; with
 # VUZ_REQUIRE_DAEMON=1 that fallback is an error. Not for $(...): it may need to exit.
 DEVICE_KIND=""
 resolve_device_kind() {
@@ -166,8 +166,10 @@ resolve_device_kind() {
     fi
 }
 
+# device_kind_auto: prints vuz, qsd or build-failed. The default $VUZ_BIN is (re)built first:
+# cargo does nothing when it is fresh, and a stale binary from older sources is not tested.
 device_kind_auto() {
-    if [[ ! -x "$VUZ_BIN" && "$VUZ_BIN" == "$REPO_DIR/target/release/vhost-user-zram" ]]; then
+    if [[ "$VUZ_BIN" == "$REPO_DIR/target/release/vhost-user-zram" ]]; then
         log "building vhost-user-zram (cargo build --release)"
         (cd "$REPO_DIR" && cargo build --release >&2) || {
             echo build-failed
@@ -259,7 +261,8 @@ vhost_user_args() {
 
 # run_guest GUEST_DIR OUT_PREFIX TEST TIMEOUT [QEMU_ARGS...]
 # Boots the guest with vuz.test=TEST in the background; the console goes to
-# OUT_PREFIX.console.log. Env: ACCEL, SMP (1), REBOOT (no: -no-reboot), APPEND (extra cmdline).
+# OUT_PREFIX.console.log. Env: ACCEL, SMP (1), REBOOT (no: -no-reboot), APPEND (extra cmdline;
+# VUZ_GUEST_APPEND from the user is added too, e.g. vuz.klog=1 for kernel messages).
 # Sets QEMU_PID and CONSOLE_IN (a FIFO that feeds the guest's serial console) and returns at
 # once when called as `run_guest_bg`; `run_guest` waits for QEMU to exit (bounded by TIMEOUT).
 run_guest_bg() {
@@ -282,7 +285,7 @@ run_guest_bg() {
         -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on"
         -numa node,memdev=mem
         -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz"
-        -append "console=ttyS0 quiet loglevel=3 panic=-1 zswap.enabled=0 vuz.test=$test ${APPEND:-}"
+        -append "console=ttyS0 quiet loglevel=3 panic=-1 zswap.enabled=0 vuz.test=$test ${APPEND:-} ${VUZ_GUEST_APPEND:-}"
         -drive "file=$guest/rootfs.img,format=raw,if=none,id=root,snapshot=on"
         -device "virtio-blk-pci,drive=root,serial=$ROOT_SERIAL"
         -chardev "pipe,id=con,path=$dir/con" -serial chardev:con

@@ -7,12 +7,6 @@
 export PATH=/bin:/usr/bin:/sbin:/usr/sbin
 mount -t tmpfs -o size=16m tmpfs /tmp
 mount -t tmpfs -o size=4m tmpfs /run
-# Keep kernel messages off the console: the host parses it (fio JSON goes through it too).
-dmesg -n 1
-# fio links librbd, whose libceph-common has a 130 MiB .bss: with the default heuristic the
-# loader's zero-fill mapping is refused in a 160 MiB guest. Untouched, it costs no memory.
-echo 1 >/proc/sys/vm/overcommit_memory
-
 # param NAME: the value of vuz.NAME= on the kernel command line (empty if absent).
 param() {
     # shellcheck disable=SC2013 # the command line is one line of words
@@ -22,6 +16,13 @@ param() {
         esac
     done
 }
+
+# Keep kernel messages off the console, which the host parses (fio JSON goes through it too),
+# unless vuz.klog=1 asks for them (VUZ_GUEST_APPEND=vuz.klog=1 on the host) to debug a hang.
+[ "$(param klog)" = 1 ] || dmesg -n 1
+# fio links librbd, whose libceph-common has a 130 MiB .bss: with the default heuristic the
+# loader's zero-fill mapping is refused in a 160 MiB guest. Untouched, it costs no memory.
+echo 1 >/proc/sys/vm/overcommit_memory
 
 # shellcheck source=guest-tests/guest/tests.sh disable=SC1091
 . /vuz/tests.sh

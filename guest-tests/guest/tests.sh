@@ -363,11 +363,13 @@ suite_bench() {
     for label in $labels; do
         need_dev dev "bench_$label" || continue
         bench_jobfile "$dev" "$size" 2 >/tmp/warmup.fio
+        echo "bench: warm-up on $label (/dev/$dev), uptime $(cut -d' ' -f1 /proc/uptime) s"
         fio /tmp/warmup.fio >/dev/null 2>&1 || echo "bench: warm-up on $label failed"
     done
     for label in $labels; do
         need_dev dev "bench_$label" || continue
         bench_jobfile "$dev" "$size" "$runtime" >/tmp/bench.fio
+        echo "bench: measuring $label (/dev/$dev), uptime $(cut -d' ' -f1 /proc/uptime) s"
         if fio --output-format=json --output="/tmp/bench-$label.json" /tmp/bench.fio \
             >"/tmp/bench-$label.log" 2>&1; then
             echo "VUZ-FIO-JSON-BEGIN $label"
