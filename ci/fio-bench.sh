@@ -93,8 +93,10 @@ main() {
     APPEND="vuz.bench_labels=a,b vuz.bench_a=$A_SERIAL vuz.bench_b=$B_SERIAL \
 vuz.bench_b_nth=$b_nth vuz.bench_runtime=$RUNTIME vuz.bench_size=$(numfmt --from=iec "$size")" SMP=1 \
         run_guest_bg "$guest" "$OUT_DIR/bench" bench "$timeout" "${qargs[@]}"
-    poll_until "$timeout" "the bench guest to finish" guest_or_device_ended ||
+    if ! poll_until "$timeout" "the bench guest to finish" guest_or_device_ended; then
+        dump_virtio "$OUT_DIR/bench.virtio-dump.txt"
         die "the bench guest did not finish in ${timeout} s"
+    fi
     # vhost-user-zram exits when QEMU closes the socket, a moment before QEMU itself is gone.
     wait_exit "$QEMU_PID" 10 || die "a device process exited while the bench ran (logs in $OUT_DIR)"
     log "bench guest finished in $((SECONDS - t0)) s"

@@ -279,8 +279,10 @@ run_guest_bg() {
     track_pid $!
     local cpu=qemu64
     [[ "$ACCEL" == kvm ]] && cpu=host
+    MONITOR_SOCK="$dir/monitor.sock"
     # shellcheck disable=SC2054 # commas inside QEMU option values
-    local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -nographic -monitor none
+    local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -nographic
+        -monitor "unix:$MONITOR_SOCK,server=on,wait=off"
         -accel "$ACCEL" -cpu "$cpu" -smp "${SMP:-1}" -m "${GUEST_RAM_MIB}M"
         -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on"
         -numa node,memdev=mem
@@ -316,6 +318,16 @@ guest_or_device_ended() {
         pid_gone "$pid" && return 0
     done
     return 1
+}
+
+# dump_virtio OUT: when a guest stops making progress, QEMU's view of every virtio queue (and
+# the rings in guest memory) into OUT, for telling a lost notification from a lost request.
+dump_virtio() {
+    if pid_gone "$QEMU_PID" || ! command -v python3 >/dev/null; then
+        return 0
+    fi
+    timeout 30 python3 "$GT_DIR/virtio-dump.py" "$MONITOR_SOCK" >"$1" 2>&1 || true
+    log "virtio queue state of the stuck guest: $1"
 }
 
 # console_or_exit PATTERN: the console has PATTERN, or it never will (QEMU or a device ended).

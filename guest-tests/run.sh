@@ -75,6 +75,7 @@ qemu_finish() {
         done
     fi
     if ! wait_exit "$QEMU_PID" 1; then
+        dump_virtio "$RESULTS_DIR/$suite.virtio-dump.txt"
         log "stopping QEMU ($suite)"
         stop_pid "$QEMU_PID"
         wait_exit "$QEMU_PID" 5 || true
