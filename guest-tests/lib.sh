@@ -294,13 +294,14 @@ run_guest_bg() {
         "$@")
     [[ "${REBOOT:-no}" == no ]] && cmd+=(-no-reboot)
     printf '%q ' "${cmd[@]}" >"$out.qemu-cmdline"
-    timeout --kill-after=5 "$timeout" "${cmd[@]}" </dev/null >"$out.qemu.log" 2>&1 &
+    # The callers give up after TIMEOUT and dump the queues first; QEMU's own limit comes later.
+    timeout --kill-after=5 "$((timeout + ${QEMU_MARGIN:-60}))" "${cmd[@]}" </dev/null >"$out.qemu.log" 2>&1 &
     QEMU_PID=$!
     track_pid "$QEMU_PID"
 }
 
 run_guest() {
-    run_guest_bg "$@"
+    QEMU_MARGIN=0 run_guest_bg "$@"
     wait "$QEMU_PID"
 }
 
