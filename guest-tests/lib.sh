@@ -277,13 +277,20 @@ run_guest_bg() {
     : >"$CONSOLE_LOG"
     cat "$dir/con.out" >"$CONSOLE_LOG" &
     track_pid $!
-    local cpu=qemu64
+    local cpu=qemu64 smp="${SMP:-1}"
     [[ "$ACCEL" == kvm ]] && cpu=host
+    # With a single possible vCPU, QEMU 7.2's TCG leaves out the host fences for the guest's
+    # memory barriers (tcg_gen_mb without CF_PARALLEL; QEMU 8.0 emits them always, "even with
+    # a single cpu we have i/o threads running in parallel"). The vhost-user backend is another
+    # process on another core, so virtio's event-idx handshakes race and now and then a kick or
+    # an interrupt is lost and the guest waits forever. maxcpus=2 makes TCG emit the fences.
+    local smp_arg="$smp"
+    ((smp >= 2)) || smp_arg="$smp,maxcpus=2"
     MONITOR_SOCK="$dir/monitor.sock"
     # shellcheck disable=SC2054 # commas inside QEMU option values
     local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -nographic
         -monitor "unix:$MONITOR_SOCK,server=on,wait=off"
-        -accel "$ACCEL" -cpu "$cpu" -smp "${SMP:-1}" -m "${GUEST_RAM_MIB}M"
+        -accel "$ACCEL" -cpu "$cpu" -smp "$smp_arg" -m "${GUEST_RAM_MIB}M"
         -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on"
         -numa node,memdev=mem
         -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz"
