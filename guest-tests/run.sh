@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+# Entry point of the guest tests: builds the guest if needed (setup.sh), boots it in QEMU
+# against the vhost-user-blk device under test (vhost-user-zram, or qemu-storage-daemon while the
+# daemon does not exist yet), runs every suite, then the fio bench (ci/fio-bench.sh).
+# Prints `PASS name` / `FAIL name: reason` per check and ends with `N passed, M failed`.
+#
+# Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
+#                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
+PASSED=0
+FAILED=0
+
+record_pass() {
+    PASSED=$((PASSED + 1))
+    echo "PASS $1"
+}
+record_fail() {
+    FAILED=$((FAILED + 1))
+    echo "FAIL $1: $2"
+}
+record_skip() { echo "SKIP $1: $2"; }
+
+# collect_results OUT_PREFIX SUITE EXPECTED...: turns the guest's VUZ-RESULT lines into
+# PASS/FAIL lines; an expected check the guest never reported is a failure.
+collect_results() {
+    local out="$1" suite="$2" line name reason
+    shift 2
+    local -A seen=()
+    while IFS= read -r line; do
+        line="${line#*VUZ-RESULT }"
+        case "$line" in
+            PASS\ *)
+                name="${line#PASS }"
+                seen[$name]=1
+                record_pass "$name"
+                ;;
+            FAIL\ *)
+                name="${line#FAIL }"
+                reason="${name#*: }"
+                name="${name%%: *}"
+                seen[$name]=1
+                record_fail "$name" "$reason"
+                ;;
+        esac
+    done < <(tr -d '\r' <"$out.console.log" | grep 'VUZ-RESULT ')
+    for name in "$@"; do
+        [[ -n "${seen[$name]:-}" ]] ||
+            record_fail "$name" "the guest reported no result (console: $out.console.log)"
+    done
+    if ! console_has "VUZ-GUEST-DONE test=$suite"; then
+        record_fail "$suite/guest-finished" "the guest did not finish (console: $out.console.log)"
+    fi
+}
+
+# qemu_finish SUITE SECONDS: waits for QEMU to exit; a timeout kills it. A device process that
+# dies while the guest runs is a failure, and QEMU is stopped rather than left to time out.
+# vhost-user-zram exits as soon as QEMU closes the socket, which is while QEMU is exiting, so
+# QEMU gets a few seconds to finish exiting before the device's exit counts as a crash.
+qemu_finish() {
+    local suite="$1" timeout="$2" pid
+    poll_until "$timeout" "QEMU ($suite) to exit" guest_or_device_ended || true
+    if ! pid_gone "$QEMU_PID" && ! poll_until 10 "QEMU ($suite) to exit" pid_gone "$QEMU_PID"; then
+        for pid in "${WATCH_PIDS[@]}"; do
+            if pid_gone "$pid"; then
+                wait_exit "$pid" 1 || true
+                record_fail "$suite/device-alive" \
+                    "device process $pid exited with status $EXIT_RC while the guest ran (logs in $RESULTS_DIR)"
+            fi
+        done
+    fi
+    if ! wait_exit "$QEMU_PID" 1; then
+        dump_virtio "$RESULTS_DIR/$suite.virtio-dump.txt"
+        log "stopping QEMU ($suite)"
+        stop_pid "$QEMU_PID"
+        wait_exit "$QEMU_PID" 5 || true
+        EXIT_RC="killed (timeout or device exit)"
+    fi
+    log "QEMU exited: $EXIT_RC"
+}
+
+# suite_done: stop this suite's devices, and watch none of them any more.
+suite_done() {
+    local pid
+    for pid in "${WATCH_PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    WATCH_PIDS=()
+}
+
+# The seed of the pressure program's pattern; printed, and reusable with VUZ_SEED.
+SEED="${VUZ_SEED:-$((RANDOM * 32768 + RANDOM))}"
+
+# suite main: swap-under-pressure and block-semantics, one boot, a read-write and a read-only
+# device.
+suite_main() {
+    local out="$RESULTS_DIR/main" ram="$GUEST_RAM_MIB"
+    local pressure_mib=$((ram * 22 / 10)) tmpfs_mib=$((ram * 8 / 10))
+    start_device RW "$DEVICE_KIND" main-rw 1G 1 vuz-main-rw RW "$RESULTS_DIR" || {
+        record_fail main/device "the read-write device did not start"
+        return
+    }
+    start_device RO "$DEVICE_KIND" main-ro 64M 1 vuz-main-ro RO "$RESULTS_DIR" || {
+        record_fail main/device "the read-only device did not start"
+        return
+    }
+    local qargs
+    mapfile -t qargs < <(vhost_user_args vuz0 "$RW_SOCK" 1; vhost_user_args vuz1 "$RO_SOCK" 1)
+    # qemu-storage-daemon gives every export the same serial: the guest then goes by PCI order.
+    local ro_nth=0
+    # shellcheck disable=SC2153 # set by start_device
+    [[ "$RO_SERIAL" == "$RW_SERIAL" ]] && ro_nth=1
+    log "main: ${pressure_mib} MiB anonymous + ${tmpfs_mib} MiB tmpfs in ${ram} MiB RAM, seed $SEED"
+    APPEND="vuz.rw=$RW_SERIAL vuz.ro=$RO_SERIAL vuz.ro_nth=$ro_nth vuz.rw_bytes=$((1 << 30)) vuz.seed=$SEED \
+vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$tmpfs_mib" SMP=1 \
+        run_guest_bg "$GUEST" "$out" main "${VUZ_MAIN_TIMEOUT:-600}" "${qargs[@]}"
+
+    # While the pressure program holds its pages on swap, look at the device from the host.
+    if wait_console 'VUZ-HOSTCHECK-MMSTAT' "${VUZ_MAIN_TIMEOUT:-600}"; then
+        check_mm_stat "$RW_KIND" "$RW_CTL" "$out"
+        console_send "go"
+    elif [[ "$RW_KIND" == vuz ]]; then
+        record_fail swap-under-pressure/mm-stat "the guest never reached the point to check it"
+    fi
+    qemu_finish main "${VUZ_MAIN_TIMEOUT:-600}"
+    collect_results "$out" main \
+        swap-under-pressure/{swapon,anon-pages,swap-used,tmpfs-files,swapoff} \
+        block-semantics/{capacity,fio-verify-4k,fio-verify-64k,fio-verify-512-unaligned} \
+        block-semantics/{fio-verify-mixed-unaligned,discard-zeroes,serial} \
+        block-semantics/read-only/{ro-flag,write-refused,read-works}
+    suite_done
+}
+
+# check_mm_stat KIND CTL OUT: while the guest's swap is in use, the daemon stored pages
+# (orig_data_size > 0), compressed them (0 < compr_data_size < orig_data_size: a quarter of the
+# pages are zero-filled) and found same-filled pages (same_pages > 0); io_stat shows no failed
+# reads or writes. `stats --json` is kept in the results for reading.
+check_mm_stat() {
+    local kind="$1" ctl="$2" out="$3" name=swap-under-pressure/mm-stat stat
+    if [[ "$kind" != vuz ]]; then
+        record_skip "$name" "the device is qemu-storage-daemon"
+        record_skip swap-under-pressure/io-stat "the device is qemu-storage-daemon"
+        return
+    fi
+    timeout 10 "$VUZ_BIN" ctl --control-socket "$ctl" stats --json >"$out.stats.json" 2>&1 || true
+    if ! stat="$(ctl_line "$ctl" mm_stat "$out")"; then
+        record_fail "$name" "ctl mm_stat failed: $(head -c 300 "$out.mm_stat.err")"
+    else
+        log "mm_stat: $stat"
+        local c
+        read -r -a c <<<"$stat"
+        if ((${#c[@]} != 9)); then
+            record_fail "$name" "mm_stat has ${#c[@]} columns, expected 9: '$stat'"
+        elif ! ((c[0] > 0)); then
+            record_fail "$name" "orig_data_size is ${c[0]} with swap in use: '$stat'"
+        elif ! ((c[1] > 0 && c[1] < c[0])); then
+            record_fail "$name" "compr_data_size is ${c[1]}, expected between 0 and orig_data_size ${c[0]}: '$stat'"
+        elif ! ((c[5] > 0)); then
+            record_fail "$name" "same_pages is ${c[5]} though the guest swapped zero pages: '$stat'"
+        else
+            record_pass "$name"
+        fi
+    fi
+    if ! stat="$(ctl_line "$ctl" io_stat "$out")"; then
+        record_fail swap-under-pressure/io-stat "ctl io_stat failed: $(head -c 300 "$out.io_stat.err")"
+    else
+        log "io_stat: $stat"
+        local c
+        read -r -a c <<<"$stat"
+        if ((${#c[@]} < 4)); then
+            record_fail swap-under-pressure/io-stat "io_stat has ${#c[@]} columns, expected 4: '$stat'"
+        elif ((c[0] != 0 || c[1] != 0)); then
+            record_fail swap-under-pressure/io-stat "failed_reads ${c[0]}, failed_writes ${c[1]}: '$stat'"
+        else
+            record_pass swap-under-pressure/io-stat
+        fi
+    fi
+}
+
+# ctl_line CTL STAT OUT: one line of `vhost-user-zram ctl STAT`, also kept in OUT.STAT.
+ctl_line() {
+    local line
+    line="$(timeout 10 "$VUZ_BIN" ctl --control-socket "$1" "$2" 2>"$3.$2.err")" || return 1
+    echo "$line" >"$3.$2"
+    echo "$line"
+}
+
+# suite multiqueue: two queues on the daemon and the QEMU device, two vCPUs.
+suite_multiqueue() {
+    local out="$RESULTS_DIR/multiqueue"
+    start_device MQ "$DEVICE_KIND" multiqueue 256M 2 vuz-mq RW "$RESULTS_DIR" || {
+        record_fail multi-queue/device "the device did not start"
+        return
+    }
+    local qargs
+    mapfile -t qargs < <(vhost_user_args vuz0 "$MQ_SOCK" 2)
+    APPEND="vuz.mq=$MQ_SERIAL" SMP=2 \
+        run_guest_bg "$GUEST" "$out" multiqueue "${VUZ_MQ_TIMEOUT:-300}" "${qargs[@]}"
+    qemu_finish multiqueue "${VUZ_MQ_TIMEOUT:-300}"
+    collect_results "$out" multiqueue multi-queue/{hw-queues,fio-verify-4k,fio-verify-64k}
+    suite_done
+}
+
+# suite lifecycle: data survives a guest reboot; the daemon exits 0 when QEMU goes away.
+suite_lifecycle() {
+    local out="$RESULTS_DIR/lifecycle"
+    start_device LC "$DEVICE_KIND" lifecycle 128M 1 vuz-lifecycle RW "$RESULTS_DIR" || {
+        record_fail lifecycle/device "the device did not start"
+        return
+    }
+    local qargs
+    mapfile -t qargs < <(vhost_user_args vuz0 "$LC_SOCK" 1)
+    APPEND="vuz.lc=$LC_SERIAL" SMP=1 REBOOT=yes \
+        run_guest_bg "$GUEST" "$out" lifecycle "${VUZ_LC_TIMEOUT:-240}" "${qargs[@]}"
+    # The daemon exits only after QEMU has gone, so watching it here still catches a crash.
+    qemu_finish lifecycle "${VUZ_LC_TIMEOUT:-240}"
+    collect_results "$out" lifecycle lifecycle/{write-before-reboot,data-after-reboot}
+    local boots
+    boots="$(tr -d '\r' <"$out.console.log" | grep -c 'VUZ-GUEST-READY' || true)"
+    if [[ "$boots" == 2 ]]; then
+        record_pass lifecycle/rebooted
+    else
+        record_fail lifecycle/rebooted "the guest booted $boots time(s), expected 2"
+    fi
+    if [[ "$LC_KIND" != vuz ]]; then
+        record_skip lifecycle/daemon-exit "the device is qemu-storage-daemon (it does not exit)"
+    elif ! wait_exit "$LC_PID" 30; then
+        record_fail lifecycle/daemon-exit "the daemon still runs 30 s after QEMU exited"
+    elif [[ "$EXIT_RC" != 0 ]]; then
+        record_fail lifecycle/daemon-exit "the daemon exited with status $EXIT_RC"
+    else
+        record_pass lifecycle/daemon-exit
+    fi
+    stop_pid "$LC_PID"
+    suite_done
+}
+
+usage() { sed -n '/^# Usage:/,/^[^#]/s/^# \{0,1\}//p' "$0"; }
+
+main() {
+    local accel=auto device=auto suites=main,multiqueue,lifecycle bench=yes
+    while (($#)); do
+        case "$1" in
+            --accel) accel="$2" && shift ;;
+            --device) device="$2" && shift ;;
+            --suites) suites="$2" && shift ;;
+            --no-bench) bench=no ;;
+            --bench-only) suites="" ;;
+            -h | --help) usage && exit 0 ;;
+            *) usage >&2 && exit 2 ;;
+        esac
+        shift
+    done
+    install_cleanup_trap
+    local start=$SECONDS
+    GUEST="$("$GT_DIR/setup.sh" | tail -n 1)"
+    rm -rf "$RESULTS_DIR"
+    mkdir -p "$RESULTS_DIR"
+    resolve_device_kind "$device"
+    log "device under test: $DEVICE_KIND; guest: $GUEST; results: $RESULTS_DIR"
+    pick_accel "$accel" "$GUEST" "$RESULTS_DIR"
+
+    local suite t0
+    for suite in ${suites//,/ }; do
+        t0=$SECONDS
+        log "=== suite $suite"
+        "suite_$suite"
+        log "=== suite $suite took $((SECONDS - t0)) s"
+    done
+    if [[ "$bench" == yes ]]; then
+        t0=$SECONDS
+        log "=== fio bench"
+        if "$REPO_DIR/ci/fio-bench.sh" --guest "$GUEST" --accel "$ACCEL" --device "$DEVICE_KIND"; then
+            record_pass fio-bench
+        else
+            record_fail fio-bench "ci/fio-bench.sh failed (logs in $REPO_DIR/results/fio)"
+        fi
+        log "=== fio bench took $((SECONDS - t0)) s"
+    fi
+    log "guest stage took $((SECONDS - start)) s on $ACCEL"
+    echo "$PASSED passed, $FAILED failed"
+    ((FAILED == 0))
+}
+
+main "$@"
