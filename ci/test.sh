@@ -73,7 +73,7 @@ guest() {
         echo "skipped (SKIP_GUEST)"
         return 0
     fi
-    VUZ_BIN="$root/target/release/vhost-user-zram" bash guest-tests/run.sh
+    VUZ_REQUIRE_DAEMON=1 VUZ_BIN="$root/target/release/vhost-user-zram" bash guest-tests/run.sh
 }
 
 stage lint lint
