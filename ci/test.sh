@@ -23,7 +23,15 @@ need_root_apt() {
     done
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        apt-get update -qq || return 1
+        # Some images ship qemu-utils from bookworm-backports (10.x), which Breaks the
+        # qemu-system-common 7.2 that qemu-system-x86 needs: take bookworm's qemu-utils with it.
+        local pin=()
+        if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] &&
+            dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '^1:\(8\|9\|1[0-9]\)'; then
+            pin=(--allow-downgrades qemu-utils/bookworm)
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pin[@]}" "${missing[@]}" >/dev/null
     fi
 }
 
@@ -43,7 +51,8 @@ stage() {
     fi
 }
 
-need_root_apt qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs
+need_root_apt qemu-system-x86 qemu-utils busybox-static cpio fio e2fsprogs ||
+    echo "warning: installing the guest-test packages failed; the guest stage will say what is missing"
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 lint() {
