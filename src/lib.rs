@@ -6,6 +6,8 @@
 //! - [`store`]: the compressed page store — the slot table, same-filled page detection, the
 //!   size-class slab allocator (our zsmalloc), the memory limit and zram's statistics.
 //! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
+//! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
+//! - [`blk`]: the virtio-blk request path and the vhost-user backend.
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
 pub mod blk;
@@ -15,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod pagegen;
 pub mod store;
+pub mod workers;
 
 /// The store's unit: one 4 KiB page, as zram uses on x86-64.
 pub const PAGE_SIZE: usize = 4096;
@@ -24,3 +27,9 @@ pub const SECTOR_SIZE: usize = 512;
 
 /// Sectors per page.
 pub const SECTORS_PER_PAGE: u64 = (PAGE_SIZE / SECTOR_SIZE) as u64;
+
+/// [`PAGE_SIZE`] as `u64`, for byte-offset arithmetic.
+pub const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+
+/// [`SECTOR_SIZE`] as `u64`, for byte-offset arithmetic.
+pub const SECTOR_BYTES: u64 = SECTOR_SIZE as u64;

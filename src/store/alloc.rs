@@ -313,8 +313,12 @@ impl SlabAllocator {
 
     /// Frees `object` of `class`. Returns the pages given back to the OS (a chunk that emptied).
     ///
-    /// The caller must own the object (see [`object`](Self::object)) and must not use it again.
-    pub fn free(&self, class: usize, object: u64) -> u64 {
+    /// # Safety
+    /// `object` must be live in `class` and owned by the caller (see [`object`](Self::object)):
+    /// no slot references it any more, and neither the caller nor anyone else uses it again.
+    /// Freeing an object twice, or one a slot still names, corrupts the chunk's free list and
+    /// hands the same memory to two pages.
+    pub unsafe fn free(&self, class: usize, object: u64) -> u64 {
         let c = &self.classes[class];
         let mut inner = lock(&c.inner);
         self.free_locked(c, &mut inner, object)
@@ -491,9 +495,11 @@ impl SlabAllocator {
     /// without taking a new chunk. Returns the new object number and the pages given back to
     /// the OS, or `None` when the object is not in a victim or no room is left.
     ///
-    /// The caller must own the object (see [`object`](Self::object)) and, on `Some`, must
-    /// replace its reference with the new number before releasing ownership.
-    pub fn relocate(&self, class: usize, object: u64, len: usize) -> Option<(u64, u64)> {
+    /// # Safety
+    /// `object` must be live in `class`, hold at least `len` bytes of data, and be owned by the
+    /// caller (see [`object`](Self::object)); on `Some`, the caller must replace its reference
+    /// with the new number before releasing ownership, since the old object is freed.
+    pub unsafe fn relocate(&self, class: usize, object: u64, len: usize) -> Option<(u64, u64)> {
         let c = &self.classes[class];
         let mut inner = lock(&c.inner);
         let (chunk, _) = split(c, object);
@@ -542,6 +548,7 @@ impl SlabAllocator {
             .collect()
     }
 
+    #[cfg(test)]
     /// The chunk that holds `object` of `class` and its address (for tests and the checker).
     pub fn chunk_of(&self, class: usize, object: u64) -> (usize, *const u8) {
         let c = &self.classes[class];
@@ -776,7 +783,8 @@ mod tests {
         let per_chunk = class_size(class);
         assert!(a.chunk_bytes() as usize >= 1000 * per_chunk);
         for &o in &objects[..500] {
-            a.free(class, o);
+            // SAFETY: the test owns every object it stored and frees or moves each once.
+            unsafe { a.free(class, o) };
         }
         a.check_consistency(&referenced(&held[500..])).unwrap();
         let again = a.store(class, &data, None).unwrap();
@@ -793,7 +801,8 @@ mod tests {
         assert!(a.chunk_bytes() > 0);
         let mut pages = 0;
         for o in objects {
-            pages += a.free(class, o);
+            // SAFETY: the test owns every object it stored and frees or moves each once.
+            pages += unsafe { a.free(class, o) };
         }
         assert_eq!(a.chunk_bytes(), 0);
         assert!(pages > 0);
@@ -838,14 +847,16 @@ mod tests {
             if i % 4 == 0 {
                 kept.push((i, o));
             } else {
-                a.free(o.0, o.1);
+                // SAFETY: the test owns every object it stored and frees or moves each once.
+                unsafe { a.free(o.0, o.1) };
             }
         }
         let before = a.chunk_bytes();
         assert!(a.begin_compaction());
         let mut freed_pages = 0;
         for (i, o) in kept.iter_mut() {
-            if let Some((moved, freed)) = a.relocate(class, o.1, 512) {
+            // SAFETY: the test owns every object it stored and frees or moves each once.
+            if let Some((moved, freed)) = unsafe { a.relocate(class, o.1, 512) } {
                 o.1 = moved;
                 freed_pages += freed;
             }
@@ -877,7 +888,8 @@ mod tests {
             vec & 1 == 1
         };
         assert!(resident(addr));
-        a.free(class, object);
+        // SAFETY: the test owns every object it stored and frees or moves each once.
+        unsafe { a.free(class, object) };
         assert!(
             !resident(addr),
             "the freed chunk's page went back to the OS"

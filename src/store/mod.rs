@@ -12,22 +12,28 @@
 //! decompresses straight from the object into the caller's page. See DESIGN.md for the slot
 //! states, the lock order and the memory accounting.
 
-pub mod alloc;
+pub(crate) mod alloc;
+pub(crate) mod pending;
 pub mod same_fill;
-pub mod slot;
+pub(crate) mod slot;
 pub mod stats;
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
-use self::alloc::{class_of, AllocError, SlabAllocator, HUGE_CLASS, HUGE_THRESHOLD};
+use self::alloc::{class_of, AllocError, SlabAllocator, HUGE_CLASS};
+pub use self::alloc::{ClassStats, HUGE_THRESHOLD};
+use self::pending::{Batch, Job, JobQueue, PendingPool};
+pub use self::pending::{WorkerHooks, WORKER_BATCH};
 use self::same_fill::FillWords;
-use self::slot::{SlotEntry, SlotState, SlotTable, MAX_HANDLE};
-use self::stats::{add, get, sub, Counters};
-pub use self::stats::{IoStat, MmStat, Stats, StoreInfo};
-use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER};
+use self::slot::{SlotEntry, SlotTable, MAX_HANDLE};
+pub use self::slot::{SlotState, MAX_PENDING_BUFFERS};
+use self::stats::{add, get, sub, CounterShard, Counters};
+pub use self::stats::{IoStat, MmStat, Stats, StoreInfo, WorkerStat, WorkerStats};
+use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH};
 use crate::PAGE_SIZE;
 
 /// The largest device: object numbers must fit a slot's 44-bit handle even when every chunk
@@ -96,6 +102,68 @@ thread_local! {
     /// Each thread's compression buffer, as zram keeps one per CPU stream.
     static COMPRESS_SCRATCH: RefCell<Box<[u8; COMPRESS_BUFFER]>> =
         RefCell::new(Box::new([0; COMPRESS_BUFFER]));
+    /// Each thread's page for writes that do not go through the pending pool.
+    static INLINE_PAGE: RefCell<Box<[u8; PAGE_SIZE]>> = RefCell::new(Box::new([0; PAGE_SIZE]));
+}
+
+/// How writes reach the compressor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingConfig {
+    /// Compression worker threads; 0 compresses every write on the thread that writes it.
+    pub workers: usize,
+    /// The most pages the pending pool holds (at least 1 when there are workers).
+    pub max_pending_pages: usize,
+}
+
+impl PendingConfig {
+    /// Every write compressed on the writing thread (`--workers 0`).
+    pub const INLINE: PendingConfig = PendingConfig {
+        workers: 0,
+        max_pending_pages: 0,
+    };
+}
+
+/// The pending pool and the queue to the workers, when there are workers.
+#[derive(Debug)]
+struct Deferred {
+    pool: PendingPool,
+    queue: JobQueue,
+    per_worker: Box<[WorkerCounters]>,
+}
+
+/// One worker's counters, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct WorkerCounters {
+    pages: AtomicU64,
+    batches: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+/// A worker's reusable buffers: the compressed output of one batch.
+pub struct WorkerScratch {
+    outputs: Box<[[u8; COMPRESS_BUFFER]; MAX_BATCH]>,
+    jobs: [Job; MAX_BATCH],
+}
+
+impl Default for WorkerScratch {
+    fn default() -> Self {
+        const NO_JOB: Job = Job {
+            slot: 0,
+            buffer: 0,
+            generation: 0,
+        };
+        WorkerScratch {
+            outputs: Box::new([[0; COMPRESS_BUFFER]; MAX_BATCH]),
+            jobs: [NO_JOB; MAX_BATCH],
+        }
+    }
+}
+
+impl std::fmt::Debug for WorkerScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerScratch").finish_non_exhaustive()
+    }
 }
 
 /// The compressed page store. `Send + Sync`: share it behind an `Arc`.
@@ -109,11 +177,34 @@ pub struct PageStore {
     /// 0 when there is no limit.
     mem_limit: AtomicU64,
     compaction: Mutex<()>,
+    deferred: Option<Deferred>,
 }
 
 impl PageStore {
-    /// Creates an empty store.
+    /// Creates an empty store that compresses every write on the writing thread.
     pub fn new(config: StoreConfig) -> Result<PageStore, StoreError> {
+        PageStore::with_pending(config, PendingConfig::INLINE)
+    }
+
+    /// Creates an empty store whose writes go through a pending pool to `pending.workers`
+    /// compression workers (start them with [`crate::workers::CompressWorkers`]). With no
+    /// workers, this is [`PageStore::new`].
+    pub fn with_pending(
+        config: StoreConfig,
+        pending: PendingConfig,
+    ) -> Result<PageStore, StoreError> {
+        let deferred = match pending.workers {
+            0 => None,
+            workers => {
+                let pool = PendingPool::new(pending.max_pending_pages)
+                    .map_err(|e| StoreError::Config(e.to_string()))?;
+                Some(Deferred {
+                    queue: JobQueue::new(pool.capacity()),
+                    pool,
+                    per_worker: (0..workers).map(|_| WorkerCounters::default()).collect(),
+                })
+            }
+        };
         if config.capacity_pages == 0 || config.capacity_pages > MAX_CAPACITY_PAGES {
             return Err(StoreError::Config(format!(
                 "the capacity must be 1 to {MAX_CAPACITY_PAGES} pages, not {}",
@@ -131,6 +222,7 @@ impl PageStore {
             counters: Counters::default(),
             mem_limit: AtomicU64::new(config.mem_limit.unwrap_or(0)),
             compaction: Mutex::new(()),
+            deferred,
         };
         if let Some(limit) = config.mem_limit {
             if store.mem_used_total() > limit {
@@ -140,11 +232,13 @@ impl PageStore {
                 )));
             }
         }
-        store
-            .counters
-            .mem_used_max
-            .store(store.mem_used_total(), Ordering::Relaxed);
+        store.counters.note_mem_used(store.mem_used_total());
         Ok(store)
+    }
+
+    /// The number of compression workers this store was built for (0: inline).
+    pub fn workers(&self) -> usize {
+        self.deferred.as_ref().map_or(0, |d| d.per_worker.len())
     }
 
     /// The number of pages.
@@ -157,17 +251,77 @@ impl PageStore {
         self.codec.algorithm()
     }
 
-    /// Stores `page` at `index`. On error the slot keeps its old content.
+    /// Stores `page` at `index`, compressing it on this thread. On error the slot keeps its
+    /// old content.
     pub fn write(&self, index: u64, page: &[u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
-        let result = self.encode(page).map(|new| {
-            let old = self.lock(slot).replace(new);
-            self.account_replace(old, new);
-        });
+        let result = self.encode(page).map(|new| self.publish(slot, new));
         if result.is_err() {
-            add(&self.counters.failed_writes, 1);
+            add(&self.counters.local().failed_writes, 1);
         }
         result
+    }
+
+    /// Stores at `index` the page that `fill` writes into a buffer the store provides, so the
+    /// caller's data is copied once. With workers, a page that is not same-filled is queued
+    /// for compression and this returns at once (a full pool compresses it here instead).
+    /// When `fill` fails nothing is stored and its error is returned inside `Ok`; on a store
+    /// error the slot keeps its old content.
+    pub fn write_with<E>(
+        &self,
+        index: u64,
+        fill: impl FnOnce(&mut [u8; PAGE_SIZE]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
+        let slot = self.slot_index(index)?;
+        let Some(deferred) = &self.deferred else {
+            return self.write_inline(index, fill);
+        };
+        let Some(mut buffer) = deferred.pool.take(|grow| self.may_grow(grow)) else {
+            add(&self.counters.local().inline_fallbacks, 1);
+            return self.write_inline(index, fill);
+        };
+        // SAFETY: the buffer was taken from this pool.
+        let page = unsafe { deferred.pool.page_mut(&mut buffer) };
+        if let Err(error) = fill(page) {
+            deferred.pool.give_back(buffer);
+            return Ok(Err(error));
+        }
+        if let Some(word) = same_fill::detect(page) {
+            // Same-filled pages never wait: they cost no compression and no memory.
+            let entry = SlotEntry::new(SlotState::SameFilled, self.fill_words.encode(word));
+            deferred.pool.give_back(buffer);
+            self.publish(slot, entry);
+            return Ok(Ok(()));
+        }
+        let (buffer, generation) = deferred.pool.publish(buffer);
+        self.counters.note_mem_used(self.mem_used_total());
+        self.publish(slot, SlotEntry::pending(buffer, generation));
+        deferred.queue.push(Job {
+            slot,
+            buffer,
+            generation,
+        });
+        Ok(Ok(()))
+    }
+
+    fn write_inline<E>(
+        &self,
+        index: u64,
+        fill: impl FnOnce(&mut [u8; PAGE_SIZE]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
+        INLINE_PAGE.with(|page| {
+            let mut page = page.borrow_mut();
+            if let Err(error) = fill(&mut page) {
+                return Ok(Err(error));
+            }
+            self.write(index, &page).map(Ok)
+        })
+    }
+
+    /// Publishes `new` in `slot` and accounts for the entry it replaced.
+    fn publish(&self, slot: usize, new: SlotEntry) {
+        let old = self.lock(slot).replace(new);
+        self.account_replace(old, new);
     }
 
     /// Reads the page at `index` into `page`; a page never written reads as zeros.
@@ -177,7 +331,7 @@ impl PageStore {
         let result = self.decode(index, guard.entry(), page);
         drop(guard);
         if result.is_err() {
-            add(&self.counters.failed_reads, 1);
+            add(&self.counters.local().failed_reads, 1);
         }
         result
     }
@@ -195,7 +349,7 @@ impl PageStore {
         let mut guard = self.lock(slot);
         if let Err(e) = self.decode(index, guard.entry(), &mut page) {
             drop(guard);
-            add(&self.counters.failed_reads, 1);
+            add(&self.counters.local().failed_reads, 1);
             return Err(e);
         }
         let result = f(&mut page);
@@ -208,7 +362,7 @@ impl PageStore {
             }
             Err(e) => {
                 drop(guard);
-                add(&self.counters.failed_writes, 1);
+                add(&self.counters.local().failed_writes, 1);
                 Err(e)
             }
         }
@@ -230,7 +384,7 @@ impl PageStore {
             }
             let old = self.lock(slot).replace(SlotEntry::EMPTY);
             if old.state() != SlotState::Empty {
-                add(&self.counters.notify_free, 1);
+                add(&self.counters.local().notify_free, 1);
             }
             self.account_replace(old, SlotEntry::EMPTY);
         }
@@ -259,17 +413,20 @@ impl PageStore {
                 if object_class(entry) != Some(class) {
                     continue;
                 }
-                if let Some((moved, freed)) =
+                // SAFETY: we hold the lock of the slot that references the object, so we own
+                // it; on success the entry is repointed before the lock is released.
+                let relocated = unsafe {
                     self.alloc
                         .relocate(class, entry.handle(), object_len(entry))
-                {
+                };
+                if let Some((moved, freed)) = relocated {
                     guard.replace(entry.with_handle(moved));
                     pages += freed;
                 }
             }
         }
         self.alloc.end_compaction();
-        add(&self.counters.pages_compacted, pages);
+        add(&self.counters.local().pages_compacted, pages);
         pages
     }
 
@@ -278,39 +435,93 @@ impl PageStore {
         self.mem_limit.store(limit.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// Bytes held from the OS: slot table, chunks, allocator and same-fill metadata.
+    /// Bytes held from the OS: slot table, chunks, allocator and same-fill metadata, and the
+    /// pending pool's resident buffers.
     pub fn mem_used_total(&self) -> u64 {
-        self.slots.bytes() as u64 + self.alloc.bytes() + self.fill_words.bytes() as u64
+        self.slots.bytes() as u64
+            + self.alloc.bytes()
+            + self.fill_words.bytes() as u64
+            + self.pool_bytes()
+    }
+
+    fn pool_bytes(&self) -> u64 {
+        self.deferred
+            .as_ref()
+            .map_or(0, |d| d.pool.resident_bytes())
+    }
+
+    /// Whether `grow` more bytes stay within the memory limit.
+    fn may_grow(&self, grow: u64) -> bool {
+        match self.mem_limit.load(Ordering::Relaxed) {
+            0 => true,
+            limit => self.mem_used_total() + grow <= limit,
+        }
     }
 
     /// Counts a request refused as malformed or out of range.
     pub fn count_invalid_io(&self) {
-        add(&self.counters.invalid_io, 1);
+        add(&self.counters.local().invalid_io, 1);
+    }
+
+    /// Pages written and not yet compressed by a worker.
+    pub fn pending_pages(&self) -> u64 {
+        self.counters.sum(|c| &c.pending_pages)
+    }
+
+    /// Waits until the pending pool is empty — no page pending, no job in a worker's hands —
+    /// or `timeout` passes; returns whether it is.
+    pub fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.deferred.as_ref().is_none_or(|d| d.pool.in_use() == 0) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Makes the compression workers stop after their current batch.
+    pub(crate) fn stop_workers(&self) {
+        if let Some(deferred) = &self.deferred {
+            deferred.queue.stop();
+        }
+    }
+
+    /// Pauses or slows the compression workers (tests of forward progress).
+    #[doc(hidden)]
+    pub fn set_worker_hooks(&self, hooks: WorkerHooks) {
+        if let Some(deferred) = &self.deferred {
+            deferred.queue.set_hooks(hooks);
+        }
     }
 
     /// A snapshot of the statistics.
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
+        let get = |counter: fn(&CounterShard) -> &AtomicU64| c.sum(counter);
         let mem_used_total = self.mem_used_total();
         let metadata =
             self.alloc.bytes() - self.alloc.chunk_bytes() + self.fill_words.bytes() as u64;
         Stats {
             mm: MmStat {
-                orig_data_size: get(&c.pages_stored) * PAGE_SIZE as u64,
-                compr_data_size: get(&c.compr_data_size),
+                orig_data_size: get(|c| &c.pages_stored) * PAGE_SIZE as u64,
+                compr_data_size: get(|c| &c.compr_data_size),
                 mem_used_total,
                 mem_limit: self.mem_limit.load(Ordering::Relaxed),
-                mem_used_max: get(&c.mem_used_max).max(mem_used_total),
-                same_pages: get(&c.same_pages),
-                pages_compacted: get(&c.pages_compacted),
-                huge_pages: get(&c.huge_pages),
-                huge_pages_since: get(&c.huge_pages_since),
+                mem_used_max: c.mem_used_max.load(Ordering::Relaxed).max(mem_used_total),
+                same_pages: get(|c| &c.same_pages),
+                pages_compacted: get(|c| &c.pages_compacted),
+                huge_pages: get(|c| &c.huge_pages),
+                huge_pages_since: get(|c| &c.huge_pages_since),
             },
             io: IoStat {
-                failed_reads: get(&c.failed_reads),
-                failed_writes: get(&c.failed_writes),
-                invalid_io: get(&c.invalid_io),
-                notify_free: get(&c.notify_free),
+                failed_reads: get(|c| &c.failed_reads),
+                failed_writes: get(|c| &c.failed_writes),
+                invalid_io: get(|c| &c.invalid_io),
+                notify_free: get(|c| &c.notify_free),
             },
             info: StoreInfo {
                 disksize: self.capacity_pages() * PAGE_SIZE as u64,
@@ -319,41 +530,80 @@ impl PageStore {
                 chunk_bytes: self.alloc.chunk_bytes(),
                 metadata_bytes: metadata,
             },
+            workers: self.worker_stats(),
+        }
+    }
+
+    fn worker_stats(&self) -> WorkerStats {
+        let pending_pages = self.pending_pages();
+        let Some(deferred) = &self.deferred else {
+            return WorkerStats {
+                inline_fallbacks: self.counters.sum(|c| &c.inline_fallbacks),
+                ..WorkerStats::default()
+            };
+        };
+        WorkerStats {
+            workers: deferred.per_worker.len() as u64,
+            pool_pages: deferred.pool.capacity() as u64,
+            pending_pages,
+            pending_bytes: pending_pages * PAGE_SIZE as u64,
+            pool_resident_bytes: deferred.pool.resident_bytes(),
+            inline_fallbacks: self.counters.sum(|c| &c.inline_fallbacks),
+            stalled_pages: deferred.queue.len().1 as u64,
+            per_worker: deferred
+                .per_worker
+                .iter()
+                .map(|w| WorkerStat {
+                    pages: get(&w.pages),
+                    batches: get(&w.batches),
+                    busy_us: get(&w.busy_ns) / 1000,
+                })
+                .collect(),
         }
     }
 
     /// Per-class allocator figures, for benchmarks and debugging.
-    pub fn class_stats(&self) -> Vec<alloc::ClassStats> {
+    pub fn class_stats(&self) -> Vec<ClassStats> {
         self.alloc.class_stats()
     }
 
-    /// Walks the slot table and every size class and checks that they agree with each other
-    /// and with the counters. Debug aid: slow, and only meaningful while no other thread
-    /// writes.
+    /// Walks the slot table, the pending pool and every size class and checks that they agree
+    /// with each other and with the counters. Debug aid: slow, and only meaningful while no
+    /// other thread writes and no page is pending in a worker's hands (see
+    /// [`PageStore::wait_drained`]).
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut by_class: Vec<Vec<u64>> = vec![Vec::new(); HUGE_CLASS + 1];
         let (mut stored, mut compr, mut same, mut huge) = (0u64, 0u64, 0u64, 0u64);
+        let mut pending_buffers = Vec::new();
         for slot in 0..self.slots.len() {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
-            if entry.state() != SlotState::Empty {
-                stored += 1;
-            }
             compr += compressed_bytes(entry);
+            stored += u64::from(holds_page(entry));
             match entry.state() {
+                SlotState::Empty | SlotState::Compressed => {}
                 SlotState::SameFilled => same += 1,
                 SlotState::Huge => huge += 1,
-                _ => {}
+                SlotState::Pending => pending_buffers.push((slot, entry.pending_buffer())),
+                state @ (SlotState::WrittenBack | SlotState::Invalid) => {
+                    return Err(format!("slot {slot} is in state {state:?}"))
+                }
             }
             if let Some(class) = object_class(entry) {
                 by_class[class].push(entry.handle());
             }
         }
+        self.check_pending(&pending_buffers)?;
         let c = &self.counters;
         let expect = [
-            ("pages_stored", stored, get(&c.pages_stored)),
-            ("compr_data_size", compr, get(&c.compr_data_size)),
-            ("same_pages", same, get(&c.same_pages)),
-            ("huge_pages", huge, get(&c.huge_pages)),
+            ("pages_stored", stored, c.sum(|c| &c.pages_stored)),
+            ("compr_data_size", compr, c.sum(|c| &c.compr_data_size)),
+            ("same_pages", same, c.sum(|c| &c.same_pages)),
+            ("huge_pages", huge, c.sum(|c| &c.huge_pages)),
+            (
+                "pending_pages",
+                pending_buffers.len() as u64,
+                c.sum(|c| &c.pending_pages),
+            ),
         ];
         for (name, walked, counted) in expect {
             if walked != counted {
@@ -364,6 +614,157 @@ impl PageStore {
         }
         self.alloc
             .check_consistency(&|class| by_class[class].clone())
+    }
+
+    /// Each pending slot names a live buffer of the pool, with its current generation, that no
+    /// other slot names; with no job in flight, the pool's buffers in use are exactly these.
+    fn check_pending(&self, pending: &[(usize, (u32, u32))]) -> Result<(), String> {
+        let Some(deferred) = &self.deferred else {
+            return match pending.first() {
+                None => Ok(()),
+                Some((slot, _)) => {
+                    Err(format!("slot {slot} is pending in a store without workers"))
+                }
+            };
+        };
+        let mut seen = std::collections::HashSet::new();
+        for &(slot, (buffer, generation)) in pending {
+            let Some((current, holders)) = deferred.pool.buffer_state(buffer) else {
+                return Err(format!(
+                    "slot {slot} names pending buffer {buffer}, past the pool"
+                ));
+            };
+            if current != generation || holders == 0 {
+                return Err(format!(
+                    "slot {slot} names buffer {buffer} generation {generation}, which is at \
+                     generation {current} with {holders} holders"
+                ));
+            }
+            if !seen.insert(buffer) {
+                return Err(format!("buffer {buffer} is named by two slots"));
+            }
+        }
+        // Jobs a worker holds may keep superseded buffers in use a little longer, so only
+        // "at least" holds at every moment.
+        let in_use = deferred.pool.in_use();
+        if in_use < pending.len() as u64 {
+            return Err(format!(
+                "the pool has {in_use} buffers in use but {} slots are pending",
+                pending.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes the next batch for worker `worker`, compresses it and installs what is still
+    /// wanted. Returns `false` when the workers are stopping. Called by
+    /// [`crate::workers::CompressWorkers`] threads only.
+    pub(crate) fn run_worker_batch(&self, worker: usize, scratch: &mut WorkerScratch) -> bool {
+        let Some(deferred) = &self.deferred else {
+            return false;
+        };
+        let n = match deferred.queue.next_batch(&mut scratch.jobs, || {
+            // Idle for a while: give the pool's memory back once nothing is pending.
+            if deferred.pool.in_use() == 0 {
+                deferred.pool.trim();
+            }
+        }) {
+            Batch::Stop => return false,
+            Batch::Jobs(n) => n,
+        };
+        let started = std::time::Instant::now();
+        self.compress_jobs(deferred, &scratch.jobs[..n], &mut scratch.outputs[..n]);
+        if let Some(counters) = deferred.per_worker.get(worker) {
+            add(&counters.pages, n as u64);
+            add(&counters.batches, 1);
+            let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            add(&counters.busy_ns, busy);
+        }
+        true
+    }
+
+    /// Compresses the pages of `jobs` as one batch and installs each result in its slot if
+    /// the slot still holds that job's pending entry; a later write, discard or write-zeroes
+    /// superseded it otherwise, and the result is dropped.
+    fn compress_jobs(
+        &self,
+        deferred: &Deferred,
+        jobs: &[Job],
+        outputs: &mut [[u8; COMPRESS_BUFFER]],
+    ) {
+        let mut live = [false; MAX_BATCH];
+        let mut pages: [&[u8; PAGE_SIZE]; MAX_BATCH] = [&ZERO_PAGE; MAX_BATCH];
+        let mut count = 0;
+        for (i, job) in jobs.iter().enumerate() {
+            let still_wanted = self.slots.peek(job.slot).is_some_and(|entry| {
+                entry.same_content(SlotEntry::pending(job.buffer, job.generation))
+            });
+            if still_wanted {
+                // SAFETY: the job holds the buffer until `release` below.
+                pages[count] = unsafe { deferred.pool.page(job.buffer) };
+                live[i] = true;
+                count += 1;
+            }
+        }
+        let mut results: [Result<usize, CodecError>; MAX_BATCH] = std::array::from_fn(|_| Ok(0));
+        {
+            let mut dsts: [&mut [u8]; MAX_BATCH] = Default::default();
+            for (dst, output) in dsts.iter_mut().zip(outputs.iter_mut()) {
+                *dst = &mut output[..];
+            }
+            self.codec
+                .compress_batch(&pages[..count], &mut dsts[..count], &mut results[..count]);
+        }
+        let mut next = 0;
+        for (i, job) in jobs.iter().enumerate() {
+            if live[i] {
+                let (page, output, len) =
+                    (pages[next], &outputs[next], results[next].as_ref().ok());
+                next += 1;
+                if !self.install(deferred, job, page, output, len.copied()) {
+                    // Keep the job (and its hold on the buffer) for a retry.
+                    deferred.queue.stall(*job);
+                    continue;
+                }
+            }
+            deferred.pool.release(job.buffer);
+        }
+    }
+
+    /// Allocates the compressed object for `job` and swaps it in if the slot still holds the
+    /// job's pending entry. Returns `false` when the memory limit (or the OS) refused the
+    /// object: the page stays pending, readable, and is retried later.
+    fn install(
+        &self,
+        deferred: &Deferred,
+        job: &Job,
+        page: &[u8; PAGE_SIZE],
+        compressed: &[u8],
+        compressed_len: Option<usize>,
+    ) -> bool {
+        let mut stored = self.store_object(page, compressed, compressed_len);
+        if stored.is_err() && deferred.pool.trim() > 0 {
+            // Free pool buffers were holding memory the limit counts: retry without them.
+            stored = self.store_object(page, compressed, compressed_len);
+        }
+        let Ok(new) = stored else {
+            return false;
+        };
+        self.counters.note_mem_used(self.mem_used_total());
+        let mut guard = self.lock(job.slot);
+        if guard
+            .entry()
+            .same_content(SlotEntry::pending(job.buffer, job.generation))
+        {
+            let old = guard.replace(new);
+            drop(guard);
+            self.account_replace(old, new);
+        } else {
+            drop(guard);
+            // Superseded while we compressed: the object was never published.
+            self.free_unpublished(new);
+        }
+        true
     }
 
     fn slot_index(&self, index: u64) -> Result<usize, StoreError> {
@@ -393,37 +794,46 @@ impl PageStore {
                 self.fill_words.encode(word),
             ));
         }
-        let limit = match self.mem_limit.load(Ordering::Relaxed) {
-            0 => None,
-            limit => Some(limit),
-        };
-        // The allocator's share of the limit: what the table and the fill words leave.
-        let alloc_limit = limit
-            .map(|l| l.saturating_sub(self.slots.bytes() as u64 + self.fill_words.bytes() as u64));
         let stored = COMPRESS_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            match self.codec.compress(page, &mut scratch[..]) {
-                Ok(len) if len <= HUGE_THRESHOLD => {
-                    let class = class_of(len);
-                    self.alloc
-                        .store(class, &scratch[..len], alloc_limit)
-                        .map(|handle| SlotEntry::compressed(handle, len))
-                }
-                // Too big or incompressible: keep the page raw.
-                Ok(_) | Err(_) => self
-                    .alloc
-                    .store(HUGE_CLASS, page, alloc_limit)
-                    .map(SlotEntry::huge),
-            }
+            let len = self.codec.compress(page, &mut scratch[..]).ok();
+            self.store_object(page, &scratch[..], len)
         });
-        let entry = stored.map_err(|e| match (e, limit) {
-            (AllocError::MemoryLimit { .. }, Some(limit)) => StoreError::MemoryLimit { limit },
+        let entry = stored.map_err(|e| match (e, self.mem_limit.load(Ordering::Relaxed)) {
+            (AllocError::MemoryLimit { .. }, limit @ 1..) => StoreError::MemoryLimit { limit },
             (e, _) => StoreError::OutOfMemory(e),
         })?;
-        self.counters
-            .mem_used_max
-            .fetch_max(self.mem_used_total(), Ordering::Relaxed);
+        self.counters.note_mem_used(self.mem_used_total());
         Ok(entry)
+    }
+
+    /// Allocates the object for a page that compressed into `compressed[..len]` (`None`:
+    /// it did not compress): a compressed object, or the raw page in the huge class.
+    fn store_object(
+        &self,
+        page: &[u8; PAGE_SIZE],
+        compressed: &[u8],
+        compressed_len: Option<usize>,
+    ) -> Result<SlotEntry, AllocError> {
+        // The allocator's share of the limit: what the table, the fill words and the pending
+        // pool leave.
+        let alloc_limit = match self.mem_limit.load(Ordering::Relaxed) {
+            0 => None,
+            limit => Some(limit.saturating_sub(
+                self.slots.bytes() as u64 + self.fill_words.bytes() as u64 + self.pool_bytes(),
+            )),
+        };
+        match compressed_len {
+            Some(len) if (1..=HUGE_THRESHOLD).contains(&len) && len <= compressed.len() => self
+                .alloc
+                .store(class_of(len), &compressed[..len], alloc_limit)
+                .map(|handle| SlotEntry::compressed(handle, len)),
+            // Too big or incompressible: keep the page raw.
+            Some(_) | None => self
+                .alloc
+                .store(HUGE_CLASS, page, alloc_limit)
+                .map(SlotEntry::huge),
+        }
     }
 
     /// Regenerates the page an entry holds. The caller holds the slot lock.
@@ -450,7 +860,23 @@ impl PageStore {
                 let object = unsafe { self.alloc.object(HUGE_CLASS, entry.handle(), PAGE_SIZE) };
                 page.copy_from_slice(object);
             }
-            state @ (SlotState::WrittenBack | SlotState::Pending) => {
+            SlotState::Pending => {
+                let (buffer, _generation) = entry.pending_buffer();
+                let Some(deferred) = self
+                    .deferred
+                    .as_ref()
+                    .filter(|d| (buffer as usize) < d.pool.capacity())
+                else {
+                    return Err(StoreError::UnsupportedState {
+                        index,
+                        state: SlotState::Pending,
+                    });
+                };
+                // SAFETY: the caller holds the lock of the slot whose entry names the buffer,
+                // so the slot's hold keeps it published and unchanged while we copy it.
+                page.copy_from_slice(unsafe { deferred.pool.page(buffer) });
+            }
+            state @ (SlotState::WrittenBack | SlotState::Invalid) => {
                 return Err(StoreError::UnsupportedState { index, state })
             }
         }
@@ -458,19 +884,17 @@ impl PageStore {
     }
 
     /// Updates the counters for a slot that went from `old` to `new`, and frees what `old`
-    /// held. The caller has published `new` and released the slot lock, so `old`'s object is
-    /// referenced by no slot and owned by the caller.
+    /// held. The caller has published `new` and released the slot lock, so `old`'s object
+    /// (or pending buffer) is referenced by no slot and owned by the caller.
     fn account_replace(&self, old: SlotEntry, new: SlotEntry) {
-        let c = &self.counters;
+        let c = self.counters.local();
         for (entry, change) in [(new, add as fn(&AtomicU64, u64)), (old, sub)] {
-            let present = u64::from(entry.state() != SlotState::Empty);
-            change(&c.pages_stored, present);
+            change(&c.pages_stored, u64::from(holds_page(entry)));
             change(&c.compr_data_size, compressed_bytes(entry));
-            change(
-                &c.same_pages,
-                u64::from(entry.state() == SlotState::SameFilled),
-            );
-            change(&c.huge_pages, u64::from(entry.state() == SlotState::Huge));
+            let state = entry.state();
+            change(&c.same_pages, u64::from(state == SlotState::SameFilled));
+            change(&c.huge_pages, u64::from(state == SlotState::Huge));
+            change(&c.pending_pages, u64::from(state == SlotState::Pending));
         }
         add(
             &c.huge_pages_since,
@@ -478,13 +902,37 @@ impl PageStore {
         );
         match old.state() {
             SlotState::SameFilled => self.fill_words.release(old.payload()),
-            SlotState::Compressed | SlotState::Huge => {
-                if let Some(class) = object_class(old) {
-                    self.alloc.free(class, old.handle());
+            SlotState::Compressed | SlotState::Huge => self.free_unpublished(old),
+            SlotState::Pending => {
+                if let Some(deferred) = &self.deferred {
+                    deferred.pool.release(old.pending_buffer().0);
                 }
             }
-            _ => {}
+            SlotState::Empty | SlotState::WrittenBack | SlotState::Invalid => {}
         }
+    }
+
+    /// Frees the object of a Compressed or Huge entry that no slot references.
+    fn free_unpublished(&self, entry: SlotEntry) {
+        if let Some(class) = object_class(entry) {
+            // SAFETY: the caller owns the entry's object: no slot references it (it was
+            // replaced, or never published) and nothing uses it afterwards.
+            unsafe { self.alloc.free(class, entry.handle()) };
+        }
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Whether an entry holds data (counts in `orig_data_size`).
+fn holds_page(entry: SlotEntry) -> bool {
+    match entry.state() {
+        SlotState::Empty | SlotState::Invalid => false,
+        SlotState::SameFilled
+        | SlotState::Compressed
+        | SlotState::Huge
+        | SlotState::WrittenBack
+        | SlotState::Pending => true,
     }
 }
 
@@ -493,7 +941,11 @@ fn object_class(entry: SlotEntry) -> Option<usize> {
     match entry.state() {
         SlotState::Compressed => Some(class_of(entry.compressed_size())),
         SlotState::Huge => Some(HUGE_CLASS),
-        _ => None,
+        SlotState::Empty
+        | SlotState::SameFilled
+        | SlotState::WrittenBack
+        | SlotState::Pending
+        | SlotState::Invalid => None,
     }
 }
 
@@ -501,16 +953,23 @@ fn object_class(entry: SlotEntry) -> Option<usize> {
 fn object_len(entry: SlotEntry) -> usize {
     match entry.state() {
         SlotState::Compressed => entry.compressed_size(),
-        _ => PAGE_SIZE,
+        SlotState::Huge => PAGE_SIZE,
+        SlotState::Empty
+        | SlotState::SameFilled
+        | SlotState::WrittenBack
+        | SlotState::Pending
+        | SlotState::Invalid => 0,
     }
 }
 
-/// What an entry adds to `compr_data_size` (zram counts a huge page as a full page).
+/// What an entry adds to `compr_data_size`: zram counts a huge page as a full page, and a
+/// pending page is held uncompressed, so it counts a full page too until a worker compresses
+/// it.
 fn compressed_bytes(entry: SlotEntry) -> u64 {
     match entry.state() {
         SlotState::Compressed => entry.compressed_size() as u64,
-        SlotState::Huge => PAGE_SIZE as u64,
-        _ => 0,
+        SlotState::Huge | SlotState::Pending => PAGE_SIZE as u64,
+        SlotState::Empty | SlotState::SameFilled | SlotState::WrittenBack | SlotState::Invalid => 0,
     }
 }
 

@@ -21,8 +21,11 @@
 //!   Compressed   size (bits 8-19, 1..=4095 bytes) | object handle << 12 (bits 20-63, 44 bits)
 //!   Huge         object handle (44 bits); the object is a raw 4 KiB page
 //!   WrittenBack  block number in the backing file (reserved for writeback)
-//!   Pending      reserved for asynchronous compression
+//!   Pending      pool buffer (bits 8-31, 24 bits) | buffer generation << 24 (bits 32-63)
 //! ```
+//!
+//! State values 6 and 7 are not used; an entry holding one reads as [`SlotState::Invalid`] and
+//! every operation refuses it rather than guessing.
 //!
 //! Locking: a thread takes a slot's lock bit with a compare-and-swap, spinning briefly and then
 //! yielding. Different slots proceed in parallel; the same slot is serialised. A thread holds at
@@ -39,7 +42,9 @@ const _: () = assert!(
 const LOCK: u64 = 1;
 const STATE_SHIFT: u32 = 1;
 const STATE_MASK: u64 = 0b111 << STATE_SHIFT;
+#[cfg_attr(not(test), allow(dead_code))]
 const IDLE: u64 = 1 << 4;
+#[cfg_attr(not(test), allow(dead_code))]
 const INCOMPRESSIBLE: u64 = 1 << 5;
 const PAYLOAD_SHIFT: u32 = 8;
 const SIZE_BITS: u32 = 12;
@@ -62,22 +67,33 @@ pub enum SlotState {
     Huge = 3,
     /// Written back to the backing file (reserved for the writeback issue).
     WrittenBack = 4,
-    /// Being compressed asynchronously (reserved for the worker issue).
+    /// Written by the guest and waiting for a compression worker: the page is held
+    /// uncompressed in a buffer of the pending pool.
     Pending = 5,
+    /// A state value no version of the store writes (6 or 7): corruption or a bug. Never
+    /// created on purpose; refused by every operation.
+    Invalid = 7,
 }
 
 impl SlotState {
     fn from_bits(bits: u64) -> SlotState {
         match bits {
+            0 => SlotState::Empty,
             1 => SlotState::SameFilled,
             2 => SlotState::Compressed,
             3 => SlotState::Huge,
             4 => SlotState::WrittenBack,
             5 => SlotState::Pending,
-            _ => SlotState::Empty,
+            _ => SlotState::Invalid,
         }
     }
 }
+
+/// Bits of a Pending payload that name the pool buffer.
+const PENDING_BUFFER_BITS: u32 = 24;
+
+/// The most buffers the pending pool may have: a Pending entry names one in 24 bits.
+pub const MAX_PENDING_BUFFERS: usize = 1 << PENDING_BUFFER_BITS;
 
 /// A decoded slot entry (without its lock bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +118,35 @@ impl SlotEntry {
     /// A raw page at `handle`.
     pub fn huge(handle: u64) -> SlotEntry {
         SlotEntry::new(SlotState::Huge, handle)
+    }
+
+    /// A page waiting in pending-pool buffer `buffer` (below [`MAX_PENDING_BUFFERS`]) whose
+    /// current use is `generation`.
+    pub fn pending(buffer: u32, generation: u32) -> SlotEntry {
+        debug_assert!((buffer as usize) < MAX_PENDING_BUFFERS);
+        SlotEntry::new(
+            SlotState::Pending,
+            u64::from(buffer) | (u64::from(generation) << PENDING_BUFFER_BITS),
+        )
+    }
+
+    /// The pool buffer and generation of a Pending entry.
+    pub fn pending_buffer(self) -> (u32, u32) {
+        let payload = self.payload();
+        // Both fields are masked/shifted to at most 32 bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let fields = (
+            (payload & ((1 << PENDING_BUFFER_BITS) - 1)) as u32,
+            (payload >> PENDING_BUFFER_BITS) as u32,
+        );
+        fields
+    }
+
+    /// Whether `self` and `other` hold the same content (state and payload), whatever their
+    /// idle and incompressible flags say.
+    pub fn same_content(self, other: SlotEntry) -> bool {
+        let content = !((1u64 << PAYLOAD_SHIFT) - 1) | STATE_MASK;
+        self.0 & content == other.0 & content
     }
 
     /// The state.
@@ -141,22 +186,29 @@ impl SlotEntry {
         size
     }
 
+    // The idle and incompressible flags are part of the slot format (DESIGN.md); nothing sets
+    // them until writeback and recompression do, so only the tests call these yet.
+
     /// Whether the idle flag is set.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_idle(self) -> bool {
         self.0 & IDLE != 0
     }
 
     /// This entry with the idle flag set or cleared.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn with_idle(self, idle: bool) -> SlotEntry {
         SlotEntry(if idle { self.0 | IDLE } else { self.0 & !IDLE })
     }
 
     /// Whether the incompressible flag is set.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_incompressible(self) -> bool {
         self.0 & INCOMPRESSIBLE != 0
     }
 
     /// This entry with the incompressible flag set or cleared.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn with_incompressible(self, flag: bool) -> SlotEntry {
         SlotEntry(if flag {
             self.0 | INCOMPRESSIBLE
@@ -166,6 +218,7 @@ impl SlotEntry {
     }
 
     /// The raw bits (lock bit clear).
+    #[cfg(test)]
     pub fn bits(self) -> u64 {
         self.0
     }
@@ -195,11 +248,6 @@ impl SlotTable {
     /// The number of slots.
     pub fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// Whether the table has no slots.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 
     /// The bytes the table occupies.
@@ -300,12 +348,32 @@ mod tests {
             SlotState::Huge,
             SlotState::WrittenBack,
             SlotState::Pending,
+            SlotState::Invalid,
         ] {
             let e = SlotEntry::new(state, MAX_PAYLOAD);
             assert_eq!(e.state(), state);
             assert_eq!(e.payload(), MAX_PAYLOAD);
             assert_eq!(e.bits() & LOCK, 0);
         }
+    }
+
+    #[test]
+    fn unknown_state_values_read_as_invalid_never_as_empty() {
+        for bits in [6u64, 7] {
+            let e = SlotEntry(bits << STATE_SHIFT);
+            assert_eq!(e.state(), SlotState::Invalid);
+        }
+    }
+
+    #[test]
+    fn pending_entry_roundtrips_buffer_and_generation() {
+        let last = u32::try_from(MAX_PENDING_BUFFERS - 1).unwrap();
+        let e = SlotEntry::pending(last, u32::MAX);
+        assert_eq!(e.state(), SlotState::Pending);
+        assert_eq!(e.pending_buffer(), (last, u32::MAX));
+        assert!(e.with_idle(true).same_content(e));
+        assert!(!SlotEntry::pending(last, 1).same_content(e));
+        assert!(!SlotEntry::pending(0, u32::MAX).same_content(e));
     }
 
     #[test]

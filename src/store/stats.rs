@@ -60,6 +60,40 @@ pub struct StoreInfo {
     pub metadata_bytes: u64,
 }
 
+/// The compression workers (kcompressd) and their pending pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WorkerStats {
+    /// Compression worker threads (0: writes compress on the queue threads).
+    pub workers: u64,
+    /// Pages the pending pool holds at most (`--max-pending`).
+    pub pool_pages: u64,
+    /// Pages written by the guest and not yet compressed.
+    pub pending_pages: u64,
+    /// Their bytes (`pending_pages` × 4096), part of `mem_used_total`.
+    pub pending_bytes: u64,
+    /// Bytes of pool memory held from the OS (part of `mem_used_total`).
+    pub pool_resident_bytes: u64,
+    /// Writes compressed on the queue thread because the pool was full.
+    pub inline_fallbacks: u64,
+    /// Pages waiting because the memory limit refused their compressed object.
+    pub stalled_pages: u64,
+    /// Per worker: pages compressed, batches and busy time.
+    pub per_worker: Vec<WorkerStat>,
+}
+
+/// One compression worker's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WorkerStat {
+    /// Pages compressed (installed or dropped because a later write superseded them).
+    pub pages: u64,
+    /// Batches taken from the queue.
+    pub batches: u64,
+    /// Time spent compressing and installing, microseconds.
+    pub busy_us: u64,
+}
+
 /// Everything `stats` reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
@@ -71,6 +105,9 @@ pub struct Stats {
     /// Device facts.
     #[serde(default)]
     pub info: StoreInfo,
+    /// Compression workers.
+    #[serde(default)]
+    pub workers: WorkerStats,
 }
 
 /// An `mm_stat` line that is not nine numbers.
@@ -175,16 +212,43 @@ impl Stats {
         for (name, value) in rows {
             let _ = writeln!(out, "{name:<26} {value:>16}");
         }
+        let w = &self.workers;
+        let worker_rows = [
+            ("workers", w.workers.to_string()),
+            ("  pool_pages", w.pool_pages.to_string()),
+            ("  pending_pages", w.pending_pages.to_string()),
+            ("  pending_bytes", w.pending_bytes.to_string()),
+            ("  pool_resident_bytes", w.pool_resident_bytes.to_string()),
+            ("  inline_fallbacks", w.inline_fallbacks.to_string()),
+            ("  stalled_pages", w.stalled_pages.to_string()),
+        ];
+        for (name, value) in worker_rows {
+            let _ = writeln!(out, "{name:<26} {value:>16}");
+        }
+        for (i, worker) in w.per_worker.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{:<26} {:>16}",
+                format!("  worker {i} pages / busy"),
+                format!("{} / {} ms", worker.pages, worker.busy_us / 1000)
+            );
+        }
         out
     }
 }
 
-/// The store's live counters.
+/// Shards of the counters: each thread updates its own cache line, so queue threads and
+/// workers do not contend on shared counters; readers sum the shards.
+const SHARDS: usize = 16;
+
+/// One shard of the store's counters. Gauges (pages stored, bytes) go up in one shard and down
+/// in another, so a shard's value alone is meaningless; the wrapping sum over all shards is
+/// exact.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
+#[repr(align(128))]
+pub(crate) struct CounterShard {
     pub pages_stored: AtomicU64,
     pub compr_data_size: AtomicU64,
-    pub mem_used_max: AtomicU64,
     pub same_pages: AtomicU64,
     pub pages_compacted: AtomicU64,
     pub huge_pages: AtomicU64,
@@ -193,6 +257,47 @@ pub(crate) struct Counters {
     pub failed_writes: AtomicU64,
     pub invalid_io: AtomicU64,
     pub notify_free: AtomicU64,
+    pub pending_pages: AtomicU64,
+    pub inline_fallbacks: AtomicU64,
+}
+
+/// The store's live counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    shards: [CounterShard; SHARDS],
+    /// The high-water mark of `mem_used_total` (updated only when it rises).
+    pub mem_used_max: AtomicU64,
+}
+
+thread_local! {
+    static SHARD: usize = next_shard();
+}
+
+fn next_shard() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+}
+
+impl Counters {
+    /// The calling thread's shard.
+    pub fn local(&self) -> &CounterShard {
+        &self.shards[SHARD.with(|s| *s)]
+    }
+
+    /// The sum of one counter over every shard.
+    pub fn sum(&self, counter: impl Fn(&CounterShard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |total, shard| total.wrapping_add(get(counter(shard))))
+    }
+
+    /// Raises `mem_used_max` to `value` if it is higher; a plain load when it is not, so the
+    /// common case writes no shared cache line.
+    pub fn note_mem_used(&self, value: u64) {
+        if value > self.mem_used_max.load(Ordering::Relaxed) {
+            self.mem_used_max.fetch_max(value, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Adds `value` to a counter.
@@ -202,7 +307,7 @@ pub(crate) fn add(counter: &AtomicU64, value: u64) {
     }
 }
 
-/// Subtracts `value` from a counter.
+/// Subtracts `value` from a counter (wrapping: a shard of a gauge may go below zero).
 pub(crate) fn sub(counter: &AtomicU64, value: u64) {
     if value != 0 {
         counter.fetch_sub(value, Ordering::Relaxed);

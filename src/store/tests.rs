@@ -5,6 +5,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
 
@@ -277,8 +278,49 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Writes `page` the way the request path does: through `write_with`, which queues it for
+/// the workers when the store has them.
+fn write_deferred(s: &PageStore, index: u64, page: &[u8; PAGE_SIZE]) {
+    s.write_with(index, |buffer| {
+        buffer.copy_from_slice(page);
+        Ok::<(), ()>(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
 fn run_model(algorithm: Algorithm, ops: &[Op]) {
-    let s = store(MODEL_PAGES, algorithm);
+    run_model_on(&store(MODEL_PAGES, algorithm), ops);
+}
+
+/// The model test with compression workers running while the ops go on: reads of pages
+/// still pending come from the pool, later writes and discards supersede queued ones.
+fn run_model_with_workers(algorithm: Algorithm, ops: &[Op]) {
+    let s = Arc::new(
+        PageStore::with_pending(
+            config(MODEL_PAGES, algorithm, None),
+            PendingConfig {
+                workers: 2,
+                max_pending_pages: 8,
+            },
+        )
+        .unwrap(),
+    );
+    let workers = crate::workers::CompressWorkers::start(Arc::clone(&s), &[]).unwrap();
+    run_model_on(&s, ops);
+    workers.stop();
+}
+
+fn config(pages: u64, algorithm: Algorithm, mem_limit: Option<u64>) -> StoreConfig {
+    StoreConfig {
+        capacity_pages: pages,
+        algorithm,
+        level: None,
+        mem_limit,
+    }
+}
+
+fn run_model_on(s: &PageStore, ops: &[Op]) {
     let mut model = vec![[0u8; PAGE_SIZE]; MODEL_PAGES as usize];
     let mut out = [0u8; PAGE_SIZE];
     for op in ops {
@@ -286,13 +328,13 @@ fn run_model(algorithm: Algorithm, ops: &[Op]) {
             Op::Write { index, seed } => {
                 let mut page = [0u8; PAGE_SIZE];
                 fill_page(seed, index, &mut page);
-                s.write(index, &page).unwrap();
+                write_deferred(s, index, &page);
                 model[index as usize] = page;
             }
             Op::WriteSame { index, word } => {
                 let mut page = [0u8; PAGE_SIZE];
                 same_fill::fill(&mut page, word);
-                s.write(index, &page).unwrap();
+                write_deferred(s, index, &page);
                 model[index as usize] = page;
             }
             Op::Patch {
@@ -321,6 +363,10 @@ fn run_model(algorithm: Algorithm, ops: &[Op]) {
             }
         }
     }
+    assert!(
+        s.wait_drained(Duration::from_secs(10)),
+        "the workers never drained"
+    );
     s.check_consistency().unwrap();
     for (index, expect) in model.iter().enumerate() {
         s.read(index as u64, &mut out).unwrap();
@@ -346,6 +392,21 @@ proptest! {
     #[test]
     fn deflate_store_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
         run_model(Algorithm::Deflate, &ops);
+    }
+
+    #[test]
+    fn lz4_store_with_workers_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_workers(Algorithm::Lz4, &ops);
+    }
+
+    #[test]
+    fn zstd_store_with_workers_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_workers(Algorithm::Zstd, &ops);
+    }
+
+    #[test]
+    fn deflate_store_with_workers_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_workers(Algorithm::Deflate, &ops);
     }
 }
 
@@ -413,4 +474,255 @@ fn threads_on_overlapping_slots_never_see_torn_pages() {
             check_signed(&out, index);
         }
     }
+}
+
+fn store_with_workers(
+    pages: u64,
+    algorithm: Algorithm,
+    workers: usize,
+    pool: usize,
+    mem_limit: Option<u64>,
+) -> (Arc<PageStore>, crate::workers::CompressWorkers) {
+    let s = Arc::new(
+        PageStore::with_pending(
+            config(pages, algorithm, mem_limit),
+            PendingConfig {
+                workers,
+                max_pending_pages: pool,
+            },
+        )
+        .unwrap(),
+    );
+    let w = crate::workers::CompressWorkers::start(Arc::clone(&s), &[]).unwrap();
+    (s, w)
+}
+
+/// Several threads write, rewrite, discard and read pages while the workers compress: each
+/// thread owns some pages (checked exactly against its own model) and all share others
+/// (checked to be whole pages of some writer, never torn or misplaced).
+#[test]
+fn concurrent_writers_and_workers_lose_nothing() {
+    const THREADS: u64 = 3;
+    const OWN: u64 = 32;
+    const SHARED: u64 = 16;
+    for algorithm in Algorithm::ALL {
+        let pages = THREADS * OWN + SHARED;
+        let (s, workers) = store_with_workers(pages, algorithm, 2, 16, None);
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    let mut rng = crate::pagegen::SplitMix64::new(100 + t);
+                    let mut model = vec![[0u8; PAGE_SIZE]; OWN as usize];
+                    let mut out = [0u8; PAGE_SIZE];
+                    for step in 0..2500u64 {
+                        let own = rng.below(OWN);
+                        let index = t * OWN + own;
+                        let shared = THREADS * OWN + rng.below(SHARED);
+                        match rng.below(12) {
+                            0..4 => {
+                                let page = signed_page(t << 32 | step, index);
+                                write_deferred(&s, index, &page);
+                                model[own as usize] = page;
+                            }
+                            4 => {
+                                let mut page = [0u8; PAGE_SIZE];
+                                same_fill::fill(&mut page, step);
+                                write_deferred(&s, index, &page);
+                                model[own as usize] = page;
+                            }
+                            5 => {
+                                s.discard(index..index + 1).unwrap();
+                                model[own as usize] = [0u8; PAGE_SIZE];
+                            }
+                            6 | 7 => {
+                                write_deferred(&s, shared, &signed_page(t << 32 | step, shared))
+                            }
+                            8 => s.discard(shared..shared + 1).unwrap(),
+                            9 => {
+                                s.read(shared, &mut out).unwrap();
+                                check_signed(&out, shared);
+                            }
+                            _ => {
+                                s.read(index, &mut out).unwrap();
+                                assert_eq!(out, model[own as usize], "{algorithm} page {index}");
+                            }
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        let models: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(s.wait_drained(Duration::from_secs(10)));
+        s.check_consistency().unwrap();
+        let mut out = [0u8; PAGE_SIZE];
+        for (t, model) in models.iter().enumerate() {
+            for (own, expect) in model.iter().enumerate() {
+                let index = t as u64 * OWN + own as u64;
+                s.read(index, &mut out).unwrap();
+                assert_eq!(&out, expect, "{algorithm} final read of page {index}");
+            }
+        }
+        let stats = s.stats();
+        assert!(
+            stats
+                .workers
+                .per_worker
+                .iter()
+                .map(|w| w.pages)
+                .sum::<u64>()
+                > 0
+        );
+        workers.stop();
+    }
+}
+
+#[test]
+fn writes_complete_while_the_workers_are_paused_and_the_pool_limit_holds() {
+    let (s, workers) = store_with_workers(256, Algorithm::Lz4, 1, 16, None);
+    s.set_worker_hooks(WorkerHooks {
+        paused: true,
+        delay: Duration::ZERO,
+    });
+    for i in 0..256 {
+        write_deferred(&s, i, &signed_page(7, i));
+    }
+    let stats = s.stats();
+    assert_eq!(
+        stats.workers.pending_pages, 16,
+        "the pool holds exactly its size"
+    );
+    assert_eq!(stats.workers.inline_fallbacks, 256 - 16);
+    assert_eq!(stats.workers.pool_resident_bytes, 16 * PAGE_SIZE as u64);
+    assert!(stats.mm.mem_used_total >= stats.workers.pool_resident_bytes);
+    // Pending pages read back from the pool, and a rewrite or discard supersedes them.
+    let mut out = [0u8; PAGE_SIZE];
+    for i in 0..256 {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, signed_page(7, i), "page {i} while paused");
+    }
+    s.write(0, &signed_page(8, 0)).unwrap();
+    s.discard(1..2).unwrap();
+    s.modify(2, |p| p[..16].fill(0)).unwrap();
+    s.set_worker_hooks(WorkerHooks::default());
+    assert!(s.wait_drained(Duration::from_secs(10)));
+    s.check_consistency().unwrap();
+    s.read(0, &mut out).unwrap();
+    assert_eq!(out, signed_page(8, 0));
+    s.read(1, &mut out).unwrap();
+    assert_eq!(out, [0u8; PAGE_SIZE]);
+    s.read(2, &mut out).unwrap();
+    let mut expect = signed_page(7, 2);
+    expect[..16].fill(0);
+    assert_eq!(out, expect);
+    for i in 3..256 {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, signed_page(7, i), "page {i} after the workers resumed");
+    }
+    workers.stop();
+}
+
+#[test]
+fn a_slow_worker_loses_nothing() {
+    let (s, workers) = store_with_workers(512, Algorithm::Zstd, 1, 32, None);
+    s.set_worker_hooks(WorkerHooks {
+        paused: false,
+        delay: Duration::from_millis(2),
+    });
+    for round in 0..3u64 {
+        for i in 0..512 {
+            write_deferred(&s, i, &signed_page(round, i));
+        }
+    }
+    let mut out = [0u8; PAGE_SIZE];
+    for i in 0..512 {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, signed_page(2, i), "page {i}");
+    }
+    s.set_worker_hooks(WorkerHooks::default());
+    assert!(s.wait_drained(Duration::from_secs(10)));
+    s.check_consistency().unwrap();
+    assert_eq!(s.stats().mm.orig_data_size, 512 * PAGE_SIZE as u64);
+    workers.stop();
+}
+
+#[test]
+fn same_filled_pages_never_wait_for_a_worker() {
+    let (s, workers) = store_with_workers(64, Algorithm::Lz4, 1, 8, None);
+    s.set_worker_hooks(WorkerHooks {
+        paused: true,
+        delay: Duration::ZERO,
+    });
+    for i in 0..64 {
+        write_deferred(&s, i, &[0u8; PAGE_SIZE]);
+    }
+    let stats = s.stats();
+    assert_eq!(stats.workers.pending_pages, 0);
+    assert_eq!(stats.mm.same_pages, 64);
+    s.check_consistency().unwrap();
+    workers.stop();
+}
+
+#[test]
+fn at_the_memory_limit_queued_pages_stay_readable_and_install_once_memory_frees() {
+    let limit = 768 * 1024;
+    let (s, workers) = store_with_workers(4096, Algorithm::Lz4, 1, 32, Some(limit));
+    let mut stored = 0;
+    for i in 0..4096 {
+        let result = s.write_with(i, |b| {
+            b.copy_from_slice(&signed_page(5, i));
+            b[16..].copy_from_slice(&page_of(PageKind::Random, i)[16..]);
+            Ok::<(), ()>(())
+        });
+        match result {
+            Ok(Ok(())) => stored = i + 1,
+            Err(StoreError::MemoryLimit { .. }) => break,
+            Err(e) => panic!("{e}"),
+            Ok(Err(())) => unreachable!(),
+        }
+    }
+    assert!(
+        stored > 0 && stored < 4096,
+        "the limit never bit ({stored})"
+    );
+    // Every page whose write succeeded reads back, pending or not.
+    let mut out = [0u8; PAGE_SIZE];
+    let expect = |i: u64| {
+        let mut page = signed_page(5, i);
+        page[16..].copy_from_slice(&page_of(PageKind::Random, i)[16..]);
+        page
+    };
+    for i in 0..stored {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, expect(i), "page {i}");
+    }
+    assert!(s.mem_used_total() <= limit + 16 * PAGE_SIZE as u64);
+    // Freeing memory lets stalled pages install.
+    s.discard(0..stored / 2).unwrap();
+    assert!(
+        s.wait_drained(Duration::from_secs(10)),
+        "stalled pages never installed"
+    );
+    s.check_consistency().unwrap();
+    for i in stored / 2..stored {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, expect(i), "page {i} after the stall");
+    }
+    workers.stop();
+}
+
+#[test]
+fn the_pool_gives_its_memory_back_after_draining() {
+    let (s, workers) = store_with_workers(256, Algorithm::Lz4, 1, 64, None);
+    for i in 0..256 {
+        write_deferred(&s, i, &signed_page(1, i));
+    }
+    assert!(s.wait_drained(Duration::from_secs(10)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.stats().workers.pool_resident_bytes > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.stats().workers.pool_resident_bytes, 0);
+    workers.stop();
 }

@@ -1,0 +1,521 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The pending pool: guest pages waiting for a compression worker (kcompressd).
+//!
+//! A write that is not same-filled copies the guest's page into a pool *buffer*, makes the slot
+//! `Pending` (naming the buffer and its generation) and completes; a worker later compresses
+//! the buffer and installs the object if the slot still holds that exact pending entry.
+//!
+//! # Buffer ownership
+//!
+//! A buffer in use has up to two *holders*, counted in `holders[buffer]`:
+//!
+//! - the **slot** whose entry is `Pending(buffer, generation)` — released by whoever replaces
+//!   that entry (a later write, a discard, or the worker installing the compressed object);
+//! - the **job** in the work queue — released by the worker once it has compressed the buffer
+//!   and installed (or dropped) the result.
+//!
+//! The content is written once, by the writer, before the buffer is published (slot entry
+//! stored with release ordering, job pushed under the queue mutex) and never changes while a
+//! holder remains. Readers read it under the slot lock (which the slot's hold keeps valid); the
+//! worker reads it under the job's hold. The buffer returns to the free list when the last
+//! holder lets go, and only then can it be taken again: so a slot can never name a buffer that
+//! holds someone else's page (no ABA), and the generation — bumped at every take — only
+//! double-checks this.
+//!
+//! # Memory
+//!
+//! The buffers live in one `MAP_NORESERVE` mapping: a buffer costs memory once it is first
+//! written (*resident*). `resident_bytes` counts those and is part of the store's
+//! `mem_used_total`; taking a buffer that is not resident yet is refused when it would pass the
+//! memory limit. [`PendingPool::trim`] gives free resident buffers back to the OS (the workers
+//! call it when the pool has drained, and when a memory limit stalls them).
+
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::slot::MAX_PENDING_BUFFERS;
+use crate::PAGE_SIZE;
+
+/// The most pages a worker takes from the queue at once (an IAA batch).
+pub const WORKER_BATCH: usize = crate::codec::MAX_BATCH;
+
+/// A buffer the caller has taken and may write, not yet published.
+#[derive(Debug)]
+pub(crate) struct TakenBuffer {
+    pub(crate) index: u32,
+    pub(crate) generation: u32,
+}
+
+/// A page waiting for a worker: slot `slot` was made `Pending(buffer, generation)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Job {
+    pub(crate) slot: usize,
+    pub(crate) buffer: u32,
+    pub(crate) generation: u32,
+}
+
+#[derive(Debug)]
+struct FreeLists {
+    /// Free buffers whose pages are resident (taken first: no fault, no new memory).
+    resident: Vec<u32>,
+    /// Free buffers that were never written or were trimmed.
+    cold: Vec<u32>,
+}
+
+/// The pool of page buffers. `Send + Sync`.
+#[derive(Debug)]
+pub(crate) struct PendingPool {
+    base: NonNull<u8>,
+    capacity: usize,
+    holders: Box<[AtomicU8]>,
+    generations: Box<[AtomicU32]>,
+    free: Mutex<FreeLists>,
+    /// Buffers in use (taken and not yet returned).
+    in_use: AtomicU64,
+    /// Buffers whose pages are resident.
+    resident: AtomicU64,
+}
+
+// SAFETY: the mapping is owned by the pool and freed only on drop; access to each buffer's
+// bytes follows the ownership rule of the module documentation (one writer before
+// publication, shared readers after, reuse only after the last holder), and all bookkeeping is
+// atomic or behind a mutex.
+unsafe impl Send for PendingPool {}
+// SAFETY: as above.
+unsafe impl Sync for PendingPool {}
+
+impl PendingPool {
+    /// A pool of `capacity` buffers (1 to [`MAX_PENDING_BUFFERS`]); memory is reserved, not
+    /// committed.
+    pub(crate) fn new(capacity: usize) -> std::io::Result<PendingPool> {
+        if capacity == 0 || capacity > MAX_PENDING_BUFFERS {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a pending pool holds 1 to {MAX_PENDING_BUFFERS} pages, not {capacity}"),
+            ));
+        }
+        let bytes = capacity * PAGE_SIZE;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
+        // no existing memory; the result is checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = NonNull::new(base.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+        // Buffer numbers fit 24 bits (checked above); hand out low numbers first.
+        #[allow(clippy::cast_possible_truncation)]
+        let cold = (0..capacity as u32).rev().collect();
+        Ok(PendingPool {
+            base,
+            capacity,
+            holders: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
+            generations: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
+            free: Mutex::new(FreeLists {
+                resident: Vec::with_capacity(capacity),
+                cold,
+            }),
+            in_use: AtomicU64::new(0),
+            resident: AtomicU64::new(0),
+        })
+    }
+
+    /// The number of buffers.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes of resident buffers (part of `mem_used_total`).
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed) * PAGE_SIZE as u64
+    }
+
+    /// Buffers in use.
+    pub(crate) fn in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Takes a free buffer, or `None` when all are in use or only a buffer that would grow
+    /// memory is left and `may_grow` refuses `PAGE_SIZE` more bytes.
+    pub(crate) fn take(&self, may_grow: impl FnOnce(u64) -> bool) -> Option<TakenBuffer> {
+        let mut free = self.lock_free();
+        let index = match free.resident.pop() {
+            Some(index) => index,
+            None => {
+                let index = *free.cold.last()?;
+                if !may_grow(PAGE_SIZE as u64) {
+                    return None;
+                }
+                free.cold.pop();
+                self.resident.fetch_add(1, Ordering::Relaxed);
+                index
+            }
+        };
+        drop(free);
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generations[index as usize]
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        Some(TakenBuffer { index, generation })
+    }
+
+    /// The page of a buffer the caller has taken and not yet published; the borrow of
+    /// `buffer` keeps it from being published or given back while the page is in use.
+    ///
+    /// # Safety
+    /// `buffer` must have been taken from this pool (not another one).
+    pub(crate) unsafe fn page_mut<'a>(
+        &'a self,
+        buffer: &'a mut TakenBuffer,
+    ) -> &'a mut [u8; PAGE_SIZE] {
+        // SAFETY: the index is below capacity (it came from this pool's free lists, by this
+        // function's contract); a taken buffer is owned by the one `TakenBuffer`, which is
+        // borrowed mutably for the page's lifetime, so no other reference to the page exists;
+        // the mapping lives as long as `self`.
+        unsafe { &mut *self.page_ptr(buffer.index).cast::<[u8; PAGE_SIZE]>() }
+    }
+
+    /// The page of a published buffer.
+    ///
+    /// # Safety
+    /// The caller must keep a hold on `buffer` (hold the lock of the slot whose entry names it,
+    /// or own its job) for as long as the returned reference lives.
+    pub(crate) unsafe fn page(&self, buffer: u32) -> &[u8; PAGE_SIZE] {
+        assert!(
+            (buffer as usize) < self.capacity,
+            "pending buffer out of range"
+        );
+        // SAFETY: in range (asserted); a held, published buffer is written by no one (module
+        // documentation), and the mapping lives as long as `self`.
+        unsafe { &*self.page_ptr(buffer).cast::<[u8; PAGE_SIZE]>() }
+    }
+
+    /// Publishes a taken buffer with its two holders (the slot and the job).
+    pub(crate) fn publish(&self, buffer: TakenBuffer) -> (u32, u32) {
+        self.holders[buffer.index as usize].store(2, Ordering::Relaxed);
+        (buffer.index, buffer.generation)
+    }
+
+    /// Returns a taken, unpublished buffer to the free list.
+    pub(crate) fn give_back(&self, buffer: TakenBuffer) {
+        self.free_buffer(buffer.index);
+    }
+
+    /// Drops one holder of a published buffer; the last one returns it to the free list.
+    pub(crate) fn release(&self, buffer: u32) {
+        let Some(holders) = self.holders.get(buffer as usize) else {
+            debug_assert!(false, "released pending buffer {buffer} out of range");
+            return;
+        };
+        let before = holders.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "pending buffer {buffer} released too often");
+        if before == 1 {
+            self.free_buffer(buffer);
+        }
+    }
+
+    /// The generation a buffer was last taken with, and its holders (consistency checks).
+    pub(crate) fn buffer_state(&self, buffer: u32) -> Option<(u32, u8)> {
+        let i = buffer as usize;
+        Some((
+            self.generations.get(i)?.load(Ordering::Relaxed),
+            self.holders.get(i)?.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Gives the pages of every free resident buffer back to the OS. Returns how many.
+    pub(crate) fn trim(&self) -> usize {
+        let mut free = self.lock_free();
+        let n = free.resident.len();
+        for index in std::mem::take(&mut free.resident) {
+            // SAFETY: a free buffer has no holder and no writer: no reference to its page
+            // exists, so its content may be discarded (it reads as zeros afterwards).
+            unsafe {
+                libc::madvise(self.page_ptr(index).cast(), PAGE_SIZE, libc::MADV_DONTNEED);
+            }
+            free.cold.push(index);
+        }
+        free.resident = Vec::with_capacity(self.capacity);
+        self.resident.fetch_sub(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    fn free_buffer(&self, index: u32) {
+        self.lock_free().resident.push(index);
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn lock_free(&self) -> MutexGuard<'_, FreeLists> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn page_ptr(&self, index: u32) -> *mut u8 {
+        debug_assert!((index as usize) < self.capacity);
+        // In range of the mapping: index < capacity.
+        self.base.as_ptr().wrapping_add(index as usize * PAGE_SIZE)
+    }
+}
+
+impl Drop for PendingPool {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this length and no reference into it
+        // outlives the pool (every accessor borrows `self`).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.capacity * PAGE_SIZE);
+        }
+    }
+}
+
+/// Hooks that tests use to pause or slow the workers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerHooks {
+    /// Workers take no job while set.
+    pub paused: bool,
+    /// Workers sleep this long before each batch.
+    pub delay: Duration,
+}
+
+#[derive(Debug)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Jobs whose object could not be allocated (memory limit): retried later.
+    stalled: Vec<Job>,
+    sleepers: usize,
+    stopping: bool,
+    hooks: WorkerHooks,
+}
+
+/// The queue of jobs from the writers to the workers.
+#[derive(Debug)]
+pub(crate) struct JobQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+/// What a worker got from [`JobQueue::next_batch`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Batch {
+    /// Compress these jobs (fresh ones, or stalled ones to retry).
+    Jobs(usize),
+    /// The queue is stopping.
+    Stop,
+}
+
+/// How long stalled jobs wait before a worker retries them.
+const STALL_RETRY: Duration = Duration::from_millis(50);
+
+/// How long a worker waits with nothing to do before it runs its idle work (giving the
+/// drained pool's memory back): long enough that a burst's gaps do not trim and re-fault the
+/// pool over and over.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+impl JobQueue {
+    /// A queue that never holds more than `capacity` jobs (one per pool buffer).
+    pub(crate) fn new(capacity: usize) -> JobQueue {
+        JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::with_capacity(capacity),
+                stalled: Vec::with_capacity(capacity),
+                sleepers: 0,
+                stopping: false,
+                hooks: WorkerHooks::default(),
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// Queues a job and wakes a sleeping worker, if any.
+    pub(crate) fn push(&self, job: Job) {
+        let mut state = self.lock();
+        state.jobs.push_back(job);
+        let wake = state.sleepers > 0;
+        drop(state);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Waits for work and moves up to `out.len()` jobs into `out`. Stalled jobs are handed out
+    /// again after [`STALL_RETRY`]; `idle` runs (without the lock) once the worker has had
+    /// nothing to do for [`IDLE_AFTER`], before it sleeps for good.
+    pub(crate) fn next_batch(&self, out: &mut [Job], mut idle: impl FnMut()) -> Batch {
+        let mut state = self.lock();
+        let mut idle_ran = false;
+        loop {
+            if state.stopping {
+                return Batch::Stop;
+            }
+            let delay = state.hooks.delay;
+            if !state.hooks.paused && !state.jobs.is_empty() {
+                let n = out.len().min(state.jobs.len());
+                for slot in out.iter_mut().take(n) {
+                    // n ≤ jobs.len()
+                    if let Some(job) = state.jobs.pop_front() {
+                        *slot = job;
+                    }
+                }
+                drop(state);
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                return Batch::Jobs(n);
+            }
+            state.sleepers += 1;
+            let paused = state.hooks.paused;
+            let (guard, timed_out) = if !paused && !state.stalled.is_empty() {
+                let (guard, result) = self
+                    .ready
+                    .wait_timeout(state, STALL_RETRY)
+                    .unwrap_or_else(|e| e.into_inner());
+                (guard, result.timed_out())
+            } else if !paused && !idle_ran {
+                let (guard, result) = self
+                    .ready
+                    .wait_timeout(state, IDLE_AFTER)
+                    .unwrap_or_else(|e| e.into_inner());
+                (guard, result.timed_out())
+            } else {
+                (
+                    self.ready.wait(state).unwrap_or_else(|e| e.into_inner()),
+                    false,
+                )
+            };
+            state = guard;
+            state.sleepers -= 1;
+            if !timed_out || state.hooks.paused || state.stopping || !state.jobs.is_empty() {
+                continue;
+            }
+            if !state.stalled.is_empty() {
+                let n = out.len().min(state.stalled.len());
+                let start = state.stalled.len() - n;
+                for (slot, job) in out.iter_mut().zip(state.stalled.drain(start..)) {
+                    *slot = job;
+                }
+                return Batch::Jobs(n);
+            }
+            // Nothing to do for IDLE_AFTER: run the idle work once, then sleep until woken.
+            idle_ran = true;
+            drop(state);
+            idle();
+            state = self.lock();
+        }
+    }
+
+    /// Parks a job that could not be installed (memory limit) for a later retry.
+    pub(crate) fn stall(&self, job: Job) {
+        self.lock().stalled.push(job);
+    }
+
+    /// Jobs queued and stalled.
+    pub(crate) fn len(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.jobs.len(), state.stalled.len())
+    }
+
+    /// Sets the test hooks and wakes every worker.
+    pub(crate) fn set_hooks(&self, hooks: WorkerHooks) {
+        self.lock().hooks = hooks;
+        self.ready.notify_all();
+    }
+
+    /// Makes every worker return [`Batch::Stop`].
+    pub(crate) fn stop(&self) {
+        self.lock().stopping = true;
+        self.ready.notify_all();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_returns_only_after_both_holders_let_go() {
+        let pool = PendingPool::new(1).unwrap();
+        let taken = pool.take(|_| true).unwrap();
+        let (index, generation) = pool.publish(taken);
+        assert!(pool.take(|_| true).is_none(), "the only buffer is in use");
+        pool.release(index);
+        assert!(pool.take(|_| true).is_none(), "the job still holds it");
+        pool.release(index);
+        let again = pool.take(|_| true).unwrap();
+        assert_eq!(again.index, index);
+        assert_ne!(again.generation, generation);
+        pool.give_back(again);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn growing_past_the_limit_is_refused_and_trim_gives_memory_back() {
+        let pool = PendingPool::new(4).unwrap();
+        let a = pool.take(|_| true).unwrap();
+        assert_eq!(pool.resident_bytes(), PAGE_SIZE as u64);
+        assert!(
+            pool.take(|_| false).is_none(),
+            "a cold buffer would grow memory"
+        );
+        pool.give_back(a);
+        // A resident free buffer needs no new memory.
+        let b = pool.take(|_| false).unwrap();
+        pool.give_back(b);
+        assert_eq!(pool.trim(), 1);
+        assert_eq!(pool.resident_bytes(), 0);
+        assert!(pool.take(|_| false).is_none());
+    }
+
+    #[test]
+    fn the_pool_refuses_absurd_sizes() {
+        assert!(PendingPool::new(0).is_err());
+        assert!(PendingPool::new(MAX_PENDING_BUFFERS + 1).is_err());
+    }
+
+    #[test]
+    fn a_paused_queue_hands_out_nothing_until_resumed() {
+        let queue = std::sync::Arc::new(JobQueue::new(4));
+        queue.set_hooks(WorkerHooks {
+            paused: true,
+            delay: Duration::ZERO,
+        });
+        queue.push(Job {
+            slot: 1,
+            buffer: 0,
+            generation: 1,
+        });
+        let worker = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                let mut out = [Job {
+                    slot: 0,
+                    buffer: 0,
+                    generation: 0,
+                }; 8];
+                let batch = queue.next_batch(&mut out, || {});
+                (batch, out[0])
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!worker.is_finished(), "a paused worker took a job");
+        queue.set_hooks(WorkerHooks::default());
+        let (batch, job) = worker.join().unwrap();
+        assert_eq!(batch, Batch::Jobs(1));
+        assert_eq!(job.slot, 1);
+        queue.stop();
+        let mut out = [job; 1];
+        assert_eq!(queue.next_batch(&mut out, || {}), Batch::Stop);
+    }
+}
