@@ -18,7 +18,7 @@ use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
 use crate::codec::Algorithm;
 use crate::control::{self, Command};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
-use crate::store::StoreConfig;
+use crate::store::{PendingConfig, StoreConfig, MAX_PENDING_BUFFERS};
 use crate::PAGE_SIZE;
 
 /// Exit status for arguments that make no sense.
@@ -151,6 +151,17 @@ pub struct ServeArgs {
     /// The largest queue size offered: a power of two up to 32768.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     pub queue_size: u16,
+    /// Compression worker threads (kcompressd): writes complete once copied and are
+    /// compressed on these. 0 compresses on the queue threads. Default: CPUs - 1, at least 1.
+    #[arg(long, value_name = "N", value_parser = parse_workers)]
+    pub workers: Option<usize>,
+    /// Pin the compression workers to these CPUs, e.g. "2-3" or "1,3" (round robin).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub worker_cpus: Option<CpuList>,
+    /// The most written data waiting for the workers (same suffixes as --size); a full pool
+    /// makes the queue thread compress instead of waiting. Default: 4 MiB per worker.
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_pending)]
+    pub max_pending: Option<u64>,
     /// Stop storing new pages once the store uses this much memory (same suffixes as --size).
     #[arg(long, value_name = "SIZE", value_parser = parse_mem_limit)]
     pub mem_limit: Option<u64>,
@@ -186,6 +197,27 @@ pub enum UsageError {
     /// The level does not suit the algorithm.
     #[error("{0}")]
     Level(#[from] crate::codec::UnknownCodec),
+    /// A worker option without workers.
+    #[error("{0} needs compression workers, but --workers is 0")]
+    NoWorkers(&'static str),
+}
+
+/// A list of CPU numbers (`--worker-cpus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// The most compression workers `--workers` accepts.
+pub const MAX_WORKERS: usize = 256;
+
+/// Pending-pool pages per worker when `--max-pending` is not given: 4 MiB.
+pub const DEFAULT_PENDING_PAGES_PER_WORKER: usize = 1024;
+
+/// The default number of compression workers: one per CPU but one (the queue thread's), at
+/// least one.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .max(1)
 }
 
 impl ServeArgs {
@@ -206,6 +238,20 @@ impl ServeArgs {
         if let Some(serial) = self.serial {
             device.serial = serial;
         }
+        let workers = self.workers.unwrap_or_else(default_workers);
+        if workers == 0 {
+            if self.max_pending.is_some() {
+                return Err(UsageError::NoWorkers("--max-pending"));
+            }
+            if self.worker_cpus.is_some() {
+                return Err(UsageError::NoWorkers("--worker-cpus"));
+            }
+        }
+        let max_pending_pages = match self.max_pending {
+            // parse_max_pending bounds it to MAX_PENDING_BUFFERS pages.
+            Some(bytes) => usize::try_from(bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
+            None => (workers * DEFAULT_PENDING_PAGES_PER_WORKER).min(MAX_PENDING_BUFFERS),
+        };
         Ok(DaemonConfig {
             listen,
             socket_mode: self.socket_mode,
@@ -215,6 +261,11 @@ impl ServeArgs {
                 level: self.algorithm_level,
                 mem_limit: self.mem_limit,
             },
+            pending: PendingConfig {
+                workers,
+                max_pending_pages: if workers == 0 { 0 } else { max_pending_pages },
+            },
+            worker_cpus: self.worker_cpus.clone().map(|l| l.0).unwrap_or_default(),
             device,
             control_socket: self.control_socket.clone(),
         })
@@ -263,6 +314,46 @@ fn parse_mem_limit(text: &str) -> Result<u64, String> {
         0 => Err("the memory limit must not be zero; leave --mem-limit out for no limit".into()),
         limit => Ok(limit),
     }
+}
+
+fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n <= MAX_WORKERS => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a number of compression workers; give 0 to {MAX_WORKERS}"
+        )),
+    }
+}
+
+fn parse_cpu_list(text: &str) -> Result<CpuList, String> {
+    let bad = || format!("'{text}' is not a CPU list; give numbers and ranges such as 0-3,6");
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<usize>(), b.trim().parse::<usize>()),
+            None => (part.trim().parse::<usize>(), part.trim().parse::<usize>()),
+        };
+        let (Ok(first), Ok(last)) = (first, last) else {
+            return Err(bad());
+        };
+        if first > last || last >= libc::CPU_SETSIZE as usize {
+            return Err(bad());
+        }
+        cpus.extend(first..=last);
+    }
+    Ok(CpuList(cpus))
+}
+
+fn parse_max_pending(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    let max = MAX_PENDING_BUFFERS as u64 * PAGE_SIZE as u64;
+    if bytes < PAGE_SIZE as u64 || bytes > max {
+        return Err(format!(
+            "the pending pool must hold 4K to {}G, not '{text}'",
+            max >> 30
+        ));
+    }
+    Ok(bytes)
 }
 
 fn parse_algorithm(text: &str) -> Result<Algorithm, String> {

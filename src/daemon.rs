@@ -42,7 +42,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
-use crate::store::{PageStore, StoreConfig, StoreError};
+use crate::store::{PageStore, PendingConfig, StoreConfig, StoreError};
+use crate::workers::CompressWorkers;
 
 /// The default mode of the vhost-user and control sockets.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -64,6 +65,10 @@ pub struct DaemonConfig {
     pub socket_mode: u32,
     /// The store.
     pub store: StoreConfig,
+    /// Compression workers and their pending pool.
+    pub pending: PendingConfig,
+    /// CPUs to pin the compression workers to (none: not pinned).
+    pub worker_cpus: Vec<usize>,
     /// The device as the guest sees it.
     pub device: DeviceConfig,
     /// Where to serve the control protocol, if anywhere.
@@ -111,6 +116,9 @@ pub enum DaemonError {
         /// The device's capacity.
         device: u64,
     },
+    /// The compression workers could not start.
+    #[error("cannot start the compression workers")]
+    Workers(#[source] io::Error),
     /// The control server could not start.
     #[error("cannot start the control server")]
     Control(#[source] io::Error),
@@ -197,13 +205,18 @@ pub struct Daemon {
     device: DeviceConfig,
     control: Option<(ControlServer, SocketFile)>,
     stop: StopHandle,
+    workers: CompressWorkers,
 }
 
 impl Daemon {
     /// Creates the store and binds the sockets.
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
         let stop = StopHandle::new().map_err(DaemonError::Wait)?;
-        let store = Arc::new(PageStore::new(config.store).map_err(DaemonError::Store)?);
+        let store = Arc::new(
+            PageStore::with_pending(config.store, config.pending).map_err(DaemonError::Store)?,
+        );
+        let workers = CompressWorkers::start(store.clone(), &config.worker_cpus)
+            .map_err(DaemonError::Workers)?;
         if BlockBackend::capacity_pages(&*store) != config.device.capacity_pages {
             return Err(DaemonError::CapacityMismatch {
                 store: BlockBackend::capacity_pages(&*store),
@@ -234,6 +247,7 @@ impl Daemon {
             device: config.device,
             control,
             stop,
+            workers,
         })
     }
 
@@ -256,6 +270,7 @@ impl Daemon {
             device,
             control,
             stop,
+            workers,
         } = self;
         match &socket_file {
             Some(file) => info!("waiting for the frontend on {}", file.0.display()),
@@ -296,10 +311,12 @@ impl Daemon {
             }
             debug!("a connection closed without a vhost-user message (a liveness probe?)");
         };
+        backend.stop();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
         drop(daemon);
+        workers.stop();
         if let Some((server, _file)) = control {
             server.stop();
         }

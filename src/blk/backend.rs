@@ -10,14 +10,16 @@
 //! only forgets negotiated state; the store, and so the guest's data, stays.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
-use log::{debug, error};
+use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -36,29 +38,74 @@ pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub struct BlkBackend<S: BlockBackend> {
     store: Arc<S>,
     device: DeviceConfig,
-    mem: RwLock<GuestMemory>,
+    /// The same `GuestMemoryAtomic` the vhost-user handler swaps new maps into, so a queue
+    /// thread's `memory()` is one atomic load and never waits for a lock.
+    mem: GuestMemory,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     frontend_spoke: AtomicBool,
-    workers: Vec<Mutex<Worker>>,
+    stopping: AtomicBool,
+    log_limiter: Arc<Mutex<RateLimiter>>,
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+/// A queue thread's state: its request worker, and whether the guest broke its queue.
+struct QueueWorker {
+    worker: Worker,
+    /// Set when the guest's ring indices are impossible; the queue is not served again until
+    /// the frontend sets it up anew (other ring addresses or another base index).
+    broken: Option<QueueSetup>,
+}
+
+/// What identifies one setup of a queue by the frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QueueSetup {
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    size: u16,
+}
+
+impl QueueSetup {
+    fn of(queue: &virtio_queue::Queue) -> Self {
+        QueueSetup {
+            desc_table: queue.desc_table(),
+            avail_ring: queue.avail_ring(),
+            used_ring: queue.used_ring(),
+            size: queue.size(),
+        }
+    }
 }
 
 impl<S: BlockBackend> BlkBackend<S> {
     /// A backend serving `store` as the device `device` describes.
     pub fn new(store: Arc<S>, device: DeviceConfig, mem: GuestMemory) -> Self {
-        let limiter = Arc::new(Mutex::new(RateLimiter::new(WARNINGS_PER_SECOND)));
+        let log_limiter = Arc::new(Mutex::new(RateLimiter::new(WARNINGS_PER_SECOND)));
         let workers = (0..device.num_queues)
-            .map(|_| Mutex::new(Worker::new(&device, limiter.clone())))
+            .map(|_| {
+                Mutex::new(QueueWorker {
+                    worker: Worker::new(&device, log_limiter.clone()),
+                    broken: None,
+                })
+            })
             .collect();
         BlkBackend {
             store,
             device,
-            mem: RwLock::new(mem),
+            mem,
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             frontend_spoke: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            log_limiter,
             workers,
         }
+    }
+
+    /// Makes every queue thread return from serving at its next request, so that shutdown
+    /// never waits for a guest that keeps its queues full.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// The device description.
@@ -80,25 +127,46 @@ impl<S: BlockBackend> BlkBackend<S> {
     /// Serves the queue `vring` on worker `thread_id` until it is empty, with notifications
     /// suppressed while we work when EVENT_IDX is on.
     fn serve_queue(&self, vring: &VringRwLock, thread_id: usize) -> Result<(), ServeError> {
-        let mut worker = self
+        let mut queue_worker = self
             .workers
             .get(thread_id)
             .ok_or(ServeError::NoWorker(thread_id))?
             .lock()
             .map_err(|_| ServeError::Poisoned)?;
+        let QueueWorker { worker, broken } = &mut *queue_worker;
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut state = vring.get_mut();
+        let setup = QueueSetup::of(state.get_queue());
+        match broken {
+            Some(broken_setup) if *broken_setup == setup => return Ok(()),
+            Some(_) => {
+                debug!("queue of thread {thread_id} was set up anew; serving it again");
+                *broken = None;
+            }
+            None => {}
+        }
         loop {
             if event_idx {
                 state.disable_notification().map_err(ServeError::Queue)?;
             }
-            // A fresh memory snapshot for every request: a region the frontend adds (and
-            // acknowledges) while this queue is busy must serve the very next request.
             let mut completed = 0usize;
             loop {
-                let mem = self.mem.read().map_err(|_| ServeError::Poisoned)?.memory();
+                if self.stopping.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                // A fresh memory snapshot for every request (one atomic load): a region the
+                // frontend adds while this queue is busy serves the very next request.
+                let mem = self.mem.memory();
+                let queue = state.get_queue_mut();
+                if let Err(error) = check_avail_index(queue, &*mem) {
+                    // Checked here so that a guest that sets avail->idx far ahead is refused
+                    // once, not logged by virtio-queue at every kick.
+                    *broken = Some(setup);
+                    self.store.count_invalid_io();
+                    return Err(error);
+                }
                 let served = worker
-                    .process_next(state.get_queue_mut(), &*mem, &*self.store, &self.device)
+                    .process_next(queue, &*mem, &*self.store, &self.device)
                     .map_err(ServeError::Queue)?;
                 if !served {
                     break;
@@ -106,7 +174,7 @@ impl<S: BlockBackend> BlkBackend<S> {
                 completed += 1;
             }
             if completed > 0 && state.needs_notification().map_err(ServeError::Queue)? {
-                state.signal_used_queue().map_err(ServeError::Signal)?;
+                signal_without_blocking(&state)?;
             }
             // With EVENT_IDX, re-enabling notifications reports whether the guest added
             // requests meanwhile; serve those before sleeping.
@@ -115,6 +183,51 @@ impl<S: BlockBackend> BlkBackend<S> {
             }
         }
     }
+
+    fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
+        super::ratelimit::warn_limited(&self.log_limiter, message);
+    }
+}
+
+/// Refuses a queue whose avail index is more than a ring ahead of the device's: the guest
+/// (or frontend) broke it, and nothing in it can be trusted until it is set up again.
+fn check_avail_index<M: GuestMemoryBackend>(
+    queue: &virtio_queue::Queue,
+    mem: &M,
+) -> Result<(), ServeError> {
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(ServeError::Queue)?;
+    let pending = avail - std::num::Wrapping(queue.next_avail());
+    if pending.0 > queue.size() {
+        return Err(ServeError::AvailAhead {
+            avail: avail.0,
+            next: queue.next_avail(),
+            size: queue.size(),
+        });
+    }
+    Ok(())
+}
+
+/// Signals the guest through the call eventfd without ever blocking on it: the frontend may
+/// hand over any fd (a full pipe blocks a write forever), so the fd is made non-blocking first
+/// and a write that would block is dropped (the guest misses one interrupt; its own timeout
+/// or the next completion recovers it).
+fn signal_without_blocking(
+    state: &vhost_user_backend::VringState<GuestMemory>,
+) -> Result<(), ServeError> {
+    if let Some(call) = state.get_call() {
+        let fd = call.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on an fd the vring owns for the duration of this call; they
+        // read and change only the open file's status flags.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+    }
+    state.signal_used_queue().map_err(ServeError::Signal)
 }
 
 /// Why a queue could not be served.
@@ -123,6 +236,19 @@ enum ServeError {
     /// The guest's queue structures are inconsistent.
     #[error("the virtqueue is broken")]
     Queue(#[source] virtio_queue::Error),
+    /// The guest published more requests than the ring holds.
+    #[error(
+        "the guest's avail index {avail} is more than the queue size {size} ahead of the \
+         device's {next}; the queue is ignored until the frontend sets it up again"
+    )]
+    AvailAhead {
+        /// The avail index the guest wrote.
+        avail: u16,
+        /// The next index the device would serve.
+        next: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// The call eventfd failed.
     #[error("cannot notify the guest")]
     Signal(#[source] io::Error),
@@ -164,6 +290,11 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         debug!("virtio reset: forgetting negotiated features, keeping the data");
         self.acked_features.store(0, Ordering::Release);
         self.event_idx.store(false, Ordering::Release);
+        for worker in &self.workers {
+            if let Ok(mut worker) = worker.lock() {
+                worker.broken = None;
+            }
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -187,13 +318,10 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         ))
     }
 
-    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
-        let mut current = self
-            .mem
-            .write()
-            .map_err(|_| io::Error::other("the guest memory lock is poisoned"))?;
-        *current = mem;
-        Ok(())
+    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        // The handler has already swapped the new map into the GuestMemoryAtomic we share;
+        // what is left is to refuse regions that would fault when touched.
+        check_regions(&self.mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -232,11 +360,12 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
             ));
         };
         if let Err(serve_error) = self.serve_queue(vring, thread_id) {
-            // Keep the worker alive: a guest that broke its queue can still reset it.
-            error!(
+            // Keep the worker alive: a guest that broke its queue can still reset it. The
+            // guest causes these, so they are rate-limited like every guest-caused warning.
+            self.warn_limited(format_args!(
                 "queue of thread {thread_id}: {}",
                 super::request::ErrorChain(&serve_error)
-            );
+            ));
         }
         Ok(())
     }
@@ -245,4 +374,67 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
 /// Whether `features` include EVENT_IDX.
 pub fn has_event_idx(features: u64) -> bool {
     features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
+}
+
+/// Checks every region of the current guest memory map against the file that backs it: a
+/// region that reaches past the end of its file would raise SIGBUS when touched. Such regions
+/// are taken out of the map again and the frontend is told which. A region whose file can
+/// still shrink (a memfd without `F_SEAL_SHRINK`, any plain file) is accepted with a warning,
+/// since QEMU's file and hugetlbfs backends cannot be sealed.
+fn check_regions(mem: &GuestMemory) -> io::Result<()> {
+    use vm_memory::{GuestAddress, GuestMemoryRegion};
+    let map = mem.memory();
+    let mut bad = Vec::new();
+    for region in map.iter() {
+        let Some(file_offset) = region.file_offset() else {
+            continue;
+        };
+        let file = file_offset.file();
+        let end = file_offset.start().checked_add(region.len());
+        let size = file.metadata()?.len();
+        if end.is_none_or(|end| end > size) {
+            bad.push((
+                region.start_addr().0,
+                region.len(),
+                file_offset.start(),
+                size,
+            ));
+            continue;
+        }
+        // SAFETY: F_GET_SEALS on an fd the region owns; it only reads the seals.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            debug!(
+                "guest memory region at {:#x} is backed by a file that can shrink: if the \
+                 frontend shrinks it, the daemon stops with SIGBUS",
+                region.start_addr().0
+            );
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let mut filtered = GuestMemoryMmap::<()>::clone(&map);
+    for &(addr, len, _, _) in &bad {
+        filtered = filtered
+            .remove_region(GuestAddress(addr), len)
+            .map_err(io::Error::other)?
+            .0;
+    }
+    mem.lock()
+        .map_err(|_| io::Error::other("the guest memory lock is poisoned"))?
+        .replace(filtered);
+    let (addr, len, offset, size) = bad[0];
+    warn!(
+        "refusing {} guest memory region(s): the region at {addr:#x} of {len} bytes at file \
+         offset {offset} reaches past the end of its {size}-byte file",
+        bad.len()
+    );
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "guest memory region at {addr:#x} ({len} bytes at file offset {offset}) reaches \
+             past the end of its {size}-byte file"
+        ),
+    ))
 }

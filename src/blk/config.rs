@@ -29,7 +29,7 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
-use crate::{PAGE_SIZE, SECTORS_PER_PAGE, SECTOR_SIZE};
+use crate::{PAGE_SIZE, SECTORS_PER_PAGE};
 
 /// The largest number of queues the device offers.
 pub const MAX_QUEUES: u16 = 64;
@@ -47,13 +47,13 @@ pub const SIZE_MAX: u32 = 1 << 20;
 /// multiple that fits the 32-bit field.
 pub const MAX_DISCARD_SECTORS: u32 = !(PAGE_SECTORS - 1);
 
-/// Sectors per page, as the 32-bit configuration fields want it.
-const PAGE_SECTORS: u32 = 8;
-const _: () = assert!(PAGE_SECTORS as u64 == SECTORS_PER_PAGE);
+/// Sectors per page, as the 32-bit configuration fields want it (8: the cast is exact).
+#[allow(clippy::cast_possible_truncation)]
+const PAGE_SECTORS: u32 = SECTORS_PER_PAGE as u32;
 
-/// `blk_size`: one page.
-const BLK_SIZE: u32 = 4096;
-const _: () = assert!(BLK_SIZE as usize == PAGE_SIZE);
+/// `blk_size`: one page (4096: the cast is exact).
+#[allow(clippy::cast_possible_truncation)]
+const BLK_SIZE: u32 = PAGE_SIZE as u32;
 
 /// The largest number of segments in one discard or write-zeroes request (Linux takes at most
 /// 256).
@@ -231,9 +231,6 @@ impl DeviceConfig {
         out
     }
 }
-
-/// The number of bytes in a sector, as `u64` for offset arithmetic.
-pub(crate) const SECTOR_BYTES: u64 = SECTOR_SIZE as u64;
 
 #[cfg(test)]
 mod tests {

@@ -44,6 +44,21 @@ pub trait BlockBackend: Send + Sync {
     /// Replaces page `index` with `page`.
     fn write_page(&self, index: u64, page: &[u8; PAGE_SIZE]) -> Result<(), Self::Error>;
 
+    /// Replaces page `index` with what `fill` writes into a page buffer the backend provides
+    /// (so the data is copied once). When `fill` fails nothing is stored and its error comes
+    /// back inside `Ok`.
+    fn write_page_with<R>(
+        &self,
+        index: u64,
+        fill: impl FnOnce(&mut [u8; PAGE_SIZE]) -> Result<(), R>,
+    ) -> Result<Result<(), R>, Self::Error> {
+        let mut page = [0u8; PAGE_SIZE];
+        if let Err(error) = fill(&mut page) {
+            return Ok(Err(error));
+        }
+        self.write_page(index, &page).map(Ok)
+    }
+
     /// Reads page `index`, lets `f` change it and stores the result, atomically with respect to
     /// other operations on the same page. Used for writes that cover part of a page.
     fn modify_page<R>(

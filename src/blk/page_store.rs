@@ -22,6 +22,14 @@ impl BlockBackend for PageStore {
         self.write(index, page)
     }
 
+    fn write_page_with<R>(
+        &self,
+        index: u64,
+        fill: impl FnOnce(&mut [u8; PAGE_SIZE]) -> Result<(), R>,
+    ) -> Result<Result<(), R>, StoreError> {
+        self.write_with(index, fill)
+    }
+
     fn modify_page<R>(
         &self,
         index: u64,

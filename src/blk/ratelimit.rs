@@ -5,7 +5,10 @@
 //! turn the guest into a log flooder. [`RateLimiter`] lets at most `burst` messages through per
 //! one-second window and reports how many it swallowed when the next window opens.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use log::warn;
 
 /// At most this many guest-triggered warnings per second are logged.
 pub const WARNINGS_PER_SECOND: u32 = 10;
@@ -60,6 +63,23 @@ impl RateLimiter {
             self.suppressed += 1;
             Verdict::Suppress
         }
+    }
+}
+
+/// Logs `message` as a warning unless `limiter` says too many came this second; the first
+/// message of a new window also says how many were dropped before it.
+pub fn warn_limited(limiter: &Mutex<RateLimiter>, message: std::fmt::Arguments<'_>) {
+    let verdict = match limiter.lock() {
+        Ok(mut limiter) => limiter.check(Instant::now()),
+        Err(_) => Verdict::Log {
+            suppressed_before: 0,
+        },
+    };
+    if let Verdict::Log { suppressed_before } = verdict {
+        if suppressed_before > 0 {
+            warn!("{suppressed_before} similar warnings suppressed");
+        }
+        warn!("{message}");
     }
 }
 

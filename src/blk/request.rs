@@ -23,9 +23,7 @@
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use log::warn;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -34,18 +32,16 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
-use super::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_BYTES};
-use super::ratelimit::{RateLimiter, Verdict, WARNINGS_PER_SECOND};
+use super::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
 use super::BlockBackend;
-use crate::PAGE_SIZE;
+use crate::{PAGE_BYTES, PAGE_SIZE, SECTOR_BYTES};
 
 /// The size of the request header (`struct virtio_blk_outhdr`).
 pub const HEADER_LEN: usize = 16;
 
 /// The size of one discard or write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
 pub const DISCARD_SEGMENT_LEN: usize = 16;
-
-const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
 // The statuses are 0, 1 and 2, so the narrowing casts are exact.
 #[allow(clippy::cast_possible_truncation)]
@@ -236,7 +232,21 @@ impl<E: std::error::Error + 'static> RequestError<E> {
     pub fn status(&self) -> u8 {
         match self {
             RequestError::Unsupported(_) | RequestError::BadSegmentFlags { .. } => STATUS_UNSUPP,
-            _ => STATUS_IOERR,
+            RequestError::EmptyDescriptor { .. }
+            | RequestError::OutsideGuestMemory { .. }
+            | RequestError::ReadableAfterWritable { .. }
+            | RequestError::TooManyDescriptors { .. }
+            | RequestError::ShortHeader { .. }
+            | RequestError::UnexpectedData { .. }
+            | RequestError::UnalignedLength { .. }
+            | RequestError::OutOfRange { .. }
+            | RequestError::ReadOnly
+            | RequestError::BadSegmentPayload { .. }
+            | RequestError::TooManySegments { .. }
+            | RequestError::SegmentTooLong { .. }
+            | RequestError::Copy(_)
+            | RequestError::ReadFailed { .. }
+            | RequestError::WriteFailed { .. } => STATUS_IOERR,
         }
     }
 
@@ -244,10 +254,24 @@ impl<E: std::error::Error + 'static> RequestError<E> {
     /// which the store counts in `failed_reads` / `failed_writes` itself, as zram counts them
     /// in its own I/O path.
     pub fn is_invalid_io(&self) -> bool {
-        !matches!(
-            self,
-            RequestError::ReadFailed { .. } | RequestError::WriteFailed { .. }
-        )
+        match self {
+            RequestError::ReadFailed { .. } | RequestError::WriteFailed { .. } => false,
+            RequestError::EmptyDescriptor { .. }
+            | RequestError::OutsideGuestMemory { .. }
+            | RequestError::ReadableAfterWritable { .. }
+            | RequestError::TooManyDescriptors { .. }
+            | RequestError::ShortHeader { .. }
+            | RequestError::UnexpectedData { .. }
+            | RequestError::UnalignedLength { .. }
+            | RequestError::OutOfRange { .. }
+            | RequestError::Unsupported(_)
+            | RequestError::ReadOnly
+            | RequestError::BadSegmentPayload { .. }
+            | RequestError::TooManySegments { .. }
+            | RequestError::SegmentTooLong { .. }
+            | RequestError::BadSegmentFlags { .. }
+            | RequestError::Copy(_) => true,
+        }
     }
 }
 
@@ -439,9 +463,30 @@ impl Worker {
             ));
             return 0;
         };
-        let mut written = 0u64;
-        let result =
-            layout.and_then(|layout| self.execute(&layout, mem, backend, device, &mut written));
+        let mut data = None;
+        let result = layout.and_then(|layout| {
+            let data = data.insert(RequestData::new(&self.segments, &layout));
+            let request = Request::parse(data, mem, device)?;
+            request.execute(data, mem, backend, device, &mut self.page)
+        });
+        let written = data.map_or(0, |data| data.written);
+        self.complete(mem, backend, status_addr, written, result)
+    }
+
+    /// Writes the status byte for `result` and returns the used length: every byte written
+    /// to device-writable buffers, status included.
+    fn complete<M, B>(
+        &self,
+        mem: &M,
+        backend: &B,
+        status_addr: GuestAddress,
+        written: u64,
+        result: Result<(), RequestError<B::Error>>,
+    ) -> u32
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
         let status = match result {
             Ok(()) => STATUS_OK,
             Err(error) => {
@@ -460,18 +505,7 @@ impl Worker {
     }
 
     fn warn(&self, message: std::fmt::Arguments<'_>) {
-        let verdict = match self.log_limiter.lock() {
-            Ok(mut limiter) => limiter.check(Instant::now()),
-            Err(_) => Verdict::Log {
-                suppressed_before: 0,
-            },
-        };
-        if let Verdict::Log { suppressed_before } = verdict {
-            if suppressed_before > 0 {
-                warn!("{suppressed_before} similar warnings suppressed");
-            }
-            warn!("{message}");
-        }
+        super::ratelimit::warn_limited(&self.log_limiter, message);
     }
 
     /// Walks the chain, fills `self.segments` and finds the status byte. The status address is
@@ -550,21 +584,50 @@ impl Worker {
             }),
         )
     }
+}
 
-    fn execute<M, B>(
-        &mut self,
-        layout: &Layout,
+/// The data of a collected chain as two byte streams, and what the device wrote so far.
+struct RequestData<'s> {
+    /// Device-readable bytes: the header, then write data or discard segments.
+    readable: Cursor<'s>,
+    /// Device-writable bytes before the status byte: read data or the serial.
+    writable: Cursor<'s>,
+    /// Bytes written into device-writable buffers (the used length, less the status byte).
+    written: u64,
+}
+
+impl<'s> RequestData<'s> {
+    fn new(segments: &'s [Segment], layout: &Layout) -> Self {
+        RequestData {
+            readable: Cursor::new(&segments[layout.readable.clone()]),
+            writable: Cursor::new(&segments[layout.writable.clone()]),
+            written: 0,
+        }
+    }
+}
+
+/// A parsed request: its type and first sector, checked against the chain's shape and the
+/// device. Executing it reads or writes the data that follows the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Request {
+    kind: RequestType,
+    sector: u64,
+}
+
+impl Request {
+    /// Reads the header and checks what can be checked before touching the store: the data
+    /// directions, the read-only flag, and for reads and writes the sector range.
+    fn parse<M, E>(
+        data: &mut RequestData<'_>,
         mem: &M,
-        backend: &B,
         device: &DeviceConfig,
-        written: &mut u64,
-    ) -> Result<(), RequestError<B::Error>>
+    ) -> Result<Request, RequestError<E>>
     where
         M: GuestMemoryBackend,
-        B: BlockBackend,
+        E: std::error::Error + 'static,
     {
-        let mut readable = Cursor::new(&self.segments[layout.readable.clone()]);
-        let mut writable = Cursor::new(&self.segments[layout.writable.clone()]);
+        let readable = &mut data.readable;
+        let writable = &data.writable;
         if readable.remaining < HEADER_LEN as u64 {
             return Err(RequestError::ShortHeader {
                 len: readable.remaining,
@@ -603,73 +666,119 @@ impl Worker {
                 len: writable.remaining,
             });
         }
-        let writes = matches!(
-            kind,
-            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
-        );
-        if device.read_only && writes {
-            return Err(match kind {
-                RequestType::Out => RequestError::ReadOnly,
+        if device.read_only {
+            match kind {
+                RequestType::Out => return Err(RequestError::ReadOnly),
                 // A read-only device does not offer these; a guest sending them anyway gets
                 // UNSUPP.
-                _ => RequestError::Unsupported(match kind {
-                    RequestType::Discard => VIRTIO_BLK_T_DISCARD,
-                    _ => VIRTIO_BLK_T_WRITE_ZEROES,
-                }),
-            });
+                RequestType::Discard => {
+                    return Err(RequestError::Unsupported(VIRTIO_BLK_T_DISCARD))
+                }
+                RequestType::WriteZeroes => {
+                    return Err(RequestError::Unsupported(VIRTIO_BLK_T_WRITE_ZEROES))
+                }
+                RequestType::In
+                | RequestType::Flush
+                | RequestType::GetId
+                | RequestType::Unsupported(_) => {}
+            }
         }
-
-        let page = &mut *self.page;
         match kind {
-            RequestType::In => {
-                let len = writable.remaining;
-                check_sectors(sector, len, device)?;
-                for_each_page(sector, len, |index, in_page| {
-                    backend
-                        .read_page(index, page)
-                        .map_err(|source| RequestError::ReadFailed { index, source })?;
-                    writable
-                        .write_from(mem, &page[in_page.clone()])
-                        .map_err(RequestError::Copy)?;
-                    *written += in_page.len() as u64;
-                    Ok(())
-                })
-            }
-            RequestType::Out => {
-                let len = readable.remaining;
-                check_sectors(sector, len, device)?;
-                for_each_page(sector, len, |index, in_page| {
-                    if in_page.len() == PAGE_SIZE {
-                        readable.read_into(mem, page).map_err(RequestError::Copy)?;
-                        backend
-                            .write_page(index, page)
-                            .map_err(|source| RequestError::WriteFailed { index, source })
-                    } else {
-                        backend
-                            .modify_page(index, |stored| {
-                                readable.read_into(mem, &mut stored[in_page.clone()])
-                            })
-                            .map_err(|source| RequestError::WriteFailed { index, source })?
-                            .map_err(RequestError::Copy)
-                    }
-                })
-            }
+            RequestType::In => check_sectors(sector, writable.remaining, device)?,
+            RequestType::Out => check_sectors(sector, readable.remaining, device)?,
+            // Their ranges are in the payload, checked segment by segment.
+            RequestType::Discard
+            | RequestType::WriteZeroes
+            | RequestType::Flush
+            | RequestType::GetId
+            | RequestType::Unsupported(_) => {}
+        }
+        Ok(Request { kind, sector })
+    }
+
+    /// Executes the request against `backend`, moving data through `page`.
+    fn execute<M, B>(
+        self,
+        data: &mut RequestData<'_>,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+        page: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), RequestError<B::Error>>
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        match self.kind {
+            RequestType::In => self.read(data, mem, backend, page),
+            RequestType::Out => self.write(data, mem, backend),
             RequestType::Flush => Ok(()),
             RequestType::GetId => {
-                let len = usize::try_from(writable.remaining)
+                let len = usize::try_from(data.writable.remaining)
                     .unwrap_or(usize::MAX)
                     .min(device.serial.len());
-                writable
+                data.writable
                     .write_from(mem, &device.serial[..len])
                     .map_err(RequestError::Copy)?;
-                *written += len as u64;
+                data.written += len as u64;
                 Ok(())
             }
             RequestType::Discard | RequestType::WriteZeroes => {
-                execute_ranges(kind, readable, mem, backend, device)
+                execute_ranges(self.kind, &mut data.readable, mem, backend, device)
             }
             RequestType::Unsupported(value) => Err(RequestError::Unsupported(value)),
         }
+    }
+
+    /// Reads the sectors into the device-writable buffers, page by page through `page`.
+    fn read<M, B>(
+        self,
+        data: &mut RequestData<'_>,
+        mem: &M,
+        backend: &B,
+        page: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), RequestError<B::Error>>
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        for_each_page(self.sector, data.writable.remaining, |index, in_page| {
+            backend
+                .read_page(index, page)
+                .map_err(|source| RequestError::ReadFailed { index, source })?;
+            data.writable
+                .write_from(mem, &page[in_page.clone()])
+                .map_err(RequestError::Copy)?;
+            data.written += in_page.len() as u64;
+            Ok(())
+        })
+    }
+
+    /// Stores the device-readable data: whole pages are copied once, straight into a buffer
+    /// the store provides; partial pages are merged with the stored page under its lock.
+    fn write<M, B>(
+        self,
+        data: &mut RequestData<'_>,
+        mem: &M,
+        backend: &B,
+    ) -> Result<(), RequestError<B::Error>>
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let readable = &mut data.readable;
+        for_each_page(self.sector, readable.remaining, |index, in_page| {
+            let copied = if in_page.len() == PAGE_SIZE {
+                backend.write_page_with(index, |page| readable.read_into(mem, page))
+            } else {
+                backend.modify_page(index, |stored| {
+                    readable.read_into(mem, &mut stored[in_page.clone()])
+                })
+            };
+            copied
+                .map_err(|source| RequestError::WriteFailed { index, source })?
+                .map_err(RequestError::Copy)
+        })
     }
 }
 
@@ -770,7 +879,7 @@ impl RangeSegment {
 /// Every segment is checked before any is executed.
 fn execute_ranges<M, B>(
     kind: RequestType,
-    payload: Cursor<'_>,
+    payload: &mut Cursor<'_>,
     mem: &M,
     backend: &B,
     device: &DeviceConfig,
@@ -800,9 +909,8 @@ where
             .map_err(RequestError::Copy)?
             .check(kind, device)?;
     }
-    let mut run_pass = payload;
     for _ in 0..count {
-        let segment = RangeSegment::read(&mut run_pass, mem).map_err(RequestError::Copy)?;
+        let segment = RangeSegment::read(payload, mem).map_err(RequestError::Copy)?;
         segment.check(kind, device)?;
         let start = segment.sector * SECTOR_BYTES;
         let end = start + u64::from(segment.sectors) * SECTOR_BYTES;
