@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use vhost_user_zram::pagegen::{fill_page, PageKind};
+use vhost_user_zram::store::Stats;
 use vhost_user_zram::PAGE_SIZE;
 
 /// Seed of the swap-like pages the tests write.
@@ -147,7 +148,19 @@ impl Daemon {
         String::from_utf8(output.stdout).expect("ctl prints UTF-8")
     }
 
+    /// `stats --json`, parsed.
+    fn stats(&mut self) -> Stats {
+        serde_json::from_str(&self.ctl(&["stats", "--json"])).expect("stats --json parses")
+    }
+
+    /// zram's `mm_stat`, once the compression workers have compressed every pending page (so
+    /// the figures do not depend on how far they got).
     fn mm_stat(&mut self) -> MmStat {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.stats().workers.pending_pages > 0 {
+            assert!(Instant::now() < deadline, "pages still pending after 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let line = self.ctl(&["mm_stat"]);
         let n = numbers(&line);
         assert_eq!(n.len(), 9, "mm_stat has 9 columns: '{line}'");
@@ -447,9 +460,12 @@ fn connect(daemon: &Daemon, queues: usize) -> Client {
 
 /// Writes 4096 swap-like pages with `queues` queues working at once (queue q takes the pages
 /// congruent to q), then reads them all back on every queue and compares.
-fn write_and_verify_swap_pages(queues: usize) {
+fn write_and_verify_swap_pages(queues: usize, extra: &[&str]) {
     let pages = 4096u64;
-    let daemon = Daemon::start(64 * MIB, &["--num-queues", &queues.to_string()]);
+    let queues_arg = queues.to_string();
+    let mut args = vec!["--num-queues", &queues_arg];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(64 * MIB, &args);
     let mut client = connect(&daemon, queues);
     assert_eq!(client.lanes.len(), queues);
     assert_eq!(client.capacity(), 64 * MIB);
@@ -479,12 +495,24 @@ fn write_and_verify_swap_pages(queues: usize) {
 
 #[test]
 fn swap_pages_written_at_depth_32_read_back_intact_on_one_queue() {
-    write_and_verify_swap_pages(1);
+    write_and_verify_swap_pages(1, &[]);
 }
 
 #[test]
 fn swap_pages_written_at_depth_32_read_back_intact_on_two_queues() {
-    write_and_verify_swap_pages(2);
+    write_and_verify_swap_pages(2, &[]);
+}
+
+#[test]
+fn swap_pages_read_back_intact_when_the_queue_thread_compresses() {
+    write_and_verify_swap_pages(1, &["--workers", "0"]);
+}
+
+#[test]
+fn swap_pages_read_back_intact_through_a_tiny_pending_pool() {
+    // Eight pages of pool: most writes fall back to inline compression, the rest wait for
+    // two workers; both paths interleave on every page.
+    write_and_verify_swap_pages(2, &["--workers", "2", "--max-pending", "32K"]);
 }
 
 #[test]

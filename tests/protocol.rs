@@ -17,7 +17,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
 use vhost_user_zram::daemon::{Daemon, DaemonConfig, ListenOn};
-use vhost_user_zram::store::StoreConfig;
+use vhost_user_zram::store::{PendingConfig, StoreConfig};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -53,6 +53,13 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
             level: None,
             mem_limit: None,
         },
+        // One compression worker with a small pool: the frontend's writes go through the
+        // pending pool and the worker.
+        pending: PendingConfig {
+            workers: 1,
+            max_pending_pages: 64,
+        },
+        worker_cpus: Vec::new(),
         device,
         control_socket: None,
     }
