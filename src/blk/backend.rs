@@ -53,28 +53,8 @@ pub struct BlkBackend<S: BlockBackend> {
 struct QueueWorker {
     worker: Worker,
     /// Set when the guest's ring indices are impossible; the queue is not served again until
-    /// the frontend sets it up anew (other ring addresses or another base index).
-    broken: Option<QueueSetup>,
-}
-
-/// What identifies one setup of a queue by the frontend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct QueueSetup {
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
-    size: u16,
-}
-
-impl QueueSetup {
-    fn of(queue: &virtio_queue::Queue) -> Self {
-        QueueSetup {
-            desc_table: queue.desc_table(),
-            avail_ring: queue.avail_ring(),
-            used_ring: queue.used_ring(),
-            size: queue.size(),
-        }
-    }
+    /// the frontend stops it (`GET_VRING_BASE`, as on every virtio reset) or resets the device.
+    broken: bool,
 }
 
 impl<S: BlockBackend> BlkBackend<S> {
@@ -85,7 +65,7 @@ impl<S: BlockBackend> BlkBackend<S> {
             .map(|_| {
                 Mutex::new(QueueWorker {
                     worker: Worker::new(&device, log_limiter.clone()),
-                    broken: None,
+                    broken: false,
                 })
             })
             .collect();
@@ -135,16 +115,10 @@ impl<S: BlockBackend> BlkBackend<S> {
             .map_err(|_| ServeError::Poisoned)?;
         let QueueWorker { worker, broken } = &mut *queue_worker;
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        let mut state = vring.get_mut();
-        let setup = QueueSetup::of(state.get_queue());
-        match broken {
-            Some(broken_setup) if *broken_setup == setup => return Ok(()),
-            Some(_) => {
-                debug!("queue of thread {thread_id} was set up anew; serving it again");
-                *broken = None;
-            }
-            None => {}
+        if *broken {
+            return Ok(());
         }
+        let mut state = vring.get_mut();
         loop {
             if event_idx {
                 state.disable_notification().map_err(ServeError::Queue)?;
@@ -161,7 +135,7 @@ impl<S: BlockBackend> BlkBackend<S> {
                 if let Err(error) = check_avail_index(queue, &*mem) {
                     // Checked here so that a guest that sets avail->idx far ahead is refused
                     // once, not logged by virtio-queue at every kick.
-                    *broken = Some(setup);
+                    *broken = true;
                     self.store.count_invalid_io();
                     return Err(error);
                 }
@@ -292,9 +266,24 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         self.event_idx.store(false, Ordering::Release);
         for worker in &self.workers {
             if let Ok(mut worker) = worker.lock() {
-                worker.broken = None;
+                worker.broken = false;
             }
         }
+    }
+
+    fn stop_vring(&self, index: u32) -> io::Result<()> {
+        // The frontend stops a queue before it sets it up again (a virtio reset, a reboot):
+        // a queue the guest broke gets a fresh start. Queue i is served by thread i.
+        let worker = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.workers.get(i));
+        if let Some(Ok(mut worker)) = worker.map(Mutex::lock) {
+            if worker.broken {
+                debug!("queue {index} was stopped by the frontend; it will be served again");
+            }
+            worker.broken = false;
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {

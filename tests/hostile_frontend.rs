@@ -1,0 +1,313 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A buggy or hostile frontend must not hurt the daemon: impossible ring indices, memory
+//! regions larger than their files, and a call fd that blocks. Each test drives the in-process
+//! daemon with the vhost crate's `Frontend` and memfd-backed guest memory, as a VMM would, and
+//! then shows the daemon still serves (or shuts down in bounded time).
+
+// Descriptor indexes, flags and lengths here are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_zram::blk::DeviceConfig;
+use vhost_user_zram::codec::Algorithm;
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, ListenOn};
+use vhost_user_zram::store::{PageStore, PendingConfig, StoreConfig};
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const PAGES: u64 = 256;
+const MEM_SIZE: usize = 4 << 20;
+const QUEUE_SIZE: u16 = 256;
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+
+struct Running {
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    store: Arc<PageStore>,
+    runner: thread::JoinHandle<Result<(), DaemonError>>,
+}
+
+fn start_daemon() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let mut device = DeviceConfig::new(PAGES);
+    device.queue_size = QUEUE_SIZE;
+    let daemon = Daemon::new(DaemonConfig {
+        listen: ListenOn::Path(socket.clone()),
+        socket_mode: 0o600,
+        store: StoreConfig {
+            capacity_pages: PAGES,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        },
+        pending: PendingConfig {
+            workers: 1,
+            max_pending_pages: 16,
+        },
+        worker_cpus: Vec::new(),
+        device,
+        control_socket: None,
+    })
+    .unwrap();
+    let store = daemon.store().clone();
+    let runner = thread::spawn(move || daemon.run());
+    Running {
+        _dir: dir,
+        socket,
+        store,
+        runner,
+    }
+}
+
+impl Running {
+    /// Waits for `Daemon::run` to return, failing the test after `limit`.
+    fn join_within(self, limit: Duration) -> Result<(), DaemonError> {
+        let deadline = Instant::now() + limit;
+        while !self.runner.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not stop in {limit:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.runner.join().unwrap()
+    }
+}
+
+fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
+}
+
+/// Guest memory of `MEM_SIZE` bytes over a memfd of `file_len` bytes.
+fn guest_memory(file_len: u64) -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(memfd(file_len), 0)),
+    )])
+    .unwrap()
+}
+
+fn connect(socket: &Path) -> Frontend {
+    let mut frontend = Frontend::connect(socket, 1).unwrap();
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    assert!(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    frontend.set_protocol_features(protocol).unwrap();
+    // As QEMU does with REPLY_ACK: every request is answered, so a refusal is seen.
+    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    frontend
+}
+
+fn memory_region(mem: &GuestMemoryMmap<()>) -> VhostUserMemoryRegionInfo {
+    VhostUserMemoryRegionInfo::from_guest_region(mem.find_region(GuestAddress(0)).unwrap()).unwrap()
+}
+
+/// Sets queue 0 up on the frontend's side with `call` as its call fd.
+fn start_queue(
+    frontend: &mut Frontend,
+    mem: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+    kick: &EventFd,
+    call: &EventFd,
+) {
+    let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: host_base + vq.desc_table_addr().0,
+                used_ring_addr: host_base + vq.used_addr().0,
+                avail_ring_addr: host_base + vq.avail_addr().0,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+    frontend.set_vring_base(0, 0).unwrap();
+    frontend.set_vring_kick(0, kick).unwrap();
+    frontend.set_vring_call(0, call).unwrap();
+    frontend.set_vring_enable(0, true).unwrap();
+}
+
+/// Puts a one-page write of `fill` to page 3 at `avail_idx` and kicks; does not wait.
+fn submit_write(
+    mem: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+    kick: &EventFd,
+    avail_idx: u16,
+    fill: u8,
+) {
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    header[8..16].copy_from_slice(&24u64.to_le_bytes());
+    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let next = VRING_DESC_F_NEXT as u16;
+    let descs = [
+        Descriptor::new(HEADER, 16, next, 1),
+        Descriptor::new(DATA, 4096, next, 2),
+        Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    for (i, desc) in descs.into_iter().enumerate() {
+        vq.desc_table()
+            .store(i as u16, RawDescriptor::from(desc))
+            .unwrap();
+    }
+    vq.avail()
+        .ring()
+        .ref_at(usize::from(avail_idx % QUEUE_SIZE))
+        .unwrap()
+        .store(0);
+    vq.avail().idx().store(avail_idx.wrapping_add(1));
+    kick.write(1).unwrap();
+}
+
+/// Polls the used index (not the call fd, which a test may have broken) until `target`.
+fn wait_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, target: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vq.used().idx().load() != target {
+        assert!(Instant::now() < deadline, "request not completed in time");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn an_avail_index_far_ahead_is_refused_once_and_the_queue_serves_again_after_a_restart() {
+    let daemon = start_daemon();
+    let mut frontend = connect(&daemon.socket);
+    let mem = guest_memory(MEM_SIZE as u64);
+    frontend.set_mem_table(&[memory_region(&mem)]).unwrap();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    start_queue(&mut frontend, &mem, &vq, &kick, &call);
+
+    // The guest claims 1000 requests in a ring of 256 and keeps kicking.
+    vq.avail().idx().store(1000);
+    for _ in 0..200 {
+        kick.write(1).unwrap();
+        thread::sleep(Duration::from_micros(200));
+    }
+    poll_until("invalid_io", || daemon.store.stats().io.invalid_io >= 1);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        daemon.store.stats().io.invalid_io,
+        1,
+        "a broken queue is refused once, not at every kick"
+    );
+    assert_eq!(
+        vq.used().idx().load(),
+        0,
+        "nothing in a broken queue is served"
+    );
+
+    // The frontend stops the queue and starts it again (as on a guest reset): it serves.
+    frontend.get_vring_base(0).unwrap();
+    vq.avail().idx().store(0);
+    start_queue(&mut frontend, &mem, &vq, &kick, &call);
+    submit_write(&mem, &vq, &kick, 0, 0x5a);
+    wait_used(&vq, 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+
+    drop(frontend);
+    daemon.join_within(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn a_memory_region_larger_than_its_file_is_refused_before_it_can_fault() {
+    let daemon = start_daemon();
+    let mut frontend = connect(&daemon.socket);
+    // A 4 MiB region over a 1 MiB memfd: touching past 1 MiB would raise SIGBUS.
+    let short = guest_memory(1 << 20);
+    let refused = frontend.set_mem_table(&[memory_region(&short)]);
+    assert!(
+        refused.is_err(),
+        "SET_MEM_TABLE with a short file was accepted"
+    );
+    // vhost-user-backend ends a connection whose request failed; the daemon then stops with
+    // an error that names the region, and removes its socket: it never touches the region.
+    let socket = daemon.socket.clone();
+    let error = daemon
+        .join_within(Duration::from_secs(10))
+        .expect_err("the refused table ends the connection with an error");
+    let message = format!("{error}");
+    assert!(
+        message.contains("reaches past the end of its 1048576-byte file"),
+        "{message}"
+    );
+    assert!(!socket.exists(), "the socket file is removed");
+}
+
+#[test]
+fn a_call_fd_that_would_block_neither_stalls_the_queue_nor_the_shutdown() {
+    let daemon = start_daemon();
+    let mut frontend = connect(&daemon.socket);
+    let mem = guest_memory(MEM_SIZE as u64);
+    frontend.set_mem_table(&[memory_region(&mem)]).unwrap();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let kick = EventFd::new(0).unwrap();
+
+    // A pipe, filled up, handed over as the call fd in blocking mode.
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let [read_end, write_end] = fds;
+    // SAFETY: fcntl on descriptors we own; only their status flags change.
+    unsafe { libc::fcntl(write_end, libc::F_SETFL, libc::O_NONBLOCK) };
+    let chunk = [0u8; 4096];
+    // SAFETY: writes from a valid buffer to our own pipe until it is full.
+    while unsafe { libc::write(write_end, chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+    // SAFETY: as above.
+    unsafe { libc::fcntl(write_end, libc::F_SETFL, 0) };
+    // SAFETY: `write_end` is ours and is owned by the EventFd from here on.
+    let call = unsafe { EventFd::from_raw_fd(write_end) };
+    start_queue(&mut frontend, &mem, &vq, &kick, &call);
+
+    submit_write(&mem, &vq, &kick, 0, 0x11);
+    wait_used(&vq, 1);
+    submit_write(&mem, &vq, &kick, 1, 0x22);
+    wait_used(&vq, 2);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+
+    drop(frontend);
+    daemon.join_within(Duration::from_secs(10)).unwrap();
+    // SAFETY: closing our read end.
+    unsafe { libc::close(read_end) };
+}
