@@ -253,7 +253,7 @@ fn an_avail_index_far_ahead_is_refused_once_and_the_queue_serves_again_after_a_r
 #[test]
 fn a_memory_region_larger_than_its_file_is_refused_before_it_can_fault() {
     let daemon = start_daemon();
-    let mut frontend = connect(&daemon.socket);
+    let frontend = connect(&daemon.socket);
     // A 4 MiB region over a 1 MiB memfd: touching past 1 MiB would raise SIGBUS.
     let short = guest_memory(1 << 20);
     let refused = frontend.set_mem_table(&[memory_region(&short)]);
