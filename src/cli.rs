@@ -162,6 +162,10 @@ pub struct ServeArgs {
     /// makes the queue thread compress instead of waiting. Default: 4 MiB per worker.
     #[arg(long, value_name = "SIZE", value_parser = parse_max_pending)]
     pub max_pending: Option<u64>,
+    /// After serving, poll each queue for up to this many microseconds before sleeping
+    /// (adaptive: the window shrinks while polling finds nothing). 0 never polls.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_MAX_US, value_parser = parse_poll_max)]
+    pub poll_max_us: u64,
     /// Stop storing new pages once the store uses this much memory (same suffixes as --size).
     #[arg(long, value_name = "SIZE", value_parser = parse_mem_limit)]
     pub mem_limit: Option<u64>,
@@ -201,6 +205,12 @@ pub enum UsageError {
     #[error("{0} needs compression workers, but --workers is 0")]
     NoWorkers(&'static str),
 }
+
+/// `--poll-max-us` when not given.
+pub const DEFAULT_POLL_MAX_US: u64 = 0;
+
+/// The longest polling window `--poll-max-us` accepts: 10 ms.
+pub const MAX_POLL_MAX_US: u64 = 10_000;
 
 /// A list of CPU numbers (`--worker-cpus`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +276,7 @@ impl ServeArgs {
                 max_pending_pages: if workers == 0 { 0 } else { max_pending_pages },
             },
             worker_cpus: self.worker_cpus.clone().map(|l| l.0).unwrap_or_default(),
+            poll_max: std::time::Duration::from_micros(self.poll_max_us),
             device,
             control_socket: self.control_socket.clone(),
         })
@@ -313,6 +324,15 @@ fn parse_mem_limit(text: &str) -> Result<u64, String> {
     match parse_size(text)? {
         0 => Err("the memory limit must not be zero; leave --mem-limit out for no limit".into()),
         limit => Ok(limit),
+    }
+}
+
+fn parse_poll_max(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n <= MAX_POLL_MAX_US => Ok(n),
+        _ => Err(format!(
+            "'{text}' is not a polling time; give 0 to {MAX_POLL_MAX_US} microseconds"
+        )),
     }
 }
 

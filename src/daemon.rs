@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{debug, info};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -69,6 +70,8 @@ pub struct DaemonConfig {
     pub pending: PendingConfig,
     /// CPUs to pin the compression workers to (none: not pinned).
     pub worker_cpus: Vec<usize>,
+    /// How long a queue thread may poll its ring after serving (zero: it never polls).
+    pub poll_max: Duration,
     /// The device as the guest sees it.
     pub device: DeviceConfig,
     /// Where to serve the control protocol, if anywhere.
@@ -206,6 +209,7 @@ pub struct Daemon {
     control: Option<(ControlServer, SocketFile)>,
     stop: StopHandle,
     workers: CompressWorkers,
+    poll_max: Duration,
 }
 
 impl Daemon {
@@ -248,6 +252,7 @@ impl Daemon {
             control,
             stop,
             workers,
+            poll_max: config.poll_max,
         })
     }
 
@@ -271,6 +276,7 @@ impl Daemon {
             control,
             stop,
             workers,
+            poll_max,
         } = self;
         match &socket_file {
             Some(file) => info!("waiting for the frontend on {}", file.0.display()),
@@ -278,6 +284,7 @@ impl Daemon {
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let backend = Arc::new(BlkBackend::new(store, device, mem.clone()));
+        backend.set_poll_max(poll_max);
         let mut daemon = VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem)
             .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
         let listener_fd = listener.as_raw_fd();

@@ -509,6 +509,43 @@ fn swap_pages_read_back_intact_when_the_queue_thread_compresses() {
 }
 
 #[test]
+fn swap_pages_read_back_intact_with_adaptive_polling() {
+    write_and_verify_swap_pages(2, &["--poll-max-us", "500"]);
+}
+
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // The fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[test]
+fn a_polling_daemon_sleeps_while_its_guest_is_idle() {
+    let daemon = Daemon::start(16 * MIB, &["--poll-max-us", "1000"]);
+    let mut client = connect(&daemon, 1);
+    // Busy first, so that the polling window has grown to its maximum.
+    client.lane().write_swap_pages(0..2048);
+    client.lane().verify_pages(0..2048, |p| swap_page(p).1);
+    let pid = daemon.child.as_ref().expect("daemon running").id();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < Duration::from_millis(40),
+        "an idle, connected daemon used {used:?} of CPU in 2 s"
+    );
+    daemon.expect_clean_exit_after_disconnect(client);
+}
+
+#[test]
 fn swap_pages_read_back_intact_through_a_tiny_pending_pool() {
     // Eight pages of pool: most writes fall back to inline compression, the rest wait for
     // two workers; both paths interleave on every page.

@@ -61,6 +61,7 @@ fn start_daemon() -> Running {
             max_pending_pages: 16,
         },
         worker_cpus: Vec::new(),
+        poll_max: std::time::Duration::ZERO,
         device,
         control_socket: None,
     })

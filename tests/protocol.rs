@@ -60,6 +60,7 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
             max_pending_pages: 64,
         },
         worker_cpus: Vec::new(),
+        poll_max: std::time::Duration::ZERO,
         device,
         control_socket: None,
     }

@@ -13,11 +13,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -41,17 +41,20 @@ pub struct BlkBackend<S: BlockBackend> {
     /// The same `GuestMemoryAtomic` the vhost-user handler swaps new maps into, so a queue
     /// thread's `memory()` is one atomic load and never waits for a lock.
     mem: GuestMemory,
-    event_idx: AtomicBool,
     acked_features: AtomicU64,
     frontend_spoke: AtomicBool,
     stopping: AtomicBool,
+    /// The longest a queue thread polls its ring after serving, nanoseconds (0: never).
+    poll_max_ns: AtomicU64,
     log_limiter: Arc<Mutex<RateLimiter>>,
     workers: Vec<Mutex<QueueWorker>>,
 }
 
-/// A queue thread's state: its request worker, and whether the guest broke its queue.
+/// A queue thread's state: its request worker, its polling window, and whether the guest
+/// broke its queue.
 struct QueueWorker {
     worker: Worker,
+    poll: AdaptivePoll,
     /// Set when the guest's ring indices are impossible; the queue is not served again until
     /// the frontend stops it (`GET_VRING_BASE`, as on every virtio reset) or resets the device.
     broken: bool,
@@ -65,6 +68,7 @@ impl<S: BlockBackend> BlkBackend<S> {
             .map(|_| {
                 Mutex::new(QueueWorker {
                     worker: Worker::new(&device, log_limiter.clone()),
+                    poll: AdaptivePoll::default(),
                     broken: false,
                 })
             })
@@ -73,13 +77,20 @@ impl<S: BlockBackend> BlkBackend<S> {
             store,
             device,
             mem,
-            event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             frontend_spoke: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            poll_max_ns: AtomicU64::new(0),
             log_limiter,
             workers,
         }
+    }
+
+    /// Lets each queue thread poll its ring for up to `max` after serving before it sleeps
+    /// (adaptively: the window shrinks while polling finds nothing). Zero disables polling.
+    pub fn set_poll_max(&self, max: Duration) {
+        let ns = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        self.poll_max_ns.store(ns, Ordering::Relaxed);
     }
 
     /// Makes every queue thread return from serving at its next request, so that shutdown
@@ -113,16 +124,21 @@ impl<S: BlockBackend> BlkBackend<S> {
             .ok_or(ServeError::NoWorker(thread_id))?
             .lock()
             .map_err(|_| ServeError::Poisoned)?;
-        let QueueWorker { worker, broken } = &mut *queue_worker;
-        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let QueueWorker {
+            worker,
+            poll,
+            broken,
+        } = &mut *queue_worker;
         if *broken {
             return Ok(());
         }
+        let poll_max = self.poll_max_ns.load(Ordering::Relaxed);
+        poll.woke(poll_max);
         let mut state = vring.get_mut();
         loop {
-            if event_idx {
-                state.disable_notification().map_err(ServeError::Queue)?;
-            }
+            // Suppressed while we serve and poll: the used flags without EVENT_IDX, the avail
+            // event with it.
+            state.disable_notification().map_err(ServeError::Queue)?;
             let mut completed = 0usize;
             loop {
                 if self.stopping.load(Ordering::Acquire) {
@@ -147,12 +163,28 @@ impl<S: BlockBackend> BlkBackend<S> {
                 }
                 completed += 1;
             }
+            // One interrupt for everything this round completed.
             if completed > 0 && state.needs_notification().map_err(ServeError::Queue)? {
                 signal_without_blocking(&state)?;
             }
-            // With EVENT_IDX, re-enabling notifications reports whether the guest added
-            // requests meanwhile; serve those before sleeping.
-            if !event_idx || !state.enable_notification().map_err(ServeError::Queue)? {
+            if poll.window_ns > 0 {
+                let mem = self.mem.memory();
+                let queue = state.get_queue();
+                let found = poll.spin(|| {
+                    self.stopping.load(Ordering::Relaxed)
+                        || queue
+                            .avail_idx(&*mem, Ordering::Acquire)
+                            .is_ok_and(|idx| idx.0 != queue.next_avail())
+                });
+                poll.adapt(found, poll_max);
+                if found {
+                    continue;
+                }
+            }
+            // Re-enabling notifications reports whether the guest added requests meanwhile;
+            // serve those before sleeping.
+            if !state.enable_notification().map_err(ServeError::Queue)? {
+                poll.sleeping();
                 return Ok(());
             }
         }
@@ -160,6 +192,67 @@ impl<S: BlockBackend> BlkBackend<S> {
 
     fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
         super::ratelimit::warn_limited(&self.log_limiter, message);
+    }
+}
+
+/// Adaptive polling of one queue, as QEMU's iothreads (`poll-max-ns`) do it: after serving,
+/// the queue thread keeps reading the avail index for up to `window_ns` before it re-enables
+/// notifications and sleeps. The window doubles (up to the maximum) when polling found work
+/// or when the thread was woken sooner than the maximum after it went to sleep — polling would
+/// have caught that request without the wake-up — and halves when a whole window passed in
+/// vain, so an idle or slow guest costs no polling at all.
+#[derive(Debug, Default)]
+struct AdaptivePoll {
+    window_ns: u64,
+    asleep_since: Option<Instant>,
+}
+
+/// The first window after polling was off: long enough to catch a request in flight.
+const POLL_START_NS: u64 = 4_000;
+
+impl AdaptivePoll {
+    /// Called when a kick wakes the thread.
+    fn woke(&mut self, max_ns: u64) {
+        if max_ns == 0 {
+            self.window_ns = 0;
+            return;
+        }
+        if let Some(since) = self.asleep_since.take() {
+            let slept = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if slept < max_ns {
+                self.window_ns = (self.window_ns.max(POLL_START_NS / 2) * 2).min(max_ns);
+            }
+        }
+    }
+
+    /// Spins until `ready` says so or the window passes; returns whether it did.
+    fn spin(&self, mut ready: impl FnMut() -> bool) -> bool {
+        let start = Instant::now();
+        let window = Duration::from_nanos(self.window_ns);
+        loop {
+            if ready() {
+                return true;
+            }
+            if start.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn adapt(&mut self, found: bool, max_ns: u64) {
+        self.window_ns = if found {
+            (self.window_ns * 2).min(max_ns)
+        } else {
+            self.window_ns / 2
+        };
+        if self.window_ns < POLL_START_NS / 4 {
+            self.window_ns = 0;
+        }
+    }
+
+    fn sleeping(&mut self) {
+        self.asleep_since = Some(Instant::now());
     }
 }
 
@@ -263,7 +356,6 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     fn reset_device(&self) {
         debug!("virtio reset: forgetting negotiated features, keeping the data");
         self.acked_features.store(0, Ordering::Release);
-        self.event_idx.store(false, Ordering::Release);
         for worker in &self.workers {
             if let Ok(mut worker) = worker.lock() {
                 worker.broken = false;
@@ -286,8 +378,9 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         Ok(())
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets EVENT_IDX on each queue itself; the queue's notification
+        // calls then do the right thing for either mode.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -358,11 +451,6 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         }
         Ok(())
     }
-}
-
-/// Whether `features` include EVENT_IDX.
-pub fn has_event_idx(features: u64) -> bool {
-    features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
 }
 
 /// Checks every region of the current guest memory map against the file that backs it: a
