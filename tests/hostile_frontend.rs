@@ -7,7 +7,8 @@
 // Descriptor indexes, flags and lengths here are small constants.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::fs::File;
+mod common;
+
 use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
 use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, ListenOn};
@@ -25,7 +26,7 @@ use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGES: u64 = 256;
@@ -91,24 +92,9 @@ impl Running {
     }
 }
 
-fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len).unwrap();
-    file
-}
-
 /// Guest memory of `MEM_SIZE` bytes over a memfd of `file_len` bytes.
 fn guest_memory(file_len: u64) -> GuestMemoryMmap<()> {
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(memfd(file_len), 0)),
-    )])
-    .unwrap()
+    common::guest_memory_over(MEM_SIZE, file_len)
 }
 
 fn connect(socket: &Path) -> Frontend {
@@ -128,7 +114,6 @@ fn memory_region(mem: &GuestMemoryMmap<()>) -> VhostUserMemoryRegionInfo {
     VhostUserMemoryRegionInfo::from_guest_region(mem.find_region(GuestAddress(0)).unwrap()).unwrap()
 }
 
-/// Sets queue 0 up on the frontend's side with `call` as its call fd.
 fn start_queue(
     frontend: &mut Frontend,
     mem: &GuestMemoryMmap<()>,
@@ -136,26 +121,7 @@ fn start_queue(
     kick: &EventFd,
     call: &EventFd,
 ) {
-    let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: host_base + vq.desc_table_addr().0,
-                used_ring_addr: host_base + vq.used_addr().0,
-                avail_ring_addr: host_base + vq.avail_addr().0,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    frontend.set_vring_base(0, 0).unwrap();
-    frontend.set_vring_kick(0, kick).unwrap();
-    frontend.set_vring_call(0, call).unwrap();
-    frontend.set_vring_enable(0, true).unwrap();
+    common::start_queue(frontend, mem, vq, QUEUE_SIZE, kick, call);
 }
 
 /// Puts a one-page write of `fill` to page 3 at `avail_idx` and kicks; does not wait.

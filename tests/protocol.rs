@@ -5,15 +5,16 @@
 // Descriptor indexes, flags and lengths here are small constants.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+mod common;
+
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
 use vhost_user_zram::daemon::{Daemon, DaemonConfig, ListenOn};
@@ -29,7 +30,7 @@ use virtio_bindings::bindings::virtio_ring::{
 };
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGES: u64 = 256;
@@ -83,18 +84,7 @@ fn start_daemon(
 }
 
 fn guest_memory() -> GuestMemoryMmap<()> {
-    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
+    common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64)
 }
 
 fn expected_features() -> u64 {
@@ -172,30 +162,10 @@ fn request_completes_through_shared_memory_and_disconnect_ends_the_daemon() {
     let region = mem.find_region(GuestAddress(0)).unwrap();
     let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
     frontend.set_mem_table(&[info]).unwrap();
-    let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: host_base + vq.desc_table_addr().0,
-                used_ring_addr: host_base + vq.used_addr().0,
-                avail_ring_addr: host_base + vq.avail_addr().0,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    frontend.set_vring_base(0, 0).unwrap();
     let kick = EventFd::new(0).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    frontend.set_vring_kick(0, &kick).unwrap();
-    frontend.set_vring_call(0, &call).unwrap();
-    frontend.set_vring_enable(0, true).unwrap();
+    common::start_queue(&mut frontend, &mem, &vq, QUEUE_SIZE, &kick, &call);
 
     let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     mem.write_slice(&page, GuestAddress(DATA)).unwrap();

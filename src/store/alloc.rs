@@ -137,8 +137,10 @@ impl ChunkMeta {
 }
 
 /// One anonymous mapping holding several chunks of a class.
+/// An anonymous `MAP_NORESERVE` mapping, unmapped on drop: memory is reserved, and costs
+/// only where it is touched. Chunks live in segments; the pending pool is one.
 #[derive(Debug)]
-struct Segment {
+pub(crate) struct Segment {
     base: NonNull<u8>,
     bytes: usize,
 }
@@ -150,7 +152,8 @@ unsafe impl Send for Segment {}
 unsafe impl Sync for Segment {}
 
 impl Segment {
-    fn map(bytes: usize) -> Result<Segment, AllocError> {
+    /// Maps `bytes` of fresh, zero-filled memory.
+    pub(crate) fn map(bytes: usize) -> Result<Segment, AllocError> {
         // SAFETY: an anonymous private mapping with no address hint touches no existing memory;
         // the result is checked for MAP_FAILED before use.
         let ptr = unsafe {
@@ -168,6 +171,11 @@ impl Segment {
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(AllocError::OutOfMemory { bytes })?;
         Ok(Segment { base, bytes })
+    }
+
+    /// The first byte of the mapping.
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
     }
 }
 

@@ -31,11 +31,11 @@
 //! call it when the pool has drained, and when a memory limit stalls them).
 
 use std::collections::VecDeque;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::alloc::Segment;
 use super::slot::MAX_PENDING_BUFFERS;
 use crate::PAGE_SIZE;
 
@@ -68,7 +68,7 @@ struct FreeLists {
 /// The pool of page buffers. `Send + Sync`.
 #[derive(Debug)]
 pub(crate) struct PendingPool {
-    base: NonNull<u8>,
+    memory: Segment,
     capacity: usize,
     holders: Box<[AtomicU8]>,
     generations: Box<[AtomicU32]>,
@@ -78,14 +78,6 @@ pub(crate) struct PendingPool {
     /// Buffers whose pages are resident.
     resident: AtomicU64,
 }
-
-// SAFETY: the mapping is owned by the pool and freed only on drop; access to each buffer's
-// bytes follows the ownership rule of the module documentation (one writer before
-// publication, shared readers after, reuse only after the last holder), and all bookkeeping is
-// atomic or behind a mutex.
-unsafe impl Send for PendingPool {}
-// SAFETY: as above.
-unsafe impl Sync for PendingPool {}
 
 impl PendingPool {
     /// A pool of `capacity` buffers (1 to [`MAX_PENDING_BUFFERS`]); memory is reserved, not
@@ -97,28 +89,12 @@ impl PendingPool {
                 format!("a pending pool holds 1 to {MAX_PENDING_BUFFERS} pages, not {capacity}"),
             ));
         }
-        let bytes = capacity * PAGE_SIZE;
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
-        // no existing memory; the result is checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let base = NonNull::new(base.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+        let memory = Segment::map(capacity * PAGE_SIZE).map_err(std::io::Error::other)?;
         // Buffer numbers fit 24 bits (checked above); hand out low numbers first.
         #[allow(clippy::cast_possible_truncation)]
         let cold = (0..capacity as u32).rev().collect();
         Ok(PendingPool {
-            base,
+            memory,
             capacity,
             holders: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
             generations: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
@@ -263,17 +239,7 @@ impl PendingPool {
     fn page_ptr(&self, index: u32) -> *mut u8 {
         debug_assert!((index as usize) < self.capacity);
         // In range of the mapping: index < capacity.
-        self.base.as_ptr().wrapping_add(index as usize * PAGE_SIZE)
-    }
-}
-
-impl Drop for PendingPool {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with this length and no reference into it
-        // outlives the pool (every accessor borrows `self`).
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.capacity * PAGE_SIZE);
-        }
+        self.memory.base().wrapping_add(index as usize * PAGE_SIZE)
     }
 }
 
