@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -58,6 +58,8 @@ struct QueueWorker {
     /// Set when the guest's ring indices are impossible; the queue is not served again until
     /// the frontend stops it (`GET_VRING_BASE`, as on every virtio reset) or resets the device.
     broken: bool,
+    /// Whether the queue's first kick since it was (re)started has been logged.
+    announced: bool,
 }
 
 impl<S: BlockBackend> BlkBackend<S> {
@@ -70,6 +72,7 @@ impl<S: BlockBackend> BlkBackend<S> {
                     worker: Worker::new(&device, log_limiter.clone()),
                     poll: AdaptivePoll::default(),
                     broken: false,
+                    announced: false,
                 })
             })
             .collect();
@@ -128,6 +131,7 @@ impl<S: BlockBackend> BlkBackend<S> {
             worker,
             poll,
             broken,
+            announced,
         } = &mut *queue_worker;
         if *broken {
             return Ok(());
@@ -135,6 +139,19 @@ impl<S: BlockBackend> BlkBackend<S> {
         let poll_max = self.poll_max_ns.load(Ordering::Relaxed);
         poll.woke(poll_max);
         let mut state = vring.get_mut();
+        if !*announced {
+            *announced = true;
+            let queue = state.get_queue();
+            info!(
+                "queue {thread_id} started: {} entries, event index {}",
+                queue.size(),
+                if queue.event_idx_enabled() {
+                    "on"
+                } else {
+                    "off"
+                }
+            );
+        }
         loop {
             // Suppressed while we serve and poll: the used flags without EVENT_IDX, the avail
             // event with it.
@@ -346,6 +363,10 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
+        info!(
+            "the frontend acknowledged features {features:#x}: {}",
+            DeviceConfig::feature_names(features).join(", ")
+        );
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -374,6 +395,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
                 debug!("queue {index} was stopped by the frontend; it will be served again");
             }
             worker.broken = false;
+            worker.announced = false;
         }
         Ok(())
     }
@@ -403,7 +425,9 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
         // The handler has already swapped the new map into the GuestMemoryAtomic we share;
         // what is left is to refuse regions that would fault when touched.
-        check_regions(&self.mem)
+        check_regions(&self.mem)?;
+        log_regions(&self.mem);
+        Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -450,6 +474,30 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
             ));
         }
         Ok(())
+    }
+}
+
+/// Logs the guest memory map: one line with the totals, one per region at debug level.
+fn log_regions(mem: &GuestMemory) {
+    use vm_memory::GuestMemoryRegion;
+    let map = mem.memory();
+    let total: u64 = map.iter().map(|r| r.len()).sum();
+    info!(
+        "guest memory: {} region(s), {} KiB",
+        map.num_regions(),
+        total >> 10
+    );
+    for region in map.iter() {
+        debug!(
+            "  region {:#x}..{:#x} ({} KiB){}",
+            region.start_addr().0,
+            region.start_addr().0 + region.len(),
+            region.len() >> 10,
+            region
+                .file_offset()
+                .map(|f| format!(", file offset {:#x}", f.start()))
+                .unwrap_or_default()
+        );
     }
 }
 

@@ -146,6 +146,33 @@ impl DeviceConfig {
         bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
+    /// The names of the feature bits in `bits` (for logs): the ones this device knows by
+    /// name, then any other as `bit N`.
+    pub fn feature_names(bits: u64) -> Vec<String> {
+        const NAMED: [(u32, &str); 13] = [
+            (VIRTIO_F_VERSION_1, "VERSION_1"),
+            (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+            (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
+            (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+            (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+            (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+            (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+            (VIRTIO_BLK_F_FLUSH, "FLUSH"),
+            (VIRTIO_BLK_F_MQ, "MQ"),
+            (VIRTIO_BLK_F_RO, "RO"),
+            (VIRTIO_BLK_F_DISCARD, "DISCARD"),
+            (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+            (30, "PROTOCOL_FEATURES"),
+        ];
+        (0..64u32)
+            .filter(|bit| bits & (1u64 << bit) != 0)
+            .map(|bit| match NAMED.iter().find(|(b, _)| *b == bit) {
+                Some((_, name)) => (*name).to_owned(),
+                None => format!("bit {bit}"),
+            })
+            .collect()
+    }
+
     /// The vhost-user protocol features the device offers.
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
@@ -275,6 +302,10 @@ mod tests {
         config.read_only = true;
         let features = config.features();
         assert_ne!(features & 1 << VIRTIO_BLK_F_RO, 0);
+        let names = DeviceConfig::feature_names(features | 1 << 40);
+        assert!(names.contains(&"RO".to_owned()) && names.contains(&"EVENT_IDX".to_owned()));
+        assert!(!names.contains(&"DISCARD".to_owned()));
+        assert_eq!(names.last().map(String::as_str), Some("bit 40"));
         assert_eq!(features & 1 << VIRTIO_BLK_F_DISCARD, 0);
         assert_eq!(features & 1 << VIRTIO_BLK_F_WRITE_ZEROES, 0);
     }
