@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -38,39 +39,51 @@ struct Daemon {
     child: Child,
     socket: PathBuf,
     control: PathBuf,
-    stderr: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<()>>,
+    log: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
-    /// Starts the daemon with a 1 MiB device and its default control socket, and waits until
-    /// both sockets accept connections.
-    fn start() -> Daemon {
+    /// Starts the daemon with a 1 MiB device, its default control socket and `extra`
+    /// arguments, and waits until both sockets accept connections.
+    fn start_with(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("zram.sock");
         let control = dir.path().join("zram.sock.ctl");
         let mut child = Command::new(BIN)
             .args(["--socket-path", socket.to_str().unwrap(), "--size", "1M"])
+            .args(extra)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut pipe = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
         let stderr = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
+            let mut chunk = [0u8; 4096];
+            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
         });
         let mut daemon = Daemon {
             child,
             socket,
             control,
             stderr: Some(stderr),
+            log,
             _dir: dir,
         };
         daemon.wait_until_listening(&daemon.socket.clone());
         daemon.wait_until_listening(&daemon.control.clone());
         daemon
+    }
+
+    fn start() -> Daemon {
+        Daemon::start_with(&[])
     }
 
     /// Polls until `path` accepts a connection (no fixed sleeps); panics if the daemon exits.
@@ -103,8 +116,22 @@ impl Daemon {
             assert!(Instant::now() < deadline, "the daemon did not exit");
             thread::sleep(Duration::from_millis(10));
         };
-        let stderr = self.stderr.take().unwrap().join().unwrap();
+        self.stderr.take().unwrap().join().unwrap();
+        let stderr = self.log.lock().unwrap().clone();
         (status, stderr)
+    }
+
+    /// Polls (bounded) until the daemon has logged `needle`.
+    fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never logged {needle:?}: {}",
+                self.log.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn assert_sockets_removed(&self) {
@@ -368,4 +395,45 @@ fn frontend_disconnect_logs_the_negotiated_features_and_what_was_stored() {
     assert!(line.contains("1 pages stored (4.0 KiB of data"), "{line}");
     assert!(!stderr.contains("are lost"), "{stderr}");
     daemon.assert_sockets_removed();
+}
+
+#[test]
+fn start_logs_the_configuration_at_info() {
+    let mut daemon = Daemon::start_with(&["--algorithm", "zstd", "--mem-limit", "2M"]);
+
+    daemon.signal(libc::SIGTERM);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "device: 1.0 MiB (256 pages), zstd level 1, memory limit 2.0 MiB, 1 queue(s) of up to 256 descriptors, read-write"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("control socket {}", daemon.control.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("DEBUG"), "{stderr}");
+}
+
+#[test]
+fn debug_level_logs_the_offered_features_and_each_connection() {
+    let mut daemon = Daemon::start_with(&["--log-level", "debug"]);
+
+    // Daemon::start's readiness probe is a connection without a message.
+    daemon.wait_for_log("a connection closed without a vhost-user message");
+    daemon.signal(libc::SIGTERM);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("offering virtio features SIZE_MAX SEG_MAX BLK_SIZE"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("accepted a connection on the vhost-user socket"),
+        "{stderr}"
+    );
 }
