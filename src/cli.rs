@@ -655,6 +655,64 @@ mod tests {
         ));
     }
 
+    fn ctl_args(args: &[&str]) -> CtlArgs {
+        let all = ["vhost-user-zram", "ctl"].iter().chain(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Some(Tool::Ctl(ctl)) => ctl,
+            None => panic!("not a ctl command line"),
+        }
+    }
+
+    #[test]
+    fn ctl_takes_the_flag_then_the_variable_and_refuses_an_empty_variable() {
+        let flag = ctl_args(&["--control-socket", "/run/a.ctl", "stats"]);
+        let bare = ctl_args(&["stats"]);
+
+        assert_eq!(
+            flag.control_socket_path(Some("/run/b.ctl".into())),
+            Ok(PathBuf::from("/run/a.ctl"))
+        );
+        assert_eq!(
+            bare.control_socket_path(Some("/run/b.ctl".into())),
+            Ok(PathBuf::from("/run/b.ctl"))
+        );
+        assert_eq!(
+            bare.control_socket_path(Some("".into())),
+            Err(UsageError::NoControlSocket)
+        );
+        assert_eq!(
+            bare.control_socket_path(None),
+            Err(UsageError::NoControlSocket)
+        );
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(["vhost-user-zram"].iter().chain(args))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn control_socket_defaults_to_the_socket_path_with_ctl_appended() {
+        let default = serve_args(&["--socket-path", "/run/vm.sock", "--size", "1M"]);
+        let disabled = serve_args(&[
+            "--socket-path",
+            "/run/vm.sock",
+            "--size",
+            "1M",
+            "--control-socket",
+            "none",
+        ]);
+        let inherited = serve_args(&["--fd", "3", "--size", "1M"]);
+
+        assert_eq!(
+            default.daemon_config().unwrap().control_socket,
+            Some(PathBuf::from("/run/vm.sock.ctl"))
+        );
+        assert_eq!(disabled.daemon_config().unwrap().control_socket, None);
+        assert_eq!(inherited.daemon_config().unwrap().control_socket, None);
+    }
+
     #[test]
     fn capabilities_are_valid_json() {
         let value: serde_json::Value = serde_json::from_str(CAPABILITIES).unwrap();

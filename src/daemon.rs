@@ -920,3 +920,44 @@ extern "C" fn on_sigbus(
     // SAFETY: _exit(2) is async-signal-safe and does not return.
     unsafe { libc::_exit(1) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes_human(0), "0 B");
+        assert_eq!(bytes_human(1023), "1023 B");
+        assert_eq!(bytes_human(4096), "4.0 KiB");
+        assert_eq!(bytes_human(3 << 29), "1.5 GiB");
+        assert_eq!(bytes_human(u64::MAX), "16777216.0 TiB");
+    }
+
+    #[test]
+    fn features_are_named_and_unknown_bits_numbered() {
+        assert_eq!(feature_names(0), "none");
+        assert_eq!(
+            feature_names(1 << 32 | 1 << 29 | 1 << 13 | 1 << 1),
+            "SIZE_MAX DISCARD EVENT_IDX VERSION_1"
+        );
+        assert_eq!(feature_names(1 << 63), "bit 63");
+    }
+
+    #[test]
+    fn stats_summary_gives_pages_sizes_and_ratio_only_when_there_is_data() {
+        let mut stats = Stats::default();
+        stats.mm.mem_used_total = 2048;
+        assert_eq!(
+            stats_summary(&stats),
+            "0 pages stored (0 B of data in 2.0 KiB of memory), 0 same-filled, 0 huge; \
+             most memory used 0 B; failed reads 0, failed writes 0, invalid requests 0, \
+             pages freed by discard 0"
+        );
+        stats.mm.orig_data_size = 8192;
+        stats.mm.compr_data_size = 2048;
+        assert!(stats_summary(&stats).starts_with(
+            "2 pages stored (8.0 KiB of data in 2.0 KiB of memory, compression ratio 4.00)"
+        ));
+    }
+}
