@@ -32,6 +32,11 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit status for a well-formed command that failed while starting or running.
 pub const EXIT_FAILURE: u8 = 1;
 
+/// The exit-status rule, as `--help` prints it.
+const EXIT_STATUS_HELP: &str = "Exit status: 0 when the frontend disconnected or SIGTERM/SIGINT \
+stopped the daemon (or ctl succeeded); 2 when the command line is wrong; 1 when a well-formed \
+command failed (a socket in use, a missing directory, a daemon not answering, a SIGBUS).";
+
 /// The environment variable `ctl` reads the control socket's path from when
 /// `--control-socket` is not given.
 pub const CONTROL_SOCKET_ENV: &str = "VHOST_USER_ZRAM_CTL";
@@ -54,7 +59,8 @@ pub const CAPABILITIES: &str =
     name = "vhost-user-zram",
     version,
     about,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = EXIT_STATUS_HELP
 )]
 pub struct Cli {
     /// A tool to talk to a running daemon.

@@ -535,3 +535,15 @@ fn systemd_unit_exec_start_uses_accepted_flags() {
     assert!(socket.contains("ListenStream="));
     assert!(socket.contains("SocketMode=0600"));
 }
+
+#[test]
+fn help_states_the_exit_status_rule_and_exits_0() {
+    let output = run(&["--help"]);
+
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("2 when the command line is wrong; 1 when a well-formed command failed"),
+        "{stdout}"
+    );
+}
