@@ -254,6 +254,13 @@ pub enum UsageError {
         .0.display()
     )]
     SameSocketPath(PathBuf),
+    /// The vhost-user socket's path fits a Unix socket address, but with `.ctl` appended it
+    /// does not.
+    #[error(
+        "the default control socket {} is longer than the 107 bytes a Unix socket address holds; pass --control-socket PATH, or none",
+        .0.display()
+    )]
+    DefaultControlSocketTooLong(PathBuf),
     /// `ctl` was given no control socket.
     #[error(
         "no control socket given: pass --control-socket PATH or set {CONTROL_SOCKET_ENV} (a daemon started with --socket-path S serves S.ctl)"
@@ -303,7 +310,13 @@ impl ServeArgs {
         let control = match (&self.control_socket, &self.socket_path) {
             (Some(ControlSocket::Disabled), _) | (None, None) => return Ok(None),
             (Some(ControlSocket::Path(path)), _) => path.clone(),
-            (None, Some(socket)) => default_control_socket(socket),
+            (None, Some(socket)) => {
+                let control = default_control_socket(socket);
+                if fits_socket_address(socket) && !fits_socket_address(&control) {
+                    return Err(UsageError::DefaultControlSocketTooLong(control));
+                }
+                control
+            }
         };
         if let Some(socket) = &self.socket_path {
             if same_path(socket, &control) {
@@ -319,6 +332,12 @@ pub fn default_control_socket(socket: &Path) -> PathBuf {
     let mut path = socket.as_os_str().to_owned();
     path.push(CONTROL_SOCKET_SUFFIX);
     PathBuf::from(path)
+}
+
+/// Whether `path` fits `sockaddr_un.sun_path` (108 bytes with the terminating NUL).
+fn fits_socket_address(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().len() < 108
 }
 
 /// Whether `a` and `b` name one file: compared absolute, with `.` and `..` resolved and the

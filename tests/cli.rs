@@ -187,6 +187,19 @@ fn failures_of_a_well_formed_command_exit_1() {
 }
 
 #[test]
+fn a_socket_path_too_long_for_its_default_control_socket_names_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().display().to_string();
+    // 105 bytes: the socket fits the 107 a Unix address holds, the socket plus ".ctl" does not.
+    let socket = format!("{base}/{}", "s".repeat(105 - base.len() - 1));
+
+    let output = run(&["--socket-path", &socket, "--size", "1M"]);
+
+    assert_one_sentence_error_exit(&output, "pass --control-socket PATH, or none", EXIT_USAGE);
+    assert!(!Path::new(&socket).exists(), "nothing was created");
+}
+
+#[test]
 fn negative_numbers_are_refused_by_the_option_not_as_unknown_arguments() {
     let dir = tempfile::tempdir().unwrap();
     let s = sock(&dir, "a.sock");
