@@ -127,9 +127,17 @@ vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$tmpfs_mib" SMP=1 \
     elif [[ "$RW_KIND" == vuz ]]; then
         record_fail swap-under-pressure/mm-stat "the guest never reached the point to check it"
     fi
+    # Then the guest frees all its swap (swap still on, discard=pages): the host gets it back.
+    if wait_console 'VUZ-HOSTCHECK-FREED' "${VUZ_MAIN_TIMEOUT:-600}"; then
+        check_discard_frees "$RW_KIND" "$RW_CTL" "$out"
+        console_send "go"
+    elif [[ "$RW_KIND" == vuz ]]; then
+        record_fail swap-under-pressure/discard-frees-host-memory \
+            "the guest never reached the point to check it"
+    fi
     qemu_finish main "${VUZ_MAIN_TIMEOUT:-600}"
     collect_results "$out" main \
-        swap-under-pressure/{swapon,anon-pages,swap-used,tmpfs-files,swapoff} \
+        swap-under-pressure/{non-rotational,swapon,anon-pages,swap-used,tmpfs-files,swapoff} \
         block-semantics/{capacity,fio-verify-4k,fio-verify-64k,fio-verify-512-unaligned} \
         block-semantics/{fio-verify-mixed-unaligned,discard-zeroes,serial} \
         block-semantics/read-only/{ro-flag,write-refused,read-works}
@@ -180,6 +188,41 @@ check_mm_stat() {
             record_pass swap-under-pressure/io-stat
         fi
     fi
+}
+
+# check_discard_frees KIND CTL OUT: after the guest freed every page it had on swap (swap on,
+# discard=pages, the disk non-rotational), the daemon was told: notify_free rises above what
+# it was while the pages were out, and mem_used_total falls below it. The guest discards from
+# a work queue, so this polls (bounded) until both hold.
+check_discard_frees() {
+    local kind="$1" ctl="$2" out="$3" name=swap-under-pressure/discard-frees-host-memory
+    if [[ "$kind" != vuz ]]; then
+        record_skip "$name" "the device is qemu-storage-daemon"
+        return
+    fi
+    local held_mm held_io
+    if ! read -r -a held_mm <"$out.mm_stat" || ! read -r -a held_io <"$out.io_stat" ||
+        ((${#held_mm[@]} != 9 || ${#held_io[@]} != 4)); then
+        record_fail "$name" "no mm_stat and io_stat from while the pages were on swap"
+        return
+    fi
+    local deadline=$((SECONDS + 60)) mm io
+    while :; do
+        mm=() io=()
+        read -r -a mm < <(ctl_line "$ctl" mm_stat "$out.freed" || true)
+        read -r -a io < <(ctl_line "$ctl" io_stat "$out.freed" || true)
+        if ((${#mm[@]} == 9 && ${#io[@]} == 4 && io[3] > held_io[3] && mm[2] < held_mm[2])); then
+            log "after the guest freed its swap: mem_used_total ${held_mm[2]} -> ${mm[2]}," \
+                "orig_data_size ${held_mm[0]} -> ${mm[0]}, notify_free ${held_io[3]} -> ${io[3]}"
+            record_pass "$name"
+            return
+        fi
+        if ((SECONDS >= deadline)); then
+            record_fail "$name" "60 s after the guest freed its swap: mem_used_total ${held_mm[2]} -> ${mm[2]:-?}, notify_free ${held_io[3]} -> ${io[3]:-?} (mm_stat '${mm[*]}')"
+            return
+        fi
+        sleep 0.5
+    done
 }
 
 # ctl_line CTL STAT OUT: one line of `vhost-user-zram ctl STAT`, also kept in OUT.STAT.

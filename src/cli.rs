@@ -1,15 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The command line: `vhost-user-zram --socket-path PATH --size SIZE [options]` serves a
-//! device; `vhost-user-zram ctl --control-socket PATH <command>` talks to a running one.
+//! device; `vhost-user-zram ctl [--control-socket PATH] <command>` talks to a running one.
 //!
-//! Every wrong value is reported as one sentence on stderr with a non-zero exit status
-//! ([`EXIT_USAGE`] for bad arguments, [`EXIT_FAILURE`] for failures while starting or
-//! running), never as a panic.
+//! Every wrong value is reported as one sentence on stderr, never as a panic, with one rule for
+//! the exit status: [`EXIT_USAGE`] (2) when the command line itself is wrong (a bad value, a
+//! missing or conflicting option: nothing was tried), [`EXIT_FAILURE`] (1) when a well-formed
+//! command failed against the system (a socket in use, a directory missing, a daemon not
+//! answering, a fatal signal).
+//!
+//! The control socket has a default so that statistics are always there, as zram's sysfs files
+//! are: a daemon started with `--socket-path S` serves `S.ctl` unless `--control-socket` names
+//! another path or `none`; `ctl` takes `--control-socket`, else `$VHOST_USER_ZRAM_CTL`.
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -21,10 +27,25 @@ use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
 use crate::store::{PendingConfig, StoreConfig, MAX_PENDING_BUFFERS};
 use crate::PAGE_SIZE;
 
-/// Exit status for arguments that make no sense.
+/// Exit status for a wrong command line: nothing was tried.
 pub const EXIT_USAGE: u8 = 2;
-/// Exit status for failures while starting or running.
+/// Exit status for a well-formed command that failed while starting or running.
 pub const EXIT_FAILURE: u8 = 1;
+
+/// The exit-status rule, as `--help` prints it.
+const EXIT_STATUS_HELP: &str = "Exit status: 0 when the frontend disconnected or SIGTERM/SIGINT \
+stopped the daemon (or ctl succeeded); 2 when the command line is wrong; 1 when a well-formed \
+command failed (a socket in use, a missing directory, a daemon not answering, a SIGBUS).";
+
+/// The environment variable `ctl` reads the control socket's path from when
+/// `--control-socket` is not given.
+pub const CONTROL_SOCKET_ENV: &str = "VHOST_USER_ZRAM_CTL";
+
+/// What `--control-socket` takes to serve no control socket.
+pub const NO_CONTROL_SOCKET: &str = "none";
+
+/// The suffix of the default control socket: `--socket-path S` serves `S.ctl`.
+pub const CONTROL_SOCKET_SUFFIX: &str = ".ctl";
 
 /// The vhost-user backend program capabilities (`--print-capabilities`), as the vhost-user
 /// specification's "Backend program conventions" define them. Only `read-only` applies: the
@@ -38,7 +59,8 @@ pub const CAPABILITIES: &str =
     name = "vhost-user-zram",
     version,
     about,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = EXIT_STATUS_HELP
 )]
 pub struct Cli {
     /// A tool to talk to a running daemon.
@@ -59,9 +81,10 @@ pub enum Tool {
 /// `ctl` arguments.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The daemon's control socket.
+    /// The daemon's control socket [default: $VHOST_USER_ZRAM_CTL]; a daemon started with
+    /// --socket-path S serves S.ctl.
     #[arg(long, value_name = "PATH")]
-    pub control_socket: PathBuf,
+    pub control_socket: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -84,6 +107,20 @@ pub enum CtlCommand {
     IoStat,
     /// Compact the allocator.
     Compact,
+}
+
+impl CtlArgs {
+    /// The control socket to talk to: `--control-socket`, else `$VHOST_USER_ZRAM_CTL` (as
+    /// `env_value`, so tests need not touch the process environment).
+    pub fn control_socket_path(&self, env_value: Option<OsString>) -> Result<PathBuf, UsageError> {
+        if let Some(path) = &self.control_socket {
+            return Ok(path.clone());
+        }
+        match env_value {
+            Some(value) if !value.is_empty() => Ok(PathBuf::from(value)),
+            Some(_) | None => Err(UsageError::NoControlSocket),
+        }
+    }
 }
 
 impl CtlCommand {
@@ -133,11 +170,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
     /// Listen on an inherited, already-listening socket (systemd socket activation passes 3).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_fd)]
     pub fd: Option<RawFd>,
     /// Device size in bytes, with an optional K, M, G or T suffix (powers of 1024); a non-zero
     /// multiple of 4 KiB.
-    #[arg(long, value_name = "SIZE", value_parser = parse_device_size)]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_device_size)]
     pub size: Option<u64>,
     /// Compression algorithm: lz4, zstd or deflate.
     #[arg(long, value_name = "NAME", default_value = "lz4", value_parser = parse_algorithm)]
@@ -146,10 +183,22 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub algorithm_level: Option<i32>,
     /// Number of request queues, each served by its own thread.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_num_queues)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true,
+        value_parser = parse_num_queues
+    )]
     pub num_queues: u16,
     /// The largest queue size offered: a power of two up to 32768.
-    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        allow_negative_numbers = true,
+        value_parser = parse_queue_size
+    )]
     pub queue_size: u16,
     /// Compression worker threads (kcompressd): writes complete once copied and are
     /// compressed on these. 0 compresses on the queue threads. Default: CPUs - 1, at least 1.
@@ -167,7 +216,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_MAX_US, value_parser = parse_poll_max)]
     pub poll_max_us: u64,
     /// Stop storing new pages once the store uses this much memory (same suffixes as --size).
-    #[arg(long, value_name = "SIZE", value_parser = parse_mem_limit)]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_mem_limit)]
     pub mem_limit: Option<u64>,
     /// Present the device read-only.
     #[arg(long)]
@@ -175,11 +224,18 @@ pub struct ServeArgs {
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, value_name = "STRING", value_parser = parse_serial)]
     pub serial: Option<[u8; SERIAL_LEN]>,
-    /// Serve the control protocol (statistics, compaction) on a socket at PATH.
-    #[arg(long, value_name = "PATH")]
-    pub control_socket: Option<PathBuf>,
+    /// Serve the control protocol (statistics, compaction) on a socket at PATH, or `none`
+    /// [default: the --socket-path with .ctl appended; none with --fd].
+    #[arg(long, value_name = "PATH|none", value_parser = parse_control_socket)]
+    pub control_socket: Option<ControlSocket>,
     /// Permissions of the sockets the daemon creates, in octal.
-    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
+    #[arg(
+        long,
+        value_name = "OCTAL",
+        default_value = "0600",
+        allow_negative_numbers = true,
+        value_parser = parse_mode
+    )]
     pub socket_mode: u32,
     /// Log level.
     #[arg(long, value_name = "LEVEL", value_enum, default_value = "info")]
@@ -187,6 +243,15 @@ pub struct ServeArgs {
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+/// `--control-socket`'s value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// Serve the control protocol here.
+    Path(PathBuf),
+    /// Serve no control socket (`none`).
+    Disabled,
 }
 
 /// A wrong value on the command line.
@@ -198,6 +263,24 @@ pub enum UsageError {
     /// No `--size`.
     #[error("--size is required")]
     NoSize,
+    /// The vhost-user socket and the control socket are one path.
+    #[error(
+        "--socket-path and --control-socket both name {}; give the control socket another path (the default is the socket path with .ctl appended)",
+        .0.display()
+    )]
+    SameSocketPath(PathBuf),
+    /// The vhost-user socket's path fits a Unix socket address, but with `.ctl` appended it
+    /// does not.
+    #[error(
+        "the default control socket {} is longer than the 107 bytes a Unix socket address holds; pass --control-socket PATH, or none",
+        .0.display()
+    )]
+    DefaultControlSocketTooLong(PathBuf),
+    /// `ctl` was given no control socket.
+    #[error(
+        "no control socket given: pass --control-socket PATH or set {CONTROL_SOCKET_ENV} (a daemon started with --socket-path S serves S.ctl)"
+    )]
+    NoControlSocket,
     /// The level does not suit the algorithm.
     #[error("{0}")]
     Level(#[from] crate::codec::UnknownCodec),
@@ -278,8 +361,76 @@ impl ServeArgs {
             worker_cpus: self.worker_cpus.clone().map(|l| l.0).unwrap_or_default(),
             poll_max: std::time::Duration::from_micros(self.poll_max_us),
             device,
-            control_socket: self.control_socket.clone(),
+            control_socket: self.control_socket_path()?,
         })
+    }
+
+    /// The control socket the daemon serves: `--control-socket PATH`, nothing for `none`, and
+    /// by default the `--socket-path` with `.ctl` appended (nothing with `--fd`, whose path the
+    /// daemon does not choose). Refuses a control socket at the vhost-user socket's path.
+    fn control_socket_path(&self) -> Result<Option<PathBuf>, UsageError> {
+        let control = match (&self.control_socket, &self.socket_path) {
+            (Some(ControlSocket::Disabled), _) | (None, None) => return Ok(None),
+            (Some(ControlSocket::Path(path)), _) => path.clone(),
+            (None, Some(socket)) => {
+                let control = default_control_socket(socket);
+                if fits_socket_address(socket) && !fits_socket_address(&control) {
+                    return Err(UsageError::DefaultControlSocketTooLong(control));
+                }
+                control
+            }
+        };
+        if let Some(socket) = &self.socket_path {
+            if same_path(socket, &control) {
+                return Err(UsageError::SameSocketPath(control));
+            }
+        }
+        Ok(Some(control))
+    }
+}
+
+/// The default control socket of a daemon listening on `socket`: `socket` with `.ctl` appended.
+pub fn default_control_socket(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(CONTROL_SOCKET_SUFFIX);
+    PathBuf::from(path)
+}
+
+/// Whether `path` fits `sockaddr_un.sun_path` (108 bytes with the terminating NUL).
+fn fits_socket_address(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().len() < 108
+}
+
+/// Whether `a` and `b` name one file: compared absolute, with `.` and `..` resolved and the
+/// directory's symbolic links followed when it exists.
+fn same_path(a: &Path, b: &Path) -> bool {
+    normalize(a) == normalize(b)
+}
+
+fn normalize(path: &Path) -> PathBuf {
+    let absolute = match std::env::current_dir() {
+        Ok(cwd) => cwd.join(path),
+        Err(_) => path.to_owned(),
+    };
+    let mut lexical = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            Component::Prefix(_) | Component::RootDir | Component::Normal(_) => {
+                lexical.push(component)
+            }
+        }
+    }
+    match (lexical.parent(), lexical.file_name()) {
+        (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+            Ok(parent) => parent.join(name),
+            Err(_) => lexical,
+        },
+        _ => lexical,
     }
 }
 
@@ -399,6 +550,25 @@ fn parse_queue_size(text: &str) -> Result<u16, String> {
     }
 }
 
+fn parse_fd(text: &str) -> Result<RawFd, String> {
+    match text.parse::<RawFd>() {
+        Ok(fd) if fd >= 0 => Ok(fd),
+        _ => Err(format!(
+            "'{text}' is not a file descriptor number; give 0 or more (systemd passes 3)"
+        )),
+    }
+}
+
+fn parse_control_socket(text: &str) -> Result<ControlSocket, String> {
+    match text {
+        "" => Err(format!(
+            "the control socket path is empty; give a path, or {NO_CONTROL_SOCKET} for no control socket"
+        )),
+        NO_CONTROL_SOCKET => Ok(ControlSocket::Disabled),
+        path => Ok(ControlSocket::Path(PathBuf::from(path))),
+    }
+}
+
 fn parse_serial(text: &str) -> Result<[u8; SERIAL_LEN], String> {
     DeviceConfig::serial_from_str(text).map_err(|error| error.to_string())
 }
@@ -429,13 +599,7 @@ where
                 let _ = error.print();
                 return ExitCode::SUCCESS;
             }
-            // clap's first line is the sentence; the rest is usage boilerplate.
-            let rendered = error.render().to_string();
-            let sentence = rendered
-                .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{sentence}");
+            eprintln!("{}", usage_sentence(&error));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -445,8 +609,65 @@ where
     }
 }
 
+/// clap's error as one line: its first line, with what clap prints on the following lines
+/// when the first does not name it (the missing options, the accepted values).
+fn usage_sentence(error: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let strings = |kind| match error.get(kind) {
+        Some(ContextValue::Strings(values)) => Some(values.join(", ")),
+        Some(ContextValue::String(value)) => Some(value.clone()),
+        _ => None,
+    };
+    let rendered = error.render().to_string();
+    let mut sentence = rendered
+        .lines()
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .trim_end()
+        .to_owned();
+    if error.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(missing) = strings(ContextKind::InvalidArg) {
+            sentence = format!("error: missing required option {missing}");
+        }
+    }
+    if let Some(values) = strings(ContextKind::ValidValue) {
+        sentence.push_str(&format!("; the possible values are {values}"));
+    }
+    if matches!(
+        error.kind(),
+        ErrorKind::InvalidSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            sentence = "error: ctl needs a command".to_owned();
+        }
+        sentence.push_str(&format!("; the commands are {}", ctl_commands()));
+    }
+    sentence
+}
+
+/// The names of `ctl`'s commands, for messages.
+fn ctl_commands() -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    cli.find_subcommand("ctl")
+        .map(|ctl| {
+            ctl.get_subcommands()
+                .map(|command| command.get_name().to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
 fn run_ctl(ctl: &CtlArgs) -> ExitCode {
-    match control::request(&ctl.control_socket, ctl.command.command()) {
+    let path = match ctl.control_socket_path(std::env::var_os(CONTROL_SOCKET_ENV)) {
+        Ok(path) => path,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match control::request(&path, ctl.command.command()) {
         Ok(body) => {
             let mut stdout = std::io::stdout().lock();
             if stdout
@@ -478,16 +699,20 @@ fn run_daemon(args: &ServeArgs) -> ExitCode {
         .filter_level(args.log_level.into())
         .try_init();
     // Before any thread exists, so that every thread inherits the blocked mask and only the
-    // signal thread receives SIGTERM and SIGINT.
-    if let Err(error) = daemon::block_termination_signals() {
-        eprintln!("error: cannot block termination signals: {error}");
+    // signal thread receives the signals the daemon handles.
+    if let Err(error) = daemon::block_handled_signals() {
+        eprintln!("error: cannot block the handled signals: {error}");
         return ExitCode::from(EXIT_FAILURE);
     }
     let daemon = match Daemon::new(config) {
         Ok(daemon) => daemon,
         Err(error) => return fail(&error),
     };
-    if let Err(error) = daemon::stop_on_termination_signals(daemon.stop_handle()) {
+    if let Err(error) = daemon::exit_cleanly_on_sigbus(&daemon.socket_paths()) {
+        eprintln!("error: cannot install the SIGBUS handler: {error}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    if let Err(error) = daemon::handle_signals(daemon.stop_handle(), daemon.store().clone()) {
         eprintln!("error: cannot start the signal thread: {error}");
         return ExitCode::from(EXIT_FAILURE);
     }
@@ -564,6 +789,64 @@ mod tests {
             cli.serve.daemon_config(),
             Err(UsageError::Level(_))
         ));
+    }
+
+    fn ctl_args(args: &[&str]) -> CtlArgs {
+        let all = ["vhost-user-zram", "ctl"].iter().chain(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Some(Tool::Ctl(ctl)) => ctl,
+            None => panic!("not a ctl command line"),
+        }
+    }
+
+    #[test]
+    fn ctl_takes_the_flag_then_the_variable_and_refuses_an_empty_variable() {
+        let flag = ctl_args(&["--control-socket", "/run/a.ctl", "stats"]);
+        let bare = ctl_args(&["stats"]);
+
+        assert_eq!(
+            flag.control_socket_path(Some("/run/b.ctl".into())),
+            Ok(PathBuf::from("/run/a.ctl"))
+        );
+        assert_eq!(
+            bare.control_socket_path(Some("/run/b.ctl".into())),
+            Ok(PathBuf::from("/run/b.ctl"))
+        );
+        assert_eq!(
+            bare.control_socket_path(Some("".into())),
+            Err(UsageError::NoControlSocket)
+        );
+        assert_eq!(
+            bare.control_socket_path(None),
+            Err(UsageError::NoControlSocket)
+        );
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(["vhost-user-zram"].iter().chain(args))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn control_socket_defaults_to_the_socket_path_with_ctl_appended() {
+        let default = serve_args(&["--socket-path", "/run/vm.sock", "--size", "1M"]);
+        let disabled = serve_args(&[
+            "--socket-path",
+            "/run/vm.sock",
+            "--size",
+            "1M",
+            "--control-socket",
+            "none",
+        ]);
+        let inherited = serve_args(&["--fd", "3", "--size", "1M"]);
+
+        assert_eq!(
+            default.daemon_config().unwrap().control_socket,
+            Some(PathBuf::from("/run/vm.sock.ctl"))
+        );
+        assert_eq!(disabled.daemon_config().unwrap().control_socket, None);
+        assert_eq!(inherited.daemon_config().unwrap().control_socket, None);
     }
 
     #[test]

@@ -13,15 +13,28 @@
 //! 3. Returning frees the store; the process then exits, so no data of one connection is ever
 //!    visible to another.
 //!
-//! A [`StopHandle`] (SIGTERM/SIGINT through [`stop_on_termination_signals`], or a test) ends
-//! the daemon at any point; `run` then returns `Ok` and the socket file is removed.
+//! A [`StopHandle`] (SIGTERM/SIGINT through [`handle_signals`], or a test) ends the daemon at
+//! any point; `run` then returns `Ok` and the socket files are removed. Stopping while the
+//! frontend is connected throws the guest's data away (its swap fails at the next swap-in),
+//! so `run` then logs a warning naming what was lost.
+//!
+//! Signals ([`handle_signals`]): SIGTERM and SIGINT stop the daemon; SIGHUP is logged and
+//! ignored (there is no configuration file or log file to reopen); SIGUSR1 logs a statistics
+//! summary. A SIGBUS, which a frontend causes by shrinking a file that backs guest memory after
+//! sharing it, cannot be survived: [`exit_cleanly_on_sigbus`] installs a handler that says so
+//! on stderr, removes the socket files and exits with status 1, so the daemon never dies
+//! silently or leaves sockets behind.
+//!
+//! Logging: the configuration at start; each connection at debug; when the frontend goes away,
+//! the features it negotiated and what the store held ([`stats_summary`]).
 //!
 //! Socket files: a path held by a live daemon (a connect succeeds) is refused; a socket file
 //! nobody listens on (connect is refused) is stale and replaced; anything that is not a socket
 //! is left alone. The socket is created with `--socket-mode` (default 0600) and never exists
 //! with wider permissions: the mode is set on the socket before `bind` creates the file.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
+use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
@@ -31,20 +44,23 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::blk::config::feature_names;
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
+use crate::store::stats::Stats;
 use crate::store::{PageStore, PendingConfig, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
+use crate::PAGE_SIZE;
 
 /// The default mode of the vhost-user and control sockets.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -217,7 +233,8 @@ impl Daemon {
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
         let stop = StopHandle::new().map_err(DaemonError::Wait)?;
         let store = Arc::new(
-            PageStore::with_pending(config.store, config.pending).map_err(DaemonError::Store)?,
+            PageStore::with_pending(config.store.clone(), config.pending)
+                .map_err(DaemonError::Store)?,
         );
         let workers = CompressWorkers::start(store.clone(), &config.worker_cpus)
             .map_err(DaemonError::Workers)?;
@@ -244,6 +261,7 @@ impl Daemon {
             }
             None => None,
         };
+        log_configuration(&config);
         Ok(Daemon {
             listener,
             socket_file,
@@ -266,6 +284,16 @@ impl Daemon {
         &self.store
     }
 
+    /// The socket files the daemon created (the vhost-user socket unless it was inherited, and
+    /// the control socket), which it removes when it ends.
+    pub fn socket_paths(&self) -> Vec<PathBuf> {
+        self.socket_file
+            .iter()
+            .chain(self.control.iter().map(|(_, file)| file))
+            .map(|file| file.0.clone())
+            .collect()
+    }
+
     /// Serves one frontend until it disconnects or the daemon is stopped; both are success.
     pub fn run(self) -> Result<(), DaemonError> {
         let Daemon {
@@ -283,7 +311,7 @@ impl Daemon {
             None => info!("waiting for the frontend on the inherited socket"),
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-        let backend = Arc::new(BlkBackend::new(store, device, mem.clone()));
+        let backend = Arc::new(BlkBackend::new(store.clone(), device, mem.clone()));
         backend.set_poll_max(poll_max);
         let mut daemon = VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem)
             .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
@@ -297,6 +325,7 @@ impl Daemon {
             if let Err(error) = daemon.start(&mut listener) {
                 break Err(DaemonError::VhostUser(error.to_string()));
             }
+            debug!("accepted a connection on the vhost-user socket");
             stop.set_connection(daemon.shutdown_handle());
             let served = daemon.wait();
             stop.set_connection(None);
@@ -309,16 +338,25 @@ impl Daemon {
                 Err(error) => Err(DaemonError::VhostUser(error.to_string())),
             };
             if stop.is_stopped() {
-                info!("stopped by request");
+                if backend.frontend_spoke() {
+                    warn_of_lost_data(&store.stats());
+                } else {
+                    info!("stopped by request");
+                }
                 break served;
             }
             if backend.frontend_spoke() {
-                info!("the frontend disconnected; releasing the device");
+                info!(
+                    "the frontend disconnected (negotiated features: {}); freeing the device: {}",
+                    feature_names(backend.acked_features()),
+                    stats_summary(&store.stats())
+                );
                 break served;
             }
             debug!("a connection closed without a vhost-user message (a liveness probe?)");
         };
         backend.stop();
+        disarm_sigbus_cleanup();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
@@ -514,23 +552,154 @@ fn socket_option(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
     (rc == 0).then_some(value)
 }
 
-fn termination_signals() -> libc::sigset_t {
+/// Logs what the daemon was configured with, before it creates anything.
+fn log_configuration(config: &DaemonConfig) {
+    let store = &config.store;
+    let device = &config.device;
+    let level = match (store.level, store.algorithm.default_level()) {
+        (Some(level), _) | (None, Some(level)) => format!(" level {level}"),
+        (None, None) => String::new(),
+    };
+    let limit = match store.mem_limit {
+        Some(limit) => format!("memory limit {}", bytes_human(limit)),
+        None => "no memory limit".to_owned(),
+    };
+    let serial_len = device
+        .serial
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(device.serial.len());
+    let serial = String::from_utf8_lossy(&device.serial[..serial_len]);
+    info!(
+        "device: {} ({} pages), {}{level}, {limit}, {} queue(s) of up to {} descriptors, {}, serial '{serial}'",
+        bytes_human(store.capacity_pages.saturating_mul(PAGE_SIZE as u64)),
+        store.capacity_pages,
+        store.algorithm,
+        device.num_queues,
+        device.queue_size,
+        if device.read_only { "read-only" } else { "read-write" },
+    );
+    match config.pending.workers {
+        0 => info!("compression on the queue threads (--workers 0)"),
+        workers => info!(
+            "{workers} compression worker(s){}, pending pool {} ({} pages)",
+            if config.worker_cpus.is_empty() {
+                String::new()
+            } else {
+                format!(" on CPUs {:?}", config.worker_cpus)
+            },
+            bytes_human(config.pending.max_pending_pages as u64 * PAGE_SIZE as u64),
+            config.pending.max_pending_pages
+        ),
+    }
+    if !config.poll_max.is_zero() {
+        info!(
+            "queues poll for up to {} µs after serving",
+            config.poll_max.as_micros()
+        );
+    }
+    let listen = match &config.listen {
+        ListenOn::Path(path) => format!("vhost-user socket {}", path.display()),
+        ListenOn::Fd(fd) => format!("vhost-user socket inherited as fd {fd}"),
+    };
+    let control = match &config.control_socket {
+        Some(path) => format!("control socket {}", path.display()),
+        None => "no control socket".to_owned(),
+    };
+    info!(
+        "{listen}, {control}, socket mode {:04o}",
+        config.socket_mode & 0o777
+    );
+    debug!(
+        "offering virtio features {}; vhost-user protocol features {:?}",
+        feature_names(device.features()),
+        DeviceConfig::protocol_features()
+    );
+}
+
+/// `bytes` for a person: B, KiB, MiB, GiB or TiB with one decimal.
+pub fn bytes_human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    #[allow(clippy::cast_precision_loss)] // one decimal is shown
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// One line of what the store holds and what went wrong: for the log at disconnect, at
+/// SIGUSR1 and when data is thrown away.
+pub fn stats_summary(stats: &Stats) -> String {
+    let mm = &stats.mm;
+    let io = &stats.io;
+    let pages = mm.orig_data_size / PAGE_SIZE as u64;
+    let mut line = format!(
+        "{pages} pages stored ({} of data in {} of memory",
+        bytes_human(mm.orig_data_size),
+        bytes_human(mm.mem_used_total)
+    );
+    if mm.compr_data_size > 0 {
+        #[allow(clippy::cast_precision_loss)] // a ratio with two decimals
+        let ratio = mm.orig_data_size as f64 / mm.compr_data_size as f64;
+        let _ = write!(line, ", compression ratio {ratio:.2}");
+    }
+    let _ = write!(
+        line,
+        "), {} same-filled, {} huge; most memory used {}; failed reads {}, failed writes {}, invalid requests {}, pages freed by discard {}",
+        mm.same_pages,
+        mm.huge_pages,
+        bytes_human(mm.mem_used_max),
+        io.failed_reads,
+        io.failed_writes,
+        io.invalid_io,
+        io.notify_free
+    );
+    line
+}
+
+/// Logs, when the daemon is stopped under a connected frontend, that the guest's data is gone.
+fn warn_of_lost_data(stats: &Stats) {
+    let stored = stats.mm.orig_data_size;
+    if stored == 0 {
+        info!("stopped by request while the frontend was connected; the device held no data");
+        return;
+    }
+    warn!(
+        "stopped by request while the frontend was connected: the guest's {} pages ({stored} bytes, {}) are lost, and a guest swapping on this device fails at its next swap-in; stop the VM (or swapoff in the guest) before the daemon",
+        stored / PAGE_SIZE as u64,
+        bytes_human(stored)
+    );
+}
+
+/// The signals the signal thread handles: they are blocked in every thread and received with
+/// `sigwait`, so their default action (terminating without removing the sockets) never runs.
+const HANDLED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
+
+fn handled_signals() -> libc::sigset_t {
     let mut set = MaybeUninit::<libc::sigset_t>::uninit();
     // SAFETY: sigemptyset initializes the set it is given; sigaddset then adds valid signal
     // numbers to that initialized set.
     unsafe {
         libc::sigemptyset(set.as_mut_ptr());
-        libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
-        libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+        for signal in HANDLED_SIGNALS {
+            libc::sigaddset(set.as_mut_ptr(), signal);
+        }
         set.assume_init()
     }
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread and, through inheritance, in every thread
-/// it starts afterwards. Call first thing in `main`, then
-/// [`stop_on_termination_signals`].
-pub fn block_termination_signals() -> io::Result<()> {
-    let set = termination_signals();
+/// Blocks the signals [`handle_signals`] handles (SIGTERM, SIGINT, SIGHUP, SIGUSR1) in the
+/// calling thread and, through inheritance, in every thread it starts afterwards. Call first
+/// thing in `main`, then [`handle_signals`].
+pub fn block_handled_signals() -> io::Result<()> {
+    let set = handled_signals();
     // SAFETY: `set` is an initialized signal set; the old mask is not requested.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
@@ -539,20 +708,231 @@ pub fn block_termination_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Starts a thread that waits for SIGTERM or SIGINT and stops the daemon through `stop`.
-/// The signals must have been blocked with [`block_termination_signals`].
-pub fn stop_on_termination_signals(stop: StopHandle) -> io::Result<JoinHandle<()>> {
+/// Starts a thread that waits for the handled signals: SIGTERM and SIGINT stop the daemon
+/// through `stop`, SIGHUP is logged and ignored, SIGUSR1 logs [`stats_summary`] of `store`.
+/// The signals must have been blocked with [`block_handled_signals`].
+pub fn handle_signals(stop: StopHandle, store: Arc<PageStore>) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let set = termination_signals();
+            let set = handled_signals();
             loop {
                 let mut signal = 0;
                 // SAFETY: `set` is an initialized signal set and `signal` is valid for writes.
-                if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                    info!("received signal {signal}; stopping");
-                    stop.stop();
+                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                    continue;
+                }
+                match signal {
+                    libc::SIGTERM | libc::SIGINT => {
+                        info!("received {}; stopping", signal_name(signal));
+                        stop.stop();
+                    }
+                    libc::SIGHUP => {
+                        info!("received SIGHUP; ignored: there is no configuration or log file to reopen");
+                    }
+                    libc::SIGUSR1 => info!("statistics: {}", stats_summary(&store.stats())),
+                    other => debug!("received signal {other}, which is not handled"),
                 }
             }
         })
+}
+
+fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGBUS => "SIGBUS",
+        _ => "a signal",
+    }
+}
+
+/// The socket files the SIGBUS handler removes, as C strings prepared before the handler is
+/// installed: the handler may only read memory, never allocate.
+static SIGBUS_CLEANUP: OnceLock<Vec<CString>> = OnceLock::new();
+
+/// Whether the SIGBUS handler still owns the socket files; cleared before the daemon removes
+/// them itself, so a late SIGBUS never unlinks a path another daemon has bound since.
+static SIGBUS_CLEANUP_ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Installs a SIGBUS handler that writes one line to stderr, removes `socket_files` and exits
+/// with status 1.
+///
+/// A SIGBUS hits the daemon when it touches guest memory that is no longer backed, which a
+/// frontend causes by truncating the file of a region after `SET_MEM_TABLE`: the access cannot
+/// be retried or undone, so the daemon ends, but it says why and leaves no socket behind
+/// (without this, the process dies silently and a stale socket stays). Call it once, from the
+/// program (not a library user), after the sockets exist; [`disarm_sigbus_cleanup`] before the
+/// daemon removes them itself.
+pub fn exit_cleanly_on_sigbus(socket_files: &[PathBuf]) -> io::Result<()> {
+    let paths = socket_files
+        .iter()
+        .map(|path| CString::new(path.as_os_str().as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a socket path holds a NUL byte",
+            )
+        })?;
+    if SIGBUS_CLEANUP.set(paths).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the SIGBUS handler is installed already",
+        ));
+    }
+    SIGBUS_CLEANUP_ARMED.store(true, Ordering::Release);
+    // SAFETY: sigaction is plain old data, for which all-zero bytes are a valid value.
+    let mut action: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
+    action.sa_sigaction = on_sigbus
+        as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+        as libc::sighandler_t;
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+    // SAFETY: `action.sa_mask` is a valid signal set to initialize; `action` is fully
+    // initialized and outlives the call; the old action is not requested. The handler only
+    // makes async-signal-safe calls (write, unlink, _exit) and reads memory prepared before.
+    let rc = unsafe {
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Tells the SIGBUS handler to leave the socket files alone: the daemon removes them now.
+pub fn disarm_sigbus_cleanup() {
+    SIGBUS_CLEANUP_ARMED.store(false, Ordering::Release);
+}
+
+/// A fixed buffer a signal handler formats into, without allocating.
+struct SignalMessage {
+    bytes: [u8; 512],
+    len: usize,
+}
+
+impl SignalMessage {
+    fn push(&mut self, text: &[u8]) {
+        for &byte in text {
+            if self.len < self.bytes.len() {
+                self.bytes[self.len] = byte;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_decimal(&mut self, mut value: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        self.push(&digits[at..]);
+    }
+
+    fn push_hex(&mut self, value: u64) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        self.push(b"0x");
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let nibble = ((value >> (shift * 4)) & 0xf) as usize;
+            if nibble != 0 || started || shift == 0 {
+                started = true;
+                self.push(&HEX[nibble..=nibble]);
+            }
+        }
+    }
+}
+
+extern "C" fn on_sigbus(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    let mut message = SignalMessage {
+        bytes: [0; 512],
+        len: 0,
+    };
+    message.push(b"error: SIGBUS: ");
+    // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; it is only read.
+    let info = unsafe { info.as_ref() };
+    match info {
+        Some(info) if info.si_code == libc::SI_USER => {
+            message.push(b"sent by process ");
+            // SAFETY: for SI_USER the kernel fills the sender's pid.
+            let pid = unsafe { info.si_pid() };
+            message.push_decimal(u64::try_from(pid).unwrap_or(0));
+        }
+        Some(info) => {
+            message.push(b"a memory access at ");
+            // SAFETY: for a fault-generated SIGBUS the kernel fills the faulting address.
+            let address = unsafe { info.si_addr() } as usize;
+            message.push_hex(address as u64);
+            message.push(
+                b" failed, most likely in guest memory whose file the frontend shrank after sharing it",
+            );
+        }
+        None => message.push(b"a memory access failed"),
+    }
+    message.push(b"; the guest's data is lost");
+    if SIGBUS_CLEANUP_ARMED.load(Ordering::Acquire) {
+        message.push(b"; removing the sockets");
+    }
+    message.push(b" and exiting with status 1\n");
+    // SAFETY: write(2) is async-signal-safe; the buffer is valid for `len` bytes. A failed
+    // write cannot be reported anywhere, so its result is ignored.
+    unsafe {
+        libc::write(
+            libc::STDERR_FILENO,
+            message.bytes.as_ptr().cast(),
+            message.len,
+        )
+    };
+    if SIGBUS_CLEANUP_ARMED.load(Ordering::Acquire) {
+        for path in SIGBUS_CLEANUP.get().map(Vec::as_slice).unwrap_or(&[]) {
+            // SAFETY: unlink(2) is async-signal-safe; `path` is a NUL-terminated string that
+            // lives in a static for the rest of the process.
+            unsafe { libc::unlink(path.as_ptr()) };
+        }
+    }
+    // SAFETY: _exit(2) is async-signal-safe and does not return.
+    unsafe { libc::_exit(1) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes_human(0), "0 B");
+        assert_eq!(bytes_human(1023), "1023 B");
+        assert_eq!(bytes_human(4096), "4.0 KiB");
+        assert_eq!(bytes_human(3 << 29), "1.5 GiB");
+        assert_eq!(bytes_human(u64::MAX), "16777216.0 TiB");
+    }
+
+    #[test]
+    fn stats_summary_gives_pages_sizes_and_ratio_only_when_there_is_data() {
+        let mut stats = Stats::default();
+        stats.mm.mem_used_total = 2048;
+        assert_eq!(
+            stats_summary(&stats),
+            "0 pages stored (0 B of data in 2.0 KiB of memory), 0 same-filled, 0 huge; \
+             most memory used 0 B; failed reads 0, failed writes 0, invalid requests 0, \
+             pages freed by discard 0"
+        );
+        stats.mm.orig_data_size = 8192;
+        stats.mm.compr_data_size = 2048;
+        assert!(stats_summary(&stats).starts_with(
+            "2 pages stored (8.0 KiB of data in 2.0 KiB of memory, compression ratio 4.00)"
+        ));
+    }
 }

@@ -17,6 +17,13 @@ fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
+/// Asserts a failed run with exactly one line on stderr, starting with "error: ", and the exit
+/// status `code`.
+fn assert_one_sentence_error_exit(output: &Output, needle: &str, code: i32) {
+    assert_one_sentence_error(output, needle);
+    assert_eq!(output.status.code(), Some(code), "{needle}: {output:?}");
+}
+
 /// Asserts a failed run with exactly one line on stderr, starting with "error: ".
 fn assert_one_sentence_error(output: &Output, needle: &str) {
     assert!(!output.status.success(), "expected failure: {output:?}");
@@ -77,8 +84,13 @@ fn sock(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
 
+/// Exit status when the command line itself is wrong: nothing was tried.
+const EXIT_USAGE: i32 = 2;
+/// Exit status when a well-formed command failed against the system.
+const EXIT_FAILURE: i32 = 1;
+
 #[test]
-fn wrong_values_give_one_sentence_and_non_zero_exit() {
+fn wrong_values_give_one_sentence_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let s = sock(&dir, "a.sock");
     let s = s.to_str().unwrap();
@@ -108,10 +120,6 @@ fn wrong_values_give_one_sentence_and_non_zero_exit() {
             "takes no level",
         ),
         (
-            &["--socket-path", "/nonexistent-dir/x.sock", "--size", "1M"],
-            "does not exist",
-        ),
-        (
             &[
                 "--socket-path",
                 s,
@@ -137,12 +145,167 @@ fn wrong_values_give_one_sentence_and_non_zero_exit() {
         (&["--size", "1M"], "--socket-path or --fd"),
         (&["--socket-path", s], "--size is required"),
         (
-            &["--fd", "99", "--size", "1M"],
-            "not a listening Unix socket",
+            &["--socket-path", s, "--size", "1M", "--bogus"],
+            "'--bogus'",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--control-socket", ""],
+            "the control socket path is empty",
         ),
     ];
     for (args, needle) in cases {
-        assert_one_sentence_error(&run(args), needle);
+        assert_one_sentence_error_exit(&run(args), needle, EXIT_USAGE);
+    }
+}
+
+#[test]
+fn failures_of_a_well_formed_command_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = sock(&dir, "missing.ctl");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--socket-path", "/nonexistent-dir/x.sock", "--size", "1M"],
+            "does not exist",
+        ),
+        (
+            &["--fd", "99", "--size", "1M"],
+            "not a listening Unix socket",
+        ),
+        (
+            &[
+                "ctl",
+                "--control-socket",
+                missing.to_str().unwrap(),
+                "stats",
+            ],
+            "cannot connect to the control socket",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_one_sentence_error_exit(&run(args), needle, EXIT_FAILURE);
+    }
+}
+
+#[test]
+fn a_socket_path_too_long_for_its_default_control_socket_names_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().display().to_string();
+    // 105 bytes: the socket fits the 107 a Unix address holds, the socket plus ".ctl" does not.
+    let socket = format!("{base}/{}", "s".repeat(105 - base.len() - 1));
+
+    let output = run(&["--socket-path", &socket, "--size", "1M"]);
+
+    assert_one_sentence_error_exit(&output, "pass --control-socket PATH, or none", EXIT_USAGE);
+    assert!(!Path::new(&socket).exists(), "nothing was created");
+}
+
+#[test]
+fn negative_numbers_are_refused_by_the_option_not_as_unknown_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sock(&dir, "a.sock");
+    let s = s.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--socket-path", s, "--size", "-1"], "'-1' is not a size"),
+        (
+            &["--socket-path", s, "--size", "1M", "--mem-limit", "-4K"],
+            "'-4K' is not a size",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--num-queues", "-1"],
+            "between 1 and 64",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--queue-size", "-256"],
+            "power of two",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--socket-mode", "-600"],
+            "permission mode",
+        ),
+        (
+            &["--fd", "-1", "--size", "1M"],
+            "not a file descriptor number",
+        ),
+    ];
+    for (args, needle) in cases {
+        let output = run(args);
+        assert_one_sentence_error_exit(&output, needle, EXIT_USAGE);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    }
+}
+
+#[test]
+fn an_unknown_log_level_lists_the_levels() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sock(&dir, "a.sock");
+
+    let output = run(&[
+        "--socket-path",
+        s.to_str().unwrap(),
+        "--size",
+        "1M",
+        "--log-level",
+        "loud",
+    ]);
+
+    assert_one_sentence_error_exit(
+        &output,
+        "the possible values are error, warn, info, debug, trace",
+        EXIT_USAGE,
+    );
+}
+
+#[test]
+fn one_path_for_both_sockets_is_a_usage_error_naming_both_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sock(&dir, "same.sock");
+    let s = s.to_str().unwrap();
+    let dotted = format!("{}/./same.sock", dir.path().display());
+
+    for control in [s, dotted.as_str()] {
+        let output = run(&[
+            "--socket-path",
+            s,
+            "--size",
+            "1M",
+            "--control-socket",
+            control,
+        ]);
+
+        assert_one_sentence_error_exit(
+            &output,
+            "--socket-path and --control-socket both name",
+            EXIT_USAGE,
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("running daemon"), "{stderr}");
+    }
+    assert!(!Path::new(s).exists(), "nothing was created");
+}
+
+#[test]
+fn ctl_without_a_control_socket_names_the_option_and_the_variable() {
+    let output = Command::new(BIN)
+        .args(["ctl", "stats"])
+        .env_remove("VHOST_USER_ZRAM_CTL")
+        .output()
+        .unwrap();
+
+    assert_one_sentence_error_exit(&output, "--control-socket PATH", EXIT_USAGE);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("VHOST_USER_ZRAM_CTL"));
+}
+
+#[test]
+fn ctl_without_a_command_or_with_an_unknown_one_lists_the_commands() {
+    for args in [&["ctl"][..], &["ctl", "--control-socket", "/x", "bogus"]] {
+        let output = run(args);
+
+        assert_one_sentence_error_exit(
+            &output,
+            "the commands are stats, mm_stat, io_stat, compact",
+            EXIT_USAGE,
+        );
     }
 }
 
@@ -197,7 +360,11 @@ fn stale_socket_is_reused_and_live_one_refused() {
     let p = path.to_str().unwrap();
     let daemon = Running::start(&["--socket-path", p, "--size", "1M"], &path);
     // The path is live now: a second daemon is refused, and the first keeps running.
-    assert_one_sentence_error(&run(&["--socket-path", p, "--size", "1M"]), "in use");
+    assert_one_sentence_error_exit(
+        &run(&["--socket-path", p, "--size", "1M"]),
+        "in use by a running daemon",
+        EXIT_FAILURE,
+    );
     assert!(
         daemon.terminate().success(),
         "the probe did not end the first daemon"
@@ -245,6 +412,109 @@ fn ctl_round_trip() {
 }
 
 #[test]
+fn the_daemon_serves_socket_path_dot_ctl_by_default_and_ctl_finds_it_through_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "d.sock");
+    let control = sock(&dir, "d.sock.ctl");
+    let daemon = Running::start(
+        &["--socket-path", path.to_str().unwrap(), "--size", "1M"],
+        &control,
+    );
+
+    let output = Command::new(BIN)
+        .args(["ctl", "mm_stat"])
+        .env("VHOST_USER_ZRAM_CTL", &control)
+        .output()
+        .unwrap();
+
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .count(),
+        9
+    );
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket has the socket mode");
+    assert!(daemon.terminate().success());
+    assert!(!control.exists(), "the default control socket is removed");
+}
+
+#[test]
+fn control_socket_flag_wins_over_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "d.sock");
+    let control = sock(&dir, "d.sock.ctl");
+    let daemon = Running::start(
+        &["--socket-path", path.to_str().unwrap(), "--size", "1M"],
+        &control,
+    );
+
+    let output = Command::new(BIN)
+        .args([
+            "ctl",
+            "--control-socket",
+            control.to_str().unwrap(),
+            "io_stat",
+        ])
+        .env("VHOST_USER_ZRAM_CTL", dir.path().join("nothing-here"))
+        .output()
+        .unwrap();
+
+    assert!(output.status.success(), "{output:?}");
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn control_socket_none_serves_no_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir, "d.sock");
+    let daemon = Running::start(
+        &[
+            "--socket-path",
+            path.to_str().unwrap(),
+            "--size",
+            "1M",
+            "--control-socket",
+            "none",
+        ],
+        &path,
+    );
+
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+
+    assert_eq!(entries, vec![std::ffi::OsString::from("d.sock")]);
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn readme_first_command_is_a_valid_cargo_run_of_the_daemon() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let first = readme
+        .lines()
+        .find(|line| line.starts_with("cargo run"))
+        .expect("the README has a cargo run command");
+    let (cargo, daemon_args) = first.split_once(" -- ").expect("cargo run ... -- ARGS");
+
+    // `cargo run` without --bin needs `default-run`, since the package has two binaries.
+    assert_eq!(cargo.trim(), "cargo run --release");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("\ndefault-run = \"vhost-user-zram\"\n"),
+        "Cargo.toml [package] needs default-run = \"vhost-user-zram\""
+    );
+    let args: Vec<&str> = std::iter::once("vhost-user-zram")
+        .chain(daemon_args.split_whitespace())
+        .collect();
+    let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{first}: {e}"));
+    cli.serve.daemon_config().unwrap();
+}
+
+#[test]
 fn contrib_json_matches_print_capabilities() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let description: serde_json::Value = serde_json::from_str(
@@ -277,4 +547,16 @@ fn systemd_unit_exec_start_uses_accepted_flags() {
     let socket = std::fs::read_to_string(root.join("contrib/vhost-user-zram@.socket")).unwrap();
     assert!(socket.contains("ListenStream="));
     assert!(socket.contains("SocketMode=0600"));
+}
+
+#[test]
+fn help_states_the_exit_status_rule_and_exits_0() {
+    let output = run(&["--help"]);
+
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("2 when the command line is wrong; 1 when a well-formed command failed"),
+        "{stdout}"
+    );
 }

@@ -357,15 +357,17 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn features(&self) -> u64 {
-        self.frontend_spoke.store(true, Ordering::Release);
+        if !self.frontend_spoke.swap(true, Ordering::AcqRel) {
+            info!("a frontend connected");
+        }
         self.device.features()
     }
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
         info!(
-            "the frontend acknowledged features {features:#x}: {}",
-            DeviceConfig::feature_names(features).join(", ")
+            "the frontend negotiated virtio features {}",
+            super::config::feature_names(features)
         );
     }
 

@@ -146,33 +146,6 @@ impl DeviceConfig {
         bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    /// The names of the feature bits in `bits` (for logs): the ones this device knows by
-    /// name, then any other as `bit N`.
-    pub fn feature_names(bits: u64) -> Vec<String> {
-        const NAMED: [(u32, &str); 13] = [
-            (VIRTIO_F_VERSION_1, "VERSION_1"),
-            (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
-            (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
-            (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
-            (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
-            (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
-            (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
-            (VIRTIO_BLK_F_FLUSH, "FLUSH"),
-            (VIRTIO_BLK_F_MQ, "MQ"),
-            (VIRTIO_BLK_F_RO, "RO"),
-            (VIRTIO_BLK_F_DISCARD, "DISCARD"),
-            (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
-            (30, "PROTOCOL_FEATURES"),
-        ];
-        (0..64u32)
-            .filter(|bit| bits & (1u64 << bit) != 0)
-            .map(|bit| match NAMED.iter().find(|(b, _)| *b == bit) {
-                Some((_, name)) => (*name).to_owned(),
-                None => format!("bit {bit}"),
-            })
-            .collect()
-    }
-
     /// The vhost-user protocol features the device offers.
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
@@ -259,6 +232,66 @@ impl DeviceConfig {
     }
 }
 
+/// The names of the virtio feature bits set in `features` (`bit N` for ones without a name).
+pub fn feature_names(features: u64) -> String {
+    use virtio_bindings::bindings::virtio_blk::{
+        VIRTIO_BLK_F_BARRIER, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+        VIRTIO_BLK_F_SCSI, VIRTIO_BLK_F_SECURE_ERASE, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+        VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_F_ZONED,
+    };
+    use virtio_bindings::bindings::virtio_config::{
+        VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_IN_ORDER, VIRTIO_F_NOTIFICATION_DATA,
+        VIRTIO_F_ORDER_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_SR_IOV, VIRTIO_F_VERSION_1,
+    };
+    use virtio_bindings::bindings::virtio_ring::{
+        VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    };
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    const PROTOCOL_FEATURES: u32 = 30;
+    const NAMES: [(u32, &str); 24] = [
+        (VIRTIO_BLK_F_BARRIER, "BARRIER"),
+        (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+        (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (VIRTIO_BLK_F_GEOMETRY, "GEOMETRY"),
+        (VIRTIO_BLK_F_RO, "RO"),
+        (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (VIRTIO_BLK_F_SCSI, "SCSI"),
+        (VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (VIRTIO_BLK_F_CONFIG_WCE, "CONFIG_WCE"),
+        (VIRTIO_BLK_F_MQ, "MQ"),
+        (VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (VIRTIO_BLK_F_SECURE_ERASE, "SECURE_ERASE"),
+        (VIRTIO_BLK_F_ZONED, "ZONED"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
+        (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+        (PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
+        (VIRTIO_F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),
+        (VIRTIO_F_RING_PACKED, "RING_PACKED"),
+        (VIRTIO_F_IN_ORDER, "IN_ORDER"),
+        (VIRTIO_F_ORDER_PLATFORM, "ORDER_PLATFORM"),
+        (VIRTIO_F_SR_IOV, "SR_IOV"),
+    ];
+    if features == 0 {
+        return "none".to_owned();
+    }
+    let mut names = Vec::new();
+    for bit in 0..64u32 {
+        if features & (1u64 << bit) == 0 {
+            continue;
+        }
+        match NAMES.iter().find(|(named, _)| *named == bit) {
+            Some((_, name)) => names.push((*name).to_owned()),
+            None if bit == VIRTIO_F_NOTIFICATION_DATA => names.push("NOTIFICATION_DATA".into()),
+            None => names.push(format!("bit {bit}")),
+        }
+    }
+    names.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,10 +335,9 @@ mod tests {
         config.read_only = true;
         let features = config.features();
         assert_ne!(features & 1 << VIRTIO_BLK_F_RO, 0);
-        let names = DeviceConfig::feature_names(features | 1 << 40);
-        assert!(names.contains(&"RO".to_owned()) && names.contains(&"EVENT_IDX".to_owned()));
-        assert!(!names.contains(&"DISCARD".to_owned()));
-        assert_eq!(names.last().map(String::as_str), Some("bit 40"));
+        let names = feature_names(features);
+        assert!(names.contains("RO") && names.contains("EVENT_IDX"));
+        assert!(!names.contains("DISCARD"));
         assert_eq!(features & 1 << VIRTIO_BLK_F_DISCARD, 0);
         assert_eq!(features & 1 << VIRTIO_BLK_F_WRITE_ZEROES, 0);
     }
@@ -326,5 +358,15 @@ mod tests {
         );
         let serial = DeviceConfig::serial_from_str("zram0").unwrap();
         assert_eq!(&serial[..6], b"zram0\0");
+    }
+
+    #[test]
+    fn features_are_named_and_unknown_bits_numbered() {
+        assert_eq!(feature_names(0), "none");
+        assert_eq!(
+            feature_names(1 << 32 | 1 << 29 | 1 << 13 | 1 << 1),
+            "SIZE_MAX DISCARD EVENT_IDX VERSION_1"
+        );
+        assert_eq!(feature_names(1 << 63), "bit 63");
     }
 }

@@ -1,0 +1,442 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Signals and shutdown, against the real binary: every signal the daemon handles leaves no
+//! socket file behind and exits with the documented status (0 for SIGTERM, 1 for SIGBUS);
+//! SIGHUP and SIGUSR1 do not end it; stopping it under a connected frontend warns that the
+//! guest's data is lost; a frontend's disconnect logs what it negotiated and what was stored.
+
+// Descriptor indexes, flags and lengths here are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+const MEM_SIZE: usize = 4 << 20;
+const QUEUE_SIZE: u16 = 256;
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+
+/// A daemon process with its stderr collected; killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    control: PathBuf,
+    stderr: Option<JoinHandle<()>>,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with a 1 MiB device, its default control socket and `extra`
+    /// arguments, and waits until both sockets accept connections.
+    fn start_with(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("zram.sock");
+        let control = dir.path().join("zram.sock.ctl");
+        let mut child = Command::new(BIN)
+            .args(["--socket-path", socket.to_str().unwrap(), "--size", "1M"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            socket,
+            control,
+            stderr: Some(stderr),
+            log,
+            _dir: dir,
+        };
+        daemon.wait_until_listening(&daemon.socket.clone());
+        daemon.wait_until_listening(&daemon.control.clone());
+        daemon
+    }
+
+    fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Polls until `path` accepts a connection (no fixed sleeps); panics if the daemon exits.
+    /// A connection that closes without a message is a probe the daemon ignores.
+    fn wait_until_listening(&mut self, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(path).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the daemon exited with {status} before listening on {path:?}");
+            }
+            assert!(Instant::now() < deadline, "{path:?} never appeared");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) with the pid of a child we spawned and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits (bounded) for the daemon to exit; returns its status and everything it wrote to
+    /// stderr.
+    fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not exit");
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.stderr.take().unwrap().join().unwrap();
+        let stderr = self.log.lock().unwrap().clone();
+        (status, stderr)
+    }
+
+    /// Polls (bounded) until the daemon has logged `needle`.
+    fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never logged {needle:?}: {}",
+                self.log.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn assert_sockets_removed(&self) {
+        assert!(!self.socket.exists(), "{:?} was left behind", self.socket);
+        assert!(!self.control.exists(), "{:?} was left behind", self.control);
+    }
+
+    /// Whether the daemon still runs: it answers on its control socket.
+    fn answers(&self) -> bool {
+        Command::new(BIN)
+            .args([
+                "ctl",
+                "--control-socket",
+                self.control.to_str().unwrap(),
+                "io_stat",
+            ])
+            .output()
+            .map(|output| output.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sighup_is_logged_and_ignored_then_sigterm_exits_0_without_debris() {
+    let mut daemon = Daemon::start();
+
+    daemon.signal(libc::SIGHUP);
+    assert!(daemon.answers(), "the daemon survives SIGHUP");
+    daemon.signal(libc::SIGTERM);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("received SIGHUP; ignored"), "{stderr}");
+    assert!(stderr.contains("received SIGTERM; stopping"), "{stderr}");
+    daemon.assert_sockets_removed();
+}
+
+#[test]
+fn sigusr1_logs_a_statistics_summary_and_sigint_exits_0_without_debris() {
+    let mut daemon = Daemon::start();
+
+    daemon.signal(libc::SIGUSR1);
+    assert!(daemon.answers(), "the daemon survives SIGUSR1");
+    daemon.signal(libc::SIGINT);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("statistics: 0 pages stored (0 B of data in"),
+        "{stderr}"
+    );
+    daemon.assert_sockets_removed();
+}
+
+#[test]
+fn sigbus_from_kill_says_so_removes_the_sockets_and_exits_1() {
+    let mut daemon = Daemon::start();
+
+    daemon.signal(libc::SIGBUS);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: SIGBUS: sent by process"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("removing the sockets"), "{stderr}");
+    daemon.assert_sockets_removed();
+}
+
+/// Guest memory backed by a memfd the test can shrink afterwards.
+fn guest_memory() -> (GuestMemoryMmap<()>, File) {
+    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    (mem, file)
+}
+
+/// A frontend with one queue set up on shared memory, as a VMM would leave it.
+struct Guest {
+    frontend: Frontend,
+    mem: GuestMemoryMmap<()>,
+    memfd: File,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl Guest {
+    fn connect(socket: &Path) -> Guest {
+        let mut frontend = Frontend::connect(socket, 1).unwrap();
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        frontend.set_features(features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend
+            .set_protocol_features(protocol & VhostUserProtocolFeatures::REPLY_ACK)
+            .unwrap();
+        let (mem, memfd) = guest_memory();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        frontend.set_mem_table(&[info]).unwrap();
+        let kick = EventFd::new(0).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Guest {
+            frontend,
+            mem,
+            memfd,
+            kick,
+            call,
+        }
+    }
+
+    /// Sets up queue 0 and queues one 4 KiB write of `fill` at page 3; with `complete`, kicks
+    /// and waits until the daemon has completed it with status OK.
+    fn queue_write(&mut self, fill: u8, complete: bool) {
+        let Guest {
+            frontend,
+            mem,
+            kick,
+            call,
+            ..
+        } = self;
+        let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
+        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+        frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: host_base + vq.desc_table_addr().0,
+                    used_ring_addr: host_base + vq.used_addr().0,
+                    avail_ring_addr: host_base + vq.avail_addr().0,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        frontend.set_vring_base(0, 0).unwrap();
+        frontend.set_vring_kick(0, kick).unwrap();
+        frontend.set_vring_call(0, call).unwrap();
+        frontend.set_vring_enable(0, true).unwrap();
+
+        mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        header[8..16].copy_from_slice(&(3u64 * 8).to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        let descs = [
+            Descriptor::new(HEADER, 16, next, 1),
+            Descriptor::new(DATA, 4096, next, 2),
+            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, desc) in descs.into_iter().enumerate() {
+            vq.desc_table()
+                .store(i as u16, RawDescriptor::from(desc))
+                .unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        if complete {
+            kick.write(1).unwrap();
+            wait_for_used(&vq, call, 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        }
+    }
+}
+
+/// Waits (on the call eventfd, with a deadline) until the used index reaches `target`.
+fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventFd, target: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vq.used().idx().load() != target {
+        assert!(Instant::now() < deadline, "request not completed in time");
+        let mut fds = [libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, length passed exactly.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+        let _ = call.read();
+    }
+}
+
+#[test]
+fn sigbus_from_guest_memory_the_frontend_shrank_removes_the_sockets_and_exits_1() {
+    let mut daemon = Daemon::start();
+    let mut guest = Guest::connect(&daemon.socket);
+    guest.queue_write(0x5a, false);
+
+    // A request with a reply: the daemon has handled SET_MEM_TABLE (and checked the region
+    // against its file) before the file shrinks.
+    guest.frontend.get_features().unwrap();
+    // The frontend shrinks the file behind guest memory it shared, then kicks: the daemon's
+    // first read of the descriptor table faults. The test never touches that memory again.
+    guest.memfd.set_len(0).unwrap();
+    guest.kick.write(1).unwrap();
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: SIGBUS: a memory access at 0x"),
+        "{stderr}"
+    );
+    daemon.assert_sockets_removed();
+    drop(guest.frontend);
+}
+
+#[test]
+fn sigterm_under_a_connected_frontend_warns_that_the_stored_data_is_lost() {
+    let mut daemon = Daemon::start();
+    let mut guest = Guest::connect(&daemon.socket);
+    guest.queue_write(0x5a, true);
+
+    daemon.signal(libc::SIGTERM);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("WARN")
+            && stderr.contains("the guest's 1 pages (4096 bytes, 4.0 KiB) are lost"),
+        "{stderr}"
+    );
+    daemon.assert_sockets_removed();
+}
+
+#[test]
+fn frontend_disconnect_logs_the_negotiated_features_and_what_was_stored() {
+    let mut daemon = Daemon::start();
+    let mut guest = Guest::connect(&daemon.socket);
+    guest.queue_write(0x5a, true);
+
+    drop(guest);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("the frontend disconnected"))
+        .unwrap_or_else(|| panic!("no disconnect line in {stderr}"));
+    assert!(
+        line.contains("VERSION_1") && line.contains("DISCARD"),
+        "{line}"
+    );
+    assert!(line.contains("1 pages stored (4.0 KiB of data"), "{line}");
+    assert!(!stderr.contains("are lost"), "{stderr}");
+    daemon.assert_sockets_removed();
+}
+
+#[test]
+fn start_logs_the_configuration_at_info() {
+    let mut daemon = Daemon::start_with(&["--algorithm", "zstd", "--mem-limit", "2M"]);
+
+    daemon.signal(libc::SIGTERM);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "device: 1.0 MiB (256 pages), zstd level 1, memory limit 2.0 MiB, 1 queue(s) of up to 256 descriptors, read-write"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("control socket {}", daemon.control.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("DEBUG"), "{stderr}");
+}
+
+#[test]
+fn debug_level_logs_the_offered_features_and_each_connection() {
+    let mut daemon = Daemon::start_with(&["--log-level", "debug"]);
+
+    // Daemon::start's readiness probe is a connection without a message.
+    daemon.wait_for_log("a connection closed without a vhost-user message");
+    daemon.signal(libc::SIGTERM);
+    let (status, stderr) = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("offering virtio features SIZE_MAX SEG_MAX BLK_SIZE"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("accepted a connection on the vhost-user socket"),
+        "{stderr}"
+    );
+}
