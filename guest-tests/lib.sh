@@ -198,6 +198,7 @@ start_device() {
             local args=(--socket-path "$sock" --size "$size" --num-queues "$nq" --serial "$serial"
                 --control-socket "$ctl" --log-level "${VUZ_LOG_LEVEL:-info}")
             [[ "$mode" == RO ]] && args+=(--read-only)
+            args+=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]}"})
             log "starting vhost-user-zram $name: ${args[*]}"
             "$VUZ_BIN" "${args[@]}" >"$logf" 2>&1 &
             pid=$!

@@ -7,12 +7,16 @@
 #
 # Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
 #                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
+#                           [--daemon-arg ARG]...
+# --daemon-arg passes ARG to every vhost-user-zram the suites start (e.g. --workers=0).
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
+# Extra vhost-user-zram arguments (--daemon-arg), used by start_device.
+DAEMON_ARGS=()
 PASSED=0
 FAILED=0
 
@@ -293,6 +297,7 @@ main() {
             --device) device="$2" && shift ;;
             --suites) suites="$2" && shift ;;
             --no-bench) bench=no ;;
+            --daemon-arg) DAEMON_ARGS+=("$2") && shift ;;
             --bench-only) suites="" ;;
             -h | --help) usage && exit 0 ;;
             *) usage >&2 && exit 2 ;;
