@@ -67,8 +67,7 @@ impl Backend {
 pub enum OpenError {
     /// `Backend::Hardware` without a usable work queue.
     #[error(
-        "--iaa hardware needs a usable IAA work queue, and there is none ({discovery}); \
-         as root, set one up with: {steps}",
+        "{discovery}, and --iaa hardware needs one; as root, set one up with: {steps}",
         steps = discover::ACCEL_CONFIG_STEPS
     )]
     NoWorkQueue {
@@ -96,6 +95,8 @@ pub struct Opened {
     pub engine: Engine,
     /// Whether it drives the hardware.
     pub hardware: bool,
+    /// Why `Backend::Auto` fell back to the software queue, for the caller to warn once.
+    pub fallback: Option<String>,
 }
 
 /// Opens an engine on `backend` in `mode`.
@@ -122,6 +123,7 @@ pub fn open_with(
         Ok(Opened {
             engine: Engine::new(Box::new(queue), config),
             hardware: false,
+            fallback: None,
         })
     };
     if backend == Backend::Software {
@@ -141,6 +143,7 @@ pub fn open_with(
                 return Ok(Opened {
                     engine,
                     hardware: true,
+                    fallback: None,
                 });
             }
             Err(error) => last_error = Some((queue.node.display().to_string(), error)),
@@ -154,8 +157,9 @@ pub fn open_with(
                 Some((queue, error)) => format!("{queue} could not be opened ({error})"),
                 None => discovery.to_string(),
             };
-            log::warn!("IAA: {why}; deflate-iaa uses the software work queue");
-            software()
+            let mut opened = software()?;
+            opened.fallback = Some(why);
+            Ok(opened)
         }
         (Backend::Software, _) => software(),
     }

@@ -128,6 +128,12 @@ impl DeflateIaa {
     pub fn open(options: IaaOptions) -> Result<DeflateIaa, UnknownCodec> {
         let opened = iaa::open(options.backend.iaa(), options.mode.iaa())
             .map_err(|error| UnknownCodec::Unavailable(error_chain(&error)))?;
+        if let Some(why) = &opened.fallback {
+            log::warn!(
+                "{why}; deflate-iaa compresses on its software work queue instead (the same \
+                 format; --iaa hardware would refuse to start)"
+            );
+        }
         Ok(DeflateIaa {
             engine: opened.engine,
             options,
