@@ -24,7 +24,9 @@ pub const HISTORY: usize = 4096;
 const MIN_MATCH: usize = 3;
 const MAX_MATCH: usize = 258;
 /// How many earlier positions the matcher tries per position.
-const MAX_CHAIN: usize = 24;
+const MAX_CHAIN: usize = 16;
+/// A match this long ends the search.
+const NICE_MATCH: usize = 64;
 const HASH_BITS: u32 = 12;
 
 const LENGTH_BASE: [u16; 29] = [
@@ -148,14 +150,34 @@ fn hash3(bytes: &[u8]) -> usize {
     (word.wrapping_mul(0x9e37_79b1) >> (32 - HASH_BITS)) as usize
 }
 
+/// How many leading bytes `a` and `b` share, up to `limit` (both at least `limit` long),
+/// compared eight at a time.
+fn common_prefix(a: &[u8], b: &[u8], limit: usize) -> usize {
+    let mut n = 0;
+    while n + 8 <= limit {
+        let x = u64::from_le_bytes(a[n..n + 8].try_into().unwrap_or([0; 8]));
+        let y = u64::from_le_bytes(b[n..n + 8].try_into().unwrap_or([0; 8]));
+        let diff = x ^ y;
+        if diff != 0 {
+            return n + (diff.trailing_zeros() / 8) as usize;
+        }
+        n += 8;
+    }
+    while n < limit && a[n] == b[n] {
+        n += 1;
+    }
+    n
+}
+
 /// The longest match for `pos` among earlier positions within [`HISTORY`], as (length,
-/// distance).
+/// distance). Stops looking once a match of [`NICE_MATCH`] bytes is found.
 fn longest_match(src: &[u8], pos: usize, head: &[u32], prev: &[u32]) -> Option<(usize, usize)> {
     let limit = (src.len() - pos).min(MAX_MATCH);
     if limit < MIN_MATCH {
         return None;
     }
     let mut best: Option<(usize, usize)> = None;
+    let mut best_len = MIN_MATCH - 1;
     let mut candidate = head[hash3(&src[pos..])];
     for _ in 0..MAX_CHAIN {
         let Some(cand) = candidate.checked_sub(1).map(|c| c as usize) else {
@@ -165,15 +187,15 @@ fn longest_match(src: &[u8], pos: usize, head: &[u32], prev: &[u32]) -> Option<(
         if distance > HISTORY {
             break;
         }
-        let length = src[cand..cand + limit]
-            .iter()
-            .zip(&src[pos..pos + limit])
-            .take_while(|(a, b)| a == b)
-            .count();
-        if length >= MIN_MATCH && best.is_none_or(|(l, _)| length > l) {
-            best = Some((length, distance));
-            if length == limit {
-                break;
+        // A longer match must also agree at the current best length.
+        if src[cand + best_len.min(limit - 1)] == src[pos + best_len.min(limit - 1)] {
+            let length = common_prefix(&src[cand..], &src[pos..], limit);
+            if length > best_len {
+                best_len = length;
+                best = Some((length, distance));
+                if length >= NICE_MATCH.min(limit) {
+                    break;
+                }
             }
         }
         candidate = prev[cand];
