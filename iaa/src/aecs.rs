@@ -139,6 +139,14 @@ impl CompressAecs {
         })
     }
 
+    /// One fixed-mode AECS for the whole process, never freed: the device only reads it, so
+    /// every engine shares it (iaa_crypto keeps one per device and mode), and a device that
+    /// stopped answering can never be left holding a freed one.
+    pub fn fixed_shared() -> &'static CompressAecs {
+        static FIXED: std::sync::OnceLock<Box<CompressAecs>> = std::sync::OnceLock::new();
+        FIXED.get_or_init(CompressAecs::fixed)
+    }
+
     /// The 1568 bytes the device reads, little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(COMPRESS_AECS_SIZE);

@@ -222,29 +222,50 @@ pub struct EngineStats {
     pub broken: bool,
 }
 
-/// DMA memory for one batch: completion records and destination buffers. Moving this value
-/// does not move the memory (each part is its own allocation).
+/// DMA memory for one batch: completion records, sources and destinations. Everything a
+/// descriptor names lives here (or is the process-wide AECS), so a batch whose completion
+/// never arrives leaks only this, and the device never touches the caller's memory after the
+/// call returns. Moving this value does not move the memory (each part is its own
+/// allocation).
 #[derive(Debug)]
 struct BatchMemory {
     records: CompletionRecords,
+    src: Vec<DmaBuffer>,
     dst: Vec<DmaBuffer>,
 }
 
+/// The largest compressed object the device is asked to decompress (larger ones are
+/// inflated in software; the store keeps pages that compress worse than this raw anyway).
+const SRC_CAPACITY: usize = 2 * PAGE_SIZE;
+
 impl BatchMemory {
     fn new() -> BatchMemory {
+        let buffers = |len| {
+            (0..MAX_BATCH)
+                .map(|_| DmaBuffer::new(len, PAGE_SIZE))
+                .collect()
+        };
         BatchMemory {
             records: CompletionRecords::new(MAX_BATCH),
-            dst: (0..MAX_BATCH)
-                .map(|_| DmaBuffer::new(DST_CAPACITY, PAGE_SIZE))
-                .collect(),
+            src: buffers(SRC_CAPACITY),
+            dst: buffers(DST_CAPACITY),
         }
     }
 
-    /// Gives the memory up for good: the device may still write it.
+    /// Copies `data` into source buffer `index` and returns its address.
+    fn load_source(&mut self, index: usize, data: &[u8]) -> u64 {
+        // SAFETY: this memory is not in flight: it came from the pool (returned only after
+        // every operation naming it completed) or was just allocated.
+        let buffer = unsafe { self.src[index].bytes_mut() };
+        buffer[..data.len()].copy_from_slice(data);
+        self.src[index].addr()
+    }
+
+    /// Gives the memory up for good: the device may still read or write it.
     fn leak(self) {
-        let BatchMemory { records, dst } = self;
+        let BatchMemory { records, src, dst } = self;
         records.leak();
-        dst.into_iter().for_each(DmaBuffer::leak);
+        src.into_iter().chain(dst).for_each(DmaBuffer::leak);
     }
 }
 
@@ -268,7 +289,7 @@ struct TimedOut;
 pub struct Engine {
     portal: Box<dyn Portal>,
     config: EngineConfig,
-    aecs: Box<CompressAecs>,
+    aecs: &'static CompressAecs,
     memory: Mutex<Vec<BatchMemory>>,
     /// Descriptors that may still be put in flight (a dedicated WQ gives no feedback).
     credits: AtomicUsize,
@@ -283,7 +304,7 @@ impl Engine {
         Engine {
             portal,
             config,
-            aecs: CompressAecs::fixed(),
+            aecs: CompressAecs::fixed_shared(),
             memory: Mutex::new(Vec::new()),
             credits: AtomicUsize::new(credits),
             broken: AtomicBool::new(false),
@@ -386,26 +407,20 @@ impl Engine {
     pub fn compress_in_software(&self, page: &[u8; PAGE_SIZE], dst: &mut [u8]) -> CompressResult {
         let limit = dst.len();
         match self.config.mode {
-            HuffmanMode::Fixed => deflate::compress_with_aecs(&self.aecs, page, dst),
+            HuffmanMode::Fixed => deflate::compress_with_aecs(self.aecs, page, dst),
             HuffmanMode::Dynamic => deflate::compress_dynamic(page, dst),
         }
         .map_err(|_| Incompressible { limit })
     }
 
-    /// The descriptor compressing `page` into `dst` (`max_dst` bytes) with completion
-    /// record `record`.
-    fn compress_descriptor(
-        &self,
-        page: &[u8; PAGE_SIZE],
-        dst: u64,
-        max_dst: usize,
-        record: u64,
-    ) -> Descriptor {
+    /// The descriptor compressing the page at `src` into `dst` (`max_dst` bytes); `submit`
+    /// fills in the completion record.
+    fn compress_descriptor(&self, src: u64, dst: u64, max_dst: usize) -> Descriptor {
         let (flags, op_flags, src2_addr, src2_size) = match self.config.mode {
             HuffmanMode::Fixed => (
                 COMPRESS_DESCRIPTOR_FLAGS,
                 COMPRESS_FLAGS_FIXED,
-                &*self.aecs as *const CompressAecs as u64,
+                self.aecs as *const CompressAecs as u64,
                 AECS_SIZE,
             ),
             HuffmanMode::Dynamic => (
@@ -418,8 +433,8 @@ impl Engine {
         Descriptor {
             pasid_priv: 0,
             flags_opcode: Descriptor::pack_flags_opcode(flags, opcode::COMPRESS),
-            completion_addr: record,
-            src1_addr: page.as_ptr() as u64,
+            completion_addr: 0,
+            src1_addr: src,
             dst_addr: dst,
             src1_size: PAGE_SIZE_U32,
             int_handle: 0,
@@ -444,11 +459,9 @@ impl Engine {
         // every record it holds completed) or was just allocated.
         unsafe { memory.records.reset(index) };
         desc.completion_addr = memory.records.addr(index);
-        // SAFETY: the descriptor names the caller's source (borrowed for the whole batch,
-        // which does not return before every record completed or the memory was leaked),
-        // this batch's destination buffer and completion record (owned by `memory`, leaked if
-        // the completion never arrives) and the engine's AECS (alive as long as `self`, and
-        // an engine outlives its batches).
+        // SAFETY: the descriptor names only this batch's source, destination and completion
+        // record (owned by `memory`, which is returned to the pool only after the record
+        // completed, and leaked if it never does) and the process-wide AECS (never freed).
         let submitted = unsafe { submit_with_retry(&*self.portal, &desc, self.config.retry) };
         match submitted {
             Ok((Submitted::Accepted, busy)) => {
@@ -603,7 +616,8 @@ impl Engine {
         let mut memory = self.take_memory();
         for index in 0..n {
             let max_dst = dsts[index].len().min(DST_CAPACITY);
-            let desc = self.compress_descriptor(pages[index], memory.dst[index].addr(), max_dst, 0);
+            let src = memory.load_source(index, pages[index]);
+            let desc = self.compress_descriptor(src, memory.dst[index].addr(), max_dst);
             slots[index] = self.submit(&mut memory, index, desc);
         }
         let waited = self.wait_all(&memory, &mut slots[..n], |index, record| {
@@ -644,10 +658,17 @@ impl Engine {
     /// when configured and healthy, in software otherwise or when the device fails.
     pub fn decompress(&self, src: &[u8], page: &mut [u8; PAGE_SIZE]) -> Result<(), InflateError> {
         let src_len = match u32::try_from(src.len()) {
-            Ok(len) if self.config.decompress_on_device && !self.is_broken() => len,
+            Ok(len)
+                if self.config.decompress_on_device
+                    && !self.is_broken()
+                    && src.len() <= SRC_CAPACITY =>
+            {
+                len
+            }
             Ok(_) | Err(_) => return deflate::inflate_page(src, page),
         };
         let mut memory = self.take_memory();
+        let src_addr = memory.load_source(0, src);
         let desc = Descriptor {
             pasid_priv: 0,
             flags_opcode: Descriptor::pack_flags_opcode(
@@ -655,7 +676,7 @@ impl Engine {
                 opcode::DECOMPRESS,
             ),
             completion_addr: 0,
-            src1_addr: src.as_ptr() as u64,
+            src1_addr: src_addr,
             dst_addr: memory.dst[0].addr(),
             src1_size: src_len,
             int_handle: 0,
