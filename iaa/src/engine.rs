@@ -447,22 +447,70 @@ impl Engine {
         }
     }
 
-    /// Submits `desc` (for slot `index` of `memory`); the slot's new state.
-    fn submit(&self, memory: &mut BatchMemory, index: usize, mut desc: Descriptor) -> Slot {
+    /// Submits `descs[i]` with completion record `i` of `memory`, setting `slots[i]`: the
+    /// whole batch in one [`Portal::submit_many`] call where the portal can (one `write()`),
+    /// then the descriptors the queue refused one by one with retries.
+    fn submit_all(&self, memory: &mut BatchMemory, descs: &[Descriptor], slots: &mut [Slot]) {
         if self.is_broken() {
+            slots.fill(Slot::Software(FallbackReason::Broken));
+            return;
+        }
+        let mut ready = [Descriptor::default(); MAX_BATCH];
+        let mut owner = [0usize; MAX_BATCH];
+        let mut count = 0;
+        for (index, desc) in descs.iter().enumerate() {
+            if !self.take_credit() {
+                slots[index] = Slot::Software(FallbackReason::Busy);
+                continue;
+            }
+            // SAFETY: this memory is not in flight: it came from the pool (returned only
+            // after every record it holds completed) or was just allocated.
+            unsafe { memory.records.reset(index) };
+            ready[count] = Descriptor {
+                completion_addr: memory.records.addr(index),
+                ..*desc
+            };
+            owner[count] = index;
+            count += 1;
+        }
+        // SAFETY: the descriptors name only this batch's sources, destinations and completion
+        // records (owned by `memory`, which is returned to the pool only after every record
+        // completed, and leaked if one never does) and the process-wide AECS (never freed).
+        let taken = match unsafe { self.portal.submit_many(&ready[..count]) } {
+            Ok(taken) => taken.min(count),
+            Err(error) => {
+                self.declare_broken(&format!("submitting descriptors failed ({error})"));
+                for &index in &owner[..count] {
+                    self.return_credit();
+                    slots[index] = Slot::Software(FallbackReason::Broken);
+                }
+                return;
+            }
+        };
+        self.counters
+            .submitted
+            .fetch_add(taken as u64, Ordering::Relaxed);
+        if taken < count {
+            // The queue refused descriptor `taken`: one busy answer.
+            self.counters.busy_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        for &index in &owner[..taken] {
+            slots[index] = Slot::Waiting;
+        }
+        for (desc, &index) in ready[taken..count].iter().zip(&owner[taken..count]) {
+            slots[index] = self.submit_retrying(desc);
+        }
+    }
+
+    /// Submits one descriptor the queue refused at first, retrying while it is busy; a credit
+    /// is already held for it.
+    fn submit_retrying(&self, desc: &Descriptor) -> Slot {
+        if self.is_broken() {
+            self.return_credit();
             return Slot::Software(FallbackReason::Broken);
         }
-        if !self.take_credit() {
-            return Slot::Software(FallbackReason::Busy);
-        }
-        // SAFETY: this memory is not in flight: it came from the pool (returned only after
-        // every record it holds completed) or was just allocated.
-        unsafe { memory.records.reset(index) };
-        desc.completion_addr = memory.records.addr(index);
-        // SAFETY: the descriptor names only this batch's source, destination and completion
-        // record (owned by `memory`, which is returned to the pool only after the record
-        // completed, and leaked if it never does) and the process-wide AECS (never freed).
-        let submitted = unsafe { submit_with_retry(&*self.portal, &desc, self.config.retry) };
+        // SAFETY: as in `submit_all`, which built `desc`.
+        let submitted = unsafe { submit_with_retry(&*self.portal, desc, self.config.retry) };
         match submitted {
             Ok((Submitted::Accepted, busy)) => {
                 self.counters.submitted.fetch_add(1, Ordering::Relaxed);
@@ -614,12 +662,13 @@ impl Engine {
         let n = pages.len();
         let mut slots = [Slot::Software(FallbackReason::Broken); MAX_BATCH];
         let mut memory = self.take_memory();
+        let mut descs = [Descriptor::default(); MAX_BATCH];
         for index in 0..n {
             let max_dst = dsts[index].len().min(DST_CAPACITY);
             let src = memory.load_source(index, pages[index]);
-            let desc = self.compress_descriptor(src, memory.dst[index].addr(), max_dst);
-            slots[index] = self.submit(&mut memory, index, desc);
+            descs[index] = self.compress_descriptor(src, memory.dst[index].addr(), max_dst);
         }
+        self.submit_all(&mut memory, &descs[..n], &mut slots[..n]);
         let waited = self.wait_all(&memory, &mut slots[..n], |index, record| {
             self.finish_compress(
                 &record,
@@ -687,7 +736,8 @@ impl Engine {
             filter_flags: 0,
             num_inputs: 0,
         };
-        let mut slots = [self.submit(&mut memory, 0, desc)];
+        let mut slots = [Slot::Waiting];
+        self.submit_all(&mut memory, &[desc], &mut slots);
         let mut decoded = false;
         let waited = self.wait_all(&memory, &mut slots, |_, record| {
             match DeviceStatus::of(&record) {

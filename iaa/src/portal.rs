@@ -41,6 +41,25 @@ pub trait Portal: Send + Sync + std::fmt::Debug {
     /// the memory). The completion record is 64-byte aligned and zeroed.
     unsafe fn submit(&self, desc: &Descriptor) -> io::Result<Submitted>;
 
+    /// Hands over `descs` in order, stopping at the first one the queue refuses as busy;
+    /// returns how many it took. An error means none was taken. Portals that can take
+    /// several descriptors in one call (`write()`) override this.
+    ///
+    /// # Safety
+    /// As [`Portal::submit`], for every descriptor.
+    unsafe fn submit_many(&self, descs: &[Descriptor]) -> io::Result<usize> {
+        for (taken, desc) in descs.iter().enumerate() {
+            // SAFETY: forwarded from the caller.
+            match unsafe { self.submit(desc) } {
+                Ok(Submitted::Accepted) => {}
+                Ok(Submitted::Busy) => return Ok(taken),
+                Err(_) if taken > 0 => return Ok(taken),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(descs.len())
+    }
+
     /// A short description for logs ("write() to /dev/iax/wq1.0", "software work queue").
     fn describe(&self) -> String;
 
@@ -138,6 +157,40 @@ impl Portal for WritePortal {
                 _ => return Err(error),
             }
         }
+    }
+
+    /// One `write()` for up to eight descriptors: the kernel submits them in order and
+    /// returns the bytes of those it took before the first refusal (`idxd_cdev_write`).
+    unsafe fn submit_many(&self, descs: &[Descriptor]) -> io::Result<usize> {
+        const CHUNK: usize = 8;
+        let mut taken = 0;
+        for chunk in descs.chunks(CHUNK) {
+            let mut bytes = [0u8; 64 * CHUNK];
+            for (slot, desc) in bytes.chunks_exact_mut(64).zip(chunk) {
+                slot.copy_from_slice(&desc.to_bytes());
+            }
+            let len = 64 * chunk.len();
+            let written = loop {
+                // SAFETY: `bytes` holds `len` initialised bytes; the fd is open for the life
+                // of `self`; the caller upholds each descriptor's contract.
+                let n = unsafe { libc::write(self.file.as_raw_fd(), bytes.as_ptr().cast(), len) };
+                if let Ok(n) = usize::try_from(n) {
+                    break n;
+                }
+                let error = io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) | Some(libc::EBUSY) => return Ok(taken),
+                    _ if taken > 0 => return Ok(taken),
+                    _ => return Err(error),
+                }
+            };
+            taken += written / 64;
+            if written < len {
+                return Ok(taken);
+            }
+        }
+        Ok(taken)
     }
 
     fn describe(&self) -> String {
@@ -380,9 +433,13 @@ mod tests {
             busy_for: 100,
             calls: AtomicU32::new(0),
         };
+        // A generous deadline: yielding 68 times may take long on a loaded machine.
+        let policy = RetryPolicy {
+            spins: 32,
+            deadline: Duration::from_secs(5),
+        };
         // SAFETY: the test portal never touches the descriptor's addresses.
-        let result =
-            unsafe { submit_with_retry(&portal, &Descriptor::default(), RetryPolicy::default()) };
+        let result = unsafe { submit_with_retry(&portal, &Descriptor::default(), policy) };
         assert_eq!(result.unwrap(), (Submitted::Accepted, 100));
     }
 
@@ -404,6 +461,36 @@ mod tests {
         assert!(busy > 4);
         assert!(start.elapsed() >= Duration::from_millis(5));
         assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn write_portal_submits_a_batch_in_one_write() {
+        // A SOCK_SEQPACKET pair keeps write boundaries: one message means one write().
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors socketpair writes.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (ours, theirs) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let portal = WritePortal::new(ours, "pair".into(), 16);
+        let descs: Vec<Descriptor> = (0..8u32)
+            .map(|i| Descriptor {
+                src1_size: i,
+                ..Descriptor::default()
+            })
+            .collect();
+        // SAFETY: nothing reads the descriptors' (zero) addresses.
+        assert_eq!(unsafe { portal.submit_many(&descs) }.unwrap(), 8);
+        let mut message = [0u8; 1024];
+        let n = std::io::Read::read(&mut &theirs, &mut message).unwrap();
+        assert_eq!(n, 512, "eight descriptors in one message");
+        for (i, desc) in descs.iter().enumerate() {
+            assert_eq!(message[i * 64..][..64], desc.to_bytes());
+        }
     }
 
     #[test]

@@ -5,8 +5,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use iaa::aecs::{CompressAecs, COMPRESS_AECS_SIZE};
 use iaa::dma::{CompletionRecords, DmaBuffer};
 use iaa::hw::{opcode, status, Descriptor, DECOMPRESS_DESCRIPTOR_FLAGS, DECOMPRESS_FLAGS};
 use iaa::portal::{Portal, RetryPolicy, Submitted};
@@ -526,4 +528,122 @@ fn the_software_queue_refuses_a_misaligned_completion_record() {
     // SAFETY: refused before anything is read.
     let error = unsafe { queue.submit(&desc) }.unwrap_err();
     assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+}
+
+/// A portal that records what it is given and refuses everything as busy.
+#[derive(Debug, Default)]
+struct RecordingPortal {
+    calls: Mutex<Vec<Vec<Descriptor>>>,
+}
+
+impl Portal for RecordingPortal {
+    unsafe fn submit(&self, desc: &Descriptor) -> io::Result<Submitted> {
+        self.calls.lock().unwrap().push(vec![*desc]);
+        Ok(Submitted::Busy)
+    }
+    unsafe fn submit_many(&self, descs: &[Descriptor]) -> io::Result<usize> {
+        self.calls.lock().unwrap().push(descs.to_vec());
+        Ok(0)
+    }
+    fn describe(&self) -> String {
+        "recording".into()
+    }
+    fn capacity(&self) -> usize {
+        64
+    }
+}
+
+/// Runs `act` on an engine over a recording portal and returns the calls it made.
+fn recorded(mode: HuffmanMode, act: impl FnOnce(&Engine)) -> Vec<Vec<Descriptor>> {
+    let portal = Box::new(RecordingPortal::default());
+    let calls: *const RecordingPortal = &*portal;
+    let config = EngineConfig {
+        mode,
+        retry: RetryPolicy {
+            spins: 0,
+            deadline: Duration::ZERO,
+        },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(portal, config);
+    act(&engine);
+    // SAFETY: the portal lives in the engine, which is still alive here.
+    let calls = unsafe { &*calls }.calls.lock().unwrap().clone();
+    calls
+}
+
+fn assert_batch_memory(batch: &[Descriptor]) {
+    for (i, desc) in batch.iter().enumerate() {
+        assert_eq!(desc.completion_addr % 64, 0, "completion record alignment");
+        assert_eq!(desc.dst_addr % 4096, 0);
+        assert_eq!(desc.pasid_priv, 0);
+        assert_eq!(desc.int_handle, 0);
+        for other in &batch[i + 1..] {
+            assert_ne!(desc.completion_addr, other.completion_addr);
+            assert_ne!(desc.dst_addr, other.dst_addr);
+            assert_ne!(desc.src1_addr, other.src1_addr);
+        }
+    }
+}
+
+#[test]
+fn fixed_mode_submits_the_batch_at_once_with_iaa_crypto_flags_and_the_aecs() {
+    let calls = recorded(HuffmanMode::Fixed, |engine| {
+        let batch = run_batch(engine, &MIX, 30);
+        assert_round_trips(&batch);
+        assert_eq!(engine.stats().fallback_busy, 8);
+    });
+    assert_eq!(calls[0].len(), 8, "one call for the whole batch");
+    assert_batch_memory(&calls[0]);
+    let aecs = CompressAecs::fixed_shared() as *const CompressAecs as u64;
+    for desc in &calls[0] {
+        assert_eq!(desc.opcode(), opcode::COMPRESS);
+        assert_eq!(desc.flags(), 0x1010c);
+        assert_eq!(desc.op_flags, 0x0006);
+        assert_eq!(desc.src1_size, 4096);
+        assert_eq!(desc.max_dst_size, 8192);
+        assert_eq!(desc.src2_addr, aecs);
+        assert_eq!(desc.src2_addr % 32, 0);
+        assert_eq!(desc.src2_size as usize, COMPRESS_AECS_SIZE);
+    }
+    // Then each refused descriptor was retried once on its own.
+    assert_eq!(calls.len(), 9);
+    assert!(calls[1..].iter().all(|call| call.len() == 1));
+}
+
+#[test]
+fn dynamic_mode_sets_the_dynamic_flags_and_no_aecs() {
+    let calls = recorded(HuffmanMode::Dynamic, |engine| {
+        assert_round_trips(&run_batch(engine, &MIX[..3], 31));
+    });
+    assert_eq!(calls[0].len(), 3);
+    for desc in &calls[0] {
+        assert_eq!(desc.opcode(), opcode::COMPRESS);
+        assert_eq!(desc.flags(), 0x10c);
+        assert_eq!(desc.op_flags, 0x3006);
+        assert_eq!((desc.src2_addr, desc.src2_size), (0, 0));
+    }
+}
+
+#[test]
+fn decompress_descriptors_carry_iaa_crypto_flags() {
+    let stream = miniz_oxide::deflate::compress_to_vec(&page(0, 32)[..], 6);
+    let calls = recorded(HuffmanMode::Fixed, |engine| {
+        let mut out = [0u8; PAGE_SIZE];
+        engine.decompress(&stream, &mut out).unwrap();
+        assert!(out[..] == page(0, 32)[..]);
+        assert_eq!(engine.stats().fallback_decompress, 1);
+    });
+    let desc = calls[0][0];
+    assert_eq!(desc.opcode(), opcode::DECOMPRESS);
+    assert_eq!(desc.flags(), 0x10c);
+    assert_eq!(desc.op_flags, 0x000f);
+    assert_eq!(desc.src1_size as usize, stream.len());
+    assert_eq!(desc.max_dst_size, 4096);
+    assert_eq!((desc.src2_addr, desc.src2_size), (0, 0));
+    assert_ne!(
+        desc.src1_addr,
+        stream.as_ptr() as u64,
+        "the device reads a copy"
+    );
 }
