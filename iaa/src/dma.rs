@@ -49,6 +49,12 @@ impl DmaBuffer {
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
+        // Touch every page now, so the device does not meet a page the kernel has not backed
+        // yet (a page fault it would report, on a WQ without block-on-fault).
+        for offset in (0..len).step_by(4096) {
+            // SAFETY: `offset < len`, inside the allocation, which nothing else uses yet.
+            unsafe { ptr.as_ptr().add(offset).write_volatile(0) };
+        }
         DmaBuffer { ptr, layout }
     }
 
