@@ -3,7 +3,7 @@
 //! `virtio-blk-vhost-user` driver as in `blkio_e2e.rs`, filled with swap-like pages and read
 //! back, with the IAA software work queue (`--iaa software`) doing the compression. On a
 //! machine with an IAA work queue, `iaa_hardware_*` also runs the same fill on the device;
-//! without one it says so on stderr and passes.
+//! without one it says so on stderr and passes (fails under `IAA_REQUIRE_HARDWARE=1`).
 
 use std::fs::File;
 use std::mem::MaybeUninit;
@@ -331,6 +331,11 @@ fn hardware_without_a_device_refuses_to_start_and_names_accel_config() {
 #[test]
 fn iaa_hardware_fills_and_verifies_swap_pages_when_present() {
     let Some(found) = hardware_present() else {
+        assert!(
+            std::env::var("IAA_REQUIRE_HARDWARE").as_deref() != Ok("1"),
+            "IAA_REQUIRE_HARDWARE=1 but {}",
+            iaa::discover::discover()
+        );
         eprintln!(
             "SKIPPED: no usable IAA work queue ({}); see iaa/README.md",
             iaa::discover::discover()

@@ -140,8 +140,9 @@ pub const DECOMPRESS_FLAGS: u16 = decompression_flags::ENABLE
     | decompression_flags::CHECK_FOR_EOB
     | decompression_flags::STOP_ON_EOB;
 
-/// The alignment the device requires of a completion record (the idxd driver allocates IAA
-/// completion records 64-byte aligned; QPL's header says the same).
+/// The alignment the device requires of a completion record: the kernel's write() path
+/// refuses anything else for IAA (`comp_addr_align = is_dsa_dev(..) ? 0x20 : 0x40` in
+/// `drivers/dma/idxd/cdev.c`), and QPL's completion-record header says the same.
 pub const COMPLETION_ALIGN: usize = 64;
 /// The alignment the device requires of an AECS.
 pub const AECS_ALIGN: usize = 32;
