@@ -404,6 +404,45 @@ mod tests {
     }
 
     #[test]
+    fn random_structured_inputs_round_trip_through_an_independent_inflater() {
+        // Runs, literals and copies from every distance up to the history: every length and
+        // distance code gets used across the 300 inputs.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            usize::try_from(state % n as u64).unwrap_or(0)
+        };
+        let aecs = CompressAecs::fixed();
+        let mut dst = vec![0u8; 16384];
+        for case in 0..300 {
+            let len = 1 + next(4096);
+            let mut data = Vec::with_capacity(len);
+            while data.len() < len {
+                match next(3) {
+                    0 => data.push(next(256).to_le_bytes()[0]),
+                    1 => {
+                        let byte = next(256).to_le_bytes()[0];
+                        data.extend(std::iter::repeat_n(byte, 1 + next(300)));
+                    }
+                    _ if !data.is_empty() => {
+                        let distance = 1 + next(data.len().min(HISTORY));
+                        for _ in 0..3 + next(256) {
+                            data.push(data[data.len() - distance]);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            data.truncate(len);
+            let n = compress_with_aecs(&aecs, &data, &mut dst).unwrap();
+            let decoded = miniz_oxide::inflate::decompress_to_vec(&dst[..n]).unwrap();
+            assert!(decoded == data, "case {case} ({len} bytes)");
+        }
+    }
+
+    #[test]
     fn too_small_a_destination_overflows() {
         let text = sample_text();
         let mut dst = [0u8; 64];

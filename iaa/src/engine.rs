@@ -787,3 +787,40 @@ impl Engine {
         deflate::inflate_page(src, page)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_bytes_decode_with_the_kernel_mask() {
+        assert_eq!(DeviceStatus::from_byte(0x00), DeviceStatus::Pending);
+        assert_eq!(DeviceStatus::from_byte(0x01), DeviceStatus::Success);
+        assert_eq!(
+            DeviceStatus::from_byte(0x03),
+            DeviceStatus::PageFault { write: false }
+        );
+        assert_eq!(
+            DeviceStatus::from_byte(0x83),
+            DeviceStatus::PageFault { write: true }
+        );
+        assert_eq!(DeviceStatus::from_byte(0x0b), DeviceStatus::OutputOverflow);
+        assert_eq!(DeviceStatus::from_byte(0x24), DeviceStatus::Watchdog);
+        for code in [0x10, 0x11, 0x13, 0x1b, 0x1c] {
+            assert_eq!(
+                DeviceStatus::from_byte(code),
+                DeviceStatus::DescriptorError(code)
+            );
+        }
+        assert_eq!(DeviceStatus::from_byte(0x7e), DeviceStatus::Unknown(0x7e));
+        let record = CompletionRecord {
+            status: 0x0a,
+            error_code: 0x19,
+            ..CompletionRecord::default()
+        };
+        assert_eq!(
+            DeviceStatus::of(&record),
+            DeviceStatus::AnalyticsError(error_code::COMPRESS_OUTPUT_OVERFLOW)
+        );
+    }
+}
