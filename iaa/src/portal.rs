@@ -244,6 +244,24 @@ pub fn cpu_has(instruction: PortalInstruction) -> bool {
     }
 }
 
+/// Whether the kernel lets user space use ENQCMD: it clears the `enqcmd` CPU flag when it
+/// cannot give processes a PASID (`arch/x86/kernel/cpu`), and ENQCMD without one faults. The
+/// CPUID bit alone says only that the CPU has it.
+pub fn kernel_enables_enqcmd() -> bool {
+    cpuinfo_has_flag(
+        &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+        "enqcmd",
+    )
+}
+
+/// Whether the first `flags` line of a `/proc/cpuinfo` text lists `flag`.
+fn cpuinfo_has_flag(cpuinfo: &str, flag: &str) -> bool {
+    cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("flags")?.split_once(':').map(|(_, f)| f))
+        .is_some_and(|flags| flags.split_whitespace().any(|f| f == flag))
+}
+
 /// Submission through the WQ's mapped portal page.
 #[derive(Debug)]
 pub struct MappedPortal {
@@ -280,6 +298,16 @@ impl MappedPortal {
                 io::Error::new(
                     io::ErrorKind::Unsupported,
                     format!("this CPU has no {instruction:?}"),
+                ),
+            ));
+        }
+        if instruction == PortalInstruction::Enqcmd && !kernel_enables_enqcmd() {
+            return Err((
+                file,
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the kernel does not enable ENQCMD for user space (no 'enqcmd' in \
+                     /proc/cpuinfo)",
                 ),
             ));
         }
@@ -419,6 +447,16 @@ mod tests {
         fn capacity(&self) -> usize {
             1
         }
+    }
+
+    #[test]
+    fn enqcmd_needs_the_kernel_flag_not_just_cpuid() {
+        let with = "processor\t: 0\nflags\t\t: fpu sse2 movdiri movdir64b enqcmd\n";
+        let without = "processor\t: 0\nflags\t\t: fpu sse2 movdiri movdir64b\n";
+        assert!(cpuinfo_has_flag(with, "enqcmd"));
+        assert!(!cpuinfo_has_flag(without, "enqcmd"));
+        assert!(cpuinfo_has_flag(without, "movdir64b"));
+        assert!(!cpuinfo_has_flag("", "enqcmd"));
     }
 
     #[test]
