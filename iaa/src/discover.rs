@@ -271,10 +271,19 @@ pub fn discover() -> Discovery {
 /// Opens `queue` for submission: its mapped portal when the kernel and CPU allow, else
 /// `write()` on its device node.
 pub fn open(queue: &WorkQueue) -> io::Result<Box<dyn Portal>> {
+    use std::os::unix::fs::FileTypeExt;
     let file: File = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&queue.node)?;
+    // Only the idxd character device may be mapped and written descriptors: a regular file
+    // in its place would take the mapping and fault on the first submission.
+    if !file.metadata()?.file_type().is_char_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a character device", queue.node.display()),
+        ));
+    }
     let label = queue.node.display().to_string();
     match MappedPortal::map(
         file,

@@ -164,3 +164,73 @@ pub fn open_with(
         (Backend::Software, _) => software(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use discover::{Discovery, WorkQueue, WqMode};
+
+    fn nothing() -> Discovery {
+        discover::discover_in(
+            std::path::Path::new("/nonexistent/dsa"),
+            std::path::Path::new("/nonexistent"),
+        )
+    }
+
+    #[test]
+    fn hardware_without_a_queue_fails_naming_accel_config() {
+        let error = open_with(Backend::Hardware, HuffmanMode::Fixed, nothing).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.starts_with("no usable IAA work queue: "),
+            "{message}"
+        );
+        assert!(message.contains("accel-config enable-wq"), "{message}");
+    }
+
+    #[test]
+    fn auto_without_a_queue_falls_back_and_says_why() {
+        let opened = open_with(Backend::Auto, HuffmanMode::Dynamic, nothing).unwrap();
+        assert!(!opened.hardware);
+        assert!(opened
+            .fallback
+            .unwrap()
+            .contains("no usable IAA work queue"));
+        assert_eq!(opened.engine.mode(), HuffmanMode::Dynamic);
+    }
+
+    #[test]
+    fn software_never_looks_for_hardware() {
+        let opened = open_with(Backend::Software, HuffmanMode::Fixed, || {
+            panic!("software must not run discovery")
+        })
+        .unwrap();
+        assert!(!opened.hardware && opened.fallback.is_none());
+    }
+
+    #[test]
+    fn a_queue_node_that_is_not_a_device_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("wq1.0");
+        std::fs::write(&node, b"").unwrap();
+        let fake = move || Discovery {
+            sysfs: "/fake".into(),
+            driver_present: true,
+            devices: vec!["iax1".into()],
+            usable: vec![WorkQueue {
+                name: "wq1.0".into(),
+                device: "iax1".into(),
+                node: node.clone(),
+                mode: WqMode::Dedicated,
+                size: 16,
+                block_on_fault: true,
+            }],
+            rejected: Vec::new(),
+        };
+        let error = open_with(Backend::Hardware, HuffmanMode::Fixed, fake.clone()).unwrap_err();
+        assert!(error.to_string().contains("could be opened"), "{error}");
+        let opened = open_with(Backend::Auto, HuffmanMode::Fixed, fake).unwrap();
+        assert!(!opened.hardware);
+        assert!(opened.fallback.unwrap().contains("not a character device"));
+    }
+}
