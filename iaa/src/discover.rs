@@ -22,6 +22,10 @@ pub const SYSFS_DEVICES: &str = "/sys/bus/dsa/devices";
 /// Where the IAA work-queue device nodes live.
 pub const DEV_IAX: &str = "/dev/iax";
 
+/// The most bytes one descriptor of this crate moves: a compressed object of up to two pages
+/// in, or two pages out.
+pub const MIN_TRANSFER: u64 = 8192;
+
 /// What a user with an IAA machine runs to make a work queue for this program.
 pub const ACCEL_CONFIG_STEPS: &str = "accel-config config-engine iax1/engine1.0 --group-id=0 && \
      accel-config config-wq iax1/wq1.0 --group-id=0 --mode=shared --wq-size=128 \
@@ -70,6 +74,8 @@ pub enum Rejection {
     UnknownMode(String),
     /// A shared WQ on a device without PASID (SVA) support.
     SharedWithoutPasid,
+    /// Its largest transfer is smaller than one descriptor of this crate may need.
+    TransferTooSmall(u64),
     /// An attribute could not be read.
     Unreadable {
         /// The attribute.
@@ -99,6 +105,11 @@ impl fmt::Display for Rejection {
             Rejection::SharedWithoutPasid => {
                 write!(f, "it is shared but its device has PASID (SVA) disabled")
             }
+            Rejection::TransferTooSmall(size) => write!(
+                f,
+                "its max_transfer_size {size} is below the {MIN_TRANSFER} bytes a descriptor \
+                 may move"
+            ),
             Rejection::Unreadable { attribute, reason } => {
                 write!(f, "its '{attribute}' cannot be read ({reason})")
             }
@@ -207,6 +218,14 @@ fn examine(sysfs: &Path, dev: &Path, name: &str) -> Result<WorkQueue, Rejection>
         if let Ok(pasid) = attribute(&sysfs.join(&device), "pasid_enabled") {
             if pasid == "0" {
                 return Err(Rejection::SharedWithoutPasid);
+            }
+        }
+    }
+    // Absent on old kernels: then the device's default (2 GiB) applies.
+    if let Ok(text) = attribute(&dir, "max_transfer_size") {
+        if let Ok(size) = text.parse::<u64>() {
+            if size < MIN_TRANSFER {
+                return Err(Rejection::TransferTooSmall(size));
             }
         }
     }
@@ -417,6 +436,21 @@ mod tests {
         assert!(
             !report.contains("wq0.0"),
             "DSA queues are not worth mentioning: {report}"
+        );
+    }
+
+    #[test]
+    fn a_queue_with_a_tiny_transfer_limit_is_rejected() {
+        let root = fake_tree(&["iax1"], &[("wq1.0", GOOD)], &["wq1.0"]);
+        fs::write(root.path().join("sys/wq1.0/max_transfer_size"), "4096\n").unwrap();
+        let found = run(&root);
+        assert_eq!(
+            found.rejected,
+            vec![("wq1.0".into(), Rejection::TransferTooSmall(4096))]
+        );
+        assert!(
+            found.to_string().contains("max_transfer_size 4096"),
+            "{found}"
         );
     }
 
