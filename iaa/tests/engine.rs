@@ -319,6 +319,26 @@ fn a_decompress_fault_falls_back_to_the_software_inflater() {
 }
 
 #[test]
+fn a_decompress_that_never_completes_breaks_the_device_and_still_decodes() {
+    let config = EngineConfig {
+        spin_sweeps: 100,
+        completion_timeout: Duration::from_millis(20),
+        ..EngineConfig::default()
+    };
+    let (engine, queue) = software_engine(HuffmanMode::Fixed, config);
+    let batch = run_batch(&engine, &[1], 33);
+    queue_of(&engine, queue).inject(Fault::NeverComplete);
+    let mut out = [0u8; PAGE_SIZE];
+    engine
+        .decompress(&batch.dsts[0][..batch.results[0].unwrap()], &mut out)
+        .unwrap();
+    assert!(out[..] == batch.pages[0][..]);
+    let stats = engine.stats();
+    assert!(stats.broken);
+    assert_eq!(stats.timeouts, 1);
+}
+
+#[test]
 fn corrupt_or_short_streams_are_errors_not_panics() {
     let (engine, _) = software_engine(HuffmanMode::Fixed, EngineConfig::default());
     let mut out = [0u8; PAGE_SIZE];
