@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
-use crate::codec::Algorithm;
+use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
 use crate::store::{PendingConfig, StoreConfig, MAX_PENDING_BUFFERS};
@@ -176,12 +176,21 @@ pub struct ServeArgs {
     /// multiple of 4 KiB.
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_device_size)]
     pub size: Option<u64>,
-    /// Compression algorithm: lz4, zstd or deflate.
+    /// Compression algorithm: lz4, zstd, deflate or deflate-iaa (Intel IAA, batched).
     #[arg(long, value_name = "NAME", default_value = "lz4", value_parser = parse_algorithm)]
     pub algorithm: Algorithm,
     /// Compression level, for algorithms that have levels (zstd 1-22, deflate 1-12).
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub algorithm_level: Option<i32>,
+    /// Where deflate-iaa compresses: auto (the IAA device when a usable work queue exists,
+    /// else a software work queue), hardware (refuse to start without one) or software.
+    /// [default: auto]
+    #[arg(long, value_name = "WHERE", value_parser = parse_iaa_backend)]
+    pub iaa: Option<IaaBackend>,
+    /// deflate-iaa's Huffman coding: fixed (every IAA generation) or dynamic (IAA generation
+    /// 2, better ratio). [default: fixed]
+    #[arg(long, value_name = "MODE", value_parser = parse_iaa_mode)]
+    pub iaa_mode: Option<IaaMode>,
     /// Number of request queues, each served by its own thread.
     #[arg(
         long,
@@ -287,6 +296,9 @@ pub enum UsageError {
     /// A worker option without workers.
     #[error("{0} needs compression workers, but --workers is 0")]
     NoWorkers(&'static str),
+    /// `--iaa` or `--iaa-mode` with another algorithm than deflate-iaa.
+    #[error("--iaa and --iaa-mode apply only to --algorithm deflate-iaa, not {0}")]
+    IaaOptionsWithoutIaa(Algorithm),
 }
 
 /// `--poll-max-us` when not given.
@@ -322,7 +334,10 @@ impl ServeArgs {
             (None, None) => return Err(UsageError::NoSocket),
         };
         let size = self.size.ok_or(UsageError::NoSize)?;
-        self.algorithm.codec(self.algorithm_level)?;
+        // Only the level is checked here: building a deflate-iaa codec opens a work queue,
+        // which the store does once.
+        self.algorithm.check_level(self.algorithm_level)?;
+        let algorithm = self.algorithm_with_iaa_options()?;
         let capacity_pages = size / PAGE_SIZE as u64;
         let mut device = DeviceConfig::new(capacity_pages);
         device.num_queues = self.num_queues;
@@ -350,7 +365,7 @@ impl ServeArgs {
             socket_mode: self.socket_mode,
             store: StoreConfig {
                 capacity_pages,
-                algorithm: self.algorithm,
+                algorithm,
                 level: self.algorithm_level,
                 mem_limit: self.mem_limit,
             },
@@ -432,6 +447,29 @@ fn normalize(path: &Path) -> PathBuf {
         },
         _ => lexical,
     }
+}
+
+impl ServeArgs {
+    /// The algorithm with `--iaa` and `--iaa-mode` applied.
+    fn algorithm_with_iaa_options(&self) -> Result<Algorithm, UsageError> {
+        let options = IaaOptions {
+            backend: self.iaa.unwrap_or(IaaOptions::DEFAULT.backend),
+            mode: self.iaa_mode.unwrap_or(IaaOptions::DEFAULT.mode),
+        };
+        match self.algorithm.with_iaa(options) {
+            Some(algorithm) => Ok(algorithm),
+            None if self.iaa.is_none() && self.iaa_mode.is_none() => Ok(self.algorithm),
+            None => Err(UsageError::IaaOptionsWithoutIaa(self.algorithm)),
+        }
+    }
+}
+
+fn parse_iaa_backend(text: &str) -> Result<IaaBackend, String> {
+    text.parse()
+}
+
+fn parse_iaa_mode(text: &str) -> Result<IaaMode, String> {
+    text.parse()
 }
 
 /// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
@@ -847,6 +885,41 @@ mod tests {
         );
         assert_eq!(disabled.daemon_config().unwrap().control_socket, None);
         assert_eq!(inherited.daemon_config().unwrap().control_socket, None);
+    }
+
+    #[test]
+    fn iaa_options_reach_the_algorithm_and_need_deflate_iaa() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["vhost-user-zram", "--socket-path", "/tmp/x", "--size", "1M"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).unwrap().serve.daemon_config()
+        };
+        let config = parse(&[
+            "--algorithm",
+            "deflate-iaa",
+            "--iaa",
+            "software",
+            "--iaa-mode",
+            "dynamic",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.store.algorithm,
+            Algorithm::DeflateIaa(IaaOptions {
+                backend: IaaBackend::Software,
+                mode: IaaMode::Dynamic
+            })
+        );
+        let default = parse(&["--algorithm", "deflate-iaa"]).unwrap();
+        assert_eq!(
+            default.store.algorithm,
+            Algorithm::DeflateIaa(IaaOptions::DEFAULT)
+        );
+        assert!(matches!(
+            parse(&["--iaa", "hardware"]),
+            Err(UsageError::IaaOptionsWithoutIaa(Algorithm::Lz4))
+        ));
+        assert!(Cli::try_parse_from(["vhost-user-zram", "--iaa", "gpu"]).is_err());
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! (zstd contexts, libdeflate compressors) per thread, the way zram keeps one stream per CPU.
 //!
 //! The batch call exists for accelerators (Intel IAA compresses up to 8 pages in one submission);
-//! the software codecs loop.
+//! the software codecs loop, `deflate-iaa` submits the batch whole.
 
 mod deflate;
+mod deflate_iaa;
 mod lz4;
 mod zstd;
 
@@ -16,6 +17,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use self::deflate::Deflate;
+pub use self::deflate_iaa::{DeflateIaa, IaaBackend, IaaMode, IaaOptions};
 pub use self::lz4::Lz4;
 pub use self::zstd::Zstd;
 
@@ -79,11 +81,19 @@ pub enum Algorithm {
     Zstd,
     /// Raw DEFLATE (RFC 1951), the format an Intel IAA accelerator produces, via libdeflate.
     Deflate,
+    /// Raw DEFLATE through an Intel IAA accelerator (or its software work queue), in batches.
+    #[serde(rename = "deflate-iaa")]
+    DeflateIaa(IaaOptions),
 }
 
 impl Algorithm {
     /// Every algorithm, in the order `--help` lists them.
-    pub const ALL: [Algorithm; 3] = [Algorithm::Lz4, Algorithm::Zstd, Algorithm::Deflate];
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Lz4,
+        Algorithm::Zstd,
+        Algorithm::Deflate,
+        Algorithm::DeflateIaa(IaaOptions::DEFAULT),
+    ];
 
     /// The name used on the command line and in zram's `comp_algorithm`.
     pub fn name(self) -> &'static str {
@@ -91,6 +101,7 @@ impl Algorithm {
             Algorithm::Lz4 => "lz4",
             Algorithm::Zstd => "zstd",
             Algorithm::Deflate => "deflate",
+            Algorithm::DeflateIaa(_) => "deflate-iaa",
         }
     }
 
@@ -100,6 +111,7 @@ impl Algorithm {
             Algorithm::Lz4 => None,
             Algorithm::Zstd => Some(1..=22),
             Algorithm::Deflate => Some(1..=12),
+            Algorithm::DeflateIaa(_) => None,
         }
     }
 
@@ -109,12 +121,23 @@ impl Algorithm {
             Algorithm::Lz4 => None,
             Algorithm::Zstd => Some(1),
             Algorithm::Deflate => Some(1),
+            Algorithm::DeflateIaa(_) => None,
         }
     }
 
-    /// Builds a codec for this algorithm at `level` (the default when `None`).
-    pub fn codec(self, level: Option<i32>) -> Result<Box<dyn Codec>, UnknownCodec> {
-        let level = match (self.levels(), level) {
+    /// The same algorithm with `options` when it is `deflate-iaa`; `None` for the others,
+    /// which take no IAA options.
+    pub fn with_iaa(self, options: IaaOptions) -> Option<Algorithm> {
+        match self {
+            Algorithm::DeflateIaa(_) => Some(Algorithm::DeflateIaa(options)),
+            Algorithm::Lz4 | Algorithm::Zstd | Algorithm::Deflate => None,
+        }
+    }
+
+    /// Checks `level` against this algorithm and returns the level to use (the default when
+    /// `None`), without building a codec.
+    pub fn check_level(self, level: Option<i32>) -> Result<Option<i32>, UnknownCodec> {
+        Ok(match (self.levels(), level) {
             (None, None) => None,
             (None, Some(level)) => {
                 return Err(UnknownCodec::NoLevels {
@@ -131,11 +154,17 @@ impl Algorithm {
                 })
             }
             (Some(_), level) => level.or(self.default_level()),
-        };
+        })
+    }
+
+    /// Builds a codec for this algorithm at `level` (the default when `None`).
+    pub fn codec(self, level: Option<i32>) -> Result<Box<dyn Codec>, UnknownCodec> {
+        let level = self.check_level(level)?;
         Ok(match self {
             Algorithm::Lz4 => Box::new(Lz4),
             Algorithm::Zstd => Box::new(Zstd::new(level.unwrap_or(1))),
             Algorithm::Deflate => Box::new(Deflate::new(level.unwrap_or(1))),
+            Algorithm::DeflateIaa(options) => Box::new(DeflateIaa::open(options)?),
         })
     }
 }
@@ -150,7 +179,7 @@ impl fmt::Display for Algorithm {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UnknownCodec {
     /// The name is not one of [`Algorithm::ALL`].
-    #[error("unknown compression algorithm '{0}'; choose one of lz4, zstd, deflate")]
+    #[error("unknown compression algorithm '{0}'; choose one of lz4, zstd, deflate, deflate-iaa")]
     Name(String),
     /// A level was given for an algorithm that has none.
     #[error("{algorithm} takes no level, but level {level} was given")]
@@ -172,6 +201,9 @@ pub enum UnknownCodec {
         /// The highest level.
         max: i32,
     },
+    /// The algorithm cannot run here (`deflate-iaa` with `--iaa hardware` and no device).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl FromStr for Algorithm {
@@ -222,6 +254,14 @@ mod tests {
         }
         roundtrip(&*Algorithm::Zstd.codec(Some(9)).unwrap());
         roundtrip(&*Algorithm::Deflate.codec(Some(6)).unwrap());
+        roundtrip(
+            &*Algorithm::DeflateIaa(IaaOptions {
+                backend: IaaBackend::Software,
+                mode: IaaMode::Dynamic,
+            })
+            .codec(None)
+            .unwrap(),
+        );
     }
 
     #[test]

@@ -1,0 +1,276 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `deflate-iaa`: raw DEFLATE through an Intel IAA work queue (the [`iaa`] crate), in batches
+//! of up to 8 pages, or through its software work queue when there is no device.
+//!
+//! Pages compressed here are plain raw DEFLATE with a 4 KiB history: the software inflater
+//! reads them back whether or not the device is there, and the device reads back pages the
+//! software fallback compressed, so a store never depends on the accelerator being present.
+
+use std::fmt;
+use std::str::FromStr;
+
+use iaa::{Backend, Engine, HuffmanMode};
+
+use super::{Algorithm, Codec, CodecError, UnknownCodec, MAX_BATCH};
+use crate::PAGE_SIZE;
+
+/// Where `deflate-iaa` does its work (`--iaa`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IaaBackend {
+    /// The accelerator when a usable work queue exists, else the software queue.
+    Auto,
+    /// The accelerator only: refuse to start without a usable work queue.
+    Hardware,
+    /// The software work queue only.
+    Software,
+}
+
+/// The Huffman coding `deflate-iaa` asks for (`--iaa-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IaaMode {
+    /// The RFC 1951 fixed code: every IAA generation.
+    Fixed,
+    /// Per-page dynamic Huffman tables: IAA generation 2, better ratio.
+    Dynamic,
+}
+
+/// The options of `deflate-iaa`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct IaaOptions {
+    /// Where the work is done.
+    pub backend: IaaBackend,
+    /// The Huffman mode.
+    pub mode: IaaMode,
+}
+
+impl IaaOptions {
+    /// `auto`, `fixed`.
+    pub const DEFAULT: IaaOptions = IaaOptions {
+        backend: IaaBackend::Auto,
+        mode: IaaMode::Fixed,
+    };
+}
+
+impl Default for IaaOptions {
+    fn default() -> Self {
+        IaaOptions::DEFAULT
+    }
+}
+
+impl IaaBackend {
+    fn iaa(self) -> Backend {
+        match self {
+            IaaBackend::Auto => Backend::Auto,
+            IaaBackend::Hardware => Backend::Hardware,
+            IaaBackend::Software => Backend::Software,
+        }
+    }
+}
+
+impl IaaMode {
+    fn iaa(self) -> HuffmanMode {
+        match self {
+            IaaMode::Fixed => HuffmanMode::Fixed,
+            IaaMode::Dynamic => HuffmanMode::Dynamic,
+        }
+    }
+}
+
+impl FromStr for IaaBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(IaaBackend::Auto),
+            "hardware" => Ok(IaaBackend::Hardware),
+            "software" => Ok(IaaBackend::Software),
+            _ => Err(format!(
+                "unknown IAA backend '{s}'; choose one of auto, hardware, software"
+            )),
+        }
+    }
+}
+
+impl FromStr for IaaMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fixed" => Ok(IaaMode::Fixed),
+            "dynamic" => Ok(IaaMode::Dynamic),
+            _ => Err(format!(
+                "unknown IAA Huffman mode '{s}'; choose fixed or dynamic"
+            )),
+        }
+    }
+}
+
+/// The `deflate-iaa` codec: one engine (one work queue), shared by every thread.
+pub struct DeflateIaa {
+    engine: Engine,
+    options: IaaOptions,
+    hardware: bool,
+}
+
+impl fmt::Debug for DeflateIaa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeflateIaa")
+            .field("queue", &self.engine.describe())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeflateIaa {
+    /// Opens the work queue `options` asks for: see [`iaa::open`].
+    pub fn open(options: IaaOptions) -> Result<DeflateIaa, UnknownCodec> {
+        let opened = iaa::open(options.backend.iaa(), options.mode.iaa())
+            .map_err(|error| UnknownCodec::Unavailable(error_chain(&error)))?;
+        if let Some(why) = &opened.fallback {
+            log::warn!(
+                "{why}; deflate-iaa compresses on its software work queue instead (the same \
+                 format; --iaa hardware would refuse to start)"
+            );
+        }
+        Ok(DeflateIaa {
+            engine: opened.engine,
+            options,
+            hardware: opened.hardware,
+        })
+    }
+
+    /// Whether the codec drives the accelerator (rather than the software queue).
+    pub fn uses_hardware(&self) -> bool {
+        self.hardware
+    }
+
+    /// The engine's counters (device work, fallbacks, timeouts).
+    pub fn stats(&self) -> iaa::EngineStats {
+        self.engine.stats()
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl Codec for DeflateIaa {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::DeflateIaa(self.options)
+    }
+
+    fn compress(&self, page: &[u8; PAGE_SIZE], dst: &mut [u8]) -> Result<usize, CodecError> {
+        let mut result = [Ok(0)];
+        self.engine.compress_batch(&[page], &mut [dst], &mut result);
+        result[0].map_err(|e| CodecError::Incompressible { limit: e.limit })
+    }
+
+    fn decompress(&self, src: &[u8], page: &mut [u8; PAGE_SIZE]) -> Result<(), CodecError> {
+        self.engine
+            .decompress(src, page)
+            .map_err(|e| CodecError::Corrupt(e.to_string()))
+    }
+
+    fn compress_batch(
+        &self,
+        pages: &[&[u8; PAGE_SIZE]],
+        dsts: &mut [&mut [u8]],
+        results: &mut [Result<usize, CodecError>],
+    ) {
+        let n = pages.len().min(dsts.len()).min(results.len());
+        let mut start = 0;
+        while start < n {
+            let end = (start + MAX_BATCH).min(n);
+            let mut batch = [Ok(0); MAX_BATCH];
+            let batch = &mut batch[..end - start];
+            self.engine
+                .compress_batch(&pages[start..end], &mut dsts[start..end], batch);
+            for (result, outcome) in results[start..end].iter_mut().zip(batch.iter()) {
+                *result = outcome.map_err(|e| CodecError::Incompressible { limit: e.limit });
+            }
+            start = end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pagegen::{PageGen, PageKind};
+
+    fn software(mode: IaaMode) -> DeflateIaa {
+        DeflateIaa::open(IaaOptions {
+            backend: IaaBackend::Software,
+            mode,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_swap_pages_round_trips_and_reads_back_with_plain_deflate() {
+        for mode in [IaaMode::Fixed, IaaMode::Dynamic] {
+            let codec = software(mode);
+            assert!(!codec.uses_hardware());
+            let mut gen = PageGen::new(11);
+            let pages: Vec<(Box<[u8; PAGE_SIZE]>, PageKind)> = (0..8)
+                .map(|_| {
+                    let (kind, page) = gen.next_page();
+                    (page, kind)
+                })
+                .collect();
+            let page_refs: Vec<&[u8; PAGE_SIZE]> = pages.iter().map(|(p, _)| &**p).collect();
+            let mut buffers = vec![vec![0u8; 2 * PAGE_SIZE]; 8];
+            let mut dsts: Vec<&mut [u8]> = buffers.iter_mut().map(|b| &mut b[..]).collect();
+            let mut results: Vec<Result<usize, CodecError>> = (0..8).map(|_| Ok(0)).collect();
+            codec.compress_batch(&page_refs, &mut dsts, &mut results);
+            // The plain libdeflate codec reads every page back: the format is just DEFLATE.
+            let plain = super::super::Deflate::new(1);
+            for (i, result) in results.iter().enumerate() {
+                let n = *result.as_ref().unwrap();
+                let mut out = [0u8; PAGE_SIZE];
+                plain.decompress(&buffers[i][..n], &mut out).unwrap();
+                assert_eq!(out, *pages[i].0, "{mode:?} page {i} ({:?})", pages[i].1);
+            }
+            assert_eq!(codec.stats().device_compressed, 8);
+            assert_eq!(
+                codec.algorithm(),
+                Algorithm::DeflateIaa(IaaOptions {
+                    backend: IaaBackend::Software,
+                    mode
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn pages_from_the_plain_deflate_codec_decode_here() {
+        let codec = software(IaaMode::Fixed);
+        let plain = super::super::Deflate::new(9);
+        let page = PageGen::new(5).page_of(PageKind::Text);
+        let mut dst = vec![0u8; 2 * PAGE_SIZE];
+        let n = plain.compress(&page, &mut dst).unwrap();
+        let mut out = [0u8; PAGE_SIZE];
+        codec.decompress(&dst[..n], &mut out).unwrap();
+        assert_eq!(out, *page);
+    }
+
+    #[test]
+    fn option_names_parse() {
+        assert_eq!("software".parse(), Ok(IaaBackend::Software));
+        assert_eq!("dynamic".parse(), Ok(IaaMode::Dynamic));
+        assert!("gpu"
+            .parse::<IaaBackend>()
+            .unwrap_err()
+            .contains("auto, hardware, software"));
+        assert!("static".parse::<IaaMode>().is_err());
+    }
+}
