@@ -82,6 +82,8 @@ pub enum CtlCommand {
     /// Print zram's io_stat line.
     #[command(name = "io_stat")]
     IoStat,
+    /// Print every figure in the Prometheus text format.
+    Metrics,
     /// Compact the allocator.
     Compact,
 }
@@ -94,6 +96,7 @@ impl CtlCommand {
             CtlCommand::Stats { json: true } => Command::StatsJson,
             CtlCommand::MmStat => Command::MmStat,
             CtlCommand::IoStat => Command::IoStat,
+            CtlCommand::Metrics => Command::Metrics,
             CtlCommand::Compact => Command::Compact,
         }
     }
@@ -163,6 +166,14 @@ pub struct ServeArgs {
     /// Serve the control protocol (statistics, compaction) on a socket at PATH.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Serve the metrics over HTTP at http://ADDR/metrics, for Prometheus: IP:PORT, or a port
+    /// on 127.0.0.1.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen_address)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow a --metrics-listen address other than loopback (the metrics have no
+    /// authentication).
+    #[arg(long, requires = "metrics_listen")]
+    pub metrics_allow_remote: bool,
     /// Permissions of the sockets the daemon creates, in octal.
     #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
@@ -186,6 +197,9 @@ pub enum UsageError {
     /// The level does not suit the algorithm.
     #[error("{0}")]
     Level(#[from] crate::codec::UnknownCodec),
+    /// The metrics address is not loopback and not allowed.
+    #[error("{0}")]
+    MetricsAddress(#[from] crate::metrics::MetricsAddressError),
 }
 
 impl ServeArgs {
@@ -198,6 +212,9 @@ impl ServeArgs {
         };
         let size = self.size.ok_or(UsageError::NoSize)?;
         self.algorithm.codec(self.algorithm_level)?;
+        if let Some(address) = self.metrics_listen {
+            crate::metrics::check_listen_address(address, self.metrics_allow_remote)?;
+        }
         let capacity_pages = size / PAGE_SIZE as u64;
         let mut device = DeviceConfig::new(capacity_pages);
         device.num_queues = self.num_queues;
@@ -217,6 +234,7 @@ impl ServeArgs {
             },
             device,
             control_socket: self.control_socket.clone(),
+            metrics_listen: self.metrics_listen,
         })
     }
 }

@@ -25,6 +25,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -40,8 +41,10 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::blk::request_stats::RequestStats;
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
+use crate::metrics::{MetricsServer, Observed};
 use crate::store::{PageStore, StoreConfig, StoreError};
 
 /// The default mode of the vhost-user and control sockets.
@@ -68,6 +71,8 @@ pub struct DaemonConfig {
     pub device: DeviceConfig,
     /// Where to serve the control protocol, if anywhere.
     pub control_socket: Option<PathBuf>,
+    /// Where to serve the metrics over HTTP, if anywhere (the caller has vetted the address).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the daemon could not start or failed while running.
@@ -114,6 +119,15 @@ pub enum DaemonError {
     /// The control server could not start.
     #[error("cannot start the control server")]
     Control(#[source] io::Error),
+    /// The metrics server could not start.
+    #[error("cannot serve the metrics on {address}")]
+    Metrics {
+        /// The address asked for.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// Waiting for the frontend failed.
     #[error("waiting for the frontend failed")]
     Wait(#[source] io::Error),
@@ -195,7 +209,9 @@ pub struct Daemon {
     socket_file: Option<SocketFile>,
     store: Arc<PageStore>,
     device: DeviceConfig,
+    observed: Arc<Observed>,
     control: Option<(ControlServer, SocketFile)>,
+    metrics: Option<MetricsServer>,
     stop: StopHandle,
 }
 
@@ -217,13 +233,28 @@ impl Daemon {
             ),
             ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
         };
+        let observed = Arc::new(Observed::new(
+            store.clone(),
+            Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
+            Arc::new(AtomicBool::new(false)),
+            &Observed::serial_from_bytes(&config.device.serial),
+        ));
         let control = match &config.control_socket {
             Some(path) => {
                 let listener = bind_socket(path, config.socket_mode)?;
                 let file = SocketFile(path.clone());
-                let server =
-                    ControlServer::spawn(listener, store.clone()).map_err(DaemonError::Control)?;
+                let server = ControlServer::spawn(listener, observed.clone())
+                    .map_err(DaemonError::Control)?;
                 Some((server, file))
+            }
+            None => None,
+        };
+        let metrics = match config.metrics_listen {
+            Some(address) => {
+                let server = MetricsServer::bind(address, observed.clone())
+                    .map_err(|source| DaemonError::Metrics { address, source })?;
+                info!("serving metrics on http://{}/metrics", server.local_addr());
+                Some(server)
             }
             None => None,
         };
@@ -232,7 +263,9 @@ impl Daemon {
             socket_file,
             store,
             device: config.device,
+            observed,
             control,
+            metrics,
             stop,
         })
     }
@@ -247,6 +280,17 @@ impl Daemon {
         &self.store
     }
 
+    /// What the control socket and the metrics report: the backend records requests into
+    /// `requests` and sets `connected`.
+    pub fn observed(&self) -> &Arc<Observed> {
+        &self.observed
+    }
+
+    /// The address the metrics are served on, if they are.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// Serves one frontend until it disconnects or the daemon is stopped; both are success.
     pub fn run(self) -> Result<(), DaemonError> {
         let Daemon {
@@ -254,7 +298,9 @@ impl Daemon {
             socket_file,
             store,
             device,
+            observed: _observed,
             control,
+            metrics,
             stop,
         } = self;
         match &socket_file {
@@ -301,6 +347,9 @@ impl Daemon {
         }
         drop(daemon);
         if let Some((server, _file)) = control {
+            server.stop();
+        }
+        if let Some(server) = metrics {
             server.stop();
         }
         drop(listener);

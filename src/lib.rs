@@ -13,6 +13,7 @@ pub mod cli;
 pub mod codec;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
 pub mod pagegen;
 pub mod store;
 
