@@ -105,6 +105,8 @@ pub enum CtlCommand {
     /// Print zram's io_stat line.
     #[command(name = "io_stat")]
     IoStat,
+    /// Print every figure in the Prometheus text format.
+    Metrics,
     /// Compact the allocator.
     Compact,
 }
@@ -131,6 +133,7 @@ impl CtlCommand {
             CtlCommand::Stats { json: true } => Command::StatsJson,
             CtlCommand::MmStat => Command::MmStat,
             CtlCommand::IoStat => Command::IoStat,
+            CtlCommand::Metrics => Command::Metrics,
             CtlCommand::Compact => Command::Compact,
         }
     }
@@ -237,6 +240,14 @@ pub struct ServeArgs {
     /// [default: the --socket-path with .ctl appended; none with --fd].
     #[arg(long, value_name = "PATH|none", value_parser = parse_control_socket)]
     pub control_socket: Option<ControlSocket>,
+    /// Serve the metrics over HTTP at http://ADDR/metrics, for Prometheus: IP:PORT, or a port
+    /// on 127.0.0.1.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen_address)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow a --metrics-listen address other than loopback (the metrics have no
+    /// authentication).
+    #[arg(long, requires = "metrics_listen")]
+    pub metrics_allow_remote: bool,
     /// Permissions of the sockets the daemon creates, in octal.
     #[arg(
         long,
@@ -299,6 +310,9 @@ pub enum UsageError {
     /// `--iaa` or `--iaa-mode` with another algorithm than deflate-iaa.
     #[error("--iaa and --iaa-mode apply only to --algorithm deflate-iaa, not {0}")]
     IaaOptionsWithoutIaa(Algorithm),
+    /// The metrics address is not loopback and not allowed.
+    #[error("{0}")]
+    MetricsAddress(#[from] crate::metrics::MetricsAddressError),
 }
 
 /// `--poll-max-us` when not given.
@@ -338,6 +352,9 @@ impl ServeArgs {
         // which the store does once.
         self.algorithm.check_level(self.algorithm_level)?;
         let algorithm = self.algorithm_with_iaa_options()?;
+        if let Some(address) = self.metrics_listen {
+            crate::metrics::check_listen_address(address, self.metrics_allow_remote)?;
+        }
         let capacity_pages = size / PAGE_SIZE as u64;
         let mut device = DeviceConfig::new(capacity_pages);
         device.num_queues = self.num_queues;
@@ -377,6 +394,7 @@ impl ServeArgs {
             poll_max: std::time::Duration::from_micros(self.poll_max_us),
             device,
             control_socket: self.control_socket_path()?,
+            metrics_listen: self.metrics_listen,
         })
     }
 

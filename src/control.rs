@@ -16,37 +16,56 @@
 //!
 //! | request      | body                                                            |
 //! |--------------|-----------------------------------------------------------------|
-//! | `stats`      | a readable table of every statistic                             |
+//! | `stats`      | a readable table of every statistic, with units                 |
 //! | `stats-json` | the same statistics as one JSON object                          |
 //! | `mm_stat`    | one line, byte for byte zram's `/sys/block/zramN/mm_stat`       |
 //! | `io_stat`    | one line, byte for byte zram's `/sys/block/zramN/io_stat`       |
+//! | `metrics`    | every figure in the Prometheus text format ([`crate::metrics`]) |
 //! | `compact`    | `compacted N pages`, after compacting the allocator             |
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
-//! Requests longer than [`MAX_REQUEST_LEN`] bytes are refused, and a client gets
-//! [`CLIENT_TIMEOUT`] to send its line, so a stuck client cannot block the next one.
+//!
+//! # Hostile clients
+//!
+//! Every client is served on a thread of its own, at most [`MAX_CLIENTS`] at once; a client
+//! beyond that gets `error busy` and is closed at once. Each client has [`CLIENT_DEADLINE`] in
+//! total, from its accept to the end of its request line, however slowly it sends: a client
+//! that drips a byte at a time is cut off at the deadline instead of resetting a timeout with
+//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The same
+//! [`BoundedServer`] serves the metrics over HTTP.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::wait_readable;
-use crate::store::PageStore;
+use crate::metrics::{self, Observed};
+use crate::store::Stats;
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
 
-/// How long a client may take to send its request.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has, from its accept to the end of its request, and again to take the
+/// response.
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How many clients are served at once; more are refused as busy.
+pub const MAX_CLIENTS: usize = 8;
+
+/// How long [`request`] waits for the daemon's answer (compaction of a large store is the
+/// slowest command).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A control command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,17 +78,20 @@ pub enum Command {
     MmStat,
     /// zram's `io_stat` line.
     IoStat,
+    /// Every figure in the Prometheus text exposition format.
+    Metrics,
     /// Compact the allocator.
     Compact,
 }
 
 impl Command {
     /// Every command.
-    pub const ALL: [Command; 5] = [
+    pub const ALL: [Command; 6] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
         Command::IoStat,
+        Command::Metrics,
         Command::Compact,
     ];
 
@@ -80,14 +102,16 @@ impl Command {
             Command::StatsJson => "stats-json",
             Command::MmStat => "mm_stat",
             Command::IoStat => "io_stat",
+            Command::Metrics => "metrics",
             Command::Compact => "compact",
         }
     }
 
-    /// Runs the command against `store` and returns the response body.
-    pub fn execute(self, store: &PageStore) -> Result<String, ControlError> {
+    /// Runs the command against the observed device and returns the response body.
+    pub fn execute(self, observed: &Observed) -> Result<String, ControlError> {
+        let store = &observed.store;
         Ok(match self {
-            Command::Stats => store.stats().table(),
+            Command::Stats => stats_table(&store.stats()),
             Command::StatsJson => {
                 let mut json = serde_json::to_string(&store.stats()).map_err(ControlError::Json)?;
                 json.push('\n');
@@ -95,6 +119,7 @@ impl Command {
             }
             Command::MmStat => store.stats().mm_stat_line(),
             Command::IoStat => store.stats().io_stat_line(),
+            Command::Metrics => metrics::render(observed),
             Command::Compact => format!("compacted {} pages\n", store.compact()),
         })
     }
@@ -122,12 +147,15 @@ impl FromStr for Command {
 pub enum ControlError {
     /// The request names no command.
     #[error(
-        "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat and compact"
+        "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics and compact"
     )]
     UnknownCommand(String),
     /// The request line is too long or not UTF-8.
     #[error("the request is not one line of at most {MAX_REQUEST_LEN} bytes of text")]
     BadRequest,
+    /// The request line did not arrive in time.
+    #[error("the request line did not arrive within {} s", CLIENT_DEADLINE.as_secs())]
+    Deadline,
     /// Serializing statistics failed.
     #[error("cannot serialize the statistics")]
     Json(#[source] serde_json::Error),
@@ -158,6 +186,10 @@ pub fn request(path: &Path, command: Command) -> Result<String, ControlError> {
         source,
     })?;
     stream
+        .set_read_timeout(Some(RESPONSE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(RESPONSE_TIMEOUT)))
+        .map_err(ControlError::Io)?;
+    stream
         .write_all(format!("{command}\n").as_bytes())
         .map_err(ControlError::Io)?;
     let mut response = String::new();
@@ -173,27 +205,327 @@ pub fn request(path: &Path, command: Command) -> Result<String, ControlError> {
     }
 }
 
-/// The control server: a thread answering one request per connection.
-pub struct ControlServer {
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+/// The readable `stats` table: every figure with its unit, byte figures also in KiB/MiB/GiB.
+pub fn stats_table(stats: &Stats) -> String {
+    let m = &stats.mm;
+    let i = &stats.io;
+    let ratio = if m.compr_data_size == 0 {
+        "n/a (nothing compressed)".to_owned()
+    } else {
+        format!(
+            "{:.2} (orig_data_size / compr_data_size)",
+            m.orig_data_size as f64 / m.compr_data_size as f64
+        )
+    };
+    let limit = if m.mem_limit == 0 {
+        "none".to_owned()
+    } else {
+        bytes(m.mem_limit)
+    };
+    let rows: [(&str, String); 18] = [
+        ("disksize", bytes(stats.info.disksize)),
+        ("comp_algorithm", stats.info.algorithm.clone()),
+        ("orig_data_size", bytes(m.orig_data_size)),
+        ("compr_data_size", bytes(m.compr_data_size)),
+        ("compression ratio", ratio),
+        ("mem_used_total", bytes(m.mem_used_total)),
+        ("  slot table", bytes(stats.info.slot_table_bytes)),
+        ("  chunks", bytes(stats.info.chunk_bytes)),
+        ("  metadata", bytes(stats.info.metadata_bytes)),
+        ("mem_limit", limit),
+        ("mem_used_max", bytes(m.mem_used_max)),
+        ("same_pages", pages(m.same_pages)),
+        ("pages_compacted", pages(m.pages_compacted)),
+        ("huge_pages", pages(m.huge_pages)),
+        ("huge_pages_since", pages(m.huge_pages_since)),
+        ("failed_reads", requests(i.failed_reads)),
+        ("failed_writes", requests(i.failed_writes)),
+        (
+            "invalid_io / notify_free",
+            format!("{} requests / {}", i.invalid_io, pages(i.notify_free)),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, value) in rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    out
 }
 
-impl ControlServer {
-    /// Serves `listener` for `store` on a new thread until [`ControlServer::stop`].
-    pub fn spawn(listener: UnixListener, store: Arc<PageStore>) -> io::Result<Self> {
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let thread_stop = stop.clone();
+/// `1234567 bytes (1.2 MiB)`: the raw figure, and a readable one when it is 1 KiB or more.
+fn bytes(value: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    match UNITS.iter().find(|(_, size)| value >= *size) {
+        Some((unit, size)) => format!("{value} bytes ({:.1} {unit})", value as f64 / *size as f64),
+        None => format!("{value} bytes"),
+    }
+}
+
+fn pages(value: u64) -> String {
+    if value == 1 {
+        "1 page".to_owned()
+    } else {
+        format!("{value} pages")
+    }
+}
+
+fn requests(value: u64) -> String {
+    if value == 1 {
+        "1 request".to_owned()
+    } else {
+        format!("{value} requests")
+    }
+}
+
+/// How a [`BoundedServer`] treats its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Each client's total time to send its request (and, separately, to take the response).
+    pub deadline: Duration,
+    /// Clients served at once.
+    pub max_clients: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            deadline: CLIENT_DEADLINE,
+            max_clients: MAX_CLIENTS,
+        }
+    }
+}
+
+/// A listening socket a [`BoundedServer`] accepts from.
+pub trait Acceptor: AsRawFd + Send + 'static {
+    /// The connection type.
+    type Stream: Read + Write + AsRawFd + Send + 'static;
+
+    /// Accepts one connection.
+    fn accept_one(&self) -> io::Result<Self::Stream>;
+
+    /// Sets the write timeout of `stream`.
+    fn set_write_timeout(stream: &Self::Stream, timeout: Duration) -> io::Result<()>;
+}
+
+impl Acceptor for UnixListener {
+    type Stream = UnixStream;
+
+    fn accept_one(&self) -> io::Result<UnixStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+
+    fn set_write_timeout(stream: &UnixStream, timeout: Duration) -> io::Result<()> {
+        stream.set_write_timeout(Some(timeout))
+    }
+}
+
+impl Acceptor for TcpListener {
+    type Stream = std::net::TcpStream;
+
+    fn accept_one(&self) -> io::Result<std::net::TcpStream> {
+        self.accept().map(|(stream, _)| stream)
+    }
+
+    fn set_write_timeout(stream: &std::net::TcpStream, timeout: Duration) -> io::Result<()> {
+        stream.set_write_timeout(Some(timeout))
+    }
+}
+
+/// Why a client's request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The deadline passed before the request was complete.
+    #[error("the request did not arrive before the deadline")]
+    Deadline,
+    /// The request is longer than allowed.
+    #[error("the request is too long")]
+    TooLong,
+    /// The client closed the connection before sending anything.
+    #[error("the client closed the connection without a request")]
+    Closed,
+    /// The server is stopping.
+    #[error("the server is stopping")]
+    Stopping,
+    /// Reading failed.
+    #[error("reading the request failed")]
+    Io(#[source] io::Error),
+}
+
+/// One accepted connection with its deadline.
+pub struct Client<S> {
+    /// The connection.
+    pub stream: S,
+    deadline: Instant,
+    stop_fd: RawFd,
+}
+
+impl<S: Read + Write + AsRawFd> Client<S> {
+    /// Reads until `terminator` has arrived, at most `max_len` bytes, before the deadline. A
+    /// client that closes its side after sending something gets what it sent treated as the
+    /// request. Returns everything read, the terminator included.
+    pub fn read_request(
+        &mut self,
+        terminator: &[u8],
+        max_len: usize,
+    ) -> Result<Vec<u8>, ReadError> {
+        let mut request = Vec::with_capacity(max_len.min(4096));
+        let mut chunk = [0u8; 1024];
+        loop {
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ReadError::Deadline);
+            }
+            match poll_readable(self.stream.as_raw_fd(), self.stop_fd, remaining)
+                .map_err(ReadError::Io)?
+            {
+                Readiness::Ready => {}
+                Readiness::Stopping => return Err(ReadError::Stopping),
+                Readiness::TimedOut => return Err(ReadError::Deadline),
+            }
+            let want = chunk.len().min(max_len + 1 - request.len());
+            let read = match self.stream.read(&mut chunk[..want]) {
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(ReadError::Io(error)),
+            };
+            if read == 0 {
+                return if request.is_empty() {
+                    Err(ReadError::Closed)
+                } else {
+                    Ok(request)
+                };
+            }
+            let searched_from = request.len().saturating_sub(terminator.len() - 1);
+            request.extend_from_slice(&chunk[..read]);
+            if let Some(at) = find(&request[searched_from..], terminator) {
+                request.truncate(searched_from + at + terminator.len());
+                return Ok(request);
+            }
+            if request.len() > max_len {
+                return Err(ReadError::TooLong);
+            }
+        }
+    }
+
+    /// Writes the whole response.
+    pub fn respond(&mut self, response: &[u8]) -> io::Result<()> {
+        self.stream.write_all(response)?;
+        self.stream.flush()
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+enum Readiness {
+    Ready,
+    Stopping,
+    TimedOut,
+}
+
+/// Waits until `fd` is readable, `stop_fd` is, or `timeout` passes.
+fn poll_readable(fd: RawFd, stop_fd: RawFd, timeout: Duration) -> io::Result<Readiness> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // Round up so that a sub-millisecond remainder does not spin.
+    let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: `fds` is a valid, writable array of two `pollfd` that outlives the call, and
+        // its length is passed exactly.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Readiness::Stopping);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Readiness::Ready);
+        }
+        return Ok(Readiness::TimedOut);
+    }
+}
+
+/// What a [`BoundedServer`] does with each client.
+pub trait Handler<S>: Send + Sync + 'static {
+    /// Reads one request from `client` and answers it.
+    fn serve(&self, client: &mut Client<S>);
+
+    /// The bytes sent to a client refused because [`ServerLimits::max_clients`] are being
+    /// served.
+    fn busy_response(&self) -> &'static [u8];
+}
+
+/// An accept loop on its own thread that serves each client on a thread of its own, at most
+/// [`ServerLimits::max_clients`] at once, each within [`ServerLimits::deadline`].
+pub struct BoundedServer {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    active: Arc<AtomicUsize>,
+}
+
+impl BoundedServer {
+    /// Serves `listener` with `handler` on a thread named `name` until stopped.
+    pub fn spawn<L, H>(
+        name: &str,
+        listener: L,
+        handler: H,
+        limits: ServerLimits,
+    ) -> io::Result<Self>
+    where
+        L: Acceptor,
+        H: Handler<L::Stream>,
+    {
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+        let active = Arc::new(AtomicUsize::new(0));
+        let accept_loop = AcceptLoop {
+            listener,
+            handler: Arc::new(handler),
+            limits,
+            stop: stop.clone(),
+            active: active.clone(),
+            clients: Vec::new(),
+            client_name: format!("{name}-client"),
+        };
         let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(&listener, &store, &thread_stop))?;
-        Ok(ControlServer {
+            .name(name.into())
+            .spawn(move || accept_loop.run())?;
+        Ok(BoundedServer {
             stop,
             thread: Some(thread),
+            active,
         })
     }
 
-    /// Stops the server and waits for its thread.
+    /// How many clients are being served now.
+    pub fn active_clients(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting, ends every client's read at once and waits for every thread (a client
+    /// still taking its response holds its thread at most one deadline more).
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -206,43 +538,159 @@ impl ControlServer {
     }
 }
 
-impl Drop for ControlServer {
+impl Drop for BoundedServer {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
-fn serve(listener: &UnixListener, store: &PageStore, stop: &EventFd) {
-    loop {
-        match wait_readable(listener.as_raw_fd(), stop.as_raw_fd()) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(error) => {
-                warn!("control socket: {error}");
-                return;
-            }
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(error) = answer(stream, store) {
-                    debug!("control connection: {error}");
+struct AcceptLoop<L: Acceptor, H> {
+    listener: L,
+    handler: Arc<H>,
+    limits: ServerLimits,
+    stop: Arc<EventFd>,
+    active: Arc<AtomicUsize>,
+    clients: Vec<JoinHandle<()>>,
+    client_name: String,
+}
+
+/// Decrements the active-client count when a client thread ends, however it ends.
+struct ActiveClient(Arc<AtomicUsize>);
+
+impl Drop for ActiveClient {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<L: Acceptor, H: Handler<L::Stream>> AcceptLoop<L, H> {
+    fn run(mut self) {
+        loop {
+            match wait_readable(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => {
+                    warn!("{}: {error}", self.client_name);
+                    break;
                 }
             }
-            Err(error) => debug!("control socket accept: {error}"),
+            match self.listener.accept_one() {
+                Ok(stream) => self.admit(stream),
+                Err(error) => debug!("{} accept: {error}", self.client_name),
+            }
+            self.clients.retain(|client| !client.is_finished());
+        }
+        for client in self.clients.drain(..) {
+            let _ = client.join();
+        }
+    }
+
+    fn admit(&mut self, stream: L::Stream) {
+        let _ = L::set_write_timeout(&stream, self.limits.deadline);
+        if self.active.load(Ordering::Acquire) >= self.limits.max_clients {
+            refuse(stream, self.handler.busy_response());
+            return;
+        }
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let guard = ActiveClient(self.active.clone());
+        let mut client = Client {
+            stream,
+            deadline: Instant::now() + self.limits.deadline,
+            stop_fd: self.stop.as_raw_fd(),
+        };
+        let handler = self.handler.clone();
+        // The eventfd outlives every client thread: `run` joins them before it returns, and
+        // `self.stop` is dropped only after that.
+        let spawned = std::thread::Builder::new()
+            .name(self.client_name.clone())
+            .spawn(move || {
+                let _guard = guard;
+                handler.serve(&mut client);
+            });
+        match spawned {
+            Ok(thread) => self.clients.push(thread),
+            Err(error) => warn!(
+                "{}: cannot start a client thread: {error}",
+                self.client_name
+            ),
         }
     }
 }
 
-fn answer(mut stream: UnixStream, store: &PageStore) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = Vec::with_capacity(MAX_REQUEST_LEN);
-    BufReader::new((&stream).take(MAX_REQUEST_LEN as u64 + 1)).read_until(b'\n', &mut line)?;
-    let response = match parse_request(&line).and_then(|command| command.execute(store)) {
-        Ok(body) => format!("ok\n{body}"),
-        Err(error) => format!("error {error}\n"),
-    };
-    stream.write_all(response.as_bytes())
+/// Sends `response` to a refused client without waiting for it, then closes the connection.
+fn refuse<S: Write + AsRawFd>(mut stream: S, response: &[u8]) {
+    // SAFETY: fcntl(2) on a descriptor `stream` owns; no pointers.
+    let flags = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_GETFL) };
+    if flags >= 0 {
+        // SAFETY: as above; setting O_NONBLOCK on our own descriptor.
+        unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    }
+    let _ = stream.write(response);
+}
+
+/// The control protocol as a [`Handler`].
+struct ControlHandler {
+    observed: Arc<Observed>,
+}
+
+impl Handler<UnixStream> for ControlHandler {
+    fn serve(&self, client: &mut Client<UnixStream>) {
+        let request = client.read_request(b"\n", MAX_REQUEST_LEN);
+        let result = match request {
+            Ok(line) => parse_request(&line).and_then(|command| command.execute(&self.observed)),
+            Err(ReadError::Deadline) => Err(ControlError::Deadline),
+            Err(ReadError::TooLong) => Err(ControlError::BadRequest),
+            Err(error @ (ReadError::Closed | ReadError::Stopping | ReadError::Io(_))) => {
+                debug!("control connection: {error}");
+                return;
+            }
+        };
+        let response = match result {
+            Ok(body) => format!("ok\n{body}"),
+            Err(error) => format!("error {error}\n"),
+        };
+        if let Err(error) = client.respond(response.as_bytes()) {
+            debug!("control connection: {error}");
+        }
+    }
+
+    fn busy_response(&self) -> &'static [u8] {
+        b"error busy: too many control clients at once; try again\n"
+    }
+}
+
+/// The control server: answers one request per connection, clients served concurrently.
+pub struct ControlServer {
+    server: BoundedServer,
+}
+
+impl ControlServer {
+    /// Serves `listener` for the observed device on new threads until [`ControlServer::stop`].
+    pub fn spawn(listener: UnixListener, observed: Arc<Observed>) -> io::Result<Self> {
+        Self::spawn_with_limits(listener, observed, ServerLimits::default())
+    }
+
+    /// [`ControlServer::spawn`] with other limits than the defaults.
+    pub fn spawn_with_limits(
+        listener: UnixListener,
+        observed: Arc<Observed>,
+        limits: ServerLimits,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let server =
+            BoundedServer::spawn("control", listener, ControlHandler { observed }, limits)?;
+        Ok(ControlServer { server })
+    }
+
+    /// How many clients are being served now.
+    pub fn active_clients(&self) -> usize {
+        self.server.active_clients()
+    }
+
+    /// Stops the server and waits for its threads.
+    pub fn stop(self) {
+        self.server.stop();
+    }
 }
 
 fn parse_request(line: &[u8]) -> Result<Command, ControlError> {
@@ -256,6 +704,60 @@ fn parse_request(line: &[u8]) -> Result<Command, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blk::request_stats::RequestStats;
+    use crate::codec::Algorithm;
+    use crate::store::{PageStore, StoreConfig};
+    use std::sync::atomic::AtomicBool;
+
+    fn observed() -> Arc<Observed> {
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: 64,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap();
+        Arc::new(Observed::new(
+            Arc::new(store),
+            Arc::new(RequestStats::new(1)),
+            Arc::new(AtomicBool::new(false)),
+            "control-test",
+        ))
+    }
+
+    struct Running {
+        server: ControlServer,
+        path: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn start(limits: ServerLimits) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = ControlServer::spawn_with_limits(listener, observed(), limits).unwrap();
+        Running {
+            server,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn client_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "control-client")
+            .count()
+    }
+
+    fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 
     #[test]
     fn every_command_parses_from_its_name() {
@@ -274,5 +776,135 @@ mod tests {
             parse_request(b"\xff\n"),
             Err(ControlError::BadRequest)
         ));
+    }
+
+    #[test]
+    fn a_slow_drip_client_neither_delays_another_nor_outlives_its_deadline() {
+        // Arrange: a 1 s deadline; one client sends a byte every 100 ms and never a newline.
+        let limits = ServerLimits {
+            deadline: Duration::from_secs(1),
+            max_clients: MAX_CLIENTS,
+        };
+        let running = start(limits);
+        let mut dripper = UnixStream::connect(&running.path).unwrap();
+        let drip_started = Instant::now();
+        let drip = std::thread::spawn(move || {
+            let mut response = String::new();
+            while dripper.write_all(b"s").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+                if drip_started.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                dripper.set_nonblocking(true).unwrap();
+                let mut buffer = [0u8; 256];
+                match dripper.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => response.push_str(&String::from_utf8_lossy(&buffer[..n])),
+                    Err(_) => {}
+                }
+                dripper.set_nonblocking(false).unwrap();
+            }
+            (drip_started.elapsed(), response)
+        });
+        wait_until("the dripper is being served", || {
+            running.server.active_clients() == 1
+        });
+
+        // Act: a second client asks for stats meanwhile.
+        let asked = Instant::now();
+        let stats = request(&running.path, Command::Stats).unwrap();
+        let answered_in = asked.elapsed();
+        let (dripped_for, drip_response) = drip.join().unwrap();
+
+        // Assert
+        assert!(stats.contains("mem_used_total"));
+        assert!(
+            answered_in < Duration::from_secs(1),
+            "stats took {answered_in:?}"
+        );
+        assert!(
+            drip_response.starts_with("error the request line did not arrive"),
+            "the dripper got {drip_response:?}"
+        );
+        assert!(
+            dripped_for < Duration::from_millis(2500),
+            "the dripper was served for {dripped_for:?} against a 1 s deadline"
+        );
+    }
+
+    #[test]
+    fn clients_beyond_the_bound_are_refused_without_new_threads() {
+        // Arrange: four clients connect and send nothing, filling a bound of four.
+        let limits = ServerLimits {
+            deadline: Duration::from_secs(10),
+            max_clients: 4,
+        };
+        let running = start(limits);
+        let idle: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&running.path).unwrap())
+            .collect();
+        wait_until("four clients are served", || {
+            running.server.active_clients() == 4
+        });
+
+        // Act: twelve more connect at once.
+        let refused: Vec<String> = (0..12)
+            .map(|_| {
+                let mut stream = UnixStream::connect(&running.path).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).unwrap();
+                response
+            })
+            .collect();
+
+        // Assert
+        for response in &refused {
+            assert!(response.starts_with("error busy"), "got {response:?}");
+        }
+        assert_eq!(running.server.active_clients(), 4);
+        assert_eq!(client_threads(), 4);
+        drop(idle);
+        wait_until("the idle clients' threads end", || client_threads() == 0);
+        assert!(request(&running.path, Command::MmStat).is_ok());
+    }
+
+    #[test]
+    fn stopping_the_server_ends_clients_still_sending() {
+        let running = start(ServerLimits {
+            deadline: Duration::from_secs(30),
+            max_clients: 2,
+        });
+        let _idle = UnixStream::connect(&running.path).unwrap();
+        wait_until("the client is served", || {
+            running.server.active_clients() == 1
+        });
+        let stopping = Instant::now();
+        running.server.stop();
+        assert!(stopping.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_stats_table_gives_units_and_no_ratio_when_empty() {
+        let empty = stats_table(&Stats::default());
+        assert!(empty.contains("compression ratio          n/a"), "{empty}");
+        assert!(!empty.contains("0.00"), "{empty}");
+        assert!(empty.contains("mem_limit                  none"), "{empty}");
+
+        let mut stats = Stats::default();
+        stats.mm.orig_data_size = 3 << 20;
+        stats.mm.compr_data_size = 1 << 20;
+        stats.mm.same_pages = 1;
+        let table = stats_table(&stats);
+        assert!(table.contains("3145728 bytes (3.0 MiB)"), "{table}");
+        assert!(
+            table.contains("3.00 (orig_data_size / compr_data_size)"),
+            "{table}"
+        );
+        assert!(table.contains("1 page\n"), "{table}");
+        assert_eq!(bytes(1023), "1023 bytes");
+        assert_eq!(bytes(1536), "1536 bytes (1.5 KiB)");
     }
 }

@@ -38,6 +38,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -55,8 +56,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::config::feature_names;
+use crate::blk::request_stats::RequestStats;
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
+use crate::metrics::{MetricsServer, Observed};
 use crate::store::stats::Stats;
 use crate::store::{PageStore, PendingConfig, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
@@ -92,6 +95,8 @@ pub struct DaemonConfig {
     pub device: DeviceConfig,
     /// Where to serve the control protocol, if anywhere.
     pub control_socket: Option<PathBuf>,
+    /// Where to serve the metrics over HTTP, if anywhere (the caller has vetted the address).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the daemon could not start or failed while running.
@@ -141,6 +146,15 @@ pub enum DaemonError {
     /// The control server could not start.
     #[error("cannot start the control server")]
     Control(#[source] io::Error),
+    /// The metrics server could not start.
+    #[error("cannot serve the metrics on {address}")]
+    Metrics {
+        /// The address asked for.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// Waiting for the frontend failed.
     #[error("waiting for the frontend failed")]
     Wait(#[source] io::Error),
@@ -222,7 +236,9 @@ pub struct Daemon {
     socket_file: Option<SocketFile>,
     store: Arc<PageStore>,
     device: DeviceConfig,
+    observed: Arc<Observed>,
     control: Option<(ControlServer, SocketFile)>,
+    metrics: Option<MetricsServer>,
     stop: StopHandle,
     workers: CompressWorkers,
     poll_max: Duration,
@@ -251,23 +267,40 @@ impl Daemon {
             ),
             ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
         };
+        let observed = Arc::new(Observed::new(
+            store.clone(),
+            Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
+            Arc::new(AtomicBool::new(false)),
+            &Observed::serial_from_bytes(&config.device.serial),
+        ));
         let control = match &config.control_socket {
             Some(path) => {
                 let listener = bind_socket(path, config.socket_mode)?;
                 let file = SocketFile(path.clone());
-                let server =
-                    ControlServer::spawn(listener, store.clone()).map_err(DaemonError::Control)?;
+                let server = ControlServer::spawn(listener, observed.clone())
+                    .map_err(DaemonError::Control)?;
                 Some((server, file))
             }
             None => None,
         };
         log_configuration(&config);
+        let metrics = match config.metrics_listen {
+            Some(address) => {
+                let server = MetricsServer::bind(address, observed.clone())
+                    .map_err(|source| DaemonError::Metrics { address, source })?;
+                info!("serving metrics on http://{}/metrics", server.local_addr());
+                Some(server)
+            }
+            None => None,
+        };
         Ok(Daemon {
             listener,
             socket_file,
             store,
             device: config.device,
+            observed,
             control,
+            metrics,
             stop,
             workers,
             poll_max: config.poll_max,
@@ -294,6 +327,17 @@ impl Daemon {
             .collect()
     }
 
+    /// What the control socket and the metrics report: the backend records requests into
+    /// `requests` and sets `connected`.
+    pub fn observed(&self) -> &Arc<Observed> {
+        &self.observed
+    }
+
+    /// The address the metrics are served on, if they are.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// Serves one frontend until it disconnects or the daemon is stopped; both are success.
     pub fn run(self) -> Result<(), DaemonError> {
         let Daemon {
@@ -301,7 +345,9 @@ impl Daemon {
             socket_file,
             store,
             device,
+            observed,
             control,
+            metrics,
             stop,
             workers,
             poll_max,
@@ -312,6 +358,7 @@ impl Daemon {
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let backend = Arc::new(BlkBackend::new(store.clone(), device, mem.clone()));
+        backend.observe(&observed.requests, observed.connected.clone());
         backend.set_poll_max(poll_max);
         let mut daemon = VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem)
             .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
@@ -329,6 +376,7 @@ impl Daemon {
             stop.set_connection(daemon.shutdown_handle());
             let served = daemon.wait();
             stop.set_connection(None);
+            observed.connected.store(false, Ordering::Release);
             let served = match served {
                 Ok(()) => Ok(()),
                 Err(vhost_user_backend::Error::HandleRequest(
@@ -363,6 +411,9 @@ impl Daemon {
         drop(daemon);
         workers.stop();
         if let Some((server, _file)) = control {
+            server.stop();
+        }
+        if let Some(server) = metrics {
             server.stop();
         }
         drop(listener);

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod codec;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
 pub mod pagegen;
 pub mod store;
 pub mod workers;

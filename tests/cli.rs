@@ -303,7 +303,7 @@ fn ctl_without_a_command_or_with_an_unknown_one_lists_the_commands() {
 
         assert_one_sentence_error_exit(
             &output,
-            "the commands are stats, mm_stat, io_stat, compact",
+            "the commands are stats, mm_stat, io_stat, metrics, compact",
             EXIT_USAGE,
         );
     }

@@ -65,6 +65,7 @@ fn start_daemon() -> Running {
         poll_max: std::time::Duration::ZERO,
         device,
         control_socket: None,
+        metrics_listen: None,
     })
     .unwrap();
     let store = daemon.store().clone();

@@ -28,6 +28,7 @@ use vmm_sys_util::event::{
 use super::config::DeviceConfig;
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
 use super::request::Worker;
+use super::request_stats::RequestStats;
 use super::BlockBackend;
 
 /// Guest memory as vhost-user-backend hands it over (no dirty-page bitmap: the device does
@@ -44,6 +45,8 @@ pub struct BlkBackend<S: BlockBackend> {
     acked_features: AtomicU64,
     frontend_spoke: AtomicBool,
     stopping: AtomicBool,
+    /// Set while a frontend is connected (the metrics' `connected` gauge).
+    connected: Mutex<Option<Arc<AtomicBool>>>,
     /// The longest a queue thread polls its ring after serving, nanoseconds (0: never).
     poll_max_ns: AtomicU64,
     log_limiter: Arc<Mutex<RateLimiter>>,
@@ -83,9 +86,23 @@ impl<S: BlockBackend> BlkBackend<S> {
             acked_features: AtomicU64::new(0),
             frontend_spoke: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            connected: Mutex::new(None),
             poll_max_ns: AtomicU64::new(0),
             log_limiter,
             workers,
+        }
+    }
+
+    /// Counts every request into `requests` (queue `i` in slot `i`) and reports whether a
+    /// frontend is connected in `connected`, for the control socket and the metrics.
+    pub fn observe(&self, requests: &Arc<RequestStats>, connected: Arc<AtomicBool>) {
+        for (queue, worker) in self.workers.iter().enumerate() {
+            if let Ok(mut worker) = worker.lock() {
+                worker.worker.record_into(requests.clone(), queue);
+            }
+        }
+        if let Ok(mut slot) = self.connected.lock() {
+            *slot = Some(connected);
         }
     }
 
@@ -359,6 +376,9 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     fn features(&self) -> u64 {
         if !self.frontend_spoke.swap(true, Ordering::AcqRel) {
             info!("a frontend connected");
+            if let Ok(Some(connected)) = self.connected.lock().as_deref() {
+                connected.store(true, Ordering::Release);
+            }
         }
         self.device.features()
     }

@@ -18,6 +18,7 @@ pub mod config;
 mod page_store;
 pub mod ratelimit;
 pub mod request;
+pub mod request_stats;
 
 use std::ops::Range;
 

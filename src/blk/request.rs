@@ -23,6 +23,7 @@
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -34,6 +35,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryErr
 
 use super::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
+use super::request_stats::{RequestKind, RequestStats};
 use super::BlockBackend;
 use crate::{PAGE_BYTES, PAGE_SIZE, SECTOR_BYTES};
 
@@ -82,6 +84,20 @@ impl From<u32> for RequestType {
             VIRTIO_BLK_T_DISCARD => RequestType::Discard,
             VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
             other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+impl From<RequestType> for RequestKind {
+    fn from(kind: RequestType) -> Self {
+        match kind {
+            RequestType::In => RequestKind::Read,
+            RequestType::Out => RequestKind::Write,
+            RequestType::Flush => RequestKind::Flush,
+            RequestType::GetId => RequestKind::GetId,
+            RequestType::Discard => RequestKind::Discard,
+            RequestType::WriteZeroes => RequestKind::WriteZeroes,
+            RequestType::Unsupported(_) => RequestKind::Unsupported,
         }
     }
 }
@@ -374,6 +390,8 @@ pub struct Worker {
     segments: Vec<Segment>,
     max_descriptors: usize,
     log_limiter: Arc<Mutex<RateLimiter>>,
+    /// Where completed requests are counted, and as which queue.
+    request_stats: Option<(Arc<RequestStats>, usize)>,
 }
 
 impl Worker {
@@ -386,6 +404,7 @@ impl Worker {
             segments: Vec::with_capacity(max_descriptors),
             max_descriptors,
             log_limiter,
+            request_stats: None,
         }
     }
 
@@ -463,14 +482,27 @@ impl Worker {
             ));
             return 0;
         };
+        let started = self.request_stats.as_ref().map(|_| Instant::now());
         let mut data = None;
+        let mut kind = RequestKind::Unsupported;
         let result = layout.and_then(|layout| {
             let data = data.insert(RequestData::new(&self.segments, &layout));
             let request = Request::parse(data, mem, device)?;
+            kind = RequestKind::from(request.kind);
             request.execute(data, mem, backend, device, &mut self.page)
         });
         let written = data.map_or(0, |data| data.written);
-        self.complete(mem, backend, status_addr, written, result)
+        let ok = result.is_ok();
+        let used = self.complete(mem, backend, status_addr, written, result);
+        if let (Some((stats, queue)), Some(started)) = (&self.request_stats, started) {
+            stats.record(*queue, kind, started.elapsed(), ok);
+        }
+        used
+    }
+
+    /// Records every request this worker completes into `stats`, as queue `queue`.
+    pub fn record_into(&mut self, stats: Arc<RequestStats>, queue: usize) {
+        self.request_stats = Some((stats, queue));
     }
 
     /// Writes the status byte for `result` and returns the used length: every byte written
