@@ -75,6 +75,15 @@ impl ChildGuard {
         })
     }
 
+    /// A probe that tells, from any thread and without reaping it, whether the child has
+    /// exited.
+    pub fn exit_probe(&self) -> ExitProbe {
+        ExitProbe {
+            name: self.name.clone(),
+            pid: self.child.as_ref().map(Child::id),
+        }
+    }
+
     /// The last lines the child printed.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -137,6 +146,60 @@ impl Drop for ChildGuard {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Tells whether a child process has exited, leaving it for [`ChildGuard`] to reap.
+#[derive(Debug, Clone)]
+pub struct ExitProbe {
+    name: String,
+    pid: Option<u32>,
+}
+
+impl ExitProbe {
+    /// A probe for a backend the bench did not launch: it is always taken to be running.
+    pub fn none() -> ExitProbe {
+        ExitProbe {
+            name: String::new(),
+            pid: None,
+        }
+    }
+
+    /// `Err` with a sentence once the process has exited.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(pid) = self.pid.and_then(|pid| libc::id_t::try_from(pid).ok()) else {
+            return Ok(());
+        };
+        // SAFETY: siginfo_t is plain data; all zeroes is a valid value, and waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid, writable siginfo_t that outlives the call. WNOWAIT leaves
+        // the child unreaped, so the ChildGuard that owns it still waits for it itself, and
+        // the pid cannot be reused while it is unreaped.
+        let result = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled `info`; si_pid is valid for the SIGCHLD it reports, and stays
+        // 0 (from the zeroing) when no child changed state.
+        let exited_pid = unsafe { info.si_pid() };
+        if result != 0 || exited_pid == 0 {
+            return Ok(());
+        }
+        // SAFETY: as above, si_status and si_code are valid for a SIGCHLD siginfo.
+        let (code, status) = unsafe { (info.si_code, info.si_status()) };
+        let how = if code == libc::CLD_EXITED {
+            format!("with status {status}")
+        } else {
+            format!("by signal {status}")
+        };
+        Err(format!(
+            "{} (pid {pid}) exited {how} during the run",
+            self.name
+        ))
     }
 }
 
@@ -446,6 +509,13 @@ impl Backend {
             kernel_zram: Some(device),
             _backing_file: None,
         })
+    }
+
+    /// Tells, from any thread, whether the backend's process has exited.
+    pub fn exit_probe(&self) -> ExitProbe {
+        self.process
+            .as_ref()
+            .map_or_else(ExitProbe::none, ChildGuard::exit_probe)
     }
 
     /// The backend's zram statistics, when it has any.

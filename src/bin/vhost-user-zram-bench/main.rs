@@ -7,6 +7,8 @@
 mod backends;
 mod device;
 mod histogram;
+mod plot;
+mod progress;
 mod report;
 mod workload;
 
@@ -19,8 +21,9 @@ use clap::Parser;
 
 use crate::backends::{Backend, BackendKind, DaemonOptions, KernelZram, KernelZramError, RunDir};
 use crate::device::Device;
+use crate::progress::ProgressReporter;
 use crate::report::{BackendReport, PhaseReport, Report, WorkloadDescription};
-use crate::workload::{Phase, Workload};
+use crate::workload::{Phase, RunControl, Workload};
 
 /// Benchmark a vhost-user-blk device (vhost-user-zram by default) with a swap-like workload.
 ///
@@ -106,9 +109,25 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
     rounds: u32,
 
-    /// Print the results as JSON instead of tables.
-    #[arg(long)]
-    json: bool,
+    /// Write the results as JSON to FILE, or to stdout with `-` (the default when the flag has no
+    /// value) instead of the tables.
+    #[arg(long, value_name = "FILE|-", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<String>,
+
+    /// Write one CSV row per backend and phase to FILE, or to stdout with `-` instead of the
+    /// tables. Units: IOPS, MiB/s, microseconds, seconds.
+    #[arg(long, value_name = "FILE|-")]
+    csv: Option<String>,
+
+    /// Draw IOPS and p50/p99 latency per phase, every backend side by side, as an SVG chart.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+
+    /// Fail a phase when no request completes for this long, in seconds (a hung or dead
+    /// backend); a backend the bench launched is also watched and fails the run as soon as it
+    /// exits.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    io_timeout: f64,
 
     /// Extra argument for vhost-user-zram (repeatable), e.g. --daemon-arg=--mem-limit=2G.
     #[arg(long = "daemon-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -170,23 +189,29 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     install_signal_handlers();
-    match run(&args) {
+    let result = check_outputs(&args).and_then(|()| run(&args));
+    match result {
         Ok(report) => {
-            if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", report.render());
+            if let Err(e) = write_outputs(&args, &report) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
             }
-            if report.backends.iter().any(|b| b.error.is_some()) {
-                ExitCode::FAILURE
-            } else {
+            let failures: Vec<String> = report
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    b.error
+                        .as_ref()
+                        .map(|e| format!("{}: {e}", b.backend.label()))
+                })
+                .collect();
+            if failures.is_empty() {
                 ExitCode::SUCCESS
+            } else {
+                for failure in failures {
+                    eprintln!("error: {failure}");
+                }
+                ExitCode::FAILURE
             }
         }
         Err(e) => {
@@ -194,6 +219,65 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Refuses output flags that cannot all be honoured, before anything runs.
+fn check_outputs(args: &Args) -> Result<(), String> {
+    let to_stdout = [&args.json, &args.csv]
+        .into_iter()
+        .filter(|target| target.as_deref() == Some("-"))
+        .count();
+    if to_stdout > 1 {
+        return Err("--json and --csv cannot both write to stdout (-); give one a file".into());
+    }
+    if args
+        .plot
+        .as_ref()
+        .is_some_and(|path| path.extension().is_none_or(|e| e != "svg"))
+    {
+        return Err("--plot writes SVG; give a file name ending in .svg".into());
+    }
+    if args.io_timeout.is_nan() || args.io_timeout <= 0.0 {
+        return Err("--io-timeout must be positive".into());
+    }
+    Ok(())
+}
+
+/// Writes `text` to `target`: a file, or stdout for `-`.
+fn write_to(target: &str, text: &str) -> Result<(), String> {
+    if target == "-" {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|e| format!("write to stdout: {e}"))
+    } else {
+        std::fs::write(target, text).map_err(|e| format!("write {target}: {e}"))
+    }
+}
+
+/// The tables on stdout unless JSON or CSV go there, then every requested file.
+fn write_outputs(args: &Args, report: &Report) -> Result<(), String> {
+    let stdout_taken = [&args.json, &args.csv]
+        .into_iter()
+        .any(|target| target.as_deref() == Some("-"));
+    if !stdout_taken {
+        print!("{}", report.render());
+    }
+    if let Some(target) = &args.json {
+        let mut text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        text.push('\n');
+        write_to(target, &text)?;
+    }
+    if let Some(target) = &args.csv {
+        write_to(target, &report.render_csv())?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot::render_svg(report))
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn default_daemon_binary() -> Result<PathBuf, String> {
@@ -256,7 +340,7 @@ fn run(args: &Args) -> Result<Report, String> {
             if STOP.load(Ordering::Relaxed) {
                 break;
             }
-            if args.rounds > 1 && !args.json {
+            if args.rounds > 1 {
                 eprintln!("round {} of {}: {}", round + 1, args.rounds, kind.label());
             }
             let started = match kind {
@@ -299,9 +383,7 @@ fn run(args: &Args) -> Result<Report, String> {
                 Ok(backend) => run_backend(args, backend),
                 Err(e) => BackendReport::failed(kind, e),
             };
-            if !args.json {
-                eprintln!("{}", entry.progress_line());
-            }
+            eprintln!("{}", entry.progress_line());
             all_rounds.push(entry);
         }
     }
@@ -325,6 +407,7 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
     let mut entry = BackendReport::new(kind, backend.kernel_zram.as_ref().map(|z| z.name()));
     let queues = args.queues as usize;
     let queue_depth = args.queue_depth as usize;
+    let exit_probe = backend.exit_probe();
     let result = (|| -> Result<(), String> {
         let mut device = Device::open(
             &backend.transport,
@@ -365,15 +448,21 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
                 entry.notes.push("interrupted".into());
                 break;
             }
-            if !args.json {
-                eprintln!("{}: {}...", kind.label(), phase.name());
-            }
+            let reporter = ProgressReporter::new(kind.label(), phase);
+            let control = RunControl {
+                stop: &STOP,
+                io_timeout: Duration::from_secs_f64(args.io_timeout),
+                backend_alive: &|| exit_probe.check(),
+                progress: &|progress| reporter.update(progress),
+            };
             let result = workload.run(
                 &mut device,
                 phase,
                 Duration::from_secs_f64(args.duration),
-                &STOP,
-            )?;
+                &control,
+            );
+            reporter.finish(result.as_ref().err());
+            let result = result?;
             entry.phases.push(PhaseReport::from(&result));
             if phase == Phase::Fill {
                 entry.mm_stat_after_fill = backend.mm_stat().transpose()?;
@@ -443,5 +532,17 @@ mod tests {
         assert_eq!((args.queues, args.queue_depth, args.size), (2, 32, 1 << 30));
         assert!(Args::try_parse_from(["b", "--socket", "/s", "--compare"]).is_err());
         assert!(Args::try_parse_from(["b", "--phases", "fill,bogus"]).is_err());
+    }
+
+    #[test]
+    fn json_and_csv_take_a_file_or_stdout_but_not_both_stdout() {
+        let bare = Args::try_parse_from(["b", "--json", "--csv", "out.csv"]).unwrap();
+        assert_eq!(bare.json.as_deref(), Some("-"));
+        assert_eq!(bare.csv.as_deref(), Some("out.csv"));
+        assert!(check_outputs(&bare).is_ok());
+        let both = Args::try_parse_from(["b", "--json", "-", "--csv", "-"]).unwrap();
+        assert!(check_outputs(&both).unwrap_err().contains("both"));
+        let png = Args::try_parse_from(["b", "--plot", "chart.png"]).unwrap();
+        assert!(check_outputs(&png).unwrap_err().contains(".svg"));
     }
 }

@@ -85,8 +85,8 @@ pub struct PhaseReport {
     pub seconds: f64,
     /// Requests per second.
     pub iops: f64,
-    /// Payload MB/s (10^6 bytes).
-    pub megabytes_per_second: f64,
+    /// Payload MiB/s (2^20 bytes, the unit of every byte figure the bench prints).
+    pub mib_per_second: f64,
     /// Median latency in microseconds.
     pub p50_us: f64,
     /// 99th-percentile latency in microseconds.
@@ -102,7 +102,7 @@ impl From<&PhaseResult> for PhaseReport {
             verified_reads: result.verified_reads,
             seconds: result.elapsed.as_secs_f64(),
             iops: result.iops(),
-            megabytes_per_second: result.megabytes_per_second(),
+            mib_per_second: result.mib_per_second(),
             p50_us: result.latency.percentile(50.0).as_secs_f64() * 1e6,
             p99_us: result.latency.percentile(99.0).as_secs_f64() * 1e6,
         }
@@ -228,7 +228,55 @@ fn mm_stat_line(snapshot: &MemorySnapshot) -> String {
     )
 }
 
+/// Quotes a CSV field when it needs it (RFC 4180).
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+/// The CSV header; units are in the column names.
+pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,requests,reads,verified_reads,seconds,message";
+
 impl Report {
+    /// One CSV row per backend and phase; a backend that was skipped or failed before any phase
+    /// gets one row with its status and the reason.
+    pub fn render_csv(&self) -> String {
+        let mut out = String::from(CSV_HEADER);
+        out.push('\n');
+        for backend in &self.backends {
+            let device = backend.device.as_deref().unwrap_or("");
+            let (status, message) = match (&backend.skipped, &backend.error) {
+                (Some(why), _) => ("skipped", why.as_str()),
+                (None, Some(error)) => ("failed", error.as_str()),
+                (None, None) => ("ok", ""),
+            };
+            let head = format!("{},{}", backend.backend.label(), csv_field(device));
+            if backend.phases.is_empty() {
+                let _ = writeln!(out, "{head},{status},,,,,,,,,,{}", csv_field(message));
+            }
+            for p in &backend.phases {
+                let _ = writeln!(
+                    out,
+                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{},{},{},{:.3},{}",
+                    p.phase.name(),
+                    p.iops,
+                    p.mib_per_second,
+                    p.p50_us,
+                    p.p99_us,
+                    p.requests,
+                    p.reads,
+                    p.verified_reads,
+                    p.seconds,
+                    csv_field(message)
+                );
+            }
+        }
+        out
+    }
+
     /// The plain-text tables.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -267,7 +315,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "{:<15} {:>10} {:>9} {:>9} {:>9} {:>10} {:>8}",
-                    "phase", "IOPS", "MB/s", "p50 us", "p99 us", "requests", "verified"
+                    "phase", "IOPS", "MiB/s", "p50 µs", "p99 µs", "requests", "verified"
                 );
                 for p in &backend.phases {
                     let _ = writeln!(
@@ -275,7 +323,7 @@ impl Report {
                         "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8}",
                         p.phase.name(),
                         iops(p.iops),
-                        p.megabytes_per_second,
+                        p.mib_per_second,
                         p.p50_us,
                         p.p99_us,
                         p.requests,
@@ -391,5 +439,63 @@ impl Report {
             let _ = writeln!(out, "kernel-zram: {why}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(phase: Phase, iops: f64) -> PhaseReport {
+        PhaseReport {
+            phase,
+            requests: 10,
+            reads: 0,
+            verified_reads: 0,
+            seconds: 1.0,
+            iops,
+            mib_per_second: iops * 4096.0 / 1048576.0,
+            p50_us: 12.5,
+            p99_us: 80.0,
+        }
+    }
+
+    #[test]
+    fn csv_has_a_row_per_phase_and_one_per_backend_without_phases() {
+        let mut ours = BackendReport::new(BackendKind::VhostUserZram, None);
+        ours.phases = vec![phase(Phase::Fill, 1000.0), phase(Phase::RandRead, 2000.0)];
+        let skipped = BackendReport::skipped(BackendKind::KernelZram, "no zram, \"really\"".into());
+        let report = Report {
+            workload: WorkloadDescription {
+                size_bytes: 1 << 20,
+                pages: 256,
+                queues: 1,
+                queue_depth: 1,
+                queue_size: 4,
+                block_size: 4096,
+                seconds_per_phase: 1.0,
+                rounds: 1,
+                seed: 1,
+                pool_pages: 1,
+                algorithm: "lz4".into(),
+                algorithm_level: None,
+                verify: true,
+            },
+            backends: vec![ours, skipped],
+        };
+        let csv = report.render_csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], CSV_HEADER);
+        assert_eq!(lines.len(), 4);
+        assert_eq!(
+            lines[1],
+            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,10,0,0,1.000,"
+        );
+        assert_eq!(
+            lines[3],
+            "kernel-zram,,skipped,,,,,,,,,,\"no zram, \"\"really\"\"\""
+        );
+        let columns = CSV_HEADER.split(',').count();
+        assert_eq!(lines[1].split(',').count(), columns);
     }
 }

@@ -15,7 +15,7 @@
 //! backend: every backend of a run sees exactly the same data.
 
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
@@ -63,6 +63,43 @@ impl Phase {
     }
 }
 
+/// How often a queue thread that waits for completions looks at the backend and the stop flag.
+const WAIT_SLICE: Duration = Duration::from_millis(200);
+
+/// How often the progress callback runs.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A phase's progress, as the progress callback sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// How far the phase is, from 0 to 1.
+    pub fraction: f64,
+    /// Time since the phase started.
+    pub elapsed: Duration,
+    /// Requests completed so far.
+    pub requests: u64,
+}
+
+impl Progress {
+    /// The estimated time left, once there is something to estimate from.
+    pub fn eta(&self) -> Option<Duration> {
+        (self.fraction > 0.0 && self.fraction < 1.0)
+            .then(|| self.elapsed.mul_f64((1.0 - self.fraction) / self.fraction))
+    }
+}
+
+/// How a phase is watched while it runs.
+pub struct RunControl<'a> {
+    /// Raised by SIGINT/SIGTERM: the phase stops early.
+    pub stop: &'a AtomicBool,
+    /// The longest a queue may wait for any completion before the phase fails.
+    pub io_timeout: Duration,
+    /// Whether the backend still runs: `Err` with a sentence once it has exited.
+    pub backend_alive: &'a (dyn Fn() -> Result<(), String> + Sync),
+    /// Called every [`PROGRESS_INTERVAL`] while the phase runs, and once at its end.
+    pub progress: &'a (dyn Fn(Progress) + Sync),
+}
+
 /// What one phase measured.
 #[derive(Debug, Clone)]
 pub struct PhaseResult {
@@ -86,9 +123,9 @@ impl PhaseResult {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// Payload megabytes (10^6 bytes) per second.
-    pub fn megabytes_per_second(&self) -> f64 {
-        self.iops() * PAGE_SIZE as f64 / 1e6
+    /// Payload MiB (2^20 bytes) per second.
+    pub fn mib_per_second(&self) -> f64 {
+        self.iops() * PAGE_SIZE as f64 / (1 << 20) as f64
     }
 }
 
@@ -193,19 +230,52 @@ impl Workload {
     }
 
     /// Runs `phase` on every queue of `device` until `duration` passes (the fill: until every page
-    /// is written) or `stop` is raised.
+    /// is written) or `control.stop` is raised. Fails when a queue waits longer than
+    /// `control.io_timeout` for a completion, or as soon as the backend has exited.
     pub fn run(
         &mut self,
         device: &mut Device,
         phase: Phase,
         duration: Duration,
-        stop: &AtomicBool,
+        control: &RunControl<'_>,
     ) -> Result<PhaseResult, String> {
+        let stop = control.stop;
         let queues = device.lanes.len() as u64;
         let verify = self.verify && self.filled;
+        let total_pages: u64 = self.page_states.iter().map(|s| s.len() as u64).sum();
         let started = Instant::now();
         let deadline = started + duration;
+        let completed = AtomicU64::new(0);
+        let finished_workers = AtomicUsize::new(0);
+        let progress_at = |now: Instant| {
+            let requests = completed.load(Ordering::Relaxed);
+            let elapsed = now - started;
+            let fraction = if phase == Phase::Fill {
+                requests as f64 / total_pages.max(1) as f64
+            } else {
+                elapsed.as_secs_f64() / duration.as_secs_f64()
+            };
+            Progress {
+                fraction: fraction.clamp(0.0, 1.0),
+                elapsed,
+                requests,
+            }
+        };
         let results: Vec<Result<PhaseResult, String>> = std::thread::scope(|scope| {
+            let worker_count = device.lanes.len();
+            let (completed, finished_workers, progress_at) =
+                (&completed, &finished_workers, &progress_at);
+            scope.spawn(move || {
+                while finished_workers.load(Ordering::Acquire) < worker_count {
+                    let next = Instant::now() + PROGRESS_INTERVAL;
+                    while Instant::now() < next
+                        && finished_workers.load(Ordering::Acquire) < worker_count
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    (control.progress)(progress_at(Instant::now()));
+                }
+            });
             let workers: Vec<_> = device
                 .lanes
                 .iter_mut()
@@ -223,8 +293,13 @@ impl Workload {
                         rng: vhost_user_zram::pagegen::SplitMix64::new(
                             self.seed ^ 0x5eed ^ ((queue as u64) << 32) ^ (phase as u64),
                         ),
+                        completed,
                     };
-                    scope.spawn(move || worker.run(phase, deadline, stop))
+                    scope.spawn(move || {
+                        let result = worker.run(phase, deadline, control);
+                        finished_workers.fetch_add(1, Ordering::AcqRel);
+                        result
+                    })
                 })
                 .collect();
             workers
@@ -276,6 +351,8 @@ struct QueueWorker<'a> {
     queue_depth: usize,
     verify: bool,
     rng: vhost_user_zram::pagegen::SplitMix64,
+    /// Requests completed by every queue, for progress.
+    completed: &'a AtomicU64,
 }
 
 impl QueueWorker<'_> {
@@ -283,8 +360,9 @@ impl QueueWorker<'_> {
         mut self,
         phase: Phase,
         deadline: Instant,
-        stop: &AtomicBool,
+        control: &RunControl<'_>,
     ) -> Result<PhaseResult, String> {
+        let stop = control.stop;
         let mut result = PhaseResult {
             phase,
             requests: 0,
@@ -316,13 +394,38 @@ impl QueueWorker<'_> {
             }
         }
         let started = Instant::now();
+        let mut last_completion = started;
         while in_flight > 0 {
-            let done = self
+            let mut slice = WAIT_SLICE;
+            let done = match self
                 .lane
                 .queue
-                .do_io(&mut completions, 1, None, None)
-                .map_err(|e| format!("do_io: {e:?}"))?;
+                .do_io(&mut completions, 1, Some(&mut slice), None)
+            {
+                Ok(done) => done,
+                Err(e) if e.errno() == blkio::Errno::TIME => 0,
+                Err(e) => return Err(format!("do_io: {e:?}")),
+            };
             let now = Instant::now();
+            if done == 0 {
+                (control.backend_alive)().map_err(|why| {
+                    format!(
+                        "{why}, with {in_flight} request(s) in flight in the {} phase",
+                        phase.name()
+                    )
+                })?;
+                let waited = now - last_completion;
+                if waited >= control.io_timeout {
+                    return Err(format!(
+                        "no request completed for {:.1} s (--io-timeout) with {in_flight} in flight in the {} phase; the backend is hung or gone",
+                        waited.as_secs_f64(),
+                        phase.name()
+                    ));
+                }
+                continue;
+            }
+            last_completion = now;
+            self.completed.fetch_add(done as u64, Ordering::Relaxed);
             if issuing && (now >= deadline && phase != Phase::Fill || stop.load(Ordering::Relaxed))
             {
                 issuing = false;

@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The bench tool against a daemon that dies mid-run: it must fail with a message within a
+//! bound, never hang (issue 8, hostile item 6).
+#![cfg(feature = "bench-tool")]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_vhost-user-zram-bench");
+const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+
+/// The bench, its stderr lines as they come, and a kill on drop.
+struct RunningBench {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl RunningBench {
+    fn start(args: &[&str]) -> RunningBench {
+        let mut child = Command::new(BENCH)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        RunningBench {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `text`.
+    fn wait_for_line(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no stderr line with {text:?}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits up to `bound` for the bench to exit; returns its status and all of stderr.
+    fn wait_exit(&mut self, bound: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + bound;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bench still runs {bound:?} after the daemon died; stderr so far: {:?}",
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        (status, self.seen.join("\n"))
+    }
+}
+
+impl Drop for RunningBench {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pids of `pid`'s children.
+fn children_of(pid: u32) -> Vec<i32> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        children.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    children
+}
+
+fn kill(pid: i32) {
+    // SAFETY: kill(2) takes no pointers; `pid` is our child's or grandchild's.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+}
+
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "no socket at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_bench_fails_with_a_message_when_the_daemon_it_launched_dies() {
+    // Arrange: the bench launches the daemon and runs a long random-write phase.
+    let mut bench = RunningBench::start(&[
+        "--daemon-bin",
+        DAEMON,
+        "--size",
+        "16M",
+        "--phases",
+        "randwrite",
+        "--duration",
+        "120",
+        "--pool-pages",
+        "64",
+    ]);
+    bench.wait_for_line("randwrite started");
+    let daemons = children_of(bench.child.id());
+    assert_eq!(daemons.len(), 1, "the bench has one child, the daemon");
+
+    // Act
+    kill(daemons[0]);
+    let (status, stderr) = bench.wait_exit(Duration::from_secs(10));
+
+    // Assert
+    assert!(!status.success(), "the bench succeeded; stderr: {stderr}");
+    assert!(
+        stderr.contains("exited by signal 9 during the run"),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn the_bench_fails_with_a_message_when_an_external_backend_dies() {
+    // Arrange: a daemon the bench did not launch, so only the completion timeout can tell.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost-user.sock");
+    let mut daemon = Command::new(DAEMON)
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(["--size", "16M", "--log-level", "error"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&socket);
+    let socket_text = socket.to_str().unwrap();
+    let mut bench = RunningBench::start(&[
+        "--socket",
+        socket_text,
+        "--size",
+        "16M",
+        "--phases",
+        "randwrite",
+        "--duration",
+        "120",
+        "--pool-pages",
+        "64",
+        "--io-timeout",
+        "2",
+    ]);
+    bench.wait_for_line("randwrite started");
+
+    // Act
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let (status, stderr) = bench.wait_exit(Duration::from_secs(10));
+
+    // Assert
+    assert!(!status.success(), "the bench succeeded; stderr: {stderr}");
+    assert!(
+        stderr.contains("no request completed for") && stderr.contains("--io-timeout"),
+        "stderr: {stderr}"
+    );
+}
