@@ -330,8 +330,12 @@ impl Drop for KernelZram {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
-    /// vhost-user-zram, launched by the bench.
+    /// vhost-user-zram, launched by the bench (its default compression workers).
     VhostUserZram,
+    /// vhost-user-zram with `--workers 0`: the queue thread compresses every write.
+    VhostUserZramInline,
+    /// vhost-user-zram with `--workers 1` (in `--compare` when that is not the default).
+    VhostUserZramOneWorker,
     /// A vhost-user-blk backend that was already running (`--socket`).
     External,
     /// The kernel's zram, through io_uring with O_DIRECT.
@@ -346,11 +350,26 @@ impl BackendKind {
     /// The column header.
     pub fn label(self) -> &'static str {
         match self {
+            BackendKind::VhostUserZramInline => "vuz --workers 0",
+            BackendKind::VhostUserZramOneWorker => "vuz --workers 1",
             BackendKind::VhostUserZram => "vhost-user-zram",
             BackendKind::External => "socket",
             BackendKind::KernelZram => "kernel-zram",
             BackendKind::QsdNull => "qsd-null-co",
             BackendKind::QsdShmFile => "qsd-shm-file",
+        }
+    }
+
+    /// The extra daemon arguments of a vhost-user-zram variant, `None` for other backends.
+    pub fn daemon_variant_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            BackendKind::VhostUserZram => Some(&[]),
+            BackendKind::VhostUserZramInline => Some(&["--workers", "0"]),
+            BackendKind::VhostUserZramOneWorker => Some(&["--workers", "1"]),
+            BackendKind::External
+            | BackendKind::KernelZram
+            | BackendKind::QsdNull
+            | BackendKind::QsdShmFile => None,
         }
     }
 
@@ -409,12 +428,17 @@ impl Backend {
     /// Launches vhost-user-zram with a `size`-byte device and `queues` queues.
     pub fn vhost_user_zram(
         dir: &RunDir,
+        kind: BackendKind,
         options: &DaemonOptions,
         size: u64,
         queues: usize,
     ) -> Result<Backend, String> {
-        let socket = dir.join("vhost-user-zram.sock");
-        let control = dir.join("vhost-user-zram.ctl");
+        let variant = kind
+            .daemon_variant_args()
+            .ok_or("not a vhost-user-zram backend")?;
+        let stem = format!("vhost-user-zram{}", variant.concat());
+        let socket = dir.join(&format!("{stem}.sock"));
+        let control = dir.join(&format!("{stem}.ctl"));
         let mut command = Command::new(&options.binary);
         command
             .arg("--socket-path")
@@ -429,15 +453,16 @@ impl Backend {
             .arg(&options.algorithm)
             .arg("--control-socket")
             .arg(&control)
+            .args(variant)
             .args(&options.extra_args);
         if let Some(level) = options.level {
             command.arg("--algorithm-level").arg(level.to_string());
         }
         let mut process =
-            ChildGuard::spawn("vhost-user-zram", command, dir.join("vhost-user-zram.log"))?;
+            ChildGuard::spawn(kind.label(), command, dir.join(&format!("{stem}.log")))?;
         process.wait_for_socket(&socket)?;
         Ok(Backend {
-            kind: BackendKind::VhostUserZram,
+            kind,
             transport: Transport::VhostUser(socket),
             process: Some(process),
             control_socket: Some(control),
@@ -546,6 +571,39 @@ impl Backend {
             )),
             Err(e) => Err(format!("run {} ctl: {e}", binary.display())),
         })
+    }
+}
+
+impl Backend {
+    /// Waits (at most `limit`) until vhost-user-zram has compressed every pending page and
+    /// given its pool's memory back, so that memory figures and a following burst do not
+    /// depend on how far its workers got. Other backends have nothing to wait for.
+    pub fn wait_drained(&self, limit: Duration) -> Result<(), String> {
+        let (Some(binary), Some(control)) = (&self.daemon_binary, &self.control_socket) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            let output = Command::new(binary)
+                .args(["ctl", "--control-socket"])
+                .arg(control)
+                .args(["stats", "--json"])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("run {} ctl: {e}", binary.display()))?;
+            let stats: Stats = serde_json::from_slice(&output.stdout)
+                .map_err(|e| format!("ctl stats --json: {e}"))?;
+            if stats.workers.pending_pages == 0 && stats.workers.pool_resident_bytes == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} pages still pending after {limit:?}",
+                    stats.workers.pending_pages
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

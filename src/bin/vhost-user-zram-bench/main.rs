@@ -80,10 +80,16 @@ struct Args {
     #[arg(long)]
     algorithm_level: Option<i32>,
 
-    /// Phases to run, comma-separated, from fill, randwrite, randread, mixed. Reads are verified
-    /// only when fill ran first.
-    #[arg(long, value_delimiter = ',', default_value = "fill,randwrite,randread,mixed", value_parser = parse_phase)]
+    /// Phases to run, comma-separated, from fill, randwrite, randread, mixed, burst. Reads are
+    /// verified only when fill ran first. burst writes --burst-pages pages as fast as the queue
+    /// depth allows, after the daemon's workers have caught up.
+    #[arg(long, value_delimiter = ',', default_value = "fill,randwrite,burst,randread,mixed", value_parser = parse_phase)]
     phases: Vec<Phase>,
+
+    /// Pages the burst phase writes (default: what vhost-user-zram's default pending pool
+    /// holds on this machine).
+    #[arg(long, value_name = "PAGES", value_parser = clap::value_parser!(u64).range(1..))]
+    burst_pages: Option<u64>,
 
     /// Seed of the swap-like page generator.
     #[arg(long, default_value_t = 1)]
@@ -164,8 +170,9 @@ fn parse_phase(text: &str) -> Result<Phase, String> {
         "randwrite" => Ok(Phase::RandWrite),
         "randread" => Ok(Phase::RandRead),
         "mixed" => Ok(Phase::Mixed),
+        "burst" => Ok(Phase::Burst),
         _ => Err(format!(
-            "unknown phase '{text}' (fill, randwrite, randread, mixed)"
+            "unknown phase '{text}' (fill, randwrite, randread, mixed, burst)"
         )),
     }
 }
@@ -280,6 +287,12 @@ fn write_outputs(args: &Args, report: &Report) -> Result<(), String> {
     Ok(())
 }
 
+/// What vhost-user-zram's default pending pool holds here: the burst it absorbs.
+fn default_burst_pages() -> u64 {
+    (vhost_user_zram::cli::default_workers()
+        * vhost_user_zram::cli::DEFAULT_PENDING_PAGES_PER_WORKER) as u64
+}
+
 fn default_daemon_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locate this program: {e}"))?;
     Ok(exe.with_file_name("vhost-user-zram"))
@@ -310,6 +323,14 @@ fn run(args: &Args) -> Result<Report, String> {
         BackendKind::VhostUserZram
     }];
     if args.compare {
+        // The compression workers against the queue thread compressing (`--workers 0`), and
+        // against one worker when the default is another number.
+        if args.socket.is_none() {
+            plan.push(BackendKind::VhostUserZramInline);
+            if vhost_user_zram::cli::default_workers() != 1 {
+                plan.push(BackendKind::VhostUserZramOneWorker);
+            }
+        }
         plan.extend([
             BackendKind::KernelZram,
             BackendKind::QsdNull,
@@ -349,8 +370,10 @@ fn run(args: &Args) -> Result<Report, String> {
                     args.control_socket.clone(),
                     daemon.binary.clone(),
                 )),
-                BackendKind::VhostUserZram => {
-                    Backend::vhost_user_zram(&dir, &daemon, args.size, queues)
+                BackendKind::VhostUserZram
+                | BackendKind::VhostUserZramInline
+                | BackendKind::VhostUserZramOneWorker => {
+                    Backend::vhost_user_zram(&dir, kind, &daemon, args.size, queues)
                 }
                 BackendKind::QsdNull | BackendKind::QsdShmFile => {
                     Backend::qemu_storage_daemon(&dir, kind, args.size, queues)
@@ -443,10 +466,15 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
             pages,
             verify,
         );
+        workload.set_burst_pages(args.burst_pages.unwrap_or_else(default_burst_pages));
         for &phase in &args.phases {
             if STOP.load(Ordering::Relaxed) {
                 entry.notes.push("interrupted".into());
                 break;
+            }
+            if phase == Phase::Burst {
+                // A burst meets an empty pending pool, as after a quiet spell.
+                backend.wait_drained(Duration::from_secs(10))?;
             }
             let reporter = ProgressReporter::new(kind.label(), phase);
             let control = RunControl {
@@ -465,6 +493,8 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
             let result = result?;
             entry.phases.push(PhaseReport::from(&result));
             if phase == Phase::Fill {
+                // Memory once the workers have caught up and the pool has drained.
+                backend.wait_drained(Duration::from_secs(10))?;
                 entry.mm_stat_after_fill = backend.mm_stat().transpose()?;
             }
         }

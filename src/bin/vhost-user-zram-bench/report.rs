@@ -438,6 +438,75 @@ impl Report {
         if let Some(why) = kernel_note {
             let _ = writeln!(out, "kernel-zram: {why}");
         }
+        out.push_str(&self.render_latency_and_workers());
+        out
+    }
+
+    /// p50/p99 latency per phase and backend, and the compression workers against the queue
+    /// thread compressing (`--workers 0`) when both ran.
+    fn render_latency_and_workers(&self) -> String {
+        let mut out = String::new();
+        let find = |kind| self.backends.iter().find(|b| b.backend == kind);
+        let phases: Vec<Phase> = Phase::ALL
+            .into_iter()
+            .filter(|&phase| self.backends.iter().any(|b| b.phase(phase).is_some()))
+            .collect();
+        let _ = writeln!(out, "\n== latency (µs, p50 / p99) ==");
+        let mut header = format!("{:<18}", "phase");
+        for backend in &self.backends {
+            let _ = write!(header, " {:>16}", backend.backend.label());
+        }
+        let _ = writeln!(out, "{header}");
+        for &phase in &phases {
+            let mut line = format!("{:<18}", phase.name());
+            for backend in &self.backends {
+                let text = match backend.phase(phase) {
+                    Some(p) => format!("{:.0} / {:.0}", p.p50_us, p.p99_us),
+                    None => "-".into(),
+                };
+                let _ = write!(line, " {text:>16}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        let (Some(workers), Some(inline)) = (
+            find(BackendKind::VhostUserZram),
+            find(BackendKind::VhostUserZramInline),
+        ) else {
+            return out;
+        };
+        let _ = writeln!(
+            out,
+            "\n== compression workers (vhost-user-zram) against --workers 0 =="
+        );
+        let _ = writeln!(
+            out,
+            "{:<18} {:>12} {:>12} {:>14}",
+            "phase", "IOPS ratio", "p99 ratio", "elapsed ratio"
+        );
+        for &phase in &phases {
+            if let (Some(a), Some(b)) = (workers.phase(phase), inline.phase(phase)) {
+                let ratio = |x: f64, y: f64| {
+                    if y > 0.0 {
+                        format!("{:.2}x", x / y)
+                    } else {
+                        "n/a".into()
+                    }
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<18} {:>12} {:>12} {:>14}",
+                    phase.name(),
+                    ratio(a.iops, b.iops),
+                    ratio(a.p99_us, b.p99_us),
+                    ratio(a.seconds, b.seconds)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "(IOPS ratio > 1: workers faster; p99 and elapsed ratios < 1: workers faster; the \
+             burst's elapsed time is the time to its last completion)"
+        );
         out
     }
 }

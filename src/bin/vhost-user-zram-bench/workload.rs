@@ -37,11 +37,28 @@ pub enum Phase {
     RandRead,
     /// Random requests, 70 % reads and 30 % writes.
     Mixed,
+    /// A burst: `--burst-pages` sequential page writes as fast as the queue depth allows,
+    /// after the device has gone quiet; no time limit, its elapsed time is the figure.
+    Burst,
 }
 
 impl Phase {
-    /// Every phase, in the order they run.
-    pub const ALL: [Phase; 4] = [Phase::Fill, Phase::RandWrite, Phase::RandRead, Phase::Mixed];
+    /// Every phase, in the order tables list them.
+    pub const ALL: [Phase; 5] = [
+        Phase::Fill,
+        Phase::RandWrite,
+        Phase::Burst,
+        Phase::RandRead,
+        Phase::Mixed,
+    ];
+
+    /// Whether the phase writes a set number of pages instead of running for a duration.
+    pub fn is_counted(self) -> bool {
+        match self {
+            Phase::Fill | Phase::Burst => true,
+            Phase::RandWrite | Phase::RandRead | Phase::Mixed => false,
+        }
+    }
 
     /// The name in tables and on the command line.
     pub fn name(self) -> &'static str {
@@ -50,13 +67,14 @@ impl Phase {
             Phase::RandWrite => "randwrite",
             Phase::RandRead => "randread",
             Phase::Mixed => "mixed-70r/30w",
+            Phase::Burst => "burst",
         }
     }
 
     /// The share of reads among the requests, in percent.
     fn read_percent(self) -> u64 {
         match self {
-            Phase::Fill | Phase::RandWrite => 0,
+            Phase::Fill | Phase::RandWrite | Phase::Burst => 0,
             Phase::RandRead => 100,
             Phase::Mixed => 70,
         }
@@ -178,6 +196,8 @@ pub struct Workload {
     page_states: Vec<Vec<PageState>>,
     /// Whether the fill ran, i.e. whether the page states describe the device.
     filled: bool,
+    /// Pages a burst writes, over all queues.
+    burst_pages: u64,
 }
 
 /// A fast 64-bit hash of a page, four lanes wide so it runs near memory speed. It only needs to
@@ -221,7 +241,13 @@ impl Workload {
             verify,
             page_states,
             filled: false,
+            burst_pages: 0,
         }
+    }
+
+    /// Sets how many pages a burst writes (over all queues).
+    pub fn set_burst_pages(&mut self, pages: u64) {
+        self.burst_pages = pages;
     }
 
     /// The bytes of buffer each queue needs.
@@ -250,8 +276,13 @@ impl Workload {
         let progress_at = |now: Instant| {
             let requests = completed.load(Ordering::Relaxed);
             let elapsed = now - started;
-            let fraction = if phase == Phase::Fill {
-                requests as f64 / total_pages.max(1) as f64
+            let counted = match phase {
+                Phase::Fill => Some(total_pages),
+                Phase::Burst => Some(self.burst_pages.min(total_pages)),
+                Phase::RandWrite | Phase::RandRead | Phase::Mixed => None,
+            };
+            let fraction = if let Some(count) = counted {
+                requests as f64 / count.max(1) as f64
             } else {
                 elapsed.as_secs_f64() / duration.as_secs_f64()
             };
@@ -261,6 +292,9 @@ impl Workload {
                 requests,
             }
         };
+        // When the last queue finished: the phase's elapsed time, which must not include the
+        // progress thread's wake-up (it matters for a burst of a few milliseconds).
+        let last_finish = std::sync::Mutex::new(started);
         let results: Vec<Result<PhaseResult, String>> = std::thread::scope(|scope| {
             let worker_count = device.lanes.len();
             let (completed, finished_workers, progress_at) =
@@ -287,6 +321,7 @@ impl Workload {
                         states,
                         first_page: queue as u64,
                         page_stride: queues,
+                        burst_pages: self.burst_pages.div_ceil(queues),
                         pool: &self.pool,
                         queue_depth: self.queue_depth,
                         verify,
@@ -295,8 +330,12 @@ impl Workload {
                         ),
                         completed,
                     };
+                    let last_finish = &last_finish;
                     scope.spawn(move || {
                         let result = worker.run(phase, deadline, control);
+                        if let Ok(mut last) = last_finish.lock() {
+                            *last = (*last).max(Instant::now());
+                        }
                         finished_workers.fetch_add(1, Ordering::AcqRel);
                         result
                     })
@@ -310,7 +349,9 @@ impl Workload {
                 })
                 .collect()
         });
-        let elapsed = started.elapsed();
+        let elapsed = last_finish
+            .into_inner()
+            .map_or_else(|_| started.elapsed(), |last| last - started);
         let mut total = PhaseResult {
             phase,
             requests: 0,
@@ -348,6 +389,8 @@ struct QueueWorker<'a> {
     first_page: u64,
     page_stride: u64,
     pool: &'a PagePool,
+    /// Pages this queue writes in a burst.
+    burst_pages: u64,
     queue_depth: usize,
     verify: bool,
     rng: vhost_user_zram::pagegen::SplitMix64,
@@ -426,8 +469,7 @@ impl QueueWorker<'_> {
             }
             last_completion = now;
             self.completed.fetch_add(done as u64, Ordering::Relaxed);
-            if issuing && (now >= deadline && phase != Phase::Fill || stop.load(Ordering::Relaxed))
-            {
+            if issuing && (now >= deadline && !phase.is_counted() || stop.load(Ordering::Relaxed)) {
                 issuing = false;
             }
             for completion in &completions[..done] {
@@ -476,10 +518,14 @@ impl QueueWorker<'_> {
         next_fill_page: &mut u64,
         owned_pages: u64,
     ) -> Option<(u64, bool)> {
-        if phase == Phase::Fill {
+        if phase.is_counted() {
+            let limit = match phase {
+                Phase::Burst => self.burst_pages.min(owned_pages),
+                Phase::Fill | Phase::RandWrite | Phase::RandRead | Phase::Mixed => owned_pages,
+            };
             let page = *next_fill_page;
             *next_fill_page += 1;
-            return (page < owned_pages).then_some((page, false));
+            return (page < limit).then_some((page, false));
         }
         let is_read = self.rng.below(100) < phase.read_percent();
         // A queue never has two requests for one page in flight; with at most queue_depth busy
