@@ -152,6 +152,7 @@ impl Default for WorkerScratch {
             slot: 0,
             buffer: 0,
             generation: 0,
+            free: SlotEntry::EMPTY,
         };
         WorkerScratch {
             outputs: Box::new([[0; COMPRESS_BUFFER]; MAX_BATCH]),
@@ -295,11 +296,16 @@ impl PageStore {
         }
         let (buffer, generation) = deferred.pool.publish(buffer);
         self.counters.note_mem_used(self.mem_used_total());
-        self.publish(slot, SlotEntry::pending(buffer, generation));
+        let new = SlotEntry::pending(buffer, generation);
+        let old = self.lock(slot).replace(new);
+        // The object the write replaced is freed by the worker, off the request path (freeing
+        // can empty a chunk, whose return to the OS costs a TLB shootdown).
+        let free = self.account_replace_keeping_object(old, new);
         deferred.queue.push(Job {
             slot,
             buffer,
             generation,
+            free,
         });
         Ok(Ok(()))
     }
@@ -695,6 +701,10 @@ impl PageStore {
         let mut live = [false; MAX_BATCH];
         let mut pages: [&[u8; PAGE_SIZE]; MAX_BATCH] = [&ZERO_PAGE; MAX_BATCH];
         let mut count = 0;
+        for job in jobs {
+            // The object the job's write replaced (a stalled job comes back without one).
+            self.free_unpublished(job.free);
+        }
         for (i, job) in jobs.iter().enumerate() {
             let still_wanted = self.slots.peek(job.slot).is_some_and(|entry| {
                 entry.same_content(SlotEntry::pending(job.buffer, job.generation))
@@ -722,8 +732,12 @@ impl PageStore {
                     (pages[next], &outputs[next], results[next].as_ref().ok());
                 next += 1;
                 if !self.install(deferred, job, page, output, len.copied()) {
-                    // Keep the job (and its hold on the buffer) for a retry.
-                    deferred.queue.stall(*job);
+                    // Keep the job (and its hold on the buffer) for a retry; its old object
+                    // was freed above.
+                    deferred.queue.stall(Job {
+                        free: SlotEntry::EMPTY,
+                        ..*job
+                    });
                     continue;
                 }
             }
@@ -887,6 +901,14 @@ impl PageStore {
     /// held. The caller has published `new` and released the slot lock, so `old`'s object
     /// (or pending buffer) is referenced by no slot and owned by the caller.
     fn account_replace(&self, old: SlotEntry, new: SlotEntry) {
+        let object = self.account_replace_keeping_object(old, new);
+        self.free_unpublished(object);
+    }
+
+    /// [`account_replace`](Self::account_replace), except that `old`'s allocator object (if it
+    /// has one) is not freed but returned: the caller owns it and frees it later with
+    /// [`free_unpublished`](Self::free_unpublished). Everything else `old` held is released.
+    fn account_replace_keeping_object(&self, old: SlotEntry, new: SlotEntry) -> SlotEntry {
         let c = self.counters.local();
         for (entry, change) in [(new, add as fn(&AtomicU64, u64)), (old, sub)] {
             change(&c.pages_stored, u64::from(holds_page(entry)));
@@ -902,7 +924,7 @@ impl PageStore {
         );
         match old.state() {
             SlotState::SameFilled => self.fill_words.release(old.payload()),
-            SlotState::Compressed | SlotState::Huge => self.free_unpublished(old),
+            SlotState::Compressed | SlotState::Huge => return old,
             SlotState::Pending => {
                 if let Some(deferred) = &self.deferred {
                     deferred.pool.release(old.pending_buffer().0);
@@ -910,9 +932,11 @@ impl PageStore {
             }
             SlotState::Empty | SlotState::WrittenBack | SlotState::Invalid => {}
         }
+        SlotEntry::EMPTY
     }
 
-    /// Frees the object of a Compressed or Huge entry that no slot references.
+    /// Frees the object of a Compressed or Huge entry that no slot references (nothing for
+    /// other entries).
     fn free_unpublished(&self, entry: SlotEntry) {
         if let Some(class) = object_class(entry) {
             // SAFETY: the caller owns the entry's object: no slot references it (it was

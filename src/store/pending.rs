@@ -36,7 +36,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::alloc::Segment;
-use super::slot::MAX_PENDING_BUFFERS;
+use super::slot::{SlotEntry, MAX_PENDING_BUFFERS};
 use crate::PAGE_SIZE;
 
 /// The most pages a worker takes from the queue at once (an IAA batch).
@@ -55,6 +55,9 @@ pub(crate) struct Job {
     pub(crate) slot: usize,
     pub(crate) buffer: u32,
     pub(crate) generation: u32,
+    /// The entry whose allocator object the write replaced, for the worker to free (it is
+    /// referenced by no slot and owned by the job); `EMPTY` when there is none.
+    pub(crate) free: SlotEntry,
 }
 
 #[derive(Debug)]
@@ -461,6 +464,7 @@ mod tests {
             slot: 1,
             buffer: 0,
             generation: 1,
+            free: SlotEntry::EMPTY,
         });
         let worker = {
             let queue = queue.clone();
@@ -469,6 +473,7 @@ mod tests {
                     slot: 0,
                     buffer: 0,
                     generation: 0,
+                    free: SlotEntry::EMPTY,
                 }; 8];
                 let batch = queue.next_batch(&mut out, || {});
                 (batch, out[0])
