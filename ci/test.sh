@@ -5,11 +5,14 @@
 # guest-tests/setup.sh), then runs, in order:
 #   1. formatting and clippy,
 #   2. the unit, property, stress, protocol and libblkio end-to-end tests (cargo nextest),
-#   3. a short fuzz smoke of request parsing,
+#   3. every fuzz target for FUZZ_RUNS executions (default 1,000,000) over FUZZ_JOBS
+#      processes, starting from the seed corpus kept in fuzz/corpus/<target>/,
 #   4. the guest tests (a real QEMU guest swaps to the daemon) and the fio comparison.
-# Each stage prints PASS/FAIL; the last line counts the stages.
+# Each stage prints PASS, FAIL or SKIP (with the reason); the last line counts the stages.
 #
-# Environment: SKIP_GUEST=1 skips stage 4, SKIP_FUZZ=1 skips stage 3, FUZZ_SECONDS (default 30).
+# Environment: SKIP_GUEST=1 skips stage 4, SKIP_FUZZ=1 skips stage 3, FUZZ_RUNS (default
+# 1000000) sets the executions per fuzz target, FUZZ_JOBS (default: the CPUs, at most 4) the
+# processes that share them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -37,14 +40,28 @@ need_root_apt() {
 
 passed=0
 failed=0
+skipped=0
+# A stage function calls `skip REASON` and returns its status to report the stage as SKIP.
+skip_reason=
+SKIPPED=77
+skip() {
+    skip_reason=$1
+    return $SKIPPED
+}
 stage() {
     local name=$1
     shift
     log "stage: $name"
-    local start=$SECONDS
-    if "$@"; then
+    local start=$SECONDS status
+    skip_reason=
+    "$@"
+    status=$?
+    if [ "$status" -eq 0 ]; then
         echo "PASS stage $name ($((SECONDS - start)) s)"
         passed=$((passed + 1))
+    elif [ "$status" -eq "$SKIPPED" ] && [ -n "$skip_reason" ]; then
+        echo "SKIP stage $name: $skip_reason"
+        skipped=$((skipped + 1))
     else
         echo "FAIL stage $name ($((SECONDS - start)) s)"
         failed=$((failed + 1))
@@ -64,32 +81,67 @@ unit_and_e2e() {
         cargo nextest run --locked --release --no-fail-fast
 }
 
-fuzz_smoke() {
-    if [ -n "${SKIP_FUZZ:-}" ]; then
-        echo "skipped (SKIP_FUZZ)"
-        return 0
-    fi
+# Runs every fuzz target FUZZ_RUNS times in all, split over FUZZ_JOBS processes (default: one
+# per CPU, at most 4), from its committed seed corpus (fuzz/corpus/<target>, read only: new
+# inputs go to a scratch directory), and prints the executions done. A crash, a leak or a
+# timeout fails the stage; libFuzzer leaves the input in fuzz/artifacts/<target>/.
+# Without comparison tracing the target runs about 1.5 times faster (4,500 exec/s per process
+# on a loaded 2-core machine, against 3,100); the seed corpus already holds the request types
+# and lengths that tracing would find. 1M executions took 300 s in one process there with the
+# load average at 3 to 5; two processes on an idle 2-core machine take about a quarter of that.
+fuzz() {
+    [ -n "${SKIP_FUZZ:-}" ] && { skip "SKIP_FUZZ is set"; return; }
     command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz || return 1
+    local runs=${FUZZ_RUNS:-1000000} jobs=${FUZZ_JOBS:-$(nproc)} target job scratch logs
+    ((jobs > 4)) && jobs=4
+    ((jobs < 1)) && jobs=1
+    local per_job=$(((runs + jobs - 1) / jobs))
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
-    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz list) | while read -r target; do
-        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- \
-            -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=4096) || exit 1
+    export RUSTC_BOOTSTRAP=1
+    for target in $(cd fuzz && cargo fuzz list); do
+        mkdir -p "fuzz/corpus/$target"
+        (cd fuzz && cargo fuzz build -O --no-trace-compares "$target") || return 1
+        scratch=$(mktemp -d)
+        logs=$(mktemp -d)
+        local pids=() failed=0 executions=0 rate=0 done_runs job_rate
+        for ((job = 0; job < jobs; job++)); do
+            (cd fuzz && cargo fuzz run -O --no-trace-compares "$target" "$scratch" "corpus/$target" -- \
+                -runs="$per_job" -rss_limit_mb=4096 -timeout=10 -print_final_stats=1) \
+                >"$logs/$job.log" 2>&1 &
+            pids+=($!)
+        done
+        for ((job = 0; job < jobs; job++)); do
+            wait "${pids[$job]}" || failed=1
+            done_runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$logs/$job.log" | tail -1)
+            job_rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$logs/$job.log" | tail -1)
+            executions=$((executions + ${done_runs:-0}))
+            rate=$((rate + ${job_rate:-0}))
+        done
+        echo "fuzz $target: $executions executions in $jobs process(es), $rate exec/s"
+        rm -rf "$scratch"
+        if ((failed)) || ((executions < runs)); then
+            for log in "$logs"/*.log; do tail -n 40 "$log"; done
+            rm -rf "$logs"
+            return 1
+        fi
+        rm -rf "$logs"
     done
 }
 
 guest() {
-    if [ -n "${SKIP_GUEST:-}" ]; then
-        echo "skipped (SKIP_GUEST)"
-        return 0
-    fi
+    [ -n "${SKIP_GUEST:-}" ] && { skip "SKIP_GUEST is set"; return; }
     VUZ_REQUIRE_DAEMON=1 VUZ_BIN="$root/target/release/vhost-user-zram" bash guest-tests/run.sh
+}
+
+no_directory() {
+    skip "there is no $1 directory"
 }
 
 stage lint lint
 stage tests unit_and_e2e
-[ -d fuzz ] && stage fuzz fuzz_smoke
-[ -d guest-tests ] && stage guest guest
+if [ -d fuzz ]; then stage fuzz fuzz; else stage fuzz no_directory fuzz; fi
+if [ -d guest-tests ]; then stage guest guest; else stage guest no_directory guest-tests; fi
 
 echo
-echo "stages: $passed passed, $failed failed"
+echo "stages: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

@@ -201,7 +201,7 @@ fn legend(svg: &mut String, report: &Report, layout: &Layout) {
             y,
             escape(&label)
         );
-        x += 34.0 + 7.0 * label.chars().count() as f64;
+        x += 34.0 + 6.2 * label.chars().count() as f64;
     }
 }
 
