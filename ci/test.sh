@@ -7,7 +7,8 @@
 #   2. the unit, property, stress, protocol and libblkio end-to-end tests (cargo nextest),
 #   3. every fuzz target for FUZZ_RUNS executions (default 1,000,000) over FUZZ_JOBS
 #      processes, starting from the seed corpus kept in fuzz/corpus/<target>/,
-#   4. the guest tests (a real QEMU guest swaps to the daemon) and the fio comparison.
+#   4. the guest tests (a real QEMU guest swaps to the daemon) and the fio comparison, then the
+#      swap suite again with --workers 0.
 # Each stage prints PASS, FAIL or SKIP (with the reason); the last line counts the stages.
 #
 # Environment: SKIP_GUEST=1 skips stage 4, SKIP_FUZZ=1 skips stage 3, FUZZ_RUNS (default
@@ -130,7 +131,12 @@ fuzz() {
 
 guest() {
     [ -n "${SKIP_GUEST:-}" ] && { skip "SKIP_GUEST is set"; return; }
-    VUZ_REQUIRE_DAEMON=1 VUZ_BIN="$root/target/release/vhost-user-zram" bash guest-tests/run.sh
+    # Every suite and the fio comparison with the default compression workers, then the swap
+    # suite again with the queue thread compressing (--workers 0): both write paths in a guest.
+    VUZ_REQUIRE_DAEMON=1 VUZ_BIN="$root/target/release/vhost-user-zram" bash guest-tests/run.sh &&
+        VUZ_RESULTS_DIR="$root/results/inline" VUZ_REQUIRE_DAEMON=1 \
+            VUZ_BIN="$root/target/release/vhost-user-zram" \
+            bash guest-tests/run.sh --suites main --no-bench --daemon-arg --workers=0
 }
 
 no_directory() {

@@ -249,6 +249,28 @@ pub fn stats_table(stats: &Stats) -> String {
     for (name, value) in rows {
         out.push_str(&format!("{name:<26} {value}\n"));
     }
+    let w = &stats.workers;
+    let worker_rows = [
+        ("workers", w.workers.to_string()),
+        ("  pool size", pages(w.pool_pages)),
+        ("  pending", pages(w.pending_pages)),
+        ("  pending bytes", bytes(w.pending_bytes)),
+        ("  pool memory", bytes(w.pool_resident_bytes)),
+        ("  inline fallbacks", pages(w.inline_fallbacks)),
+        ("  stalled at the limit", pages(w.stalled_pages)),
+    ];
+    for (name, value) in worker_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    for (i, worker) in w.per_worker.iter().enumerate() {
+        out.push_str(&format!(
+            "{:<26} {} in {} batches, busy {:.1} s\n",
+            format!("  worker {i}"),
+            pages(worker.pages),
+            worker.batches,
+            worker.busy_us as f64 / 1e6
+        ));
+    }
     out
 }
 

@@ -105,8 +105,44 @@ struct StoreFigure {
 
 const PREFIX: &str = "vhost_user_zram_";
 
-/// Every mm_stat and io_stat figure, and the store facts, in zram's order.
-const STORE_FIGURES: [StoreFigure; 17] = [
+/// Every mm_stat and io_stat figure, the store facts, and the compression workers.
+const STORE_FIGURES: [StoreFigure; 23] = [
+    StoreFigure {
+        name: "workers",
+        help: "Compression worker threads (0: the queue threads compress).",
+        kind: MetricType::Gauge,
+        value: |s| s.workers.workers,
+    },
+    StoreFigure {
+        name: "pending_pages",
+        help: "Pages written and not yet compressed by a worker.",
+        kind: MetricType::Gauge,
+        value: |s| s.workers.pending_pages,
+    },
+    StoreFigure {
+        name: "pending_pool_pages",
+        help: "Pages the pending pool holds at most (--max-pending).",
+        kind: MetricType::Gauge,
+        value: |s| s.workers.pool_pages,
+    },
+    StoreFigure {
+        name: "pending_pool_resident_bytes",
+        help: "Memory the pending pool holds from the OS (part of mem_used_total).",
+        kind: MetricType::Gauge,
+        value: |s| s.workers.pool_resident_bytes,
+    },
+    StoreFigure {
+        name: "inline_fallbacks_total",
+        help: "Writes compressed on the queue thread because the pending pool was full.",
+        kind: MetricType::Counter,
+        value: |s| s.workers.inline_fallbacks,
+    },
+    StoreFigure {
+        name: "stalled_pages",
+        help: "Pending pages whose compressed object the memory limit refused (retried).",
+        kind: MetricType::Gauge,
+        value: |s| s.workers.stalled_pages,
+    },
     StoreFigure {
         name: "mm_orig_data_size_bytes",
         help: "Uncompressed size of the data stored (mm_stat orig_data_size).",

@@ -4,7 +4,6 @@
 //! `mm_stat` and `io_stat` print byte for byte what zram's sysfs files print, so scripts written
 //! for zram read them unchanged.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// zram's `mm_stat`: memory use.
@@ -176,65 +175,6 @@ impl Stats {
             i.failed_reads, i.failed_writes, i.invalid_io, i.notify_free
         )
     }
-
-    /// A readable table of every figure.
-    pub fn table(&self) -> String {
-        let m = &self.mm;
-        let ratio = if m.compr_data_size == 0 {
-            0.0
-        } else {
-            m.orig_data_size as f64 / m.compr_data_size as f64
-        };
-        let rows: [(&str, String); 18] = [
-            ("disksize", self.info.disksize.to_string()),
-            ("comp_algorithm", self.info.algorithm.clone()),
-            ("orig_data_size", m.orig_data_size.to_string()),
-            ("compr_data_size", m.compr_data_size.to_string()),
-            ("compression ratio", format!("{ratio:.2}")),
-            ("mem_used_total", m.mem_used_total.to_string()),
-            ("  slot table", self.info.slot_table_bytes.to_string()),
-            ("  chunks", self.info.chunk_bytes.to_string()),
-            ("  metadata", self.info.metadata_bytes.to_string()),
-            ("mem_limit", m.mem_limit.to_string()),
-            ("mem_used_max", m.mem_used_max.to_string()),
-            ("same_pages", m.same_pages.to_string()),
-            ("pages_compacted", m.pages_compacted.to_string()),
-            ("huge_pages", m.huge_pages.to_string()),
-            ("huge_pages_since", m.huge_pages_since.to_string()),
-            ("failed_reads", self.io.failed_reads.to_string()),
-            ("failed_writes", self.io.failed_writes.to_string()),
-            (
-                "invalid_io / notify_free",
-                format!("{} / {}", self.io.invalid_io, self.io.notify_free),
-            ),
-        ];
-        let mut out = String::new();
-        for (name, value) in rows {
-            let _ = writeln!(out, "{name:<26} {value:>16}");
-        }
-        let w = &self.workers;
-        let worker_rows = [
-            ("workers", w.workers.to_string()),
-            ("  pool_pages", w.pool_pages.to_string()),
-            ("  pending_pages", w.pending_pages.to_string()),
-            ("  pending_bytes", w.pending_bytes.to_string()),
-            ("  pool_resident_bytes", w.pool_resident_bytes.to_string()),
-            ("  inline_fallbacks", w.inline_fallbacks.to_string()),
-            ("  stalled_pages", w.stalled_pages.to_string()),
-        ];
-        for (name, value) in worker_rows {
-            let _ = writeln!(out, "{name:<26} {value:>16}");
-        }
-        for (i, worker) in w.per_worker.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{:<26} {:>16}",
-                format!("  worker {i} pages / busy"),
-                format!("{} / {} ms", worker.pages, worker.busy_us / 1000)
-            );
-        }
-        out
-    }
 }
 
 /// Shards of the counters: each thread updates its own cache line, so queue threads and
@@ -338,7 +278,6 @@ mod tests {
             "       0        0        0        3\n"
         );
         assert_eq!(stats.mm_stat_line().split_whitespace().count(), 9);
-        assert!(stats.table().contains("mem_used_total"));
         assert_eq!(stats.mm_stat_line().parse::<MmStat>(), Ok(stats.mm));
     }
 
