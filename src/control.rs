@@ -21,6 +21,8 @@
 //! | `mm_stat`    | one line, byte for byte zram's `/sys/block/zramN/mm_stat`       |
 //! | `io_stat`    | one line, byte for byte zram's `/sys/block/zramN/io_stat`       |
 //! | `compact`    | `compacted N pages`, after compacting the allocator             |
+//! | `idle [all]` | `marked N pages idle` (zram's `echo all > idle`)                 |
+//! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible` (zram's `recompress`) |
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
 //! Requests longer than [`MAX_REQUEST_LEN`] bytes are refused, and a client gets
@@ -40,7 +42,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::wait_readable;
-use crate::store::PageStore;
+use crate::store::{PageStore, RecompressError, RecompressRequest};
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
@@ -61,16 +63,27 @@ pub enum Command {
     IoStat,
     /// Compact the allocator.
     Compact,
+    /// Mark every stored page idle (zram's `echo all > idle`).
+    MarkIdle,
+    /// Recompress pages with the secondary algorithms (zram's `recompress`).
+    Recompress(RecompressRequest),
 }
 
 impl Command {
-    /// Every command.
-    pub const ALL: [Command; 5] = [
+    /// Every command (with default arguments).
+    pub const ALL: [Command; 7] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
         Command::IoStat,
         Command::Compact,
+        Command::MarkIdle,
+        Command::Recompress(RecompressRequest {
+            mode: crate::store::RecompressMode::All,
+            threshold: 0,
+            max_pages: None,
+            target: None,
+        }),
     ];
 
     /// The request line's word for this command.
@@ -81,6 +94,8 @@ impl Command {
             Command::MmStat => "mm_stat",
             Command::IoStat => "io_stat",
             Command::Compact => "compact",
+            Command::MarkIdle => "idle",
+            Command::Recompress(_) => "recompress",
         }
     }
 
@@ -96,13 +111,23 @@ impl Command {
             Command::MmStat => store.stats().mm_stat_line(),
             Command::IoStat => store.stats().io_stat_line(),
             Command::Compact => format!("compacted {} pages\n", store.compact()),
+            Command::MarkIdle => format!("marked {} pages idle\n", store.mark_idle()),
+            Command::Recompress(request) => format!("{}\n", store.recompress(&request)?),
         })
     }
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            Command::Recompress(request) => write!(f, "{} {request}", self.name()),
+            Command::Stats
+            | Command::StatsJson
+            | Command::MmStat
+            | Command::IoStat
+            | Command::Compact
+            | Command::MarkIdle => f.write_str(self.name()),
+        }
     }
 }
 
@@ -110,6 +135,27 @@ impl FromStr for Command {
     type Err = ControlError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Commands with arguments: `recompress key=value...`, `idle all`.
+        let (name, arguments) = s
+            .split_once(char::is_whitespace)
+            .map_or((s, ""), |(name, rest)| (name, rest.trim()));
+        match (name, arguments) {
+            ("recompress", arguments) => return Ok(Command::Recompress(arguments.parse()?)),
+            ("idle", "" | "all") => return Ok(Command::MarkIdle),
+            ("idle", other) => {
+                return Err(ControlError::BadArgument(format!(
+                    "idle takes 'all', not '{}'",
+                    other.chars().take(64).collect::<String>()
+                )))
+            }
+            (_, "") => {}
+            (name, _) => {
+                return Err(ControlError::BadArgument(format!(
+                    "{} takes no arguments",
+                    name.chars().take(64).collect::<String>()
+                )))
+            }
+        }
         Command::ALL
             .into_iter()
             .find(|command| command.name() == s)
@@ -122,9 +168,16 @@ impl FromStr for Command {
 pub enum ControlError {
     /// The request names no command.
     #[error(
-        "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat and compact"
+        "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, compact, \
+         idle and recompress"
     )]
     UnknownCommand(String),
+    /// A command's arguments are wrong.
+    #[error("{0}")]
+    BadArgument(String),
+    /// A recompression request is wrong or cannot run.
+    #[error(transparent)]
+    Recompress(#[from] RecompressError),
     /// The request line is too long or not UTF-8.
     #[error("the request is not one line of at most {MAX_REQUEST_LEN} bytes of text")]
     BadRequest,
@@ -274,5 +327,23 @@ mod tests {
             parse_request(b"\xff\n"),
             Err(ControlError::BadRequest)
         ));
+    }
+
+    #[test]
+    fn commands_with_arguments_roundtrip_through_their_request_line() {
+        let line = "recompress type=huge_idle threshold=1000 max_pages=7 algo=zstd";
+        let command = parse_request(line.as_bytes()).unwrap();
+        assert_eq!(command.to_string(), line);
+        assert_eq!(parse_request(b"idle all\n").unwrap(), Command::MarkIdle);
+        for bad in [&b"idle 3600"[..], b"stats now", b"recompress type=cold"] {
+            let error = parse_request(bad).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ControlError::BadArgument(_) | ControlError::Recompress(_)
+                ),
+                "{error}"
+            );
+        }
     }
 }

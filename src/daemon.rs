@@ -43,7 +43,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
-use crate::store::{PageStore, PendingConfig, StoreConfig, StoreError};
+use crate::recompress::{BackgroundRecompressor, RecompressConfig};
+use crate::store::{PageStore, PendingConfig, RecompressError, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
 
 /// The default mode of the vhost-user and control sockets.
@@ -76,6 +77,8 @@ pub struct DaemonConfig {
     pub device: DeviceConfig,
     /// Where to serve the control protocol, if anywhere.
     pub control_socket: Option<PathBuf>,
+    /// Secondary algorithms and background recompression.
+    pub recompress: RecompressConfig,
 }
 
 /// Why the daemon could not start or failed while running.
@@ -119,6 +122,12 @@ pub enum DaemonError {
         /// The device's capacity.
         device: u64,
     },
+    /// The recompression settings are not valid.
+    #[error("invalid recompression settings")]
+    Recompress(#[source] RecompressError),
+    /// The background recompressor could not start.
+    #[error("cannot start the background recompressor")]
+    Recompressor(#[source] io::Error),
     /// The compression workers could not start.
     #[error("cannot start the compression workers")]
     Workers(#[source] io::Error),
@@ -209,6 +218,7 @@ pub struct Daemon {
     control: Option<(ControlServer, SocketFile)>,
     stop: StopHandle,
     workers: CompressWorkers,
+    recompressor: Option<BackgroundRecompressor>,
     poll_max: Duration,
 }
 
@@ -217,7 +227,10 @@ impl Daemon {
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
         let stop = StopHandle::new().map_err(DaemonError::Wait)?;
         let store = Arc::new(
-            PageStore::with_pending(config.store, config.pending).map_err(DaemonError::Store)?,
+            PageStore::with_pending(config.store, config.pending)
+                .map_err(DaemonError::Store)?
+                .with_secondary_algorithms(&config.recompress.algorithms)
+                .map_err(DaemonError::Recompress)?,
         );
         let workers = CompressWorkers::start(store.clone(), &config.worker_cpus)
             .map_err(DaemonError::Workers)?;
@@ -233,6 +246,13 @@ impl Daemon {
                 Some(SocketFile(path.clone())),
             ),
             ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
+        };
+        let recompressor = match config.recompress.idle_after {
+            Some(idle_after) => Some(
+                BackgroundRecompressor::start(store.clone(), idle_after, config.recompress.rate)
+                    .map_err(DaemonError::Recompressor)?,
+            ),
+            None => None,
         };
         let control = match &config.control_socket {
             Some(path) => {
@@ -252,6 +272,7 @@ impl Daemon {
             control,
             stop,
             workers,
+            recompressor,
             poll_max: config.poll_max,
         })
     }
@@ -276,6 +297,7 @@ impl Daemon {
             control,
             stop,
             workers,
+            recompressor,
             poll_max,
         } = self;
         match &socket_file {
@@ -323,6 +345,9 @@ impl Daemon {
             handler.send_exit_event();
         }
         drop(daemon);
+        if let Some(recompressor) = recompressor {
+            recompressor.stop();
+        }
         workers.stop();
         if let Some((server, _file)) = control {
             server.stop();

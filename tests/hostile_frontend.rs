@@ -64,6 +64,7 @@ fn start_daemon() -> Running {
         poll_max: std::time::Duration::ZERO,
         device,
         control_socket: None,
+        recompress: Default::default(),
     })
     .unwrap();
     let store = daemon.store().clone();

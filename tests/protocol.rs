@@ -63,6 +63,7 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
         poll_max: std::time::Duration::ZERO,
         device,
         control_socket: None,
+        recompress: Default::default(),
     }
 }
 

@@ -31,6 +31,7 @@ use self::pending::{Batch, Job, JobQueue, PendingPool};
 pub use self::pending::{WorkerHooks, WORKER_BATCH};
 pub use self::recompress::{
     AlgorithmSpec, RecompressError, RecompressMode, RecompressOutcome, RecompressRequest,
+    RecompressTarget,
 };
 use self::same_fill::FillWords;
 use self::slot::{SlotEntry, SlotTable, MAX_HANDLE};

@@ -454,23 +454,26 @@ impl PageStore {
                 outcome.stopped = true;
                 break;
             }
+            // The counters move page by page, so a long, paced pass shows its progress.
+            let c = self.counters.local();
             match self.recompress_slot(slot, request, lo, hi) {
                 SlotOutcome::Skipped => continue,
-                SlotOutcome::Kept { marked } => outcome.incompressible += u64::from(marked),
+                SlotOutcome::Kept { marked } => {
+                    outcome.incompressible += u64::from(marked);
+                    add(&c.recompress_incompressible, u64::from(marked));
+                }
                 SlotOutcome::Replaced { saved } => {
                     outcome.recompressed += 1;
                     outcome.bytes_saved += saved;
+                    add(&c.recompressed, 1);
+                    add(&c.recompress_saved, saved);
                 }
             }
             outcome.tried += 1;
+            add(&c.recompress_tried, 1);
             budget = budget.map(|n| n - 1);
         }
-        let c = self.counters.local();
-        add(&c.recompress_passes, 1);
-        add(&c.recompress_tried, outcome.tried);
-        add(&c.recompressed, outcome.recompressed);
-        add(&c.recompress_saved, outcome.bytes_saved);
-        add(&c.recompress_incompressible, outcome.incompressible);
+        add(&self.counters.local().recompress_passes, 1);
         self.counters.note_mem_used(self.mem_used_total());
         Ok(outcome)
     }
