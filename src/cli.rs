@@ -20,8 +20,8 @@ use crate::control::{self, Command};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
 use crate::store::{
-    AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, MAX_PENDING_BUFFERS,
-    MAX_SECONDARY,
+    AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, TrainRequest,
+    MAX_PENDING_BUFFERS, MAX_SECONDARY,
 };
 use crate::PAGE_SIZE;
 
@@ -102,6 +102,17 @@ pub enum CtlCommand {
         #[arg(value_name = "KEY=VALUE", value_parser = parse_recompress_word)]
         params: Vec<String>,
     },
+    /// Train a zstd dictionary on a sample of the stored pages; new and recompressed zstd
+    /// pages use it (pages made with older ones stay readable).
+    #[command(name = "train-dict")]
+    TrainDict {
+        /// The most pages sampled.
+        #[arg(long, default_value_t = TrainRequest::default().samples)]
+        samples: usize,
+        /// The dictionary's size in bytes.
+        #[arg(long, default_value_t = TrainRequest::default().size)]
+        size: usize,
+    },
 }
 
 impl CtlCommand {
@@ -118,6 +129,10 @@ impl CtlCommand {
             CtlCommand::Recompress { params } => {
                 Command::Recompress(params.join(" ").parse().unwrap_or_default())
             }
+            CtlCommand::TrainDict { samples, size } => Command::TrainDict(TrainRequest {
+                samples: *samples,
+                size: *size,
+            }),
         }
     }
 }
@@ -203,6 +218,10 @@ pub struct ServeArgs {
     /// go after between SECS and 2 x SECS). Needs --recompress-algorithm.
     #[arg(long, value_name = "SECS", value_parser = parse_idle_after)]
     pub recompress_idle_after: Option<u64>,
+    /// A zstd dictionary (zstd's format, e.g. from `zstd --train`) for every zstd algorithm of
+    /// the device, as zram's algorithm_params dict=.
+    #[arg(long, value_name = "PATH")]
+    pub zstd_dict: Option<PathBuf>,
     /// The most pages a second the background recompressor tries.
     #[arg(long, value_name = "PAGES", default_value_t = DEFAULT_RATE, value_parser = parse_recompress_rate)]
     pub recompress_rate: u64,
@@ -337,6 +356,7 @@ impl ServeArgs {
                     .recompress_idle_after
                     .map(std::time::Duration::from_secs),
                 rate: self.recompress_rate,
+                zstd_dict: self.zstd_dict.clone(),
             },
         })
     }

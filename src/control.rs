@@ -22,6 +22,7 @@
 //! | `io_stat`    | one line, byte for byte zram's `/sys/block/zramN/io_stat`       |
 //! | `compact`    | `compacted N pages`, after compacting the allocator             |
 //! | `idle [all]` | `marked N pages idle` (zram's `echo all > idle`)                 |
+//! | `train-dict [samples=N] [size=BYTES]` | `trained zstd dictionary ID of N bytes from N pages; ...` |
 //! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible` (zram's `recompress`) |
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
@@ -42,7 +43,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::wait_readable;
-use crate::store::{PageStore, RecompressError, RecompressRequest};
+use crate::store::{PageStore, RecompressError, RecompressRequest, TrainRequest};
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
@@ -67,11 +68,13 @@ pub enum Command {
     MarkIdle,
     /// Recompress pages with the secondary algorithms (zram's `recompress`).
     Recompress(RecompressRequest),
+    /// Train a zstd dictionary on a sample of the stored pages and use it from now on.
+    TrainDict(TrainRequest),
 }
 
 impl Command {
     /// Every command (with default arguments).
-    pub const ALL: [Command; 7] = [
+    pub const ALL: [Command; 8] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
@@ -83,6 +86,10 @@ impl Command {
             threshold: 0,
             max_pages: None,
             target: None,
+        }),
+        Command::TrainDict(TrainRequest {
+            samples: 8192,
+            size: 16 << 10,
         }),
     ];
 
@@ -96,6 +103,7 @@ impl Command {
             Command::Compact => "compact",
             Command::MarkIdle => "idle",
             Command::Recompress(_) => "recompress",
+            Command::TrainDict(_) => "train-dict",
         }
     }
 
@@ -113,6 +121,9 @@ impl Command {
             Command::Compact => format!("compacted {} pages\n", store.compact()),
             Command::MarkIdle => format!("marked {} pages idle\n", store.mark_idle()),
             Command::Recompress(request) => format!("{}\n", store.recompress(&request)?),
+            Command::TrainDict(request) => {
+                format!("{}\n", store.train_zstd_dictionary(&request)?)
+            }
         })
     }
 }
@@ -121,6 +132,7 @@ impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Command::Recompress(request) => write!(f, "{} {request}", self.name()),
+            Command::TrainDict(request) => write!(f, "{} {request}", self.name()),
             Command::Stats
             | Command::StatsJson
             | Command::MmStat
@@ -141,6 +153,7 @@ impl FromStr for Command {
             .map_or((s, ""), |(name, rest)| (name, rest.trim()));
         match (name, arguments) {
             ("recompress", arguments) => return Ok(Command::Recompress(arguments.parse()?)),
+            ("train-dict", arguments) => return Ok(Command::TrainDict(arguments.parse()?)),
             ("idle", "" | "all") => return Ok(Command::MarkIdle),
             ("idle", other) => {
                 return Err(ControlError::BadArgument(format!(
@@ -169,7 +182,7 @@ pub enum ControlError {
     /// The request names no command.
     #[error(
         "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, compact, \
-         idle and recompress"
+         idle, recompress and train-dict"
     )]
     UnknownCommand(String),
     /// A command's arguments are wrong.
@@ -335,7 +348,14 @@ mod tests {
         let command = parse_request(line.as_bytes()).unwrap();
         assert_eq!(command.to_string(), line);
         assert_eq!(parse_request(b"idle all\n").unwrap(), Command::MarkIdle);
-        for bad in [&b"idle 3600"[..], b"stats now", b"recompress type=cold"] {
+        let line = "train-dict samples=100 size=4096";
+        assert_eq!(parse_request(line.as_bytes()).unwrap().to_string(), line);
+        for bad in [
+            &b"idle 3600"[..],
+            b"stats now",
+            b"recompress type=cold",
+            b"train-dict size=1",
+        ] {
             let error = parse_request(bad).unwrap_err();
             assert!(
                 matches!(

@@ -125,6 +125,15 @@ pub enum DaemonError {
     /// The recompression settings are not valid.
     #[error("invalid recompression settings")]
     Recompress(#[source] RecompressError),
+    /// The zstd dictionary file cannot be read.
+    #[error("cannot read the zstd dictionary {}", .path.display())]
+    ReadDictionary {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The background recompressor could not start.
     #[error("cannot start the background recompressor")]
     Recompressor(#[source] io::Error),
@@ -247,6 +256,26 @@ impl Daemon {
             ),
             ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
         };
+        if let Some(path) = &config.recompress.zstd_dict {
+            // Read at most one byte past the largest dictionary, so a wrong path to a huge
+            // file is refused without reading it all.
+            let mut raw = Vec::new();
+            fs::File::open(path)
+                .and_then(|file| {
+                    io::Read::read_to_end(
+                        &mut io::Read::take(file, crate::codec::MAX_DICTIONARY_BYTES as u64 + 1),
+                        &mut raw,
+                    )
+                })
+                .map_err(|source| DaemonError::ReadDictionary {
+                    path: path.clone(),
+                    source,
+                })?;
+            let id = store
+                .load_zstd_dictionary(&raw)
+                .map_err(DaemonError::Recompress)?;
+            info!("zstd pages use dictionary {id} from {}", path.display());
+        }
         let recompressor = match config.recompress.idle_after {
             Some(idle_after) => Some(
                 BackgroundRecompressor::start(store.clone(), idle_after, config.recompress.rate)

@@ -42,6 +42,8 @@ pub struct RecompressConfig {
     pub idle_after: Option<Duration>,
     /// Pages tried per second by the background recompressor (0: [`DEFAULT_RATE`]).
     pub rate: u64,
+    /// A zstd dictionary file to load at start (`--zstd-dict`).
+    pub zstd_dict: Option<std::path::PathBuf>,
 }
 
 /// The stop flag and the condvar the thread sleeps on.

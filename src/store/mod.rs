@@ -31,7 +31,7 @@ use self::pending::{Batch, Job, JobQueue, PendingPool};
 pub use self::pending::{WorkerHooks, WORKER_BATCH};
 pub use self::recompress::{
     AlgorithmSpec, RecompressError, RecompressMode, RecompressOutcome, RecompressRequest,
-    RecompressTarget,
+    RecompressTarget, TrainRequest, TrainedDictionary,
 };
 use self::same_fill::FillWords;
 use self::slot::{SlotEntry, SlotTable, MAX_HANDLE};
@@ -220,7 +220,12 @@ impl PageStore {
                 config.capacity_pages
             )));
         }
-        let codec = config.algorithm.codec(config.level)?;
+        let primary = AlgorithmSpec {
+            algorithm: config.algorithm,
+            level: config.level,
+        };
+        let dictionaries = std::sync::Arc::new(crate::codec::ZstdDictionaries::default());
+        let codec = recompress::build_codec(primary, &dictionaries)?;
         let pages = usize::try_from(config.capacity_pages)
             .map_err(|_| StoreError::Config("the capacity does not fit in memory".into()))?;
         let store = PageStore {
@@ -228,10 +233,7 @@ impl PageStore {
             alloc: SlabAllocator::new(),
             fill_words: FillWords::default(),
             codec,
-            recompression: recompress::Recompression::new(AlgorithmSpec {
-                algorithm: config.algorithm,
-                level: config.level,
-            }),
+            recompression: recompress::Recompression::new(primary, dictionaries),
             counters: Counters::default(),
             mem_limit: AtomicU64::new(config.mem_limit.unwrap_or(0)),
             compaction: Mutex::new(()),
@@ -461,6 +463,7 @@ impl PageStore {
             + self.alloc.bytes()
             + self.fill_words.bytes() as u64
             + self.pool_bytes()
+            + self.recompression.dictionary_bytes()
     }
 
     fn pool_bytes(&self) -> u64 {
@@ -522,8 +525,9 @@ impl PageStore {
         let c = &self.counters;
         let get = |counter: fn(&CounterShard) -> &AtomicU64| c.sum(counter);
         let mem_used_total = self.mem_used_total();
-        let metadata =
-            self.alloc.bytes() - self.alloc.chunk_bytes() + self.fill_words.bytes() as u64;
+        let metadata = self.alloc.bytes() - self.alloc.chunk_bytes()
+            + self.fill_words.bytes() as u64
+            + self.recompression.dictionary_bytes();
         Stats {
             mm: MmStat {
                 orig_data_size: get(|c| &c.pages_stored) * PAGE_SIZE as u64,
@@ -859,7 +863,10 @@ impl PageStore {
         let alloc_limit = match self.mem_limit.load(Ordering::Relaxed) {
             0 => None,
             limit => Some(limit.saturating_sub(
-                self.slots.bytes() as u64 + self.fill_words.bytes() as u64 + self.pool_bytes(),
+                self.slots.bytes() as u64
+                    + self.fill_words.bytes() as u64
+                    + self.pool_bytes()
+                    + self.recompression.dictionary_bytes(),
             )),
         };
         match compressed_len {

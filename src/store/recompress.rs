@@ -28,6 +28,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use log::warn;
 
@@ -37,7 +38,9 @@ use super::{
     class_of, compressed_bytes, holds_page, object_class, object_len, PageStore, SlotState,
     COMPRESS_SCRATCH, HUGE_THRESHOLD,
 };
-use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec};
+use crate::codec::{
+    Algorithm, Codec, CodecError, DictionaryError, UnknownCodec, Zstd, ZstdDictionaries,
+};
 use crate::PAGE_SIZE;
 
 /// An algorithm and its level: `zstd`, `zstd:level=9` (zram's `algorithm_params` form).
@@ -297,23 +300,133 @@ pub enum RecompressError {
     /// The algorithm or level does not exist.
     #[error(transparent)]
     Codec(#[from] UnknownCodec),
+    /// A `train-dict` word that is not `samples=16..` or `size=1024..`.
+    #[error("'{0}' is not a train-dict parameter; give samples=16..1048576 or size=1024..1048576")]
+    BadTrainParameter(String),
+    /// The store has no zstd algorithm to use a dictionary.
+    #[error("no algorithm of this device is zstd, so a zstd dictionary would not be used")]
+    NoZstd,
+    /// Too few compressible pages to train on.
+    #[error(
+        "only {0} compressible pages are stored; at least 16 are needed to train a dictionary"
+    )]
+    TooFewSamples(usize),
+    /// The dictionary could not be trained or loaded.
+    #[error(transparent)]
+    Dictionary(#[from] DictionaryError),
 }
 
-/// The secondary algorithms of a store.
+/// The secondary algorithms of a store, and the zstd dictionaries all its zstd codecs share.
 #[derive(Debug)]
 pub(crate) struct Recompression {
     /// `codecs[p - 1]` holds the pages of priority `p`.
     codecs: Box<[Box<dyn Codec>]>,
     /// Names by priority, the primary's first.
     names: Box<[String]>,
+    /// Whether any algorithm (primary or secondary) is zstd.
+    has_zstd: bool,
+    dictionaries: Arc<ZstdDictionaries>,
 }
 
 impl Recompression {
-    pub(crate) fn new(primary: AlgorithmSpec) -> Recompression {
+    pub(crate) fn new(
+        primary: AlgorithmSpec,
+        dictionaries: Arc<ZstdDictionaries>,
+    ) -> Recompression {
         Recompression {
             codecs: Box::new([]),
             names: Box::new([primary.to_string()]),
+            has_zstd: primary.algorithm == Algorithm::Zstd,
+            dictionaries,
         }
+    }
+
+    /// Bytes of the zstd dictionaries (part of `mem_used_total`).
+    pub(crate) fn dictionary_bytes(&self) -> u64 {
+        self.dictionaries.bytes()
+    }
+}
+
+/// The codec for `spec`; a zstd codec shares the store's dictionaries.
+pub(crate) fn build_codec(
+    spec: AlgorithmSpec,
+    dictionaries: &Arc<ZstdDictionaries>,
+) -> Result<Box<dyn Codec>, UnknownCodec> {
+    let codec = spec.codec()?;
+    if spec.algorithm == Algorithm::Zstd {
+        let level = spec.level.or(spec.algorithm.default_level()).unwrap_or(1);
+        return Ok(Box::new(Zstd::with_dictionaries(
+            level,
+            Arc::clone(dictionaries),
+        )));
+    }
+    Ok(codec)
+}
+
+/// `train-dict [samples=N] [size=BYTES]`: how to train a zstd dictionary from stored pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainRequest {
+    /// The most pages sampled (spread evenly over the device).
+    pub samples: usize,
+    /// The dictionary's size in bytes.
+    pub size: usize,
+}
+
+impl Default for TrainRequest {
+    fn default() -> Self {
+        TrainRequest {
+            samples: 8192,
+            size: 16 << 10,
+        }
+    }
+}
+
+impl fmt::Display for TrainRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "samples={} size={}", self.samples, self.size)
+    }
+}
+
+impl FromStr for TrainRequest {
+    type Err = RecompressError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut request = TrainRequest::default();
+        for word in text.split_whitespace() {
+            let bad = || RecompressError::BadTrainParameter(word.chars().take(64).collect());
+            let (name, value) = word.split_once('=').ok_or_else(bad)?;
+            let value: usize = value.parse().map_err(|_| bad())?;
+            match name {
+                "samples" if (16..=1 << 20).contains(&value) => request.samples = value,
+                "size" if (1024..=crate::codec::MAX_DICTIONARY_BYTES).contains(&value) => {
+                    request.size = value
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// A dictionary trained by [`PageStore::train_zstd_dictionary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainedDictionary {
+    /// Its zstd ID.
+    pub id: u32,
+    /// Its size in bytes.
+    pub bytes: usize,
+    /// The pages it was trained on.
+    pub samples: usize,
+}
+
+impl fmt::Display for TrainedDictionary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trained zstd dictionary {} of {} bytes from {} pages; new and recompressed zstd \
+             pages use it",
+            self.id, self.bytes, self.samples
+        )
     }
 }
 
@@ -337,17 +450,88 @@ impl PageStore {
         if specs.len() > MAX_SECONDARY {
             return Err(RecompressError::TooMany);
         }
+        let dictionaries = &self.recompression.dictionaries;
         let codecs = specs
             .iter()
-            .map(|spec| spec.codec())
+            .map(|&spec| build_codec(spec, dictionaries))
             .collect::<Result<Vec<_>, _>>()?;
         let mut names = vec![self.recompression.names[0].clone()];
         names.extend(specs.iter().map(ToString::to_string));
-        self.recompression = Recompression {
-            codecs: codecs.into_boxed_slice(),
-            names: names.into_boxed_slice(),
-        };
+        self.recompression.has_zstd |= specs.iter().any(|s| s.algorithm == Algorithm::Zstd);
+        self.recompression.codecs = codecs.into_boxed_slice();
+        self.recompression.names = names.into_boxed_slice();
         Ok(self)
+    }
+
+    /// Loads a zstd-format dictionary (zram's `dict=`); new and recompressed zstd pages use it
+    /// from now on. Returns its ID.
+    pub fn load_zstd_dictionary(&self, raw: &[u8]) -> Result<u32, RecompressError> {
+        if !self.recompression.has_zstd {
+            return Err(RecompressError::NoZstd);
+        }
+        let id = self.recompression.dictionaries.add(raw)?;
+        self.counters.note_mem_used(self.mem_used_total());
+        Ok(id)
+    }
+
+    /// Trains a zstd dictionary on up to `request.samples` compressed pages spread evenly over
+    /// the device and loads it. Reads each sample under its slot lock, one at a time; the
+    /// training itself (zstd's fastCover) runs with no lock held.
+    pub fn train_zstd_dictionary(
+        &self,
+        request: &TrainRequest,
+    ) -> Result<TrainedDictionary, RecompressError> {
+        if !self.recompression.has_zstd {
+            return Err(RecompressError::NoZstd);
+        }
+        let compressible = (0..=MAX_SECONDARY)
+            .map(|p| self.counters.sum(|c| &c.algorithm_pages[p]))
+            .sum::<u64>()
+            + self.pending_pages();
+        let stride = usize::try_from(compressible / request.samples.max(1) as u64)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut samples: Vec<Vec<u8>> = Vec::with_capacity(request.samples);
+        let mut seen = 0usize;
+        let mut page = [0u8; PAGE_SIZE];
+        for slot in 0..self.slots.len() {
+            if samples.len() >= request.samples {
+                break;
+            }
+            let wanted = |entry: SlotEntry| match entry.state() {
+                SlotState::Compressed | SlotState::Pending => true,
+                SlotState::Empty
+                | SlotState::SameFilled
+                | SlotState::Huge
+                | SlotState::WrittenBack
+                | SlotState::Invalid => false,
+            };
+            if !self.slots.peek(slot).is_some_and(wanted) {
+                continue;
+            }
+            seen += 1;
+            if !seen.is_multiple_of(stride) {
+                continue;
+            }
+            let guard = self.lock(slot);
+            let entry = guard.entry();
+            let read = wanted(entry) && self.decode(slot as u64, entry, &mut page).is_ok();
+            drop(guard);
+            if read {
+                samples.push(page.to_vec());
+            }
+        }
+        if samples.len() < 16 {
+            return Err(RecompressError::TooFewSamples(samples.len()));
+        }
+        let raw = zstd::dict::from_samples(&samples, request.size)
+            .map_err(|e| DictionaryError::Zstd(e.to_string()))?;
+        let id = self.load_zstd_dictionary(&raw)?;
+        Ok(TrainedDictionary {
+            id,
+            bytes: raw.len(),
+            samples: samples.len(),
+        })
     }
 
     /// The number of secondary algorithms.
@@ -565,6 +749,9 @@ impl PageStore {
             pages_incompressible: c.sum(|c| &c.recompress_incompressible),
             passes: c.sum(|c| &c.recompress_passes),
             pages_marked_idle: c.sum(|c| &c.marked_idle),
+            zstd_dictionaries: self.recompression.dictionaries.ids(),
+            zstd_dictionary: self.recompression.dictionaries.current(),
+            dictionary_bytes: self.recompression.dictionaries.bytes(),
         }
     }
 

@@ -533,3 +533,53 @@ fn a_recompression_racing_a_write_of_the_same_page_never_loses_the_write() {
     assert!(replaced > 0, "the recompressor never won a race");
     s.check_consistency().unwrap();
 }
+
+#[test]
+fn a_trained_dictionary_shrinks_recompressed_pages_and_older_pages_keep_decoding() {
+    let plain = store(4096, &["zstd:level=3"]);
+    let with_dict = store(4096, &["zstd:level=3"]);
+    for s in [&plain, &with_dict] {
+        for i in 0..4096 {
+            s.write(i, &swap_page(i)).unwrap();
+        }
+    }
+    plain.recompress(&request("max_pages=1000")).unwrap();
+    with_dict.recompress(&request("max_pages=1000")).unwrap(); // under no dictionary
+
+    let trained = with_dict
+        .train_zstd_dictionary(&TrainRequest {
+            samples: 1024,
+            size: 16 << 10,
+        })
+        .unwrap();
+    let rest_plain = plain.recompress(&RecompressRequest::default()).unwrap();
+    let rest_dict = with_dict.recompress(&RecompressRequest::default()).unwrap();
+    let again = with_dict
+        .train_zstd_dictionary(&TrainRequest {
+            samples: 512,
+            size: 8 << 10,
+        })
+        .unwrap();
+
+    assert!(trained.samples >= 1000, "{trained}");
+    assert!(
+        rest_dict.bytes_saved > rest_plain.bytes_saved,
+        "with the dictionary {rest_dict}, without {rest_plain}"
+    );
+    let r = with_dict.stats().recompression;
+    assert_eq!(r.zstd_dictionaries, vec![trained.id, again.id]);
+    assert_eq!(r.zstd_dictionary, Some(again.id));
+    assert_eq!(r.dictionary_bytes, (trained.bytes + again.bytes) as u64);
+    for i in 0..4096 {
+        assert_eq!(read(&with_dict, i)[..], swap_page(i)[..], "page {i}");
+    }
+    with_dict.check_consistency().unwrap();
+    assert_eq!(
+        store(4, &["deflate"]).load_zstd_dictionary(b"x"),
+        Err(RecompressError::NoZstd)
+    );
+    assert!(matches!(
+        store(4, &["zstd"]).train_zstd_dictionary(&TrainRequest::default()),
+        Err(RecompressError::TooFewSamples(0))
+    ));
+}

@@ -114,6 +114,12 @@ pub struct RecompressStats {
     pub passes: u64,
     /// Pages marked idle by `idle` commands and the background recompressor's sweeps.
     pub pages_marked_idle: u64,
+    /// IDs of the zstd dictionaries kept, oldest first (pages made with any still decode).
+    pub zstd_dictionaries: Vec<u32>,
+    /// The dictionary new zstd pages use, if any.
+    pub zstd_dictionary: Option<u32>,
+    /// Bytes of the dictionaries (part of `mem_used_total`).
+    pub dictionary_bytes: u64,
 }
 
 /// The pages one algorithm holds.
@@ -288,6 +294,15 @@ impl Stats {
             ("  bytes_saved", r.bytes_saved.to_string()),
             ("  pages_incompressible", r.pages_incompressible.to_string()),
             ("pages_marked_idle", r.pages_marked_idle.to_string()),
+            (
+                "zstd dictionary / kept",
+                format!(
+                    "{} / {}",
+                    r.zstd_dictionary.map_or("none".into(), |id| id.to_string()),
+                    r.zstd_dictionaries.len()
+                ),
+            ),
+            ("  dictionary_bytes", r.dictionary_bytes.to_string()),
         ];
         for (name, value) in recompress_rows {
             let _ = writeln!(out, "{name:<26} {value:>16}");
