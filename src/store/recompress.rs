@@ -683,6 +683,7 @@ impl PageStore {
         }
         let old_class = object_class(old).unwrap_or(usize::MAX);
         let mut tried = 0;
+        let mut refused = false;
         let new = COMPRESS_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             for priority in lo.max(old.priority() + 1)..hi {
@@ -698,9 +699,10 @@ impl PageStore {
                     continue;
                 }
                 // Allocating under the slot lock keeps the lock order (slot, then class). A
-                // refusal by the memory limit leaves the page as it is.
-                return self
-                    .store_object(&page, &scratch[..], Some(len))
+                // refusal by the memory limit leaves the page as it is, not marked.
+                let stored = self.store_object(&page, &scratch[..], Some(len));
+                refused = stored.is_err();
+                return stored
                     .ok()
                     .map(|entry| entry.with_priority(priority).with_idle(old.is_idle()));
             }
@@ -718,7 +720,7 @@ impl PageStore {
             None if tried == 0 => SlotOutcome::Skipped,
             None => {
                 // zram marks the page only when every secondary algorithm failed on it.
-                let marked = tried == self.recompression.codecs.len();
+                let marked = !refused && tried == self.recompression.codecs.len();
                 if marked {
                     guard.replace(old.with_incompressible(true));
                 }

@@ -583,3 +583,37 @@ fn a_trained_dictionary_shrinks_recompressed_pages_and_older_pages_keep_decoding
         Err(RecompressError::TooFewSamples(0))
     ));
 }
+
+#[test]
+fn at_the_memory_limit_a_page_is_kept_and_not_marked_incompressible() {
+    let s = PageStore::new(StoreConfig {
+        mem_limit: Some(1 << 20),
+        ..config(256)
+    })
+    .unwrap()
+    .with_secondary_algorithms(&[spec("zstd:level=9")])
+    .unwrap();
+    let mut gen = PageGen::new(21);
+    let mut written = Vec::new();
+    for i in 0..256 {
+        let page = gen.page_of(PageKind::Text);
+        if s.write(i, &page).is_err() {
+            break;
+        }
+        written.push(page);
+    }
+    // Fill what is left of the limit so that no new object fits.
+    s.set_mem_limit(Some(s.mem_used_total()));
+
+    let outcome = s.recompress(&RecompressRequest::default()).unwrap();
+
+    assert!(
+        outcome.recompressed < outcome.tried,
+        "the limit refused none: {outcome}"
+    );
+    assert_eq!(outcome.incompressible, 0, "{outcome}");
+    for (i, page) in written.iter().enumerate() {
+        assert_eq!(read(&s, i as u64)[..], page[..]);
+    }
+    s.check_consistency().unwrap();
+}
