@@ -78,6 +78,7 @@ struct Run {
     tried: u64,
     train: Option<(Duration, u32, usize)>,
     zstd_pages: u64,
+    mark: (u64, Duration),
 }
 
 fn run(label: &str, secondary: &str, dictionary: bool, pages: &[[u8; PAGE_SIZE]]) -> Run {
@@ -106,7 +107,9 @@ fn run(label: &str, secondary: &str, dictionary: bool, pages: &[[u8; PAGE_SIZE]]
             .expect("train");
         (started.elapsed(), trained.id, trained.bytes)
     });
-    store.mark_idle();
+    let started = Instant::now();
+    let marked = store.mark_idle();
+    let mark_time = started.elapsed();
     let started = Instant::now();
     let outcome = store
         .recompress(&RecompressRequest {
@@ -134,6 +137,7 @@ fn run(label: &str, secondary: &str, dictionary: bool, pages: &[[u8; PAGE_SIZE]]
         tried: outcome.tried,
         train,
         zstd_pages,
+        mark: (marked, mark_time),
     }
 }
 
@@ -280,6 +284,11 @@ fn main() {
                 time.as_secs_f64()
             );
         }
+        println!(
+            "  idle all              {:>10.1} ms ({} pages marked)",
+            r.mark.1.as_secs_f64() * 1000.0,
+            r.mark.0
+        );
         println!(
             "  recompress            {:>10.0} pages/s tried ({} tried, {} recompressed, {} now zstd)",
             r.recompress_pages_per_s, r.tried, r.recompressed, r.zstd_pages
