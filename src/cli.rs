@@ -24,7 +24,11 @@ use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
 use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
-use crate::store::{PendingConfig, StoreConfig, MAX_PENDING_BUFFERS};
+use crate::recompress::{RecompressConfig, DEFAULT_RATE};
+use crate::store::{
+    AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, TrainRequest,
+    MAX_PENDING_BUFFERS, MAX_SECONDARY,
+};
 use crate::PAGE_SIZE;
 
 /// Exit status for a wrong command line: nothing was tried.
@@ -91,7 +95,7 @@ pub struct CtlArgs {
 }
 
 /// `ctl` commands.
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum CtlCommand {
     /// Print every statistic as a table.
     Stats {
@@ -109,6 +113,31 @@ pub enum CtlCommand {
     Metrics,
     /// Compact the allocator.
     Compact,
+    /// Mark every stored page idle (zram's `echo all > idle`); reads and writes clear it.
+    Idle {
+        /// Which pages: only `all` is supported.
+        #[arg(default_value = "all", value_parser = ["all"])]
+        which: String,
+    },
+    /// Recompress pages with the --recompress-algorithm algorithms, as zram's `recompress`:
+    /// e.g. `recompress type=idle threshold=3000 max_pages=1000 algo=zstd`.
+    Recompress {
+        /// type=idle|huge|huge_idle (default: every page), threshold=BYTES, max_pages=N,
+        /// algo=NAME or priority=N.
+        #[arg(value_name = "KEY=VALUE", value_parser = parse_recompress_word)]
+        params: Vec<String>,
+    },
+    /// Train a zstd dictionary on a sample of the stored pages; new and recompressed zstd
+    /// pages use it (pages made with older ones stay readable).
+    #[command(name = "train-dict")]
+    TrainDict {
+        /// The most pages sampled.
+        #[arg(long, default_value_t = TrainRequest::default().samples)]
+        samples: usize,
+        /// The dictionary's size in bytes.
+        #[arg(long, default_value_t = TrainRequest::default().size)]
+        size: usize,
+    },
 }
 
 impl CtlArgs {
@@ -127,7 +156,7 @@ impl CtlArgs {
 
 impl CtlCommand {
     /// The control-protocol command.
-    pub fn command(self) -> Command {
+    pub fn command(&self) -> Command {
         match self {
             CtlCommand::Stats { json: false } => Command::Stats,
             CtlCommand::Stats { json: true } => Command::StatsJson,
@@ -135,8 +164,23 @@ impl CtlCommand {
             CtlCommand::IoStat => Command::IoStat,
             CtlCommand::Metrics => Command::Metrics,
             CtlCommand::Compact => Command::Compact,
+            CtlCommand::Idle { .. } => Command::MarkIdle,
+            // Each word was checked by parse_recompress_word, so the whole parses too.
+            CtlCommand::Recompress { params } => {
+                Command::Recompress(params.join(" ").parse().unwrap_or_default())
+            }
+            CtlCommand::TrainDict { samples, size } => Command::TrainDict(TrainRequest {
+                samples: *samples,
+                size: *size,
+            }),
         }
     }
+}
+
+fn parse_recompress_word(word: &str) -> Result<String, String> {
+    word.parse::<RecompressRequest>()
+        .map(|_| word.to_owned())
+        .map_err(|error| error.to_string())
 }
 
 /// Log levels.
@@ -227,6 +271,21 @@ pub struct ServeArgs {
     /// (adaptive: the window shrinks while polling finds nothing). 0 never polls.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_MAX_US, value_parser = parse_poll_max)]
     pub poll_max_us: u64,
+    /// A secondary algorithm for recompression, as ALGO or ALGO:level=N (e.g. zstd:level=9);
+    /// repeat for up to three, in priority order (zram's recomp_algorithm).
+    #[arg(long, value_name = "ALGO[:level=N]", value_parser = parse_algorithm_spec)]
+    pub recompress_algorithm: Vec<AlgorithmSpec>,
+    /// Recompress, in the background, pages not read or written for this many seconds (they
+    /// go after between SECS and 2 x SECS). Needs --recompress-algorithm.
+    #[arg(long, value_name = "SECS", value_parser = parse_idle_after)]
+    pub recompress_idle_after: Option<u64>,
+    /// A zstd dictionary (zstd's format, e.g. from `zstd --train`) for every zstd algorithm of
+    /// the device, as zram's algorithm_params dict=.
+    #[arg(long, value_name = "PATH")]
+    pub zstd_dict: Option<PathBuf>,
+    /// The most pages a second the background recompressor tries.
+    #[arg(long, value_name = "PAGES", default_value_t = DEFAULT_RATE, value_parser = parse_recompress_rate)]
+    pub recompress_rate: u64,
     /// Stop storing new pages once the store uses this much memory (same suffixes as --size).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_mem_limit)]
     pub mem_limit: Option<u64>,
@@ -313,6 +372,12 @@ pub enum UsageError {
     /// The metrics address is not loopback and not allowed.
     #[error("{0}")]
     MetricsAddress(#[from] crate::metrics::MetricsAddressError),
+    /// More than three secondary algorithms.
+    #[error("--recompress-algorithm can be given at most {MAX_SECONDARY} times")]
+    TooManyRecompressAlgorithms,
+    /// Background recompression without a secondary algorithm.
+    #[error("--recompress-idle-after needs a --recompress-algorithm")]
+    NoRecompressAlgorithm,
 }
 
 /// `--poll-max-us` when not given.
@@ -372,6 +437,12 @@ impl ServeArgs {
                 return Err(UsageError::NoWorkers("--worker-cpus"));
             }
         }
+        if self.recompress_algorithm.len() > MAX_SECONDARY {
+            return Err(UsageError::TooManyRecompressAlgorithms);
+        }
+        if self.recompress_idle_after.is_some() && self.recompress_algorithm.is_empty() {
+            return Err(UsageError::NoRecompressAlgorithm);
+        }
         let max_pending_pages = match self.max_pending {
             // parse_max_pending bounds it to MAX_PENDING_BUFFERS pages.
             Some(bytes) => usize::try_from(bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
@@ -395,6 +466,14 @@ impl ServeArgs {
             device,
             control_socket: self.control_socket_path()?,
             metrics_listen: self.metrics_listen,
+            recompress: RecompressConfig {
+                algorithms: self.recompress_algorithm.clone(),
+                idle_after: self
+                    .recompress_idle_after
+                    .map(std::time::Duration::from_secs),
+                rate: self.recompress_rate,
+                zstd_dict: self.zstd_dict.clone(),
+            },
         })
     }
 
@@ -488,6 +567,29 @@ fn parse_iaa_backend(text: &str) -> Result<IaaBackend, String> {
 
 fn parse_iaa_mode(text: &str) -> Result<IaaMode, String> {
     text.parse()
+}
+
+fn parse_algorithm_spec(text: &str) -> Result<AlgorithmSpec, String> {
+    text.parse()
+        .map_err(|error: crate::store::RecompressError| error.to_string())
+}
+
+fn parse_idle_after(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(secs) if (1..=365 * 24 * 3600).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "'{text}' is not an idle time; give 1 to 31536000 seconds"
+        )),
+    }
+}
+
+fn parse_recompress_rate(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(rate) if (1..=10_000_000).contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "'{text}' is not a recompression rate; give 1 to 10000000 pages a second"
+        )),
+    }
 }
 
 /// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
@@ -938,6 +1040,59 @@ mod tests {
             Err(UsageError::IaaOptionsWithoutIaa(Algorithm::Lz4))
         ));
         assert!(Cli::try_parse_from(["vhost-user-zram", "--iaa", "gpu"]).is_err());
+    }
+
+    #[test]
+    fn recompression_flags_are_checked() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["vhost-user-zram", "--socket-path", "/tmp/x", "--size", "1M"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| cli.serve.daemon_config())
+        };
+        let config = parse(&[
+            "--recompress-algorithm",
+            "zstd:level=9",
+            "--recompress-algorithm",
+            "deflate",
+            "--recompress-idle-after",
+            "600",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.recompress.algorithms.len(), 2);
+        assert_eq!(config.recompress.algorithms[0].to_string(), "zstd:level=9");
+        assert_eq!(
+            config.recompress.idle_after,
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert!(matches!(
+            parse(&["--recompress-idle-after", "60"]).unwrap(),
+            Err(UsageError::NoRecompressAlgorithm)
+        ));
+        let four = ["--recompress-algorithm", "zstd"].repeat(4);
+        assert!(matches!(
+            parse(&four).unwrap(),
+            Err(UsageError::TooManyRecompressAlgorithms)
+        ));
+        assert!(parse(&["--recompress-algorithm", "zstd:level=99"]).is_err());
+        assert!(parse(&["--recompress-rate", "0"]).is_err());
+        let ctl = Cli::try_parse_from([
+            "vhost-user-zram",
+            "ctl",
+            "--control-socket",
+            "/tmp/c",
+            "recompress",
+            "type=idle",
+            "max_pages=9",
+        ])
+        .unwrap();
+        let Some(Tool::Ctl(ctl)) = ctl.command else {
+            panic!("not a ctl command")
+        };
+        assert_eq!(
+            ctl.command.command().to_string(),
+            "recompress type=idle max_pages=9"
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //! | `io_stat`    | one line, byte for byte zram's `/sys/block/zramN/io_stat`       |
 //! | `metrics`    | every figure in the Prometheus text format ([`crate::metrics`]) |
 //! | `compact`    | `compacted N pages`, after compacting the allocator             |
+//! | `idle [all]` | `marked N pages idle` (zram's `echo all > idle`)                 |
+//! | `train-dict [samples=N] [size=BYTES]` | `trained zstd dictionary ID of N bytes from N pages; ...` |
+//! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible` (zram's `recompress`) |
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
 //!
@@ -51,7 +54,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::wait_readable;
 use crate::metrics::{self, Observed};
-use crate::store::Stats;
+use crate::store::{RecompressError, RecompressRequest, Stats, TrainRequest};
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
@@ -82,17 +85,34 @@ pub enum Command {
     Metrics,
     /// Compact the allocator.
     Compact,
+    /// Mark every stored page idle (zram's `echo all > idle`).
+    MarkIdle,
+    /// Recompress pages with the secondary algorithms (zram's `recompress`).
+    Recompress(RecompressRequest),
+    /// Train a zstd dictionary on a sample of the stored pages and use it from now on.
+    TrainDict(TrainRequest),
 }
 
 impl Command {
-    /// Every command.
-    pub const ALL: [Command; 6] = [
+    /// Every command (with default arguments).
+    pub const ALL: [Command; 9] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
         Command::IoStat,
         Command::Metrics,
         Command::Compact,
+        Command::MarkIdle,
+        Command::Recompress(RecompressRequest {
+            mode: crate::store::RecompressMode::All,
+            threshold: 0,
+            max_pages: None,
+            target: None,
+        }),
+        Command::TrainDict(TrainRequest {
+            samples: 8192,
+            size: 16 << 10,
+        }),
     ];
 
     /// The request line's word for this command.
@@ -104,6 +124,9 @@ impl Command {
             Command::IoStat => "io_stat",
             Command::Metrics => "metrics",
             Command::Compact => "compact",
+            Command::MarkIdle => "idle",
+            Command::Recompress(_) => "recompress",
+            Command::TrainDict(_) => "train-dict",
         }
     }
 
@@ -121,13 +144,28 @@ impl Command {
             Command::IoStat => store.stats().io_stat_line(),
             Command::Metrics => metrics::render(observed),
             Command::Compact => format!("compacted {} pages\n", store.compact()),
+            Command::MarkIdle => format!("marked {} pages idle\n", store.mark_idle()),
+            Command::Recompress(request) => format!("{}\n", store.recompress(&request)?),
+            Command::TrainDict(request) => {
+                format!("{}\n", store.train_zstd_dictionary(&request)?)
+            }
         })
     }
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            Command::Recompress(request) => write!(f, "{} {request}", self.name()),
+            Command::TrainDict(request) => write!(f, "{} {request}", self.name()),
+            Command::Stats
+            | Command::StatsJson
+            | Command::MmStat
+            | Command::IoStat
+            | Command::Metrics
+            | Command::Compact
+            | Command::MarkIdle => f.write_str(self.name()),
+        }
     }
 }
 
@@ -135,6 +173,28 @@ impl FromStr for Command {
     type Err = ControlError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Commands with arguments: `recompress key=value...`, `idle all`.
+        let (name, arguments) = s
+            .split_once(char::is_whitespace)
+            .map_or((s, ""), |(name, rest)| (name, rest.trim()));
+        match (name, arguments) {
+            ("recompress", arguments) => return Ok(Command::Recompress(arguments.parse()?)),
+            ("train-dict", arguments) => return Ok(Command::TrainDict(arguments.parse()?)),
+            ("idle", "" | "all") => return Ok(Command::MarkIdle),
+            ("idle", other) => {
+                return Err(ControlError::BadArgument(format!(
+                    "idle takes 'all', not '{}'",
+                    other.chars().take(64).collect::<String>()
+                )))
+            }
+            (_, "") => {}
+            (name, _) => {
+                return Err(ControlError::BadArgument(format!(
+                    "{} takes no arguments",
+                    name.chars().take(64).collect::<String>()
+                )))
+            }
+        }
         Command::ALL
             .into_iter()
             .find(|command| command.name() == s)
@@ -147,9 +207,16 @@ impl FromStr for Command {
 pub enum ControlError {
     /// The request names no command.
     #[error(
-        "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics and compact"
+        "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics, \
+         compact, idle, recompress and train-dict"
     )]
     UnknownCommand(String),
+    /// A command's arguments are wrong.
+    #[error("{0}")]
+    BadArgument(String),
+    /// A recompression request is wrong or cannot run.
+    #[error(transparent)]
+    Recompress(#[from] RecompressError),
     /// The request line is too long or not UTF-8.
     #[error("the request is not one line of at most {MAX_REQUEST_LEN} bytes of text")]
     BadRequest,
@@ -270,6 +337,35 @@ pub fn stats_table(stats: &Stats) -> String {
             worker.batches,
             worker.busy_us as f64 / 1e6
         ));
+    }
+    let r = &stats.recompression;
+    for algorithm in &r.algorithms {
+        out.push_str(&format!(
+            "{:<26} {}, {} compressed\n",
+            format!("algorithm {} {}", algorithm.priority, algorithm.name),
+            pages(algorithm.pages),
+            bytes(algorithm.compr_bytes)
+        ));
+    }
+    let recompress_rows = [
+        ("recompression passes", r.passes.to_string()),
+        ("  pages tried", pages(r.pages_tried)),
+        ("  pages recompressed", pages(r.pages_recompressed)),
+        ("  bytes saved", bytes(r.bytes_saved)),
+        ("  pages incompressible", pages(r.pages_incompressible)),
+        ("pages marked idle", pages(r.pages_marked_idle)),
+        (
+            "zstd dictionary / kept",
+            format!(
+                "{} / {}",
+                r.zstd_dictionary.map_or("none".into(), |id| id.to_string()),
+                r.zstd_dictionaries.len()
+            ),
+        ),
+        ("  dictionary memory", bytes(r.dictionary_bytes)),
+    ];
+    for (name, value) in recompress_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
     }
     out
 }
@@ -928,5 +1024,30 @@ mod tests {
         assert!(table.contains("1 page\n"), "{table}");
         assert_eq!(bytes(1023), "1023 bytes");
         assert_eq!(bytes(1536), "1536 bytes (1.5 KiB)");
+    }
+
+    #[test]
+    fn commands_with_arguments_roundtrip_through_their_request_line() {
+        let line = "recompress type=huge_idle threshold=1000 max_pages=7 algo=zstd";
+        let command = parse_request(line.as_bytes()).unwrap();
+        assert_eq!(command.to_string(), line);
+        assert_eq!(parse_request(b"idle all\n").unwrap(), Command::MarkIdle);
+        let line = "train-dict samples=100 size=4096";
+        assert_eq!(parse_request(line.as_bytes()).unwrap().to_string(), line);
+        for bad in [
+            &b"idle 3600"[..],
+            b"stats now",
+            b"recompress type=cold",
+            b"train-dict size=1",
+        ] {
+            let error = parse_request(bad).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ControlError::BadArgument(_) | ControlError::Recompress(_)
+                ),
+                "{error}"
+            );
+        }
     }
 }

@@ -60,8 +60,9 @@ use crate::blk::request_stats::RequestStats;
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
 use crate::metrics::{MetricsServer, Observed};
+use crate::recompress::{BackgroundRecompressor, RecompressConfig};
 use crate::store::stats::Stats;
-use crate::store::{PageStore, PendingConfig, StoreConfig, StoreError};
+use crate::store::{PageStore, PendingConfig, RecompressError, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
 use crate::PAGE_SIZE;
 
@@ -97,6 +98,8 @@ pub struct DaemonConfig {
     pub control_socket: Option<PathBuf>,
     /// Where to serve the metrics over HTTP, if anywhere (the caller has vetted the address).
     pub metrics_listen: Option<SocketAddr>,
+    /// Secondary algorithms and background recompression.
+    pub recompress: RecompressConfig,
 }
 
 /// Why the daemon could not start or failed while running.
@@ -140,6 +143,21 @@ pub enum DaemonError {
         /// The device's capacity.
         device: u64,
     },
+    /// The recompression settings are not valid.
+    #[error("invalid recompression settings")]
+    Recompress(#[source] RecompressError),
+    /// The zstd dictionary file cannot be read.
+    #[error("cannot read the zstd dictionary {}", .path.display())]
+    ReadDictionary {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The background recompressor could not start.
+    #[error("cannot start the background recompressor")]
+    Recompressor(#[source] io::Error),
     /// The compression workers could not start.
     #[error("cannot start the compression workers")]
     Workers(#[source] io::Error),
@@ -241,6 +259,7 @@ pub struct Daemon {
     metrics: Option<MetricsServer>,
     stop: StopHandle,
     workers: CompressWorkers,
+    recompressor: Option<BackgroundRecompressor>,
     poll_max: Duration,
 }
 
@@ -250,7 +269,9 @@ impl Daemon {
         let stop = StopHandle::new().map_err(DaemonError::Wait)?;
         let store = Arc::new(
             PageStore::with_pending(config.store.clone(), config.pending)
-                .map_err(DaemonError::Store)?,
+                .map_err(DaemonError::Store)?
+                .with_secondary_algorithms(&config.recompress.algorithms)
+                .map_err(DaemonError::Recompress)?,
         );
         let workers = CompressWorkers::start(store.clone(), &config.worker_cpus)
             .map_err(DaemonError::Workers)?;
@@ -266,6 +287,33 @@ impl Daemon {
                 Some(SocketFile(path.clone())),
             ),
             ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
+        };
+        if let Some(path) = &config.recompress.zstd_dict {
+            // Read at most one byte past the largest dictionary, so a wrong path to a huge
+            // file is refused without reading it all.
+            let mut raw = Vec::new();
+            fs::File::open(path)
+                .and_then(|file| {
+                    io::Read::read_to_end(
+                        &mut io::Read::take(file, crate::codec::MAX_DICTIONARY_BYTES as u64 + 1),
+                        &mut raw,
+                    )
+                })
+                .map_err(|source| DaemonError::ReadDictionary {
+                    path: path.clone(),
+                    source,
+                })?;
+            let id = store
+                .load_zstd_dictionary(&raw)
+                .map_err(DaemonError::Recompress)?;
+            info!("zstd pages use dictionary {id} from {}", path.display());
+        }
+        let recompressor = match config.recompress.idle_after {
+            Some(idle_after) => Some(
+                BackgroundRecompressor::start(store.clone(), idle_after, config.recompress.rate)
+                    .map_err(DaemonError::Recompressor)?,
+            ),
+            None => None,
         };
         let observed = Arc::new(Observed::new(
             store.clone(),
@@ -303,6 +351,7 @@ impl Daemon {
             metrics,
             stop,
             workers,
+            recompressor,
             poll_max: config.poll_max,
         })
     }
@@ -350,6 +399,7 @@ impl Daemon {
             metrics,
             stop,
             workers,
+            recompressor,
             poll_max,
         } = self;
         match &socket_file {
@@ -409,6 +459,9 @@ impl Daemon {
             handler.send_exit_event();
         }
         drop(daemon);
+        if let Some(recompressor) = recompressor {
+            recompressor.stop();
+        }
         workers.stop();
         if let Some((server, _file)) = control {
             server.stop();

@@ -7,6 +7,7 @@
 //!   size-class slab allocator (our zsmalloc), the memory limit and zram's statistics.
 //! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
 //! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
+//! - [`recompress`]: the background recompressor that moves idle pages to a stronger algorithm.
 //! - [`blk`]: the virtio-blk request path and the vhost-user backend.
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
@@ -17,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod metrics;
 pub mod pagegen;
+pub mod recompress;
 pub mod store;
 pub mod workers;
 

@@ -66,6 +66,7 @@ fn start_daemon() -> Running {
         device,
         control_socket: None,
         metrics_listen: None,
+        recompress: Default::default(),
     })
     .unwrap();
     let store = daemon.store().clone();

@@ -65,6 +65,7 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
         device,
         control_socket: None,
         metrics_listen: None,
+        recompress: Default::default(),
     }
 }
 

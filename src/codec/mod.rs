@@ -19,7 +19,9 @@ use std::str::FromStr;
 pub use self::deflate::Deflate;
 pub use self::deflate_iaa::{DeflateIaa, IaaBackend, IaaMode, IaaOptions};
 pub use self::lz4::Lz4;
-pub use self::zstd::Zstd;
+pub use self::zstd::{
+    DictionaryError, Zstd, ZstdDictionaries, MAX_DICTIONARIES, MAX_DICTIONARY_BYTES,
+};
 
 use crate::PAGE_SIZE;
 

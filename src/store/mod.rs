@@ -14,6 +14,7 @@
 
 pub(crate) mod alloc;
 pub(crate) mod pending;
+pub mod recompress;
 pub mod same_fill;
 pub(crate) mod slot;
 pub mod stats;
@@ -28,11 +29,17 @@ use self::alloc::{class_of, AllocError, SlabAllocator, HUGE_CLASS};
 pub use self::alloc::{ClassStats, HUGE_THRESHOLD};
 use self::pending::{Batch, Job, JobQueue, PendingPool};
 pub use self::pending::{WorkerHooks, WORKER_BATCH};
+pub use self::recompress::{
+    AlgorithmSpec, RecompressError, RecompressMode, RecompressOutcome, RecompressRequest,
+    RecompressTarget, TrainRequest, TrainedDictionary,
+};
 use self::same_fill::FillWords;
 use self::slot::{SlotEntry, SlotTable, MAX_HANDLE};
-pub use self::slot::{SlotState, MAX_PENDING_BUFFERS};
+pub use self::slot::{SlotState, MAX_PENDING_BUFFERS, MAX_SECONDARY};
 use self::stats::{add, get, sub, CounterShard, Counters};
-pub use self::stats::{IoStat, MmStat, Stats, StoreInfo, WorkerStat, WorkerStats};
+pub use self::stats::{
+    AlgorithmStat, IoStat, MmStat, RecompressStats, Stats, StoreInfo, WorkerStat, WorkerStats,
+};
 use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH};
 use crate::PAGE_SIZE;
 
@@ -174,6 +181,8 @@ pub struct PageStore {
     alloc: SlabAllocator,
     fill_words: FillWords,
     codec: Box<dyn Codec>,
+    /// The secondary algorithms and their names.
+    recompression: recompress::Recompression,
     counters: Counters,
     /// 0 when there is no limit.
     mem_limit: AtomicU64,
@@ -212,7 +221,12 @@ impl PageStore {
                 config.capacity_pages
             )));
         }
-        let codec = config.algorithm.codec(config.level)?;
+        let primary = AlgorithmSpec {
+            algorithm: config.algorithm,
+            level: config.level,
+        };
+        let dictionaries = std::sync::Arc::new(crate::codec::ZstdDictionaries::default());
+        let codec = recompress::build_codec(primary, &dictionaries)?;
         let pages = usize::try_from(config.capacity_pages)
             .map_err(|_| StoreError::Config("the capacity does not fit in memory".into()))?;
         let store = PageStore {
@@ -220,6 +234,7 @@ impl PageStore {
             alloc: SlabAllocator::new(),
             fill_words: FillWords::default(),
             codec,
+            recompression: recompress::Recompression::new(primary, dictionaries),
             counters: Counters::default(),
             mem_limit: AtomicU64::new(config.mem_limit.unwrap_or(0)),
             compaction: Mutex::new(()),
@@ -330,11 +345,17 @@ impl PageStore {
         self.account_replace(old, new);
     }
 
-    /// Reads the page at `index` into `page`; a page never written reads as zeros.
+    /// Reads the page at `index` into `page`; a page never written reads as zeros. Reading
+    /// clears the page's idle flag.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
-        let guard = self.lock(slot);
-        let result = self.decode(index, guard.entry(), page);
+        let mut guard = self.lock(slot);
+        let entry = guard.entry();
+        let result = self.decode(index, entry, page);
+        if entry.is_idle() {
+            // Free: the unlock stores the entry anyway.
+            guard.replace(entry.with_idle(false));
+        }
         drop(guard);
         if result.is_err() {
             add(&self.counters.local().failed_reads, 1);
@@ -448,6 +469,7 @@ impl PageStore {
             + self.alloc.bytes()
             + self.fill_words.bytes() as u64
             + self.pool_bytes()
+            + self.recompression.dictionary_bytes()
     }
 
     fn pool_bytes(&self) -> u64 {
@@ -509,8 +531,9 @@ impl PageStore {
         let c = &self.counters;
         let get = |counter: fn(&CounterShard) -> &AtomicU64| c.sum(counter);
         let mem_used_total = self.mem_used_total();
-        let metadata =
-            self.alloc.bytes() - self.alloc.chunk_bytes() + self.fill_words.bytes() as u64;
+        let metadata = self.alloc.bytes() - self.alloc.chunk_bytes()
+            + self.fill_words.bytes() as u64
+            + self.recompression.dictionary_bytes();
         Stats {
             mm: MmStat {
                 orig_data_size: get(|c| &c.pages_stored) * PAGE_SIZE as u64,
@@ -537,6 +560,7 @@ impl PageStore {
                 metadata_bytes: metadata,
             },
             workers: self.worker_stats(),
+            recompression: self.recompress_stats(),
         }
     }
 
@@ -580,9 +604,16 @@ impl PageStore {
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut by_class: Vec<Vec<u64>> = vec![Vec::new(); HUGE_CLASS + 1];
         let (mut stored, mut compr, mut same, mut huge) = (0u64, 0u64, 0u64, 0u64);
+        let mut by_priority = [(0u64, 0u64); MAX_SECONDARY + 1];
         let mut pending_buffers = Vec::new();
         for slot in 0..self.slots.len() {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
+            self.check_priority(slot, entry)?;
+            if entry.state() == SlotState::Compressed {
+                let counts = &mut by_priority[entry.priority()];
+                counts.0 += 1;
+                counts.1 += entry.compressed_size() as u64;
+            }
             compr += compressed_bytes(entry);
             stored += u64::from(holds_page(entry));
             match entry.state() {
@@ -615,6 +646,19 @@ impl PageStore {
             if walked != counted {
                 return Err(format!(
                     "{name}: the table says {walked}, the counter {counted}"
+                ));
+            }
+        }
+        for (priority, (pages, bytes)) in by_priority.into_iter().enumerate() {
+            let counted = (
+                c.sum(|c| &c.algorithm_pages[priority]),
+                c.sum(|c| &c.algorithm_bytes[priority]),
+            );
+            if (pages, bytes) != counted {
+                return Err(format!(
+                    "priority {priority}: the table holds {pages} pages of {bytes} bytes, the \
+                     counters say {} pages of {} bytes",
+                    counted.0, counted.1
                 ));
             }
         }
@@ -766,11 +810,10 @@ impl PageStore {
         };
         self.counters.note_mem_used(self.mem_used_total());
         let mut guard = self.lock(job.slot);
-        if guard
-            .entry()
-            .same_content(SlotEntry::pending(job.buffer, job.generation))
-        {
-            let old = guard.replace(new);
+        let current = guard.entry();
+        if current.same_content(SlotEntry::pending(job.buffer, job.generation)) {
+            // A page marked idle while pending stays idle: the worker is not an access.
+            let old = guard.replace(new.with_idle(current.is_idle()));
             drop(guard);
             self.account_replace(old, new);
         } else {
@@ -834,7 +877,10 @@ impl PageStore {
         let alloc_limit = match self.mem_limit.load(Ordering::Relaxed) {
             0 => None,
             limit => Some(limit.saturating_sub(
-                self.slots.bytes() as u64 + self.fill_words.bytes() as u64 + self.pool_bytes(),
+                self.slots.bytes() as u64
+                    + self.fill_words.bytes() as u64
+                    + self.pool_bytes()
+                    + self.recompression.dictionary_bytes(),
             )),
         };
         match compressed_len {
@@ -862,10 +908,13 @@ impl PageStore {
             SlotState::SameFilled => same_fill::fill(page, self.fill_words.decode(entry.payload())),
             SlotState::Compressed => {
                 let len = entry.compressed_size();
+                let codec = self
+                    .codec_of(entry.priority())
+                    .map_err(|source| StoreError::Corrupt { index, source })?;
                 // SAFETY: the caller holds the slot lock of the slot that references this
                 // object, so it is live and neither freed nor moved while we read it.
                 let object = unsafe { self.alloc.object(class_of(len), entry.handle(), len) };
-                self.codec
+                codec
                     .decompress(object, page)
                     .map_err(|source| StoreError::Corrupt { index, source })?;
             }
@@ -917,6 +966,11 @@ impl PageStore {
             change(&c.same_pages, u64::from(state == SlotState::SameFilled));
             change(&c.huge_pages, u64::from(state == SlotState::Huge));
             change(&c.pending_pages, u64::from(state == SlotState::Pending));
+            if state == SlotState::Compressed {
+                let priority = entry.priority();
+                change(&c.algorithm_pages[priority], 1);
+                change(&c.algorithm_bytes[priority], entry.compressed_size() as u64);
+            }
         }
         add(
             &c.huge_pages_since,

@@ -7,13 +7,14 @@
 //! ```text
 //!  63                                            8 7 6 5 4 3     1 0
 //! +-----------------------------------------------+-+-+-+-+-------+-+
-//! |                  payload (56 bits)            |r|r|I|D| state |L|
+//! |                  payload (56 bits)            | P |I|D| state |L|
 //! +-----------------------------------------------+-+-+-+-+-------+-+
 //! L  lock bit (bit 0): held while a thread reads or changes the slot
 //! state (bits 1-3): Empty, SameFilled, Compressed, Huge, WrittenBack, Pending
-//! D  idle (bit 4): set by `mark idle`, cleared on access (for writeback, a later issue)
-//! I  incompressible (bit 5): the page did not compress (kept across writeback)
-//! r  reserved (bits 6-7)
+//! D  idle (bit 4): set by `idle all`, cleared when the page is read or written
+//! I  incompressible (bit 5): no secondary algorithm shrank the page; recompression skips it
+//! P  priority (bits 6-7): the algorithm holding a Compressed page, 0 the primary, 1-3 a
+//!    secondary (recompression) algorithm
 //!
 //! payload by state:
 //!   Empty        0
@@ -42,10 +43,13 @@ const _: () = assert!(
 const LOCK: u64 = 1;
 const STATE_SHIFT: u32 = 1;
 const STATE_MASK: u64 = 0b111 << STATE_SHIFT;
-#[cfg_attr(not(test), allow(dead_code))]
 const IDLE: u64 = 1 << 4;
-#[cfg_attr(not(test), allow(dead_code))]
 const INCOMPRESSIBLE: u64 = 1 << 5;
+const PRIORITY_SHIFT: u32 = 6;
+const PRIORITY_MASK: u64 = 0b11 << PRIORITY_SHIFT;
+
+/// The most secondary algorithms a slot can name (priorities 1 to 3), as zram allows.
+pub const MAX_SECONDARY: usize = 3;
 const PAYLOAD_SHIFT: u32 = 8;
 const SIZE_BITS: u32 = 12;
 
@@ -143,7 +147,8 @@ impl SlotEntry {
     }
 
     /// Whether `self` and `other` hold the same content (state and payload), whatever their
-    /// idle and incompressible flags say.
+    /// idle, incompressible and priority bits say (used on Pending entries, whose priority is
+    /// always 0).
     pub fn same_content(self, other: SlotEntry) -> bool {
         let content = !((1u64 << PAYLOAD_SHIFT) - 1) | STATE_MASK;
         self.0 & content == other.0 & content
@@ -186,35 +191,43 @@ impl SlotEntry {
         size
     }
 
-    // The idle and incompressible flags are part of the slot format (DESIGN.md); nothing sets
-    // them until writeback and recompression do, so only the tests call these yet.
-
     /// Whether the idle flag is set.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_idle(self) -> bool {
         self.0 & IDLE != 0
     }
 
     /// This entry with the idle flag set or cleared.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn with_idle(self, idle: bool) -> SlotEntry {
         SlotEntry(if idle { self.0 | IDLE } else { self.0 & !IDLE })
     }
 
     /// Whether the incompressible flag is set.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_incompressible(self) -> bool {
         self.0 & INCOMPRESSIBLE != 0
     }
 
     /// This entry with the incompressible flag set or cleared.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn with_incompressible(self, flag: bool) -> SlotEntry {
         SlotEntry(if flag {
             self.0 | INCOMPRESSIBLE
         } else {
             self.0 & !INCOMPRESSIBLE
         })
+    }
+
+    /// The priority of the algorithm that holds a Compressed page: 0 the primary, 1 to
+    /// [`MAX_SECONDARY`] a secondary one. Always 0 in other states.
+    pub fn priority(self) -> usize {
+        // Two bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let priority = ((self.0 & PRIORITY_MASK) >> PRIORITY_SHIFT) as usize;
+        priority
+    }
+
+    /// This entry held by the algorithm of `priority` (at most [`MAX_SECONDARY`]).
+    pub fn with_priority(self, priority: usize) -> SlotEntry {
+        debug_assert!(priority <= MAX_SECONDARY);
+        SlotEntry((self.0 & !PRIORITY_MASK) | ((priority as u64 & 0b11) << PRIORITY_SHIFT))
     }
 
     /// The raw bits (lock bit clear).
@@ -333,9 +346,18 @@ mod tests {
         assert!(e.is_idle() && e.is_incompressible());
         assert_eq!((e.handle(), e.compressed_size()), (MAX_HANDLE, 4095));
         assert_eq!(e.with_idle(false).state(), SlotState::Compressed);
+        let e = e.with_priority(3);
+        assert_eq!(
+            (e.priority(), e.handle(), e.compressed_size()),
+            (3, MAX_HANDLE, 4095)
+        );
+        assert!(e.is_idle() && e.is_incompressible());
         let moved = e.with_handle(7);
         assert_eq!((moved.handle(), moved.compressed_size()), (7, 4095));
         assert!(moved.is_idle() && moved.is_incompressible());
+        assert_eq!(moved.priority(), 3);
+        assert_eq!(moved.with_priority(1).priority(), 1);
+        assert!(moved.with_idle(false).same_content(moved.with_priority(0)));
         assert_eq!(SlotEntry::huge(9).with_handle(3), SlotEntry::huge(3));
     }
 

@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::slot::MAX_SECONDARY;
+
 /// zram's `mm_stat`: memory use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmStat {
@@ -93,6 +95,46 @@ pub struct WorkerStat {
     pub busy_us: u64,
 }
 
+/// Recompression (zram's `recomp_algorithm` and `recompress`) and idle marking.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RecompressStats {
+    /// Per algorithm, by priority: the primary first, then each secondary algorithm.
+    pub algorithms: Vec<AlgorithmStat>,
+    /// Pages a secondary algorithm tried to shrink (zram counts `num_recomp_pages` this way).
+    pub pages_tried: u64,
+    /// Pages replaced by a smaller object from a secondary algorithm.
+    pub pages_recompressed: u64,
+    /// Bytes of compressed data those replacements saved (`compr_data_size` before − after).
+    pub bytes_saved: u64,
+    /// Pages no secondary algorithm shrank, marked so that they are not tried again.
+    pub pages_incompressible: u64,
+    /// Recompression passes run (by `recompress` or the background recompressor).
+    pub passes: u64,
+    /// Pages marked idle by `idle` commands and the background recompressor's sweeps.
+    pub pages_marked_idle: u64,
+    /// IDs of the zstd dictionaries kept, oldest first (pages made with any still decode).
+    pub zstd_dictionaries: Vec<u32>,
+    /// The dictionary new zstd pages use, if any.
+    pub zstd_dictionary: Option<u32>,
+    /// Bytes of the dictionaries (part of `mem_used_total`).
+    pub dictionary_bytes: u64,
+}
+
+/// The pages one algorithm holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AlgorithmStat {
+    /// 0 for the primary algorithm, 1 to 3 for the secondary ones (zram's priority).
+    pub priority: u64,
+    /// The algorithm's name, with its level when it has one (`zstd:level=9`).
+    pub name: String,
+    /// Compressed pages it holds (same-filled and huge pages hold no algorithm).
+    pub pages: u64,
+    /// Their compressed bytes.
+    pub compr_bytes: u64,
+}
+
 /// Everything `stats` reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
@@ -107,6 +149,9 @@ pub struct Stats {
     /// Compression workers.
     #[serde(default)]
     pub workers: WorkerStats,
+    /// Recompression and idle marking.
+    #[serde(default)]
+    pub recompression: RecompressStats,
 }
 
 /// An `mm_stat` line that is not nine numbers.
@@ -199,6 +244,15 @@ pub(crate) struct CounterShard {
     pub notify_free: AtomicU64,
     pub pending_pages: AtomicU64,
     pub inline_fallbacks: AtomicU64,
+    /// Compressed pages and their bytes, by the priority of the algorithm holding them.
+    pub algorithm_pages: [AtomicU64; MAX_SECONDARY + 1],
+    pub algorithm_bytes: [AtomicU64; MAX_SECONDARY + 1],
+    pub recompress_tried: AtomicU64,
+    pub recompressed: AtomicU64,
+    pub recompress_saved: AtomicU64,
+    pub recompress_incompressible: AtomicU64,
+    pub recompress_passes: AtomicU64,
+    pub marked_idle: AtomicU64,
 }
 
 /// The store's live counters.
