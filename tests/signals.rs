@@ -7,9 +7,11 @@
 // Descriptor indexes, flags and lengths here are small constants.
 #![allow(clippy::cast_possible_truncation)]
 
+mod common;
+
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -211,12 +213,7 @@ fn sigbus_from_kill_says_so_removes_the_sockets_and_exits_1() {
 
 /// Guest memory backed by a memfd the test can shrink afterwards.
 fn guest_memory() -> (GuestMemoryMmap<()>, File) {
-    // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
+    let file = common::memfd(MEM_SIZE as u64);
     let mem = GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         MEM_SIZE,
@@ -270,27 +267,8 @@ impl Guest {
             call,
             ..
         } = self;
-        let host_base = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
         let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
-        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-        frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: host_base + vq.desc_table_addr().0,
-                    used_ring_addr: host_base + vq.used_addr().0,
-                    avail_ring_addr: host_base + vq.avail_addr().0,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-        frontend.set_vring_base(0, 0).unwrap();
-        frontend.set_vring_kick(0, kick).unwrap();
-        frontend.set_vring_call(0, call).unwrap();
-        frontend.set_vring_enable(0, true).unwrap();
+        common::start_queue(frontend, mem, &vq, QUEUE_SIZE, kick, call);
 
         mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
         let mut header = [0u8; 16];
