@@ -22,9 +22,7 @@ use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
 use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, ListenOn};
 use vhost_user_zram::store::{PageStore, PendingConfig, StoreConfig};
-use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -32,9 +30,6 @@ use vmm_sys_util::eventfd::EventFd;
 const PAGES: u64 = 256;
 const MEM_SIZE: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
-const HEADER: u64 = 0x10_0000;
-const DATA: u64 = 0x20_0000;
-const STATUS: u64 = 0x30_0000;
 
 struct Running {
     _dir: tempfile::TempDir,
@@ -134,29 +129,7 @@ fn submit_write(
     avail_idx: u16,
     fill: u8,
 ) {
-    let mut header = [0u8; 16];
-    header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-    header[8..16].copy_from_slice(&24u64.to_le_bytes());
-    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
-    mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
-    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let next = VRING_DESC_F_NEXT as u16;
-    let descs = [
-        Descriptor::new(HEADER, 16, next, 1),
-        Descriptor::new(DATA, 4096, next, 2),
-        Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
-    ];
-    for (i, desc) in descs.into_iter().enumerate() {
-        vq.desc_table()
-            .store(i as u16, RawDescriptor::from(desc))
-            .unwrap();
-    }
-    vq.avail()
-        .ring()
-        .ref_at(usize::from(avail_idx % QUEUE_SIZE))
-        .unwrap()
-        .store(0);
-    vq.avail().idx().store(avail_idx.wrapping_add(1));
+    common::post_page_write(mem, vq, QUEUE_SIZE, avail_idx, 24, fill);
     kick.write(1).unwrap();
 }
 
@@ -213,7 +186,7 @@ fn an_avail_index_far_ahead_is_refused_once_and_the_queue_serves_again_after_a_r
     start_queue(&mut frontend, &mem, &vq, &kick, &call);
     submit_write(&mem, &vq, &kick, 0, 0x5a);
     wait_used(&vq, 1);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(common::STATUS)).unwrap(), 0);
 
     drop(frontend);
     daemon.join_within(Duration::from_secs(10)).unwrap();
@@ -273,7 +246,7 @@ fn a_call_fd_that_would_block_neither_stalls_the_queue_nor_the_shutdown() {
     wait_used(&vq, 1);
     submit_write(&mem, &vq, &kick, 1, 0x22);
     wait_used(&vq, 2);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(common::STATUS)).unwrap(), 0);
 
     drop(frontend);
     daemon.join_within(Duration::from_secs(10)).unwrap();

@@ -7,10 +7,8 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::thread;
-use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -195,7 +193,7 @@ fn request_completes_through_shared_memory_and_disconnect_ends_the_daemon() {
             .store(head);
         vq.avail().idx().store(avail_idx + 1);
         kick.write(1).unwrap();
-        wait_for_used(&vq, &call, avail_idx + 1);
+        common::wait_for_used(&vq, &call, avail_idx + 1);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     };
 
@@ -210,22 +208,6 @@ fn request_completes_through_shared_memory_and_disconnect_ends_the_daemon() {
 
     drop(frontend);
     runner.join().unwrap().unwrap();
-}
-
-/// Waits (on the call eventfd, with a deadline) until the used index reaches `target`.
-fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventFd, target: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vq.used().idx().load() != target {
-        assert!(Instant::now() < deadline, "request not completed in time");
-        let mut fds = [libc::pollfd {
-            fd: call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd, length passed exactly.
-        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
-        let _ = call.read();
-    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ mod common;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
-use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -32,9 +30,6 @@ use vmm_sys_util::eventfd::EventFd;
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
 const MEM_SIZE: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
-const HEADER: u64 = 0x10_0000;
-const DATA: u64 = 0x20_0000;
-const STATUS: u64 = 0x30_0000;
 
 /// A daemon process with its stderr collected; killed when dropped.
 struct Daemon {
@@ -270,46 +265,12 @@ impl Guest {
         let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
         common::start_queue(frontend, mem, &vq, QUEUE_SIZE, kick, call);
 
-        mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
-        let mut header = [0u8; 16];
-        header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-        header[8..16].copy_from_slice(&(3u64 * 8).to_le_bytes());
-        mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let next = VRING_DESC_F_NEXT as u16;
-        let descs = [
-            Descriptor::new(HEADER, 16, next, 1),
-            Descriptor::new(DATA, 4096, next, 2),
-            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
-        ];
-        for (i, desc) in descs.into_iter().enumerate() {
-            vq.desc_table()
-                .store(i as u16, RawDescriptor::from(desc))
-                .unwrap();
-        }
-        vq.avail().ring().ref_at(0).unwrap().store(0);
-        vq.avail().idx().store(1);
+        common::post_page_write(mem, &vq, QUEUE_SIZE, 0, 3 * 8, fill);
         if complete {
             kick.write(1).unwrap();
-            wait_for_used(&vq, call, 1);
-            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+            common::wait_for_used(&vq, call, 1);
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(common::STATUS)).unwrap(), 0);
         }
-    }
-}
-
-/// Waits (on the call eventfd, with a deadline) until the used index reaches `target`.
-fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventFd, target: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vq.used().idx().load() != target {
-        assert!(Instant::now() < deadline, "request not completed in time");
-        let mut fds = [libc::pollfd {
-            fd: call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd, length passed exactly.
-        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
-        let _ = call.read();
     }
 }
 

@@ -6,12 +6,16 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A memfd of `len` bytes.
@@ -64,4 +68,62 @@ pub fn start_queue(
     frontend.set_vring_kick(0, kick).unwrap();
     frontend.set_vring_call(0, call).unwrap();
     frontend.set_vring_enable(0, true).unwrap();
+}
+
+/// Where the tests' requests live in guest memory: the header, one page of data, the status.
+pub const HEADER: u64 = 0x10_0000;
+/// See [`HEADER`].
+pub const DATA: u64 = 0x20_0000;
+/// See [`HEADER`].
+pub const STATUS: u64 = 0x30_0000;
+
+/// Puts a one-page write of `fill` bytes to `sector` in descriptors 0-2 and in the avail ring
+/// (of `size` entries) at `avail_idx`, and publishes it; the caller kicks.
+pub fn post_page_write(
+    mem: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+    size: u16,
+    avail_idx: u16,
+    sector: u64,
+    fill: u8,
+) {
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    header[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    mem.write_slice(&[fill; 4096], GuestAddress(DATA)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    // The flags are small constants.
+    #[allow(clippy::cast_possible_truncation)]
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let descs = [
+        Descriptor::new(HEADER, 16, next, 1),
+        Descriptor::new(DATA, 4096, next, 2),
+        Descriptor::new(STATUS, 1, write, 0),
+    ];
+    for (i, desc) in (0u16..).zip(descs) {
+        vq.desc_table().store(i, RawDescriptor::from(desc)).unwrap();
+    }
+    vq.avail()
+        .ring()
+        .ref_at(usize::from(avail_idx % size))
+        .unwrap()
+        .store(0);
+    vq.avail().idx().store(avail_idx.wrapping_add(1));
+}
+
+/// Waits (on the call eventfd, with a deadline) until the used index reaches `target`.
+pub fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventFd, target: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vq.used().idx().load() != target {
+        assert!(Instant::now() < deadline, "request not completed in time");
+        let mut fds = [libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, length passed exactly.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+        let _ = call.read();
+    }
 }
