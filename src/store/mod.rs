@@ -13,6 +13,7 @@
 //! states, the lock order and the memory accounting.
 
 pub(crate) mod alloc;
+pub mod backing;
 pub(crate) mod pending;
 pub mod recompress;
 pub mod same_fill;
