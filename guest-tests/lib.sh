@@ -198,7 +198,8 @@ start_device() {
             local args=(--socket-path "$sock" --size "$size" --num-queues "$nq" --serial "$serial"
                 --control-socket "$ctl" --log-level "${VUZ_LOG_LEVEL:-info}")
             [[ "$mode" == RO ]] && args+=(--read-only)
-            args+=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]}"})
+            # @DIR@ in a --daemon-arg is this device's own directory (e.g. its backing file).
+            args+=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]//@DIR@/$dir}"})
             log "starting vhost-user-zram $name: ${args[*]}"
             "$VUZ_BIN" "${args[@]}" >"$logf" 2>&1 &
             pid=$!

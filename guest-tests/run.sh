@@ -8,7 +8,9 @@
 # Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
 #                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
 #                           [--daemon-arg ARG]...
-# --daemon-arg passes ARG to every vhost-user-zram the suites start (e.g. --workers=0).
+# --daemon-arg passes ARG to every vhost-user-zram the suites start (e.g. --workers=0); @DIR@
+# in ARG becomes the device's own temporary directory (--backing-file=@DIR@/backing).
+# VUZ_EXPECT_WRITEBACK=1 makes the swap suite check that pages went to the backing file.
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -178,6 +180,9 @@ check_mm_stat() {
             record_pass "$name"
         fi
     fi
+    if [[ "${VUZ_EXPECT_WRITEBACK:-}" == 1 ]]; then
+        check_written_back "$ctl" "$out"
+    fi
     if ! stat="$(ctl_line "$ctl" io_stat "$out")"; then
         record_fail swap-under-pressure/io-stat "ctl io_stat failed: $(head -c 300 "$out.io_stat.err")"
     else
@@ -191,6 +196,26 @@ check_mm_stat() {
         else
             record_pass swap-under-pressure/io-stat
         fi
+    fi
+}
+
+# check_written_back CTL OUT: with a backing file and --writeback-above below what the guest
+# swapped, pages went to the file (bd_count > 0) while the guest's pages are on swap, and none
+# failed.
+check_written_back() {
+    local ctl="$1" out="$2" name=swap-under-pressure/written-back stat c
+    if ! stat="$(ctl_line "$ctl" bd_stat "$out")"; then
+        record_fail "$name" "ctl bd_stat failed: $(head -c 300 "$out.bd_stat.err")"
+        return
+    fi
+    log "bd_stat: $stat"
+    read -r -a c <<<"$stat"
+    if ((${#c[@]} != 3)); then
+        record_fail "$name" "bd_stat has ${#c[@]} columns, expected 3: '$stat'"
+    elif ! ((c[0] > 0 && c[2] >= c[0])); then
+        record_fail "$name" "no page went to the backing file: bd_stat '$stat'"
+    else
+        record_pass "$name"
     fi
 }
 

@@ -22,13 +22,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
 use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
-use crate::control::{self, Command};
+use crate::control::{self, Command, LimitChange};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
 use crate::store::{
-    AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, TrainRequest,
-    MAX_PENDING_BUFFERS, MAX_SECONDARY,
+    AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, TrainRequest, WritebackMode,
+    WritebackRequest, DEFAULT_BATCH_PAGES, MAX_PENDING_BUFFERS, MAX_SECONDARY,
 };
+use crate::writeback::{min_age_for, WritebackConfig};
 use crate::PAGE_SIZE;
 
 /// Exit status for a wrong command line: nothing was tried.
@@ -113,11 +114,41 @@ pub enum CtlCommand {
     Metrics,
     /// Compact the allocator.
     Compact,
-    /// Mark every stored page idle (zram's `echo all > idle`); reads and writes clear it.
+    /// Mark stored pages idle: every page (zram's `echo all > idle`), or with --age those not
+    /// read or written for SECS seconds (zram's `echo SECS > idle`). Reads and writes clear it.
     Idle {
-        /// Which pages: only `all` is supported.
-        #[arg(default_value = "all", value_parser = ["all"])]
+        /// Which pages: `all`.
+        #[arg(default_value = "all", value_parser = ["all"], conflicts_with = "age")]
         which: String,
+        /// Only pages idle for at least SECS seconds (measured in ticks of --idle-tick).
+        #[arg(long, value_name = "SECS")]
+        age: Option<u64>,
+    },
+    /// Write pages back to the --backing-file, as zram's `writeback`: e.g. `writeback idle`,
+    /// `writeback huge_idle`, `writeback --pages 0-1023`.
+    Writeback {
+        /// idle|huge|huge_idle|incompressible (or type=...); every stored page of --pages when
+        /// not given.
+        #[arg(
+            value_name = "TYPE",
+            value_parser = parse_writeback_word,
+            required_unless_present = "pages"
+        )]
+        params: Vec<String>,
+        /// Only pages LOW to HIGH (inclusive), or one page N.
+        #[arg(long, value_name = "LOW-HIGH", value_parser = parse_page_range)]
+        pages: Option<String>,
+    },
+    /// Print zram's bd_stat line: bd_count, bd_reads, bd_writes in 4 KiB units.
+    #[command(name = "bd_stat")]
+    BdStat,
+    /// Show the writeback limit, set it (N more pages; zram's writeback_limit with
+    /// writeback_limit_enable), or lift it (`off`).
+    #[command(name = "writeback-limit")]
+    WritebackLimit {
+        /// N pages, or `off`.
+        #[arg(value_name = "N|off", value_parser = parse_limit_change)]
+        value: Option<String>,
     },
     /// Recompress pages with the --recompress-algorithm algorithms, as zram's `recompress`:
     /// e.g. `recompress type=idle threshold=3000 max_pages=1000 algo=zstd`.
@@ -164,7 +195,29 @@ impl CtlCommand {
             CtlCommand::IoStat => Command::IoStat,
             CtlCommand::Metrics => Command::Metrics,
             CtlCommand::Compact => Command::Compact,
-            CtlCommand::Idle { .. } => Command::MarkIdle,
+            CtlCommand::Idle { age: None, .. } => Command::MarkIdle,
+            CtlCommand::Idle {
+                age: Some(secs), ..
+            } => Command::MarkIdleAge(*secs),
+            CtlCommand::Writeback { params, pages } => {
+                let mut words = params.clone();
+                if let Some(pages) = pages {
+                    words.push(format!("--pages {pages}"));
+                }
+                // Each part was checked by its parser; the request needs a type or pages.
+                match words.join(" ").parse() {
+                    Ok(request) => Command::Writeback(request),
+                    Err(_) => Command::Writeback(WritebackRequest::new(WritebackMode::Idle)),
+                }
+            }
+            CtlCommand::BdStat => Command::BdStat,
+            CtlCommand::WritebackLimit { value } => {
+                Command::WritebackLimit(match value.as_deref() {
+                    None => LimitChange::Show,
+                    Some("off") => LimitChange::Off,
+                    Some(pages) => pages.parse().map_or(LimitChange::Show, LimitChange::Set),
+                })
+            }
             // Each word was checked by parse_recompress_word, so the whole parses too.
             CtlCommand::Recompress { params } => {
                 Command::Recompress(params.join(" ").parse().unwrap_or_default())
@@ -174,6 +227,29 @@ impl CtlCommand {
                 size: *size,
             }),
         }
+    }
+}
+
+fn parse_writeback_word(word: &str) -> Result<String, String> {
+    word.parse::<WritebackRequest>()
+        .map(|_| word.to_owned())
+        .map_err(|error| error.to_string())
+}
+
+fn parse_page_range(text: &str) -> Result<String, String> {
+    format!("--pages {text}")
+        .parse::<WritebackRequest>()
+        .map(|_| text.to_owned())
+        .map_err(|_| format!("'{text}' is not a page range; give LOW-HIGH or N"))
+}
+
+fn parse_limit_change(text: &str) -> Result<String, String> {
+    match text {
+        "off" => Ok(text.to_owned()),
+        _ => text
+            .parse::<u64>()
+            .map(|_| text.to_owned())
+            .map_err(|_| format!("'{text}' is not a number of pages or 'off'")),
     }
 }
 
@@ -286,6 +362,29 @@ pub struct ServeArgs {
     /// The most pages a second the background recompressor tries.
     #[arg(long, value_name = "PAGES", default_value_t = DEFAULT_RATE, value_parser = parse_recompress_rate)]
     pub recompress_rate: u64,
+    /// A file or block device to write idle and incompressible pages back to (zram's
+    /// backing_dev): created if missing, sparse, locked against a second daemon.
+    #[arg(long, value_name = "PATH")]
+    pub backing_file: Option<PathBuf>,
+    /// Write back at most this many pages until the limit is raised with `ctl writeback-limit`
+    /// (zram's writeback_limit with writeback_limit_enable).
+    #[arg(long, value_name = "PAGES")]
+    pub writeback_limit: Option<u64>,
+    /// Pages written to the backing file per write call.
+    #[arg(long, value_name = "PAGES", default_value_t = DEFAULT_BATCH_PAGES, value_parser = parse_writeback_batch)]
+    pub writeback_batch: usize,
+    /// Write back, automatically, pages not read or written for this many seconds (checked
+    /// every --idle-tick).
+    #[arg(long, value_name = "SECS", value_parser = parse_idle_after)]
+    pub writeback_idle_after: Option<u64>,
+    /// Write back the coldest pages whenever mem_used_total is above SIZE, until it is below
+    /// (same suffixes as --size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub writeback_above: Option<u64>,
+    /// The idle clock's tick in seconds: page ages (for `ctl idle --age` and
+    /// --writeback-idle-after) count in these, up to 126 ticks.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_idle_tick)]
+    pub idle_tick: u64,
     /// Stop storing new pages once the store uses this much memory (same suffixes as --size).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_mem_limit)]
     pub mem_limit: Option<u64>,
@@ -378,6 +477,20 @@ pub enum UsageError {
     /// Background recompression without a secondary algorithm.
     #[error("--recompress-idle-after needs a --recompress-algorithm")]
     NoRecompressAlgorithm,
+    /// A writeback option without a backing file.
+    #[error("{0} needs a --backing-file to write pages to")]
+    NoBackingFile(&'static str),
+    /// An idle age the idle clock cannot count.
+    #[error(
+        "--writeback-idle-after {idle} is more than the idle clock counts (126 ticks of \
+         --idle-tick {tick}); raise --idle-tick"
+    )]
+    IdleAfterTooLong {
+        /// The idle time asked for, seconds.
+        idle: u64,
+        /// The tick, seconds.
+        tick: u64,
+    },
 }
 
 /// `--poll-max-us` when not given.
@@ -443,6 +556,29 @@ impl ServeArgs {
         if self.recompress_idle_after.is_some() && self.recompress_algorithm.is_empty() {
             return Err(UsageError::NoRecompressAlgorithm);
         }
+        if self.backing_file.is_none() {
+            for (flag, given) in [
+                ("--writeback-limit", self.writeback_limit.is_some()),
+                (
+                    "--writeback-idle-after",
+                    self.writeback_idle_after.is_some(),
+                ),
+                ("--writeback-above", self.writeback_above.is_some()),
+            ] {
+                if given {
+                    return Err(UsageError::NoBackingFile(flag));
+                }
+            }
+        }
+        let idle_tick = std::time::Duration::from_secs(self.idle_tick);
+        if let Some(idle) = self.writeback_idle_after {
+            if min_age_for(std::time::Duration::from_secs(idle), idle_tick).is_none() {
+                return Err(UsageError::IdleAfterTooLong {
+                    idle,
+                    tick: self.idle_tick,
+                });
+            }
+        }
         let max_pending_pages = match self.max_pending {
             // parse_max_pending bounds it to MAX_PENDING_BUFFERS pages.
             Some(bytes) => usize::try_from(bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX),
@@ -473,6 +609,16 @@ impl ServeArgs {
                     .map(std::time::Duration::from_secs),
                 rate: self.recompress_rate,
                 zstd_dict: self.zstd_dict.clone(),
+            },
+            writeback: WritebackConfig {
+                backing_file: self.backing_file.clone(),
+                limit: self.writeback_limit,
+                batch_pages: self.writeback_batch,
+                idle_after: self
+                    .writeback_idle_after
+                    .map(std::time::Duration::from_secs),
+                above: self.writeback_above,
+                idle_tick,
             },
         })
     }
@@ -592,6 +738,24 @@ fn parse_recompress_rate(text: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_writeback_batch(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(pages) if (1..=4096).contains(&pages) => Ok(pages),
+        _ => Err(format!(
+            "'{text}' is not a writeback batch; give 1 to 4096 pages"
+        )),
+    }
+}
+
+fn parse_idle_tick(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(secs) if (1..=24 * 3600).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "'{text}' is not an idle tick; give 1 to 86400 seconds"
+        )),
+    }
+}
+
 /// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
@@ -624,6 +788,13 @@ fn parse_device_size(text: &str) -> Result<u64, String> {
     if size % PAGE_SIZE as u64 != 0 {
         return Err(format!(
             "the device size {size} is not a multiple of 4 KiB (4096 bytes)"
+        ));
+    }
+    let max = crate::store::MAX_CAPACITY_PAGES * PAGE_SIZE as u64;
+    if size > max {
+        return Err(format!(
+            "the device size {size} is more than the largest device, {} GiB",
+            max >> 30
         ));
     }
     Ok(size)

@@ -54,7 +54,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::wait_readable;
 use crate::metrics::{self, Observed};
-use crate::store::{RecompressError, RecompressRequest, Stats, TrainRequest};
+use crate::store::{
+    BadWritebackRequest, RecompressError, RecompressRequest, Stats, TrainRequest, WritebackError,
+    WritebackMode, WritebackRequest,
+};
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
@@ -91,11 +94,31 @@ pub enum Command {
     Recompress(RecompressRequest),
     /// Train a zstd dictionary on a sample of the stored pages and use it from now on.
     TrainDict(TrainRequest),
+    /// Mark idle the pages not accessed for at least this many seconds (zram's
+    /// `echo SECS > idle`).
+    MarkIdleAge(u64),
+    /// Write pages back to the backing file (zram's `writeback`).
+    Writeback(WritebackRequest),
+    /// zram's `bd_stat` line.
+    BdStat,
+    /// Show, set (`N` pages, enabling it) or lift (`off`) zram's `writeback_limit`.
+    WritebackLimit(LimitChange),
+}
+
+/// What `writeback-limit` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitChange {
+    /// Print the limit.
+    Show,
+    /// Allow this many more pages (zram's `writeback_limit` with `writeback_limit_enable` 1).
+    Set(u64),
+    /// Lift the limit (`writeback_limit_enable` 0).
+    Off,
 }
 
 impl Command {
     /// Every command (with default arguments).
-    pub const ALL: [Command; 9] = [
+    pub const ALL: [Command; 13] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
@@ -113,6 +136,14 @@ impl Command {
             samples: 8192,
             size: 16 << 10,
         }),
+        Command::MarkIdleAge(0),
+        Command::Writeback(WritebackRequest {
+            mode: WritebackMode::Idle,
+            pages: None,
+            max_pages: None,
+        }),
+        Command::BdStat,
+        Command::WritebackLimit(LimitChange::Show),
     ];
 
     /// The request line's word for this command.
@@ -124,9 +155,12 @@ impl Command {
             Command::IoStat => "io_stat",
             Command::Metrics => "metrics",
             Command::Compact => "compact",
-            Command::MarkIdle => "idle",
+            Command::MarkIdle | Command::MarkIdleAge(_) => "idle",
             Command::Recompress(_) => "recompress",
             Command::TrainDict(_) => "train-dict",
+            Command::Writeback(_) => "writeback",
+            Command::BdStat => "bd_stat",
+            Command::WritebackLimit(_) => "writeback-limit",
         }
     }
 
@@ -149,6 +183,25 @@ impl Command {
             Command::TrainDict(request) => {
                 format!("{}\n", store.train_zstd_dictionary(&request)?)
             }
+            Command::MarkIdleAge(secs) => format!(
+                "marked {} pages idle\n",
+                store.mark_idle_older_than(Duration::from_secs(secs))?
+            ),
+            Command::Writeback(request) => format!("{}\n", store.writeback(&request)?),
+            Command::BdStat => store.stats().bd_stat_line(),
+            Command::WritebackLimit(change) => {
+                match change {
+                    LimitChange::Show => {}
+                    LimitChange::Set(pages) => store.set_writeback_limit(Some(pages)),
+                    LimitChange::Off => store.set_writeback_limit(None),
+                }
+                let w = store.stats().writeback;
+                if w.limit_enabled {
+                    format!("writeback_limit {} pages\n", w.limit_pages)
+                } else {
+                    "writeback_limit off\n".to_owned()
+                }
+            }
         })
     }
 }
@@ -158,7 +211,15 @@ impl fmt::Display for Command {
         match self {
             Command::Recompress(request) => write!(f, "{} {request}", self.name()),
             Command::TrainDict(request) => write!(f, "{} {request}", self.name()),
-            Command::Stats
+            Command::MarkIdleAge(secs) => write!(f, "idle --age {secs}"),
+            Command::Writeback(request) => write!(f, "{} {request}", self.name()),
+            Command::WritebackLimit(LimitChange::Set(pages)) => {
+                write!(f, "{} {pages}", self.name())
+            }
+            Command::WritebackLimit(LimitChange::Off) => write!(f, "{} off", self.name()),
+            Command::WritebackLimit(LimitChange::Show)
+            | Command::BdStat
+            | Command::Stats
             | Command::StatsJson
             | Command::MmStat
             | Command::IoStat
@@ -182,10 +243,36 @@ impl FromStr for Command {
             ("train-dict", arguments) => return Ok(Command::TrainDict(arguments.parse()?)),
             ("idle", "" | "all") => return Ok(Command::MarkIdle),
             ("idle", other) => {
-                return Err(ControlError::BadArgument(format!(
-                    "idle takes 'all', not '{}'",
-                    other.chars().take(64).collect::<String>()
-                )))
+                let age = other
+                    .strip_prefix("--age")
+                    .map(str::trim)
+                    .and_then(|secs| secs.parse::<u64>().ok());
+                return match age {
+                    Some(secs) => Ok(Command::MarkIdleAge(secs)),
+                    None => Err(ControlError::BadArgument(format!(
+                        "idle takes 'all' or '--age SECS', not '{}'",
+                        other.chars().take(64).collect::<String>()
+                    ))),
+                };
+            }
+            ("writeback", arguments) => {
+                return arguments
+                    .parse()
+                    .map(Command::Writeback)
+                    .map_err(|e: BadWritebackRequest| ControlError::BadArgument(e.to_string()))
+            }
+            ("writeback-limit", "") => return Ok(Command::WritebackLimit(LimitChange::Show)),
+            ("writeback-limit", "off") => return Ok(Command::WritebackLimit(LimitChange::Off)),
+            ("writeback-limit", pages) => {
+                return pages
+                    .parse()
+                    .map(|pages| Command::WritebackLimit(LimitChange::Set(pages)))
+                    .map_err(|_| {
+                        ControlError::BadArgument(format!(
+                            "writeback-limit takes a number of pages or 'off', not '{}'",
+                            pages.chars().take(64).collect::<String>()
+                        ))
+                    })
             }
             (_, "") => {}
             (name, _) => {
@@ -208,7 +295,7 @@ pub enum ControlError {
     /// The request names no command.
     #[error(
         "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics, \
-         compact, idle, recompress and train-dict"
+         compact, idle, recompress, train-dict, writeback, bd_stat and writeback-limit"
     )]
     UnknownCommand(String),
     /// A command's arguments are wrong.
@@ -217,6 +304,9 @@ pub enum ControlError {
     /// A recompression request is wrong or cannot run.
     #[error(transparent)]
     Recompress(#[from] RecompressError),
+    /// A writeback request cannot run, or failed.
+    #[error(transparent)]
+    Writeback(#[from] WritebackError),
     /// The request line is too long or not UTF-8.
     #[error("the request is not one line of at most {MAX_REQUEST_LEN} bytes of text")]
     BadRequest,
@@ -365,6 +455,41 @@ pub fn stats_table(stats: &Stats) -> String {
         ("  dictionary memory", bytes(r.dictionary_bytes)),
     ];
     for (name, value) in recompress_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    let wb = &stats.writeback;
+    if !wb.enabled {
+        out.push_str(&format!("{:<26} none\n", "backing file"));
+        return out;
+    }
+    let writeback_rows = [
+        (
+            "bd_count / reads / writes",
+            format!(
+                "{} / {} / {} (4 KiB units)",
+                wb.bd_count, wb.bd_reads, wb.bd_writes
+            ),
+        ),
+        ("pages on the file", pages(wb.pages_on_file)),
+        ("  their objects", bytes(wb.live_bytes)),
+        ("  file on disk", bytes(wb.file_disk_bytes)),
+        ("pages written back", pages(wb.pages_written_back)),
+        ("  failed", pages(wb.failed_writebacks)),
+        ("  superseded in flight", pages(wb.superseded)),
+        (
+            "writeback passes / writes",
+            format!("{} / {}", wb.passes, wb.write_calls),
+        ),
+        (
+            "writeback_limit",
+            if wb.limit_enabled {
+                pages(wb.limit_pages)
+            } else {
+                "off".to_owned()
+            },
+        ),
+    ];
+    for (name, value) in writeback_rows {
         out.push_str(&format!("{name:<26} {value}\n"));
     }
     out
@@ -878,9 +1003,38 @@ mod tests {
     }
 
     #[test]
-    fn every_command_parses_from_its_name() {
+    fn every_command_parses_from_its_request_line() {
         for command in Command::ALL {
-            assert_eq!(command.name().parse::<Command>().unwrap(), command);
+            assert_eq!(command.to_string().parse::<Command>().unwrap(), command);
+        }
+        for (line, command) in [
+            ("idle --age 600", Command::MarkIdleAge(600)),
+            (
+                "writeback-limit 12",
+                Command::WritebackLimit(LimitChange::Set(12)),
+            ),
+            (
+                "writeback-limit off",
+                Command::WritebackLimit(LimitChange::Off),
+            ),
+            (
+                "writeback huge",
+                Command::Writeback(WritebackRequest::new(WritebackMode::Huge)),
+            ),
+        ] {
+            assert_eq!(line.parse::<Command>().unwrap(), command, "{line}");
+        }
+        for bad in [
+            "writeback",
+            "writeback cold",
+            "idle --age x",
+            "writeback-limit -1",
+            "bd_stat x",
+        ] {
+            assert!(
+                matches!(bad.parse::<Command>(), Err(ControlError::BadArgument(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             parse_request(b"frobnicate\n"),

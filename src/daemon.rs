@@ -61,9 +61,11 @@ use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
 use crate::metrics::{MetricsServer, Observed};
 use crate::recompress::{BackgroundRecompressor, RecompressConfig};
+use crate::store::backing::BackingFile;
 use crate::store::stats::Stats;
 use crate::store::{PageStore, PendingConfig, RecompressError, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
+use crate::writeback::{WritebackConfig, WritebackDaemon};
 use crate::PAGE_SIZE;
 
 /// The default mode of the vhost-user and control sockets.
@@ -100,6 +102,8 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Secondary algorithms and background recompression.
     pub recompress: RecompressConfig,
+    /// The backing file, writeback policies and the idle clock.
+    pub writeback: WritebackConfig,
 }
 
 /// Why the daemon could not start or failed while running.
@@ -155,6 +159,18 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// The backing file cannot be used.
+    #[error("cannot use the backing file {}", path.display())]
+    BackingFile {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::store::backing::BackingError,
+    },
+    /// The writeback thread could not start.
+    #[error("cannot start the writeback thread")]
+    Writeback(#[source] io::Error),
     /// The background recompressor could not start.
     #[error("cannot start the background recompressor")]
     Recompressor(#[source] io::Error),
@@ -260,6 +276,7 @@ pub struct Daemon {
     stop: StopHandle,
     workers: CompressWorkers,
     recompressor: Option<BackgroundRecompressor>,
+    writeback: WritebackDaemon,
     poll_max: Duration,
 }
 
@@ -267,12 +284,30 @@ impl Daemon {
     /// Creates the store and binds the sockets.
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
         let stop = StopHandle::new().map_err(DaemonError::Wait)?;
-        let store = Arc::new(
-            PageStore::with_pending(config.store.clone(), config.pending)
-                .map_err(DaemonError::Store)?
-                .with_secondary_algorithms(&config.recompress.algorithms)
-                .map_err(DaemonError::Recompress)?,
-        );
+        let mut store = PageStore::with_pending(config.store.clone(), config.pending)
+            .map_err(DaemonError::Store)?
+            .with_secondary_algorithms(&config.recompress.algorithms)
+            .map_err(DaemonError::Recompress)?;
+        if let Some(path) = &config.writeback.backing_file {
+            let backing = BackingFile::open(path).map_err(|source| DaemonError::BackingFile {
+                path: path.clone(),
+                source,
+            })?;
+            info!(
+                "writing back to {}{}",
+                path.display(),
+                if backing.is_direct() {
+                    " (O_DIRECT)"
+                } else {
+                    " (buffered)"
+                }
+            );
+            store = store.with_backing_file(backing);
+        }
+        store.set_writeback_limit(config.writeback.limit);
+        store.set_writeback_batch(config.writeback.batch_pages);
+        store.set_idle_tick(config.writeback.idle_tick);
+        let store = Arc::new(store);
         let workers = CompressWorkers::start(store.clone(), &config.worker_cpus)
             .map_err(DaemonError::Workers)?;
         if BlockBackend::capacity_pages(&*store) != config.device.capacity_pages {
@@ -315,6 +350,8 @@ impl Daemon {
             ),
             None => None,
         };
+        let writeback = WritebackDaemon::start(store.clone(), &config.writeback)
+            .map_err(DaemonError::Writeback)?;
         let observed = Arc::new(Observed::new(
             store.clone(),
             Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
@@ -352,6 +389,7 @@ impl Daemon {
             stop,
             workers,
             recompressor,
+            writeback,
             poll_max: config.poll_max,
         })
     }
@@ -400,6 +438,7 @@ impl Daemon {
             stop,
             workers,
             recompressor,
+            writeback,
             poll_max,
         } = self;
         match &socket_file {
@@ -462,6 +501,7 @@ impl Daemon {
         if let Some(recompressor) = recompressor {
             recompressor.stop();
         }
+        writeback.stop();
         workers.stop();
         if let Some((server, _file)) = control {
             server.stop();

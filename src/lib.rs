@@ -21,6 +21,7 @@ pub mod pagegen;
 pub mod recompress;
 pub mod store;
 pub mod workers;
+pub mod writeback;
 
 /// The store's unit: one 4 KiB page, as zram uses on x86-64.
 pub const PAGE_SIZE: usize = 4096;

@@ -106,7 +106,7 @@ struct StoreFigure {
 const PREFIX: &str = "vhost_user_zram_";
 
 /// Every mm_stat and io_stat figure, the store facts, and the compression workers.
-const STORE_FIGURES: [StoreFigure; 23] = [
+const STORE_FIGURES: [StoreFigure; 30] = [
     StoreFigure {
         name: "workers",
         help: "Compression worker threads (0: the queue threads compress).",
@@ -244,6 +244,48 @@ const STORE_FIGURES: [StoreFigure; 23] = [
         help: "Allocator and same-fill metadata's part of mem_used_total.",
         kind: MetricType::Gauge,
         value: |s| s.info.metadata_bytes,
+    },
+    StoreFigure {
+        name: "bd_count",
+        help: "4 KiB blocks of the backing file holding written-back data (zram bd_count).",
+        kind: MetricType::Gauge,
+        value: |s| s.writeback.bd_count,
+    },
+    StoreFigure {
+        name: "bd_reads_total",
+        help: "4 KiB units read back from the backing file (zram bd_reads).",
+        kind: MetricType::Counter,
+        value: |s| s.writeback.bd_reads,
+    },
+    StoreFigure {
+        name: "bd_writes_total",
+        help: "4 KiB blocks written to the backing file (zram bd_writes).",
+        kind: MetricType::Counter,
+        value: |s| s.writeback.bd_writes,
+    },
+    StoreFigure {
+        name: "written_back_pages",
+        help: "Pages whose data lies on the backing file now.",
+        kind: MetricType::Gauge,
+        value: |s| s.writeback.pages_on_file,
+    },
+    StoreFigure {
+        name: "writeback_pages_total",
+        help: "Pages written back since start.",
+        kind: MetricType::Counter,
+        value: |s| s.writeback.pages_written_back,
+    },
+    StoreFigure {
+        name: "writeback_failed_pages_total",
+        help: "Pages whose writeback failed; they stayed in RAM.",
+        kind: MetricType::Counter,
+        value: |s| s.writeback.failed_writebacks,
+    },
+    StoreFigure {
+        name: "backing_file_disk_bytes",
+        help: "Bytes the backing file occupies on its filesystem.",
+        kind: MetricType::Gauge,
+        value: |s| s.writeback.file_disk_bytes,
     },
 ];
 

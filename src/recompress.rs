@@ -48,14 +48,14 @@ pub struct RecompressConfig {
 
 /// The stop flag and the condvar the thread sleeps on.
 #[derive(Debug, Default)]
-struct StopSignal {
+pub(crate) struct StopSignal {
     stopped: Mutex<bool>,
     wake: Condvar,
 }
 
 impl StopSignal {
     /// Sleeps until `deadline` or a stop; returns whether the thread should go on.
-    fn sleep_until(&self, deadline: Instant) -> bool {
+    pub(crate) fn sleep_until(&self, deadline: Instant) -> bool {
         let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let now = Instant::now();
@@ -73,11 +73,11 @@ impl StopSignal {
         }
     }
 
-    fn is_stopped(&self) -> bool {
+    pub(crate) fn is_stopped(&self) -> bool {
         *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.wake.notify_all();
     }

@@ -912,3 +912,137 @@ fn read_only_device_offers_ro_and_serves_reads() {
     );
     daemon.expect_clean_exit_after_disconnect(client);
 }
+
+/// The backing file of a writeback test, in a directory of its own.
+fn backing_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("backing").to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+/// zram's `bd_stat` columns: bd_count, bd_reads, bd_writes.
+fn bd_stat(daemon: &mut Daemon) -> [u64; 3] {
+    let line = daemon.ctl(&["bd_stat"]);
+    let n = numbers(&line);
+    assert_eq!(n.len(), 3, "bd_stat has 3 columns: '{line}'");
+    [n[0], n[1], n[2]]
+}
+
+#[test]
+fn idle_pages_written_back_read_back_intact_and_leave_ram() {
+    let pages = 4096u64;
+    let (_dir, backing) = backing_dir();
+    let mut daemon = Daemon::start(64 * MIB, &["--backing-file", &backing]);
+    let mut client = connect(&daemon, 1);
+    client.lane().write_swap_pages(0..pages);
+    let before = daemon.mm_stat();
+    assert_eq!(bd_stat(&mut daemon), [0, 0, 0]);
+
+    let idle = daemon.ctl(&["idle", "all"]);
+    let written = daemon.ctl(&["writeback", "idle"]);
+
+    assert_eq!(idle, format!("marked {pages} pages idle\n"));
+    assert!(written.starts_with("wrote back "), "{written}");
+    // The objects left RAM at once; the pending pool gives its buffers back after a second
+    // with nothing pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = daemon.mm_stat();
+        if after.mem_used_total < before.mem_used_total / 4 || Instant::now() > deadline {
+            break after;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        after.mem_used_total < before.mem_used_total / 4,
+        "mem_used_total {} -> {}",
+        before.mem_used_total,
+        after.mem_used_total
+    );
+    assert_eq!(after.orig_data_size, before.orig_data_size);
+    let [count, reads, writes] = bd_stat(&mut daemon);
+    assert!(
+        count > 0 && writes >= count && reads == 0,
+        "{count} {reads} {writes}"
+    );
+    // The file holds about what RAM held: packed compressed objects, not a page each.
+    assert!(
+        count * PAGE < before.compr_data_size * 11 / 10,
+        "{count} blocks for {before:?}"
+    );
+
+    client.lane().verify_pages(0..pages, |p| swap_page(p).1);
+    let [_, reads, _] = bd_stat(&mut daemon);
+    assert!(
+        reads >= count,
+        "the pages came from the file: {reads} reads"
+    );
+    let stats = daemon.stats();
+    assert_eq!(stats.io.failed_reads, 0);
+    assert!(
+        stats.writeback.pages_on_file > pages / 2,
+        "{:?}",
+        stats.writeback
+    );
+    daemon.expect_clean_exit_after_disconnect(client);
+}
+
+#[test]
+fn writeback_above_keeps_ram_below_the_mark_and_every_page_reads_back() {
+    let pages = 8192u64;
+    let (_dir, backing) = backing_dir();
+    let mut daemon = Daemon::start(
+        64 * MIB,
+        &[
+            "--backing-file",
+            &backing,
+            "--writeback-above",
+            "4M",
+            "--idle-tick",
+            "1",
+        ],
+    );
+    let mut client = connect(&daemon, 1);
+    client.lane().write_swap_pages(0..pages);
+    let full = daemon.mm_stat();
+    assert!(
+        full.mem_used_total > 8 * MIB,
+        "the data needs more than the mark: {full:?}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.mm_stat().mem_used_total > 4 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "still above 4 MiB after 20 s: {:?} {:?}",
+            daemon.mm_stat(),
+            daemon.stats().writeback
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let [count, _, _] = bd_stat(&mut daemon);
+    assert!(count > 0);
+
+    client.lane().verify_pages(0..pages, |p| swap_page(p).1);
+    assert_eq!(daemon.io_stat().failed_reads, 0);
+    daemon.expect_clean_exit_after_disconnect(client);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_backing_file_is_refused() {
+    let (_dir, backing) = backing_dir();
+    let _first = Daemon::start(16 * MIB, &["--backing-file", &backing]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_vhost-user-zram"))
+        .arg("--socket-path")
+        .arg(dir.path().join("second.sock"))
+        .args(["--size", "16M", "--backing-file", &backing])
+        .output()
+        .expect("run the second daemon");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&backing) && stderr.contains("in use"),
+        "{stderr}"
+    );
+}

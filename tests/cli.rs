@@ -152,6 +152,63 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             &["--socket-path", s, "--size", "1M", "--control-socket", ""],
             "the control socket path is empty",
         ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--writeback-above",
+                "4M",
+            ],
+            "--writeback-above needs a --backing-file",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--writeback-limit",
+                "10",
+            ],
+            "--writeback-limit needs a --backing-file",
+        ),
+        (
+            &["--socket-path", s, "--size", "128G"],
+            "more than the largest device, 64 GiB",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--idle-tick", "0"],
+            "not an idle tick",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--writeback-batch", "0"],
+            "not a writeback batch",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--backing-file",
+                "/tmp/b",
+                "--writeback-idle-after",
+                "200",
+                "--idle-tick",
+                "1",
+            ],
+            "more than the idle clock counts",
+        ),
+        (
+            &["ctl", "--control-socket", s, "writeback", "cold"],
+            "bad writeback request 'cold'",
+        ),
+        (
+            &["ctl", "--control-socket", s, "writeback-limit", "lots"],
+            "not a number of pages or 'off'",
+        ),
     ];
     for (args, needle) in cases {
         assert_one_sentence_error_exit(&run(args), needle, EXIT_USAGE);

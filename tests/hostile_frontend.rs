@@ -62,6 +62,7 @@ fn start_daemon() -> Running {
         control_socket: None,
         metrics_listen: None,
         recompress: Default::default(),
+        writeback: Default::default(),
     })
     .unwrap();
     let store = daemon.store().clone();

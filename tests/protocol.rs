@@ -64,6 +64,7 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
         control_socket: None,
         metrics_listen: None,
         recompress: Default::default(),
+        writeback: Default::default(),
     }
 }
 

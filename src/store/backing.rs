@@ -1249,7 +1249,18 @@ impl BackingFile {
         Ok(())
     }
 
-    /// The file's counters.
+    /// Bytes the file occupies on its filesystem (`st_blocks` × 512); for a block device, the
+    /// blocks in use.
+    pub fn disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if meta.file_type().is_file() => meta.blocks() * 512,
+            // A block device (or an I/O given to `with_io`): the blocks in use.
+            Ok(_) | Err(_) => self.stats().blocks_used * BLOCK_SIZE as u64,
+        }
+    }
+
+    /// A snapshot of the counters.
     pub fn stats(&self) -> BackingStats {
         let space = lock(&self.space);
         let c = &self.counters;
@@ -1410,7 +1421,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
-mod tests {
+pub(in crate::store) mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::os::unix::fs::MetadataExt;
@@ -1545,10 +1556,14 @@ mod tests {
     }
 
     /// A filesystem mounted for a test, unmounted on drop (also when the test panics).
-    struct Mount(PathBuf);
+    pub(in crate::store) struct Mount(PathBuf);
 
     impl Mount {
-        fn new(fstype: &str, options: &str, dir: &Path) -> Result<Mount, String> {
+        pub(in crate::store) fn new(
+            fstype: &str,
+            options: &str,
+            dir: &Path,
+        ) -> Result<Mount, String> {
             let output = Command::new("mount")
                 .args(["-t", fstype, "-o", options, fstype])
                 .arg(dir)

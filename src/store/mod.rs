@@ -19,10 +19,11 @@ pub mod recompress;
 pub mod same_fill;
 pub(crate) mod slot;
 pub mod stats;
+pub mod writeback;
 
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,17 +36,24 @@ pub use self::recompress::{
     RecompressTarget, TrainRequest, TrainedDictionary,
 };
 use self::same_fill::FillWords;
+pub use self::slot::MAX_AGE;
 use self::slot::{SlotEntry, SlotTable, MAX_HANDLE};
 pub use self::slot::{SlotState, MAX_PENDING_BUFFERS, MAX_SECONDARY};
 use self::stats::{add, get, sub, CounterShard, Counters};
 pub use self::stats::{
     AlgorithmStat, IoStat, MmStat, RecompressStats, Stats, StoreInfo, WorkerStat, WorkerStats,
+    WritebackStats,
+};
+pub use self::writeback::{
+    BadWritebackRequest, WritebackError, WritebackMode, WritebackOutcome, WritebackRequest,
+    DEFAULT_BATCH_PAGES,
 };
 use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH};
 use crate::PAGE_SIZE;
 
-/// The largest device: object numbers must fit a slot's 44-bit handle even when every chunk
-/// of a class holds a single object (at most 4096 objects a chunk).
+/// The largest device (64 GiB): object numbers must fit a slot's 37-bit handle even when every
+/// chunk of a class holds a single object (at most 4096 objects a chunk), with room to spare
+/// for objects in flight.
 pub const MAX_CAPACITY_PAGES: u64 = (MAX_HANDLE + 1) / 4096 / 2;
 
 /// How to build a store.
@@ -97,6 +105,15 @@ pub enum StoreError {
         index: u64,
         /// Its state.
         state: SlotState,
+    },
+    /// Reading a written-back page from the backing file failed; the slot keeps its entry.
+    #[error("page {index} could not be read back from the backing file")]
+    Backing {
+        /// The page.
+        index: u64,
+        /// What the file said.
+        #[source]
+        source: backing::BackingError,
     },
     /// The configuration is not valid.
     #[error("invalid store configuration: {0}")]
@@ -189,6 +206,14 @@ pub struct PageStore {
     mem_limit: AtomicU64,
     compaction: Mutex<()>,
     deferred: Option<Deferred>,
+    /// The backing file for writeback, if any.
+    backing: Option<backing::BackingFile>,
+    /// zram's `writeback_limit` when `writeback_limit_enable` is set: pages left to write.
+    writeback_limit: Mutex<Option<u64>>,
+    /// Pages per writeback write call.
+    writeback_batch: AtomicUsize,
+    /// The idle clock's tick, milliseconds.
+    idle_tick_ms: AtomicU64,
 }
 
 impl PageStore {
@@ -240,6 +265,10 @@ impl PageStore {
             mem_limit: AtomicU64::new(config.mem_limit.unwrap_or(0)),
             compaction: Mutex::new(()),
             deferred,
+            backing: None,
+            writeback_limit: Mutex::new(None),
+            writeback_batch: AtomicUsize::new(DEFAULT_BATCH_PAGES),
+            idle_tick_ms: AtomicU64::new(60_000),
         };
         if let Some(limit) = config.mem_limit {
             if store.mem_used_total() > limit {
@@ -347,15 +376,16 @@ impl PageStore {
     }
 
     /// Reads the page at `index` into `page`; a page never written reads as zeros. Reading
-    /// clears the page's idle flag.
+    /// clears the page's idle flag and age. A written-back page is read from the backing file
+    /// under its slot lock (other pages proceed) and stays on the file.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
         let mut guard = self.lock(slot);
         let entry = guard.entry();
         let result = self.decode(index, entry, page);
-        if entry.is_idle() {
+        if entry.accessed() != entry {
             // Free: the unlock stores the entry anyway.
-            guard.replace(entry.with_idle(false));
+            guard.replace(entry.accessed());
         }
         drop(guard);
         if result.is_err() {
@@ -562,6 +592,7 @@ impl PageStore {
             },
             workers: self.worker_stats(),
             recompression: self.recompress_stats(),
+            writeback: self.writeback_stats(),
         }
     }
 
@@ -607,6 +638,7 @@ impl PageStore {
         let (mut stored, mut compr, mut same, mut huge) = (0u64, 0u64, 0u64, 0u64);
         let mut by_priority = [(0u64, 0u64); MAX_SECONDARY + 1];
         let mut pending_buffers = Vec::new();
+        let mut written_back = Vec::new();
         for slot in 0..self.slots.len() {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
             self.check_priority(slot, entry)?;
@@ -622,15 +654,15 @@ impl PageStore {
                 SlotState::SameFilled => same += 1,
                 SlotState::Huge => huge += 1,
                 SlotState::Pending => pending_buffers.push((slot, entry.pending_buffer())),
-                state @ (SlotState::WrittenBack | SlotState::Invalid) => {
-                    return Err(format!("slot {slot} is in state {state:?}"))
-                }
+                SlotState::WrittenBack => written_back.push(entry.backing_object()),
+                SlotState::Invalid => return Err(format!("slot {slot} is in state Invalid")),
             }
             if let Some(class) = object_class(entry) {
                 by_class[class].push(entry.handle());
             }
         }
         self.check_pending(&pending_buffers)?;
+        self.check_backing(&written_back)?;
         let c = &self.counters;
         let expect = [
             ("pages_stored", stored, c.sum(|c| &c.pages_stored)),
@@ -641,6 +673,11 @@ impl PageStore {
                 "pending_pages",
                 pending_buffers.len() as u64,
                 c.sum(|c| &c.pending_pages),
+            ),
+            (
+                "pages_on_file",
+                written_back.len() as u64,
+                c.sum(|c| &c.pages_on_file),
             ),
         ];
         for (name, walked, counted) in expect {
@@ -940,8 +977,12 @@ impl PageStore {
                 // so the slot's hold keeps it published and unchanged while we copy it.
                 page.copy_from_slice(unsafe { deferred.pool.page(buffer) });
             }
-            state @ (SlotState::WrittenBack | SlotState::Invalid) => {
-                return Err(StoreError::UnsupportedState { index, state })
+            SlotState::WrittenBack => self.read_back(index, entry, page)?,
+            SlotState::Invalid => {
+                return Err(StoreError::UnsupportedState {
+                    index,
+                    state: SlotState::Invalid,
+                })
             }
         }
         Ok(())
@@ -967,6 +1008,7 @@ impl PageStore {
             change(&c.same_pages, u64::from(state == SlotState::SameFilled));
             change(&c.huge_pages, u64::from(state == SlotState::Huge));
             change(&c.pending_pages, u64::from(state == SlotState::Pending));
+            change(&c.pages_on_file, u64::from(state == SlotState::WrittenBack));
             if state == SlotState::Compressed {
                 let priority = entry.priority();
                 change(&c.algorithm_pages[priority], 1);
@@ -985,7 +1027,8 @@ impl PageStore {
                     deferred.pool.release(old.pending_buffer().0);
                 }
             }
-            SlotState::Empty | SlotState::WrittenBack | SlotState::Invalid => {}
+            SlotState::WrittenBack => self.release_written_back(old),
+            SlotState::Empty | SlotState::Invalid => {}
         }
         SlotEntry::EMPTY
     }
@@ -1054,3 +1097,6 @@ fn compressed_bytes(entry: SlotEntry) -> u64 {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+#[path = "writeback_tests.rs"]
+mod writeback_tests;

@@ -702,9 +702,13 @@ impl PageStore {
                 // refusal by the memory limit leaves the page as it is, not marked.
                 let stored = self.store_object(&page, &scratch[..], Some(len));
                 refused = stored.is_err();
-                return stored
-                    .ok()
-                    .map(|entry| entry.with_priority(priority).with_idle(old.is_idle()));
+                return stored.ok().map(|entry| {
+                    // Recompression is not an access: the page keeps its idle flag and age.
+                    entry
+                        .with_priority(priority)
+                        .with_idle(old.is_idle())
+                        .with_age(old.age())
+                });
             }
             None
         });
@@ -763,10 +767,14 @@ impl PageStore {
         let priority = entry.priority();
         let valid = match entry.state() {
             SlotState::Compressed => priority <= self.recompression.codecs.len(),
+            // A raw page written back has priority 0; a compressed object keeps its algorithm.
+            SlotState::WrittenBack => match entry.backing_object().1 {
+                crate::PAGE_SIZE => priority == 0,
+                _ => priority <= self.recompression.codecs.len(),
+            },
             SlotState::Empty
             | SlotState::SameFilled
             | SlotState::Huge
-            | SlotState::WrittenBack
             | SlotState::Pending
             | SlotState::Invalid => priority == 0,
         };

@@ -11,7 +11,7 @@
 //! +-----------------------------------------------+-+-+-+-+-------+-+
 //! L  lock bit (bit 0): held while a thread reads or changes the slot
 //! state (bits 1-3): Empty, SameFilled, Compressed, Huge, WrittenBack, Pending
-//! D  idle (bit 4): set by `idle all`, cleared when the page is read or written
+//! D  idle (bit 4): set by `idle all` or `idle --age`, cleared when the page is read or written
 //! I  incompressible (bit 5): no secondary algorithm shrank the page; recompression skips it
 //! P  priority (bits 6-7): the algorithm holding a Compressed page, 0 the primary, 1-3 a
 //!    secondary (recompression) algorithm
@@ -19,11 +19,19 @@
 //! payload by state:
 //!   Empty        0
 //!   SameFilled   the fill word's encoding (see same_fill.rs)
-//!   Compressed   size (bits 8-19, 1..=4095 bytes) | object handle << 12 (bits 20-63, 44 bits)
-//!   Huge         object handle (44 bits); the object is a raw 4 KiB page
-//!   WrittenBack  block number in the backing file (reserved for writeback)
+//!   Compressed   size (bits 8-19, 1..=4095 bytes) | age (bits 20-26) | handle (bits 27-63)
+//!   Huge         0 (bits 8-19)                     | age (bits 20-26) | handle (bits 27-63)
+//!                the object is a raw 4 KiB page
+//!   WrittenBack  length - 1 (bits 8-19, 1..=4096 bytes) | byte offset in the backing file
+//!                (bits 20-63, 44 bits); 4096 bytes is a raw page, fewer a compressed object
+//!                of the algorithm P names
 //!   Pending      pool buffer (bits 8-31, 24 bits) | buffer generation << 24 (bits 32-63)
 //! ```
+//!
+//! The *age* (7 bits, Compressed and Huge only) counts ticks of the idle clock since the page
+//! was last read or written, saturating at [`MAX_AGE`]: the idle clock adds one to every stored
+//! page each tick and an access sets it back to 0. It is how `idle --age SECS` and the
+//! automatic writeback find cold pages without an access time in the slot.
 //!
 //! State values 6 and 7 are not used; an entry holding one reads as [`SlotState::Invalid`] and
 //! every operation refuses it rather than guessing.
@@ -52,9 +60,18 @@ const PRIORITY_MASK: u64 = 0b11 << PRIORITY_SHIFT;
 pub const MAX_SECONDARY: usize = 3;
 const PAYLOAD_SHIFT: u32 = 8;
 const SIZE_BITS: u32 = 12;
+const AGE_BITS: u32 = 7;
+/// Where a Compressed or Huge payload keeps its age.
+const AGE_SHIFT: u32 = SIZE_BITS;
+/// Where a Compressed or Huge payload keeps its handle.
+const HANDLE_SHIFT: u32 = SIZE_BITS + AGE_BITS;
 
-/// The largest handle a slot can hold.
-pub const MAX_HANDLE: u64 = (1 << (64 - PAYLOAD_SHIFT - SIZE_BITS)) - 1;
+/// The largest handle a slot can hold (37 bits).
+pub const MAX_HANDLE: u64 = (1 << (64 - PAYLOAD_SHIFT - HANDLE_SHIFT)) - 1;
+/// The oldest age a slot records, in ticks of the idle clock.
+pub const MAX_AGE: u8 = (1 << AGE_BITS) - 1;
+/// The largest byte offset a WrittenBack entry can hold (44 bits: 16 TiB).
+pub const MAX_BACKING_OFFSET: u64 = (1 << (64 - PAYLOAD_SHIFT - SIZE_BITS)) - 1;
 /// The largest payload a slot can hold.
 pub const MAX_PAYLOAD: u64 = (1 << (64 - PAYLOAD_SHIFT)) - 1;
 
@@ -69,7 +86,7 @@ pub enum SlotState {
     Compressed = 2,
     /// A raw page in the allocator's huge class (it did not compress well).
     Huge = 3,
-    /// Written back to the backing file (reserved for the writeback issue).
+    /// Written back to the backing file: the object (compressed, or a raw page) lies there.
     WrittenBack = 4,
     /// Written by the guest and waiting for a compression worker: the page is held
     /// uncompressed in a buffer of the pending pool.
@@ -116,12 +133,79 @@ impl SlotEntry {
     /// A compressed object of `size` bytes (1..=4095) at `handle`.
     pub fn compressed(handle: u64, size: usize) -> SlotEntry {
         debug_assert!(handle <= MAX_HANDLE && (1..1 << SIZE_BITS).contains(&size));
-        SlotEntry::new(SlotState::Compressed, (handle << SIZE_BITS) | size as u64)
+        SlotEntry::new(
+            SlotState::Compressed,
+            (handle << HANDLE_SHIFT) | size as u64,
+        )
     }
 
     /// A raw page at `handle`.
     pub fn huge(handle: u64) -> SlotEntry {
-        SlotEntry::new(SlotState::Huge, handle)
+        debug_assert!(handle <= MAX_HANDLE);
+        SlotEntry::new(SlotState::Huge, handle << HANDLE_SHIFT)
+    }
+
+    /// An object of `len` bytes (1..=4096) at byte `offset` (at most [`MAX_BACKING_OFFSET`])
+    /// of the backing file.
+    pub fn written_back(offset: u64, len: usize) -> SlotEntry {
+        debug_assert!(offset <= MAX_BACKING_OFFSET && (1..=1 << SIZE_BITS).contains(&len));
+        SlotEntry::new(
+            SlotState::WrittenBack,
+            (offset << SIZE_BITS) | (len as u64 - 1),
+        )
+    }
+
+    /// The byte offset and length of a WrittenBack entry's object in the backing file.
+    pub fn backing_object(self) -> (u64, usize) {
+        // The mask keeps 12 bits, which always fit.
+        #[allow(clippy::cast_possible_truncation)]
+        let len = (self.payload() & ((1 << SIZE_BITS) - 1)) as usize + 1;
+        (self.payload() >> SIZE_BITS, len)
+    }
+
+    /// The age of a Compressed or Huge entry in idle-clock ticks (0 in other states).
+    pub fn age(self) -> u8 {
+        match self.state() {
+            SlotState::Compressed | SlotState::Huge => {
+                // The mask keeps 7 bits.
+                #[allow(clippy::cast_possible_truncation)]
+                let age = ((self.payload() >> AGE_SHIFT) & u64::from(MAX_AGE)) as u8;
+                age
+            }
+            SlotState::Empty
+            | SlotState::SameFilled
+            | SlotState::WrittenBack
+            | SlotState::Pending
+            | SlotState::Invalid => 0,
+        }
+    }
+
+    /// This entry with age `age` (at most [`MAX_AGE`]); other states have no age and come
+    /// back unchanged.
+    pub fn with_age(self, age: u8) -> SlotEntry {
+        match self.state() {
+            SlotState::Compressed | SlotState::Huge => {
+                let mask = u64::from(MAX_AGE) << (AGE_SHIFT + PAYLOAD_SHIFT);
+                let age = u64::from(age.min(MAX_AGE)) << (AGE_SHIFT + PAYLOAD_SHIFT);
+                SlotEntry((self.0 & !mask) | age)
+            }
+            SlotState::Empty
+            | SlotState::SameFilled
+            | SlotState::WrittenBack
+            | SlotState::Pending
+            | SlotState::Invalid => self,
+        }
+    }
+
+    /// This entry as an access leaves it: idle flag clear, age 0.
+    pub fn accessed(self) -> SlotEntry {
+        self.with_idle(false).with_age(0)
+    }
+
+    /// Whether `self` and `other` name the same stored object: the same state, handle, size and
+    /// algorithm, whatever their idle, incompressible and age bits say.
+    pub fn same_object(self, other: SlotEntry) -> bool {
+        self.with_age(0).same_content(other.with_age(0)) && self.priority() == other.priority()
     }
 
     /// A page waiting in pending-pool buffer `buffer` (below [`MAX_PENDING_BUFFERS`]) whose
@@ -166,21 +250,14 @@ impl SlotEntry {
 
     /// The allocator handle of a Compressed or Huge entry.
     pub fn handle(self) -> u64 {
-        match self.state() {
-            SlotState::Compressed => self.payload() >> SIZE_BITS,
-            _ => self.payload(),
-        }
+        self.payload() >> HANDLE_SHIFT
     }
 
     /// This Compressed or Huge entry pointing at `handle` instead, its size and flags kept.
     pub fn with_handle(self, handle: u64) -> SlotEntry {
         debug_assert!(handle <= MAX_HANDLE);
-        let flags = self.0 & ((1 << PAYLOAD_SHIFT) - 1);
-        let payload = match self.state() {
-            SlotState::Compressed => (handle << SIZE_BITS) | self.compressed_size() as u64,
-            _ => handle,
-        };
-        SlotEntry(flags | (payload << PAYLOAD_SHIFT))
+        let keep = (1u64 << (PAYLOAD_SHIFT + HANDLE_SHIFT)) - 1;
+        SlotEntry((self.0 & keep) | (handle << (PAYLOAD_SHIFT + HANDLE_SHIFT)))
     }
 
     /// The compressed size of a Compressed entry.
@@ -275,6 +352,28 @@ impl SlotTable {
             .map(|s| SlotEntry(s.load(Ordering::Relaxed) & !LOCK))
     }
 
+    /// One tick of the idle clock for slot `index`: adds one to the age of a Compressed or
+    /// Huge entry (saturating at [`MAX_AGE`]) with one compare-and-swap, without taking the
+    /// lock. A slot that is locked or changes meanwhile is left alone (it is being accessed,
+    /// so it is not getting older). Returns the new age, if it aged.
+    pub fn age(&self, index: usize) -> Option<u8> {
+        let slot = self.slots.get(index)?;
+        let current = slot.load(Ordering::Relaxed);
+        if current & LOCK != 0 {
+            return None;
+        }
+        let entry = SlotEntry(current);
+        let age = entry.age();
+        let ages = matches!(entry.state(), SlotState::Compressed | SlotState::Huge);
+        if !ages || age == MAX_AGE {
+            return None;
+        }
+        let older = entry.with_age(age + 1);
+        slot.compare_exchange(current, older.0, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()
+            .map(|_| age + 1)
+    }
+
     /// Locks slot `index`, or returns `None` when it is out of range.
     pub fn lock(&self, index: usize) -> Option<SlotGuard<'_>> {
         let slot = self.slots.get(index)?;
@@ -359,6 +458,72 @@ mod tests {
         assert_eq!(moved.with_priority(1).priority(), 1);
         assert!(moved.with_idle(false).same_content(moved.with_priority(0)));
         assert_eq!(SlotEntry::huge(9).with_handle(3), SlotEntry::huge(3));
+    }
+
+    #[test]
+    fn age_is_kept_apart_from_handle_size_and_flags() {
+        let e = SlotEntry::compressed(MAX_HANDLE, 3632)
+            .with_priority(2)
+            .with_idle(true);
+        let old = e.with_age(MAX_AGE);
+        assert_eq!(old.age(), MAX_AGE);
+        assert_eq!((old.handle(), old.compressed_size()), (MAX_HANDLE, 3632));
+        assert_eq!((old.priority(), old.is_idle()), (2, true));
+        assert!(old.same_object(e) && !old.same_content(e));
+        assert!(!old.same_object(e.with_priority(1)));
+        assert!(!old.same_object(e.with_handle(1)));
+        assert_eq!(old.accessed().age(), 0);
+        assert!(!old.accessed().is_idle());
+        assert_eq!(e.with_age(200).age(), MAX_AGE, "ages saturate");
+        let huge = SlotEntry::huge(MAX_HANDLE).with_age(5);
+        assert_eq!((huge.handle(), huge.age()), (MAX_HANDLE, 5));
+        assert_eq!(huge.with_handle(3).age(), 5, "compaction keeps the age");
+        // States without an age ignore it.
+        let same = SlotEntry::new(SlotState::SameFilled, 77);
+        assert_eq!(same.with_age(9), same);
+        assert_eq!(same.age(), 0);
+    }
+
+    #[test]
+    fn written_back_entry_roundtrips_offset_and_length() {
+        for (offset, len) in [
+            (0, 1),
+            (4095, 4096),
+            (MAX_BACKING_OFFSET, 4096),
+            (12345, 3632),
+        ] {
+            let e = SlotEntry::written_back(offset, len).with_priority(3);
+            assert_eq!(e.state(), SlotState::WrittenBack);
+            assert_eq!(e.backing_object(), (offset, len));
+            assert_eq!(e.priority(), 3);
+            assert_eq!(e.age(), 0);
+        }
+    }
+
+    #[test]
+    fn the_idle_clock_ages_only_stored_unlocked_slots() {
+        let table = SlotTable::new(4);
+        let stored = SlotEntry::compressed(5, 100);
+        table.lock(0).unwrap().replace(stored);
+        table
+            .lock(1)
+            .unwrap()
+            .replace(SlotEntry::new(SlotState::SameFilled, 1));
+        table
+            .lock(2)
+            .unwrap()
+            .replace(SlotEntry::huge(7).with_age(MAX_AGE));
+        assert_eq!(table.age(0), Some(1));
+        assert_eq!(table.age(0), Some(2));
+        assert_eq!(table.peek(0).unwrap().age(), 2);
+        assert!(table.peek(0).unwrap().same_object(stored));
+        assert_eq!(table.age(1), None, "same-filled pages have no age");
+        assert_eq!(table.age(2), None, "saturated");
+        assert_eq!(table.age(3), None, "empty");
+        assert_eq!(table.age(4), None, "out of range");
+        let guard = table.lock(0).unwrap();
+        assert_eq!(table.age(0), None, "a locked slot is being accessed");
+        drop(guard);
     }
 
     #[test]

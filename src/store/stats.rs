@@ -135,6 +135,43 @@ pub struct AlgorithmStat {
     pub compr_bytes: u64,
 }
 
+/// Writeback to the backing file (zram's `bd_stat` and more).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WritebackStats {
+    /// Whether the store has a backing file.
+    pub enabled: bool,
+    /// zram's `bd_count`: 4 KiB blocks of the file holding written-back data.
+    pub bd_count: u64,
+    /// zram's `bd_reads`: 4 KiB units read back from the file.
+    pub bd_reads: u64,
+    /// zram's `bd_writes`: 4 KiB blocks written to the file.
+    pub bd_writes: u64,
+    /// Pages whose data lies on the file now.
+    pub pages_on_file: u64,
+    /// Bytes of those pages' objects (what RAM held for them).
+    pub live_bytes: u64,
+    /// Bytes the file occupies on its filesystem (`st_blocks` × 512).
+    pub file_disk_bytes: u64,
+    /// Pages written back since start.
+    pub pages_written_back: u64,
+    /// Pages whose writeback failed (they stay in RAM).
+    pub failed_writebacks: u64,
+    /// Pages rewritten or discarded while their writeback was in flight (their new content
+    /// stays; the file copy is dropped).
+    pub superseded: u64,
+    /// Write system calls made.
+    pub write_calls: u64,
+    /// Blocks given back to the filesystem (hole punching).
+    pub punched_blocks: u64,
+    /// Writeback passes run.
+    pub passes: u64,
+    /// Whether the writeback limit is enforced (zram's `writeback_limit_enable`).
+    pub limit_enabled: bool,
+    /// Pages writeback may still write (zram's `writeback_limit`).
+    pub limit_pages: u64,
+}
+
 /// Everything `stats` reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
@@ -152,6 +189,9 @@ pub struct Stats {
     /// Recompression and idle marking.
     #[serde(default)]
     pub recompression: RecompressStats,
+    /// Writeback to the backing file.
+    #[serde(default)]
+    pub writeback: WritebackStats,
 }
 
 /// An `mm_stat` line that is not nine numbers.
@@ -212,6 +252,12 @@ impl Stats {
         )
     }
 
+    /// The `bd_stat` line, exactly as zram prints it (with its trailing newline).
+    pub fn bd_stat_line(&self) -> String {
+        let w = &self.writeback;
+        format!("{:8} {:8} {:8}\n", w.bd_count, w.bd_reads, w.bd_writes)
+    }
+
     /// The `io_stat` line, exactly as zram prints it (with its trailing newline).
     pub fn io_stat_line(&self) -> String {
         let i = &self.io;
@@ -253,6 +299,12 @@ pub(crate) struct CounterShard {
     pub recompress_incompressible: AtomicU64,
     pub recompress_passes: AtomicU64,
     pub marked_idle: AtomicU64,
+    /// Pages whose data lies on the backing file.
+    pub pages_on_file: AtomicU64,
+    pub written_back: AtomicU64,
+    pub writeback_failed: AtomicU64,
+    pub writeback_superseded: AtomicU64,
+    pub writeback_passes: AtomicU64,
 }
 
 /// The store's live counters.

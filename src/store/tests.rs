@@ -261,9 +261,38 @@ enum Op {
         len: u64,
     },
     Compact,
+    /// `idle all`.
+    MarkIdle,
+    /// One tick of the idle clock.
+    Tick,
+    /// A writeback pass (mode by number, optionally over a page range).
+    Writeback {
+        mode: u8,
+        range: Option<(u64, u64)>,
+    },
 }
 
 const MODEL_PAGES: u64 = 48;
+
+fn writeback_request(mode: u8, range: Option<(u64, u64)>) -> WritebackRequest {
+    let mode = match mode {
+        0 => WritebackMode::Idle,
+        1 => WritebackMode::Huge,
+        2 => WritebackMode::HugeIdle,
+        3 => WritebackMode::Incompressible,
+        4 => WritebackMode::Aged(1),
+        _ => WritebackMode::All,
+    };
+    let pages = match (mode, range) {
+        (WritebackMode::All, None) => Some((0, MODEL_PAGES)),
+        (_, range) => range,
+    };
+    WritebackRequest {
+        mode,
+        pages,
+        max_pages: None,
+    }
+}
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -275,6 +304,13 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..MODEL_PAGES).prop_map(|index| Op::Read { index }),
         1 => (0..MODEL_PAGES, 1..8u64).prop_map(|(start, len)| Op::Discard { start, len }),
         1 => Just(Op::Compact),
+        1 => Just(Op::MarkIdle),
+        1 => Just(Op::Tick),
+        2 => (0..6u8, prop::option::of((0..MODEL_PAGES, 1..MODEL_PAGES)))
+            .prop_map(|(mode, range)| Op::Writeback {
+                mode,
+                range: range.map(|(start, len)| (start, (start + len).min(MODEL_PAGES))),
+            }),
     ]
 }
 
@@ -289,13 +325,25 @@ fn write_deferred(s: &PageStore, index: u64, page: &[u8; PAGE_SIZE]) {
     .unwrap();
 }
 
+/// A backing file in a fresh temporary directory (kept alive by the returned guard).
+pub(super) fn backing_file() -> (tempfile::TempDir, super::backing::BackingFile) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = super::backing::BackingFile::open(&dir.path().join("backing")).unwrap();
+    (dir, file)
+}
+
 fn run_model(algorithm: Algorithm, ops: &[Op]) {
-    run_model_on(&store(MODEL_PAGES, algorithm), ops);
+    let (_dir, backing) = backing_file();
+    run_model_on(
+        &store(MODEL_PAGES, algorithm).with_backing_file(backing),
+        ops,
+    );
 }
 
 /// The model test with compression workers running while the ops go on: reads of pages
 /// still pending come from the pool, later writes and discards supersede queued ones.
 fn run_model_with_workers(algorithm: Algorithm, ops: &[Op]) {
+    let (_dir, backing) = backing_file();
     let s = Arc::new(
         PageStore::with_pending(
             config(MODEL_PAGES, algorithm, None),
@@ -304,7 +352,8 @@ fn run_model_with_workers(algorithm: Algorithm, ops: &[Op]) {
                 max_pending_pages: 8,
             },
         )
-        .unwrap(),
+        .unwrap()
+        .with_backing_file(backing),
     );
     let workers = crate::workers::CompressWorkers::start(Arc::clone(&s), &[]).unwrap();
     run_model_on(&s, ops);
@@ -361,6 +410,15 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
             Op::Compact => {
                 s.compact();
             }
+            Op::MarkIdle => {
+                s.mark_idle();
+            }
+            Op::Tick => {
+                s.tick_idle_clock();
+            }
+            Op::Writeback { mode, range } => {
+                s.writeback(&writeback_request(mode, range)).unwrap();
+            }
         }
     }
     assert!(
@@ -372,8 +430,19 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
         s.read(index as u64, &mut out).unwrap();
         assert_eq!(&out, expect, "final read of page {index}");
     }
+    // Everything left goes to the file, and still reads back.
+    s.writeback(&writeback_request(5, None)).unwrap();
+    s.check_consistency().unwrap();
+    for (index, expect) in model.iter().enumerate() {
+        s.read(index as u64, &mut out).unwrap();
+        assert_eq!(&out, expect, "read back of page {index}");
+    }
     let stored = model.iter().filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
     assert!(s.stats().mm.orig_data_size >= stored * PAGE_SIZE as u64);
+    s.discard(0..MODEL_PAGES).unwrap();
+    s.check_consistency().unwrap();
+    let w = s.stats().writeback;
+    assert_eq!((w.pages_on_file, w.live_bytes), (0, 0), "{w:?}");
 }
 
 proptest! {

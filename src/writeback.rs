@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The idle clock and the automatic writeback policies zram lacks.
+//!
+//! One thread, `writeback`, does three things:
+//!
+//! - **the idle clock**: every `--idle-tick` seconds (default 60) it adds one tick to the age of
+//!   every stored page (one lock-free walk of the slot table; a compare-and-swap per stored
+//!   page, a few milliseconds per million pages). A read or write sets a page's age back to 0.
+//!   Ages are whole ticks and saturate at [`MAX_AGE`] ticks, so `idle --age SECS` is as coarse
+//!   as a tick: a page of age `a` has been idle for at least `(a - 1)` ticks, and
+//!   [`min_age_for`] turns seconds into the smallest age that guarantees them.
+//! - **`--writeback-idle-after SECS`**: after each tick, pages idle that long go to the file.
+//! - **`--writeback-above SIZE`**: every [`ABOVE_CHECK`], if `mem_used_total` is above SIZE, the
+//!   coldest pages go first: the bytes held at each age are summed from the oldest down until
+//!   they cover the excess (plus a margin for allocator fragmentation), the pages of those ages
+//!   are written back, and the allocator is compacted so the freed memory really goes back to
+//!   the OS. It repeats, taking younger pages, until the store is below SIZE or nothing is left
+//!   to write. With `--mem-limit` above SIZE, this keeps room for new writes.
+//!
+//! Writeback never blocks the queues: it holds one slot lock at a time, for a memcpy, and
+//! writes the file with no lock held (see `store::writeback`). Stopping is bounded: the thread
+//! checks the stop flag between batches and sleeps on a condvar the stop wakes.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::recompress::StopSignal;
+use crate::store::{PageStore, WritebackError, WritebackMode, WritebackRequest, MAX_AGE};
+
+/// `--idle-tick` when not given.
+pub const DEFAULT_IDLE_TICK: Duration = Duration::from_secs(60);
+/// How often `--writeback-above` looks at `mem_used_total`.
+pub const ABOVE_CHECK: Duration = Duration::from_millis(200);
+
+/// Writeback settings of a daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritebackConfig {
+    /// The backing file (`--backing-file`).
+    pub backing_file: Option<PathBuf>,
+    /// zram's `writeback_limit` with `writeback_limit_enable` (`--writeback-limit`), pages.
+    pub limit: Option<u64>,
+    /// Pages per write call (`--writeback-batch`).
+    pub batch_pages: usize,
+    /// Write back pages idle this long (`--writeback-idle-after`).
+    pub idle_after: Option<Duration>,
+    /// Write back the coldest pages while `mem_used_total` is above this (`--writeback-above`).
+    pub above: Option<u64>,
+    /// The idle clock's tick (`--idle-tick`).
+    pub idle_tick: Duration,
+}
+
+impl Default for WritebackConfig {
+    fn default() -> Self {
+        WritebackConfig {
+            backing_file: None,
+            limit: None,
+            batch_pages: crate::store::DEFAULT_BATCH_PAGES,
+            idle_after: None,
+            above: None,
+            idle_tick: DEFAULT_IDLE_TICK,
+        }
+    }
+}
+
+/// The smallest age, in ticks of `tick`, that guarantees a page has been idle for at least
+/// `idle`, or `None` if the slot's age cannot count that far.
+pub fn min_age_for(idle: Duration, tick: Duration) -> Option<u8> {
+    let tick = tick.as_secs_f64().max(f64::MIN_POSITIVE);
+    // A page of age `a` was last touched before the `a`-th most recent tick: idle for more
+    // than (a - 1) ticks.
+    let ticks = (idle.as_secs_f64() / tick).ceil() + 1.0;
+    // `ticks` is at least 1 and compared with MAX_AGE before the cast.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (ticks <= f64::from(MAX_AGE)).then_some(ticks as u8)
+}
+
+/// The running idle clock and writeback policies; dropping it stops and joins the thread.
+#[derive(Debug)]
+pub struct WritebackDaemon {
+    signal: Arc<StopSignal>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WritebackDaemon {
+    /// Starts the idle clock and the policies of `config` on `store`.
+    pub fn start(store: Arc<PageStore>, config: &WritebackConfig) -> io::Result<WritebackDaemon> {
+        let signal = Arc::new(StopSignal::default());
+        let thread_signal = Arc::clone(&signal);
+        let policy = Policy {
+            tick: config.idle_tick,
+            idle_age: config
+                .idle_after
+                .and_then(|idle| min_age_for(idle, config.idle_tick)),
+            above: config.above.filter(|_| store.has_backing_file()),
+        };
+        let thread = std::thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || run(&store, &thread_signal, &policy))?;
+        Ok(WritebackDaemon {
+            signal,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.signal.stop();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("the writeback thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WritebackDaemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[derive(Debug)]
+struct Policy {
+    tick: Duration,
+    idle_age: Option<u8>,
+    above: Option<u64>,
+}
+
+fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
+    if let Some(age) = policy.idle_age {
+        info!(
+            "writing back pages idle for {age} ticks of {} s",
+            policy.tick.as_secs_f64()
+        );
+    }
+    if let Some(above) = policy.above {
+        info!("writing back the coldest pages while mem_used_total is above {above} bytes");
+    }
+    let mut next_tick = Instant::now() + policy.tick;
+    loop {
+        let wake = match policy.above {
+            Some(_) => next_tick.min(Instant::now() + ABOVE_CHECK),
+            None => next_tick,
+        };
+        if !signal.sleep_until(wake) {
+            break;
+        }
+        if Instant::now() >= next_tick {
+            next_tick += policy.tick;
+            let aged = store.tick_idle_clock();
+            debug!("idle clock: {aged} pages aged");
+            if let Some(age) = policy.idle_age.filter(|_| store.has_backing_file()) {
+                let request = WritebackRequest::new(WritebackMode::Aged(age));
+                if !write_back(store, signal, &request) {
+                    break;
+                }
+            }
+        }
+        if let Some(above) = policy.above {
+            if !write_back_above(store, signal, above) {
+                break;
+            }
+        }
+    }
+    debug!("the writeback thread stopped");
+}
+
+/// Runs one pass; returns whether the thread should go on.
+fn write_back(store: &PageStore, signal: &StopSignal, request: &WritebackRequest) -> bool {
+    match store.writeback_paced(request, &mut || !signal.is_stopped()) {
+        Ok(outcome) if outcome.written > 0 => {
+            debug!("writeback ({}): {outcome}", request.mode.name());
+        }
+        Ok(_) | Err(WritebackError::LimitReached) => {}
+        Err(error) => warn!("writeback ({}) failed: {error}", request.mode.name()),
+    }
+    !signal.is_stopped()
+}
+
+/// Writes back the coldest pages until `mem_used_total` is at most `above`, or nothing more can
+/// go. Returns whether the thread should go on.
+fn write_back_above(store: &PageStore, signal: &StopSignal, above: u64) -> bool {
+    let mut youngest = usize::from(MAX_AGE) + 1;
+    while store.mem_used_total() > above && youngest > 0 {
+        let excess = store.mem_used_total() - above;
+        // Fragmentation leaves some freed objects in chunks that stay: aim a quarter higher.
+        let wanted = excess + excess / 4;
+        let by_age = store.bytes_by_age();
+        let mut bytes = 0;
+        let mut age = youngest;
+        while age > 0 && bytes < wanted {
+            age -= 1;
+            bytes += by_age[age];
+        }
+        if bytes == 0 {
+            return true; // nothing in RAM that writeback can take
+        }
+        // `age` < youngest <= MAX_AGE + 1, so it fits a u8.
+        #[allow(clippy::cast_possible_truncation)]
+        let request = WritebackRequest::new(WritebackMode::Aged(age as u8));
+        let failed = match store.writeback_paced(&request, &mut || {
+            !signal.is_stopped() && store.mem_used_total() > above
+        }) {
+            Ok(outcome) => {
+                debug!("writeback above {above}: {outcome}");
+                false
+            }
+            Err(WritebackError::LimitReached) => true,
+            Err(error) => {
+                warn!("writeback above {above} bytes failed: {error}");
+                true
+            }
+        };
+        store.compact();
+        if signal.is_stopped() {
+            return false;
+        }
+        if failed {
+            return true;
+        }
+        youngest = age;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_guarantee_the_idle_time_asked_for() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(min_age_for(Duration::from_secs(60), minute), Some(2));
+        assert_eq!(min_age_for(Duration::from_secs(61), minute), Some(3));
+        assert_eq!(min_age_for(Duration::from_secs(1), minute), Some(2));
+        assert_eq!(min_age_for(Duration::ZERO, minute), Some(1));
+        assert_eq!(min_age_for(minute * 126, minute), Some(127));
+        assert_eq!(min_age_for(minute * 127, minute), None);
+    }
+}
