@@ -986,6 +986,26 @@ fn expected_guest_bytes(pieces: &[(u64, u32)], data: &[u8]) -> HashMap<u64, u8> 
     expected
 }
 
+/// The 64 bytes on either side of each piece that no piece covers, with what they hold now:
+/// a read must leave them alone.
+fn guard_bytes(mem: &GuestMemoryMmap<()>, pieces: &[(u64, u32)]) -> HashMap<u64, u8> {
+    let covered = |addr: u64| {
+        pieces
+            .iter()
+            .any(|&(start, len)| (start..start + u64::from(len)).contains(&addr))
+    };
+    let mut guard = HashMap::new();
+    for &(start, len) in pieces {
+        let end = start + u64::from(len);
+        for addr in (start.saturating_sub(64)..start).chain(end..(end + 64).min(MEM_SIZE as u64)) {
+            if !covered(addr) {
+                guard.insert(addr, mem.read_obj(GuestAddress(addr)).unwrap());
+            }
+        }
+    }
+    guard
+}
+
 fn assert_guest_holds(mem: &GuestMemoryMmap<()>, expected: &HashMap<u64, u8>) {
     for (&addr, &byte) in expected {
         let got: u8 = mem.read_obj(GuestAddress(addr)).unwrap();
@@ -1298,7 +1318,8 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
     /// Any mix of writes and reads, reads cut into pieces anywhere (across regions, over one
-    /// another), leaves guest memory holding exactly what a model says.
+    /// another), leaves guest memory holding exactly what a model says, and the bytes around
+    /// the pieces untouched.
     #[test]
     fn reads_into_any_layout_match_a_model(ops in proptest::collection::vec(model_op(), 1..24)) {
         let mem = two_region_memory();
@@ -1318,9 +1339,11 @@ proptest::proptest! {
                     for &(addr, len) in &pieces {
                         mem.write_slice(&vec![0xee; len as usize], GuestAddress(addr)).unwrap();
                     }
+                    let guard = guard_bytes(&mem, &pieces);
                     proptest::prop_assert_eq!(h.read_into(sector, &pieces), (len as u32 + 1, OK));
                     let at = sector as usize * 512;
                     assert_guest_holds(&mem, &expected_guest_bytes(&pieces, &model[at..at + len]));
+                    assert_guest_holds(&mem, &guard);
                 }
             }
         }
