@@ -13,13 +13,18 @@
 //!    descriptors: virtio 1.x frames messages independently of descriptors); the data is the
 //!    rest of the readable bytes (writes) or the writable bytes before the status byte (reads).
 //!    A request carrying data in the direction its type does not use is refused.
-//! 3. **Execute** against a [`BlockBackend`], page by page, through one per-thread page buffer.
+//! 3. **Execute** against a [`BlockBackend`], page by page, through one per-thread page buffer;
+//!    a read of a whole page whose destination is one contiguous piece of one guest memory
+//!    region is decompressed straight into guest memory instead ([`lend_guest_page`]).
 //!
 //! Every failure is a [`RequestError`]; [`RequestError::status`] is the one place that maps
 //! failures to `VIRTIO_BLK_S_*`, and [`RequestError::is_invalid_io`] decides what counts in zram's
 //! `invalid_io` (the store counts its own failed reads and writes). Nothing
 //! here allocates per request or in proportion to a guest-chosen length: data is copied in
 //! page-sized pieces while walking the descriptors.
+//!
+//! This module holds the one `unsafe` block of the request path, [`lend_guest_page`]; DESIGN.md
+//! ("Zero-copy reads") argues why it is sound enough when the guest writes the same memory.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -31,7 +36,10 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+use vm_memory::bitmap::{BitmapSlice, MS};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice,
+};
 
 use super::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
@@ -350,6 +358,40 @@ impl<'s> Cursor<'s> {
         Ok(())
     }
 
+    /// The next `len` bytes as one slice of guest memory, when they lie in one segment and in
+    /// one memory region; `None` when they straddle segments or regions (or lie outside guest
+    /// memory). Does not advance: [`Cursor::skip`] does once the bytes are used.
+    fn contiguous<'m, M: GuestMemoryBackend>(
+        &mut self,
+        mem: &'m M,
+        len: usize,
+    ) -> Option<VolatileSlice<'m, MS<'m, M>>> {
+        if (len as u64) > self.remaining {
+            return None;
+        }
+        // Step over used-up segments first, as `advance` would.
+        while self
+            .segments
+            .get(self.index)
+            .is_some_and(|segment| segment.len == self.offset)
+        {
+            self.index += 1;
+            self.offset = 0;
+        }
+        let segment = self.segments.get(self.index)?;
+        if ((segment.len - self.offset) as usize) < len {
+            return None;
+        }
+        let addr = segment.addr.checked_add(u64::from(self.offset))?;
+        // vm-memory hands out a slice only when the range lies inside one region's mapping.
+        mem.get_slice(addr, len).ok()
+    }
+
+    /// Moves past the next `len` bytes without touching them.
+    fn skip(&mut self, len: usize) -> Result<(), CopyError> {
+        self.advance(len, |_, _| Ok(()))
+    }
+
     /// Copies the next `buf.len()` bytes of guest memory into `buf`.
     fn read_into<M: GuestMemoryBackend>(
         &mut self,
@@ -379,13 +421,11 @@ struct Layout {
 
 /// Per-thread request state: the page buffer and the descriptor table, both allocated once.
 pub struct Worker {
-    /// The one copy of request data between guest memory and the store.
-    ///
-    /// Data is copied out of guest memory before it is compressed (and decompressed here before
-    /// it is copied in) because the guest may change its memory at any time, including while
-    /// we compress: the compressor and the same-filled check must see one stable page, and Rust
-    /// may not hold a reference to memory another agent writes. One page-sized copy per page is
-    /// the price; nothing else is buffered.
+    /// The page buffer for reads that cannot go straight into guest memory: partial pages and
+    /// pages whose destination is split across descriptors or memory regions. Whole
+    /// contiguous pages are decompressed into the guest's buffer itself; writes are copied
+    /// once into a buffer the store provides (the compressor and the same-filled check must
+    /// see one stable page, which guest memory is not).
     page: Box<[u8; PAGE_SIZE]>,
     segments: Vec<Segment>,
     max_descriptors: usize,
@@ -762,7 +802,9 @@ impl Request {
         }
     }
 
-    /// Reads the sectors into the device-writable buffers, page by page through `page`.
+    /// Reads the sectors into the device-writable buffers. A whole page whose destination is
+    /// one contiguous piece of guest memory is read straight into it; any other page (partial,
+    /// or split across descriptors or memory regions) goes through `page` and is copied.
     fn read<M, B>(
         self,
         data: &mut RequestData<'_>,
@@ -775,12 +817,30 @@ impl Request {
         B: BlockBackend,
     {
         for_each_page(self.sector, data.writable.remaining, |index, in_page| {
-            backend
-                .read_page(index, page)
-                .map_err(|source| RequestError::ReadFailed { index, source })?;
-            data.writable
-                .write_from(mem, &page[in_page.clone()])
-                .map_err(RequestError::Copy)?;
+            let direct = if in_page.len() == PAGE_SIZE {
+                data.writable.contiguous(mem, PAGE_SIZE)
+            } else {
+                None
+            };
+            if let Some(destination) = direct {
+                // SAFETY: `destination` is guest memory of the snapshot `mem`, which this call
+                // borrows; the request path makes no other reference to guest memory, and the
+                // store's `read_page` touches only the page it is given.
+                let read = unsafe {
+                    lend_guest_page(&destination, |guest_page| {
+                        backend.read_page(index, guest_page)
+                    })
+                };
+                read.map_err(|source| RequestError::ReadFailed { index, source })?;
+                data.writable.skip(PAGE_SIZE).map_err(RequestError::Copy)?;
+            } else {
+                backend
+                    .read_page(index, page)
+                    .map_err(|source| RequestError::ReadFailed { index, source })?;
+                data.writable
+                    .write_from(mem, &page[in_page.clone()])
+                    .map_err(RequestError::Copy)?;
+            }
             data.written += in_page.len() as u64;
             Ok(())
         })
@@ -812,6 +872,40 @@ impl Request {
                 .map_err(RequestError::Copy)
         })
     }
+}
+
+/// Lends the page of guest memory `slice` covers to `f` as a Rust page, and marks it dirty
+/// afterwards. This is how a read decompresses straight into the guest's buffer; DESIGN.md
+/// ("Zero-copy reads") explains why it is sound enough although the guest may write the same
+/// memory meanwhile.
+///
+/// # Safety
+///
+/// While this runs, nothing else in this process may hold a Rust reference to the memory
+/// `slice` covers, and `f` must neither reach guest memory by another way nor let the page
+/// escape. (The guest, and volatile accesses through vm-memory, may write it: that changes
+/// the page's bytes but cannot make `f` access anything outside it, provided that what `f`
+/// does with the page — bounds, control flow — never depends on bytes it reads back from it.)
+///
+/// # Panics
+///
+/// When `slice` is not exactly one page long.
+unsafe fn lend_guest_page<S: BitmapSlice, R>(
+    slice: &VolatileSlice<'_, S>,
+    f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R,
+) -> R {
+    assert_eq!(slice.len(), PAGE_SIZE, "a guest page is lent whole");
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: the slice's pointer is valid for reads and writes of `slice.len()` (= PAGE_SIZE)
+    // bytes for the slice's lifetime, which outlives this call: vm-memory only builds a
+    // VolatileSlice inside one region's mapping, and the mapping is kept by the memory
+    // snapshot the slice borrows. `[u8; N]` needs no alignment and every bit pattern is a
+    // valid value. The caller guarantees that no other Rust reference to these bytes exists
+    // while `f` runs, and the reference does not outlive `f`.
+    let page = unsafe { &mut *guard.as_ptr().cast::<[u8; PAGE_SIZE]>() };
+    let result = f(page);
+    slice.bitmap().mark_dirty(0, PAGE_SIZE);
+    result
 }
 
 /// A used length: a chain holds at most 2^32 - 1 bytes (virtio-queue stops walking it

@@ -51,6 +51,10 @@ struct TestStore {
     capacity: u64,
     pages: Mutex<HashMap<u64, Box<[u8; PAGE_SIZE]>>>,
     discarded: Mutex<Vec<Range<u64>>>,
+    /// Where each `read_page` was asked to put its page: guest memory (zero-copy) or the
+    /// worker's page buffer.
+    read_targets: Mutex<Vec<usize>>,
+    fail_reads: bool,
     fail_writes: bool,
     failed_reads: AtomicU64,
     failed_writes: AtomicU64,
@@ -90,6 +94,16 @@ impl BlockBackend for TestStore {
             index < self.capacity,
             "read past capacity reached the store"
         );
+        self.read_targets
+            .lock()
+            .unwrap()
+            .push(page.as_ptr() as usize);
+        if self.fail_reads {
+            // Scribble first, as a decompressor that fails half-way would.
+            page[..100].fill(0x5a);
+            self.failed_reads.fetch_add(1, Ordering::Relaxed);
+            return Err(InjectedFailure);
+        }
         match self.pages.lock().unwrap().get(&index) {
             Some(stored) => page.copy_from_slice(&stored[..]),
             None => page.fill(0),
@@ -920,4 +934,419 @@ fn page_store_failures_count_once_and_leave_old_data() {
         (io.failed_reads, io.failed_writes, io.invalid_io),
         (0, 2, 1)
     );
+}
+
+// Zero-copy reads: a whole page whose destination is one contiguous piece of one memory region
+// is read straight into guest memory; everything else takes the copying path. These tests give
+// the direct path the copying path's bad inputs and check every byte against a model.
+
+/// Guest memory of `MEM_SIZE` bytes as two regions (two mappings) that meet at `REGION_SPLIT`.
+const REGION_SPLIT: u64 = (MEM_SIZE / 2) as u64;
+
+fn two_region_memory() -> GuestMemoryMmap<()> {
+    let half = MEM_SIZE / 2;
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), half), (GuestAddress(REGION_SPLIT), half)])
+        .unwrap()
+}
+
+fn host_address(mem: &GuestMemoryMmap<()>, addr: u64) -> usize {
+    use vm_memory::GuestMemoryBackend;
+    mem.get_host_address(GuestAddress(addr)).unwrap() as usize
+}
+
+impl<S: BlockBackend> Harness<'_, S> {
+    /// Reads `len` bytes from `sector` into the writable `pieces`, in order, and returns (used
+    /// length, status byte).
+    fn read_into(&mut self, sector: u64, pieces: &[(u64, u32)]) -> (u32, u8) {
+        let mut descs = vec![header()];
+        descs.extend(pieces.iter().map(|&(addr, len)| writable(addr, len)));
+        descs.push(status_desc());
+        self.request(VIRTIO_BLK_T_IN, sector, &descs)
+    }
+}
+
+impl Harness<'_, TestStore> {
+    /// Where the store was asked to put each page since the last call.
+    fn take_read_targets(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.store.read_targets.lock().unwrap())
+    }
+}
+
+/// What guest memory should hold after reading `data` into `pieces` in order: later pieces
+/// win where pieces overlap.
+fn expected_guest_bytes(pieces: &[(u64, u32)], data: &[u8]) -> HashMap<u64, u8> {
+    let mut expected = HashMap::new();
+    let mut at = 0usize;
+    for &(addr, len) in pieces {
+        for i in 0..len as usize {
+            expected.insert(addr + i as u64, data[at + i]);
+        }
+        at += len as usize;
+    }
+    expected
+}
+
+/// The 64 bytes on either side of each piece that no piece covers, with what they hold now:
+/// a read must leave them alone.
+fn guard_bytes(mem: &GuestMemoryMmap<()>, pieces: &[(u64, u32)]) -> HashMap<u64, u8> {
+    let covered = |addr: u64| {
+        pieces
+            .iter()
+            .any(|&(start, len)| (start..start + u64::from(len)).contains(&addr))
+    };
+    let mut guard = HashMap::new();
+    for &(start, len) in pieces {
+        let end = start + u64::from(len);
+        for addr in (start.saturating_sub(64)..start).chain(end..(end + 64).min(MEM_SIZE as u64)) {
+            if !covered(addr) {
+                guard.insert(addr, mem.read_obj(GuestAddress(addr)).unwrap());
+            }
+        }
+    }
+    guard
+}
+
+fn assert_guest_holds(mem: &GuestMemoryMmap<()>, expected: &HashMap<u64, u8>) {
+    for (&addr, &byte) in expected {
+        let got: u8 = mem.read_obj(GuestAddress(addr)).unwrap();
+        assert_eq!(got, byte, "guest byte at {addr:#x}");
+    }
+}
+
+#[test]
+fn whole_contiguous_pages_are_read_straight_into_guest_memory() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let data = pattern(3 * PAGE_SIZE, 11);
+    h.write(8, &data);
+    h.take_read_targets();
+    assert_eq!(h.read(8, 3 * PAGE_SIZE), data);
+    let guest: Vec<usize> = (0..3)
+        .map(|i| host_address(&mem, DATA + (i * PAGE_SIZE) as u64))
+        .collect();
+    assert_eq!(h.take_read_targets(), guest, "each page went to its place");
+    assert_eq!(h.store.counters(), (0, 0, 0));
+}
+
+#[test]
+fn partial_and_split_pages_take_the_copying_path() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let data = pattern(2 * PAGE_SIZE, 12);
+    h.write(0, &data);
+    h.take_read_targets();
+    // Sectors 1..9: the end of page 0 and the start of page 1, both partial.
+    assert_eq!(h.read(1, PAGE_SIZE), data[512..512 + PAGE_SIZE]);
+    // Page 0 split across two descriptors, page 1 whole in the second.
+    let pieces = [(DATA + 0x8000, 1000), (DATA, (2 * PAGE_SIZE - 1000) as u32)];
+    assert_eq!(h.read_into(0, &pieces), (2 * PAGE_SIZE as u32 + 1, OK));
+    assert_guest_holds(&mem, &expected_guest_bytes(&pieces, &data));
+    let targets = h.take_read_targets();
+    let guest_start = host_address(&mem, 0);
+    let in_guest = |p: &usize| (guest_start..guest_start + MEM_SIZE).contains(p);
+    // Two partial pages, one split page: copied. The whole page at DATA + 3096: direct.
+    assert_eq!(targets.len(), 4);
+    assert!(!targets[..3].iter().any(in_guest), "{targets:x?}");
+    assert_eq!(targets[3], host_address(&mem, DATA + 3096));
+    h.assert_still_works();
+}
+
+#[test]
+fn a_page_split_across_two_memory_regions_is_copied_and_reads_back_right() {
+    let mem = two_region_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let data = pattern(3 * PAGE_SIZE, 13);
+    h.write(0, &data);
+    h.take_read_targets();
+    // One descriptor that starts 0x800 bytes before the regions meet: page 0 straddles them,
+    // pages 1 and 2 lie in the second region.
+    let start = REGION_SPLIT - 0x800;
+    let pieces = [(start, 3 * PAGE_SIZE as u32)];
+    mem.write_slice(&[0xee; 3 * PAGE_SIZE], GuestAddress(start))
+        .unwrap();
+    assert_eq!(h.read_into(0, &pieces), (3 * PAGE_SIZE as u32 + 1, OK));
+    assert_guest_holds(&mem, &expected_guest_bytes(&pieces, &data));
+    let targets = h.take_read_targets();
+    assert_ne!(
+        targets[0],
+        host_address(&mem, start),
+        "straddling page copied"
+    );
+    assert_eq!(
+        targets[1..],
+        [
+            host_address(&mem, start + PAGE_SIZE as u64),
+            host_address(&mem, start + 2 * PAGE_SIZE as u64)
+        ]
+    );
+    assert_eq!(h.store.counters(), (0, 0, 0));
+    h.assert_still_works();
+}
+
+#[test]
+fn overlapping_read_buffers_hold_what_was_read_last() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let data = pattern(3 * PAGE_SIZE, 14);
+    h.write(0, &data);
+    // Three descriptors over the same page, then one that half-overlaps it.
+    let same = [(DATA, PAGE_SIZE as u32); 3];
+    assert_eq!(h.read_into(0, &same), (3 * PAGE_SIZE as u32 + 1, OK));
+    let mut held = vec![0; PAGE_SIZE];
+    mem.read_slice(&mut held, GuestAddress(DATA)).unwrap();
+    assert_eq!(held, data[2 * PAGE_SIZE..]);
+    let half = [
+        (DATA, PAGE_SIZE as u32),
+        (DATA + 2048, 2 * PAGE_SIZE as u32),
+    ];
+    assert_eq!(h.read_into(0, &half), (3 * PAGE_SIZE as u32 + 1, OK));
+    assert_guest_holds(&mem, &expected_guest_bytes(&half, &data));
+    // A data buffer over the request's own header and status byte: the header was parsed
+    // before, and the status byte is written after the data.
+    let over_header = [(HEADER, PAGE_SIZE as u32)];
+    assert_eq!(h.read_into(0, &over_header), (PAGE_SIZE as u32 + 1, OK));
+    let over_status = [(STATUS - 100, PAGE_SIZE as u32)];
+    assert_eq!(h.read_into(0, &over_status), (PAGE_SIZE as u32 + 1, OK));
+    assert_eq!(h.store.counters(), (0, 0, 0));
+    h.assert_still_works();
+}
+
+/// Reads into a buffer that covers the avail ring and the used ring (the mock queue puts its
+/// descriptor table at 0 and the rings right after it). The guest's queue holds the page then;
+/// its `avail->idx` is set so the queue stays consistent, to show the device keeps serving.
+#[test]
+fn a_read_buffer_over_the_rings_completes_and_the_queue_keeps_serving() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let avail = h.vq.avail_addr().0;
+    let used = h.vq.used_addr().0;
+    let mut page = pattern(PAGE_SIZE, 15);
+    // avail->flags = 0 and avail->idx = what it will be once this read is published.
+    page[0..2].copy_from_slice(&0u16.to_le_bytes());
+    page[2..4].copy_from_slice(&2u16.to_le_bytes());
+    assert_eq!(h.write(0, &page), (1, OK));
+    assert_eq!(
+        h.read_into(0, &[(avail, PAGE_SIZE as u32)]),
+        (PAGE_SIZE as u32 + 1, OK)
+    );
+    let mut avail_now = vec![0; (used - avail) as usize];
+    mem.read_slice(&mut avail_now, GuestAddress(avail)).unwrap();
+    assert_eq!(
+        avail_now,
+        page[..avail_now.len()],
+        "the avail ring holds the data"
+    );
+    h.assert_still_works();
+}
+
+/// The same with data that makes `avail->idx` nonsense: the request still completes with a
+/// status, and nothing outside the guest's queue is touched (the worker may then serve
+/// nonsense chains, each of which fails cleanly).
+#[test]
+fn a_read_buffer_over_the_rings_with_a_nonsense_index_fails_only_the_guests_queue() {
+    for avail_idx in [0x0003u16, 0x00ff, 0x8000, 0xffff] {
+        let mem = guest_memory();
+        let mut h = Harness::with_pages(&mem, 16);
+        let avail = h.vq.avail_addr().0;
+        let mut page = pattern(PAGE_SIZE, 16);
+        page[2..4].copy_from_slice(&avail_idx.to_le_bytes());
+        assert_eq!(h.write(0, &page), (1, OK));
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        h.write_header(VIRTIO_BLK_T_IN, 0);
+        h.add_chain(&[header(), writable(avail, PAGE_SIZE as u32), status_desc()]);
+        // Serving may go on into whatever the ring now says; it must end, without panicking.
+        let _ = h
+            .worker
+            .process_queue(&mut h.queue, &mem, &h.store, &h.device);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+        assert_eq!(
+            mem.read_obj::<[u8; 2]>(GuestAddress(avail + 2)).unwrap(),
+            avail_idx.to_le_bytes()
+        );
+        assert_eq!(
+            h.store.read_targets.lock().unwrap()[0],
+            host_address(&mem, avail)
+        );
+    }
+}
+
+#[test]
+fn a_read_buffer_at_the_end_of_guest_memory_is_direct_and_one_past_it_fails() {
+    let mem = two_region_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let data = pattern(PAGE_SIZE, 17);
+    h.write(0, &data);
+    h.take_read_targets();
+    let last = MEM_SIZE as u64 - PAGE_SIZE as u64;
+    assert_eq!(
+        h.read_into(0, &[(last, PAGE_SIZE as u32)]),
+        (PAGE_SIZE as u32 + 1, OK)
+    );
+    assert_eq!(h.take_read_targets(), [host_address(&mem, last)]);
+    assert_guest_holds(
+        &mem,
+        &expected_guest_bytes(&[(last, PAGE_SIZE as u32)], &data),
+    );
+    // One byte further: refused before the store is asked.
+    assert_eq!(
+        h.read_into(0, &[(last + 512, PAGE_SIZE as u32)]),
+        (1, IOERR)
+    );
+    assert!(h.take_read_targets().is_empty());
+    assert_eq!(h.store.counters(), (0, 0, 1));
+    h.assert_still_works();
+}
+
+#[test]
+fn a_failed_direct_read_returns_ioerr_and_counts_once() {
+    let mem = guest_memory();
+    let store = TestStore {
+        fail_reads: true,
+        ..TestStore::new(16)
+    };
+    let mut h = Harness::with_store(&mem, DeviceConfig::new(16), store);
+    let (used, status) = h.read_into(0, &[(DATA, 2 * PAGE_SIZE as u32)]);
+    assert_eq!((used, status), (1, IOERR), "no data is reported written");
+    assert_eq!(
+        h.take_read_targets(),
+        [host_address(&mem, DATA)],
+        "stopped at the first page"
+    );
+    assert_eq!(h.store.counters(), (1, 0, 0));
+}
+
+#[test]
+fn direct_reads_from_the_page_store_match_every_page_kind() {
+    use crate::codec::Algorithm;
+    use crate::pagegen::{PageGen, PageKind};
+    use crate::store::{PageStore, StoreConfig};
+
+    let mem = two_region_memory();
+    let store = PageStore::new(StoreConfig {
+        capacity_pages: 64,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: None,
+    })
+    .unwrap();
+    let mut h = Harness::with_store(&mem, DeviceConfig::new(64), store);
+    let mut gen = PageGen::new(5);
+    let kinds = [
+        PageKind::Random,
+        PageKind::Zero,
+        PageKind::SameFilled,
+        PageKind::Text,
+    ];
+    let mut model = Vec::new();
+    for (i, kind) in kinds.iter().cycle().take(8).enumerate() {
+        let page = gen.page_of(*kind);
+        assert_eq!(h.write(i as u64 * 8, &page[..]), (1, OK));
+        model.extend_from_slice(&page[..]);
+    }
+    // All eight pages in one descriptor across the region boundary (one page straddles it),
+    // then at an aligned place inside one region.
+    for start in [REGION_SPLIT - 0x1800, DATA] {
+        let pieces = [(start, 8 * PAGE_SIZE as u32)];
+        assert_eq!(h.read_into(0, &pieces), (8 * PAGE_SIZE as u32 + 1, OK));
+        assert_guest_holds(&mem, &expected_guest_bytes(&pieces, &model));
+    }
+}
+
+/// One step of the zero-copy model test.
+#[derive(Debug, Clone)]
+enum ModelOp {
+    /// Write `pages` pages of kind `seed` at page `page`.
+    Write { page: u64, pages: usize, seed: u8 },
+    /// Read `sectors` sectors from `sector` into pieces of the given lengths (the last takes
+    /// the rest) at the given places.
+    Read {
+        sector: u64,
+        sectors: usize,
+        cuts: Vec<usize>,
+        places: Vec<u64>,
+    },
+}
+
+fn model_op() -> impl proptest::strategy::Strategy<Value = ModelOp> {
+    use proptest::prelude::*;
+    // Places near the region boundary, at page-aligned spots, at odd offsets and over the
+    // same memory twice (overlaps).
+    let place = prop_oneof![
+        (0u64..0x3000).prop_map(|d| REGION_SPLIT - d),
+        (0u64..16).prop_map(|p| DATA + p * PAGE_SIZE as u64),
+        (0u64..0x4000).prop_map(|d| 0x30_0000 + d),
+        Just(DATA),
+    ];
+    prop_oneof![
+        (0u64..16, 1usize..4, any::<u8>()).prop_map(|(page, pages, seed)| ModelOp::Write {
+            page: page.min(16 - pages as u64),
+            pages,
+            seed
+        }),
+        (
+            0u64..120,
+            1usize..33,
+            proptest::collection::vec(1usize..9000, 0..3),
+            proptest::collection::vec(place, 4),
+        )
+            .prop_map(|(sector, sectors, cuts, places)| ModelOp::Read {
+                sector: sector.min(128 - sectors as u64),
+                sectors,
+                cuts,
+                places,
+            }),
+    ]
+}
+
+/// The pieces a read of `len` bytes is cut into: `cuts` are piece lengths, clipped so every
+/// piece is non-empty and the last takes the rest.
+fn cut_pieces(len: usize, cuts: &[usize], places: &[u64]) -> Vec<(u64, u32)> {
+    let mut pieces = Vec::new();
+    let mut left = len;
+    for (cut, place) in cuts.iter().zip(places) {
+        if *cut >= left {
+            break;
+        }
+        pieces.push((*place, *cut as u32));
+        left -= cut;
+    }
+    pieces.push((places[pieces.len()], left as u32));
+    pieces
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Any mix of writes and reads, reads cut into pieces anywhere (across regions, over one
+    /// another), leaves guest memory holding exactly what a model says, and the bytes around
+    /// the pieces untouched.
+    #[test]
+    fn reads_into_any_layout_match_a_model(ops in proptest::collection::vec(model_op(), 1..24)) {
+        let mem = two_region_memory();
+        let mut h = Harness::with_pages(&mem, 16);
+        let mut model = vec![0u8; 16 * PAGE_SIZE];
+        for op in ops {
+            match op {
+                ModelOp::Write { page, pages, seed } => {
+                    let data = pattern(pages * PAGE_SIZE, seed);
+                    proptest::prop_assert_eq!(h.write(page * 8, &data), (1, OK));
+                    let at = page as usize * PAGE_SIZE;
+                    model[at..at + data.len()].copy_from_slice(&data);
+                }
+                ModelOp::Read { sector, sectors, cuts, places } => {
+                    let len = sectors * 512;
+                    let pieces = cut_pieces(len, &cuts, &places);
+                    for &(addr, len) in &pieces {
+                        mem.write_slice(&vec![0xee; len as usize], GuestAddress(addr)).unwrap();
+                    }
+                    let guard = guard_bytes(&mem, &pieces);
+                    proptest::prop_assert_eq!(h.read_into(sector, &pieces), (len as u32 + 1, OK));
+                    let at = sector as usize * 512;
+                    assert_guest_holds(&mem, &expected_guest_bytes(&pieces, &model[at..at + len]));
+                    assert_guest_holds(&mem, &guard);
+                }
+            }
+        }
+        proptest::prop_assert_eq!(h.store.counters(), (0, 0, 0));
+    }
 }
