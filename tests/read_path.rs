@@ -430,3 +430,137 @@ fn a_read_into_the_avail_ring_completes_and_the_daemon_serves_on() {
     }
     daemon.stop(frontend);
 }
+
+/// A store with a backing file that takes `delay` for every read, pages `0..slow` written back
+/// to it and pages `slow..on` in RAM, each filled by the page generator.
+fn slow_store(delay: Duration, slow: u64, on: u64) -> (tempfile::TempDir, Arc<PageStore>) {
+    use vhost_user_zram::store::backing::{BackingFile, FaultyIo};
+    let dir = tempfile::tempdir().unwrap();
+    let mut faults = None;
+    let file = BackingFile::open_wrapped(&dir.path().join("backing"), |io| {
+        let slow = Arc::new(FaultyIo::new(io));
+        faults = Some(Arc::clone(&slow));
+        Box::new(slow)
+    })
+    .unwrap();
+    let store = PageStore::new(StoreConfig {
+        capacity_pages: PAGES,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: None,
+    })
+    .unwrap()
+    .with_backing_file(file);
+    for index in 0..on {
+        store.write(index, &generated(index)).unwrap();
+    }
+    let request = format!("--pages 0-{}", slow - 1).parse().unwrap();
+    assert_eq!(store.writeback(&request).unwrap().written, slow);
+    faults.unwrap().set_read_delay(delay);
+    (dir, Arc::new(store))
+}
+
+/// Page `index` as the page generator makes it (text-like, compressible).
+fn generated(index: u64) -> [u8; 4096] {
+    let mut page = [0u8; 4096];
+    vhost_user_zram::pagegen::fill_kind(
+        vhost_user_zram::pagegen::PageKind::Text,
+        &mut vhost_user_zram::pagegen::SplitMix64::new(index + 1),
+        &mut page,
+    );
+    page
+}
+
+/// Serves `store` with the real backend on a socket in `dir`, as the daemon does.
+fn serve(dir: &Path, store: &Arc<PageStore>) -> (std::path::PathBuf, thread::JoinHandle<()>) {
+    use vhost_user_backend::VhostUserDaemon;
+    use vhost_user_zram::blk::BlkBackend;
+    use vm_memory::GuestMemoryAtomic;
+    let socket = dir.join("slow.sock");
+    let mut device = DeviceConfig::new(PAGES);
+    device.queue_size = QUEUE_SIZE;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let backend = Arc::new(BlkBackend::new(Arc::clone(store), device, mem.clone()));
+    let mut listener = vhost::vhost_user::Listener::new(&socket, true).unwrap();
+    let runner = thread::spawn(move || {
+        let mut daemon = VhostUserDaemon::new("slow".into(), backend.clone(), mem).unwrap();
+        daemon.start(&mut listener).unwrap();
+        let _ = daemon.wait();
+        backend.stop();
+    });
+    (socket, runner)
+}
+
+/// A read of a page on a slow backing file is served off the queue thread: a read of a page in
+/// RAM posted after it, in the same kick, completes first; the slow one completes later with
+/// the right data; and stopping the queue waits for it, so the ring the frontend takes back
+/// is complete.
+#[test]
+fn a_slow_read_from_the_backing_file_holds_up_no_other_request() {
+    let delay = Duration::from_millis(400);
+    let (dir, store) = slow_store(delay, 4, 8);
+    let (socket, runner) = serve(dir.path(), &store);
+    let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let frontend = connect(&socket, &mem, &vq, true, &kick, &call);
+    let mut driver = Driver {
+        mem: &mem,
+        vq: &vq,
+        avail_idx: 0,
+    };
+
+    let started = Instant::now();
+    driver.post(0, VIRTIO_BLK_T_IN, 0, (DATA, 4096)); // page 0: on the slow file
+    driver.post(1, VIRTIO_BLK_T_IN, 5 * 8, (DATA + 4096, 4096)); // page 5: in RAM
+    kick.write(1).unwrap();
+    while driver.status(1) == 0xff {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the RAM read never completed"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    let fast = started.elapsed();
+    assert_eq!(driver.status(0), 0xff, "the file read is still running");
+    assert!(
+        fast < delay / 2,
+        "the RAM read waited {fast:?} behind the file read"
+    );
+    wait_used(&driver, 2);
+    assert!(started.elapsed() >= delay);
+    let mut data = [0u8; 4096];
+    for (slot, page) in [(0u16, 0u64), (1, 5)] {
+        assert_eq!(driver.status(slot), 0);
+        mem.read_slice(&mut data, GuestAddress(DATA + 4096 * u64::from(slot)))
+            .unwrap();
+        assert!(
+            data == generated(page),
+            "slot {slot}: page {page} read back wrong"
+        );
+    }
+
+    // A slow read still running when the frontend stops the queue is on the ring before
+    // GET_VRING_BASE answers.
+    driver.post(2, VIRTIO_BLK_T_IN, 2 * 8, (DATA + 2 * 4096, 4096));
+    kick.write(1).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let base = frontend.get_vring_base(0).unwrap();
+    assert_eq!(base, 3);
+    assert_eq!(
+        driver.used_idx(),
+        3,
+        "the deferred read landed before the queue stopped"
+    );
+    assert_eq!(driver.status(2), 0);
+    let stats = store.stats();
+    assert_eq!((stats.io.failed_reads, stats.io.invalid_io), (0, 0));
+    assert!(stats.writeback.bd_reads >= 2);
+    drop(frontend);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !runner.is_finished() {
+        assert!(Instant::now() < deadline, "the backend did not stop");
+        thread::sleep(Duration::from_millis(10));
+    }
+}

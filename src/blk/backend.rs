@@ -27,7 +27,8 @@ use vmm_sys_util::event::{
 
 use super::config::DeviceConfig;
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
-use super::request::Worker;
+use super::read_back::ReadBack;
+use super::request::{Next, Worker};
 use super::request_stats::RequestStats;
 use super::BlockBackend;
 
@@ -51,6 +52,9 @@ pub struct BlkBackend<S: BlockBackend> {
     poll_max_ns: AtomicU64,
     log_limiter: Arc<Mutex<RateLimiter>>,
     workers: Vec<Mutex<QueueWorker>>,
+    /// Threads that serve reads of written-back pages off the queue threads (only when the
+    /// store has a backing file).
+    read_back: Option<ReadBack<S>>,
 }
 
 /// A queue thread's state: its request worker, its polling window, and whether the guest
@@ -65,7 +69,7 @@ struct QueueWorker {
     announced: bool,
 }
 
-impl<S: BlockBackend> BlkBackend<S> {
+impl<S: BlockBackend + 'static> BlkBackend<S> {
     /// A backend serving `store` as the device `device` describes.
     pub fn new(store: Arc<S>, device: DeviceConfig, mem: GuestMemory) -> Self {
         let log_limiter = Arc::new(Mutex::new(RateLimiter::new(WARNINGS_PER_SECOND)));
@@ -79,10 +83,23 @@ impl<S: BlockBackend> BlkBackend<S> {
                 })
             })
             .collect();
+        let read_back = if store.may_read_slowly() {
+            ReadBack::start(
+                Arc::clone(&store),
+                device.clone(),
+                mem.clone(),
+                log_limiter.clone(),
+            )
+            .map_err(|e| error!("cannot start the read-back threads, reading on the queues: {e}"))
+            .ok()
+        } else {
+            None
+        };
         BlkBackend {
             store,
             device,
             mem,
+            read_back,
             acked_features: AtomicU64::new(0),
             frontend_spoke: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -101,6 +118,9 @@ impl<S: BlockBackend> BlkBackend<S> {
                 worker.worker.record_into(requests.clone(), queue);
             }
         }
+        if let Some(read_back) = &self.read_back {
+            read_back.observe(requests);
+        }
         if let Ok(mut slot) = self.connected.lock() {
             *slot = Some(connected);
         }
@@ -117,6 +137,9 @@ impl<S: BlockBackend> BlkBackend<S> {
     /// never waits for a guest that keeps its queues full.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
+        if let Some(read_back) = &self.read_back {
+            read_back.shutdown();
+        }
     }
 
     /// The device description.
@@ -189,13 +212,25 @@ impl<S: BlockBackend> BlkBackend<S> {
                     self.store.count_invalid_io();
                     return Err(error);
                 }
-                let served = worker
-                    .process_next(queue, &*mem, &*self.store, &self.device)
-                    .map_err(ServeError::Queue)?;
-                if !served {
-                    break;
+                let next = match &self.read_back {
+                    Some(read_back) => worker.process_next_or_defer(
+                        queue,
+                        &*mem,
+                        &*self.store,
+                        &self.device,
+                        &mut |read| read_back.submit(read, vring, thread_id),
+                    ),
+                    None => worker
+                        .process_next(queue, &*mem, &*self.store, &self.device)
+                        .map(|served| if served { Next::Completed } else { Next::Empty }),
                 }
-                completed += 1;
+                .map_err(ServeError::Queue)?;
+                match next {
+                    Next::Empty => break,
+                    Next::Completed => completed += 1,
+                    // Completed later, by a read-back thread, which signals for it.
+                    Next::Deferred => {}
+                }
             }
             // One interrupt for everything this round completed.
             if completed > 0 && state.needs_notification().map_err(ServeError::Queue)? {
@@ -314,7 +349,7 @@ fn check_avail_index<M: GuestMemoryBackend>(
 /// hand over any fd (a full pipe blocks a write forever), so the fd is made non-blocking first
 /// and a write that would block is dropped (the guest misses one interrupt; its own timeout
 /// or the next completion recovers it).
-fn signal_without_blocking(
+pub(super) fn signal_without_blocking(
     state: &vhost_user_backend::VringState<GuestMemory>,
 ) -> Result<(), ServeError> {
     if let Some(call) = state.get_call() {
@@ -333,7 +368,7 @@ fn signal_without_blocking(
 
 /// Why a queue could not be served.
 #[derive(Debug, thiserror::Error)]
-enum ServeError {
+pub(super) enum ServeError {
     /// The guest's queue structures are inconsistent.
     #[error("the virtqueue is broken")]
     Queue(#[source] virtio_queue::Error),
@@ -398,6 +433,11 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
 
     fn reset_device(&self) {
         debug!("virtio reset: forgetting negotiated features, keeping the data");
+        if let Some(read_back) = &self.read_back {
+            for queue in 0..usize::from(self.device.num_queues) {
+                read_back.drain(queue);
+            }
+        }
         self.acked_features.store(0, Ordering::Release);
         for worker in &self.workers {
             if let Ok(mut worker) = worker.lock() {
@@ -409,6 +449,11 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     fn stop_vring(&self, index: u32) -> io::Result<()> {
         // The frontend stops a queue before it sets it up again (a virtio reset, a reboot):
         // a queue the guest broke gets a fresh start. Queue i is served by thread i.
+        // The ring the frontend takes back must hold every completion: wait for reads still
+        // being served from the backing file.
+        if let (Some(read_back), Ok(queue)) = (&self.read_back, usize::try_from(index)) {
+            read_back.drain(queue);
+        }
         let worker = usize::try_from(index)
             .ok()
             .and_then(|i| self.workers.get(i));

@@ -17,6 +17,7 @@ pub mod backend;
 pub mod config;
 mod page_store;
 pub mod ratelimit;
+mod read_back;
 pub mod request;
 pub mod request_stats;
 
@@ -73,6 +74,19 @@ pub trait BlockBackend: Send + Sync {
 
     /// Counts a malformed or out-of-range request (zram's `invalid_io`).
     fn count_invalid_io(&self);
+
+    /// Whether reading some page of `pages` waits on slow storage (a page written back to a
+    /// backing file): such reads are served off the queue thread. No page does by default.
+    fn reads_slowly(&self, pages: Range<u64>) -> bool {
+        let _ = pages;
+        false
+    }
+
+    /// Whether any page may ever read slowly (the store has a backing file): only then does
+    /// the request path look for slow reads, and the backend start its read-back threads.
+    fn may_read_slowly(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -45,4 +45,12 @@ impl BlockBackend for PageStore {
     fn count_invalid_io(&self) {
         PageStore::count_invalid_io(self)
     }
+
+    fn reads_slowly(&self, pages: Range<u64>) -> bool {
+        self.any_written_back(pages)
+    }
+
+    fn may_read_slowly(&self) -> bool {
+        self.has_backing_file()
+    }
 }

@@ -413,7 +413,38 @@ impl<'s> Cursor<'s> {
     }
 }
 
+/// What became of the next chain of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The queue had no chain.
+    Empty,
+    /// A chain was served and put on the used ring.
+    Completed,
+    /// A slow read was handed over; it is completed later by [`Worker::run_deferred`].
+    Deferred,
+}
+
+/// A read taken off its queue because it waits on slow storage: the collected chain and the
+/// parsed request, everything needed to serve it on another thread.
+#[derive(Debug)]
+pub struct DeferredRead {
+    head: u16,
+    segments: Vec<Segment>,
+    layout: Layout,
+    status_addr: GuestAddress,
+    request: Request,
+    started: Instant,
+}
+
+impl DeferredRead {
+    /// The chain's head index, for the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+}
+
 /// The shape of a collected chain: which segments are readable and which writable.
+#[derive(Debug)]
 struct Layout {
     readable: Range<usize>,
     writable: Range<usize>,
@@ -501,6 +532,102 @@ impl Worker {
         Ok(true)
     }
 
+    /// Like [`process_next`](Self::process_next), except that a read of a page that
+    /// `backend` says reads slowly (written back to the backing file) is offered to `defer`
+    /// instead of being executed here, so the queue goes on with the next chain while the
+    /// read waits for the file. `defer` returns the read when it cannot take it (its queue is
+    /// full); the read is then served here. A deferred chain is completed (status, used entry)
+    /// by whoever runs [`Worker::run_deferred`] on it.
+    pub fn process_next_or_defer<Q, M, B>(
+        &mut self,
+        queue: &mut Q,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+        defer: &mut dyn FnMut(DeferredRead) -> Result<(), DeferredRead>,
+    ) -> Result<Next, virtio_queue::Error>
+    where
+        Q: QueueT,
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Ok(Next::Empty);
+        };
+        let head = chain.head_index();
+        let started = Instant::now();
+        let (status_addr, layout) = self.collect::<M, B::Error>(chain, mem);
+        if let (Some(status_addr), Ok(layout)) = (status_addr, &layout) {
+            let mut data = RequestData::new(&self.segments, layout);
+            let slow = Request::parse::<M, B::Error>(&mut data, mem, device)
+                .ok()
+                .filter(|request| request.kind == RequestType::In)
+                .filter(|request| {
+                    let first = request.sector * SECTOR_BYTES / PAGE_BYTES;
+                    let end = (request.sector * SECTOR_BYTES + data.writable.remaining)
+                        .div_ceil(PAGE_BYTES);
+                    backend.reads_slowly(first..end)
+                });
+            if let Some(request) = slow {
+                let read = DeferredRead {
+                    head,
+                    segments: self.segments.clone(),
+                    layout: Layout {
+                        readable: layout.readable.clone(),
+                        writable: layout.writable.clone(),
+                    },
+                    status_addr,
+                    request,
+                    started,
+                };
+                return match defer(read) {
+                    Ok(()) => Ok(Next::Deferred),
+                    Err(read) => {
+                        let used = self.run_deferred(&read, mem, backend, device);
+                        queue.add_used(mem, head, used)?;
+                        Ok(Next::Completed)
+                    }
+                };
+            }
+        }
+        let used = self.finish_chain(status_addr, layout, mem, backend, device, started);
+        queue.add_used(mem, head, used)?;
+        Ok(Next::Completed)
+    }
+
+    /// Executes a read taken off its queue by
+    /// [`process_next_or_defer`](Self::process_next_or_defer) and writes its status; returns
+    /// the used length for its head, which the caller adds to the used ring.
+    pub fn run_deferred<M, B>(
+        &mut self,
+        read: &DeferredRead,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+    ) -> u32
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
+        let mut data = RequestData::new(&read.segments, &read.layout);
+        // The header was parsed when the read was deferred; the guest may have changed it
+        // since, which is its own business: the request runs as it was parsed.
+        let result = data
+            .readable
+            .skip(HEADER_LEN)
+            .map_err(RequestError::Copy)
+            .and_then(|()| {
+                read.request
+                    .execute(&mut data, mem, backend, device, &mut self.page)
+            });
+        let ok = result.is_ok();
+        let used = self.complete(mem, backend, read.status_addr, data.written, result);
+        if let Some((stats, queue)) = &self.request_stats {
+            stats.record(*queue, RequestKind::Read, read.started.elapsed(), ok);
+        }
+        used
+    }
+
     /// Serves one chain and returns the used length: the bytes written into device-writable
     /// buffers, status byte included, or 0 when the chain has nowhere to put a status.
     pub fn process_chain<M, B>(
@@ -515,6 +642,23 @@ impl Worker {
         B: BlockBackend,
     {
         let (status_addr, layout) = self.collect(chain, mem);
+        self.finish_chain(status_addr, layout, mem, backend, device, Instant::now())
+    }
+
+    /// Parses and executes a collected chain and writes its status; returns the used length.
+    fn finish_chain<M, B>(
+        &mut self,
+        status_addr: Option<GuestAddress>,
+        layout: Result<Layout, RequestError<B::Error>>,
+        mem: &M,
+        backend: &B,
+        device: &DeviceConfig,
+        started: Instant,
+    ) -> u32
+    where
+        M: GuestMemoryBackend,
+        B: BlockBackend,
+    {
         let Some(status_addr) = status_addr else {
             backend.count_invalid_io();
             self.warn(format_args!(
@@ -522,7 +666,6 @@ impl Worker {
             ));
             return 0;
         };
-        let started = self.request_stats.as_ref().map(|_| Instant::now());
         let mut data = None;
         let mut kind = RequestKind::Unsupported;
         let result = layout.and_then(|layout| {
@@ -534,7 +677,7 @@ impl Worker {
         let written = data.map_or(0, |data| data.written);
         let ok = result.is_ok();
         let used = self.complete(mem, backend, status_addr, written, result);
-        if let (Some((stats, queue)), Some(started)) = (&self.request_stats, started) {
+        if let Some((stats, queue)) = &self.request_stats {
             stats.record(*queue, kind, started.elapsed(), ok);
         }
         used

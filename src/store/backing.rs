@@ -417,6 +417,8 @@ pub struct FaultyIo {
     read_eof: AtomicBool,
     /// Every punch fails with this errno (0: off).
     punch_errno: AtomicI32,
+    /// Every read first sleeps this long, nanoseconds (a slow disk).
+    read_delay_ns: AtomicU64,
     writes: AtomicU64,
 }
 
@@ -441,6 +443,7 @@ impl FaultyIo {
             read_errno: AtomicI32::new(0),
             read_eof: AtomicBool::new(false),
             punch_errno: AtomicI32::new(0),
+            read_delay_ns: AtomicU64::new(0),
             writes: AtomicU64::new(0),
         }
     }
@@ -486,8 +489,15 @@ impl FaultyIo {
         self.punch_errno.store(errno.unwrap_or(0), Ordering::SeqCst);
     }
 
+    /// Makes every read take at least `delay` (a slow or busy disk).
+    pub fn set_read_delay(&self, delay: std::time::Duration) {
+        let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        self.read_delay_ns.store(ns, Ordering::SeqCst);
+    }
+
     /// Switches every fault off.
     pub fn clear(&self) {
+        self.read_delay_ns.store(0, Ordering::SeqCst);
         self.set_write_error(None);
         self.nth_write.store(0, Ordering::SeqCst);
         self.set_short_writes(false);
@@ -534,6 +544,10 @@ impl BackingIo for FaultyIo {
     }
 
     fn pread(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let delay = self.read_delay_ns.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_nanos(delay));
+        }
         errno_result(&self.read_errno)?;
         if self.read_eof.load(Ordering::SeqCst) {
             return Ok(0);

@@ -264,6 +264,20 @@ impl PageStore {
         self.backing.is_some()
     }
 
+    /// Whether some page of `pages` lies on the backing file now (a peek: it may change at
+    /// once). Bounded by the device; pages past it are not.
+    pub fn any_written_back(&self, pages: Range<u64>) -> bool {
+        self.backing.is_some()
+            && pages
+                .take_while(|&index| index < self.capacity_pages())
+                .any(|index| {
+                    usize::try_from(index)
+                        .ok()
+                        .and_then(|slot| self.slots.peek(slot))
+                        .is_some_and(|entry| entry.state() == SlotState::WrittenBack)
+                })
+    }
+
     /// Sets the idle clock's tick (the daemon's `--idle-tick`), which turns ages into time.
     pub fn set_idle_tick(&self, tick: std::time::Duration) {
         let millis = u64::try_from(tick.as_millis()).unwrap_or(u64::MAX).max(1);
