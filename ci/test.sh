@@ -8,7 +8,8 @@
 #   3. every fuzz target for FUZZ_RUNS executions (default 1,000,000) over FUZZ_JOBS
 #      processes, starting from the seed corpus kept in fuzz/corpus/<target>/,
 #   4. the guest tests (a real QEMU guest swaps to the daemon) and the fio comparison, then the
-#      swap suite again with --workers 0, and with a backing file and --writeback-above 8M.
+#      swap suite again with --workers 0 and polling on, and with a backing file and
+#      --writeback-above 8M.
 # Each stage prints PASS, FAIL or SKIP (with the reason); the last line counts the stages.
 #
 # Environment: SKIP_GUEST=1 skips stage 4, SKIP_FUZZ=1 skips stage 3, FUZZ_RUNS (default
@@ -132,13 +133,15 @@ fuzz() {
 guest() {
     [ -n "${SKIP_GUEST:-}" ] && { skip "SKIP_GUEST is set"; return; }
     # Every suite and the fio comparison with the default compression workers, then the swap
-    # suite again with the queue thread compressing (--workers 0): both write paths in a guest;
+    # suite again with the queue thread compressing (--workers 0) and the queues polling
+    # (--poll-max-us 50): both write paths, and polling off and on, in a guest;
     # and once more with a backing file and --writeback-above low, so swapped pages really go
     # to the file and come back from it.
     VUZ_REQUIRE_DAEMON=1 VUZ_BIN="$root/target/release/vhost-user-zram" bash guest-tests/run.sh &&
         VUZ_RESULTS_DIR="$root/results/inline" VUZ_REQUIRE_DAEMON=1 \
             VUZ_BIN="$root/target/release/vhost-user-zram" \
-            bash guest-tests/run.sh --suites main --no-bench --daemon-arg --workers=0 &&
+            bash guest-tests/run.sh --suites main --no-bench --daemon-arg --workers=0 \
+            --daemon-arg --poll-max-us=50 &&
         VUZ_RESULTS_DIR="$root/results/writeback" VUZ_REQUIRE_DAEMON=1 VUZ_EXPECT_WRITEBACK=1 \
             VUZ_BIN="$root/target/release/vhost-user-zram" \
             bash guest-tests/run.sh --suites main --no-bench \
