@@ -19,7 +19,12 @@
 //!
 //! Writeback never blocks the queues: it holds one slot lock at a time, for a memcpy, and
 //! writes the file with no lock held (see `store::writeback`). Stopping is bounded: the thread
-//! checks the stop flag between batches and sleeps on a condvar the stop wakes.
+//! checks the stop flag between batches and sleeps on a condvar the stop wakes; a write stuck
+//! in a hung file is waited for [`STOP_TIMEOUT`] at most, then left behind.
+//!
+//! A `--writeback-above` round that cannot get below the mark (what is left in RAM is the slot
+//! table, pages still pending for a worker, or nothing at all) is not retried until
+//! `mem_used_total` grows past what it was after that round.
 
 use std::io;
 use std::path::PathBuf;
@@ -34,6 +39,8 @@ use crate::store::{PageStore, WritebackError, WritebackMode, WritebackRequest, M
 
 /// `--idle-tick` when not given.
 pub const DEFAULT_IDLE_TICK: Duration = Duration::from_secs(60);
+/// How long stopping waits for the thread (it stops between batches).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `--writeback-above` looks at `mem_used_total`.
 pub const ABOVE_CHECK: Duration = Duration::from_millis(200);
 
@@ -114,10 +121,22 @@ impl WritebackDaemon {
 
     fn shutdown(&mut self) {
         self.signal.stop();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                warn!("the writeback thread panicked");
-            }
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // The thread stops between batches; a write stuck in a hung backing file must not
+        // hold up the daemon's exit, so it is waited for only so long.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !thread.is_finished() {
+            warn!(
+                "the writeback thread is still in a file write after {} s; leaving it",
+                STOP_TIMEOUT.as_secs()
+            );
+        } else if thread.join().is_err() {
+            warn!("the writeback thread panicked");
         }
     }
 }
@@ -146,6 +165,10 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
         info!("writing back the coldest pages while mem_used_total is above {above} bytes");
     }
     let mut next_tick = Instant::now() + policy.tick;
+    // After a round that could not bring memory below the mark (what is left is the slot
+    // table, pending pages or same-filled metadata), the mark is looked at again only once
+    // memory has grown past what it was then: no table walk every 200 ms for nothing.
+    let mut futile_at: Option<u64> = None;
     loop {
         let wake = match policy.above {
             Some(_) => next_tick.min(Instant::now() + ABOVE_CHECK),
@@ -166,8 +189,13 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
             }
         }
         if let Some(above) = policy.above {
-            if !write_back_above(store, signal, above) {
-                break;
+            let used = store.mem_used_total();
+            if used > above && futile_at.is_none_or(|at| used > at) {
+                if !write_back_above(store, signal, above) {
+                    break;
+                }
+                let after = store.mem_used_total();
+                futile_at = (after > above).then_some(after);
             }
         }
     }
@@ -235,6 +263,57 @@ fn write_back_above(store: &PageStore, signal: &StopSignal, above: u64) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::codec::Algorithm;
+    use crate::store::backing::BackingFile;
+    use crate::store::StoreConfig;
+
+    #[test]
+    fn writeback_above_brings_memory_under_the_mark_and_stops_promptly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: 8192,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap()
+        .with_backing_file(BackingFile::open(&dir.path().join("backing")).unwrap());
+        let store = Arc::new(store);
+        let mut page = [0u8; crate::PAGE_SIZE];
+        for index in 0..8192 {
+            crate::pagegen::fill_page(5, index, &mut page);
+            store.write(index, &page).unwrap();
+        }
+        let above = 2 << 20;
+        assert!(store.mem_used_total() > 4 * above);
+        let daemon = WritebackDaemon::start(
+            Arc::clone(&store),
+            &WritebackConfig {
+                above: Some(above),
+                ..WritebackConfig::default()
+            },
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.mem_used_total() > above {
+            assert!(Instant::now() < deadline, "{:?}", store.stats().mm);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The coldest went first, and no more than needed: most pages stay in RAM.
+        let w = store.stats().writeback;
+        assert!(w.pages_on_file > 0 && w.pages_on_file < 8192, "{w:?}");
+        let started = Instant::now();
+        daemon.stop();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for index in 0..8192 {
+            crate::pagegen::fill_page(5, index, &mut page);
+            let mut out = [0u8; crate::PAGE_SIZE];
+            store.read(index, &mut out).unwrap();
+            assert!(out == page, "page {index}");
+        }
+        store.check_consistency().unwrap();
+    }
 
     #[test]
     fn ages_guarantee_the_idle_time_asked_for() {
