@@ -46,40 +46,59 @@ pub struct RecompressConfig {
     pub zstd_dict: Option<std::path::PathBuf>,
 }
 
-/// The stop flag and the condvar the thread sleeps on.
+/// The stop flag (and a poke) and the condvar the thread sleeps on.
 #[derive(Debug, Default)]
 pub(crate) struct StopSignal {
-    stopped: Mutex<bool>,
+    /// (stopped, poked since the last sleep, pokes ever)
+    state: Mutex<(bool, bool, u64)>,
     wake: Condvar,
 }
 
 impl StopSignal {
-    /// Sleeps until `deadline` or a stop; returns whether the thread should go on.
+    /// Sleeps until `deadline`, a stop or a poke; returns whether the thread should go on.
     pub(crate) fn sleep_until(&self, deadline: Instant) -> bool {
-        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let now = Instant::now();
-            if *stopped {
+            if state.0 {
                 return false;
+            }
+            if state.1 {
+                state.1 = false;
+                return true;
             }
             if now >= deadline {
                 return true;
             }
-            stopped = self
+            state = self
                 .wake
-                .wait_timeout(stopped, deadline - now)
+                .wait_timeout(state, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     pub(crate) fn stop(&self) {
-        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
         self.wake.notify_all();
+    }
+
+    /// Wakes the sleeping thread early, once.
+    pub(crate) fn poke(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = true;
+        state.2 += 1;
+        drop(state);
+        self.wake.notify_all();
+    }
+
+    /// How many pokes there have been.
+    pub(crate) fn pokes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2
     }
 }
 

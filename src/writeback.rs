@@ -22,6 +22,10 @@
 //! checks the stop flag between batches and sleeps on a condvar the stop wakes; a write stuck
 //! in a hung file is waited for [`STOP_TIMEOUT`] at most, then left behind.
 //!
+//! A write that meets `--mem-limit` pokes the thread at once (and waits up to
+//! [`crate::store::writeback::ROOM_WAIT`] for the room it makes), so a burst of writes does not
+//! wait for the next 200 ms check to find memory full.
+//!
 //! A `--writeback-above` round that cannot get below the mark (what is left in RAM is the slot
 //! table, pages still pending for a worker, or nothing at all) is not retried until
 //! `mem_used_total` grows past what it was after that round.
@@ -105,6 +109,10 @@ impl WritebackDaemon {
                 .and_then(|idle| min_age_for(idle, config.idle_tick)),
             above: config.above.filter(|_| store.has_backing_file()),
         };
+        if policy.above.is_some() {
+            let poke = Arc::clone(&signal);
+            store.set_pressure_relief(Arc::new(move || poke.poke()));
+        }
         let thread = std::thread::Builder::new()
             .name("writeback".into())
             .spawn(move || run(&store, &thread_signal, &policy))?;
@@ -169,6 +177,7 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
     // table, pending pages or same-filled metadata), the mark is looked at again only once
     // memory has grown past what it was then: no table walk every 200 ms for nothing.
     let mut futile_at: Option<u64> = None;
+    let mut pokes = 0;
     loop {
         let wake = match policy.above {
             Some(_) => next_tick.min(Instant::now() + ABOVE_CHECK),
@@ -190,7 +199,10 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
         }
         if let Some(above) = policy.above {
             let used = store.mem_used_total();
-            if used > above && futile_at.is_none_or(|at| used > at) {
+            // A write that met the memory limit asks again whatever the last round found.
+            let asked = signal.pokes() != pokes;
+            pokes = signal.pokes();
+            if used > above && (asked || futile_at.is_none_or(|at| used > at)) {
                 if !write_back_above(store, signal, above) {
                     break;
                 }

@@ -214,6 +214,8 @@ pub struct PageStore {
     writeback_batch: AtomicUsize,
     /// The idle clock's tick, milliseconds.
     idle_tick_ms: AtomicU64,
+    /// Wakes the writeback thread when a write meets the memory limit (`--writeback-above`).
+    pressure_relief: Mutex<Option<writeback::Relief>>,
 }
 
 impl PageStore {
@@ -269,6 +271,7 @@ impl PageStore {
             writeback_limit: Mutex::new(None),
             writeback_batch: AtomicUsize::new(DEFAULT_BATCH_PAGES),
             idle_tick_ms: AtomicU64::new(60_000),
+            pressure_relief: Mutex::new(None),
         };
         if let Some(limit) = config.mem_limit {
             if store.mem_used_total() > limit {
@@ -844,6 +847,7 @@ impl PageStore {
             stored = self.store_object(page, compressed, compressed_len);
         }
         let Ok(new) = stored else {
+            self.ask_for_room();
             return false;
         };
         self.counters.note_mem_used(self.mem_used_total());
@@ -892,7 +896,19 @@ impl PageStore {
         let stored = COMPRESS_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let len = self.codec.compress(page, &mut scratch[..]).ok();
-            self.store_object(page, &scratch[..], len)
+            let mut stored = self.store_object(page, &scratch[..], len);
+            if matches!(stored, Err(AllocError::MemoryLimit { .. })) && self.ask_for_room() {
+                // The writeback thread makes room; wait for it a little, as a write to a
+                // full disk cache waits for the flusher, then fail as zram would.
+                let deadline = std::time::Instant::now() + writeback::ROOM_WAIT;
+                while matches!(stored, Err(AllocError::MemoryLimit { .. }))
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                    stored = self.store_object(page, &scratch[..], len);
+                }
+            }
+            stored
         });
         let entry = stored.map_err(|e| match (e, self.mem_limit.load(Ordering::Relaxed)) {
             (AllocError::MemoryLimit { .. }, limit @ 1..) => StoreError::MemoryLimit { limit },

@@ -34,6 +34,10 @@ use super::stats::{add, WritebackStats};
 use super::{object_class, object_len, PageStore, StoreError};
 use crate::PAGE_SIZE;
 
+/// How long a write that meets the memory limit waits for the writeback thread to make room
+/// (with `--writeback-above`) before it fails.
+pub const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Pages per batch (one write call each) when not configured.
 pub const DEFAULT_BATCH_PAGES: usize = 256;
 
@@ -245,6 +249,16 @@ pub enum WritebackError {
     },
 }
 
+/// What a write that meets the memory limit calls to wake the writeback thread.
+#[derive(Clone)]
+pub(super) struct Relief(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Relief {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Relief")
+    }
+}
+
 /// One page of a batch in flight.
 struct InFlight {
     slot: usize,
@@ -257,6 +271,28 @@ impl PageStore {
     pub fn with_backing_file(mut self, backing: BackingFile) -> PageStore {
         self.backing = Some(backing);
         self
+    }
+
+    /// Lets writes that meet the memory limit call `relief` (which wakes the writeback
+    /// thread) and wait up to [`ROOM_WAIT`] for the room it makes.
+    pub fn set_pressure_relief(&self, relief: std::sync::Arc<dyn Fn() + Send + Sync>) {
+        *self
+            .pressure_relief
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Relief(relief));
+    }
+
+    /// Asks the writeback thread for room, if one is there to ask; returns whether it was.
+    pub(super) fn ask_for_room(&self) -> bool {
+        let relief = self
+            .pressure_relief
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        relief.is_some_and(|relief| {
+            (relief.0)();
+            true
+        })
     }
 
     /// Whether the store has a backing file.
