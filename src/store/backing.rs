@@ -109,6 +109,17 @@ pub enum BackingError {
         /// The backing file.
         path: PathBuf,
     },
+    /// An existing regular file holds data vhost-user-zram did not write: it is not truncated.
+    #[error(
+        "{path} already holds {len} bytes that are not a vhost-user-zram backing file; give a new \
+         path, or remove the file if its data is not needed"
+    )]
+    NotOurs {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
     /// The filesystem is full, or the write would pass the end of the block device or
     /// [`MAX_FILE_BYTES`]. Nothing was recorded; the caller keeps its pages.
     #[error("no space in backing file {path} for {len} bytes at byte {offset}")]
@@ -818,10 +829,52 @@ fn path_kind(path: &Path, file_type: std::fs::FileType) -> Result<PathKind, Back
     })
 }
 
+/// The extended attribute that marks a regular file as a vhost-user-zram backing file.
+const OWNER_MARK: &std::ffi::CStr = c"user.vhost-user-zram";
+
+/// Whether `file` carries [`OWNER_MARK`].
+fn has_owner_mark(file: &File) -> bool {
+    // SAFETY: fgetxattr with a null buffer and size 0 only reports the value's size; the name
+    // is a NUL-terminated string that outlives the call.
+    let size = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            OWNER_MARK.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    size >= 0
+}
+
+/// Marks `file` with [`OWNER_MARK`]; a filesystem without user extended attributes leaves it
+/// unmarked (the file is then refused if it is found non-empty at the next start).
+fn set_owner_mark(file: &File) {
+    const VALUE: &[u8] = b"1";
+    // SAFETY: fsetxattr reads VALUE.len() bytes from VALUE and the NUL-terminated name.
+    let done = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            OWNER_MARK.as_ptr(),
+            VALUE.as_ptr().cast(),
+            VALUE.len(),
+            0,
+        )
+    };
+    if done != 0 {
+        log::debug!(
+            "cannot mark the backing file (no user extended attributes?): {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 impl BackingFile {
     /// Opens (creating if missing, mode 0600) the regular file or block device at `path`,
     /// locks it against other processes, and truncates a regular file (its contents are
-    /// meaningless without the slot table that referenced them).
+    /// meaningless without the slot table that referenced them). A non-empty regular file is
+    /// taken only if it carries the mark (an extended attribute) an earlier vhost-user-zram set
+    /// on its backing file; any other is refused ([`BackingError::NotOurs`]), never clobbered.
     pub fn open(path: &Path) -> Result<BackingFile, BackingError> {
         BackingFile::open_with(path, true, |io| io)
     }
@@ -889,7 +942,16 @@ impl BackingFile {
         }
         let capacity = match kind {
             PathKind::Regular => {
+                // Never clobber someone else's file: a non-empty file is taken only if an
+                // earlier vhost-user-zram marked it as its backing file.
+                if meta.len() > 0 && !has_owner_mark(&file) {
+                    return Err(BackingError::NotOurs {
+                        path: path.to_owned(),
+                        len: meta.len(),
+                    });
+                }
                 file.set_len(0).map_err(|e| io_error("truncate", e))?;
+                set_owner_mark(&file);
                 None
             }
             PathKind::BlockDevice => {
@@ -1888,6 +1950,28 @@ pub(in crate::store) mod tests {
             0,
             "stale contents go"
         );
+    }
+
+    #[test]
+    fn a_file_with_someone_elses_data_is_refused_not_clobbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, b"precious").unwrap();
+        let err = BackingFile::open(&path).unwrap_err();
+        assert!(
+            matches!(err, BackingError::NotOurs { len: 8, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("give a new path"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        // An empty file is taken (and marked: the next start takes it again, full or not).
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let file = BackingFile::open(&empty).unwrap();
+        file.write_batch(&[&[7u8; 100]]).unwrap();
+        drop(file);
+        assert!(std::fs::metadata(&empty).unwrap().len() > 0);
+        BackingFile::open(&empty).unwrap();
     }
 
     #[test]
