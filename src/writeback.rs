@@ -328,6 +328,62 @@ mod tests {
     }
 
     #[test]
+    fn pages_idle_long_enough_go_to_the_file_and_a_hot_page_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: 256,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap()
+        .with_backing_file(BackingFile::open(&dir.path().join("backing")).unwrap());
+        let store = Arc::new(store);
+        let mut page = [0u8; crate::PAGE_SIZE];
+        let hot = (0..256)
+            .find(|&index| {
+                crate::pagegen::fill_page(6, index, &mut page) == crate::pagegen::PageKind::Text
+            })
+            .unwrap();
+        for index in 0..256 {
+            crate::pagegen::fill_page(6, index, &mut page);
+            store.write(index, &page).unwrap();
+        }
+        let objects = 256 - store.stats().mm.same_pages;
+        let tick = Duration::from_millis(100);
+        store.set_idle_tick(tick);
+        let daemon = WritebackDaemon::start(
+            Arc::clone(&store),
+            &WritebackConfig {
+                idle_after: Some(Duration::from_millis(500)),
+                idle_tick: tick,
+                ..WritebackConfig::default()
+            },
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = [0u8; crate::PAGE_SIZE];
+        while store.stats().writeback.pages_on_file < objects - 1 {
+            assert!(Instant::now() < deadline, "{:?}", store.stats().writeback);
+            store.read(hot, &mut out).unwrap(); // read every 20 ms: never idle for 500 ms
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon.stop();
+        let w = store.stats().writeback;
+        assert_eq!(
+            w.pages_on_file,
+            objects - 1,
+            "every page but the hot one: {w:?}"
+        );
+        assert_ne!(
+            store.slots_state(hot),
+            crate::store::SlotState::WrittenBack,
+            "the hot page stayed in RAM"
+        );
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
     fn ages_guarantee_the_idle_time_asked_for() {
         let minute = Duration::from_secs(60);
         assert_eq!(min_age_for(Duration::from_secs(60), minute), Some(2));

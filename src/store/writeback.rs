@@ -314,6 +314,15 @@ impl PageStore {
                 })
     }
 
+    /// The state of page `index`'s slot (a peek; tests and debugging).
+    #[doc(hidden)]
+    pub fn slots_state(&self, index: u64) -> SlotState {
+        usize::try_from(index)
+            .ok()
+            .and_then(|slot| self.slots.peek(slot))
+            .map_or(SlotState::Invalid, SlotEntry::state)
+    }
+
     /// Sets the idle clock's tick (the daemon's `--idle-tick`), which turns ages into time.
     pub fn set_idle_tick(&self, tick: std::time::Duration) {
         let millis = u64::try_from(tick.as_millis()).unwrap_or(u64::MAX).max(1);
