@@ -6,18 +6,22 @@
 //! descriptors pointing there see fuzzer-chosen headers, data and discard segments); the rest
 //! is a list of 16-byte descriptor records `(addr u32, len u32, flags u8, next u8, head u8,
 //! _pad[5])`. Addresses span both guest memory regions, the hole between them and the space
-//! past the end. After every run the store must still be self-consistent.
+//! past the end. The store has an in-memory backing file with some pages written back to it,
+//! so reads of those are deferred as the daemon defers them (every other one is handed back and
+//! served inline, as when the read-back queue is full) and completed afterwards. After every
+//! run the store must still be self-consistent.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_user_zram::blk::request::Worker;
+use vhost_user_zram::blk::request::{DeferredRead, Worker};
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
-use vhost_user_zram::store::{PageStore, StoreConfig};
+use vhost_user_zram::store::backing::{BackingFile, MemIo};
+use vhost_user_zram::store::{PageStore, StoreConfig, WritebackMode, WritebackRequest};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const QUEUE_SIZE: u16 = 64;
@@ -71,11 +75,46 @@ fuzz_target!(|data: &[u8]| {
         // Small enough that a few incompressible pages reach it.
         mem_limit: Some(64 * 1024),
     })
-    .expect("store");
+    .expect("store")
+    .with_backing_file(BackingFile::with_io(Box::new(MemIo::new()), None));
+    // Pages 0..8 hold text-like data; 0..4 of them go to the backing file.
+    let mut page = [0u8; 4096];
+    for index in 0..8 {
+        page.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i as u64 * (index + 3) / 7) as u8);
+        store.write(index, &page).expect("a compressible page fits the limit");
+    }
+    store
+        .writeback(&WritebackRequest {
+            mode: WritebackMode::All,
+            pages: Some((0, 4)),
+            max_pages: None,
+        })
+        .expect("writeback to memory");
     let mut device = DeviceConfig::new(CAPACITY_PAGES);
     device.queue_size = QUEUE_SIZE;
     let mut worker = Worker::standalone(&device);
     // Errors are statuses for the guest; the only failure here is a panic or a hang.
-    let _ = worker.process_queue(&mut queue, &mem, &store, &device);
+    let mut deferred: Vec<DeferredRead> = Vec::new();
+    let mut offered = 0u32;
+    let mut defer = |read: DeferredRead| {
+        offered += 1;
+        if offered % 2 == 0 {
+            return Err(read);
+        }
+        deferred.push(read);
+        Ok(())
+    };
+    while let Ok(next) = worker.process_next_or_defer(&mut queue, &mem, &store, &device, &mut defer)
+    {
+        if next == vhost_user_zram::blk::request::Next::Empty {
+            break;
+        }
+    }
+    for read in &deferred {
+        let used = worker.run_deferred(read, &mem, &store, &device);
+        let _ = queue.add_used(&mem, read.head(), used);
+    }
     store.check_consistency().expect("the store stays consistent");
 });
