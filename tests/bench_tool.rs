@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The bench tool against a daemon that dies mid-run: it must fail with a message within a
-//! bound, never hang (issue 8, hostile item 6).
+//! bound, never hang (issue 8, hostile item 6); and `--compare`'s tables for issue 9: polling
+//! off against on, the daemon's CPU time per request, the targets block.
 #![cfg(feature = "bench-tool")]
 
 use std::io::{BufRead, BufReader};
@@ -188,5 +189,106 @@ fn the_bench_fails_with_a_message_when_an_external_backend_dies() {
     assert!(
         stderr.contains("no request completed for") && stderr.contains("--io-timeout"),
         "stderr: {stderr}"
+    );
+}
+
+/// The cell of `column` (a backend's label) in `row` of a comparison table: a first column of
+/// 18 characters, then one of 17 (a space and 16) per backend.
+fn comparison_cell<'a>(header: &str, row: &'a str, column: &str) -> &'a str {
+    let index = header.as_bytes()[18..]
+        .chunks(17)
+        .position(|cell| std::str::from_utf8(cell).unwrap().trim() == column)
+        .unwrap_or_else(|| panic!("no column {column:?} in {header:?}"));
+    let start = 18 + 17 * index;
+    row[start..(start + 17).min(row.len())].trim()
+}
+
+#[test]
+fn compare_puts_polling_beside_the_default_with_cpu_per_request_and_the_targets() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let csv_path = dir.path().join("out.csv");
+
+    // Act: qemu-storage-daemon or kernel zram may be missing; the vhost-user-zram variants not.
+    let output = Command::new(BENCH)
+        .args([
+            "--compare",
+            "--daemon-bin",
+            DAEMON,
+            "--size",
+            "16M",
+            "--duration",
+            "0.3",
+        ])
+        .args(["--phases", "fill,randread,mixed", "--pool-pages", "64"])
+        .args(["--compare-poll-us", "50", "--csv"])
+        .arg(&csv_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Assert
+    for label in ["vhost-user-zram", "vuz --poll 50"] {
+        assert!(
+            stderr.contains(&format!("{label}: done")),
+            "{label} did not finish; stderr: {stderr}"
+        );
+    }
+    let table = &stdout[stdout
+        .find("== daemon CPU per request (µs) ==")
+        .unwrap_or_else(|| panic!("no CPU table; stdout: {stdout}"))..];
+    let mut lines = table.lines().skip(1);
+    let header = lines.next().unwrap();
+    let randread = lines.find(|l| l.starts_with("randread")).unwrap();
+    for label in ["vhost-user-zram", "vuz --poll 50"] {
+        let cell = comparison_cell(header, randread, label);
+        let us: f64 = cell
+            .parse()
+            .unwrap_or_else(|_| panic!("{label}: {cell:?} in {table}"));
+        assert!((0.0..1e6).contains(&us), "{label}: {us} µs per request");
+    }
+    if stderr.contains("kernel-zram: done") {
+        assert_eq!(comparison_cell(header, randread, "kernel-zram"), "-");
+    }
+    if stderr.contains("qsd-null-co: done") {
+        let cell = comparison_cell(header, randread, "qsd-null-co");
+        assert!(cell.parse::<f64>().is_ok(), "qsd-null-co: {cell:?}");
+    }
+    let targets = &stdout[stdout
+        .find("== targets (issue 9) ==")
+        .unwrap_or_else(|| panic!("no targets block; stdout: {stdout}"))..];
+    let target_header = targets.lines().nth(1).unwrap();
+    assert!(target_header.contains("vhost-user-zram") && target_header.contains("vuz --poll 50"));
+    for target in [
+        "randread >= 1.3x kernel-zram",
+        "randread >= 50 % of qsd-null-co",
+        "mixed >= 1.2x kernel-zram",
+        "randread p99 <= kernel-zram's",
+    ] {
+        let row = targets
+            .lines()
+            .find(|l| l.starts_with(target))
+            .unwrap_or_else(|| panic!("no {target:?} in {targets}"));
+        let verdicts = row.matches(" met").count()
+            + row.matches(" missed").count()
+            + row.matches("n/a").count();
+        assert_eq!(verdicts, 2, "one verdict per variant: {row}");
+    }
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut rows = csv.lines();
+    let columns: Vec<&str> = rows.next().unwrap().split(',').collect();
+    let cpu = columns
+        .iter()
+        .position(|&c| c == "daemon_cpu_us_per_request")
+        .expect("a CPU column");
+    let polling_randread = rows
+        .map(|r| r.split(',').collect::<Vec<_>>())
+        .find(|r| r[0] == "vuz --poll 50" && r[3] == "randread")
+        .expect("a CSV row for polling's randread");
+    assert!(
+        polling_randread[cpu].parse::<f64>().is_ok(),
+        "{polling_randread:?}"
     );
 }

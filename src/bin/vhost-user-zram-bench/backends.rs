@@ -84,6 +84,14 @@ impl ChildGuard {
         }
     }
 
+    /// The CPU time the child has used so far, all its threads (live and exited) together.
+    /// `None` once it has been reaped.
+    pub fn cpu_time(&self) -> Option<Result<Duration, String>> {
+        self.child
+            .as_ref()
+            .map(|child| process_cpu_time(child.id()))
+    }
+
     /// The last lines the child printed.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -201,6 +209,33 @@ impl ExitProbe {
             self.name
         ))
     }
+}
+
+/// A process's user plus system CPU time from `/proc/<pid>/stat` (utime and stime, which sum
+/// the thread group: every live thread, and the threads that have exited). Clock-tick
+/// resolution, usually 10 ms.
+pub fn process_cpu_time(pid: u32) -> Result<Duration, String> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
+    let ticks = stat_cpu_ticks(&text).ok_or_else(|| format!("{path}: no utime/stime in it"))?;
+    // SAFETY: sysconf takes no pointers and only reads configuration.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_second <= 0 {
+        return Err("sysconf(_SC_CLK_TCK) failed".into());
+    }
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / ticks_per_second as f64,
+    ))
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`: fields 14 and 15,
+/// counted after the command name, which is in parentheses and may itself hold spaces or ')'.
+fn stat_cpu_ticks(text: &str) -> Option<u64> {
+    let after_name = &text[text.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// A file that is deleted on drop.
@@ -327,11 +362,13 @@ impl Drop for KernelZram {
 }
 
 /// Which backend to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     /// vhost-user-zram, launched by the bench (its default compression workers).
     VhostUserZram,
+    /// vhost-user-zram polling its queues for up to this many microseconds after serving
+    /// (`--poll-max-us`), beside the default that does not poll.
+    VhostUserZramPolling(u32),
     /// vhost-user-zram with `--workers 0`: the queue thread compresses every write.
     VhostUserZramInline,
     /// vhost-user-zram with `--workers 1` (in `--compare` when that is not the default).
@@ -348,34 +385,60 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// The column header.
-    pub fn label(self) -> &'static str {
+    pub fn label(self) -> String {
         match self {
-            BackendKind::VhostUserZramInline => "vuz --workers 0",
-            BackendKind::VhostUserZramOneWorker => "vuz --workers 1",
+            BackendKind::VhostUserZramInline => "vuz --workers 0".into(),
+            BackendKind::VhostUserZramOneWorker => "vuz --workers 1".into(),
+            BackendKind::VhostUserZram => "vhost-user-zram".into(),
+            BackendKind::VhostUserZramPolling(max_us) => format!("vuz --poll {max_us}"),
+            BackendKind::External => "socket".into(),
+            BackendKind::KernelZram => "kernel-zram".into(),
+            BackendKind::QsdNull => "qsd-null-co".into(),
+            BackendKind::QsdShmFile => "qsd-shm-file".into(),
+        }
+    }
+
+    /// The name in JSON output: the variant's name in kebab case (the polling window is the
+    /// workload's `compare_poll_max_us`).
+    pub fn json_name(self) -> &'static str {
+        match self {
             BackendKind::VhostUserZram => "vhost-user-zram",
-            BackendKind::External => "socket",
+            BackendKind::VhostUserZramPolling(_) => "vhost-user-zram-polling",
+            BackendKind::VhostUserZramInline => "vhost-user-zram-inline",
+            BackendKind::VhostUserZramOneWorker => "vhost-user-zram-one-worker",
+            BackendKind::External => "external",
             BackendKind::KernelZram => "kernel-zram",
-            BackendKind::QsdNull => "qsd-null-co",
+            BackendKind::QsdNull => "qsd-null",
             BackendKind::QsdShmFile => "qsd-shm-file",
         }
     }
 
     /// The extra daemon arguments of a vhost-user-zram variant, `None` for other backends.
-    pub fn daemon_variant_args(self) -> Option<&'static [&'static str]> {
-        match self {
-            BackendKind::VhostUserZram => Some(&[]),
-            BackendKind::VhostUserZramInline => Some(&["--workers", "0"]),
-            BackendKind::VhostUserZramOneWorker => Some(&["--workers", "1"]),
+    pub fn daemon_variant_args(self) -> Option<Vec<String>> {
+        let args: &[&str] = match self {
+            BackendKind::VhostUserZram => &[],
+            BackendKind::VhostUserZramPolling(max_us) => {
+                return Some(vec!["--poll-max-us".into(), max_us.to_string()]);
+            }
+            BackendKind::VhostUserZramInline => &["--workers", "0"],
+            BackendKind::VhostUserZramOneWorker => &["--workers", "1"],
             BackendKind::External
             | BackendKind::KernelZram
             | BackendKind::QsdNull
-            | BackendKind::QsdShmFile => None,
-        }
+            | BackendKind::QsdShmFile => return None,
+        };
+        Some(args.iter().map(|&arg| arg.to_owned()).collect())
     }
 
     /// Whether the backend keeps what is written, so reads can be verified.
     pub fn keeps_data(self) -> bool {
         self != BackendKind::QsdNull
+    }
+}
+
+impl serde::Serialize for BackendKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.json_name())
     }
 }
 
@@ -453,13 +516,13 @@ impl Backend {
             .arg(&options.algorithm)
             .arg("--control-socket")
             .arg(&control)
-            .args(variant)
+            .args(&variant)
             .args(&options.extra_args);
         if let Some(level) = options.level {
             command.arg("--algorithm-level").arg(level.to_string());
         }
         let mut process =
-            ChildGuard::spawn(kind.label(), command, dir.join(&format!("{stem}.log")))?;
+            ChildGuard::spawn(&kind.label(), command, dir.join(&format!("{stem}.log")))?;
         process.wait_for_socket(&socket)?;
         Ok(Backend {
             kind,
@@ -506,7 +569,7 @@ impl Backend {
             socket.display()
         ));
         let mut process = ChildGuard::spawn(
-            kind.label(),
+            &kind.label(),
             command,
             dir.join(&format!("{}.log", kind.label())),
         )?;
@@ -534,6 +597,13 @@ impl Backend {
             kernel_zram: Some(device),
             _backing_file: None,
         })
+    }
+
+    /// The CPU time of the backend's process so far; `None` for a backend the bench did not
+    /// launch as a process (kernel zram works in the bench's own context, an external socket
+    /// is someone else's).
+    pub fn cpu_time(&self) -> Option<Result<Duration, String>> {
+        self.process.as_ref().and_then(ChildGuard::cpu_time)
     }
 
     /// Tells, from any thread, whether the backend's process has exited.
@@ -645,5 +715,19 @@ mod tests {
         assert_eq!(snapshot.mm.mem_used_max, 6000);
         assert_eq!(snapshot.slot_table_bytes, Some(4096));
         assert!(MemorySnapshot::from_stats_json(r#"{"mm":{}}"#).is_err());
+    }
+
+    #[test]
+    fn stat_cpu_ticks_sums_utime_and_stime_past_a_name_with_spaces_and_parens() {
+        let stat = "4242 (qemu (sto) d) S 1 4242 4242 0 -1 4194560 1000 0 0 0 \
+                    170 30 0 0 20 0 5 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(stat_cpu_ticks(stat), Some(200));
+        assert_eq!(stat_cpu_ticks("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_has_used_some_cpu_time() {
+        let spent = process_cpu_time(std::process::id()).expect("own /proc stat");
+        assert!(spent < Duration::from_secs(3600));
     }
 }

@@ -109,6 +109,11 @@ struct Args {
     #[arg(long)]
     compare: bool,
 
+    /// The polling window of the extra vhost-user-zram in --compare, `vuz --poll N`
+    /// (--poll-max-us N), beside the default that does not poll; 0 leaves it out.
+    #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    compare_poll_us: u32,
+
     /// Run the whole set of backends this many times, alternating, and report each phase's
     /// median round: on a shared machine, load from other processes then hits every backend
     /// alike instead of one.
@@ -323,9 +328,13 @@ fn run(args: &Args) -> Result<Report, String> {
         BackendKind::VhostUserZram
     }];
     if args.compare {
-        // The compression workers against the queue thread compressing (`--workers 0`), and
-        // against one worker when the default is another number.
+        // Polling off (the default) against on, the compression workers against the queue
+        // thread compressing (`--workers 0`), and against one worker when the default is
+        // another number.
         if args.socket.is_none() {
+            if args.compare_poll_us > 0 {
+                plan.push(BackendKind::VhostUserZramPolling(args.compare_poll_us));
+            }
             plan.push(BackendKind::VhostUserZramInline);
             if vhost_user_zram::cli::default_workers() != 1 {
                 plan.push(BackendKind::VhostUserZramOneWorker);
@@ -352,6 +361,10 @@ fn run(args: &Args) -> Result<Report, String> {
             algorithm: args.algorithm.clone(),
             algorithm_level: args.algorithm_level,
             verify: !args.no_verify,
+            compare_poll_max_us: plan.iter().find_map(|kind| match kind {
+                BackendKind::VhostUserZramPolling(max_us) => Some(*max_us),
+                _ => None,
+            }),
         },
         backends: Vec::new(),
     };
@@ -371,6 +384,7 @@ fn run(args: &Args) -> Result<Report, String> {
                     daemon.binary.clone(),
                 )),
                 BackendKind::VhostUserZram
+                | BackendKind::VhostUserZramPolling(_)
                 | BackendKind::VhostUserZramInline
                 | BackendKind::VhostUserZramOneWorker => {
                     Backend::vhost_user_zram(&dir, kind, &daemon, args.size, queues)
@@ -477,6 +491,7 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
                 backend.wait_drained(Duration::from_secs(10))?;
             }
             let reporter = ProgressReporter::new(kind.label(), phase);
+            let cpu_before = backend.cpu_time().transpose()?;
             let control = RunControl {
                 stop: &STOP,
                 io_timeout: Duration::from_secs_f64(args.io_timeout),
@@ -491,7 +506,11 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
             );
             reporter.finish(result.as_ref().err());
             let result = result?;
-            entry.phases.push(PhaseReport::from(&result));
+            let mut report = PhaseReport::from(&result);
+            if let (Some(before), Some(after)) = (cpu_before, backend.cpu_time().transpose()?) {
+                report.set_daemon_cpu(after.saturating_sub(before));
+            }
+            entry.phases.push(report);
             if phase == Phase::Fill {
                 // Memory once the workers have caught up and the pool has drained.
                 backend.wait_drained(Duration::from_secs(10))?;
@@ -560,6 +579,10 @@ mod tests {
         .expect("valid flags");
         assert_eq!(args.phases, [Phase::Fill, Phase::RandRead]);
         assert_eq!((args.queues, args.queue_depth, args.size), (2, 32, 1 << 30));
+        assert_eq!(args.compare_poll_us, 50, "polling on beside off by default");
+        let no_polling = Args::try_parse_from(["b", "--compare", "--compare-poll-us", "0"]);
+        assert_eq!(no_polling.unwrap().compare_poll_us, 0);
+        assert!(Args::try_parse_from(["b", "--compare-poll-us", "10001"]).is_err());
         assert!(Args::try_parse_from(["b", "--socket", "/s", "--compare"]).is_err());
         assert!(Args::try_parse_from(["b", "--phases", "fill,bogus"]).is_err());
     }

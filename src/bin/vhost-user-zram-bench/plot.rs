@@ -25,8 +25,8 @@ const LATENCY_TOP: f64 = 420.0;
 const LATENCY_HEIGHT: f64 = 220.0;
 
 /// One colour per backend, in the order they ran (vhost-user-zram first).
-const COLOURS: [&str; 6] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#d62728", "#8c564b",
+const COLOURS: [&str; 8] = [
+    "#1f77b4", "#17becf", "#ff7f0e", "#2ca02c", "#9467bd", "#d62728", "#8c564b", "#e377c2",
 ];
 
 /// Escapes text for SVG.

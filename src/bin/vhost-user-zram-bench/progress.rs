@@ -16,7 +16,7 @@ const REDRAW_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Reports one phase of one backend.
 pub struct ProgressReporter {
-    label: &'static str,
+    label: String,
     phase: Phase,
     terminal: bool,
     state: Mutex<ReporterState>,
@@ -29,7 +29,7 @@ struct ReporterState {
 
 impl ProgressReporter {
     /// Starts reporting `phase` of the backend `label`.
-    pub fn new(label: &'static str, phase: Phase) -> Self {
+    pub fn new(label: String, phase: Phase) -> Self {
         let terminal = std::io::stderr().is_terminal();
         if !terminal {
             eprintln!("{label}: {} started", phase.name());

@@ -45,6 +45,9 @@ pub struct WorkloadDescription {
     pub algorithm_level: Option<i32>,
     /// Whether reads were verified.
     pub verify: bool,
+    /// The polling window of the `vuz --poll N` backend in `--compare` (`--compare-poll-us`);
+    /// `None` when it did not run.
+    pub compare_poll_max_us: Option<u32>,
 }
 
 /// One backend's results.
@@ -91,6 +94,21 @@ pub struct PhaseReport {
     pub p50_us: f64,
     /// 99th-percentile latency in microseconds.
     pub p99_us: f64,
+    /// CPU time the backend's process (every thread) used during the phase, in seconds; `None`
+    /// for a backend that is not a process the bench launched (kernel zram, `--socket`).
+    pub daemon_cpu_seconds: Option<f64>,
+    /// `daemon_cpu_seconds` per request, in microseconds.
+    pub daemon_cpu_us_per_request: Option<f64>,
+}
+
+impl PhaseReport {
+    /// Records the CPU time the backend's process used during the phase.
+    pub fn set_daemon_cpu(&mut self, spent: std::time::Duration) {
+        let seconds = spent.as_secs_f64();
+        self.daemon_cpu_seconds = Some(seconds);
+        self.daemon_cpu_us_per_request =
+            (self.requests > 0).then(|| seconds * 1e6 / self.requests as f64);
+    }
 }
 
 impl From<&PhaseResult> for PhaseReport {
@@ -105,6 +123,8 @@ impl From<&PhaseResult> for PhaseReport {
             mib_per_second: result.mib_per_second(),
             p50_us: result.latency.percentile(50.0).as_secs_f64() * 1e6,
             p99_us: result.latency.percentile(99.0).as_secs_f64() * 1e6,
+            daemon_cpu_seconds: None,
+            daemon_cpu_us_per_request: None,
         }
     }
 }
@@ -228,6 +248,14 @@ fn mm_stat_line(snapshot: &MemorySnapshot) -> String {
     )
 }
 
+/// The daemon's CPU time per request, or `-` when the backend is not a process the bench
+/// launched.
+fn cpu_per_request(phase: &PhaseReport) -> String {
+    phase
+        .daemon_cpu_us_per_request
+        .map_or_else(|| "-".into(), |us| format!("{us:.2}"))
+}
+
 /// Quotes a CSV field when it needs it (RFC 4180).
 fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n', '\r']) {
@@ -238,7 +266,7 @@ fn csv_field(text: &str) -> String {
 }
 
 /// The CSV header; units are in the column names.
-pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,requests,reads,verified_reads,seconds,message";
+pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,message";
 
 impl Report {
     /// One CSV row per backend and phase; a backend that was skipped or failed before any phase
@@ -253,14 +281,18 @@ impl Report {
                 (None, Some(error)) => ("failed", error.as_str()),
                 (None, None) => ("ok", ""),
             };
-            let head = format!("{},{}", backend.backend.label(), csv_field(device));
+            let head = format!(
+                "{},{}",
+                csv_field(&backend.backend.label()),
+                csv_field(device)
+            );
             if backend.phases.is_empty() {
-                let _ = writeln!(out, "{head},{status},,,,,,,,,,{}", csv_field(message));
+                let _ = writeln!(out, "{head},{status},,,,,,,,,,,,{}", csv_field(message));
             }
             for p in &backend.phases {
                 let _ = writeln!(
                     out,
-                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{},{},{},{:.3},{}",
+                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{},{},{},{:.3},{},{},{}",
                     p.phase.name(),
                     p.iops,
                     p.mib_per_second,
@@ -270,6 +302,12 @@ impl Report {
                     p.reads,
                     p.verified_reads,
                     p.seconds,
+                    p.daemon_cpu_seconds
+                        .map(|s| format!("{s:.3}"))
+                        .unwrap_or_default(),
+                    p.daemon_cpu_us_per_request
+                        .map(|us| format!("{us:.2}"))
+                        .unwrap_or_default(),
                     csv_field(message)
                 );
             }
@@ -314,20 +352,28 @@ impl Report {
             if !backend.phases.is_empty() {
                 let _ = writeln!(
                     out,
-                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>10} {:>8}",
-                    "phase", "IOPS", "MiB/s", "p50 µs", "p99 µs", "requests", "verified"
+                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12}",
+                    "phase",
+                    "IOPS",
+                    "MiB/s",
+                    "p50 µs",
+                    "p99 µs",
+                    "requests",
+                    "verified",
+                    "CPU µs/req"
                 );
                 for p in &backend.phases {
                     let _ = writeln!(
                         out,
-                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8}",
+                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12}",
                         p.phase.name(),
                         iops(p.iops),
                         p.mib_per_second,
                         p.p50_us,
                         p.p99_us,
                         p.requests,
-                        p.verified_reads
+                        p.verified_reads,
+                        cpu_per_request(p)
                     );
                 }
             }
@@ -439,6 +485,113 @@ impl Report {
             let _ = writeln!(out, "kernel-zram: {why}");
         }
         out.push_str(&self.render_latency_and_workers());
+        out.push_str(&self.render_daemon_cpu());
+        out.push_str(&self.render_targets());
+        out
+    }
+
+    /// The phases any backend ran, in the order of [`Phase::ALL`].
+    fn phases_run(&self) -> Vec<Phase> {
+        Phase::ALL
+            .into_iter()
+            .filter(|&phase| self.backends.iter().any(|b| b.phase(phase).is_some()))
+            .collect()
+    }
+
+    /// The CPU time per request of every backend that is a process the bench launched.
+    fn render_daemon_cpu(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "\n== daemon CPU per request (µs) ==");
+        let mut header = format!("{:<18}", "phase");
+        for backend in &self.backends {
+            let _ = write!(header, " {:>16}", backend.backend.label());
+        }
+        let _ = writeln!(out, "{header}");
+        for phase in self.phases_run() {
+            let mut line = format!("{:<18}", phase.name());
+            for backend in &self.backends {
+                let text = match backend.phase(phase) {
+                    Some(p) => cpu_per_request(p),
+                    None if backend.skipped.is_some() => "n/a".into(),
+                    None => "-".into(),
+                };
+                let _ = write!(line, " {text:>16}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = writeln!(
+            out,
+            "(user + system time of the backend's process, all its threads, over the phase, per \
+             request, counted in clock ticks (usually 10 ms a phase); `-` for kernel zram, whose \
+             work runs in the bench's own context; pages a write phase leaves pending for the \
+             compression workers are not counted)"
+        );
+        out
+    }
+
+    /// Issue 9's targets for vhost-user-zram with polling off and on, each met or missed.
+    fn render_targets(&self) -> String {
+        let variants: Vec<&BackendReport> = self
+            .backends
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b.backend,
+                    BackendKind::VhostUserZram | BackendKind::VhostUserZramPolling(_)
+                )
+            })
+            .collect();
+        if variants.is_empty() {
+            return String::new();
+        }
+        let mut out = String::new();
+        let _ = writeln!(out, "\n== targets (issue 9) ==");
+        let mut header = format!("{:<32}", "target");
+        for variant in &variants {
+            let _ = write!(header, " {:>24}", variant.backend.label());
+        }
+        let _ = writeln!(out, "{header}");
+        for target in TARGETS {
+            let reference = self.backends.iter().find(|b| b.backend == target.reference);
+            let mut line = format!("{:<32}", target.description);
+            for variant in &variants {
+                let _ = write!(line, " {:>24}", target.judge(variant, reference));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        for (kind, phases) in [
+            (
+                BackendKind::KernelZram,
+                [Phase::RandRead, Phase::Mixed].as_slice(),
+            ),
+            (BackendKind::QsdNull, [Phase::RandRead].as_slice()),
+        ] {
+            let label = kind.label();
+            match self.backends.iter().find(|b| b.backend == kind) {
+                None => {
+                    let _ = writeln!(out, "{label}: not in this run (its targets are n/a)");
+                }
+                Some(b) if b.skipped.is_some() || b.phases.is_empty() => {
+                    let why = b.skipped.as_ref().or(b.error.as_ref());
+                    let _ = writeln!(
+                        out,
+                        "{label}: did not run{} (its targets are n/a)",
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    );
+                }
+                Some(b) => {
+                    for &phase in phases {
+                        if b.phase(phase).is_none() {
+                            let _ = writeln!(
+                                out,
+                                "{label}: no {} phase (its targets on it are n/a)",
+                                phase.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
         out
     }
 
@@ -511,6 +664,82 @@ impl Report {
     }
 }
 
+/// One of issue 9's targets: a vhost-user-zram variant against a reference backend.
+struct Target {
+    description: &'static str,
+    phase: Phase,
+    reference: BackendKind,
+    test: TargetTest,
+}
+
+/// How a target compares the two.
+enum TargetTest {
+    /// IOPS at least this multiple of the reference's.
+    IopsRatio(f64),
+    /// IOPS at least this percentage of the reference's.
+    IopsShare(f64),
+    /// p99 latency no higher than the reference's.
+    P99NotAbove,
+}
+
+/// Issue 9's benchmark targets.
+const TARGETS: [Target; 4] = [
+    Target {
+        description: "randread >= 1.3x kernel-zram",
+        phase: Phase::RandRead,
+        reference: BackendKind::KernelZram,
+        test: TargetTest::IopsRatio(1.3),
+    },
+    Target {
+        description: "randread >= 50 % of qsd-null-co",
+        phase: Phase::RandRead,
+        reference: BackendKind::QsdNull,
+        test: TargetTest::IopsShare(50.0),
+    },
+    Target {
+        description: "mixed >= 1.2x kernel-zram",
+        phase: Phase::Mixed,
+        reference: BackendKind::KernelZram,
+        test: TargetTest::IopsRatio(1.2),
+    },
+    Target {
+        description: "randread p99 <= kernel-zram's",
+        phase: Phase::RandRead,
+        reference: BackendKind::KernelZram,
+        test: TargetTest::P99NotAbove,
+    },
+];
+
+impl Target {
+    /// The measured figure and `met` or `missed`; `n/a` when either side lacks the phase.
+    fn judge(&self, ours: &BackendReport, reference: Option<&BackendReport>) -> String {
+        let (Some(a), Some(b)) = (
+            ours.phase(self.phase),
+            reference.and_then(|r| r.phase(self.phase)),
+        ) else {
+            return "n/a".into();
+        };
+        let verdict = |met: bool| if met { "met" } else { "missed" };
+        match self.test {
+            TargetTest::IopsRatio(_) | TargetTest::IopsShare(_) if b.iops <= 0.0 => "n/a".into(),
+            TargetTest::IopsRatio(minimum) => {
+                let ratio = a.iops / b.iops;
+                format!("{ratio:.2}x {}", verdict(ratio >= minimum))
+            }
+            TargetTest::IopsShare(minimum) => {
+                let share = a.iops / b.iops * 100.0;
+                format!("{share:.0} % {}", verdict(share >= minimum))
+            }
+            TargetTest::P99NotAbove => format!(
+                "{:.0} vs {:.0} µs {}",
+                a.p99_us,
+                b.p99_us,
+                verdict(a.p99_us <= b.p99_us)
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,15 +755,25 @@ mod tests {
             mib_per_second: iops * 4096.0 / 1048576.0,
             p50_us: 12.5,
             p99_us: 80.0,
+            daemon_cpu_seconds: None,
+            daemon_cpu_us_per_request: None,
         }
     }
 
-    #[test]
-    fn csv_has_a_row_per_phase_and_one_per_backend_without_phases() {
-        let mut ours = BackendReport::new(BackendKind::VhostUserZram, None);
-        ours.phases = vec![phase(Phase::Fill, 1000.0), phase(Phase::RandRead, 2000.0)];
-        let skipped = BackendReport::skipped(BackendKind::KernelZram, "no zram, \"really\"".into());
-        let report = Report {
+    fn with_p99(mut report: PhaseReport, p99_us: f64) -> PhaseReport {
+        report.p99_us = p99_us;
+        report
+    }
+
+    fn backend(kind: BackendKind, phases: Vec<PhaseReport>) -> BackendReport {
+        BackendReport {
+            phases,
+            ..BackendReport::new(kind, None)
+        }
+    }
+
+    fn report_of(backends: Vec<BackendReport>) -> Report {
+        Report {
             workload: WorkloadDescription {
                 size_bytes: 1 << 20,
                 pages: 256,
@@ -549,22 +788,139 @@ mod tests {
                 algorithm: "lz4".into(),
                 algorithm_level: None,
                 verify: true,
+                compare_poll_max_us: None,
             },
-            backends: vec![ours, skipped],
-        };
+            backends,
+        }
+    }
+
+    #[test]
+    fn csv_has_a_row_per_phase_and_one_per_backend_without_phases() {
+        let mut fill = phase(Phase::Fill, 1000.0);
+        fill.set_daemon_cpu(std::time::Duration::from_millis(5));
+        let ours = backend(
+            BackendKind::VhostUserZram,
+            vec![fill, phase(Phase::RandRead, 2000.0)],
+        );
+        let skipped = BackendReport::skipped(BackendKind::KernelZram, "no zram, \"really\"".into());
+        let report = report_of(vec![ours, skipped]);
         let csv = report.render_csv();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 4);
         assert_eq!(
             lines[1],
-            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,10,0,0,1.000,"
+            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,10,0,0,1.000,0.005,500.00,"
+        );
+        assert_eq!(
+            lines[2],
+            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,10,0,0,1.000,,,"
         );
         assert_eq!(
             lines[3],
-            "kernel-zram,,skipped,,,,,,,,,,\"no zram, \"\"really\"\"\""
+            "kernel-zram,,skipped,,,,,,,,,,,,\"no zram, \"\"really\"\"\""
         );
         let columns = CSV_HEADER.split(',').count();
         assert_eq!(lines[1].split(',').count(), columns);
+        assert_eq!(lines[3].split(',').count(), columns + 1, "the quoted comma");
+    }
+
+    #[test]
+    fn json_names_backends_by_kind_and_gives_cpu_per_request() {
+        let mut read = phase(Phase::RandRead, 1000.0);
+        read.set_daemon_cpu(std::time::Duration::from_micros(30));
+        let report = report_of(vec![backend(
+            BackendKind::VhostUserZramPolling(50),
+            vec![read],
+        )]);
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        let entry = &json["backends"][0];
+        assert_eq!(entry["backend"], "vhost-user-zram-polling");
+        assert_eq!(entry["phases"][0]["daemon_cpu_us_per_request"], 3.0);
+        assert_eq!(
+            json["workload"]["compare_poll_max_us"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
+    fn daemon_cpu_table_shows_a_dash_for_kernel_zram() {
+        let mut ours = phase(Phase::RandRead, 1000.0);
+        ours.set_daemon_cpu(std::time::Duration::from_micros(25));
+        let report = report_of(vec![
+            backend(BackendKind::VhostUserZram, vec![ours]),
+            backend(BackendKind::KernelZram, vec![phase(Phase::RandRead, 900.0)]),
+        ]);
+        let text = report.render();
+        let table = &text[text.find("== daemon CPU per request (µs) ==").unwrap()..];
+        let row = table.lines().find(|l| l.starts_with("randread")).unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["randread", "2.50", "-"]);
+    }
+
+    #[test]
+    fn targets_are_judged_for_polling_off_and_on() {
+        let report = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![
+                    with_p99(phase(Phase::RandRead, 200_000.0), 100.0),
+                    phase(Phase::Mixed, 100_000.0),
+                ],
+            ),
+            backend(
+                BackendKind::VhostUserZramPolling(50),
+                vec![
+                    with_p99(phase(Phase::RandRead, 150_000.0), 200.0),
+                    phase(Phase::Mixed, 130_000.0),
+                ],
+            ),
+            backend(
+                BackendKind::KernelZram,
+                vec![
+                    with_p99(phase(Phase::RandRead, 140_000.0), 150.0),
+                    phase(Phase::Mixed, 100_000.0),
+                ],
+            ),
+            backend(
+                BackendKind::QsdNull,
+                vec![phase(Phase::RandRead, 360_000.0)],
+            ),
+        ]);
+        let text = report.render();
+        let block = &text[text.find("== targets (issue 9) ==").unwrap()..];
+        let row = |start: &str| block.lines().find(|l| l.starts_with(start)).unwrap();
+        assert!(
+            row("target").contains("vhost-user-zram") && row("target").contains("vuz --poll 50")
+        );
+        assert!(row("randread >= 1.3x").contains("1.43x met"));
+        assert!(row("randread >= 1.3x").contains("1.07x missed"));
+        assert!(row("randread >= 50 %").contains("56 % met"));
+        assert!(row("randread >= 50 %").contains("42 % missed"));
+        assert!(row("mixed >= 1.2x").contains("1.00x missed"));
+        assert!(row("mixed >= 1.2x").contains("1.30x met"));
+        assert!(row("randread p99").contains("100 vs 150 µs met"));
+        assert!(row("randread p99").contains("200 vs 150 µs missed"));
+        assert!(!block.contains("n/a"));
+    }
+
+    #[test]
+    fn targets_say_which_reference_is_missing() {
+        let report = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![phase(Phase::RandRead, 200_000.0)],
+            ),
+            BackendReport::skipped(BackendKind::KernelZram, "no zram here".into()),
+        ]);
+        let text = report.render();
+        let block = &text[text.find("== targets (issue 9) ==").unwrap()..];
+        assert!(block.contains("kernel-zram: did not run: no zram here"));
+        assert!(block.contains("qsd-null-co: not in this run"));
+        let row = block
+            .lines()
+            .find(|l| l.starts_with("randread >= 1.3x"))
+            .unwrap();
+        assert!(row.ends_with("n/a"), "{row}");
     }
 }
