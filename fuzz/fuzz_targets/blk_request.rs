@@ -44,12 +44,17 @@ fuzz_target!(|data: &[u8]| {
         (GuestAddress(SECOND_REGION), REGION_LEN),
     ])
     .expect("guest memory");
-    mem.write_slice(blob, GuestAddress(0)).expect("blob fits the first region");
+    mem.write_slice(blob, GuestAddress(0))
+        .expect("blob fits the first region");
 
     let vq = MockSplitQueue::create(&mem, GuestAddress(RINGS), QUEUE_SIZE);
     let mut queue: Queue = vq.create_queue().expect("queue");
     let mut heads = Vec::new();
-    for (i, r) in records.chunks_exact(16).take(usize::from(QUEUE_SIZE)).enumerate() {
+    for (i, r) in records
+        .chunks_exact(16)
+        .take(usize::from(QUEUE_SIZE))
+        .enumerate()
+    {
         let addr = u64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]]));
         let len = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
         // Keep the flags the device looks at: NEXT, WRITE and INDIRECT.
@@ -64,9 +69,15 @@ fuzz_target!(|data: &[u8]| {
     }
     let avail = vq.avail();
     for (i, head) in heads.iter().enumerate() {
-        avail.ring().ref_at(i).expect("avail slot").store(head.to_le());
+        avail
+            .ring()
+            .ref_at(i)
+            .expect("avail slot")
+            .store(head.to_le());
     }
-    avail.idx().store(u16::try_from(heads.len()).expect("few heads").to_le());
+    avail
+        .idx()
+        .store(u16::try_from(heads.len()).expect("few heads").to_le());
 
     let store = PageStore::new(StoreConfig {
         capacity_pages: CAPACITY_PAGES,
@@ -125,5 +136,7 @@ fuzz_target!(|data: &[u8]| {
         let used = worker.run_deferred(read, &mem, &store, &device);
         let _ = queue.add_used(&mem, read.head(), used);
     }
-    store.check_consistency().expect("the store stays consistent");
+    store
+        .check_consistency()
+        .expect("the store stays consistent");
 });
