@@ -31,6 +31,8 @@
 // Descriptor indexes, flags and lengths here are small constants.
 #![allow(clippy::cast_possible_truncation)]
 
+mod common;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -44,9 +46,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::codec::Algorithm;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, ListenOn};
-use vhost_user_zram::store::{PendingConfig, StoreConfig};
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -152,29 +152,7 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
     device.num_queues = num_queues;
     device.queue_size = DAEMON_QUEUE_SIZE;
     device.serial = DeviceConfig::serial_from_str(SERIAL).unwrap();
-    DaemonConfig {
-        listen: ListenOn::Path(socket.to_owned()),
-        socket_mode: 0o600,
-        store: StoreConfig {
-            capacity_pages: PAGES,
-            algorithm: Algorithm::Lz4,
-            level: None,
-            mem_limit: None,
-        },
-        // One compression worker with a small pool: the frontend's writes go through the
-        // pending pool and the worker.
-        pending: PendingConfig {
-            workers: 1,
-            max_pending_pages: 64,
-        },
-        worker_cpus: Vec::new(),
-        poll_max: std::time::Duration::ZERO,
-        device,
-        control_socket: None,
-        metrics_listen: None,
-        recompress: Default::default(),
-        writeback: Default::default(),
-    }
+    common::daemon_config(socket, device, 64)
 }
 
 /// A daemon serving `num_queues` queues on a socket in a fresh directory, run on a thread.

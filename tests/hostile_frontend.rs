@@ -19,9 +19,8 @@ use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures}
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::codec::Algorithm;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, ListenOn};
-use vhost_user_zram::store::{PageStore, PendingConfig, StoreConfig};
+use vhost_user_zram::daemon::{Daemon, DaemonError};
+use vhost_user_zram::store::PageStore;
 
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -43,28 +42,7 @@ fn start_daemon() -> Running {
     let socket = dir.path().join("zram.sock");
     let mut device = DeviceConfig::new(PAGES);
     device.queue_size = QUEUE_SIZE;
-    let daemon = Daemon::new(DaemonConfig {
-        listen: ListenOn::Path(socket.clone()),
-        socket_mode: 0o600,
-        store: StoreConfig {
-            capacity_pages: PAGES,
-            algorithm: Algorithm::Lz4,
-            level: None,
-            mem_limit: None,
-        },
-        pending: PendingConfig {
-            workers: 1,
-            max_pending_pages: 16,
-        },
-        worker_cpus: Vec::new(),
-        poll_max: std::time::Duration::ZERO,
-        device,
-        control_socket: None,
-        metrics_listen: None,
-        recompress: Default::default(),
-        writeback: Default::default(),
-    })
-    .unwrap();
+    let daemon = Daemon::new(common::daemon_config(&socket, device, 16)).unwrap();
     let store = daemon.store().clone();
     let runner = thread::spawn(move || daemon.run());
     Running {

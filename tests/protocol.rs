@@ -14,9 +14,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::codec::Algorithm;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, ListenOn};
-use vhost_user_zram::store::{PendingConfig, StoreConfig};
+use vhost_user_zram::daemon::{Daemon, DaemonConfig};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -43,29 +41,7 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
     let mut device = DeviceConfig::new(PAGES);
     device.num_queues = num_queues;
     device.queue_size = QUEUE_SIZE;
-    DaemonConfig {
-        listen: ListenOn::Path(socket.to_owned()),
-        socket_mode: 0o600,
-        store: StoreConfig {
-            capacity_pages: PAGES,
-            algorithm: Algorithm::Lz4,
-            level: None,
-            mem_limit: None,
-        },
-        // One compression worker with a small pool: the frontend's writes go through the
-        // pending pool and the worker.
-        pending: PendingConfig {
-            workers: 1,
-            max_pending_pages: 64,
-        },
-        worker_cpus: Vec::new(),
-        poll_max: std::time::Duration::ZERO,
-        device,
-        control_socket: None,
-        metrics_listen: None,
-        recompress: Default::default(),
-        writeback: Default::default(),
-    }
+    common::daemon_config(socket, device, 64)
 }
 
 /// Starts a daemon on a socket in a fresh directory; returns the directory guard, the socket

@@ -18,8 +18,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, ListenOn};
-use vhost_user_zram::store::{PageStore, PendingConfig, StoreConfig};
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
+use vhost_user_zram::store::{PageStore, StoreConfig};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -54,25 +54,8 @@ fn start_daemon(poll_max: Duration) -> Running {
     let mut device = DeviceConfig::new(PAGES);
     device.queue_size = QUEUE_SIZE;
     let daemon = Daemon::new(DaemonConfig {
-        listen: ListenOn::Path(socket.clone()),
-        socket_mode: 0o600,
-        store: StoreConfig {
-            capacity_pages: PAGES,
-            algorithm: Algorithm::Lz4,
-            level: None,
-            mem_limit: None,
-        },
-        pending: PendingConfig {
-            workers: 1,
-            max_pending_pages: 16,
-        },
-        worker_cpus: Vec::new(),
         poll_max,
-        device,
-        control_socket: None,
-        metrics_listen: None,
-        recompress: Default::default(),
-        writeback: Default::default(),
+        ..common::daemon_config(&socket, device, 16)
     })
     .unwrap();
     let store = daemon.store().clone();

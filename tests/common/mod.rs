@@ -7,10 +7,15 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use vhost_user_zram::blk::DeviceConfig;
+use vhost_user_zram::codec::Algorithm;
+use vhost_user_zram::daemon::{DaemonConfig, ListenOn};
+use vhost_user_zram::store::{PendingConfig, StoreConfig};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_OUT;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -142,5 +147,32 @@ pub fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventF
         // SAFETY: one valid pollfd, length passed exactly.
         unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
         let _ = call.read();
+    }
+}
+
+/// The configuration the in-process daemon tests run: `device` on a socket at `socket`, lz4,
+/// one compression worker with a pending pool of `pending_pages` (so writes go through the pool
+/// and the worker), no polling, no control socket, no metrics, no recompression or writeback.
+pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) -> DaemonConfig {
+    DaemonConfig {
+        listen: ListenOn::Path(socket.to_owned()),
+        socket_mode: 0o600,
+        store: StoreConfig {
+            capacity_pages: device.capacity_pages,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        },
+        pending: PendingConfig {
+            workers: 1,
+            max_pending_pages: pending_pages,
+        },
+        worker_cpus: Vec::new(),
+        poll_max: Duration::ZERO,
+        device,
+        control_socket: None,
+        metrics_listen: None,
+        recompress: Default::default(),
+        writeback: Default::default(),
     }
 }
