@@ -555,44 +555,24 @@ impl Worker {
             return Ok(Next::Empty);
         };
         let head = chain.head_index();
+        let (status_addr, layout) = self.collect(chain, mem);
         let started = Instant::now();
-        let (status_addr, layout) = self.collect::<M, B::Error>(chain, mem);
-        if let (Some(status_addr), Ok(layout)) = (status_addr, &layout) {
-            let mut data = RequestData::new(&self.segments, layout);
-            let slow = Request::parse::<M, B::Error>(&mut data, mem, device)
-                .ok()
-                .filter(|request| request.kind == RequestType::In)
-                .filter(|request| {
-                    let first = request.sector * SECTOR_BYTES / PAGE_BYTES;
-                    let end = (request.sector * SECTOR_BYTES + data.writable.remaining)
-                        .div_ceil(PAGE_BYTES);
-                    backend.reads_slowly(first..end)
-                });
-            if let Some(request) = slow {
-                let read = DeferredRead {
-                    head,
-                    segments: self.segments.clone(),
-                    layout: Layout {
-                        readable: layout.readable.clone(),
-                        writable: layout.writable.clone(),
-                    },
-                    status_addr,
-                    request,
-                    started,
-                };
-                return match defer(read) {
-                    Ok(()) => Ok(Next::Deferred),
-                    Err(read) => {
-                        let used = self.run_deferred(&read, mem, backend, device);
-                        queue.add_used(mem, head, used)?;
-                        Ok(Next::Completed)
-                    }
-                };
+        match self.finish_chain(
+            head,
+            status_addr,
+            layout,
+            mem,
+            backend,
+            device,
+            started,
+            Some(defer),
+        ) {
+            Some(used) => {
+                queue.add_used(mem, head, used)?;
+                Ok(Next::Completed)
             }
+            None => Ok(Next::Deferred),
         }
-        let used = self.finish_chain(status_addr, layout, mem, backend, device, started);
-        queue.add_used(mem, head, used)?;
-        Ok(Next::Completed)
     }
 
     /// Executes a read taken off its queue by
@@ -641,20 +621,36 @@ impl Worker {
         M: GuestMemoryBackend,
         B: BlockBackend,
     {
+        let head = chain.head_index();
         let (status_addr, layout) = self.collect(chain, mem);
-        self.finish_chain(status_addr, layout, mem, backend, device, Instant::now())
+        // With nothing to defer to, every chain is served here.
+        self.finish_chain(
+            head,
+            status_addr,
+            layout,
+            mem,
+            backend,
+            device,
+            Instant::now(),
+            None,
+        )
+        .unwrap_or(0)
     }
 
     /// Parses and executes a collected chain and writes its status; returns the used length.
+    /// A read of slow pages is offered to `defer`, if given, instead: `None` when it took it.
+    #[allow(clippy::too_many_arguments)]
     fn finish_chain<M, B>(
         &mut self,
+        head: u16,
         status_addr: Option<GuestAddress>,
         layout: Result<Layout, RequestError<B::Error>>,
         mem: &M,
         backend: &B,
         device: &DeviceConfig,
         started: Instant,
-    ) -> u32
+        defer: Option<&mut dyn FnMut(DeferredRead) -> Result<(), DeferredRead>>,
+    ) -> Option<u32>
     where
         M: GuestMemoryBackend,
         B: BlockBackend,
@@ -664,23 +660,48 @@ impl Worker {
             self.warn(format_args!(
                 "dropping a request without a device-writable status byte"
             ));
-            return 0;
+            return Some(0);
         };
-        let mut data = None;
+        let mut written = 0;
         let mut kind = RequestKind::Unsupported;
-        let result = layout.and_then(|layout| {
-            let data = data.insert(RequestData::new(&self.segments, &layout));
-            let request = Request::parse(data, mem, device)?;
-            kind = RequestKind::from(request.kind);
-            request.execute(data, mem, backend, device, &mut self.page)
-        });
-        let written = data.map_or(0, |data| data.written);
+        let result = match layout {
+            Err(error) => Err(error),
+            Ok(layout) => {
+                let mut data = RequestData::new(&self.segments, &layout);
+                match Request::parse(&mut data, mem, device) {
+                    Err(error) => Err(error),
+                    Ok(request) => {
+                        kind = RequestKind::from(request.kind);
+                        if let Some(defer) = defer.filter(|_| request.reads_slowly(&data, backend))
+                        {
+                            let read = DeferredRead {
+                                head,
+                                segments: self.segments.clone(),
+                                layout,
+                                status_addr,
+                                request,
+                                started,
+                            };
+                            // Handed back when the read-back queue is full: served here.
+                            return match defer(read) {
+                                Ok(()) => None,
+                                Err(read) => Some(self.run_deferred(&read, mem, backend, device)),
+                            };
+                        }
+                        let result =
+                            request.execute(&mut data, mem, backend, device, &mut self.page);
+                        written = data.written;
+                        result
+                    }
+                }
+            }
+        };
         let ok = result.is_ok();
         let used = self.complete(mem, backend, status_addr, written, result);
         if let Some((stats, queue)) = &self.request_stats {
             stats.record(*queue, kind, started.elapsed(), ok);
         }
-        used
+        Some(used)
     }
 
     /// Records every request this worker completes into `stats`, as queue `queue`.
@@ -909,6 +930,16 @@ impl Request {
             | RequestType::Unsupported(_) => {}
         }
         Ok(Request { kind, sector })
+    }
+
+    /// Whether this is a read of a page `backend` reads slowly (on the backing file).
+    fn reads_slowly<B: BlockBackend>(&self, data: &RequestData<'_>, backend: &B) -> bool {
+        if self.kind != RequestType::In {
+            return false;
+        }
+        let start = self.sector * SECTOR_BYTES;
+        let end = start + data.writable.remaining;
+        backend.reads_slowly(start / PAGE_BYTES..end.div_ceil(PAGE_BYTES))
     }
 
     /// Executes the request against `backend`, moving data through `page`.

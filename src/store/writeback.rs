@@ -372,15 +372,16 @@ impl PageStore {
             .count() as u64
     }
 
-    /// Marks idle every stored page at least `min_age` ticks old (`idle --age`). Returns the
-    /// pages newly marked.
+    /// Marks idle every stored page at least `min_age` ticks old (`idle --age`; at least 1,
+    /// since only Compressed and Huge pages have an age). Returns the pages newly marked.
     pub fn mark_idle_aged(&self, min_age: u8) -> u64 {
+        let min_age = min_age.max(1);
         let mut marked = 0;
         for slot in 0..self.slots.len() {
             let Some(entry) = self.slots.peek(slot) else {
                 break;
             };
-            if entry.is_idle() || entry.age() < min_age || min_age == 0 {
+            if entry.is_idle() || entry.age() < min_age {
                 continue;
             }
             let mut guard = self.lock(slot);
