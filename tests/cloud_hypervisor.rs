@@ -36,7 +36,6 @@ mod common;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -46,7 +45,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
+use vhost_user_zram::daemon::DaemonConfig;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -68,6 +67,8 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use common::in_process::InProcessDaemon;
+
 /// Device capacity in 4 KiB pages.
 const PAGES: u64 = 256;
 /// The daemon's largest queue size (its `--queue-size` default).
@@ -76,6 +77,8 @@ const DAEMON_QUEUE_SIZE: u16 = 256;
 /// vhost_user=true,socket=...` uses without `queue_size=`.
 const CH_DEFAULT_QUEUE_SIZE_VUBLK: u16 = 128;
 const SERIAL: &str = "ch-zram-serial";
+/// How long the daemon gets to return from `run` after the frontend hangs up.
+const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Guest RAM as cloud-hypervisor lays it out for a VM larger than the 32-bit hole: one region
 /// at 0 and one above 4 GiB, each its own shared memfd (`--memory shared=on`). A third region
@@ -153,32 +156,6 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
     device.queue_size = DAEMON_QUEUE_SIZE;
     device.serial = DeviceConfig::serial_from_str(SERIAL).unwrap();
     common::daemon_config(socket, device, 64)
-}
-
-/// A daemon serving `num_queues` queues on a socket in a fresh directory, run on a thread.
-struct RunningDaemon {
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-    runner: thread::JoinHandle<Result<(), DaemonError>>,
-}
-
-impl RunningDaemon {
-    fn start(num_queues: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("zram.sock");
-        let daemon = Daemon::new(config(&socket, num_queues)).unwrap();
-        let runner = thread::spawn(move || daemon.run());
-        RunningDaemon {
-            _dir: dir,
-            socket,
-            runner,
-        }
-    }
-
-    /// Waits for `run` to return after the frontend hung up; it must return `Ok`.
-    fn join(self) {
-        self.runner.join().unwrap().unwrap();
-    }
 }
 
 fn memfd(name: &std::ffi::CStr, len: usize) -> File {
@@ -543,7 +520,7 @@ const OK: u8 = VIRTIO_BLK_S_OK as u8;
 /// `queue_size`: `Blk::new`, activation, I/O on every queue, memory hotplug, guest reset,
 /// shutdown.
 fn cloud_hypervisor_drives_the_device(num_queues: usize, queue_size: u16) {
-    let daemon = RunningDaemon::start(num_queues as u16);
+    let daemon = InProcessDaemon::start(|socket| config(socket, num_queues as u16));
     let (mut vu, negotiated) = ch_blk_new(&daemon.socket, num_queues);
     let negotiated = negotiated.unwrap_or_else(|backend| {
         panic!("cloud-hypervisor would refuse: backend has {backend} queues")
@@ -689,7 +666,7 @@ fn cloud_hypervisor_drives_the_device(num_queues: usize, queue_size: u16) {
     // VM shutdown closes the socket; the daemon's run then returns Ok.
     drop(queues);
     drop(vu);
-    daemon.join();
+    daemon.join_within(JOIN_LIMIT).unwrap();
 }
 
 /// `--disk vhost_user=true,socket=...` with cloud-hypervisor's defaults: one queue of 128.
@@ -717,7 +694,7 @@ fn two_queues() {
 #[test]
 fn config_space_as_cloud_hypervisor_reads_it() {
     for num_queues in [1, 2] {
-        let daemon = RunningDaemon::start(num_queues as u16);
+        let daemon = InProcessDaemon::start(|socket| config(socket, num_queues as u16));
         let (vu, negotiated) = ch_blk_new(&daemon.socket, num_queues);
         let space = negotiated.unwrap().config_space;
         let le32 = |at: usize| u32::from_le_bytes(space[at..at + 4].try_into().unwrap());
@@ -740,7 +717,7 @@ fn config_space_as_cloud_hypervisor_reads_it() {
         assert_eq!(le32(44), 8, "discard_sector_alignment");
         assert_eq!(space[56], 1, "write_zeroes_may_unmap");
         drop(vu);
-        daemon.join();
+        daemon.join_within(JOIN_LIMIT).unwrap();
     }
 }
 
@@ -748,9 +725,9 @@ fn config_space_as_cloud_hypervisor_reads_it() {
 /// daemon's count, so `Blk::new` fails with `BadQueueNum` instead of driving a missing queue.
 #[test]
 fn cloud_hypervisor_refuses_a_daemon_with_fewer_queues() {
-    let daemon = RunningDaemon::start(1);
+    let daemon = InProcessDaemon::start(|socket| config(socket, 1));
     let (vu, negotiated) = ch_blk_new(&daemon.socket, 2);
     assert_eq!(negotiated.err(), Some(1));
     drop(vu);
-    daemon.join();
+    daemon.join_within(JOIN_LIMIT).unwrap();
 }

@@ -11,7 +11,6 @@ mod common;
 
 use std::os::fd::FromRawFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,53 +18,21 @@ use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures}
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::daemon::{Daemon, DaemonError};
-use vhost_user_zram::store::PageStore;
 
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use common::in_process::InProcessDaemon;
+
 const PAGES: u64 = 256;
 const MEM_SIZE: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
 
-struct Running {
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-    store: Arc<PageStore>,
-    runner: thread::JoinHandle<Result<(), DaemonError>>,
-}
-
-fn start_daemon() -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("zram.sock");
+fn start_daemon() -> InProcessDaemon {
     let mut device = DeviceConfig::new(PAGES);
     device.queue_size = QUEUE_SIZE;
-    let daemon = Daemon::new(common::daemon_config(&socket, device, 16)).unwrap();
-    let store = daemon.store().clone();
-    let runner = thread::spawn(move || daemon.run());
-    Running {
-        _dir: dir,
-        socket,
-        store,
-        runner,
-    }
-}
-
-impl Running {
-    /// Waits for `Daemon::run` to return, failing the test after `limit`.
-    fn join_within(self, limit: Duration) -> Result<(), DaemonError> {
-        let deadline = Instant::now() + limit;
-        while !self.runner.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not stop in {limit:?}"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.runner.join().unwrap()
-    }
+    InProcessDaemon::start(|socket| common::daemon_config(socket, device, 16))
 }
 
 /// Guest memory of `MEM_SIZE` bytes over a memfd of `file_len` bytes.

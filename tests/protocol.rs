@@ -8,13 +8,13 @@
 mod common;
 
 use std::path::Path;
-use std::thread;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig};
+use vhost_user_zram::daemon::DaemonConfig;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -29,6 +29,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use common::in_process::InProcessDaemon;
+
 const PAGES: u64 = 256;
 const MEM_SIZE: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
@@ -36,6 +38,8 @@ const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// How long the daemon gets to return from `run` after the frontend hangs up or a stop.
+const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
     let mut device = DeviceConfig::new(PAGES);
@@ -44,20 +48,9 @@ fn config(socket: &Path, num_queues: u16) -> DaemonConfig {
     common::daemon_config(socket, device, 64)
 }
 
-/// Starts a daemon on a socket in a fresh directory; returns the directory guard, the socket
-/// path and the thread running `Daemon::run`.
-fn start_daemon(
-    num_queues: u16,
-) -> (
-    tempfile::TempDir,
-    std::path::PathBuf,
-    thread::JoinHandle<Result<(), vhost_user_zram::daemon::DaemonError>>,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("zram.sock");
-    let daemon = Daemon::new(config(&socket, num_queues)).unwrap();
-    let runner = thread::spawn(move || daemon.run());
-    (dir, socket, runner)
+/// Starts a daemon serving `num_queues` queues, on a thread.
+fn start_daemon(num_queues: u16) -> InProcessDaemon {
+    InProcessDaemon::start(|socket| config(socket, num_queues))
 }
 
 fn guest_memory() -> GuestMemoryMmap<()> {
@@ -105,8 +98,8 @@ fn le32(bytes: &[u8], offset: usize) -> u32 {
 
 #[test]
 fn negotiation_and_config_space_describe_the_device() {
-    let (_dir, socket, runner) = start_daemon(4);
-    let mut frontend = Frontend::connect(&socket, 4).unwrap();
+    let daemon = start_daemon(4);
+    let mut frontend = Frontend::connect(&daemon.socket, 4).unwrap();
     negotiate(&mut frontend);
     assert_eq!(frontend.get_queue_num().unwrap(), 4);
     let (_, space) = frontend
@@ -125,14 +118,14 @@ fn negotiation_and_config_space_describe_the_device() {
     assert_eq!(le32(&space, 44), 8, "discard_sector_alignment");
     assert_eq!(space[56], 1, "write_zeroes_may_unmap");
     drop(frontend);
-    runner.join().unwrap().unwrap();
+    daemon.join_within(JOIN_LIMIT).unwrap();
 }
 
 /// Drives one queue through real shared memory: a write, then a read of the same page.
 #[test]
 fn request_completes_through_shared_memory_and_disconnect_ends_the_daemon() {
-    let (_dir, socket, runner) = start_daemon(1);
-    let mut frontend = Frontend::connect(&socket, 1).unwrap();
+    let daemon = start_daemon(1);
+    let mut frontend = Frontend::connect(&daemon.socket, 1).unwrap();
     negotiate(&mut frontend);
 
     let mem = guest_memory();
@@ -184,17 +177,14 @@ fn request_completes_through_shared_memory_and_disconnect_ends_the_daemon() {
     assert_eq!(back, page);
 
     drop(frontend);
-    runner.join().unwrap().unwrap();
+    daemon.join_within(JOIN_LIMIT).unwrap();
 }
 
 #[test]
 fn virtio_reset_keeps_the_connection_and_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("zram.sock");
-    let daemon = Daemon::new(config(&socket, 1)).unwrap();
-    let store = daemon.store().clone();
-    let runner = thread::spawn(move || daemon.run());
-    let mut frontend = Frontend::connect(&socket, 1).unwrap();
+    let daemon = start_daemon(1);
+    let store = daemon.store.clone();
+    let mut frontend = Frontend::connect(&daemon.socket, 1).unwrap();
     negotiate(&mut frontend);
     let page = [0x5a; 4096];
     store.write(7, &page).unwrap();
@@ -205,7 +195,7 @@ fn virtio_reset_keeps_the_connection_and_data() {
     // A rebooted guest negotiates again on the same connection.
     negotiate_again(&mut frontend);
     drop(frontend);
-    runner.join().unwrap().unwrap();
+    daemon.join_within(JOIN_LIMIT).unwrap();
 }
 
 fn negotiate_again(frontend: &mut Frontend) {
@@ -215,26 +205,20 @@ fn negotiate_again(frontend: &mut Frontend) {
 
 #[test]
 fn stop_handle_ends_a_daemon_waiting_for_its_frontend() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("zram.sock");
-    let daemon = Daemon::new(config(&socket, 1)).unwrap();
-    let stop = daemon.stop_handle();
-    let runner = thread::spawn(move || daemon.run());
-    stop.stop();
-    runner.join().unwrap().unwrap();
+    let daemon = start_daemon(1);
+    let socket = daemon.socket.clone();
+    daemon.stop();
+    daemon.join_within(JOIN_LIMIT).unwrap();
     assert!(!socket.exists(), "the socket file is removed");
 }
 
 #[test]
 fn stop_handle_ends_a_connected_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("zram.sock");
-    let daemon = Daemon::new(config(&socket, 1)).unwrap();
-    let stop = daemon.stop_handle();
-    let runner = thread::spawn(move || daemon.run());
+    let daemon = start_daemon(1);
+    let socket = daemon.socket.clone();
     let mut frontend = Frontend::connect(&socket, 1).unwrap();
     negotiate(&mut frontend);
-    stop.stop();
-    runner.join().unwrap().unwrap();
+    daemon.stop();
+    daemon.join_within(JOIN_LIMIT).unwrap();
     assert!(!socket.exists());
 }

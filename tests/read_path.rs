@@ -18,7 +18,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
+use vhost_user_zram::daemon::DaemonConfig;
 use vhost_user_zram::store::{PageStore, StoreConfig};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{
@@ -28,6 +28,8 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+use common::in_process::InProcessDaemon;
 
 const PAGES: u64 = 256;
 const MEM_SIZE: usize = 4 << 20;
@@ -41,43 +43,13 @@ const STATUSES: u64 = 0x30_0000;
 /// The used ring: away from the mock's avail ring (see `common::start_queue_with_used_ring`).
 const USED_RING: u64 = 0x8000;
 
-struct Running {
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-    store: Arc<PageStore>,
-    runner: thread::JoinHandle<Result<(), DaemonError>>,
-}
-
-fn start_daemon(poll_max: Duration) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("zram.sock");
+fn start_daemon(poll_max: Duration) -> InProcessDaemon {
     let mut device = DeviceConfig::new(PAGES);
     device.queue_size = QUEUE_SIZE;
-    let daemon = Daemon::new(DaemonConfig {
+    InProcessDaemon::start(|socket| DaemonConfig {
         poll_max,
-        ..common::daemon_config(&socket, device, 16)
+        ..common::daemon_config(socket, device, 16)
     })
-    .unwrap();
-    let store = daemon.store().clone();
-    let runner = thread::spawn(move || daemon.run());
-    Running {
-        _dir: dir,
-        socket,
-        store,
-        runner,
-    }
-}
-
-impl Running {
-    fn stop(self, frontend: Frontend) {
-        drop(frontend);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.runner.is_finished() {
-            assert!(Instant::now() < deadline, "the daemon did not stop");
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.runner.join().unwrap().unwrap();
-    }
 }
 
 /// Connects and acknowledges every feature the daemon offers, less EVENT_IDX unless
@@ -287,7 +259,8 @@ fn every_batch_ends_with_an_interrupt(event_idx: bool, poll_max: Duration) {
         let _ = call.read();
     }
     assert_eq!(daemon.store.stats().io.invalid_io, 0);
-    daemon.stop(frontend);
+    drop(frontend);
+    daemon.join_within(Duration::from_secs(10)).unwrap();
 }
 
 #[test]
@@ -390,7 +363,7 @@ fn a_read_into_the_avail_ring_completes_and_the_daemon_serves_on() {
         );
         assert_ne!(driver.used_idx(), used_before);
         thread::sleep(Duration::from_millis(50));
-        assert!(!daemon.runner.is_finished(), "the daemon is still running");
+        assert!(daemon.is_running(), "the daemon is still running");
 
         // The guest resets its queue.
         frontend.get_vring_base(0).unwrap();
@@ -411,7 +384,8 @@ fn a_read_into_the_avail_ring_completes_and_the_daemon_serves_on() {
             "{ahead} ahead: the queue serves again after the restart"
         );
     }
-    daemon.stop(frontend);
+    drop(frontend);
+    daemon.join_within(Duration::from_secs(10)).unwrap();
 }
 
 /// A store with a backing file that takes `delay` for every read, pages `0..slow` written back
