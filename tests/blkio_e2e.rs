@@ -14,15 +14,16 @@
 //!   without sending them. The test below checks both halves of that contract: that the daemon
 //!   offers VIRTIO_BLK_F_RO, and that reads work.
 
+mod common;
+
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use vhost_user_zram::pagegen::{fill_page, PageKind};
-use vhost_user_zram::store::Stats;
 use vhost_user_zram::PAGE_SIZE;
+
+use common::child::{numbers, run, DaemonProcess};
 
 /// Seed of the swap-like pages the tests write.
 const SEED: u64 = 0x7e57;
@@ -39,186 +40,6 @@ fn swap_page(index: u64) -> (PageKind, [u8; PAGE_SIZE]) {
     let mut page = [0u8; PAGE_SIZE];
     let kind = fill_page(SEED, index, &mut page);
     (kind, page)
-}
-
-/// zram's `mm_stat` columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MmStat {
-    orig_data_size: u64,
-    compr_data_size: u64,
-    mem_used_total: u64,
-    mem_limit: u64,
-    mem_used_max: u64,
-    same_pages: u64,
-    pages_compacted: u64,
-    huge_pages: u64,
-    huge_pages_since: u64,
-}
-
-/// zram's `io_stat` columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct IoStat {
-    failed_reads: u64,
-    failed_writes: u64,
-    invalid_io: u64,
-    notify_free: u64,
-}
-
-fn numbers(line: &str) -> Vec<u64> {
-    line.split_whitespace()
-        .map(|n| n.parse().unwrap_or_else(|e| panic!("'{line}': {e}")))
-        .collect()
-}
-
-/// A running daemon; killed and reaped on drop unless it already exited.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    control: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// Launches the daemon with a `size`-byte device and `extra` arguments, and waits for its
-    /// socket.
-    fn start(size: u64, extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("blk.sock");
-        let control = dir.path().join("control.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-zram"))
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--size")
-            .arg(size.to_string())
-            .arg("--control-socket")
-            .arg(&control)
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn vhost-user-zram");
-        let mut daemon = Daemon {
-            child: Some(child),
-            socket,
-            control,
-            _dir: dir,
-        };
-        daemon.wait_for(&daemon.socket.clone());
-        daemon
-    }
-
-    /// Polls until `path` exists; panics if the daemon exits first or 10 s pass.
-    fn wait_for(&mut self, path: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !path.exists() {
-            let child = self.child.as_mut().expect("daemon running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                panic!(
-                    "the daemon exited with {status} before creating {}",
-                    path.display()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {} after 10 s",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Runs `vhost-user-zram ctl --control-socket ... ARGS` and returns its stdout.
-    fn ctl(&mut self, args: &[&str]) -> String {
-        let control = self.control.clone();
-        self.wait_for(&control);
-        let output = Command::new(env!("CARGO_BIN_EXE_vhost-user-zram"))
-            .arg("ctl")
-            .arg("--control-socket")
-            .arg(&control)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ctl");
-        assert!(
-            output.status.success(),
-            "ctl {args:?} failed with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("ctl prints UTF-8")
-    }
-
-    /// `stats --json`, parsed.
-    fn stats(&mut self) -> Stats {
-        serde_json::from_str(&self.ctl(&["stats", "--json"])).expect("stats --json parses")
-    }
-
-    /// zram's `mm_stat`, once the compression workers have compressed every pending page (so
-    /// the figures do not depend on how far they got).
-    fn mm_stat(&mut self) -> MmStat {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.stats().workers.pending_pages > 0 {
-            assert!(Instant::now() < deadline, "pages still pending after 10 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let line = self.ctl(&["mm_stat"]);
-        let n = numbers(&line);
-        assert_eq!(n.len(), 9, "mm_stat has 9 columns: '{line}'");
-        MmStat {
-            orig_data_size: n[0],
-            compr_data_size: n[1],
-            mem_used_total: n[2],
-            mem_limit: n[3],
-            mem_used_max: n[4],
-            same_pages: n[5],
-            pages_compacted: n[6],
-            huge_pages: n[7],
-            huge_pages_since: n[8],
-        }
-    }
-
-    fn io_stat(&mut self) -> IoStat {
-        let line = self.ctl(&["io_stat"]);
-        let n = numbers(&line);
-        assert_eq!(n.len(), 4, "io_stat has 4 columns: '{line}'");
-        IoStat {
-            failed_reads: n[0],
-            failed_writes: n[1],
-            invalid_io: n[2],
-            notify_free: n[3],
-        }
-    }
-
-    /// Disconnects `client` and asserts that the daemon then exits with status 0 by itself.
-    fn expect_clean_exit_after_disconnect(mut self, client: Client) {
-        drop(client);
-        let mut child = self.child.take().expect("daemon running");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon did not exit within 10 s of the frontend disconnecting");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert!(
-            status.success(),
-            "the daemon exited with {status} after the disconnect"
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// One request of a batch; buffers are byte offsets into the lane's buffer.
@@ -393,7 +214,11 @@ struct Client {
 
 impl Client {
     /// Connects with `queues` queues; `read_only` opens the device read-only.
-    fn connect(daemon: &Daemon, queues: usize, read_only: bool) -> Result<Client, blkio::Error> {
+    fn connect(
+        daemon: &DaemonProcess,
+        queues: usize,
+        read_only: bool,
+    ) -> Result<Client, blkio::Error> {
         let mut blkio = Self::connected(daemon, read_only)?;
         blkio.set_i32("num-queues", i32::try_from(queues).expect("few queues"))?;
         blkio.set_i32("queue-size", 128)?;
@@ -421,7 +246,7 @@ impl Client {
 
     /// A connected (not started) libblkio instance; retries while the socket is not yet
     /// accepting connections.
-    fn connected(daemon: &Daemon, read_only: bool) -> Result<Blkio, blkio::Error> {
+    fn connected(daemon: &DaemonProcess, read_only: bool) -> Result<Blkio, blkio::Error> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
@@ -454,7 +279,19 @@ impl Drop for Client {
     }
 }
 
-fn connect(daemon: &Daemon, queues: usize) -> Client {
+/// Disconnects `client` and asserts that the daemon then exits with status 0 by itself.
+fn expect_clean_exit_after_disconnect(mut daemon: DaemonProcess, client: Client) {
+    drop(client);
+    let exited = daemon.wait_exit();
+    assert!(
+        exited.status.success(),
+        "the daemon exited with {} after the disconnect: {}",
+        exited.status,
+        exited.stderr
+    );
+}
+
+fn connect(daemon: &DaemonProcess, queues: usize) -> Client {
     Client::connect(daemon, queues, false).expect("connect and start")
 }
 
@@ -465,7 +302,7 @@ fn write_and_verify_swap_pages(queues: usize, extra: &[&str]) {
     let queues_arg = queues.to_string();
     let mut args = vec!["--num-queues", &queues_arg];
     args.extend_from_slice(extra);
-    let daemon = Daemon::start(64 * MIB, &args);
+    let daemon = DaemonProcess::start(64 * MIB, &args);
     let mut client = connect(&daemon, queues);
     assert_eq!(client.lanes.len(), queues);
     assert_eq!(client.capacity(), 64 * MIB);
@@ -490,7 +327,7 @@ fn write_and_verify_swap_pages(queues: usize, extra: &[&str]) {
     client
         .lane()
         .verify_pages(pages..pages + 64, |_| [0; PAGE_SIZE]);
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
@@ -528,12 +365,12 @@ fn cpu_time(pid: u32) -> Duration {
 
 #[test]
 fn a_polling_daemon_sleeps_while_its_guest_is_idle() {
-    let daemon = Daemon::start(16 * MIB, &["--poll-max-us", "1000"]);
+    let daemon = DaemonProcess::start(16 * MIB, &["--poll-max-us", "1000"]);
     let mut client = connect(&daemon, 1);
     // Busy first, so that the polling window has grown to its maximum.
     client.lane().write_swap_pages(0..2048);
     client.lane().verify_pages(0..2048, |p| swap_page(p).1);
-    let pid = daemon.child.as_ref().expect("daemon running").id();
+    let pid = daemon.pid();
     std::thread::sleep(Duration::from_millis(200));
     let before = cpu_time(pid);
     std::thread::sleep(Duration::from_secs(2));
@@ -542,7 +379,7 @@ fn a_polling_daemon_sleeps_while_its_guest_is_idle() {
         used < Duration::from_millis(40),
         "an idle, connected daemon used {used:?} of CPU in 2 s"
     );
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
@@ -555,7 +392,7 @@ fn swap_pages_read_back_intact_through_a_tiny_pending_pool() {
 #[test]
 fn mm_stat_reflects_what_was_written() {
     let pages = 2048u64;
-    let mut daemon = Daemon::start(64 * MIB, &[]);
+    let daemon = DaemonProcess::start(64 * MIB, &[]);
     let mut client = connect(&daemon, 1);
     let empty = daemon.mm_stat();
     assert_eq!(
@@ -622,12 +459,12 @@ fn mm_stat_reflects_what_was_written() {
     }
 
     client.lane().verify_pages(0..pages, |p| swap_page(p).1);
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn discarded_pages_read_as_zeros_and_leave_the_store() {
-    let mut daemon = Daemon::start(16 * MIB, &[]);
+    let daemon = DaemonProcess::start(16 * MIB, &[]);
     let mut client = connect(&daemon, 1);
     let lane = client.lane();
     lane.write_swap_pages(0..128);
@@ -675,12 +512,12 @@ fn discarded_pages_read_as_zeros_and_leave_the_store() {
         "{after:?}"
     );
     assert!(after.compr_data_size < before.compr_data_size, "{after:?}");
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn write_zeroes_with_and_without_unmap_read_as_zeros() {
-    let mut daemon = Daemon::start(16 * MIB, &[]);
+    let daemon = DaemonProcess::start(16 * MIB, &[]);
     let mut client = connect(&daemon, 1);
     client.lane().write_swap_pages(0..64);
     let before = daemon.mm_stat();
@@ -727,12 +564,12 @@ fn write_zeroes_with_and_without_unmap_read_as_zeros() {
         "only the zeroed pages left: {before:?} -> {after:?}"
     );
     assert!(after.compr_data_size < before.compr_data_size, "{after:?}");
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn flush_completes_and_data_stays() {
-    let daemon = Daemon::start(16 * MIB, &[]);
+    let daemon = DaemonProcess::start(16 * MIB, &[]);
     let mut client = connect(&daemon, 1);
     client.lane().write_swap_pages(0..32);
     // Flushes alone, and mixed in with writes in one batch.
@@ -750,12 +587,12 @@ fn flush_completes_and_data_stays() {
     client
         .lane()
         .verify_pages((0..32).chain([40]), |p| swap_page(p).1);
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn sub_page_and_unaligned_512_byte_io() {
-    let daemon = Daemon::start(16 * MIB, &[]);
+    let daemon = DaemonProcess::start(16 * MIB, &[]);
     let mut client = connect(&daemon, 1);
     let lane = client.lane();
     lane.write_swap_pages(0..8);
@@ -822,13 +659,13 @@ fn sub_page_and_unaligned_512_byte_io() {
             .try_into()
             .expect("one page")
     });
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn io_past_the_end_fails_and_the_daemon_keeps_serving() {
     let size = 8 * MIB;
-    let mut daemon = Daemon::start(size, &[]);
+    let daemon = DaemonProcess::start(size, &[]);
     let mut client = connect(&daemon, 1);
     assert_eq!(client.capacity(), size);
     let io_before = daemon.io_stat();
@@ -883,12 +720,12 @@ fn io_past_the_end_fails_and_the_daemon_keeps_serving() {
         io_after.invalid_io >= io_before.invalid_io + 4,
         "out-of-range requests count as invalid_io: {io_before:?} -> {io_after:?}"
     );
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn read_only_device_offers_ro_and_serves_reads() {
-    let daemon = Daemon::start(8 * MIB, &["--read-only"]);
+    let daemon = DaemonProcess::start(8 * MIB, &["--read-only"]);
     // libblkio refuses to start a read-write session on a device that offers
     // VIRTIO_BLK_F_RO: that is the daemon telling the driver it refuses writes.
     let refused = Client::connect(&daemon, 1, false)
@@ -898,7 +735,7 @@ fn read_only_device_offers_ro_and_serves_reads() {
     // A refused session disconnects too, and the daemon exits cleanly then; start a new one.
     drop(daemon);
 
-    let daemon = Daemon::start(8 * MIB, &["--read-only"]);
+    let daemon = DaemonProcess::start(8 * MIB, &["--read-only"]);
     let mut client = Client::connect(&daemon, 1, true).expect("read-only session");
     client.lane().verify_pages(0..64, |_| [0; PAGE_SIZE]);
     let results = client.lane().run(&[Op::Write {
@@ -910,7 +747,7 @@ fn read_only_device_offers_ro_and_serves_reads() {
         results[0] < 0,
         "a write on a read-only device fails: {results:?}"
     );
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 /// The backing file of a writeback test, in a directory of its own.
@@ -921,7 +758,7 @@ fn backing_dir() -> (tempfile::TempDir, String) {
 }
 
 /// zram's `bd_stat` columns: bd_count, bd_reads, bd_writes.
-fn bd_stat(daemon: &mut Daemon) -> [u64; 3] {
+fn bd_stat(daemon: &DaemonProcess) -> [u64; 3] {
     let line = daemon.ctl(&["bd_stat"]);
     let n = numbers(&line);
     assert_eq!(n.len(), 3, "bd_stat has 3 columns: '{line}'");
@@ -932,11 +769,11 @@ fn bd_stat(daemon: &mut Daemon) -> [u64; 3] {
 fn idle_pages_written_back_read_back_intact_and_leave_ram() {
     let pages = 4096u64;
     let (_dir, backing) = backing_dir();
-    let mut daemon = Daemon::start(64 * MIB, &["--backing-file", &backing]);
+    let daemon = DaemonProcess::start(64 * MIB, &["--backing-file", &backing]);
     let mut client = connect(&daemon, 1);
     client.lane().write_swap_pages(0..pages);
     let before = daemon.mm_stat();
-    assert_eq!(bd_stat(&mut daemon), [0, 0, 0]);
+    assert_eq!(bd_stat(&daemon), [0, 0, 0]);
 
     let idle = daemon.ctl(&["idle", "all"]);
     let written = daemon.ctl(&["writeback", "idle"]);
@@ -960,7 +797,7 @@ fn idle_pages_written_back_read_back_intact_and_leave_ram() {
         after.mem_used_total
     );
     assert_eq!(after.orig_data_size, before.orig_data_size);
-    let [count, reads, writes] = bd_stat(&mut daemon);
+    let [count, reads, writes] = bd_stat(&daemon);
     assert!(
         count > 0 && writes >= count && reads == 0,
         "{count} {reads} {writes}"
@@ -972,7 +809,7 @@ fn idle_pages_written_back_read_back_intact_and_leave_ram() {
     );
 
     client.lane().verify_pages(0..pages, |p| swap_page(p).1);
-    let [_, reads, _] = bd_stat(&mut daemon);
+    let [_, reads, _] = bd_stat(&daemon);
     assert!(
         reads >= count,
         "the pages came from the file: {reads} reads"
@@ -984,14 +821,14 @@ fn idle_pages_written_back_read_back_intact_and_leave_ram() {
         "{:?}",
         stats.writeback
     );
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn writeback_above_keeps_ram_below_the_mark_and_every_page_reads_back() {
     let pages = 8192u64;
     let (_dir, backing) = backing_dir();
-    let mut daemon = Daemon::start(
+    let daemon = DaemonProcess::start(
         64 * MIB,
         &[
             "--backing-file",
@@ -1020,25 +857,28 @@ fn writeback_above_keeps_ram_below_the_mark_and_every_page_reads_back() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let [count, _, _] = bd_stat(&mut daemon);
+    let [count, _, _] = bd_stat(&daemon);
     assert!(count > 0);
 
     client.lane().verify_pages(0..pages, |p| swap_page(p).1);
     assert_eq!(daemon.io_stat().failed_reads, 0);
-    daemon.expect_clean_exit_after_disconnect(client);
+    expect_clean_exit_after_disconnect(daemon, client);
 }
 
 #[test]
 fn a_second_daemon_on_the_same_backing_file_is_refused() {
     let (_dir, backing) = backing_dir();
-    let _first = Daemon::start(16 * MIB, &["--backing-file", &backing]);
+    let _first = DaemonProcess::start(16 * MIB, &["--backing-file", &backing]);
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_vhost-user-zram"))
-        .arg("--socket-path")
-        .arg(dir.path().join("second.sock"))
-        .args(["--size", "16M", "--backing-file", &backing])
-        .output()
-        .expect("run the second daemon");
+    let socket = dir.path().join("second.sock");
+    let output = run(&[
+        "--socket-path",
+        socket.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--backing-file",
+        &backing,
+    ]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -1055,7 +895,7 @@ fn writeback_above_makes_room_under_a_memory_limit() {
     for workers in ["1", "0"] {
         let pages = 16384u64; // 64 MiB of swap-like pages, about 28 MiB compressed
         let (_dir, backing) = backing_dir();
-        let mut daemon = Daemon::start(
+        let daemon = DaemonProcess::start(
             64 * MIB,
             &[
                 "--backing-file",
@@ -1081,7 +921,7 @@ fn writeback_above_makes_room_under_a_memory_limit() {
         // The allocator never passes the limit; the same-fill word table may, by a few
         // entries (same-filled pages are stored even at the limit, as in zram).
         assert!(mm.mem_used_max <= 8 * MIB + 64 * 1024, "{mm:?}");
-        assert!(bd_stat(&mut daemon)[0] > 0);
-        daemon.expect_clean_exit_after_disconnect(client);
+        assert!(bd_stat(&daemon)[0] > 0);
+        expect_clean_exit_after_disconnect(daemon, client);
     }
 }

@@ -2,20 +2,17 @@
 //! Command-line tests: the built binary's errors, capabilities, sockets and the `ctl` tool,
 //! and the contrib files' agreement with the binary.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use clap::Parser;
 use vhost_user_zram::cli::Cli;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
+use common::child::{run, ControlSocket, DaemonProcess, BIN};
 
 /// Asserts a failed run with exactly one line on stderr, starting with "error: ", and the exit
 /// status `code`.
@@ -35,49 +32,11 @@ fn assert_one_sentence_error(output: &Output, needle: &str) {
     assert!(!stderr.contains("panicked"), "{stderr:?}");
 }
 
-/// A daemon process, killed with SIGTERM when dropped.
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn start(args: &[&str], wait_for: &Path) -> Self {
-        let child = Command::new(BIN)
-            .args(args)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let running = Running { child };
-        wait_for_socket(wait_for);
-        running
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) with a pid we spawned and a valid signal; no memory involved.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls until `path` is a socket that accepts connections (no fixed sleeps). A connection
-/// that closes without a message is a liveness probe the daemon ignores.
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// A daemon with a 1 MiB device and, unless told otherwise, its default control socket.
+fn daemon_1m() -> common::child::DaemonOptions {
+    DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied)
 }
 
 fn sock(dir: &tempfile::TempDir, name: &str) -> PathBuf {
@@ -377,45 +336,35 @@ fn print_capabilities_prints_the_block_type_json() {
 
 #[test]
 fn socket_is_created_with_mode_0600_and_removed_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "mode.sock");
-    let daemon = Running::start(
-        &["--socket-path", path.to_str().unwrap(), "--size", "1M"],
-        &path,
-    );
+    let mut daemon = daemon_1m().start();
+    let path = daemon.socket.clone();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    assert!(daemon.terminate().success(), "SIGTERM exits 0");
+    assert!(daemon.stop().status.success(), "SIGTERM exits 0");
     assert!(!path.exists(), "the socket file is removed");
 }
 
 #[test]
 fn socket_mode_option_is_honoured() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "mode.sock");
-    let args = [
-        "--socket-path",
-        path.to_str().unwrap(),
-        "--size",
-        "1M",
-        "--socket-mode",
-        "0660",
-    ];
-    let daemon = Running::start(&args, &path);
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    let mut daemon = daemon_1m().args(["--socket-mode", "0660"]).start();
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o660);
-    assert!(daemon.terminate().success());
+    assert!(daemon.stop().status.success());
 }
 
 #[test]
 fn stale_socket_is_reused_and_live_one_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "stale.sock");
+    let options = daemon_1m();
+    let path = options.socket().to_owned();
     // A socket file nobody listens on.
     drop(UnixListener::bind(&path).unwrap());
     assert!(path.exists());
     let p = path.to_str().unwrap();
-    let daemon = Running::start(&["--socket-path", p, "--size", "1M"], &path);
+    let mut daemon = options.start();
     // The path is live now: a second daemon is refused, and the first keeps running.
     assert_one_sentence_error_exit(
         &run(&["--socket-path", p, "--size", "1M"]),
@@ -423,35 +372,16 @@ fn stale_socket_is_reused_and_live_one_refused() {
         EXIT_FAILURE,
     );
     assert!(
-        daemon.terminate().success(),
+        daemon.stop().status.success(),
         "the probe did not end the first daemon"
     );
 }
 
 #[test]
 fn ctl_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "d.sock");
-    let control = sock(&dir, "d.ctl");
-    let c = control.to_str().unwrap();
-    let daemon = Running::start(
-        &[
-            "--socket-path",
-            path.to_str().unwrap(),
-            "--size",
-            "1M",
-            "--control-socket",
-            c,
-        ],
-        &control,
-    );
-    let ctl = |args: &[&str]| {
-        let mut all = vec!["ctl", "--control-socket", c];
-        all.extend_from_slice(args);
-        let output = run(&all);
-        assert!(output.status.success(), "{output:?}");
-        String::from_utf8(output.stdout).unwrap()
-    };
+    let mut daemon = DaemonProcess::options().size("1M").start();
+    let control = daemon.control().to_owned();
+    let ctl = |args: &[&str]| daemon.ctl(args);
     let mm_stat = ctl(&["mm_stat"]);
     assert_eq!(mm_stat.lines().count(), 1);
     assert_eq!(mm_stat.split_whitespace().count(), 9, "{mm_stat:?}");
@@ -461,22 +391,18 @@ fn ctl_round_trip() {
     let json: serde_json::Value = serde_json::from_str(&ctl(&["stats", "--json"])).unwrap();
     assert!(json.is_object());
     assert!(ctl(&["compact"]).starts_with("compacted "));
-    assert!(daemon.terminate().success());
+    assert!(daemon.stop().status.success());
     assert!(!control.exists(), "the control socket is removed");
 
-    let output = run(&["ctl", "--control-socket", c, "stats"]);
+    let output = daemon.ctl_output(&["stats"]);
     assert_one_sentence_error(&output, "cannot connect");
 }
 
 #[test]
 fn the_daemon_serves_socket_path_dot_ctl_by_default_and_ctl_finds_it_through_the_variable() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "d.sock");
-    let control = sock(&dir, "d.sock.ctl");
-    let daemon = Running::start(
-        &["--socket-path", path.to_str().unwrap(), "--size", "1M"],
-        &control,
-    );
+    let mut daemon = daemon_1m().start();
+    let control = daemon.control().to_owned();
+    assert_eq!(control, daemon.dir().join("vhost-user.sock.ctl"));
 
     let output = Command::new(BIN)
         .args(["ctl", "mm_stat"])
@@ -493,58 +419,40 @@ fn the_daemon_serves_socket_path_dot_ctl_by_default_and_ctl_finds_it_through_the
     );
     let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the control socket has the socket mode");
-    assert!(daemon.terminate().success());
+    assert!(daemon.stop().status.success());
     assert!(!control.exists(), "the default control socket is removed");
 }
 
 #[test]
 fn control_socket_flag_wins_over_the_variable() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "d.sock");
-    let control = sock(&dir, "d.sock.ctl");
-    let daemon = Running::start(
-        &["--socket-path", path.to_str().unwrap(), "--size", "1M"],
-        &control,
-    );
+    let mut daemon = daemon_1m().start();
 
     let output = Command::new(BIN)
         .args([
             "ctl",
             "--control-socket",
-            control.to_str().unwrap(),
+            daemon.control().to_str().unwrap(),
             "io_stat",
         ])
-        .env("VHOST_USER_ZRAM_CTL", dir.path().join("nothing-here"))
+        .env("VHOST_USER_ZRAM_CTL", daemon.dir().join("nothing-here"))
         .output()
         .unwrap();
 
     assert!(output.status.success(), "{output:?}");
-    assert!(daemon.terminate().success());
+    assert!(daemon.stop().status.success());
 }
 
 #[test]
 fn control_socket_none_serves_no_control_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = sock(&dir, "d.sock");
-    let daemon = Running::start(
-        &[
-            "--socket-path",
-            path.to_str().unwrap(),
-            "--size",
-            "1M",
-            "--control-socket",
-            "none",
-        ],
-        &path,
-    );
+    let mut daemon = daemon_1m().control_socket(ControlSocket::Off).start();
 
-    let entries: Vec<_> = std::fs::read_dir(dir.path())
+    let entries: Vec<_> = std::fs::read_dir(daemon.dir())
         .unwrap()
         .map(|entry| entry.unwrap().file_name())
         .collect();
 
-    assert_eq!(entries, vec![std::ffi::OsString::from("d.sock")]);
-    assert!(daemon.terminate().success());
+    assert_eq!(entries, vec![std::ffi::OsString::from("vhost-user.sock")]);
+    assert!(daemon.stop().status.success());
 }
 
 #[test]

@@ -5,15 +5,16 @@
 //! machine with an IAA work queue, `iaa_hardware_*` also runs the same fill on the device;
 //! without one it says so on stderr and passes (fails under `IAA_REQUIRE_HARDWARE=1`).
 
-use std::fs::File;
+mod common;
+
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use vhost_user_zram::pagegen::fill_page;
 use vhost_user_zram::PAGE_SIZE;
+
+use common::child::DaemonProcess;
 
 const SEED: u64 = 0x1aa;
 const DEPTH: usize = 32;
@@ -26,124 +27,6 @@ fn swap_page(index: u64) -> [u8; PAGE_SIZE] {
     page
 }
 
-/// A running daemon, its stderr captured to a file; killed on drop unless it exited.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    control: PathBuf,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// Launches the daemon with `extra` arguments; does not wait for anything.
-    fn launch(size: u64, extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("blk.sock");
-        let control = dir.path().join("control.sock");
-        let stderr = dir.path().join("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-zram"))
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--size")
-            .arg(size.to_string())
-            .arg("--control-socket")
-            .arg(&control)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn vhost-user-zram");
-        Daemon {
-            child: Some(child),
-            socket,
-            control,
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    /// Launches the daemon and waits for its socket.
-    fn start(size: u64, extra: &[&str]) -> Daemon {
-        let mut daemon = Daemon::launch(size, extra);
-        daemon.wait_for(&daemon.socket.clone());
-        daemon
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Polls until `path` exists; panics if the daemon exits first or 10 s pass.
-    fn wait_for(&mut self, path: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !path.exists() {
-            if let Some(status) = self.try_exit() {
-                panic!(
-                    "the daemon exited with {status} before creating {}: {}",
-                    path.display(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {} after 10 s",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn try_exit(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
-        self.child = None;
-        Some(status)
-    }
-
-    /// Waits up to 10 s for the daemon to exit by itself.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.try_exit() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not exit within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// zram's mm_stat columns, through `ctl`.
-    fn mm_stat(&mut self) -> Vec<u64> {
-        let control = self.control.clone();
-        self.wait_for(&control);
-        let output = Command::new(env!("CARGO_BIN_EXE_vhost-user-zram"))
-            .arg("ctl")
-            .arg("--control-socket")
-            .arg(&control)
-            .arg("mm_stat")
-            .output()
-            .expect("run ctl");
-        assert!(output.status.success(), "ctl mm_stat failed");
-        String::from_utf8(output.stdout)
-            .expect("UTF-8")
-            .split_whitespace()
-            .map(|n| n.parse().expect("a number"))
-            .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// One libblkio connection with one queue and a buffer of `DEPTH` pages.
 struct Client {
     queue: Option<Blkioq>,
@@ -152,7 +35,7 @@ struct Client {
 }
 
 impl Client {
-    fn connect(daemon: &Daemon) -> Client {
+    fn connect(daemon: &DaemonProcess) -> Client {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut blkio = loop {
             let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("libblkio");
@@ -251,7 +134,7 @@ impl Drop for Client {
 /// checks that the store compressed them, and that the daemon exits cleanly on disconnect.
 /// Returns the daemon's stderr.
 fn fill_and_verify(pages: u64, extra: &[&str]) -> String {
-    let mut daemon = Daemon::start(64 * MIB, extra);
+    let mut daemon = DaemonProcess::start(64 * MIB, extra);
     let mut client = Client::connect(&daemon);
     let all: Vec<u64> = (0..pages).collect();
     client.write_pages(&all);
@@ -260,12 +143,17 @@ fn fill_and_verify(pages: u64, extra: &[&str]) -> String {
     shuffled.reverse();
     client.verify_pages(&shuffled);
     let mm = daemon.mm_stat();
-    let (orig, compr) = (mm[0], mm[1]);
+    let (orig, compr) = (mm.orig_data_size, mm.compr_data_size);
     assert!(orig > 0 && compr > 0 && compr < orig, "mm_stat {mm:?}");
     drop(client);
-    let status = daemon.wait_exit();
-    assert!(status.success(), "exit {status}: {}", daemon.stderr());
-    daemon.stderr()
+    let exited = daemon.wait_exit();
+    assert!(
+        exited.status.success(),
+        "exit {}: {}",
+        exited.status,
+        exited.stderr
+    );
+    exited.stderr
 }
 
 #[test]
@@ -316,13 +204,13 @@ fn hardware_without_a_device_refuses_to_start_and_names_accel_config() {
         eprintln!("SKIPPED: this machine has IAA ({found})");
         return;
     }
-    let mut daemon = Daemon::launch(
-        64 * MIB,
-        &["--algorithm", "deflate-iaa", "--iaa", "hardware"],
-    );
-    let status = daemon.wait_exit();
-    assert_eq!(status.code(), Some(1));
-    let stderr = daemon.stderr();
+    let mut daemon = DaemonProcess::options()
+        .size(64 * MIB)
+        .args(["--algorithm", "deflate-iaa", "--iaa", "hardware"])
+        .spawn();
+    let exited = daemon.wait_exit();
+    assert_eq!(exited.status.code(), Some(1));
+    let stderr = exited.stderr;
     assert!(stderr.contains("no usable IAA work queue"), "{stderr}");
     assert!(stderr.contains("accel-config enable-wq"), "{stderr}");
     assert!(!daemon.socket.exists(), "no socket without a codec");

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! What the tests share: the daemon in the test process ([`in_process`]); for the in-process
-//! protocol tests, memfd-backed guest memory, as a VMM shares it with a vhost-user backend,
-//! and setting a queue up through the vhost crate's frontend.
+//! What the tests share: the daemon binary as a child process ([`child`]) and the daemon in
+//! the test process ([`in_process`]); for the in-process protocol tests, memfd-backed guest
+//! memory, as a VMM shares it with a vhost-user backend, and setting a queue up through the
+//! vhost crate's frontend.
 
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod in_process;
 
 use std::fs::File;

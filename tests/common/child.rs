@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The built daemon as a child process: started on a socket in a temporary directory of its
+//! own, waited for by polling its sockets, driven through `vhost-user-zram ctl`, stopped with
+//! SIGTERM, and killed and reaped if a test ends without stopping it.
+//!
+//! Everything the daemon writes to stderr is kept (for the tests' assertions and the panic
+//! messages here) and passed on to the test's own stderr, so a failed test shows its log.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Display;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use vhost_user_zram::store::Stats;
+
+/// The daemon binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+
+/// How long the daemon gets to listen, to log a line, or to exit.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// How often the waits here look again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Runs the binary once with `args` to its end: for command lines that are refused, `ctl` runs
+/// without a daemon, and the like.
+pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run vhost-user-zram")
+}
+
+/// Where the daemon is told to serve its control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// `--control-socket DIR/control.sock`.
+    InDir,
+    /// No option: the daemon's default, the socket path with `.ctl` appended.
+    Implied,
+    /// `--control-socket none`.
+    Off,
+}
+
+/// How to start a [`DaemonProcess`]: `--socket-path DIR/vhost-user.sock`, `--size 16M` and a
+/// control socket in `DIR` unless told otherwise, then the extra arguments.
+pub struct DaemonOptions {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    size: String,
+    control: ControlSocket,
+    args: Vec<OsString>,
+}
+
+impl DaemonOptions {
+    /// `--size SIZE` (bytes, or with a suffix).
+    pub fn size(mut self, size: impl Display) -> Self {
+        self.size = size.to_string();
+        self
+    }
+
+    pub fn control_socket(mut self, control: ControlSocket) -> Self {
+        self.control = control;
+        self
+    }
+
+    /// Arguments after the socket, size and control socket options.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// The socket path the daemon will be given, for a test that puts something there first.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Spawns the daemon and returns at once, for a test of a daemon that refuses to start.
+    pub fn spawn(self) -> DaemonProcess {
+        let control = match self.control {
+            ControlSocket::InDir => Some(self.dir.path().join("control.sock")),
+            ControlSocket::Implied => {
+                let mut path = self.socket.clone().into_os_string();
+                path.push(".ctl");
+                Some(PathBuf::from(path))
+            }
+            ControlSocket::Off => None,
+        };
+        let mut command = Command::new(BIN);
+        command
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .args(["--size", &self.size]);
+        match self.control {
+            ControlSocket::InDir => {
+                command
+                    .arg("--control-socket")
+                    .arg(control.as_ref().unwrap());
+            }
+            ControlSocket::Implied => {}
+            ControlSocket::Off => {
+                command.args(["--control-socket", "none"]);
+            }
+        }
+        let mut child = command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vhost-user-zram");
+        let mut pipe = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&log);
+        let reader = thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                let _ = std::io::stderr().write_all(&chunk[..read]);
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
+        });
+        DaemonProcess {
+            child,
+            exited: None,
+            socket: self.socket,
+            control,
+            log,
+            reader: Some(reader),
+            dir: self.dir,
+        }
+    }
+
+    /// Spawns the daemon and waits until its socket and its control socket (if it has one)
+    /// accept connections.
+    pub fn start(self) -> DaemonProcess {
+        let mut daemon = self.spawn();
+        daemon.wait_until_listening(&daemon.socket.clone());
+        if let Some(control) = daemon.control.clone() {
+            daemon.wait_until_listening(&control);
+        }
+        daemon
+    }
+}
+
+/// How a [`DaemonProcess`] ended.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: ExitStatus,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+/// A running daemon binary; killed and reaped on drop unless it exited.
+pub struct DaemonProcess {
+    child: Child,
+    exited: Option<ExitStatus>,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    control: Option<PathBuf>,
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+    /// Removed after the daemon is reaped (fields drop after `Drop::drop`).
+    dir: tempfile::TempDir,
+}
+
+impl DaemonProcess {
+    /// The defaults of [`DaemonOptions`], to change before starting.
+    pub fn options() -> DaemonOptions {
+        let dir = tempfile::tempdir().expect("temp dir");
+        DaemonOptions {
+            socket: dir.path().join("vhost-user.sock"),
+            dir,
+            size: "16M".to_owned(),
+            control: ControlSocket::InDir,
+            args: Vec::new(),
+        }
+    }
+
+    /// Starts a daemon with a `size` device, a control socket and `args`, and waits until it
+    /// listens.
+    pub fn start(size: impl Display, args: &[&str]) -> DaemonProcess {
+        Self::options().size(size).args(args).start()
+    }
+
+    /// Its control socket; panics if it was started without one.
+    pub fn control(&self) -> &Path {
+        self.control
+            .as_deref()
+            .expect("the daemon was started without a control socket")
+    }
+
+    /// The temporary directory of its sockets.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls until `path` accepts a connection; panics, with the daemon's stderr, if it exits
+    /// first or [`PATIENCE`] passes. The connection closes without a message: a liveness probe
+    /// the daemon ignores.
+    pub fn wait_until_listening(&mut self, path: &Path) {
+        let deadline = Instant::now() + PATIENCE;
+        while UnixStream::connect(path).is_err() {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "the daemon exited with {status} before listening on {}; stderr:\n{}",
+                    path.display(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not listen on {} within {PATIENCE:?}; stderr:\n{}",
+                path.display(),
+                self.stderr()
+            );
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Runs `vhost-user-zram ctl --control-socket CONTROL ARGS` to its end.
+    pub fn ctl_output(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("ctl")
+            .arg("--control-socket")
+            .arg(self.control())
+            .args(args)
+            .output()
+            .expect("run ctl")
+    }
+
+    /// Like [`DaemonProcess::ctl_output`], for a command that must succeed: its stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let output = self.ctl_output(args);
+        assert!(
+            output.status.success(),
+            "ctl {args:?} failed with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("ctl prints UTF-8")
+    }
+
+    /// `stats --json`, parsed.
+    pub fn stats(&self) -> Stats {
+        serde_json::from_str(&self.ctl(&["stats", "--json"])).expect("stats --json parses")
+    }
+
+    /// zram's `mm_stat`, once the compression workers have compressed every pending page (so
+    /// the figures do not depend on how far they got).
+    pub fn mm_stat(&self) -> MmStat {
+        let deadline = Instant::now() + PATIENCE;
+        while self.stats().workers.pending_pages > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "pages still pending after {PATIENCE:?}"
+            );
+            thread::sleep(POLL);
+        }
+        let line = self.ctl(&["mm_stat"]);
+        let n = numbers(&line);
+        assert_eq!(n.len(), 9, "mm_stat has 9 columns: '{line}'");
+        MmStat {
+            orig_data_size: n[0],
+            compr_data_size: n[1],
+            mem_used_total: n[2],
+            mem_limit: n[3],
+            mem_used_max: n[4],
+            same_pages: n[5],
+            pages_compacted: n[6],
+            huge_pages: n[7],
+            huge_pages_since: n[8],
+        }
+    }
+
+    /// zram's `io_stat`.
+    pub fn io_stat(&self) -> IoStat {
+        let line = self.ctl(&["io_stat"]);
+        let n = numbers(&line);
+        assert_eq!(n.len(), 4, "io_stat has 4 columns: '{line}'");
+        IoStat {
+            failed_reads: n[0],
+            failed_writes: n[1],
+            invalid_io: n[2],
+            notify_free: n[3],
+        }
+    }
+
+    /// Sends `signal` to the daemon, which must not have been reaped.
+    pub fn signal(&self, signal: libc::c_int) {
+        assert!(self.exited.is_none(), "signal to a daemon that exited");
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) takes no pointers; `pid` is our unreaped child's.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// What the daemon has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Polls until the daemon has logged `needle`; panics after [`PATIENCE`].
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never logged {needle:?}; stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Its exit status if it has exited (and is reaped now), without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
+    /// Waits for the daemon to exit by itself; panics, with its stderr, after [`PATIENCE`].
+    pub fn wait_exit(&mut self) -> Exited {
+        match self.exit_within(PATIENCE) {
+            Some(exited) => exited,
+            None => panic!(
+                "the daemon did not exit within {PATIENCE:?}; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it to exit. One that is still running after
+    /// [`PATIENCE`] is killed, and the test fails with its stderr.
+    pub fn stop(&mut self) -> Exited {
+        if self.try_exit().is_none() {
+            self.signal(libc::SIGTERM);
+        }
+        if let Some(exited) = self.exit_within(PATIENCE) {
+            return exited;
+        }
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
+        panic!(
+            "the daemon did not exit within {PATIENCE:?} of SIGTERM; killed it; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Polls up to `limit` for the daemon to exit; then waits for the end of its stderr.
+    fn exit_within(&mut self, limit: Duration) -> Option<Exited> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.try_exit() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(POLL);
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the stderr reader");
+        }
+        Some(Exited {
+            status,
+            stderr: self.stderr(),
+        })
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// zram's `mm_stat` columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmStat {
+    pub orig_data_size: u64,
+    pub compr_data_size: u64,
+    pub mem_used_total: u64,
+    pub mem_limit: u64,
+    pub mem_used_max: u64,
+    pub same_pages: u64,
+    pub pages_compacted: u64,
+    pub huge_pages: u64,
+    pub huge_pages_since: u64,
+}
+
+/// zram's `io_stat` columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoStat {
+    pub failed_reads: u64,
+    pub failed_writes: u64,
+    pub invalid_io: u64,
+    pub notify_free: u64,
+}
+
+/// The whitespace-separated numbers of a `ctl` line such as `mm_stat`'s.
+pub fn numbers(line: &str) -> Vec<u64> {
+    line.split_whitespace()
+        .map(|n| n.parse().unwrap_or_else(|e| panic!("'{line}': {e}")))
+        .collect()
+}
