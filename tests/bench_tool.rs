@@ -4,14 +4,17 @@
 //! off against on, the daemon's CPU time per request, the targets block.
 #![cfg(feature = "bench-tool")]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::child::DaemonProcess;
+
 const BENCH: &str = env!("CARGO_BIN_EXE_vhost-user-zram-bench");
-const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+const DAEMON: &str = common::child::BIN;
 
 /// The bench, its stderr lines as they come, and a kill on drop.
 struct RunningBench {
@@ -110,14 +113,6 @@ fn kill(pid: i32) {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
 }
 
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "no socket at {}", path.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn the_bench_fails_with_a_message_when_the_daemon_it_launched_dies() {
     // Arrange: the bench launches the daemon and runs a long random-write phase.
@@ -152,17 +147,8 @@ fn the_bench_fails_with_a_message_when_the_daemon_it_launched_dies() {
 #[test]
 fn the_bench_fails_with_a_message_when_an_external_backend_dies() {
     // Arrange: a daemon the bench did not launch, so only the completion timeout can tell.
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("vhost-user.sock");
-    let mut daemon = Command::new(DAEMON)
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(["--size", "16M", "--log-level", "error"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&socket);
-    let socket_text = socket.to_str().unwrap();
+    let mut daemon = DaemonProcess::start("16M", &["--log-level", "error"]);
+    let socket_text = daemon.socket.to_str().unwrap();
     let mut bench = RunningBench::start(&[
         "--socket",
         socket_text,
@@ -180,8 +166,8 @@ fn the_bench_fails_with_a_message_when_an_external_backend_dies() {
     bench.wait_for_line("randwrite started");
 
     // Act
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit();
     let (status, stderr) = bench.wait_exit(Duration::from_secs(10));
 
     // Assert

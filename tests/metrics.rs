@@ -2,61 +2,31 @@
 //! The metrics of a running daemon binary: `ctl metrics` over the control socket and
 //! `--metrics-listen` over HTTP give the same series; a non-loopback address needs the opt-in.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::child::{run, DaemonProcess};
 
 /// Starts the daemon with metrics on a kernel-chosen loopback port; returns it and the address
 /// it logged.
-fn start(dir: &Path) -> (Daemon, String) {
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(dir.join("vhost-user.sock"))
-        .arg("--control-socket")
-        .arg(dir.join("ctl.sock"))
-        .args(["--size", "8M", "--serial", "metrics-test"])
+fn start() -> (DaemonProcess, String) {
+    let daemon = DaemonProcess::options()
+        .size("8M")
+        .args(["--serial", "metrics-test"])
         .args(["--metrics-listen", "127.0.0.1:0", "--log-level", "info"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let daemon = Daemon(child);
-    let (sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = sender.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let address = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .expect("the daemon logs its metrics address");
-        if let Some(rest) = line.split("serving metrics on http://").nth(1) {
-            break rest.trim_end_matches("/metrics").to_owned();
-        }
-    };
-    let control = dir.join("ctl.sock");
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "no control socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        .start();
+    // The whole line: the address ends at "/metrics".
+    daemon.wait_for_log("/metrics\n");
+    let address = daemon
+        .stderr()
+        .lines()
+        .find_map(|line| line.split("serving metrics on http://").nth(1))
+        .expect("the daemon logs its metrics address")
+        .trim_end_matches("/metrics")
+        .to_owned();
     (daemon, address)
 }
 
@@ -71,17 +41,10 @@ fn sample_names(exposition: &str) -> Vec<String> {
 #[test]
 fn ctl_metrics_and_http_serve_the_same_series_with_the_serial() {
     // Arrange
-    let dir = tempfile::tempdir().unwrap();
-    let (_daemon, address) = start(dir.path());
+    let (daemon, address) = start();
 
     // Act
-    let ctl = Command::new(BIN)
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(dir.path().join("ctl.sock"))
-        .arg("metrics")
-        .output()
-        .unwrap();
+    let ctl = daemon.ctl_output(&["metrics"]);
     let mut stream = TcpStream::connect(&address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -110,12 +73,15 @@ fn ctl_metrics_and_http_serve_the_same_series_with_the_serial() {
 #[test]
 fn a_non_loopback_metrics_address_needs_the_opt_in() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(dir.path().join("vhost-user.sock"))
-        .args(["--size", "8M", "--metrics-listen", "0.0.0.0:9"])
-        .output()
-        .unwrap();
+    let socket = dir.path().join("vhost-user.sock");
+    let output = run(&[
+        "--socket-path",
+        socket.to_str().unwrap(),
+        "--size",
+        "8M",
+        "--metrics-listen",
+        "0.0.0.0:9",
+    ]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--metrics-allow-remote"), "{stderr}");

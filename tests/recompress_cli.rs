@@ -2,68 +2,11 @@
 //! The recompression options and `ctl` commands through the built binary: flags reach the
 //! store, the control commands answer, and wrong values are one-sentence errors.
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+use std::process::Output;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-/// A daemon process, killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the daemon with `extra` options and a control socket, and waits for the socket.
-fn start(dir: &Path, extra: &[&str]) -> Running {
-    let socket = dir.join("vhost.sock");
-    let control = dir.join("control.sock");
-    let mut args = vec![
-        "--socket-path",
-        socket.to_str().unwrap(),
-        "--size",
-        "16M",
-        "--control-socket",
-        control.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let running = Running(
-        Command::new(BIN)
-            .args(&args)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&control).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the control socket never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    running
-}
-
-fn ctl(dir: &Path, command: &[&str]) -> Output {
-    let control = dir.join("control.sock");
-    let mut args = vec!["ctl", "--control-socket", control.to_str().unwrap()];
-    args.extend_from_slice(command);
-    run(&args)
-}
-
-fn stdout(output: &Output) -> String {
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
+use common::child::{run, DaemonProcess};
 
 fn one_sentence_error(output: &Output, needle: &str) {
     assert!(!output.status.success(), "expected failure: {output:?}");
@@ -75,9 +18,8 @@ fn one_sentence_error(output: &Output, needle: &str) {
 
 #[test]
 fn ctl_idle_recompress_and_stats_reach_a_daemon_with_secondary_algorithms() {
-    let dir = tempfile::tempdir().unwrap();
-    let _daemon = start(
-        dir.path(),
+    let daemon = DaemonProcess::start(
+        "16M",
         &[
             "--recompress-algorithm",
             "zstd:level=5",
@@ -88,13 +30,10 @@ fn ctl_idle_recompress_and_stats_reach_a_daemon_with_secondary_algorithms() {
         ],
     );
 
-    let idle = stdout(&ctl(dir.path(), &["idle"]));
-    let recompress = stdout(&ctl(
-        dir.path(),
-        &["recompress", "type=idle", "max_pages=5"],
-    ));
-    let json = stdout(&ctl(dir.path(), &["stats", "--json"]));
-    let table = stdout(&ctl(dir.path(), &["stats"]));
+    let idle = daemon.ctl(&["idle"]);
+    let recompress = daemon.ctl(&["recompress", "type=idle", "max_pages=5"]);
+    let json = daemon.ctl(&["stats", "--json"]);
+    let table = daemon.ctl(&["stats"]);
 
     assert_eq!(idle, "marked 0 pages idle\n");
     assert!(recompress.starts_with("tried 0 pages"), "{recompress}");
@@ -108,26 +47,25 @@ fn ctl_idle_recompress_and_stats_reach_a_daemon_with_secondary_algorithms() {
     assert_eq!(names, ["lz4", "zstd:level=5", "deflate:level=1"]);
     assert!(table.contains("algorithm 1 zstd:level=5"), "{table}");
     one_sentence_error(
-        &ctl(dir.path(), &["recompress", "algo=lz4"]),
+        &daemon.ctl_output(&["recompress", "algo=lz4"]),
         "lz4 is not a recompression algorithm of this device",
     );
     one_sentence_error(
-        &ctl(dir.path(), &["recompress", "type=cold"]),
+        &daemon.ctl_output(&["recompress", "type=cold"]),
         "'cold' is not a valid value for type",
     );
     one_sentence_error(
-        &ctl(dir.path(), &["train-dict"]),
+        &daemon.ctl_output(&["train-dict"]),
         "at least 16 are needed to train a dictionary",
     );
 }
 
 #[test]
 fn recompress_without_a_secondary_algorithm_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let _daemon = start(dir.path(), &[]);
+    let daemon = DaemonProcess::start("16M", &[]);
 
     one_sentence_error(
-        &ctl(dir.path(), &["recompress"]),
+        &daemon.ctl_output(&["recompress"]),
         "start the daemon with --recompress-algorithm",
     );
 }

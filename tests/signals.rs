@@ -10,14 +10,7 @@
 mod common;
 
 use std::fs::File;
-use std::io::Read;
-
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -27,175 +20,78 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
+use common::child::{ControlSocket, DaemonProcess, Exited};
+
 const MEM_SIZE: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
 
-/// A daemon process with its stderr collected; killed when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    control: PathBuf,
-    stderr: Option<JoinHandle<()>>,
-    log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
+/// Starts the daemon with a 1 MiB device, its default control socket and `extra` arguments,
+/// and waits until both sockets accept connections.
+fn start_with(extra: &[&str]) -> DaemonProcess {
+    DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied)
+        .args(extra)
+        .start()
 }
 
-impl Daemon {
-    /// Starts the daemon with a 1 MiB device, its default control socket and `extra`
-    /// arguments, and waits until both sockets accept connections.
-    fn start_with(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("zram.sock");
-        let control = dir.path().join("zram.sock.ctl");
-        let mut child = Command::new(BIN)
-            .args(["--socket-path", socket.to_str().unwrap(), "--size", "1M"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut pipe = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..read]));
-            }
-        });
-        let mut daemon = Daemon {
-            child,
-            socket,
-            control,
-            stderr: Some(stderr),
-            log,
-            _dir: dir,
-        };
-        daemon.wait_until_listening(&daemon.socket.clone());
-        daemon.wait_until_listening(&daemon.control.clone());
-        daemon
-    }
-
-    fn start() -> Daemon {
-        Daemon::start_with(&[])
-    }
-
-    /// Polls until `path` accepts a connection (no fixed sleeps); panics if the daemon exits.
-    /// A connection that closes without a message is a probe the daemon ignores.
-    fn wait_until_listening(&mut self, path: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(path).is_err() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the daemon exited with {status} before listening on {path:?}");
-            }
-            assert!(Instant::now() < deadline, "{path:?} never appeared");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) with the pid of a child we spawned and a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    /// Waits (bounded) for the daemon to exit; returns its status and everything it wrote to
-    /// stderr.
-    fn wait_exit(&mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not exit");
-            thread::sleep(Duration::from_millis(10));
-        };
-        self.stderr.take().unwrap().join().unwrap();
-        let stderr = self.log.lock().unwrap().clone();
-        (status, stderr)
-    }
-
-    /// Polls (bounded) until the daemon has logged `needle`.
-    fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log.lock().unwrap().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon never logged {needle:?}: {}",
-                self.log.lock().unwrap()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn assert_sockets_removed(&self) {
-        assert!(!self.socket.exists(), "{:?} was left behind", self.socket);
-        assert!(!self.control.exists(), "{:?} was left behind", self.control);
-    }
-
-    /// Whether the daemon still runs: it answers on its control socket.
-    fn answers(&self) -> bool {
-        Command::new(BIN)
-            .args([
-                "ctl",
-                "--control-socket",
-                self.control.to_str().unwrap(),
-                "io_stat",
-            ])
-            .output()
-            .map(|output| output.status.success())
-            .unwrap_or(false)
-    }
+fn start() -> DaemonProcess {
+    start_with(&[])
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn assert_sockets_removed(daemon: &DaemonProcess) {
+    assert!(
+        !daemon.socket.exists(),
+        "{:?} was left behind",
+        daemon.socket
+    );
+    let control = daemon.control();
+    assert!(!control.exists(), "{control:?} was left behind");
+}
+
+/// Whether the daemon still runs: it answers on its control socket.
+fn answers(daemon: &DaemonProcess) -> bool {
+    daemon.ctl_output(&["io_stat"]).status.success()
 }
 
 #[test]
 fn sighup_is_logged_and_ignored_then_sigterm_exits_0_without_debris() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
 
     daemon.signal(libc::SIGHUP);
-    assert!(daemon.answers(), "the daemon survives SIGHUP");
+    assert!(answers(&daemon), "the daemon survives SIGHUP");
     daemon.signal(libc::SIGTERM);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("received SIGHUP; ignored"), "{stderr}");
     assert!(stderr.contains("received SIGTERM; stopping"), "{stderr}");
-    daemon.assert_sockets_removed();
+    assert_sockets_removed(&daemon);
 }
 
 #[test]
 fn sigusr1_logs_a_statistics_summary_and_sigint_exits_0_without_debris() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
 
     daemon.signal(libc::SIGUSR1);
-    assert!(daemon.answers(), "the daemon survives SIGUSR1");
+    assert!(answers(&daemon), "the daemon survives SIGUSR1");
     daemon.signal(libc::SIGINT);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
         stderr.contains("statistics: 0 pages stored (0 B of data in"),
         "{stderr}"
     );
-    daemon.assert_sockets_removed();
+    assert_sockets_removed(&daemon);
 }
 
 #[test]
 fn sigbus_from_kill_says_so_removes_the_sockets_and_exits_1() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
 
     daemon.signal(libc::SIGBUS);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
@@ -203,7 +99,7 @@ fn sigbus_from_kill_says_so_removes_the_sockets_and_exits_1() {
         "{stderr}"
     );
     assert!(stderr.contains("removing the sockets"), "{stderr}");
-    daemon.assert_sockets_removed();
+    assert_sockets_removed(&daemon);
 }
 
 /// Guest memory backed by a memfd the test can shrink afterwards.
@@ -276,7 +172,7 @@ impl Guest {
 
 #[test]
 fn sigbus_from_guest_memory_the_frontend_shrank_removes_the_sockets_and_exits_1() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
     let mut guest = Guest::connect(&daemon.socket);
     guest.queue_write(0x5a, false);
 
@@ -287,25 +183,25 @@ fn sigbus_from_guest_memory_the_frontend_shrank_removes_the_sockets_and_exits_1(
     // first read of the descriptor table faults. The test never touches that memory again.
     guest.memfd.set_len(0).unwrap();
     guest.kick.write(1).unwrap();
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("error: SIGBUS: a memory access at 0x"),
         "{stderr}"
     );
-    daemon.assert_sockets_removed();
+    assert_sockets_removed(&daemon);
     drop(guest.frontend);
 }
 
 #[test]
 fn sigterm_under_a_connected_frontend_warns_that_the_stored_data_is_lost() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
     let mut guest = Guest::connect(&daemon.socket);
     guest.queue_write(0x5a, true);
 
     daemon.signal(libc::SIGTERM);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
@@ -313,17 +209,17 @@ fn sigterm_under_a_connected_frontend_warns_that_the_stored_data_is_lost() {
             && stderr.contains("the guest's 1 pages (4096 bytes, 4.0 KiB) are lost"),
         "{stderr}"
     );
-    daemon.assert_sockets_removed();
+    assert_sockets_removed(&daemon);
 }
 
 #[test]
 fn frontend_disconnect_logs_the_negotiated_features_and_what_was_stored() {
-    let mut daemon = Daemon::start();
+    let mut daemon = start();
     let mut guest = Guest::connect(&daemon.socket);
     guest.queue_write(0x5a, true);
 
     drop(guest);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(0), "{stderr}");
     let line = stderr
@@ -336,15 +232,15 @@ fn frontend_disconnect_logs_the_negotiated_features_and_what_was_stored() {
     );
     assert!(line.contains("1 pages stored (4.0 KiB of data"), "{line}");
     assert!(!stderr.contains("are lost"), "{stderr}");
-    daemon.assert_sockets_removed();
+    assert_sockets_removed(&daemon);
 }
 
 #[test]
 fn start_logs_the_configuration_at_info() {
-    let mut daemon = Daemon::start_with(&["--algorithm", "zstd", "--mem-limit", "2M"]);
+    let mut daemon = start_with(&["--algorithm", "zstd", "--mem-limit", "2M"]);
 
     daemon.signal(libc::SIGTERM);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
@@ -354,7 +250,7 @@ fn start_logs_the_configuration_at_info() {
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("control socket {}", daemon.control.display())),
+        stderr.contains(&format!("control socket {}", daemon.control().display())),
         "{stderr}"
     );
     assert!(!stderr.contains("DEBUG"), "{stderr}");
@@ -362,12 +258,12 @@ fn start_logs_the_configuration_at_info() {
 
 #[test]
 fn debug_level_logs_the_offered_features_and_each_connection() {
-    let mut daemon = Daemon::start_with(&["--log-level", "debug"]);
+    let mut daemon = start_with(&["--log-level", "debug"]);
 
-    // Daemon::start's readiness probe is a connection without a message.
+    // start's readiness probe is a connection without a message.
     daemon.wait_for_log("a connection closed without a vhost-user message");
     daemon.signal(libc::SIGTERM);
-    let (status, stderr) = daemon.wait_exit();
+    let Exited { status, stderr } = daemon.wait_exit();
 
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
