@@ -23,7 +23,7 @@ use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use vhost_user_zram::pagegen::{fill_page, PageKind};
 use vhost_user_zram::PAGE_SIZE;
 
-use common::child::{numbers, run, DaemonProcess};
+use common::child::DaemonProcess;
 
 /// Seed of the swap-like pages the tests write.
 const SEED: u64 = 0x7e57;
@@ -282,13 +282,7 @@ impl Drop for Client {
 /// Disconnects `client` and asserts that the daemon then exits with status 0 by itself.
 fn expect_clean_exit_after_disconnect(mut daemon: DaemonProcess, client: Client) {
     drop(client);
-    let exited = daemon.wait_exit();
-    assert!(
-        exited.status.success(),
-        "the daemon exited with {} after the disconnect: {}",
-        exited.status,
-        exited.stderr
-    );
+    daemon.expect_clean_exit();
 }
 
 fn connect(daemon: &DaemonProcess, queues: usize) -> Client {
@@ -759,10 +753,7 @@ fn backing_dir() -> (tempfile::TempDir, String) {
 
 /// zram's `bd_stat` columns: bd_count, bd_reads, bd_writes.
 fn bd_stat(daemon: &DaemonProcess) -> [u64; 3] {
-    let line = daemon.ctl(&["bd_stat"]);
-    let n = numbers(&line);
-    assert_eq!(n.len(), 3, "bd_stat has 3 columns: '{line}'");
-    [n[0], n[1], n[2]]
+    daemon.ctl_columns("bd_stat")
 }
 
 #[test]
@@ -869,18 +860,13 @@ fn writeback_above_keeps_ram_below_the_mark_and_every_page_reads_back() {
 fn a_second_daemon_on_the_same_backing_file_is_refused() {
     let (_dir, backing) = backing_dir();
     let _first = DaemonProcess::start(16 * MIB, &["--backing-file", &backing]);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("second.sock");
-    let output = run(&[
-        "--socket-path",
-        socket.to_str().unwrap(),
-        "--size",
-        "16M",
-        "--backing-file",
-        &backing,
-    ]);
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut second = DaemonProcess::options()
+        .size(16 * MIB)
+        .args(["--backing-file", &backing])
+        .spawn();
+    let exited = second.wait_exit();
+    assert_eq!(exited.status.code(), Some(1), "{exited:?}");
+    let stderr = exited.stderr;
     assert!(
         stderr.contains(&backing) && stderr.contains("in use"),
         "{stderr}"

@@ -146,14 +146,7 @@ fn fill_and_verify(pages: u64, extra: &[&str]) -> String {
     let (orig, compr) = (mm.orig_data_size, mm.compr_data_size);
     assert!(orig > 0 && compr > 0 && compr < orig, "mm_stat {mm:?}");
     drop(client);
-    let exited = daemon.wait_exit();
-    assert!(
-        exited.status.success(),
-        "exit {}: {}",
-        exited.status,
-        exited.stderr
-    );
-    exited.stderr
+    daemon.expect_clean_exit()
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::child::{run, DaemonProcess};
+use common::child::DaemonProcess;
 
 /// Starts the daemon with metrics on a kernel-chosen loopback port; returns it and the address
 /// it logged.
@@ -72,18 +72,18 @@ fn ctl_metrics_and_http_serve_the_same_series_with_the_serial() {
 
 #[test]
 fn a_non_loopback_metrics_address_needs_the_opt_in() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("vhost-user.sock");
-    let output = run(&[
-        "--socket-path",
-        socket.to_str().unwrap(),
-        "--size",
-        "8M",
-        "--metrics-listen",
-        "0.0.0.0:9",
-    ]);
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--metrics-allow-remote"), "{stderr}");
-    assert!(!dir.path().join("vhost-user.sock").exists());
+    let mut daemon = DaemonProcess::options()
+        .size("8M")
+        .args(["--metrics-listen", "0.0.0.0:9"])
+        .spawn();
+
+    let exited = daemon.wait_exit();
+
+    assert_eq!(exited.status.code(), Some(2));
+    assert!(
+        exited.stderr.contains("--metrics-allow-remote"),
+        "{}",
+        exited.stderr
+    );
+    assert!(!daemon.socket.exists());
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use vhost_user_zram::store::Stats;
+use vhost_user_zram::store::{IoStat, MmStat, Stats};
 
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-zram");
@@ -260,7 +260,7 @@ impl DaemonProcess {
         serde_json::from_str(&self.ctl(&["stats", "--json"])).expect("stats --json parses")
     }
 
-    /// zram's `mm_stat`, once the compression workers have compressed every pending page (so
+    /// zram's `mm_stat` line, parsed, once the compression workers have compressed every pending page (so
     /// the figures do not depend on how far they got).
     pub fn mm_stat(&self) -> MmStat {
         let deadline = Instant::now() + PATIENCE;
@@ -271,9 +271,7 @@ impl DaemonProcess {
             );
             thread::sleep(POLL);
         }
-        let line = self.ctl(&["mm_stat"]);
-        let n = numbers(&line);
-        assert_eq!(n.len(), 9, "mm_stat has 9 columns: '{line}'");
+        let n: [u64; 9] = self.ctl_columns("mm_stat");
         MmStat {
             orig_data_size: n[0],
             compr_data_size: n[1],
@@ -287,17 +285,30 @@ impl DaemonProcess {
         }
     }
 
-    /// zram's `io_stat`.
+    /// zram's `io_stat` line, parsed.
     pub fn io_stat(&self) -> IoStat {
-        let line = self.ctl(&["io_stat"]);
-        let n = numbers(&line);
-        assert_eq!(n.len(), 4, "io_stat has 4 columns: '{line}'");
+        let [failed_reads, failed_writes, invalid_io, notify_free] = self.ctl_columns("io_stat");
         IoStat {
-            failed_reads: n[0],
-            failed_writes: n[1],
-            invalid_io: n[2],
-            notify_free: n[3],
+            failed_reads,
+            failed_writes,
+            invalid_io,
+            notify_free,
         }
+    }
+
+    /// The numbers of a one-line `ctl` answer such as `mm_stat`'s, which must have `N`.
+    pub fn ctl_columns<const N: usize>(&self, command: &str) -> [u64; N] {
+        let line = self.ctl(&[command]);
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .map(|n| {
+                n.parse()
+                    .unwrap_or_else(|e| panic!("{command}: '{line}': {e}"))
+            })
+            .collect();
+        numbers
+            .try_into()
+            .unwrap_or_else(|_| panic!("{command} has {N} columns: '{line}'"))
     }
 
     /// Sends `signal` to the daemon, which must not have been reaped.
@@ -346,6 +357,19 @@ impl DaemonProcess {
         }
     }
 
+    /// Waits for the daemon to exit by itself, as it does when its frontend hangs up, and
+    /// asserts that it exited with status 0; returns its stderr.
+    pub fn expect_clean_exit(&mut self) -> String {
+        let exited = self.wait_exit();
+        assert!(
+            exited.status.success(),
+            "the daemon exited with {}; stderr:\n{}",
+            exited.status,
+            exited.stderr
+        );
+        exited.stderr
+    }
+
     /// Stops the daemon with SIGTERM and waits for it to exit. One that is still running after
     /// [`PATIENCE`] is killed, and the test fails with its stderr.
     pub fn stop(&mut self) -> Exited {
@@ -392,34 +416,4 @@ impl Drop for DaemonProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// zram's `mm_stat` columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmStat {
-    pub orig_data_size: u64,
-    pub compr_data_size: u64,
-    pub mem_used_total: u64,
-    pub mem_limit: u64,
-    pub mem_used_max: u64,
-    pub same_pages: u64,
-    pub pages_compacted: u64,
-    pub huge_pages: u64,
-    pub huge_pages_since: u64,
-}
-
-/// zram's `io_stat` columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IoStat {
-    pub failed_reads: u64,
-    pub failed_writes: u64,
-    pub invalid_io: u64,
-    pub notify_free: u64,
-}
-
-/// The whitespace-separated numbers of a `ctl` line such as `mm_stat`'s.
-pub fn numbers(line: &str) -> Vec<u64> {
-    line.split_whitespace()
-        .map(|n| n.parse().unwrap_or_else(|e| panic!("'{line}': {e}")))
-        .collect()
 }
