@@ -87,49 +87,34 @@ impl DaemonOptions {
 
     /// Spawns the daemon and returns at once, for a test of a daemon that refuses to start.
     pub fn spawn(self) -> DaemonProcess {
-        let control = match self.control {
-            ControlSocket::InDir => Some(self.dir.path().join("control.sock")),
-            ControlSocket::Implied => {
-                let mut path = self.socket.clone().into_os_string();
-                path.push(".ctl");
-                Some(PathBuf::from(path))
-            }
-            ControlSocket::Off => None,
-        };
         let mut command = Command::new(BIN);
         command
             .arg("--socket-path")
             .arg(&self.socket)
             .args(["--size", &self.size]);
-        match self.control {
+        let control = match self.control {
             ControlSocket::InDir => {
-                command
-                    .arg("--control-socket")
-                    .arg(control.as_ref().unwrap());
+                let path = self.dir.path().join("control.sock");
+                command.arg("--control-socket").arg(&path);
+                Some(path)
             }
-            ControlSocket::Implied => {}
+            ControlSocket::Implied => {
+                let mut path = self.socket.clone().into_os_string();
+                path.push(".ctl");
+                Some(PathBuf::from(path))
+            }
             ControlSocket::Off => {
                 command.args(["--control-socket", "none"]);
+                None
             }
-        }
+        };
         let mut child = command
             .args(&self.args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vhost-user-zram");
-        let mut pipe = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&log);
-        let reader = thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
-                let _ = std::io::stderr().write_all(&chunk[..read]);
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..read]));
-            }
-        });
+        let (log, reader) = collect_stderr(&mut child);
         DaemonProcess {
             child,
             exited: None,
@@ -153,6 +138,21 @@ impl DaemonOptions {
     }
 }
 
+/// Reads `child`'s piped stderr on a thread into the returned buffer, and passes it on to ours.
+fn collect_stderr(child: &mut Child) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+    let mut pipe = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&log);
+    let reader = thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+            let _ = std::io::stderr().write_all(&chunk[..read]);
+            sink.lock().unwrap().extend_from_slice(&chunk[..read]);
+        }
+    });
+    (log, reader)
+}
+
 /// How a [`DaemonProcess`] ended.
 #[derive(Debug)]
 pub struct Exited {
@@ -168,7 +168,7 @@ pub struct DaemonProcess {
     /// Its vhost-user socket.
     pub socket: PathBuf,
     control: Option<PathBuf>,
-    log: Arc<Mutex<String>>,
+    log: Arc<Mutex<Vec<u8>>>,
     reader: Option<JoinHandle<()>>,
     /// Removed after the daemon is reaped (fields drop after `Drop::drop`).
     dir: tempfile::TempDir,
@@ -322,13 +322,13 @@ impl DaemonProcess {
 
     /// What the daemon has written to stderr so far.
     pub fn stderr(&self) -> String {
-        self.log.lock().unwrap().clone()
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
 
     /// Polls until the daemon has logged `needle`; panics after [`PATIENCE`].
     pub fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + PATIENCE;
-        while !self.log.lock().unwrap().contains(needle) {
+        while !self.stderr().contains(needle) {
             assert!(
                 Instant::now() < deadline,
                 "the daemon never logged {needle:?}; stderr:\n{}",
