@@ -26,7 +26,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::request::Worker;
+use super::request::RequestRunner;
 use super::{BlockBackend, DeviceConfig};
 use crate::PAGE_SIZE;
 
@@ -82,7 +82,10 @@ impl TestStore {
     }
 }
 
-impl BlockBackend for TestStore {
+// SAFETY: `read_page` copies a stored page into the page it is given, zeros it, or scribbles
+// a fixed pattern on it; it keeps only the page's address as a number (to tell zero-copy reads
+// from buffered ones), never reads the page back and touches no guest memory.
+unsafe impl BlockBackend for TestStore {
     type Error = InjectedFailure;
 
     fn capacity_pages(&self) -> u64 {
@@ -200,7 +203,7 @@ fn guest_memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
-/// A queue, a worker and a store, plus helpers to submit chains.
+/// A queue, a request runner and a store, plus helpers to submit chains.
 struct Harness<'m, S = TestStore> {
     mem: &'m GuestMemoryMmap<()>,
     vq: MockSplitQueue<'m, GuestMemoryMmap<()>>,
@@ -209,7 +212,7 @@ struct Harness<'m, S = TestStore> {
     submitted: u16,
     store: S,
     device: DeviceConfig,
-    worker: Worker,
+    runner: RequestRunner,
 }
 
 impl<'m> Harness<'m, TestStore> {
@@ -234,7 +237,7 @@ impl<'m, S: BlockBackend> Harness<'m, S> {
             next_desc: 0,
             submitted: 0,
             store,
-            worker: Worker::standalone(&device),
+            runner: RequestRunner::standalone(&device),
             device,
         }
     }
@@ -280,7 +283,7 @@ impl<'m, S: BlockBackend> Harness<'m, S> {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let head = self.add_chain(descs);
         let completed = self
-            .worker
+            .runner
             .process_queue(&mut self.queue, self.mem, &self.store, &self.device)
             .unwrap();
         assert_eq!(completed, 1);
@@ -423,7 +426,7 @@ fn page_straddling_descriptors_is_copied_in_pieces() {
     ];
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     let head = h.add_chain(&descs);
-    h.worker
+    h.runner
         .process_queue(&mut h.queue, &mem, &h.store, &h.device)
         .unwrap();
     let elem =
@@ -475,7 +478,7 @@ fn indirect_descriptor_table_is_followed() {
         .store(head, RawDescriptor::from(indirect))
         .unwrap();
     h.publish(head);
-    h.worker
+    h.runner
         .process_queue(&mut h.queue, &mem, &h.store, &h.device)
         .unwrap();
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
@@ -893,7 +896,7 @@ fn descriptor_loop_terminates() {
         .unwrap();
     h.next_desc += 2;
     h.publish(head);
-    h.worker
+    h.runner
         .process_queue(&mut h.queue, &mem, &h.store, &h.device)
         .unwrap();
     assert_eq!(h.queue.next_used(), 1, "the looping chain was completed");
@@ -1156,7 +1159,7 @@ fn a_read_buffer_over_the_rings_with_a_nonsense_index_fails_only_the_guests_queu
         h.add_chain(&[header(), writable(avail, PAGE_SIZE as u32), status_desc()]);
         // Serving may go on into whatever the ring now says; it must end, without panicking.
         let _ = h
-            .worker
+            .runner
             .process_queue(&mut h.queue, &mem, &h.store, &h.device);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
         assert_eq!(
