@@ -26,7 +26,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::request::RequestRunner;
+use super::request::{Next, OnQueueThread, Request, RequestRunner};
 use super::{BlockBackend, DeviceConfig};
 use crate::PAGE_SIZE;
 
@@ -56,6 +56,8 @@ struct TestStore {
     read_targets: Mutex<Vec<usize>>,
     fail_reads: bool,
     fail_writes: bool,
+    /// Pages below this index read slowly (as if written back to a file).
+    slow_below: u64,
     failed_reads: AtomicU64,
     failed_writes: AtomicU64,
     invalid_io: AtomicU64,
@@ -160,6 +162,14 @@ unsafe impl BlockBackend for TestStore {
         }
         self.discarded.lock().unwrap().push(pages);
         Ok(())
+    }
+
+    fn reads_slowly(&self, pages: Range<u64>) -> bool {
+        pages.start < self.slow_below
+    }
+
+    fn may_read_slowly(&self) -> bool {
+        self.slow_below > 0
     }
 
     fn count_invalid_io(&self) {
@@ -1352,4 +1362,104 @@ proptest::proptest! {
         }
         proptest::prop_assert_eq!(h.store.counters(), (0, 0, 0));
     }
+}
+
+/// A slow read taken off the queue stays in flight — no status, no used entry — until it is
+/// executed and completed on the queue, and then lands like any other request.
+#[test]
+fn a_deferred_read_is_in_flight_until_completed_on_its_queue() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    h.store.slow_below = 4;
+    let page = pattern(PAGE_SIZE, 7);
+    assert_eq!(h.write(0, &page), (1, OK));
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.mem
+        .write_slice(&[0xee; PAGE_SIZE], GuestAddress(DATA))
+        .unwrap();
+    h.write_header(VIRTIO_BLK_T_IN, 0);
+    let head = h.add_chain(&[header(), writable(DATA, PAGE_SIZE as u32), status_desc()]);
+    let used_before = h.queue.next_used();
+
+    let mut taken: Option<Request<InjectedFailure>> = None;
+    let next = h
+        .runner
+        .process_next(
+            &mut h.queue,
+            h.mem,
+            &h.store,
+            &h.device,
+            Some(&mut |request| {
+                taken = Some(request);
+                Ok(())
+            }),
+        )
+        .unwrap();
+
+    assert_eq!(next, Next::Deferred);
+    assert_eq!(h.runner.in_flight(), 1, "taken and not completed");
+    assert_eq!(h.queue.next_used(), used_before, "no used entry yet");
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+    let mut request = taken.expect("the slow read was offered");
+    assert_eq!(request.head(), head);
+    assert!(!request.is_done());
+
+    h.runner
+        .execute(&mut request, h.mem, &h.store, &h.device, &OnQueueThread);
+    h.runner
+        .complete(&mut h.queue, h.mem, &h.store, request)
+        .unwrap();
+
+    assert_eq!(h.runner.in_flight(), 0);
+    assert_eq!(h.queue.next_used(), used_before + 1);
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+    let mut out = vec![0; PAGE_SIZE];
+    h.mem.read_slice(&mut out, GuestAddress(DATA)).unwrap();
+    assert_eq!(out, page);
+}
+
+/// A request completed without being executed reports an I/O error, never success for
+/// nothing; a refused one handed back by `defer` is served on the queue.
+#[test]
+fn a_request_completed_without_execution_reports_ioerr() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    h.store.slow_below = 4;
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.write_header(VIRTIO_BLK_T_IN, 0);
+    h.add_chain(&[header(), writable(DATA, PAGE_SIZE as u32), status_desc()]);
+    let mut taken = None;
+    h.runner
+        .process_next(
+            &mut h.queue,
+            h.mem,
+            &h.store,
+            &h.device,
+            Some(&mut |request| {
+                taken = Some(request);
+                Ok(())
+            }),
+        )
+        .unwrap();
+
+    let request: Request<InjectedFailure> = taken.unwrap();
+    h.runner
+        .complete(&mut h.queue, h.mem, &h.store, request)
+        .unwrap();
+
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), IOERR);
+    assert_eq!(h.runner.in_flight(), 0);
+    // Handed back: served on the queue at once.
+    let page = pattern(PAGE_SIZE, 3);
+    assert_eq!(h.write(0, &page), (1, OK));
+    h.write_header(VIRTIO_BLK_T_IN, 0);
+    h.add_chain(&[header(), writable(DATA, PAGE_SIZE as u32), status_desc()]);
+    let next = h
+        .runner
+        .process_next(&mut h.queue, h.mem, &h.store, &h.device, Some(&mut Err))
+        .unwrap();
+    assert_eq!(next, Next::Completed);
+    let mut out = vec![0; PAGE_SIZE];
+    h.mem.read_slice(&mut out, GuestAddress(DATA)).unwrap();
+    assert_eq!(out, page);
 }
