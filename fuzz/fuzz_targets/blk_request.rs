@@ -21,7 +21,7 @@ use vhost_user_zram::store::backing::{BackingFile, MemIo};
 use vhost_user_zram::store::{PageStore, StoreConfig, WritebackMode, WritebackRequest};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const QUEUE_SIZE: u16 = 64;
