@@ -22,7 +22,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use vhost_user_zram::blk::request::Worker;
+use vhost_user_zram::blk::request::RequestRunner;
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
 use vhost_user_zram::pagegen::{fill_page, SplitMix64};
@@ -139,7 +139,7 @@ fn page_sequence(pages: u64) -> Vec<u64> {
 fn time_reads(store: &PageStore, pages: u64, sequence: &[u64], split: bool) -> Duration {
     let device = DeviceConfig::new(pages);
     let mut bench = Bench::new();
-    let mut worker = Worker::standalone(&device);
+    let mut worker = RequestRunner::standalone(&device);
     bench.lay_out(split);
     let start = Instant::now();
     for chunk in sequence.chunks(usize::from(BATCH)) {

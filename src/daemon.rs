@@ -451,6 +451,9 @@ impl Daemon {
         backend.set_poll_max(poll_max);
         let mut daemon = VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem)
             .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
+        backend
+            .attach(&daemon)
+            .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
         let listener_fd = listener.as_raw_fd();
         let mut listener = Listener::from(listener);
         let result = loop {
@@ -465,6 +468,7 @@ impl Daemon {
             stop.set_connection(daemon.shutdown_handle());
             let served = daemon.wait();
             stop.set_connection(None);
+            backend.disconnected();
             observed.connected.store(false, Ordering::Release);
             let served = match served {
                 Ok(()) => Ok(()),
@@ -492,7 +496,9 @@ impl Daemon {
             }
             debug!("a connection closed without a vhost-user message (a liveness probe?)");
         };
-        backend.stop();
+        for name in backend.stop(std::time::Instant::now() + Duration::from_secs(2)) {
+            warn!("thread {name} did not stop within 2 s; leaving it");
+        }
         disarm_sigbus_cleanup();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();

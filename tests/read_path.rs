@@ -428,8 +428,13 @@ fn generated(index: u64) -> [u8; 4096] {
     page
 }
 
-/// Serves `store` with the real backend on a socket in `dir`, as the daemon does.
-fn serve(dir: &Path, store: &Arc<PageStore>) -> (std::path::PathBuf, thread::JoinHandle<()>) {
+/// Serves `store` with the real backend on a socket in `dir`, as the daemon does; stopping a
+/// queue waits `stop_timeout` for requests still running.
+fn serve(
+    dir: &Path,
+    store: &Arc<PageStore>,
+    stop_timeout: Duration,
+) -> (std::path::PathBuf, thread::JoinHandle<()>) {
     use vhost_user_backend::VhostUserDaemon;
     use vhost_user_zram::blk::BlkBackend;
     use vm_memory::GuestMemoryAtomic;
@@ -438,14 +443,193 @@ fn serve(dir: &Path, store: &Arc<PageStore>) -> (std::path::PathBuf, thread::Joi
     device.queue_size = QUEUE_SIZE;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let backend = Arc::new(BlkBackend::new(Arc::clone(store), device, mem.clone()));
+    backend.set_stop_timeout(stop_timeout);
     let mut listener = vhost::vhost_user::Listener::new(&socket, true).unwrap();
     let runner = thread::spawn(move || {
         let mut daemon = VhostUserDaemon::new("slow".into(), backend.clone(), mem).unwrap();
+        backend.attach(&daemon).unwrap();
         daemon.start(&mut listener).unwrap();
         let _ = daemon.wait();
-        backend.stop();
+        backend.disconnected();
+        backend.stop(Instant::now() + Duration::from_secs(5));
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
     });
     (socket, runner)
+}
+
+/// What the guest's buffer and status byte hold before the device answers.
+const UNTOUCHED: u8 = 0xee;
+
+/// Posts a read of page 0 (on the slow file) into slot 0, with the buffer and status marked
+/// untouched, and kicks.
+fn post_slow_read(driver: &mut Driver<'_>, kick: &EventFd) {
+    driver
+        .mem
+        .write_slice(&[UNTOUCHED; 4096], GuestAddress(DATA))
+        .unwrap();
+    driver.post(0, VIRTIO_BLK_T_IN, 0, (DATA, 4096));
+    driver
+        .mem
+        .write_obj(UNTOUCHED, GuestAddress(STATUSES))
+        .unwrap();
+    kick.write(1).unwrap();
+    // Let the queue thread hand it to a read-back thread, which is then in the slow file.
+    thread::sleep(Duration::from_millis(100));
+}
+
+/// Waits past the file's delay, then checks that nothing wrote the request's buffer, status
+/// byte or used ring: the stop gave it up, and it stays given up.
+fn assert_never_written(driver: &Driver<'_>, delay: Duration, what: &str) {
+    thread::sleep(delay + Duration::from_millis(500));
+    let mut data = [0u8; 4096];
+    driver
+        .mem
+        .read_slice(&mut data, GuestAddress(DATA))
+        .unwrap();
+    assert!(
+        data.iter().all(|&b| b == UNTOUCHED),
+        "{what}: the cancelled read wrote the guest's buffer afterwards"
+    );
+    assert_eq!(
+        driver.status(0),
+        UNTOUCHED,
+        "{what}: the cancelled read wrote its status byte afterwards"
+    );
+    assert_eq!(
+        driver.used_idx(),
+        0,
+        "{what}: a used entry was written afterwards"
+    );
+}
+
+/// The frontend stops the queue (`GET_VRING_BASE`) while a read is stuck in a hung backing
+/// file: after the stop timeout the read is cancelled, and when the file read finally returns
+/// it writes nothing into guest memory — the frontend may already have given it to someone
+/// else.
+#[test]
+fn a_read_cancelled_by_get_vring_base_never_writes_guest_memory() {
+    let delay = Duration::from_millis(1500);
+    let (dir, store) = slow_store(delay, 4, 8);
+    let (socket, runner) = serve(dir.path(), &store, Duration::from_millis(100));
+    let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let (kick, call) = (
+        EventFd::new(0).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let frontend = connect(&socket, &mem, &vq, true, &kick, &call);
+    let mut driver = Driver {
+        mem: &mem,
+        vq: &vq,
+        avail_idx: 0,
+    };
+
+    post_slow_read(&mut driver, &kick);
+    let started = Instant::now();
+    assert_eq!(frontend.get_vring_base(0).unwrap(), 1);
+
+    assert!(
+        started.elapsed() < delay,
+        "GET_VRING_BASE waited for the hung read instead of cancelling it"
+    );
+    assert_never_written(&driver, delay, "GET_VRING_BASE");
+    drop(frontend);
+    runner.join().unwrap();
+}
+
+/// The frontend changes the memory table while a read is in the file. With time to finish,
+/// the read lands before the change is answered; stuck past the stop timeout, it is cancelled
+/// and never writes the old memory afterwards.
+#[test]
+fn a_memory_table_change_waits_for_or_cancels_reads_in_flight() {
+    for (stop_timeout, lands) in [
+        (Duration::from_secs(10), true),
+        (Duration::from_millis(100), false),
+    ] {
+        let delay = Duration::from_millis(1500);
+        let (dir, store) = slow_store(delay, 4, 8);
+        let (socket, runner) = serve(dir.path(), &store, stop_timeout);
+        let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let (kick, call) = (
+            EventFd::new(0).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let frontend = connect(&socket, &mem, &vq, true, &kick, &call);
+        let mut driver = Driver {
+            mem: &mem,
+            vq: &vq,
+            avail_idx: 0,
+        };
+
+        post_slow_read(&mut driver, &kick);
+        let region =
+            VhostUserMemoryRegionInfo::from_guest_region(mem.find_region(GuestAddress(0)).unwrap())
+                .unwrap();
+        // As QEMU does with REPLY_ACK: the answer comes once the backend has applied it.
+        frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        frontend.set_mem_table(&[region]).unwrap();
+        frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::empty());
+
+        if lands {
+            assert_eq!(driver.used_idx(), 1, "the read landed before the answer");
+            assert_eq!(driver.status(0), 0);
+            let mut data = [0u8; 4096];
+            mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+            assert!(data == generated(0), "page 0 read back wrong");
+        } else {
+            assert_never_written(&driver, delay, "SET_MEM_TABLE");
+        }
+        drop(frontend);
+        runner.join().unwrap();
+    }
+}
+
+/// A virtio reset (`RESET_DEVICE`) and a disconnect while a read is stuck in the file: both
+/// cancel it, and it never writes guest memory afterwards.
+#[test]
+fn a_reset_or_a_disconnect_cancels_reads_in_flight() {
+    for reset in [true, false] {
+        let what = if reset { "RESET_DEVICE" } else { "disconnect" };
+        let delay = Duration::from_millis(1500);
+        let (dir, store) = slow_store(delay, 4, 8);
+        let (socket, runner) = serve(dir.path(), &store, Duration::from_millis(100));
+        let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let (kick, call) = (
+            EventFd::new(0).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let mut frontend = connect(&socket, &mem, &vq, true, &kick, &call);
+        let mut driver = Driver {
+            mem: &mem,
+            vq: &vq,
+            avail_idx: 0,
+        };
+
+        post_slow_read(&mut driver, &kick);
+        let started = Instant::now();
+        if reset {
+            frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+            frontend.reset_device().unwrap();
+            assert!(started.elapsed() < delay, "{what} waited for the hung read");
+            drop(frontend);
+        } else {
+            drop(frontend);
+            // The backend's connection ends; `serve` then cancels and shuts down.
+            while !runner.is_finished() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the backend did not stop"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert_never_written(&driver, delay, what);
+        runner.join().unwrap();
+    }
 }
 
 /// A read of a page on a slow backing file is served off the queue thread: a read of a page in
@@ -456,7 +640,7 @@ fn serve(dir: &Path, store: &Arc<PageStore>) -> (std::path::PathBuf, thread::Joi
 fn a_slow_read_from_the_backing_file_holds_up_no_other_request() {
     let delay = Duration::from_millis(400);
     let (dir, store) = slow_store(delay, 4, 8);
-    let (socket, runner) = serve(dir.path(), &store);
+    let (socket, runner) = serve(dir.path(), &store, Duration::from_secs(10));
     let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
     let kick = EventFd::new(0).unwrap();

@@ -1,10 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user backend: queues, features and configuration space for the frontend.
 //!
-//! vhost-user-backend runs one worker thread per entry of
-//! [`VhostUserBackend::queues_per_thread`]; we give each queue its own thread, so `N` queues are
-//! served by `N` threads in parallel over the one shared store. Each thread owns a
-//! [`Worker`] (page buffer and descriptor table, allocated once), found by its thread index.
+//! vhost-user-backend runs one thread per entry of [`VhostUserBackend::queues_per_thread`]; we
+//! give each queue its own thread, so `N` queues are served by `N` threads in parallel over the
+//! one shared store. Each thread owns a [`RequestRunner`] (page buffer, descriptor tables and
+//! the table of requests in flight, allocated once), found by its thread index.
+//!
+//! The thread of a queue is the only one that writes the queue's used ring. Reads of
+//! written-back pages run on read-back threads and come back through the queue's mailbox, an
+//! eventfd registered with the queue thread's epoll loop ([`BlkBackend::attach`]); the queue
+//! thread completes them like any other request.
+//!
+//! Stopping a queue — `GET_VRING_BASE`, `RESET_DEVICE`, a memory table change, a disconnect,
+//! shutdown — first waits, bounded, until every request taken from its ring is on the used
+//! ring or cancelled; when the message returns, nothing writes that queue's guest memory.
 //!
 //! A virtio reset (the guest reboots: `GET_VRING_BASE`, `RESET_DEVICE`, a new `SET_FEATURES`)
 //! only forgets negotiated state; the store, and so the guest's data, stays.
@@ -17,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -27,8 +36,8 @@ use vmm_sys_util::event::{
 
 use super::config::DeviceConfig;
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
-use super::read_back::ReadBack;
-use super::request::{Next, Worker};
+use super::read_back::{ReadBack, STOP_TIMEOUT};
+use super::request::{Next, RequestRunner};
 use super::request_stats::RequestStats;
 use super::BlockBackend;
 
@@ -51,16 +60,18 @@ pub struct BlkBackend<S: BlockBackend> {
     /// The longest a queue thread polls its ring after serving, nanoseconds (0: never).
     poll_max_ns: AtomicU64,
     log_limiter: Arc<Mutex<RateLimiter>>,
-    workers: Vec<Mutex<QueueWorker>>,
+    queues: Vec<Mutex<QueueThread>>,
     /// Threads that serve reads of written-back pages off the queue threads (only when the
     /// store has a backing file).
     read_back: Option<ReadBack<S>>,
+    /// How long stopping a queue waits for its requests, milliseconds.
+    stop_timeout_ms: AtomicU64,
 }
 
-/// A queue thread's state: its request worker, its polling window, and whether the guest
+/// A queue thread's state: its request runner, its polling window, and whether the guest
 /// broke its queue.
-struct QueueWorker {
-    worker: Worker,
+struct QueueThread {
+    runner: RequestRunner,
     poll: AdaptivePoll,
     /// Set when the guest's ring indices are impossible; the queue is not served again until
     /// the frontend stops it (`GET_VRING_BASE`, as on every virtio reset) or resets the device.
@@ -73,10 +84,10 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     /// A backend serving `store` as the device `device` describes.
     pub fn new(store: Arc<S>, device: DeviceConfig, mem: GuestMemory) -> Self {
         let log_limiter = Arc::new(Mutex::new(RateLimiter::new(WARNINGS_PER_SECOND)));
-        let workers = (0..device.num_queues)
+        let queues = (0..device.num_queues)
             .map(|_| {
-                Mutex::new(QueueWorker {
-                    worker: Worker::new(&device, log_limiter.clone()),
+                Mutex::new(QueueThread {
+                    runner: RequestRunner::new(&device, log_limiter.clone()),
                     poll: AdaptivePoll::default(),
                     broken: false,
                     announced: false,
@@ -84,14 +95,11 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             })
             .collect();
         let read_back = if store.may_read_slowly() {
-            ReadBack::start(
-                Arc::clone(&store),
-                device.clone(),
-                mem.clone(),
-                log_limiter.clone(),
-            )
-            .map_err(|e| error!("cannot start the read-back threads, reading on the queues: {e}"))
-            .ok()
+            ReadBack::start(Arc::clone(&store), device.clone(), log_limiter.clone())
+                .map_err(|e| {
+                    error!("cannot start the read-back threads, reading on the queues: {e}")
+                })
+                .ok()
         } else {
             None
         };
@@ -106,20 +114,74 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             connected: Mutex::new(None),
             poll_max_ns: AtomicU64::new(0),
             log_limiter,
-            workers,
+            queues,
+            stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
+        }
+    }
+
+    /// Registers each queue's mailbox with the epoll loop of the thread that serves the queue,
+    /// so that reads of written-back pages can be served off the queue threads. Until this is
+    /// called every read runs on its queue thread. Call it once, after creating the daemon
+    /// and before serving.
+    pub fn attach(&self, daemon: &VhostUserDaemon<Arc<Self>>) -> io::Result<()> {
+        let Some(read_back) = &self.read_back else {
+            return Ok(());
+        };
+        let handlers = daemon.get_epoll_handlers();
+        for queue in 0..usize::from(self.device.num_queues) {
+            // Queue i is served by thread i (`queues_per_thread`).
+            let (Some(handler), Some(fd)) = (handlers.get(queue), read_back.mailbox_fd(queue))
+            else {
+                return Err(io::Error::other(format!(
+                    "no epoll thread for queue {queue}"
+                )));
+            };
+            handler.register_listener(fd, EventSet::IN, self.mailbox_event(queue))?;
+        }
+        read_back.attached();
+        Ok(())
+    }
+
+    /// The epoll event number of queue `queue`'s mailbox: past the queues and the exit event,
+    /// which vhost-user-backend reserves.
+    fn mailbox_event(&self, queue: usize) -> u64 {
+        u64::from(self.device.num_queues) + 1 + queue as u64
+    }
+
+    /// Sets how long stopping a queue waits for requests still running before it cancels them
+    /// (default [`STOP_TIMEOUT`]).
+    pub fn set_stop_timeout(&self, timeout: Duration) {
+        self.stop_timeout_ms
+            .store(duration_ms(timeout), Ordering::Relaxed);
+    }
+
+    fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(self.stop_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Stops queue `queue`: waits until every request taken from its ring is on the used ring
+    /// (bounded), cancels the rest and forgets them. Afterwards nothing writes the queue's
+    /// guest memory until it is served again.
+    fn stop_queue(&self, queue: usize) {
+        if let Some(read_back) = &self.read_back {
+            read_back.stop_queue(queue, self.stop_timeout());
+        }
+        if let Some(Ok(mut thread)) = self.queues.get(queue).map(Mutex::lock) {
+            let cancelled = thread.runner.in_flight();
+            if cancelled > 0 {
+                warn!("queue {queue} stopped with {cancelled} request(s) cancelled");
+                thread.runner.forget_in_flight();
+            }
         }
     }
 
     /// Counts every request into `requests` (queue `i` in slot `i`) and reports whether a
     /// frontend is connected in `connected`, for the control socket and the metrics.
     pub fn observe(&self, requests: &Arc<RequestStats>, connected: Arc<AtomicBool>) {
-        for (queue, worker) in self.workers.iter().enumerate() {
-            if let Ok(mut worker) = worker.lock() {
-                worker.worker.record_into(requests.clone(), queue);
+        for (queue, thread) in self.queues.iter().enumerate() {
+            if let Ok(mut thread) = thread.lock() {
+                thread.runner.record_into(requests.clone(), queue);
             }
-        }
-        if let Some(read_back) = &self.read_back {
-            read_back.observe(requests);
         }
         if let Ok(mut slot) = self.connected.lock() {
             *slot = Some(connected);
@@ -134,11 +196,27 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     }
 
     /// Makes every queue thread return from serving at its next request, so that shutdown
-    /// never waits for a guest that keeps its queues full.
-    pub fn stop(&self) {
+    /// never waits for a guest that keeps its queues full; cancels every read still running
+    /// off the queue threads (nothing writes guest memory afterwards) and joins the read-back
+    /// threads until `deadline`. Returns the names of threads that did not stop by then.
+    pub fn stop(&self, deadline: Instant) -> Vec<String> {
         self.stopping.store(true, Ordering::Release);
+        match &self.read_back {
+            Some(read_back) => read_back.shutdown(deadline),
+            None => Vec::new(),
+        }
+    }
+
+    /// The frontend went away: cancels every read still running off the queue threads at once,
+    /// so nothing writes its guest memory afterwards.
+    pub fn disconnected(&self) {
         if let Some(read_back) = &self.read_back {
-            read_back.shutdown();
+            read_back.cancel_all();
+        }
+        for queue in 0..self.queues.len() {
+            if let Ok(mut thread) = self.queues[queue].lock() {
+                thread.runner.forget_in_flight();
+            }
         }
     }
 
@@ -161,18 +239,18 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     /// Serves the queue `vring` on worker `thread_id` until it is empty, with notifications
     /// suppressed while we work when EVENT_IDX is on.
     fn serve_queue(&self, vring: &VringRwLock, thread_id: usize) -> Result<(), ServeError> {
-        let mut queue_worker = self
-            .workers
+        let mut queue_thread = self
+            .queues
             .get(thread_id)
             .ok_or(ServeError::NoWorker(thread_id))?
             .lock()
             .map_err(|_| ServeError::Poisoned)?;
-        let QueueWorker {
-            worker,
+        let QueueThread {
+            runner,
             poll,
             broken,
             announced,
-        } = &mut *queue_worker;
+        } = &mut *queue_thread;
         if *broken {
             return Ok(());
         }
@@ -213,22 +291,22 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                     return Err(error);
                 }
                 let next = match &self.read_back {
-                    Some(read_back) => worker.process_next_or_defer(
+                    Some(read_back) => runner.process_next(
                         queue,
                         &*mem,
                         &*self.store,
                         &self.device,
-                        &mut |read| read_back.submit(read, vring, thread_id),
+                        Some(&mut |request| {
+                            read_back.submit(request, thread_id, mem.clone().into_inner())
+                        }),
                     ),
-                    None => worker
-                        .process_next(queue, &*mem, &*self.store, &self.device)
-                        .map(|served| if served { Next::Completed } else { Next::Empty }),
+                    None => runner.process_next(queue, &*mem, &*self.store, &self.device, None),
                 }
                 .map_err(ServeError::Queue)?;
                 match next {
                     Next::Empty => break,
                     Next::Completed => completed += 1,
-                    // Completed later, by a read-back thread, which signals for it.
+                    // Comes back through the mailbox; completed and signalled then.
                     Next::Deferred => {}
                 }
             }
@@ -259,9 +337,55 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
         }
     }
 
+    /// On the thread of queue `queue`: completes the reads that came back from the read-back
+    /// threads, and signals the guest once for all of them.
+    fn land_finished_reads(&self, vring: &VringRwLock, queue: usize) -> Result<(), ServeError> {
+        let Some(read_back) = &self.read_back else {
+            return Ok(());
+        };
+        let mut queue_thread = self
+            .queues
+            .get(queue)
+            .ok_or(ServeError::NoWorker(queue))?
+            .lock()
+            .map_err(|_| ServeError::Poisoned)?;
+        let runner = &mut queue_thread.runner;
+        let mut state = vring.get_mut();
+        let mem = self.mem.memory();
+        let mut failure = None;
+        // Both closures need the runner; they never run at the same time.
+        let runner = std::cell::RefCell::new(runner);
+        let completed = read_back.land(
+            queue,
+            |request| {
+                let added = runner.borrow_mut().complete(
+                    state.get_queue_mut(),
+                    &*mem,
+                    &*self.store,
+                    request,
+                );
+                if let Err(error) = added {
+                    failure = Some(error);
+                }
+            },
+            |request| runner.borrow_mut().discard(request),
+        );
+        if let Some(error) = failure {
+            return Err(ServeError::Queue(error));
+        }
+        if completed > 0 && state.needs_notification().map_err(ServeError::Queue)? {
+            signal_without_blocking(&state)?;
+        }
+        Ok(())
+    }
+
     fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
         super::ratelimit::warn_limited(&self.log_limiter, message);
     }
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Adaptive polling of one queue, as QEMU's iothreads (`poll-max-ns`) do it: after serving,
@@ -349,7 +473,7 @@ fn check_avail_index<M: GuestMemoryBackend>(
 /// hand over any fd (a full pipe blocks a write forever), so the fd is made non-blocking first
 /// and a write that would block is dropped (the guest misses one interrupt; its own timeout
 /// or the next completion recovers it).
-pub(super) fn signal_without_blocking(
+fn signal_without_blocking(
     state: &vhost_user_backend::VringState<GuestMemory>,
 ) -> Result<(), ServeError> {
     if let Some(call) = state.get_call() {
@@ -433,15 +557,13 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
 
     fn reset_device(&self) {
         debug!("virtio reset: forgetting negotiated features, keeping the data");
-        if let Some(read_back) = &self.read_back {
-            for queue in 0..usize::from(self.device.num_queues) {
-                read_back.drain(queue);
-            }
+        for queue in 0..self.queues.len() {
+            self.stop_queue(queue);
         }
         self.acked_features.store(0, Ordering::Release);
-        for worker in &self.workers {
-            if let Ok(mut worker) = worker.lock() {
-                worker.broken = false;
+        for thread in &self.queues {
+            if let Ok(mut thread) = thread.lock() {
+                thread.broken = false;
             }
         }
     }
@@ -450,19 +572,17 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         // The frontend stops a queue before it sets it up again (a virtio reset, a reboot):
         // a queue the guest broke gets a fresh start. Queue i is served by thread i.
         // The ring the frontend takes back must hold every completion: wait for reads still
-        // being served from the backing file.
-        if let (Some(read_back), Ok(queue)) = (&self.read_back, usize::try_from(index)) {
-            read_back.drain(queue);
-        }
-        let worker = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.workers.get(i));
-        if let Some(Ok(mut worker)) = worker.map(Mutex::lock) {
-            if worker.broken {
+        // being served from the backing file (bounded; the rest are cancelled).
+        let Ok(queue) = usize::try_from(index) else {
+            return Ok(());
+        };
+        self.stop_queue(queue);
+        if let Some(Ok(mut thread)) = self.queues.get(queue).map(Mutex::lock) {
+            if thread.broken {
                 debug!("queue {index} was stopped by the frontend; it will be served again");
             }
-            worker.broken = false;
-            worker.announced = false;
+            thread.broken = false;
+            thread.announced = false;
         }
         Ok(())
     }
@@ -490,8 +610,15 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
-        // The handler has already swapped the new map into the GuestMemoryAtomic we share;
-        // what is left is to refuse regions that would fault when touched.
+        // The handler has already swapped the new map into the GuestMemoryAtomic we share.
+        // Requests still running off the queue threads write through the old map, which the
+        // frontend may be reusing: let them land (bounded) or cancel them before answering.
+        // Then refuse regions that would fault when touched.
+        for queue in 0..self.queues.len() {
+            if let Some(read_back) = &self.read_back {
+                read_back.stop_queue(queue, self.stop_timeout());
+            }
+        }
         check_regions(&self.mem)?;
         log_regions(&self.mem);
         Ok(())
@@ -526,13 +653,28 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
                 format!("unexpected event set {evset:?}"),
             ));
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        let queues = usize::from(self.device.num_queues);
+        let event = usize::from(device_event);
+        let (queue, mailbox) = if event < queues {
+            (event, false)
+        } else if event > queues {
+            (event - queues - 1, true)
+        } else {
+            // The exit event: vhost-user-backend handles it and never passes it on.
+            return Ok(());
+        };
+        let Some(vring) = vrings.get(queue) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("event {device_event} names no queue of thread {thread_id}"),
             ));
         };
-        if let Err(serve_error) = self.serve_queue(vring, thread_id) {
+        let served = if mailbox {
+            self.land_finished_reads(vring, queue)
+        } else {
+            self.serve_queue(vring, thread_id)
+        };
+        if let Err(serve_error) = served {
             // Keep the worker alive: a guest that broke its queue can still reset it. The
             // guest causes these, so they are rate-limited like every guest-caused warning.
             self.warn_limited(format_args!(

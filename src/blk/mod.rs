@@ -6,8 +6,13 @@
 //! - [`request`]: turns one descriptor chain into one executed request and a status byte. This is
 //!   where untrusted guest input is checked; every failure maps to a `VIRTIO_BLK_S_*` status in one
 //!   place, [`request::RequestError::status`].
-//! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation, one worker thread
-//!   per queue over one shared store.
+//! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation, one thread per
+//!   queue over one shared store; the thread that owns a queue is the only one that writes its
+//!   used ring.
+//! - `read_back`: the threads that run reads of written-back pages off the queue threads and
+//!   hand them back to their queue's thread through a completion mailbox.
+//! - [`ratelimit`] and [`request_stats`]: rate-limited warnings about guest input, and the
+//!   per-queue request counters.
 //!
 //! The device speaks 512-byte sectors; the store speaks 4 KiB pages. [`BlockBackend`] is the
 //! narrow page interface the request code needs; the page store implements it, and tests use
@@ -33,7 +38,22 @@ pub use self::config::DeviceConfig;
 /// Pages are addressed by index (`sector / 8`). Implementations are shared by all queue threads.
 /// An implementation counts its own failed reads and writes (zram's `failed_reads` and
 /// `failed_writes`); the request code counts only what it refuses itself (`invalid_io`).
-pub trait BlockBackend: Send + Sync {
+///
+/// # Safety
+///
+/// The request path hands [`read_page`](Self::read_page) a page that may be guest memory
+/// (a zero-copy read), which the guest can write at any moment. An implementation must:
+///
+/// - write only into the `page` it is given, and keep no reference or pointer to it after it
+///   returns;
+/// - never let what it reads back from `page` decide a bound, an index or which code runs
+///   (decompress into it, copy into it, fill it; never parse it);
+/// - reach no other guest memory.
+///
+/// Under those rules a guest that scribbles over its own buffer meanwhile can only change the
+/// bytes it will read, never make the daemon touch anything else (DESIGN.md, "Zero-copy
+/// reads").
+pub unsafe trait BlockBackend: Send + Sync {
     /// The error a page operation reports.
     type Error: std::error::Error + Send + Sync + 'static;
 

@@ -7,7 +7,12 @@ use super::BlockBackend;
 use crate::store::{PageStore, StoreError};
 use crate::PAGE_SIZE;
 
-impl BlockBackend for PageStore {
+// SAFETY: `PageStore::read` writes the page it is given by decompressing or copying into it
+// (or filling it with a same-filled word) and keeps no reference to it. What it reads back
+// from the page is only match bytes a decompressor copies forward; every offset, length and
+// branch comes from the slot table and the stored object, never from `page`. It touches no
+// guest memory.
+unsafe impl BlockBackend for PageStore {
     type Error = StoreError;
 
     fn capacity_pages(&self) -> u64 {

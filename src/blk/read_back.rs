@@ -1,77 +1,108 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Reads of written-back pages, served off the queue threads.
+//! Reads of written-back pages, run off the queue threads and completed back on them.
 //!
 //! A page on the backing file costs a file read (tens of microseconds with `O_DIRECT`, more on a
 //! busy disk) where a page in RAM costs a decompression (about one). So that such a read holds
 //! up neither its queue's other requests nor other pages, the queue thread hands a read that
 //! touches a written-back page to a small pool of read-back threads ([`THREADS`]) and goes on
-//! with the next chain; a read-back thread executes the read (file read, decompression, copy
-//! into guest memory, status byte), then takes the queue's lock, puts the chain on the used
-//! ring and signals the guest if the ring's notification rules ask for it — exactly what the
-//! queue thread would have done, only later. virtio-blk lets requests complete in any order.
+//! with the next chain. A read-back thread executes the read (file read, decompression, copy
+//! into guest memory) and posts the finished request to its queue's mailbox, whose eventfd
+//! wakes the queue's thread; that thread writes the status byte and the used entry and signals
+//! the guest, as for any other request (the way cloud-hypervisor's block device completes
+//! asynchronous I/O). No read-back thread touches a ring. virtio-blk lets requests complete in
+//! any order.
+//!
+//! Every read handed over is counted per queue until its used entry is written. Stopping a
+//! queue ([`ReadBack::stop_queue`]: `GET_VRING_BASE`, a virtio reset, a memory table change)
+//! first waits, at most the stop timeout, until that count is zero, so the ring the frontend
+//! takes back is complete; reads that outlive the wait (a hung file) are cancelled: the queue
+//! starts a new generation, and a read-back thread asks a gate before every write into guest
+//! memory, which refuses requests of an old generation. When `stop_queue` returns, no thread
+//! writes guest memory for the requests it gave up. A disconnect or shutdown cancels at once.
 //!
 //! Bounds: the hand-over queue holds [`MAX_QUEUED`] reads; when it is full the queue thread
-//! serves the read itself (slower, never lost). Stopping a queue (`GET_VRING_BASE`, a virtio
-//! reset) waits until its deferred reads are on the used ring, at most [`DRAIN_TIMEOUT`], so
-//! the ring the frontend takes back is complete; reads that outlive that wait (a hung file)
-//! are dropped when they finish instead of touching a ring that has been reset. Shutdown
-//! closes the hand-over queue and does not wait for a read stuck in the file.
+//! serves the read itself (slower, never lost). Shutdown closes the hand-over queue and joins
+//! the threads for a bounded time, naming any that is still stuck in the file.
 
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{signal_without_blocking, GuestMemory};
 use super::config::DeviceConfig;
 use super::ratelimit::RateLimiter;
-use super::request::{DeferredRead, Worker};
-use super::request_stats::RequestStats;
+use super::request::{GuestGate, Request, RequestRunner};
 use super::BlockBackend;
 
 /// Read-back threads: file reads run in parallel, so the storage sees more than one at a time.
 pub const THREADS: usize = 4;
 /// Reads waiting for a read-back thread, at most.
 pub const MAX_QUEUED: usize = 256;
-/// How long stopping a queue waits for its deferred reads.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long stopping a queue waits for its reads by default.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long cancelling waits for a write into guest memory already under way (a copy of at
+/// most a page; only a frontend that made guest memory fault could make it slow).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A deferred read on its way to a read-back thread.
-struct Job {
-    read: DeferredRead,
-    vring: VringRwLock,
+/// A read on its way to a read-back thread.
+struct ReadBackJob<E: std::error::Error + 'static> {
+    request: Request<E>,
     queue: usize,
     generation: u64,
     /// The guest memory the request was parsed against (kept mapped until it is done).
     mem: Arc<GuestMemoryMmap<()>>,
 }
 
-/// Per queue: deferred reads not yet on the used ring, and the ring's generation (raised
-/// when the queue is stopped, so that a late read does not touch the restarted ring).
-#[derive(Debug, Default, Clone, Copy)]
-struct Flight {
-    in_flight: usize,
+/// A read that a read-back thread finished, waiting in its queue's mailbox.
+struct Finished<E: std::error::Error + 'static> {
+    request: Request<E>,
     generation: u64,
 }
 
-struct Shared<S> {
+/// Per queue: the reads handed over and not yet on the used ring, and the mailbox through
+/// which they come back.
+struct QueueFlight<E: std::error::Error + 'static> {
+    state: Mutex<FlightState>,
+    changed: Condvar,
+    mailbox: Mutex<VecDeque<Finished<E>>>,
+    /// Readable while the mailbox has something: registered with the queue thread's epoll.
+    wake: EventFd,
+}
+
+#[derive(Debug, Default)]
+struct FlightState {
+    /// Raised when the queue gives up on its outstanding reads.
+    generation: u64,
+    /// Reads of this generation handed over and not yet on the used ring.
+    outstanding: usize,
+    /// Writes into guest memory (data, status, used entry) under way for this generation.
+    writing: usize,
+    /// Whether new reads may be handed over (not while the queue is being stopped).
+    accepting: bool,
+}
+
+struct Shared<S: BlockBackend> {
     store: Arc<S>,
     device: DeviceConfig,
-    mem: GuestMemory,
     log_limiter: Arc<Mutex<RateLimiter>>,
-    stats: Mutex<Option<Arc<RequestStats>>>,
-    flights: Mutex<Vec<Flight>>,
-    landed: Condvar,
+    queues: Vec<QueueFlight<S::Error>>,
 }
 
 /// The read-back threads of one backend.
 pub struct ReadBack<S: BlockBackend> {
     shared: Arc<Shared<S>>,
-    sender: Mutex<Option<SyncSender<Job>>>,
+    sender: Mutex<Option<SyncSender<ReadBackJob<S::Error>>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Set once every queue's mailbox is registered with its queue thread: before that,
+    /// nothing would bring a finished read back, so nothing is handed over.
+    attached: AtomicBool,
 }
 
 impl<S: BlockBackend + 'static> ReadBack<S> {
@@ -79,175 +110,292 @@ impl<S: BlockBackend + 'static> ReadBack<S> {
     pub fn start(
         store: Arc<S>,
         device: DeviceConfig,
-        mem: GuestMemory,
         log_limiter: Arc<Mutex<RateLimiter>>,
     ) -> std::io::Result<ReadBack<S>> {
-        let queues = usize::from(device.num_queues);
+        let queues = (0..device.num_queues)
+            .map(|_| {
+                Ok(QueueFlight {
+                    state: Mutex::new(FlightState {
+                        accepting: true,
+                        ..FlightState::default()
+                    }),
+                    changed: Condvar::new(),
+                    mailbox: Mutex::new(VecDeque::with_capacity(MAX_QUEUED)),
+                    wake: EventFd::new(EFD_NONBLOCK)?,
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             store,
             device,
-            mem,
             log_limiter,
-            stats: Mutex::new(None),
-            flights: Mutex::new(vec![Flight::default(); queues]),
-            landed: Condvar::new(),
+            queues,
         });
         let (sender, receiver) = sync_channel(MAX_QUEUED);
         let receiver = Arc::new(Mutex::new(receiver));
+        let mut threads = Vec::with_capacity(THREADS);
         for i in 0..THREADS {
             let shared = Arc::clone(&shared);
             let receiver = Arc::clone(&receiver);
-            std::thread::Builder::new()
-                .name(format!("read-back-{i}"))
-                .spawn(move || run(&shared, &receiver))?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("read-back-{i}"))
+                    .spawn(move || run(&shared, &receiver))?,
+            );
         }
         Ok(ReadBack {
             shared,
             sender: Mutex::new(Some(sender)),
+            threads: Mutex::new(threads),
+            attached: AtomicBool::new(false),
         })
     }
 
-    /// Counts the reads it completes into `stats`, as their queues.
-    pub fn observe(&self, stats: &Arc<RequestStats>) {
-        *lock(&self.shared.stats) = Some(Arc::clone(stats));
+    /// The eventfd that becomes readable when queue `queue` has finished reads to complete.
+    pub fn mailbox_fd(&self, queue: usize) -> Option<RawFd> {
+        self.shared.queues.get(queue).map(|q| q.wake.as_raw_fd())
     }
 
-    /// Hands `read` of queue `queue` (whose ring is `vring`) to a read-back thread, or gives
-    /// it back when they are all busy and the hand-over queue is full (or shut down).
+    /// Says that every queue's mailbox is now watched by its queue thread: reads may be
+    /// handed over from now on.
+    pub fn attached(&self) {
+        self.attached.store(true, Ordering::Release);
+    }
+
+    /// Hands `request` of queue `queue` to a read-back thread, or gives it back when that
+    /// cannot be done now (the threads are busy and the hand-over queue is full, the queue is
+    /// being stopped, or nothing watches the mailboxes).
     pub fn submit(
         &self,
-        read: DeferredRead,
-        vring: &VringRwLock,
+        request: Request<S::Error>,
         queue: usize,
-    ) -> Result<(), DeferredRead> {
+        mem: Arc<GuestMemoryMmap<()>>,
+    ) -> Result<(), Request<S::Error>> {
+        if !self.attached.load(Ordering::Acquire) {
+            return Err(request);
+        }
         let sender = lock(&self.sender);
         let Some(sender) = sender.as_ref() else {
-            return Err(read);
+            return Err(request);
         };
-        let mut flights = lock(&self.shared.flights);
-        let Some(flight) = flights.get_mut(queue) else {
-            return Err(read);
+        let Some(flight) = self.shared.queues.get(queue) else {
+            return Err(request);
         };
-        let job = Job {
-            read,
-            vring: vring.clone(),
+        let mut state = lock(&flight.state);
+        if !state.accepting {
+            return Err(request);
+        }
+        let job = ReadBackJob {
+            request,
             queue,
-            generation: flight.generation,
-            mem: self.shared.mem.memory().into_inner(),
+            generation: state.generation,
+            mem,
         };
         match sender.try_send(job) {
             Ok(()) => {
-                flight.in_flight += 1;
+                state.outstanding += 1;
                 Ok(())
             }
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => Err(job.read),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => Err(job.request),
         }
     }
 
-    /// Waits until every read deferred from queue `queue` is on its used ring (at most
-    /// [`DRAIN_TIMEOUT`]), then starts a new generation: reads still running are dropped when
-    /// they finish. Returns whether everything landed.
-    pub fn drain(&self, queue: usize) -> bool {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        let mut flights = lock(&self.shared.flights);
-        let landed = loop {
-            let Some(flight) = flights.get(queue) else {
-                return true;
-            };
-            if flight.in_flight == 0 {
-                break true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break false;
-            }
-            flights = self
-                .shared
-                .landed
-                .wait_timeout(flights, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+    /// On the thread of queue `queue`: takes every finished read out of its mailbox and calls
+    /// `complete` for each the queue still waits for (which puts it on the used ring), or
+    /// `discard` for each it gave up. Returns how many were completed.
+    pub fn land(
+        &self,
+        queue: usize,
+        mut complete: impl FnMut(Request<S::Error>),
+        mut discard: impl FnMut(Request<S::Error>),
+    ) -> usize {
+        let Some(flight) = self.shared.queues.get(queue) else {
+            return 0;
         };
-        if let Some(flight) = flights.get_mut(queue) {
-            if !landed {
-                error!(
-                    "{} reads of written-back pages on queue {queue} did not finish within {} s; \
-                     they will not be completed",
-                    flight.in_flight,
-                    DRAIN_TIMEOUT.as_secs()
-                );
-                flight.in_flight = 0;
+        // Reset the wake-up first: a read posted after this is seen by the loop or wakes the
+        // thread again.
+        let _ = flight.wake.read();
+        let mut completed = 0;
+        loop {
+            let Some(finished) = lock(&flight.mailbox).pop_front() else {
+                return completed;
+            };
+            let mut state = lock(&flight.state);
+            if state.generation != finished.generation {
+                drop(state);
+                discard(finished.request);
+                continue;
             }
-            flight.generation += 1;
+            state.writing += 1;
+            drop(state);
+            complete(finished.request);
+            completed += 1;
+            let mut state = lock(&flight.state);
+            state.writing -= 1;
+            state.outstanding = state.outstanding.saturating_sub(1);
+            drop(state);
+            flight.changed.notify_all();
         }
+    }
+
+    /// Stops queue `queue`'s reads: waits until every read handed over is on the used ring,
+    /// at most `timeout`, then cancels those still running. When this returns, no read of the
+    /// queue writes guest memory any more. Returns whether everything landed.
+    pub fn stop_queue(&self, queue: usize, timeout: Duration) -> bool {
+        let Some(flight) = self.shared.queues.get(queue) else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&flight.state);
+        state.accepting = false;
+        let (mut state, landed) = wait_while(flight, state, deadline, |s| s.outstanding > 0);
+        if !landed {
+            error!(
+                "{} read(s) of written-back pages on queue {queue} did not finish within {} ms; \
+                 they are cancelled and will not be completed",
+                state.outstanding,
+                timeout.as_millis()
+            );
+            state = cancel(flight, state, queue);
+        }
+        state.accepting = true;
         landed
     }
 
-    /// Closes the hand-over queue: the threads finish what they hold and exit. Does not wait.
-    pub fn shutdown(&self) {
+    /// Cancels every queue's outstanding reads at once (the frontend is gone). When this
+    /// returns, no read writes guest memory any more.
+    pub fn cancel_all(&self) {
+        for (queue, flight) in self.shared.queues.iter().enumerate() {
+            let state = lock(&flight.state);
+            drop(cancel(flight, state, queue));
+        }
+    }
+
+    /// Cancels every read, closes the hand-over queue and waits for the threads until
+    /// `deadline`; returns the names of the threads that did not stop by then (stuck in a
+    /// file read: they are left behind and exit when the read returns).
+    pub fn shutdown(&self, deadline: Instant) -> Vec<String> {
         lock(&self.sender).take();
+        for flight in &self.shared.queues {
+            lock(&flight.state).accepting = false;
+        }
+        self.cancel_all();
+        let mut stuck = Vec::new();
+        for thread in lock(&self.threads).drain(..) {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let name = thread.thread().name().unwrap_or("read-back").to_owned();
+            if thread.is_finished() {
+                if thread.join().is_err() {
+                    warn!("thread {name} panicked");
+                }
+            } else {
+                stuck.push(name);
+            }
+        }
+        stuck
     }
 }
 
-fn run<S: BlockBackend>(shared: &Shared<S>, receiver: &Mutex<Receiver<Job>>) {
-    let mut worker = Worker::new(&shared.device, Arc::clone(&shared.log_limiter));
+/// Starts a new generation of `flight`, forgetting its outstanding reads, and waits for
+/// writes into guest memory already under way.
+fn cancel<'g, E: std::error::Error + 'static>(
+    flight: &'g QueueFlight<E>,
+    mut state: MutexGuard<'g, FlightState>,
+    queue: usize,
+) -> MutexGuard<'g, FlightState> {
+    state.generation += 1;
+    state.outstanding = 0;
+    let (state, done) = wait_while(flight, state, Instant::now() + WRITE_TIMEOUT, |s| {
+        s.writing > 0
+    });
+    if !done {
+        error!(
+            "a write into guest memory for queue {queue} did not finish within {} ms",
+            WRITE_TIMEOUT.as_millis()
+        );
+    }
+    state
+}
+
+/// Waits on `flight`'s condvar while `busy` holds, until `deadline`; returns the guard and
+/// whether `busy` ended.
+fn wait_while<'g, E: std::error::Error + 'static>(
+    flight: &'g QueueFlight<E>,
+    mut state: MutexGuard<'g, FlightState>,
+    deadline: Instant,
+    busy: impl Fn(&FlightState) -> bool,
+) -> (MutexGuard<'g, FlightState>, bool) {
+    loop {
+        if !busy(&state) {
+            return (state, true);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return (state, false);
+        }
+        state = flight
+            .changed
+            .wait_timeout(state, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// The gate of a read running on a read-back thread: a write into guest memory goes ahead
+/// only while the request's generation is the queue's, and is counted while it runs so that
+/// cancelling can wait for it.
+struct FlightGate<'f, E: std::error::Error + 'static> {
+    flight: &'f QueueFlight<E>,
+    generation: u64,
+}
+
+impl<E: std::error::Error + 'static> GuestGate for FlightGate<'_, E> {
+    // A lent page would be written for the whole decompression, outside the gate's count.
+    const LENDS_GUEST_MEMORY: bool = false;
+
+    fn pass<R>(&self, write: impl FnOnce() -> R) -> Option<R> {
+        let mut state = lock(&self.flight.state);
+        if state.generation != self.generation {
+            return None;
+        }
+        state.writing += 1;
+        drop(state);
+        let result = write();
+        lock(&self.flight.state).writing -= 1;
+        self.flight.changed.notify_all();
+        Some(result)
+    }
+}
+
+fn run<S: BlockBackend>(shared: &Shared<S>, receiver: &Mutex<Receiver<ReadBackJob<S::Error>>>) {
+    let mut runner = RequestRunner::new(&shared.device, Arc::clone(&shared.log_limiter));
     loop {
         let job = match lock(receiver).recv() {
             Ok(job) => job,
             Err(_) => return, // shut down
         };
-        if let Some(stats) = lock(&shared.stats).as_ref() {
-            worker.record_into(Arc::clone(stats), job.queue);
-        }
-        let used = worker.run_deferred(&job.read, &*job.mem, &*shared.store, &shared.device);
-        complete(shared, &job, used);
-    }
-}
-
-/// Puts a finished read on its used ring and signals the guest, unless its queue was stopped
-/// meanwhile.
-fn complete<S: BlockBackend>(shared: &Shared<S>, job: &Job, used: u32) {
-    let mut state = job.vring.get_mut();
-    let mut flights = lock(&shared.flights);
-    let Some(flight) = flights.get_mut(job.queue) else {
-        return;
-    };
-    if flight.generation != job.generation {
-        return; // the queue was stopped and gave up on this read
-    }
-    drop(flights);
-    let mem = shared.mem.memory();
-    let added = state.get_queue_mut().add_used(&*mem, job.read.head(), used);
-    match added.and_then(|()| state.needs_notification()) {
-        Ok(true) => {
-            if let Err(error) = signal_without_blocking(&state) {
-                super::ratelimit::warn_limited(
-                    &shared.log_limiter,
-                    format_args!("cannot signal queue {}: {error}", job.queue),
-                );
-            }
-        }
-        Ok(false) => {}
-        Err(error) => super::ratelimit::warn_limited(
-            &shared.log_limiter,
-            format_args!(
-                "cannot complete a read of queue {}: {}",
-                job.queue,
-                super::request::ErrorChain(&error)
-            ),
-        ),
-    }
-    // Counted as landed only once it is on the ring (a drain meanwhile may have started a
-    // new generation, whose reads are not this one's to count).
-    let mut flights = lock(&shared.flights);
-    if let Some(flight) = flights.get_mut(job.queue) {
-        if flight.generation == job.generation {
-            flight.in_flight = flight.in_flight.saturating_sub(1);
+        let ReadBackJob {
+            mut request,
+            queue,
+            generation,
+            mem,
+        } = job;
+        let Some(flight) = shared.queues.get(queue) else {
+            continue;
+        };
+        let gate = FlightGate { flight, generation };
+        runner.execute(&mut request, &*mem, &*shared.store, &shared.device, &gate);
+        drop(mem);
+        lock(&flight.mailbox).push_back(Finished {
+            request,
+            generation,
+        });
+        if let Err(error) = flight.wake.write(1) {
+            warn!("cannot wake the thread of queue {queue}: {error}");
         }
     }
-    drop(flights);
-    drop(state);
-    shared.landed.notify_all();
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

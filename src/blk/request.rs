@@ -1,27 +1,36 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-blk requests: from a descriptor chain to an executed request and a status byte.
 //!
-//! The guest is untrusted. Every chain goes through three steps:
+//! A chain becomes one [`Request`] value, which lives from the moment the chain is taken from
+//! the ring until its used entry is written. The guest is untrusted; every request goes through
+//! the same steps, all in [`RequestRunner`]:
 //!
-//! 1. **Collect** ([`Worker::process_chain`]): walk the chain once, check each descriptor (no
-//!    zero lengths, inside guest memory, device-readable ones before device-writable ones, at
-//!    most `seg_max + 2` of them) and remember them in a per-thread table whose capacity is
-//!    fixed when the worker starts. The status byte is the last byte of the last descriptor,
-//!    which must be device-writable; a chain without one cannot be answered and is returned
-//!    with a used length of 0.
-//! 2. **Parse**: the 16-byte header is the start of the device-readable bytes (it may span
+//! 1. **Take** ([`RequestRunner::take`]): walk the chain once, check each descriptor (no zero
+//!    lengths, inside guest memory, device-readable ones before device-writable ones, at most
+//!    `seg_max + 2` of them) and keep them in a descriptor table from the runner's pool. The
+//!    status byte is the last byte of the last descriptor, which must be device-writable; a
+//!    chain without one cannot be answered and is returned with a used length of 0. Then parse
+//!    the 16-byte header, which is the start of the device-readable bytes (it may span
 //!    descriptors: virtio 1.x frames messages independently of descriptors); the data is the
 //!    rest of the readable bytes (writes) or the writable bytes before the status byte (reads).
-//!    A request carrying data in the direction its type does not use is refused.
-//! 3. **Execute** against a [`BlockBackend`], page by page, through one per-thread page buffer;
-//!    a read of a whole page whose destination is one contiguous piece of one guest memory
-//!    region is decompressed straight into guest memory instead ([`lend_guest_page`]).
+//!    A request carrying data in the direction its type does not use is refused. The runner
+//!    tracks the request as in flight from here on.
+//! 2. **Execute** ([`RequestRunner::execute`]) against a [`BlockBackend`], page by page,
+//!    through one per-thread page buffer; on the queue thread a read of a whole page whose
+//!    destination is one contiguous piece of one guest memory region is decompressed straight
+//!    into guest memory instead ([`lend_guest_page`]). A read of written-back pages may run on
+//!    another thread; there every write into guest memory asks a [`GuestGate`] first, which
+//!    says no once the queue was stopped and gave the request up.
+//! 3. **Complete** ([`RequestRunner::complete`]): write the status byte and the used entry.
+//!    This is the one place a used entry is written, and only the thread that owns the queue
+//!    calls it.
 //!
 //! Every failure is a [`RequestError`]; [`RequestError::status`] is the one place that maps
 //! failures to `VIRTIO_BLK_S_*`, and [`RequestError::is_invalid_io`] decides what counts in zram's
 //! `invalid_io` (the store counts its own failed reads and writes). Nothing
 //! here allocates per request or in proportion to a guest-chosen length: data is copied in
-//! page-sized pieces while walking the descriptors.
+//! page-sized pieces while walking the descriptors, and a completed request's descriptor
+//! table goes back to the runner's pool for the next one.
 //!
 //! This module holds the one `unsafe` block of the request path, [`lend_guest_page`]; DESIGN.md
 //! ("Zero-copy reads") argues why it is sound enough when the guest writes the same memory.
@@ -240,6 +249,13 @@ pub enum RequestError<E: std::error::Error + 'static> {
         #[source]
         source: E,
     },
+    /// The request's queue was stopped while it ran off the queue thread, and gave it up; it
+    /// is never completed, so the guest never sees this.
+    #[error("the queue was stopped while the request ran")]
+    Cancelled,
+    /// A request was completed without being executed (a bug in the caller).
+    #[error("the request was completed without being executed")]
+    NotExecuted,
     /// The store could not write, modify or discard a page.
     #[error("writing page {index} failed")]
     WriteFailed {
@@ -269,6 +285,8 @@ impl<E: std::error::Error + 'static> RequestError<E> {
             | RequestError::TooManySegments { .. }
             | RequestError::SegmentTooLong { .. }
             | RequestError::Copy(_)
+            | RequestError::Cancelled
+            | RequestError::NotExecuted
             | RequestError::ReadFailed { .. }
             | RequestError::WriteFailed { .. } => STATUS_IOERR,
         }
@@ -279,7 +297,10 @@ impl<E: std::error::Error + 'static> RequestError<E> {
     /// in its own I/O path.
     pub fn is_invalid_io(&self) -> bool {
         match self {
-            RequestError::ReadFailed { .. } | RequestError::WriteFailed { .. } => false,
+            RequestError::ReadFailed { .. }
+            | RequestError::WriteFailed { .. }
+            | RequestError::Cancelled
+            | RequestError::NotExecuted => false,
             RequestError::EmptyDescriptor { .. }
             | RequestError::OutsideGuestMemory { .. }
             | RequestError::ReadableAfterWritable { .. }
@@ -420,28 +441,102 @@ pub enum Next {
     Empty,
     /// A chain was served and put on the used ring.
     Completed,
-    /// A slow read was handed over; it is completed later by [`Worker::run_deferred`].
+    /// A slow read was handed over to another thread; it comes back to the queue thread to be
+    /// completed ([`RequestRunner::complete`]).
     Deferred,
 }
 
-/// A read taken off its queue because it waits on slow storage: the collected chain and the
-/// parsed request, everything needed to serve it on another thread.
+/// Who may write guest memory while a request executes, and how.
+///
+/// On the queue thread, everything a request writes is ordered before its used entry by the
+/// thread itself, so writes need no permission and whole pages may be decompressed straight
+/// into guest memory. Off the queue thread (reads of written-back pages), the queue may be
+/// stopped while the request runs: every write into guest memory then asks the gate first, and
+/// a gate that says no (the queue was stopped and gave the request up) cancels the request.
+pub trait GuestGate {
+    /// Whether whole pages may be decompressed straight into guest memory. Only a gate that
+    /// never closes may allow it: a lent page is written for as long as the decompression runs.
+    const LENDS_GUEST_MEMORY: bool;
+
+    /// Runs `write` (a write into guest memory) if the request may still write, and returns
+    /// its result; `None` when the request was cancelled.
+    fn pass<R>(&self, write: impl FnOnce() -> R) -> Option<R>;
+}
+
+/// The gate of the queue thread: always open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnQueueThread;
+
+impl GuestGate for OnQueueThread {
+    const LENDS_GUEST_MEMORY: bool = true;
+
+    fn pass<R>(&self, write: impl FnOnce() -> R) -> Option<R> {
+        Some(write())
+    }
+}
+
+/// One request: everything about one descriptor chain, from the moment it is taken from the
+/// ring until its used entry is written.
+///
+/// [`RequestRunner::take`] collects and parses the chain into this value;
+/// [`RequestRunner::execute`] runs it (on the queue thread, or on a read-back thread for a
+/// read of written-back pages); [`RequestRunner::complete`], on the queue thread, writes the
+/// status byte and the used entry. `E` is the backend's error.
 #[derive(Debug)]
-pub struct DeferredRead {
+pub struct Request<E: std::error::Error + 'static> {
+    /// The chain's head index: what the used entry names.
     head: u16,
+    /// Where the status byte goes; `None` when the chain has no device-writable last byte, so
+    /// nothing can be reported and the chain is returned with a used length of 0.
+    status_addr: Option<GuestAddress>,
+    /// The chain's checked descriptors, status byte excluded. The buffer comes from the
+    /// runner's pool and goes back to it at completion, so no request allocates.
     segments: Vec<Segment>,
-    layout: Layout,
-    status_addr: GuestAddress,
-    request: Request,
+    stage: Stage<E>,
+    /// Bytes written into device-writable buffers (the used length, less the status byte).
+    written: u64,
+    kind: RequestKind,
     started: Instant,
 }
 
-impl DeferredRead {
-    /// The chain's head index, for the used ring.
+/// Where a request is in its life.
+#[derive(Debug)]
+enum Stage<E: std::error::Error + 'static> {
+    /// Parsed and checked; not executed yet.
+    Parsed { command: Command, layout: Layout },
+    /// Executed, or refused while parsing: the status to report.
+    Done(Result<(), RequestError<E>>),
+}
+
+impl<E: std::error::Error + 'static> Request<E> {
+    /// The chain's head index.
     pub fn head(&self) -> u16 {
         self.head
     }
+
+    /// Whether this is a parsed read of a page `backend` reads slowly (on the backing file).
+    pub fn reads_slowly<B: BlockBackend<Error = E>>(&self, backend: &B) -> bool {
+        match &self.stage {
+            Stage::Parsed { command, layout } => {
+                let data = RequestData::new(&self.segments, layout);
+                command.reads_slowly(&data, backend)
+            }
+            Stage::Done(_) => false,
+        }
+    }
+
+    /// Whether the request has been executed (or refused), so completing it reports a result.
+    pub fn is_done(&self) -> bool {
+        match self.stage {
+            Stage::Parsed { .. } => false,
+            Stage::Done(_) => true,
+        }
+    }
 }
+
+/// Where [`RequestRunner::process_next`] offers a slow read: it takes the request (`Ok`) or
+/// hands it back to be served on the queue thread (`Err`).
+pub type Defer<'d, E> = &'d mut dyn FnMut(Request<E>) -> Result<(), Request<E>>;
 
 /// The shape of a collected chain: which segments are readable and which writable.
 #[derive(Debug)]
@@ -450,36 +545,85 @@ struct Layout {
     writable: Range<usize>,
 }
 
-/// Per-thread request state: the page buffer and the descriptor table, both allocated once.
-pub struct Worker {
-    /// The page buffer for reads that cannot go straight into guest memory: partial pages and
-    /// pages whose destination is split across descriptors or memory regions. Whole
-    /// contiguous pages are decompressed into the guest's buffer itself; writes are copied
-    /// once into a buffer the store provides (the compressor and the same-filled check must
-    /// see one stable page, which guest memory is not).
+/// Per-thread request state: the page buffer, the pool of descriptor tables and the table
+/// of requests taken from the ring and not completed yet, all allocated when the thread starts.
+pub struct RequestRunner {
+    /// The page buffer for reads that cannot go straight into guest memory: partial pages,
+    /// pages whose destination is split across descriptors or memory regions, and every read
+    /// executed off the queue thread. Whole contiguous pages read on the queue thread are
+    /// decompressed into the guest's buffer itself; writes are copied once into a buffer the
+    /// store provides (the compressor and the same-filled check must see one stable page,
+    /// which guest memory is not).
     page: Box<[u8; PAGE_SIZE]>,
-    segments: Vec<Segment>,
+    /// Descriptor tables of completed requests, for the next ones.
+    spare_segments: Vec<Vec<Segment>>,
     max_descriptors: usize,
+    in_flight: InFlight,
     log_limiter: Arc<Mutex<RateLimiter>>,
     /// Where completed requests are counted, and as which queue.
     request_stats: Option<(Arc<RequestStats>, usize)>,
 }
 
-impl Worker {
-    /// A worker for a device described by `device`, sharing `log_limiter` with the other
-    /// workers.
+/// The requests of one queue taken from its ring whose used entries are not written yet, by
+/// head index, in the order they were taken (what vhost-user's inflight tracking records).
+#[derive(Debug)]
+struct InFlight {
+    /// Per head index: the order number it was taken with, or 0 when not in flight.
+    taken: Vec<u64>,
+    count: usize,
+    counter: u64,
+}
+
+impl InFlight {
+    fn new(queue_size: u16) -> Self {
+        InFlight {
+            taken: vec![0; usize::from(queue_size)],
+            count: 0,
+            counter: 0,
+        }
+    }
+
+    fn take(&mut self, head: u16) {
+        if let Some(slot) = self.taken.get_mut(usize::from(head)) {
+            if *slot == 0 {
+                self.count += 1;
+            }
+            self.counter += 1;
+            *slot = self.counter;
+        }
+    }
+
+    fn release(&mut self, head: u16) {
+        if let Some(slot) = self.taken.get_mut(usize::from(head)) {
+            if *slot != 0 {
+                self.count -= 1;
+                *slot = 0;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.taken.fill(0);
+        self.count = 0;
+    }
+}
+
+impl RequestRunner {
+    /// A runner for a device described by `device`, sharing `log_limiter` with the other
+    /// runners.
     pub fn new(device: &DeviceConfig, log_limiter: Arc<Mutex<RateLimiter>>) -> Self {
         let max_descriptors = device.seg_max() as usize + 2;
-        Worker {
+        RequestRunner {
             page: Box::new([0; PAGE_SIZE]),
-            segments: Vec::with_capacity(max_descriptors),
+            spare_segments: vec![Vec::with_capacity(max_descriptors)],
             max_descriptors,
+            in_flight: InFlight::new(device.queue_size),
             log_limiter,
             request_stats: None,
         }
     }
 
-    /// A worker with its own log limiter (tests, single-queue use).
+    /// A runner with its own log limiter (tests, single-queue use).
     pub fn standalone(device: &DeviceConfig) -> Self {
         Self::new(
             device,
@@ -487,8 +631,24 @@ impl Worker {
         )
     }
 
-    /// Serves every available chain of `queue` and returns how many it completed. Signalling the
-    /// guest is the caller's business.
+    /// Records every request this runner completes into `stats`, as queue `queue`.
+    pub fn record_into(&mut self, stats: Arc<RequestStats>, queue: usize) {
+        self.request_stats = Some((stats, queue));
+    }
+
+    /// How many requests taken from the ring have no used entry yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.count
+    }
+
+    /// Forgets every request in flight: the queue was stopped and gave them up (they were
+    /// cancelled and are never completed).
+    pub fn forget_in_flight(&mut self) {
+        self.in_flight.clear();
+    }
+
+    /// Serves every available chain of `queue` here and returns how many it completed.
+    /// Signalling the guest is the caller's business.
     pub fn process_queue<Q, M, B>(
         &mut self,
         queue: &mut Q,
@@ -502,49 +662,25 @@ impl Worker {
         B: BlockBackend,
     {
         let mut completed = 0;
-        while self.process_next(queue, mem, backend, device)? {
+        while self.process_next(queue, mem, backend, device, None)? == Next::Completed {
             completed += 1;
         }
         Ok(completed)
     }
 
-    /// Serves the next available chain of `queue`, if there is one, and returns whether there
-    /// was. The daemon calls this with a fresh guest memory snapshot for every request, so
-    /// memory the frontend adds while a queue is busy is usable at once.
+    /// Takes the next available chain of `queue`, if there is one, and serves it: executes it
+    /// and completes it, unless it is a read of pages `backend` reads slowly (written back to
+    /// the backing file) and `defer` takes it, to run it on another thread and hand it back
+    /// for [`complete`](Self::complete) later. `defer` returns the request when it cannot take
+    /// it; it is then served here. The daemon calls this with a fresh guest memory snapshot
+    /// for every request, so memory the frontend adds while a queue is busy is usable at once.
     pub fn process_next<Q, M, B>(
         &mut self,
         queue: &mut Q,
         mem: &M,
         backend: &B,
         device: &DeviceConfig,
-    ) -> Result<bool, virtio_queue::Error>
-    where
-        Q: QueueT,
-        M: GuestMemoryBackend,
-        B: BlockBackend,
-    {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return Ok(false);
-        };
-        let head = chain.head_index();
-        let used_len = self.process_chain(chain, mem, backend, device);
-        queue.add_used(mem, head, used_len)?;
-        Ok(true)
-    }
-
-    /// Like [`process_next`](Self::process_next), except that a read of a page that
-    /// `backend` says reads slowly (written back to the backing file) is offered to `defer`
-    /// instead of being executed here, so the queue goes on with the next chain while the
-    /// read waits for the file. `defer` returns the read when it cannot take it (its queue is
-    /// full); the read is then served here. A deferred chain is completed (status, used entry)
-    /// by whoever runs [`Worker::run_deferred`] on it.
-    pub fn process_next_or_defer<Q, M, B>(
-        &mut self,
-        queue: &mut Q,
-        mem: &M,
-        backend: &B,
-        device: &DeviceConfig,
-        defer: &mut dyn FnMut(DeferredRead) -> Result<(), DeferredRead>,
+        defer: Option<Defer<'_, B::Error>>,
     ) -> Result<Next, virtio_queue::Error>
     where
         Q: QueueT,
@@ -554,164 +690,162 @@ impl Worker {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             return Ok(Next::Empty);
         };
+        let mut request = self.take(chain, mem, device);
+        if let Some(defer) = defer.filter(|_| request.reads_slowly(backend)) {
+            match defer(request) {
+                Ok(()) => return Ok(Next::Deferred),
+                // Handed back when the read-back queue is full or stopping: served here.
+                Err(back) => request = back,
+            }
+        }
+        self.execute(&mut request, mem, backend, device, &OnQueueThread);
+        self.complete(queue, mem, backend, request)?;
+        Ok(Next::Completed)
+    }
+
+    /// Collects and parses `chain` into a request, and tracks it as in flight until
+    /// [`complete`](Self::complete) writes its used entry.
+    pub fn take<M, E>(
+        &mut self,
+        chain: DescriptorChain<&M>,
+        mem: &M,
+        device: &DeviceConfig,
+    ) -> Request<E>
+    where
+        M: GuestMemoryBackend,
+        E: std::error::Error + 'static,
+    {
         let head = chain.head_index();
-        let (status_addr, layout) = self.collect(chain, mem);
-        let started = Instant::now();
-        match self.finish_chain(
-            head,
+        self.in_flight.take(head);
+        let mut segments = self
+            .spare_segments
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.max_descriptors));
+        let Collected {
             status_addr,
             layout,
-            mem,
-            backend,
-            device,
-            started,
-            Some(defer),
-        ) {
-            Some(used) => {
-                queue.add_used(mem, head, used)?;
-                Ok(Next::Completed)
+        } = collect(chain, mem, &mut segments, self.max_descriptors);
+        let mut kind = RequestKind::Unsupported;
+        let stage = match layout {
+            Err(error) => Stage::Done(Err(error)),
+            Ok(layout) => {
+                let mut data = RequestData::new(&segments, &layout);
+                match Command::parse(&mut data, mem, device) {
+                    Ok(command) => {
+                        kind = RequestKind::from(command.kind);
+                        Stage::Parsed { command, layout }
+                    }
+                    Err(error) => Stage::Done(Err(error)),
+                }
             }
-            None => Ok(Next::Deferred),
+        };
+        Request {
+            head,
+            status_addr,
+            segments,
+            stage,
+            written: 0,
+            kind,
+            started: Instant::now(),
         }
     }
 
-    /// Executes a read taken off its queue by
-    /// [`process_next_or_defer`](Self::process_next_or_defer) and writes its status; returns
-    /// the used length for its head, which the caller adds to the used ring.
-    pub fn run_deferred<M, B>(
+    /// Executes a parsed request against `backend`; every write into guest memory passes
+    /// `gate`. A request already done (refused while parsing) is left as it is. The header
+    /// was parsed when the request was taken; a guest that changed it since gets the request
+    /// as it was parsed.
+    pub fn execute<M, B, G>(
         &mut self,
-        read: &DeferredRead,
+        request: &mut Request<B::Error>,
         mem: &M,
         backend: &B,
         device: &DeviceConfig,
-    ) -> u32
-    where
+        gate: &G,
+    ) where
         M: GuestMemoryBackend,
         B: BlockBackend,
+        G: GuestGate,
     {
-        let mut data = RequestData::new(&read.segments, &read.layout);
-        // The header was parsed when the read was deferred; the guest may have changed it
-        // since, which is its own business: the request runs as it was parsed.
+        let (command, layout) = match &request.stage {
+            Stage::Parsed { command, layout } => (*command, layout),
+            Stage::Done(_) => return,
+        };
+        let mut data = RequestData::new(&request.segments, layout);
         let result = data
             .readable
             .skip(HEADER_LEN)
             .map_err(RequestError::Copy)
-            .and_then(|()| {
-                read.request
-                    .execute(&mut data, mem, backend, device, &mut self.page)
-            });
-        let ok = result.is_ok();
-        let used = self.complete(mem, backend, read.status_addr, data.written, result);
-        if let Some((stats, queue)) = &self.request_stats {
-            stats.record(*queue, RequestKind::Read, read.started.elapsed(), ok);
-        }
-        used
+            .and_then(|()| command.execute(&mut data, mem, backend, device, &mut self.page, gate));
+        request.written = data.written;
+        request.stage = Stage::Done(result);
     }
 
-    /// Serves one chain and returns the used length: the bytes written into device-writable
-    /// buffers, status byte included, or 0 when the chain has nowhere to put a status.
-    pub fn process_chain<M, B>(
+    /// Completes `request` on `queue`: writes its status byte and its used entry, counts it,
+    /// and keeps its descriptor table for the next request. This is the one place a used
+    /// entry is written; only the thread that owns the queue calls it. Signalling the guest
+    /// is the caller's business.
+    pub fn complete<Q, M, B>(
         &mut self,
-        chain: DescriptorChain<&M>,
+        queue: &mut Q,
         mem: &M,
         backend: &B,
-        device: &DeviceConfig,
-    ) -> u32
+        request: Request<B::Error>,
+    ) -> Result<(), virtio_queue::Error>
     where
+        Q: QueueT,
         M: GuestMemoryBackend,
         B: BlockBackend,
     {
-        let head = chain.head_index();
-        let (status_addr, layout) = self.collect(chain, mem);
-        // With nothing to defer to, every chain is served here.
-        self.finish_chain(
+        let Request {
             head,
             status_addr,
-            layout,
-            mem,
-            backend,
-            device,
-            Instant::now(),
-            None,
-        )
-        .unwrap_or(0)
-    }
-
-    /// Parses and executes a collected chain and writes its status; returns the used length.
-    /// A read of slow pages is offered to `defer`, if given, instead: `None` when it took it.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_chain<M, B>(
-        &mut self,
-        head: u16,
-        status_addr: Option<GuestAddress>,
-        layout: Result<Layout, RequestError<B::Error>>,
-        mem: &M,
-        backend: &B,
-        device: &DeviceConfig,
-        started: Instant,
-        defer: Option<&mut dyn FnMut(DeferredRead) -> Result<(), DeferredRead>>,
-    ) -> Option<u32>
-    where
-        M: GuestMemoryBackend,
-        B: BlockBackend,
-    {
-        let Some(status_addr) = status_addr else {
-            backend.count_invalid_io();
-            self.warn(format_args!(
-                "dropping a request without a device-writable status byte"
-            ));
-            return Some(0);
-        };
-        let mut written = 0;
-        let mut kind = RequestKind::Unsupported;
-        let result = match layout {
-            Err(error) => Err(error),
-            Ok(layout) => {
-                let mut data = RequestData::new(&self.segments, &layout);
-                match Request::parse(&mut data, mem, device) {
-                    Err(error) => Err(error),
-                    Ok(request) => {
-                        kind = RequestKind::from(request.kind);
-                        if let Some(defer) = defer.filter(|_| request.reads_slowly(&data, backend))
-                        {
-                            let read = DeferredRead {
-                                head,
-                                segments: self.segments.clone(),
-                                layout,
-                                status_addr,
-                                request,
-                                started,
-                            };
-                            // Handed back when the read-back queue is full: served here.
-                            return match defer(read) {
-                                Ok(()) => None,
-                                Err(read) => Some(self.run_deferred(&read, mem, backend, device)),
-                            };
-                        }
-                        let result =
-                            request.execute(&mut data, mem, backend, device, &mut self.page);
-                        written = data.written;
-                        result
-                    }
-                }
-            }
+            segments,
+            stage,
+            written,
+            kind,
+            started,
+        } = request;
+        let result = match stage {
+            Stage::Done(result) => result,
+            // Completing a request nobody executed would report success for nothing.
+            Stage::Parsed { .. } => Err(RequestError::NotExecuted),
         };
         let ok = result.is_ok();
-        let used = self.complete(mem, backend, status_addr, written, result);
+        let used = match status_addr {
+            Some(status_addr) => self.write_status(mem, backend, status_addr, written, result),
+            None => {
+                backend.count_invalid_io();
+                self.warn(format_args!(
+                    "dropping a request without a device-writable status byte"
+                ));
+                0
+            }
+        };
+        self.recycle(segments);
+        self.in_flight.release(head);
         if let Some((stats, queue)) = &self.request_stats {
             stats.record(*queue, kind, started.elapsed(), ok);
         }
-        Some(used)
+        queue.add_used(mem, head, used)
     }
 
-    /// Records every request this worker completes into `stats`, as queue `queue`.
-    pub fn record_into(&mut self, stats: Arc<RequestStats>, queue: usize) {
-        self.request_stats = Some((stats, queue));
+    /// Drops `request` without completing it: its queue was stopped and gave it up. Only its
+    /// descriptor table is kept.
+    pub fn discard(&mut self, request: Request<impl std::error::Error + 'static>) {
+        self.recycle(request.segments);
+    }
+
+    fn recycle(&mut self, mut segments: Vec<Segment>) {
+        // At most a ring's worth of requests is in flight, so the pool stays that small.
+        if self.spare_segments.len() < self.in_flight.taken.len().max(1) {
+            segments.clear();
+            self.spare_segments.push(segments);
+        }
     }
 
     /// Writes the status byte for `result` and returns the used length: every byte written
     /// to device-writable buffers, status included.
-    fn complete<M, B>(
+    fn write_status<M, B>(
         &self,
         mem: &M,
         backend: &B,
@@ -743,82 +877,92 @@ impl Worker {
     fn warn(&self, message: std::fmt::Arguments<'_>) {
         super::ratelimit::warn_limited(&self.log_limiter, message);
     }
+}
 
-    /// Walks the chain, fills `self.segments` and finds the status byte. The status address is
-    /// returned even when the layout is bad, so the failure can be reported.
-    #[allow(clippy::type_complexity)]
-    fn collect<M, E>(
-        &mut self,
-        chain: DescriptorChain<&M>,
-        mem: &M,
-    ) -> (Option<GuestAddress>, Result<Layout, RequestError<E>>)
-    where
-        M: GuestMemoryBackend,
-        E: std::error::Error + 'static,
-    {
-        self.segments.clear();
-        let mut error: Option<RequestError<E>> = None;
-        let mut first_writable: Option<usize> = None;
-        let mut last = None;
-        for (index, desc) in chain.enumerate() {
-            last = Some(desc);
-            if error.is_some() {
-                // Keep walking (the chain is bounded by the queue size) to find the status byte.
-                continue;
-            }
-            if desc.len() == 0 {
-                error = Some(RequestError::EmptyDescriptor { index });
-            } else if !mem.check_range(desc.addr(), desc.len() as usize) {
-                error = Some(RequestError::OutsideGuestMemory {
-                    index,
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
-            } else if !desc.is_write_only() && first_writable.is_some() {
-                error = Some(RequestError::ReadableAfterWritable { index });
-            } else if self.segments.len() == self.max_descriptors {
-                error = Some(RequestError::TooManyDescriptors {
-                    max: self.max_descriptors,
-                });
-            } else {
-                if desc.is_write_only() && first_writable.is_none() {
-                    first_writable = Some(self.segments.len());
-                }
-                self.segments.push(Segment {
-                    addr: desc.addr(),
-                    len: desc.len(),
-                });
-            }
+/// A walked chain: where its status byte is, if it has one, and its shape or what is wrong
+/// with it.
+struct Collected<E: std::error::Error + 'static> {
+    status_addr: Option<GuestAddress>,
+    layout: Result<Layout, RequestError<E>>,
+}
+
+/// Walks the chain, fills `segments` and finds the status byte. The status address is
+/// returned even when the layout is bad, so the failure can be reported.
+fn collect<M, E>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    segments: &mut Vec<Segment>,
+    max_descriptors: usize,
+) -> Collected<E>
+where
+    M: GuestMemoryBackend,
+    E: std::error::Error + 'static,
+{
+    segments.clear();
+    let mut error: Option<RequestError<E>> = None;
+    let mut first_writable: Option<usize> = None;
+    let mut last = None;
+    for (index, desc) in chain.enumerate() {
+        last = Some(desc);
+        if error.is_some() {
+            // Keep walking (the chain is bounded by the queue size) to find the status byte.
+            continue;
         }
-        let status_addr = last
-            .filter(|desc| desc.is_write_only() && desc.len() > 0)
-            .and_then(|desc| desc.addr().checked_add(u64::from(desc.len()) - 1))
-            .filter(|addr| mem.check_range(*addr, 1));
-        let Some(status_addr) = status_addr else {
-            // Nowhere to report anything: the caller drops the chain; the error is not used.
-            return (
-                None,
-                Err(error.unwrap_or(RequestError::ShortHeader { len: 0 })),
-            );
+        if desc.len() == 0 {
+            error = Some(RequestError::EmptyDescriptor { index });
+        } else if !mem.check_range(desc.addr(), desc.len() as usize) {
+            error = Some(RequestError::OutsideGuestMemory {
+                index,
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        } else if !desc.is_write_only() && first_writable.is_some() {
+            error = Some(RequestError::ReadableAfterWritable { index });
+        } else if segments.len() == max_descriptors {
+            error = Some(RequestError::TooManyDescriptors {
+                max: max_descriptors,
+            });
+        } else {
+            if desc.is_write_only() && first_writable.is_none() {
+                first_writable = Some(segments.len());
+            }
+            segments.push(Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            });
+        }
+    }
+    let status_addr = last
+        .filter(|desc| desc.is_write_only() && desc.len() > 0)
+        .and_then(|desc| desc.addr().checked_add(u64::from(desc.len()) - 1))
+        .filter(|addr| mem.check_range(*addr, 1));
+    let Some(status_addr) = status_addr else {
+        // Nowhere to report anything: the chain is returned unanswered; the error is not used.
+        return Collected {
+            status_addr: None,
+            layout: Err(error.unwrap_or(RequestError::ShortHeader { len: 0 })),
         };
-        if let Some(error) = error {
-            return (Some(status_addr), Err(error));
-        }
-        // The last descriptor is writable (it holds the status byte), so it was pushed and
-        // `first_writable` is set.
-        let first_writable = first_writable.unwrap_or(self.segments.len());
-        // The status byte is not data: take it off the last segment.
-        if let Some(last) = self.segments.last_mut() {
-            last.len -= 1;
-        }
-        let count = self.segments.len();
-        (
-            Some(status_addr),
-            Ok(Layout {
-                readable: 0..first_writable,
-                writable: first_writable..count,
-            }),
-        )
+    };
+    if let Some(error) = error {
+        return Collected {
+            status_addr: Some(status_addr),
+            layout: Err(error),
+        };
+    }
+    // The last descriptor is writable (it holds the status byte), so it was pushed and
+    // `first_writable` is set.
+    let first_writable = first_writable.unwrap_or(segments.len());
+    // The status byte is not data: take it off the last segment.
+    if let Some(last) = segments.last_mut() {
+        last.len -= 1;
+    }
+    let count = segments.len();
+    Collected {
+        status_addr: Some(status_addr),
+        layout: Ok(Layout {
+            readable: 0..first_writable,
+            writable: first_writable..count,
+        }),
     }
 }
 
@@ -842,22 +986,22 @@ impl<'s> RequestData<'s> {
     }
 }
 
-/// A parsed request: its type and first sector, checked against the chain's shape and the
-/// device. Executing it reads or writes the data that follows the header.
+/// A parsed header: the request's type and first sector, checked against the chain's shape
+/// and the device. Executing it reads or writes the data that follows the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Request {
+struct Command {
     kind: RequestType,
     sector: u64,
 }
 
-impl Request {
+impl Command {
     /// Reads the header and checks what can be checked before touching the store: the data
     /// directions, the read-only flag, and for reads and writes the sector range.
     fn parse<M, E>(
         data: &mut RequestData<'_>,
         mem: &M,
         device: &DeviceConfig,
-    ) -> Result<Request, RequestError<E>>
+    ) -> Result<Command, RequestError<E>>
     where
         M: GuestMemoryBackend,
         E: std::error::Error + 'static,
@@ -929,7 +1073,7 @@ impl Request {
             | RequestType::GetId
             | RequestType::Unsupported(_) => {}
         }
-        Ok(Request { kind, sector })
+        Ok(Command { kind, sector })
     }
 
     /// Whether this is a read of a page `backend` reads slowly (on the backing file).
@@ -942,29 +1086,32 @@ impl Request {
         backend.reads_slowly(start / PAGE_BYTES..end.div_ceil(PAGE_BYTES))
     }
 
-    /// Executes the request against `backend`, moving data through `page`.
-    fn execute<M, B>(
+    /// Executes the request against `backend`, moving data through `page`; writes into
+    /// guest memory pass `gate`.
+    fn execute<M, B, G>(
         self,
         data: &mut RequestData<'_>,
         mem: &M,
         backend: &B,
         device: &DeviceConfig,
         page: &mut [u8; PAGE_SIZE],
+        gate: &G,
     ) -> Result<(), RequestError<B::Error>>
     where
         M: GuestMemoryBackend,
         B: BlockBackend,
+        G: GuestGate,
     {
         match self.kind {
-            RequestType::In => self.read(data, mem, backend, page),
+            RequestType::In => self.read(data, mem, backend, page, gate),
             RequestType::Out => self.write(data, mem, backend),
             RequestType::Flush => Ok(()),
             RequestType::GetId => {
                 let len = usize::try_from(data.writable.remaining)
                     .unwrap_or(usize::MAX)
                     .min(device.serial.len());
-                data.writable
-                    .write_from(mem, &device.serial[..len])
+                gate.pass(|| data.writable.write_from(mem, &device.serial[..len]))
+                    .ok_or(RequestError::Cancelled)?
                     .map_err(RequestError::Copy)?;
                 data.written += len as u64;
                 Ok(())
@@ -977,29 +1124,34 @@ impl Request {
     }
 
     /// Reads the sectors into the device-writable buffers. A whole page whose destination is
-    /// one contiguous piece of guest memory is read straight into it; any other page (partial,
-    /// or split across descriptors or memory regions) goes through `page` and is copied.
-    fn read<M, B>(
+    /// one contiguous piece of guest memory is read straight into it when `gate` allows; any
+    /// other page (partial, split across descriptors or memory regions, or read off the queue
+    /// thread) goes through `page` and is copied.
+    fn read<M, B, G>(
         self,
         data: &mut RequestData<'_>,
         mem: &M,
         backend: &B,
         page: &mut [u8; PAGE_SIZE],
+        gate: &G,
     ) -> Result<(), RequestError<B::Error>>
     where
         M: GuestMemoryBackend,
         B: BlockBackend,
+        G: GuestGate,
     {
         for_each_page(self.sector, data.writable.remaining, |index, in_page| {
-            let direct = if in_page.len() == PAGE_SIZE {
+            let direct = if G::LENDS_GUEST_MEMORY && in_page.len() == PAGE_SIZE {
                 data.writable.contiguous(mem, PAGE_SIZE)
             } else {
                 None
             };
             if let Some(destination) = direct {
                 // SAFETY: `destination` is guest memory of the snapshot `mem`, which this call
-                // borrows; the request path makes no other reference to guest memory, and the
-                // store's `read_page` touches only the page it is given.
+                // borrows; the request path makes no other reference to guest memory, and
+                // `BlockBackend` is an unsafe trait whose implementations promise that
+                // `read_page` touches only the page it is given, keeps no reference to it and
+                // never lets what it reads back from it steer bounds or control flow.
                 let read = unsafe {
                     lend_guest_page(&destination, |guest_page| {
                         backend.read_page(index, guest_page)
@@ -1011,8 +1163,8 @@ impl Request {
                 backend
                     .read_page(index, page)
                     .map_err(|source| RequestError::ReadFailed { index, source })?;
-                data.writable
-                    .write_from(mem, &page[in_page.clone()])
+                gate.pass(|| data.writable.write_from(mem, &page[in_page.clone()]))
+                    .ok_or(RequestError::Cancelled)?
                     .map_err(RequestError::Copy)?;
             }
             data.written += in_page.len() as u64;

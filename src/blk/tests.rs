@@ -26,7 +26,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::request::Worker;
+use super::request::{Next, OnQueueThread, Request, RequestRunner};
 use super::{BlockBackend, DeviceConfig};
 use crate::PAGE_SIZE;
 
@@ -56,6 +56,8 @@ struct TestStore {
     read_targets: Mutex<Vec<usize>>,
     fail_reads: bool,
     fail_writes: bool,
+    /// Pages below this index read slowly (as if written back to a file).
+    slow_below: u64,
     failed_reads: AtomicU64,
     failed_writes: AtomicU64,
     invalid_io: AtomicU64,
@@ -82,7 +84,10 @@ impl TestStore {
     }
 }
 
-impl BlockBackend for TestStore {
+// SAFETY: `read_page` copies a stored page into the page it is given, zeros it, or scribbles
+// a fixed pattern on it; it keeps only the page's address as a number (to tell zero-copy reads
+// from buffered ones), never reads the page back and touches no guest memory.
+unsafe impl BlockBackend for TestStore {
     type Error = InjectedFailure;
 
     fn capacity_pages(&self) -> u64 {
@@ -159,6 +164,14 @@ impl BlockBackend for TestStore {
         Ok(())
     }
 
+    fn reads_slowly(&self, pages: Range<u64>) -> bool {
+        pages.start < self.slow_below
+    }
+
+    fn may_read_slowly(&self) -> bool {
+        self.slow_below > 0
+    }
+
     fn count_invalid_io(&self) {
         self.invalid_io.fetch_add(1, Ordering::Relaxed);
     }
@@ -200,7 +213,7 @@ fn guest_memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
-/// A queue, a worker and a store, plus helpers to submit chains.
+/// A queue, a request runner and a store, plus helpers to submit chains.
 struct Harness<'m, S = TestStore> {
     mem: &'m GuestMemoryMmap<()>,
     vq: MockSplitQueue<'m, GuestMemoryMmap<()>>,
@@ -209,7 +222,7 @@ struct Harness<'m, S = TestStore> {
     submitted: u16,
     store: S,
     device: DeviceConfig,
-    worker: Worker,
+    runner: RequestRunner,
 }
 
 impl<'m> Harness<'m, TestStore> {
@@ -234,7 +247,7 @@ impl<'m, S: BlockBackend> Harness<'m, S> {
             next_desc: 0,
             submitted: 0,
             store,
-            worker: Worker::standalone(&device),
+            runner: RequestRunner::standalone(&device),
             device,
         }
     }
@@ -280,7 +293,7 @@ impl<'m, S: BlockBackend> Harness<'m, S> {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let head = self.add_chain(descs);
         let completed = self
-            .worker
+            .runner
             .process_queue(&mut self.queue, self.mem, &self.store, &self.device)
             .unwrap();
         assert_eq!(completed, 1);
@@ -423,7 +436,7 @@ fn page_straddling_descriptors_is_copied_in_pieces() {
     ];
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     let head = h.add_chain(&descs);
-    h.worker
+    h.runner
         .process_queue(&mut h.queue, &mem, &h.store, &h.device)
         .unwrap();
     let elem =
@@ -475,7 +488,7 @@ fn indirect_descriptor_table_is_followed() {
         .store(head, RawDescriptor::from(indirect))
         .unwrap();
     h.publish(head);
-    h.worker
+    h.runner
         .process_queue(&mut h.queue, &mem, &h.store, &h.device)
         .unwrap();
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
@@ -893,7 +906,7 @@ fn descriptor_loop_terminates() {
         .unwrap();
     h.next_desc += 2;
     h.publish(head);
-    h.worker
+    h.runner
         .process_queue(&mut h.queue, &mem, &h.store, &h.device)
         .unwrap();
     assert_eq!(h.queue.next_used(), 1, "the looping chain was completed");
@@ -1156,7 +1169,7 @@ fn a_read_buffer_over_the_rings_with_a_nonsense_index_fails_only_the_guests_queu
         h.add_chain(&[header(), writable(avail, PAGE_SIZE as u32), status_desc()]);
         // Serving may go on into whatever the ring now says; it must end, without panicking.
         let _ = h
-            .worker
+            .runner
             .process_queue(&mut h.queue, &mem, &h.store, &h.device);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
         assert_eq!(
@@ -1349,4 +1362,104 @@ proptest::proptest! {
         }
         proptest::prop_assert_eq!(h.store.counters(), (0, 0, 0));
     }
+}
+
+/// A slow read taken off the queue stays in flight — no status, no used entry — until it is
+/// executed and completed on the queue, and then lands like any other request.
+#[test]
+fn a_deferred_read_is_in_flight_until_completed_on_its_queue() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    h.store.slow_below = 4;
+    let page = pattern(PAGE_SIZE, 7);
+    assert_eq!(h.write(0, &page), (1, OK));
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.mem
+        .write_slice(&[0xee; PAGE_SIZE], GuestAddress(DATA))
+        .unwrap();
+    h.write_header(VIRTIO_BLK_T_IN, 0);
+    let head = h.add_chain(&[header(), writable(DATA, PAGE_SIZE as u32), status_desc()]);
+    let used_before = h.queue.next_used();
+
+    let mut taken: Option<Request<InjectedFailure>> = None;
+    let next = h
+        .runner
+        .process_next(
+            &mut h.queue,
+            h.mem,
+            &h.store,
+            &h.device,
+            Some(&mut |request| {
+                taken = Some(request);
+                Ok(())
+            }),
+        )
+        .unwrap();
+
+    assert_eq!(next, Next::Deferred);
+    assert_eq!(h.runner.in_flight(), 1, "taken and not completed");
+    assert_eq!(h.queue.next_used(), used_before, "no used entry yet");
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+    let mut request = taken.expect("the slow read was offered");
+    assert_eq!(request.head(), head);
+    assert!(!request.is_done());
+
+    h.runner
+        .execute(&mut request, h.mem, &h.store, &h.device, &OnQueueThread);
+    h.runner
+        .complete(&mut h.queue, h.mem, &h.store, request)
+        .unwrap();
+
+    assert_eq!(h.runner.in_flight(), 0);
+    assert_eq!(h.queue.next_used(), used_before + 1);
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+    let mut out = vec![0; PAGE_SIZE];
+    h.mem.read_slice(&mut out, GuestAddress(DATA)).unwrap();
+    assert_eq!(out, page);
+}
+
+/// A request completed without being executed reports an I/O error, never success for
+/// nothing; a refused one handed back by `defer` is served on the queue.
+#[test]
+fn a_request_completed_without_execution_reports_ioerr() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    h.store.slow_below = 4;
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.write_header(VIRTIO_BLK_T_IN, 0);
+    h.add_chain(&[header(), writable(DATA, PAGE_SIZE as u32), status_desc()]);
+    let mut taken = None;
+    h.runner
+        .process_next(
+            &mut h.queue,
+            h.mem,
+            &h.store,
+            &h.device,
+            Some(&mut |request| {
+                taken = Some(request);
+                Ok(())
+            }),
+        )
+        .unwrap();
+
+    let request: Request<InjectedFailure> = taken.unwrap();
+    h.runner
+        .complete(&mut h.queue, h.mem, &h.store, request)
+        .unwrap();
+
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), IOERR);
+    assert_eq!(h.runner.in_flight(), 0);
+    // Handed back: served on the queue at once.
+    let page = pattern(PAGE_SIZE, 3);
+    assert_eq!(h.write(0, &page), (1, OK));
+    h.write_header(VIRTIO_BLK_T_IN, 0);
+    h.add_chain(&[header(), writable(DATA, PAGE_SIZE as u32), status_desc()]);
+    let next = h
+        .runner
+        .process_next(&mut h.queue, h.mem, &h.store, &h.device, Some(&mut Err))
+        .unwrap();
+    assert_eq!(next, Next::Completed);
+    let mut out = vec![0; PAGE_SIZE];
+    h.mem.read_slice(&mut out, GuestAddress(DATA)).unwrap();
+    assert_eq!(out, page);
 }
