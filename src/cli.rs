@@ -25,11 +25,12 @@ use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command, LimitChange};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
+use crate::store::writeback::min_age_for;
 use crate::store::{
     AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, TrainRequest, WritebackMode,
     WritebackRequest, DEFAULT_BATCH_PAGES, MAX_PENDING_BUFFERS, MAX_SECONDARY,
 };
-use crate::writeback::{min_age_for, WritebackConfig};
+use crate::writeback::WritebackConfig;
 use crate::PAGE_SIZE;
 
 /// Exit status for a wrong command line: nothing was tried.

@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod metrics;
 pub mod pagegen;
 pub mod recompress;
+pub mod stop;
 pub mod store;
 pub mod workers;
 pub mod writeback;
