@@ -34,26 +34,23 @@
 //! beyond that gets `error busy` and is closed at once. Each client has [`CLIENT_DEADLINE`] in
 //! total, from its accept to the end of its request line, however slowly it sends: a client
 //! that drips a byte at a time is cut off at the deadline instead of resetting a timeout with
-//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The same
-//! [`BoundedServer`] serves the metrics over HTTP.
+//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The control
+//! socket and the metrics over HTTP both run on [`crate::server::BoundedServer`].
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use log::{debug, warn};
-use vmm_sys_util::eventfd::EventFd;
+use log::debug;
 
-use crate::daemon::wait_readable;
-use crate::metrics::{self, Observed};
+use crate::metrics;
+use crate::observed::Observed;
+use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
+pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS};
 use crate::store::{
     BadWritebackRequest, RecompressError, RecompressRequest, Stats, TrainRequest, WritebackError,
     WritebackMode, WritebackRequest,
@@ -61,13 +58,6 @@ use crate::store::{
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
-
-/// How long a client has, from its accept to the end of its request, and again to take the
-/// response.
-pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
-
-/// How many clients are served at once; more are refused as busy.
-pub const MAX_CLIENTS: usize = 8;
 
 /// How long [`request`] waits for the daemon's answer (compaction of a large store is the
 /// slowest command).
@@ -525,352 +515,6 @@ fn requests(value: u64) -> String {
     }
 }
 
-/// How a [`BoundedServer`] treats its clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerLimits {
-    /// Each client's total time to send its request (and, separately, to take the response).
-    pub deadline: Duration,
-    /// Clients served at once.
-    pub max_clients: usize,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        ServerLimits {
-            deadline: CLIENT_DEADLINE,
-            max_clients: MAX_CLIENTS,
-        }
-    }
-}
-
-/// A listening socket a [`BoundedServer`] accepts from.
-pub trait Acceptor: AsRawFd + Send + 'static {
-    /// The connection type.
-    type Stream: Read + Write + AsRawFd + Send + 'static;
-
-    /// Accepts one connection.
-    fn accept_one(&self) -> io::Result<Self::Stream>;
-
-    /// Sets the write timeout of `stream`.
-    fn set_write_timeout(stream: &Self::Stream, timeout: Duration) -> io::Result<()>;
-}
-
-impl Acceptor for UnixListener {
-    type Stream = UnixStream;
-
-    fn accept_one(&self) -> io::Result<UnixStream> {
-        self.accept().map(|(stream, _)| stream)
-    }
-
-    fn set_write_timeout(stream: &UnixStream, timeout: Duration) -> io::Result<()> {
-        stream.set_write_timeout(Some(timeout))
-    }
-}
-
-impl Acceptor for TcpListener {
-    type Stream = std::net::TcpStream;
-
-    fn accept_one(&self) -> io::Result<std::net::TcpStream> {
-        self.accept().map(|(stream, _)| stream)
-    }
-
-    fn set_write_timeout(stream: &std::net::TcpStream, timeout: Duration) -> io::Result<()> {
-        stream.set_write_timeout(Some(timeout))
-    }
-}
-
-/// Why a client's request could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    /// The deadline passed before the request was complete.
-    #[error("the request did not arrive before the deadline")]
-    Deadline,
-    /// The request is longer than allowed.
-    #[error("the request is too long")]
-    TooLong,
-    /// The client closed the connection before sending anything.
-    #[error("the client closed the connection without a request")]
-    Closed,
-    /// The server is stopping.
-    #[error("the server is stopping")]
-    Stopping,
-    /// Reading failed.
-    #[error("reading the request failed")]
-    Io(#[source] io::Error),
-}
-
-/// One accepted connection with its deadline.
-pub struct Client<S> {
-    /// The connection.
-    pub stream: S,
-    deadline: Instant,
-    stop_fd: RawFd,
-}
-
-impl<S: Read + Write + AsRawFd> Client<S> {
-    /// Reads until `terminator` has arrived, at most `max_len` bytes, before the deadline. A
-    /// client that closes its side after sending something gets what it sent treated as the
-    /// request. Returns everything read, the terminator included.
-    pub fn read_request(
-        &mut self,
-        terminator: &[u8],
-        max_len: usize,
-    ) -> Result<Vec<u8>, ReadError> {
-        let mut request = Vec::with_capacity(max_len.min(4096));
-        let mut chunk = [0u8; 1024];
-        loop {
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ReadError::Deadline);
-            }
-            match poll_readable(self.stream.as_raw_fd(), self.stop_fd, remaining)
-                .map_err(ReadError::Io)?
-            {
-                Readiness::Ready => {}
-                Readiness::Stopping => return Err(ReadError::Stopping),
-                Readiness::TimedOut => return Err(ReadError::Deadline),
-            }
-            let want = chunk.len().min(max_len + 1 - request.len());
-            let read = match self.stream.read(&mut chunk[..want]) {
-                Ok(read) => read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(ReadError::Io(error)),
-            };
-            if read == 0 {
-                return if request.is_empty() {
-                    Err(ReadError::Closed)
-                } else {
-                    Ok(request)
-                };
-            }
-            let searched_from = request.len().saturating_sub(terminator.len() - 1);
-            request.extend_from_slice(&chunk[..read]);
-            if let Some(at) = find(&request[searched_from..], terminator) {
-                request.truncate(searched_from + at + terminator.len());
-                return Ok(request);
-            }
-            if request.len() > max_len {
-                return Err(ReadError::TooLong);
-            }
-        }
-    }
-
-    /// Writes the whole response.
-    pub fn respond(&mut self, response: &[u8]) -> io::Result<()> {
-        self.stream.write_all(response)?;
-        self.stream.flush()
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
-enum Readiness {
-    Ready,
-    Stopping,
-    TimedOut,
-}
-
-/// Waits until `fd` is readable, `stop_fd` is, or `timeout` passes.
-fn poll_readable(fd: RawFd, stop_fd: RawFd, timeout: Duration) -> io::Result<Readiness> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // Round up so that a sub-millisecond remainder does not spin.
-    let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-    loop {
-        // SAFETY: `fds` is a valid, writable array of two `pollfd` that outlives the call, and
-        // its length is passed exactly.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if fds[1].revents != 0 {
-            return Ok(Readiness::Stopping);
-        }
-        if fds[0].revents != 0 {
-            return Ok(Readiness::Ready);
-        }
-        return Ok(Readiness::TimedOut);
-    }
-}
-
-/// What a [`BoundedServer`] does with each client.
-pub trait Handler<S>: Send + Sync + 'static {
-    /// Reads one request from `client` and answers it.
-    fn serve(&self, client: &mut Client<S>);
-
-    /// The bytes sent to a client refused because [`ServerLimits::max_clients`] are being
-    /// served.
-    fn busy_response(&self) -> &'static [u8];
-}
-
-/// An accept loop on its own thread that serves each client on a thread of its own, at most
-/// [`ServerLimits::max_clients`] at once, each within [`ServerLimits::deadline`].
-pub struct BoundedServer {
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-    active: Arc<AtomicUsize>,
-}
-
-impl BoundedServer {
-    /// Serves `listener` with `handler` on a thread named `name` until stopped.
-    pub fn spawn<L, H>(
-        name: &str,
-        listener: L,
-        handler: H,
-        limits: ServerLimits,
-    ) -> io::Result<Self>
-    where
-        L: Acceptor,
-        H: Handler<L::Stream>,
-    {
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
-        let active = Arc::new(AtomicUsize::new(0));
-        let accept_loop = AcceptLoop {
-            listener,
-            handler: Arc::new(handler),
-            limits,
-            stop: stop.clone(),
-            active: active.clone(),
-            clients: Vec::new(),
-            client_name: format!("{name}-client"),
-        };
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || accept_loop.run())?;
-        Ok(BoundedServer {
-            stop,
-            thread: Some(thread),
-            active,
-        })
-    }
-
-    /// How many clients are being served now.
-    pub fn active_clients(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-
-    /// Stops accepting, ends every client's read at once and waits for every thread (a client
-    /// still taking its response holds its thread at most one deadline more).
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for BoundedServer {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-struct AcceptLoop<L: Acceptor, H> {
-    listener: L,
-    handler: Arc<H>,
-    limits: ServerLimits,
-    stop: Arc<EventFd>,
-    active: Arc<AtomicUsize>,
-    clients: Vec<JoinHandle<()>>,
-    client_name: String,
-}
-
-/// Decrements the active-client count when a client thread ends, however it ends.
-struct ActiveClient(Arc<AtomicUsize>);
-
-impl Drop for ActiveClient {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl<L: Acceptor, H: Handler<L::Stream>> AcceptLoop<L, H> {
-    fn run(mut self) {
-        loop {
-            match wait_readable(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(error) => {
-                    warn!("{}: {error}", self.client_name);
-                    break;
-                }
-            }
-            match self.listener.accept_one() {
-                Ok(stream) => self.admit(stream),
-                Err(error) => debug!("{} accept: {error}", self.client_name),
-            }
-            self.clients.retain(|client| !client.is_finished());
-        }
-        for client in self.clients.drain(..) {
-            let _ = client.join();
-        }
-    }
-
-    fn admit(&mut self, stream: L::Stream) {
-        let _ = L::set_write_timeout(&stream, self.limits.deadline);
-        if self.active.load(Ordering::Acquire) >= self.limits.max_clients {
-            refuse(stream, self.handler.busy_response());
-            return;
-        }
-        self.active.fetch_add(1, Ordering::AcqRel);
-        let guard = ActiveClient(self.active.clone());
-        let mut client = Client {
-            stream,
-            deadline: Instant::now() + self.limits.deadline,
-            stop_fd: self.stop.as_raw_fd(),
-        };
-        let handler = self.handler.clone();
-        // The eventfd outlives every client thread: `run` joins them before it returns, and
-        // `self.stop` is dropped only after that.
-        let spawned = std::thread::Builder::new()
-            .name(self.client_name.clone())
-            .spawn(move || {
-                let _guard = guard;
-                handler.serve(&mut client);
-            });
-        match spawned {
-            Ok(thread) => self.clients.push(thread),
-            Err(error) => warn!(
-                "{}: cannot start a client thread: {error}",
-                self.client_name
-            ),
-        }
-    }
-}
-
-/// Sends `response` to a refused client without waiting for it, then closes the connection.
-fn refuse<S: Write + AsRawFd>(mut stream: S, response: &[u8]) {
-    // SAFETY: fcntl(2) on a descriptor `stream` owns; no pointers.
-    let flags = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_GETFL) };
-    if flags >= 0 {
-        // SAFETY: as above; setting O_NONBLOCK on our own descriptor.
-        unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
-    }
-    let _ = stream.write(response);
-}
-
 /// The control protocol as a [`Handler`].
 struct ControlHandler {
     observed: Arc<Observed>,
@@ -903,6 +547,7 @@ impl Handler<UnixStream> for ControlHandler {
 }
 
 /// The control server: answers one request per connection, clients served concurrently.
+#[derive(Debug)]
 pub struct ControlServer {
     server: BoundedServer,
 }
@@ -934,6 +579,11 @@ impl ControlServer {
     pub fn stop(self) {
         self.server.stop();
     }
+
+    /// The server's threads, for an owner that stops them with others.
+    pub fn into_threads(self) -> crate::stop::Threads {
+        self.server.into_threads()
+    }
 }
 
 fn parse_request(line: &[u8]) -> Result<Command, ControlError> {
@@ -951,6 +601,7 @@ mod tests {
     use crate::codec::Algorithm;
     use crate::store::{PageStore, StoreConfig};
     use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
 
     fn observed() -> Arc<Observed> {
         let store = PageStore::new(StoreConfig {

@@ -59,7 +59,8 @@ use crate::blk::config::feature_names;
 use crate::blk::request_stats::RequestStats;
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
-use crate::metrics::{MetricsServer, Observed};
+use crate::metrics::MetricsServer;
+use crate::observed::Observed;
 use crate::recompress::{BackgroundRecompressor, RecompressConfig};
 use crate::store::backing::BackingFile;
 use crate::store::stats::Stats;
@@ -516,7 +517,7 @@ impl Daemon {
 }
 
 /// Blocks until `fd` is readable (`true`) or `stop_fd` is (`false`).
-pub(crate) fn wait_readable(fd: RawFd, stop_fd: RawFd) -> io::Result<bool> {
+fn wait_readable(fd: RawFd, stop_fd: RawFd) -> io::Result<bool> {
     let mut fds = [
         libc::pollfd {
             fd,
