@@ -510,6 +510,7 @@ impl Handler<TcpStream> for HttpHandler {
 }
 
 /// Serves the metrics over HTTP until stopped.
+#[derive(Debug)]
 pub struct MetricsServer {
     server: BoundedServer,
     address: SocketAddr,
@@ -542,6 +543,11 @@ impl MetricsServer {
     /// Stops the server and waits for its threads.
     pub fn stop(self) {
         self.server.stop();
+    }
+
+    /// The server's threads, for an owner that stops them with others.
+    pub fn into_threads(self) -> crate::stop::Threads {
+        self.server.into_threads()
     }
 }
 
