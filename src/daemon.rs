@@ -252,7 +252,9 @@ pub struct Daemon {
     metrics_address: Option<SocketAddr>,
     stop: StopSignal,
     connection: LiveConnection,
-    /// Every thread the daemon started, watching `stop`.
+    /// Every thread the daemon started. Their group's signal is not `stop`: a stop request
+    /// ends the connection first, and the threads that serve it (the compression workers
+    /// above all) stop at the exit, after the connection's threads have ended.
     threads: Threads,
     poll_max: Duration,
 }
@@ -262,7 +264,7 @@ impl Daemon {
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
         let stop = StopSignal::new();
         // Dropped on an error below, the group stops and joins what was started.
-        let mut threads = Threads::watching(stop.clone());
+        let mut threads = Threads::new();
         let connection = LiveConnection::shut_down_by(&stop);
         let mut store = PageStore::with_pending(config.store.clone(), config.pending)
             .map_err(DaemonError::Store)?
@@ -392,7 +394,7 @@ impl Daemon {
     /// logged and ignored, SIGUSR1 logs [`stats_summary`]. It is one of the daemon's threads,
     /// stopped with them. The signals must have been blocked with [`block_handled_signals`].
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        spawn_signal_thread(&mut self.threads, self.store.clone())
+        spawn_signal_thread(&mut self.threads, self.stop.clone(), self.store.clone())
     }
 
     /// The store the device serves.
@@ -500,8 +502,9 @@ impl Daemon {
             handler.send_exit_event();
         }
         drop(daemon);
-        // One stop and one bound for every thread the daemon started; those that do not stop
-        // in time (a write stuck in a hung backing file) are named in the log and left.
+        // The connection's threads have ended. One stop and one bound for every thread the
+        // daemon started; those that do not stop in time (a write stuck in a hung backing
+        // file) are named in the log and left.
         let _ = threads.stop_within(EXIT_BOUND);
         drop(control_socket_file);
         drop(listener);
@@ -814,10 +817,14 @@ pub fn block_handled_signals() -> io::Result<()> {
 }
 
 /// Starts the `signals` thread in `threads`: it reads the handled signals from a signalfd
-/// and waits on it and on the group's signal, so that it ends with the daemon. SIGTERM and
-/// SIGINT stop the group's signal, SIGHUP is logged and ignored, SIGUSR1 logs
+/// and waits on it and on the group's signal, so that it ends with the group. SIGTERM and
+/// SIGINT stop the daemon through `stop`, SIGHUP is logged and ignored, SIGUSR1 logs
 /// [`stats_summary`] of `store`.
-fn spawn_signal_thread(threads: &mut Threads, store: Arc<PageStore>) -> io::Result<()> {
+fn spawn_signal_thread(
+    threads: &mut Threads,
+    stop: StopSignal,
+    store: Arc<PageStore>,
+) -> io::Result<()> {
     let set = handled_signals();
     // SAFETY: `set` is an initialized signal set that outlives the call; -1 asks for a new
     // descriptor. The result is checked before use.
@@ -827,8 +834,8 @@ fn spawn_signal_thread(threads: &mut Threads, store: Arc<PageStore>) -> io::Resu
     }
     // SAFETY: `raw` is a descriptor signalfd just created and nothing else owns.
     let signals = unsafe { OwnedFd::from_raw_fd(raw) };
-    threads.spawn("signals", move |stop| loop {
-        match stop.wait_readable(signals.as_raw_fd(), None) {
+    threads.spawn("signals", move |exit| loop {
+        match exit.wait_readable(signals.as_raw_fd(), None) {
             Ok(Readiness::Readable) => {}
             Ok(Readiness::Stopped) => break,
             Ok(Readiness::TimedOut) => continue,
