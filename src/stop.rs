@@ -195,7 +195,7 @@ impl StopSignal {
 
     /// Stops `child` when this signal stops (at once if it has): a group of threads with a
     /// signal of its own stops with the daemon's.
-    pub fn stop_with_me(&self, child: &StopSignal) {
+    pub fn propagate_to(&self, child: &StopSignal) {
         let child = child.clone();
         self.on_stop(move || child.stop());
     }
@@ -437,7 +437,7 @@ impl Threads {
 
     /// Takes over the threads of `group`, whose signal from now on stops with this group's.
     pub fn adopt(&mut self, mut group: Threads) {
-        self.signal.stop_with_me(&group.signal);
+        self.signal.propagate_to(&group.signal);
         self.started.append(&mut group.started);
     }
 
