@@ -25,11 +25,12 @@ use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command, LimitChange};
 use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
+use crate::store::writeback::min_age_for;
 use crate::store::{
     AlgorithmSpec, PendingConfig, RecompressRequest, StoreConfig, TrainRequest, WritebackMode,
     WritebackRequest, DEFAULT_BATCH_PAGES, MAX_PENDING_BUFFERS, MAX_SECONDARY,
 };
-use crate::writeback::{min_age_for, WritebackConfig};
+use crate::writeback::WritebackConfig;
 use crate::PAGE_SIZE;
 
 /// Exit status for a wrong command line: nothing was tried.
@@ -53,8 +54,10 @@ pub const NO_CONTROL_SOCKET: &str = "none";
 pub const CONTROL_SOCKET_SUFFIX: &str = ".ctl";
 
 /// The vhost-user backend program capabilities (`--print-capabilities`), as the vhost-user
-/// specification's "Backend program conventions" define them. Only `read-only` applies: the
-/// device has no backing file, so `blk-file` is not offered.
+/// specification's "Backend program conventions" define them. Only `read-only` applies:
+/// `blk-file` means serving an image file as the device, and this device's contents live in
+/// compressed RAM (`--backing-file` only takes pages written back from RAM, it is no image),
+/// so `blk-file` is not offered.
 pub const CAPABILITIES: &str =
     "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\"\n  ]\n}\n";
 
@@ -1033,7 +1036,7 @@ fn run_daemon(args: &ServeArgs) -> ExitCode {
         eprintln!("error: cannot block the handled signals: {error}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    let daemon = match Daemon::new(config) {
+    let mut daemon = match Daemon::new(config) {
         Ok(daemon) => daemon,
         Err(error) => return fail(&error),
     };
@@ -1041,7 +1044,7 @@ fn run_daemon(args: &ServeArgs) -> ExitCode {
         eprintln!("error: cannot install the SIGBUS handler: {error}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    if let Err(error) = daemon::handle_signals(daemon.stop_handle(), daemon.store().clone()) {
+    if let Err(error) = daemon.handle_signals() {
         eprintln!("error: cannot start the signal thread: {error}");
         return ExitCode::from(EXIT_FAILURE);
     }

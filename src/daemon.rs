@@ -13,12 +13,12 @@
 //! 3. Returning frees the store; the process then exits, so no data of one connection is ever
 //!    visible to another.
 //!
-//! A [`StopHandle`] (SIGTERM/SIGINT through [`handle_signals`], or a test) ends the daemon at
-//! any point; `run` then returns `Ok` and the socket files are removed. Stopping while the
+//! A [`StopSignal`] ([`Daemon::stop_handle`]; SIGTERM/SIGINT through
+//! [`Daemon::handle_signals`], or a test) ends the daemon at any point; `run` then returns `Ok` and the socket files are removed. Stopping while the
 //! frontend is connected throws the guest's data away (its swap fails at the next swap-in),
 //! so `run` then logs a warning naming what was lost.
 //!
-//! Signals ([`handle_signals`]): SIGTERM and SIGINT stop the daemon; SIGHUP is logged and
+//! Signals ([`Daemon::handle_signals`]): SIGTERM and SIGINT stop the daemon; SIGHUP is logged and
 //! ignored (there is no configuration file or log file to reopen); SIGUSR1 logs a statistics
 //! summary. A SIGBUS, which a frontend causes by shrinking a file that backs guest memory after
 //! sharing it, cannot be survived: [`exit_cleanly_on_sigbus`] installs a handler that says so
@@ -46,27 +46,30 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::config::feature_names;
 use crate::blk::request_stats::RequestStats;
 use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
 use crate::control::ControlServer;
-use crate::metrics::{MetricsServer, Observed};
+use crate::metrics::MetricsServer;
+use crate::observed::Observed;
 use crate::recompress::{BackgroundRecompressor, RecompressConfig};
+use crate::stop::{Readiness, StopSignal, Threads, STOP_BOUND};
 use crate::store::backing::BackingFile;
 use crate::store::stats::Stats;
 use crate::store::{PageStore, PendingConfig, RecompressError, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
 use crate::writeback::{WritebackConfig, WritebackDaemon};
 use crate::PAGE_SIZE;
+
+/// How long the daemon, at its exit, waits for every thread it started to stop.
+pub const EXIT_BOUND: std::time::Duration = STOP_BOUND;
 
 /// The default mode of the vhost-user and control sockets.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -197,60 +200,34 @@ pub enum DaemonError {
     VhostUser(String),
 }
 
-/// Ends a running [`Daemon`] from another thread.
-#[derive(Clone)]
-pub struct StopHandle {
-    inner: Arc<StopState>,
-}
+/// The live frontend connection's shutdown, which the daemon's [`StopSignal`] calls at the
+/// stop: vhost-user-backend's [`ShutdownHandle`] is how that crate's connection thread is told
+/// to end.
+#[derive(Clone, Default)]
+struct LiveConnection(Arc<Mutex<Option<ShutdownHandle>>>);
 
-struct StopState {
-    event: EventFd,
-    requested: AtomicBool,
-    connection: Mutex<Option<ShutdownHandle>>,
-}
-
-impl StopHandle {
-    fn new() -> io::Result<Self> {
-        Ok(StopHandle {
-            inner: Arc::new(StopState {
-                event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-                requested: AtomicBool::new(false),
-                connection: Mutex::new(None),
-            }),
-        })
+impl LiveConnection {
+    /// A connection slot whose connection `stop` shuts down.
+    fn shut_down_by(stop: &StopSignal) -> LiveConnection {
+        let connection = LiveConnection::default();
+        let live = connection.clone();
+        stop.on_stop(move || live.shutdown());
+        connection
     }
 
-    /// Asks the daemon to stop: it stops waiting for a frontend, or closes the connection to
-    /// it. Idempotent.
-    pub fn stop(&self) {
-        self.inner.requested.store(true, Ordering::Release);
-        // The eventfd is never read, so it stays readable for every waiter.
-        let _ = self.inner.event.write(1);
-        if let Ok(connection) = self.inner.connection.lock() {
-            if let Some(connection) = connection.as_ref() {
-                connection.shutdown();
-            }
+    fn shutdown(&self) {
+        let slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(connection) = slot.as_ref() {
+            connection.shutdown();
         }
     }
 
-    /// Whether [`StopHandle::stop`] was called.
-    pub fn is_stopped(&self) -> bool {
-        self.inner.requested.load(Ordering::Acquire)
-    }
-
-    fn event_fd(&self) -> RawFd {
-        self.inner.event.as_raw_fd()
-    }
-
-    /// Records the live connection, or closes it at once when a stop came first.
-    fn set_connection(&self, connection: Option<ShutdownHandle>) {
-        if let Ok(mut slot) = self.inner.connection.lock() {
-            *slot = connection;
-            if self.is_stopped() {
-                if let Some(connection) = slot.as_ref() {
-                    connection.shutdown();
-                }
-            }
+    /// Records the live connection, or closes it at once when the stop came first (the
+    /// waker may have run before the connection was recorded).
+    fn set(&self, connection: Option<ShutdownHandle>, stop: &StopSignal) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = connection;
+        if stop.is_stopped() {
+            self.shutdown();
         }
     }
 }
@@ -271,19 +248,24 @@ pub struct Daemon {
     store: Arc<PageStore>,
     device: DeviceConfig,
     observed: Arc<Observed>,
-    control: Option<(ControlServer, SocketFile)>,
-    metrics: Option<MetricsServer>,
-    stop: StopHandle,
-    workers: CompressWorkers,
-    recompressor: Option<BackgroundRecompressor>,
-    writeback: WritebackDaemon,
+    control_socket_file: Option<SocketFile>,
+    metrics_address: Option<SocketAddr>,
+    stop: StopSignal,
+    connection: LiveConnection,
+    /// Every thread the daemon started. Their group's signal is not `stop`: a stop request
+    /// ends the connection first, and the threads that serve it (the compression workers
+    /// above all) stop at the exit, after the connection's threads have ended.
+    threads: Threads,
     poll_max: Duration,
 }
 
 impl Daemon {
     /// Creates the store and binds the sockets.
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
-        let stop = StopHandle::new().map_err(DaemonError::Wait)?;
+        let stop = StopSignal::new();
+        // Dropped on an error below, the group stops and joins what was started.
+        let mut threads = Threads::new();
+        let connection = LiveConnection::shut_down_by(&stop);
         let mut store = PageStore::with_pending(config.store.clone(), config.pending)
             .map_err(DaemonError::Store)?
             .with_secondary_algorithms(&config.recompress.algorithms)
@@ -308,8 +290,11 @@ impl Daemon {
         store.set_writeback_batch(config.writeback.batch_pages);
         store.set_idle_tick(config.writeback.idle_tick);
         let store = Arc::new(store);
-        let workers = CompressWorkers::start(store.clone(), &config.worker_cpus)
-            .map_err(DaemonError::Workers)?;
+        threads.adopt(
+            CompressWorkers::start(store.clone(), &config.worker_cpus)
+                .map_err(DaemonError::Workers)?
+                .into_threads(),
+        );
         if BlockBackend::capacity_pages(&*store) != config.device.capacity_pages {
             return Err(DaemonError::CapacityMismatch {
                 store: BlockBackend::capacity_pages(&*store),
@@ -343,38 +328,44 @@ impl Daemon {
                 .map_err(DaemonError::Recompress)?;
             info!("zstd pages use dictionary {id} from {}", path.display());
         }
-        let recompressor = match config.recompress.idle_after {
-            Some(idle_after) => Some(
+        if let Some(idle_after) = config.recompress.idle_after {
+            threads.adopt(
                 BackgroundRecompressor::start(store.clone(), idle_after, config.recompress.rate)
-                    .map_err(DaemonError::Recompressor)?,
-            ),
-            None => None,
-        };
-        let writeback = WritebackDaemon::start(store.clone(), &config.writeback)
-            .map_err(DaemonError::Writeback)?;
+                    .map_err(DaemonError::Recompressor)?
+                    .into_threads(),
+            );
+        }
+        threads.adopt(
+            WritebackDaemon::start(store.clone(), &config.writeback)
+                .map_err(DaemonError::Writeback)?
+                .into_threads(),
+        );
         let observed = Arc::new(Observed::new(
             store.clone(),
             Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
             Arc::new(AtomicBool::new(false)),
             &Observed::serial_from_bytes(&config.device.serial),
         ));
-        let control = match &config.control_socket {
+        let control_socket_file = match &config.control_socket {
             Some(path) => {
                 let listener = bind_socket(path, config.socket_mode)?;
                 let file = SocketFile(path.clone());
                 let server = ControlServer::spawn(listener, observed.clone())
                     .map_err(DaemonError::Control)?;
-                Some((server, file))
+                threads.adopt(server.into_threads());
+                Some(file)
             }
             None => None,
         };
         log_configuration(&config);
-        let metrics = match config.metrics_listen {
+        let metrics_address = match config.metrics_listen {
             Some(address) => {
                 let server = MetricsServer::bind(address, observed.clone())
                     .map_err(|source| DaemonError::Metrics { address, source })?;
-                info!("serving metrics on http://{}/metrics", server.local_addr());
-                Some(server)
+                let served = server.local_addr();
+                info!("serving metrics on http://{served}/metrics");
+                threads.adopt(server.into_threads());
+                Some(served)
             }
             None => None,
         };
@@ -384,19 +375,26 @@ impl Daemon {
             store,
             device: config.device,
             observed,
-            control,
-            metrics,
+            control_socket_file,
+            metrics_address,
             stop,
-            workers,
-            recompressor,
-            writeback,
+            connection,
+            threads,
             poll_max: config.poll_max,
         })
     }
 
-    /// A handle that ends [`Daemon::run`].
-    pub fn stop_handle(&self) -> StopHandle {
+    /// The signal that ends [`Daemon::run`] when stopped, from any thread: it stops waiting
+    /// for a frontend, or closes the connection to it.
+    pub fn stop_handle(&self) -> StopSignal {
         self.stop.clone()
+    }
+
+    /// Starts the thread that handles signals: SIGTERM and SIGINT stop the daemon, SIGHUP is
+    /// logged and ignored, SIGUSR1 logs [`stats_summary`]. It is one of the daemon's threads,
+    /// stopped with them. The signals must have been blocked with [`block_handled_signals`].
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        spawn_signal_thread(&mut self.threads, self.stop.clone(), self.store.clone())
     }
 
     /// The store the device serves.
@@ -409,7 +407,7 @@ impl Daemon {
     pub fn socket_paths(&self) -> Vec<PathBuf> {
         self.socket_file
             .iter()
-            .chain(self.control.iter().map(|(_, file)| file))
+            .chain(self.control_socket_file.iter())
             .map(|file| file.0.clone())
             .collect()
     }
@@ -422,7 +420,7 @@ impl Daemon {
 
     /// The address the metrics are served on, if they are.
     pub fn metrics_address(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().map(MetricsServer::local_addr)
+        self.metrics_address
     }
 
     /// Serves one frontend until it disconnects or the daemon is stopped; both are success.
@@ -433,12 +431,11 @@ impl Daemon {
             store,
             device,
             observed,
-            control,
-            metrics,
+            control_socket_file,
+            metrics_address: _,
             stop,
-            workers,
-            recompressor,
-            writeback,
+            connection,
+            mut threads,
             poll_max,
         } = self;
         match &socket_file {
@@ -457,17 +454,24 @@ impl Daemon {
         let listener_fd = listener.as_raw_fd();
         let mut listener = Listener::from(listener);
         let result = loop {
-            if !wait_readable(listener_fd, stop.event_fd()).map_err(DaemonError::Wait)? {
-                info!("stopped before a frontend connected");
-                break Ok(());
+            match stop
+                .wait_readable(listener_fd, None)
+                .map_err(DaemonError::Wait)?
+            {
+                Readiness::Readable => {}
+                Readiness::Stopped => {
+                    info!("stopped before a frontend connected");
+                    break Ok(());
+                }
+                Readiness::TimedOut => continue,
             }
             if let Err(error) = daemon.start(&mut listener) {
                 break Err(DaemonError::VhostUser(error.to_string()));
             }
             debug!("accepted a connection on the vhost-user socket");
-            stop.set_connection(daemon.shutdown_handle());
+            connection.set(daemon.shutdown_handle(), &stop);
             let served = daemon.wait();
-            stop.set_connection(None);
+            connection.set(None, &stop);
             backend.disconnected();
             observed.connected.store(false, Ordering::Release);
             let served = match served {
@@ -496,62 +500,22 @@ impl Daemon {
             }
             debug!("a connection closed without a vhost-user message (a liveness probe?)");
         };
-        for name in backend.stop(std::time::Instant::now() + Duration::from_secs(2)) {
-            warn!("thread {name} did not stop within 2 s; leaving it");
-        }
+        // Queue threads stop at their next request; reads still in the backing file are
+        // cancelled, and their threads joined within the bound or named.
+        let _ = backend.stop(EXIT_BOUND);
         disarm_sigbus_cleanup();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
         drop(daemon);
-        if let Some(recompressor) = recompressor {
-            recompressor.stop();
-        }
-        writeback.stop();
-        workers.stop();
-        if let Some((server, _file)) = control {
-            server.stop();
-        }
-        if let Some(server) = metrics {
-            server.stop();
-        }
+        // The connection's threads have ended. One stop and one bound for every thread the
+        // daemon started; those that do not stop in time (a write stuck in a hung backing
+        // file) are named in the log and left.
+        let _ = threads.stop_within(EXIT_BOUND);
+        drop(control_socket_file);
         drop(listener);
         drop(socket_file);
         result
-    }
-}
-
-/// Blocks until `fd` is readable (`true`) or `stop_fd` is (`false`).
-pub(crate) fn wait_readable(fd: RawFd, stop_fd: RawFd) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid, writable array of two `pollfd` that outlives the call, and
-        // its length is passed exactly.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if fds[1].revents != 0 {
-            return Ok(false);
-        }
-        if fds[0].revents != 0 {
-            return Ok(true);
-        }
     }
 }
 
@@ -827,8 +791,8 @@ fn warn_of_lost_data(stats: &Stats) {
     );
 }
 
-/// The signals the signal thread handles: they are blocked in every thread and received with
-/// `sigwait`, so their default action (terminating without removing the sockets) never runs.
+/// The signals the signal thread handles: they are blocked in every thread and received from
+/// a signalfd, so their default action (terminating without removing the sockets) never runs.
 const HANDLED_SIGNALS: [libc::c_int; 4] =
     [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
 
@@ -845,9 +809,9 @@ fn handled_signals() -> libc::sigset_t {
     }
 }
 
-/// Blocks the signals [`handle_signals`] handles (SIGTERM, SIGINT, SIGHUP, SIGUSR1) in the
-/// calling thread and, through inheritance, in every thread it starts afterwards. Call first
-/// thing in `main`, then [`handle_signals`].
+/// Blocks the signals [`Daemon::handle_signals`] handles (SIGTERM, SIGINT, SIGHUP, SIGUSR1) in
+/// the calling thread and, through inheritance, in every thread it starts afterwards. Call
+/// first thing in `main`, then [`Daemon::handle_signals`].
 pub fn block_handled_signals() -> io::Result<()> {
     let set = handled_signals();
     // SAFETY: `set` is an initialized signal set; the old mask is not requested.
@@ -858,33 +822,65 @@ pub fn block_handled_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Starts a thread that waits for the handled signals: SIGTERM and SIGINT stop the daemon
-/// through `stop`, SIGHUP is logged and ignored, SIGUSR1 logs [`stats_summary`] of `store`.
-/// The signals must have been blocked with [`block_handled_signals`].
-pub fn handle_signals(stop: StopHandle, store: Arc<PageStore>) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let set = handled_signals();
-            loop {
-                let mut signal = 0;
-                // SAFETY: `set` is an initialized signal set and `signal` is valid for writes.
-                if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-                    continue;
-                }
-                match signal {
-                    libc::SIGTERM | libc::SIGINT => {
-                        info!("received {}; stopping", signal_name(signal));
-                        stop.stop();
-                    }
-                    libc::SIGHUP => {
-                        info!("received SIGHUP; ignored: there is no configuration or log file to reopen");
-                    }
-                    libc::SIGUSR1 => info!("statistics: {}", stats_summary(&store.stats())),
-                    other => debug!("received signal {other}, which is not handled"),
-                }
+/// Starts the `signals` thread in `threads`: it reads the handled signals from a signalfd
+/// and waits on it and on the group's signal, so that it ends with the group. SIGTERM and
+/// SIGINT stop the daemon through `stop`, SIGHUP is logged and ignored, SIGUSR1 logs
+/// [`stats_summary`] of `store`.
+fn spawn_signal_thread(
+    threads: &mut Threads,
+    stop: StopSignal,
+    store: Arc<PageStore>,
+) -> io::Result<()> {
+    let set = handled_signals();
+    // SAFETY: `set` is an initialized signal set that outlives the call; -1 asks for a new
+    // descriptor. The result is checked before use.
+    let raw = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor signalfd just created and nothing else owns.
+    let signals = unsafe { OwnedFd::from_raw_fd(raw) };
+    threads.spawn("signals", move |exit| loop {
+        match exit.wait_readable(signals.as_raw_fd(), None) {
+            Ok(Readiness::Readable) => {}
+            Ok(Readiness::Stopped) => break,
+            Ok(Readiness::TimedOut) => continue,
+            Err(error) => {
+                warn!("cannot wait for signals any more: {error}");
+                break;
             }
-        })
+        }
+        let Some(signal) = read_signal(&signals) else {
+            continue;
+        };
+        match signal {
+            libc::SIGTERM | libc::SIGINT => {
+                info!("received {}; stopping", signal_name(signal));
+                stop.stop();
+            }
+            libc::SIGHUP => {
+                info!("received SIGHUP; ignored: there is no configuration or log file to reopen");
+            }
+            libc::SIGUSR1 => info!("statistics: {}", stats_summary(&store.stats())),
+            other => debug!("received signal {other}, which is not handled"),
+        }
+    })
+}
+
+/// Reads one signal from the signalfd `signals`; `None` when none is pending (or the read was
+/// interrupted).
+fn read_signal(signals: &OwnedFd) -> Option<libc::c_int> {
+    const SIZE: usize = std::mem::size_of::<libc::signalfd_siginfo>();
+    let mut info = MaybeUninit::<libc::signalfd_siginfo>::uninit();
+    // SAFETY: `info` is valid for writes of SIZE bytes, which is what is passed; a signalfd
+    // read writes whole `signalfd_siginfo` records only.
+    let read = unsafe { libc::read(signals.as_raw_fd(), info.as_mut_ptr().cast(), SIZE) };
+    if usize::try_from(read).ok() != Some(SIZE) {
+        return None;
+    }
+    // SAFETY: the read filled the whole record (checked above).
+    let info = unsafe { info.assume_init() };
+    libc::c_int::try_from(info.ssi_signo).ok()
 }
 
 fn signal_name(signal: libc::c_int) -> &'static str {

@@ -1,14 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-zram: a compressed-RAM block device for virtual machines.
 //!
-//! The crate is zram's engine as a library plus a vhost-user-blk daemon around it:
+//! The crate is zram's engine as a library plus a vhost-user-blk daemon around it. Its modules,
+//! from the command line down:
 //!
-//! - [`store`]: the compressed page store — the slot table, same-filled page detection, the
-//!   size-class slab allocator (our zsmalloc), the memory limit and zram's statistics.
-//! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE) behind one trait.
-//! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
-//! - [`recompress`]: the background recompressor that moves idle pages to a stronger algorithm.
+//! - [`cli`]: the command line: serving a device, and `ctl` for a running one.
+//! - [`daemon`]: the daemon's lifecycle: sockets, the frontend connection, signals, shutdown.
+//! - [`control`]: the control socket's protocol (zram's sysfs knobs), its rendering apart.
+//! - [`metrics`]: the statistics in the Prometheus text format, also served over HTTP.
+//! - [`server`]: the bounded one-request server the control socket and the metrics run on.
+//! - [`observed`]: what the control socket and the metrics report on, in one value.
 //! - [`blk`]: the virtio-blk request path and the vhost-user backend.
+//! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
+//! - [`writeback`]: the idle clock and the automatic writeback policies.
+//! - [`recompress`]: the background recompressor that moves idle pages to a stronger algorithm.
+//! - [`stop`]: the one way to stop a thread, and the groups of threads joined within a bound.
+//! - [`store`]: the compressed page store: slots, allocator, writeback, limit and statistics.
+//! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE, IAA) behind one trait.
 //! - [`pagegen`]: a deterministic generator of swap-like pages for tests and benchmarks.
 
 pub mod blk;
@@ -17,8 +25,11 @@ pub mod codec;
 pub mod control;
 pub mod daemon;
 pub mod metrics;
+pub mod observed;
 pub mod pagegen;
 pub mod recompress;
+pub mod server;
+pub mod stop;
 pub mod store;
 pub mod workers;
 pub mod writeback;

@@ -10,72 +10,32 @@
 //!   device facts (`disksize`, the parts of `mem_used_total`, the algorithm as a label of
 //!   `vhost_user_zram_info`);
 //! - request counts, failures and a latency histogram by request type (`type` label), from
-//!   [`RequestStats`];
+//!   [`RequestStats`](crate::blk::request_stats::RequestStats);
 //! - the daemon's uptime and whether a frontend is connected.
 //!
 //! The HTTP side ([`MetricsServer`]) is a few lines of HTTP/1.x over `std::net`: one `GET
 //! /metrics` per connection, each client served within a deadline, a bounded number at once
-//! (the control socket's [`BoundedServer`]). It listens on loopback unless the operator opts in
+//! (the [`BoundedServer`] the control socket runs on too). It listens on loopback unless the operator opts in
 //! to another address (see [`check_listen_address`]).
 
 use std::fmt::Write as _;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use log::debug;
 
-use crate::blk::request_stats::{bucket_bound_us, RequestKind, RequestStats, LATENCY_BUCKETS};
-use crate::control::{BoundedServer, Client, Handler, ReadError, ServerLimits};
-use crate::store::{PageStore, Stats};
+use crate::blk::request_stats::{bucket_bound_us, RequestKind, LATENCY_BUCKETS};
+use crate::observed::Observed;
+use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
+use crate::store::Stats;
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The longest HTTP request head the server reads.
 pub const MAX_HTTP_REQUEST_LEN: usize = 8192;
-
-/// What the control socket and the metrics report on: the device's store and request counters,
-/// whether a frontend is connected, and since when the daemon runs.
-#[derive(Debug)]
-pub struct Observed {
-    /// The page store.
-    pub store: Arc<PageStore>,
-    /// Request counts and latencies, recorded by the queue threads.
-    pub requests: Arc<RequestStats>,
-    /// Whether a frontend is connected; set by the backend.
-    pub connected: Arc<AtomicBool>,
-    /// When the daemon started.
-    pub started: Instant,
-    /// The device's serial number (empty when it has none), the `serial` label.
-    pub serial: String,
-}
-
-impl Observed {
-    /// Observes `store` and `requests` from now on.
-    pub fn new(
-        store: Arc<PageStore>,
-        requests: Arc<RequestStats>,
-        connected: Arc<AtomicBool>,
-        serial: &str,
-    ) -> Self {
-        Observed {
-            store,
-            requests,
-            connected,
-            started: Instant::now(),
-            serial: serial.to_owned(),
-        }
-    }
-
-    /// The serial as text: the bytes up to the first NUL of the 20-byte GET_ID form.
-    pub fn serial_from_bytes(serial: &[u8]) -> String {
-        let end = serial.iter().position(|&b| b == 0).unwrap_or(serial.len());
-        String::from_utf8_lossy(&serial[..end]).into_owned()
-    }
-}
 
 /// A metric's type, as `# TYPE` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -550,6 +510,7 @@ impl Handler<TcpStream> for HttpHandler {
 }
 
 /// Serves the metrics over HTTP until stopped.
+#[derive(Debug)]
 pub struct MetricsServer {
     server: BoundedServer,
     address: SocketAddr,
@@ -583,17 +544,26 @@ impl MetricsServer {
     pub fn stop(self) {
         self.server.stop();
     }
+
+    /// The server's threads, for an owner that stops them with others.
+    pub fn into_threads(self) -> crate::stop::Threads {
+        self.server.into_threads()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blk::request_stats::RequestStats;
     use crate::codec::Algorithm;
+    use crate::store::PageStore;
     use crate::store::StoreConfig;
     use crate::PAGE_SIZE;
     use std::collections::HashMap;
     use std::io::{Read, Write};
+    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
+    use std::time::Instant;
 
     /// A parsed sample: metric name, labels, value.
     #[derive(Debug)]

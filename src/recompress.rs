@@ -17,17 +17,17 @@
 //! never holding a slot lock while it sleeps, and holds one slot lock at a time while it
 //! recompresses (tens of microseconds), so the request queues never wait on it for longer.
 //!
-//! Stopping is bounded: the thread checks the stop flag between pages and sleeps on a condvar
-//! the stop wakes, so it ends within one page's recompression, or one walk of the slot table
-//! when it is marking (a few milliseconds per million pages).
+//! Stopping is bounded: the thread checks its [`StopSignal`] between pages and sleeps on it, so
+//! it ends within one page's recompression, or one walk of the slot table when it is marking (a
+//! few milliseconds per million pages).
 
 use std::io;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use crate::stop::{StopSignal, Threads, STOP_BOUND};
 use crate::store::{AlgorithmSpec, PageStore, RecompressMode, RecompressRequest};
 
 /// `--recompress-rate` when not given: pages tried per second.
@@ -46,67 +46,10 @@ pub struct RecompressConfig {
     pub zstd_dict: Option<std::path::PathBuf>,
 }
 
-/// The stop flag (and a poke) and the condvar the thread sleeps on.
-#[derive(Debug, Default)]
-pub(crate) struct StopSignal {
-    /// (stopped, poked since the last sleep, pokes ever)
-    state: Mutex<(bool, bool, u64)>,
-    wake: Condvar,
-}
-
-impl StopSignal {
-    /// Sleeps until `deadline`, a stop or a poke; returns whether the thread should go on.
-    pub(crate) fn sleep_until(&self, deadline: Instant) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let now = Instant::now();
-            if state.0 {
-                return false;
-            }
-            if state.1 {
-                state.1 = false;
-                return true;
-            }
-            if now >= deadline {
-                return true;
-            }
-            state = self
-                .wake
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-
-    pub(crate) fn stop(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
-        self.wake.notify_all();
-    }
-
-    /// Wakes the sleeping thread early, once.
-    pub(crate) fn poke(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 = true;
-        state.2 += 1;
-        drop(state);
-        self.wake.notify_all();
-    }
-
-    /// How many pokes there have been.
-    pub(crate) fn pokes(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).2
-    }
-}
-
 /// The running background recompressor; dropping it stops and joins the thread.
 #[derive(Debug)]
 pub struct BackgroundRecompressor {
-    signal: Arc<StopSignal>,
-    thread: Option<JoinHandle<()>>,
+    threads: Threads,
 }
 
 impl BackgroundRecompressor {
@@ -117,36 +60,22 @@ impl BackgroundRecompressor {
         idle_after: Duration,
         rate: u64,
     ) -> io::Result<BackgroundRecompressor> {
-        let signal = Arc::new(StopSignal::default());
-        let thread_signal = Arc::clone(&signal);
         let rate = if rate == 0 { DEFAULT_RATE } else { rate };
-        let thread = std::thread::Builder::new()
-            .name("recompress".into())
-            .spawn(move || run(&store, &thread_signal, idle_after, rate))?;
-        Ok(BackgroundRecompressor {
-            signal,
-            thread: Some(thread),
-        })
+        let mut threads = Threads::new();
+        threads.spawn("recompress", move |signal| {
+            run(&store, &signal, idle_after, rate);
+        })?;
+        Ok(BackgroundRecompressor { threads })
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops the thread and waits for it (at most [`STOP_BOUND`]).
     pub fn stop(mut self) {
-        self.shutdown();
+        let _ = self.threads.stop_within(STOP_BOUND);
     }
 
-    fn shutdown(&mut self) {
-        self.signal.stop();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                warn!("the background recompressor panicked");
-            }
-        }
-    }
-}
-
-impl Drop for BackgroundRecompressor {
-    fn drop(&mut self) {
-        self.shutdown();
+    /// The thread, for an owner that stops it with others.
+    pub fn into_threads(self) -> Threads {
+        self.threads
     }
 }
 

@@ -7,16 +7,18 @@
 //! accelerator submits one batch) and install the objects. The store holds the pool, the job
 //! queue and the install rule (see `store/pending.rs` and DESIGN.md); this module owns the
 //! threads: starting them (optionally pinned to CPUs), and stopping and joining them, which is
-//! bounded by one batch.
+//! bounded by one batch. The workers wait on the store's job queue, so their group's
+//! [`StopSignal`](crate::stop::StopSignal) stops the queue (`PageStore::stop_workers`) when it
+//! stops.
 //!
 //! [`Codec::compress_batch`]: crate::codec::Codec::compress_batch
 
 use std::io;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, warn};
 
+use crate::stop::{Threads, STOP_BOUND};
 use crate::store::{PageStore, WorkerScratch};
 
 /// The running compression workers of one store. Dropping it stops and joins them; pages still
@@ -24,35 +26,33 @@ use crate::store::{PageStore, WorkerScratch};
 #[derive(Debug)]
 pub struct CompressWorkers {
     store: Arc<PageStore>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Threads,
 }
 
 impl CompressWorkers {
     /// Starts the workers `store` was built for ([`PageStore::with_pending`]); worker `i` is
     /// pinned to `cpus[i % cpus.len()]` when `cpus` is not empty.
     pub fn start(store: Arc<PageStore>, cpus: &[usize]) -> io::Result<CompressWorkers> {
-        let mut workers = CompressWorkers {
-            store,
-            threads: Vec::new(),
-        };
-        for id in 0..workers.store.workers() {
-            let store = Arc::clone(&workers.store);
+        let mut threads = Threads::new();
+        // The workers wait on the store's job queue, not on the signal: the stop wakes them
+        // there.
+        let queue = Arc::clone(&store);
+        threads.signal().on_stop(move || queue.stop_workers());
+        for id in 0..store.workers() {
+            let store = Arc::clone(&store);
             let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-            let thread = std::thread::Builder::new()
-                .name(format!("kcompressd-{id}"))
-                .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        if let Err(error) = pin_to_cpu(cpu) {
-                            warn!("compression worker {id}: cannot pin to CPU {cpu}: {error}");
-                        }
+            threads.spawn(format!("kcompressd-{id}"), move |_| {
+                if let Some(cpu) = cpu {
+                    if let Err(error) = pin_to_cpu(cpu) {
+                        warn!("compression worker {id}: cannot pin to CPU {cpu}: {error}");
                     }
-                    let mut scratch = WorkerScratch::default();
-                    while store.run_worker_batch(id, &mut scratch) {}
-                    debug!("compression worker {id} stopped");
-                })?;
-            workers.threads.push(thread);
+                }
+                let mut scratch = WorkerScratch::default();
+                while store.run_worker_batch(id, &mut scratch) {}
+                debug!("compression worker {id} stopped");
+            })?;
         }
-        Ok(workers)
+        Ok(CompressWorkers { store, threads })
     }
 
     /// The store the workers serve.
@@ -62,22 +62,12 @@ impl CompressWorkers {
 
     /// Stops the workers and waits for them (each finishes at most its current batch).
     pub fn stop(mut self) {
-        self.shutdown();
+        let _ = self.threads.stop_within(STOP_BOUND);
     }
 
-    fn shutdown(&mut self) {
-        self.store.stop_workers();
-        for thread in self.threads.drain(..) {
-            if thread.join().is_err() {
-                warn!("a compression worker panicked");
-            }
-        }
-    }
-}
-
-impl Drop for CompressWorkers {
-    fn drop(&mut self) {
-        self.shutdown();
+    /// The worker threads, for an owner that stops them with others.
+    pub fn into_threads(self) -> Threads {
+        self.threads
     }
 }
 

@@ -7,7 +7,7 @@
 //!   every stored page (one lock-free walk of the slot table; a compare-and-swap per stored
 //!   page, a few milliseconds per million pages). A read or write sets a page's age back to 0.
 //!   Ages are whole ticks and saturate at [`MAX_AGE`] ticks, so `idle --age SECS` is as coarse
-//!   as a tick: a page of age `a` has been idle for at least `(a - 1)` ticks, and
+//!   as a tick: a page of age `a` has been idle for at least `(a - 1)` ticks, and the store's
 //!   [`min_age_for`] turns seconds into the smallest age that guarantees them.
 //! - **`--writeback-idle-after SECS`**: after each tick, pages idle that long go to the file.
 //! - **`--writeback-above SIZE`**: every [`ABOVE_CHECK`], if `mem_used_total` is above SIZE, the
@@ -19,8 +19,8 @@
 //!
 //! Writeback never blocks the queues: it holds one slot lock at a time, for a memcpy, and
 //! writes the file with no lock held (see `store::writeback`). Stopping is bounded: the thread
-//! checks the stop flag between batches and sleeps on a condvar the stop wakes; a write stuck
-//! in a hung file is waited for [`STOP_TIMEOUT`] at most, then left behind.
+//! checks its [`StopSignal`] between batches and sleeps on it; a write stuck in a hung file is
+//! waited for [`STOP_TIMEOUT`] at most, then left behind.
 //!
 //! A write that meets `--mem-limit` pokes the thread at once (and waits up to
 //! [`crate::store::writeback::ROOM_WAIT`] for the room it makes), so a burst of writes does not
@@ -33,18 +33,18 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::recompress::StopSignal;
+use crate::stop::{StopSignal, Threads, STOP_BOUND};
+use crate::store::writeback::min_age_for;
 use crate::store::{PageStore, WritebackError, WritebackMode, WritebackRequest, MAX_AGE};
 
 /// `--idle-tick` when not given.
 pub const DEFAULT_IDLE_TICK: Duration = Duration::from_secs(60);
 /// How long stopping waits for the thread (it stops between batches).
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+pub const STOP_TIMEOUT: Duration = STOP_BOUND;
 /// How often `--writeback-above` looks at `mem_used_total`.
 pub const ABOVE_CHECK: Duration = Duration::from_millis(200);
 
@@ -78,30 +78,17 @@ impl Default for WritebackConfig {
     }
 }
 
-/// The smallest age, in ticks of `tick`, that guarantees a page has been idle for at least
-/// `idle`, or `None` if the slot's age cannot count that far.
-pub fn min_age_for(idle: Duration, tick: Duration) -> Option<u8> {
-    let tick = tick.as_secs_f64().max(f64::MIN_POSITIVE);
-    // A page of age `a` was last touched before the `a`-th most recent tick: idle for more
-    // than (a - 1) ticks.
-    let ticks = (idle.as_secs_f64() / tick).ceil() + 1.0;
-    // `ticks` is at least 1 and compared with MAX_AGE before the cast.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    (ticks <= f64::from(MAX_AGE)).then_some(ticks as u8)
-}
-
-/// The running idle clock and writeback policies; dropping it stops and joins the thread.
+/// The running idle clock and writeback policies; dropping it stops and joins the thread
+/// (within [`STOP_TIMEOUT`]).
 #[derive(Debug)]
 pub struct WritebackDaemon {
-    signal: Arc<StopSignal>,
-    thread: Option<JoinHandle<()>>,
+    threads: Threads,
 }
 
 impl WritebackDaemon {
     /// Starts the idle clock and the policies of `config` on `store`.
     pub fn start(store: Arc<PageStore>, config: &WritebackConfig) -> io::Result<WritebackDaemon> {
-        let signal = Arc::new(StopSignal::default());
-        let thread_signal = Arc::clone(&signal);
+        let mut threads = Threads::new();
         let policy = Policy {
             tick: config.idle_tick,
             idle_age: config
@@ -110,48 +97,22 @@ impl WritebackDaemon {
             above: config.above.filter(|_| store.has_backing_file()),
         };
         if policy.above.is_some() {
-            let poke = Arc::clone(&signal);
+            let poke = threads.signal().clone();
             store.set_pressure_relief(Arc::new(move || poke.poke()));
         }
-        let thread = std::thread::Builder::new()
-            .name("writeback".into())
-            .spawn(move || run(&store, &thread_signal, &policy))?;
-        Ok(WritebackDaemon {
-            signal,
-            thread: Some(thread),
-        })
+        threads.spawn("writeback", move |signal| run(&store, &signal, &policy))?;
+        Ok(WritebackDaemon { threads })
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops the thread and waits for it; a write stuck in a hung backing file is waited for
+    /// [`STOP_TIMEOUT`] at most, then left behind (and named in the log).
     pub fn stop(mut self) {
-        self.shutdown();
+        let _ = self.threads.stop_within(STOP_TIMEOUT);
     }
 
-    fn shutdown(&mut self) {
-        self.signal.stop();
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        // The thread stops between batches; a write stuck in a hung backing file must not
-        // hold up the daemon's exit, so it is waited for only so long.
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !thread.is_finished() {
-            warn!(
-                "the writeback thread is still in a file write after {} s; leaving it",
-                STOP_TIMEOUT.as_secs()
-            );
-        } else if thread.join().is_err() {
-            warn!("the writeback thread panicked");
-        }
-    }
-}
-
-impl Drop for WritebackDaemon {
-    fn drop(&mut self) {
-        self.shutdown();
+    /// The thread, for an owner that stops it with others.
+    pub fn into_threads(self) -> Threads {
+        self.threads
     }
 }
 

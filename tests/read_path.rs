@@ -451,7 +451,7 @@ fn serve(
         daemon.start(&mut listener).unwrap();
         let _ = daemon.wait();
         backend.disconnected();
-        backend.stop(Instant::now() + Duration::from_secs(5));
+        let _ = backend.stop(Duration::from_secs(5));
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }

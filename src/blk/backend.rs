@@ -40,6 +40,7 @@ use super::read_back::{ReadBack, STOP_TIMEOUT};
 use super::request::{Next, RequestRunner};
 use super::request_stats::RequestStats;
 use super::BlockBackend;
+use crate::stop::Unjoined;
 
 /// Guest memory as vhost-user-backend hands it over (no dirty-page bitmap: the device does
 /// not offer `LOG_ALL`).
@@ -198,12 +199,12 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     /// Makes every queue thread return from serving at its next request, so that shutdown
     /// never waits for a guest that keeps its queues full; cancels every read still running
     /// off the queue threads (nothing writes guest memory afterwards) and joins the read-back
-    /// threads until `deadline`. Returns the names of threads that did not stop by then.
-    pub fn stop(&self, deadline: Instant) -> Vec<String> {
+    /// threads within `bound`. Returns (and logs) the threads that did not stop by then.
+    pub fn stop(&self, bound: Duration) -> Unjoined {
         self.stopping.store(true, Ordering::Release);
         match &self.read_back {
-            Some(read_back) => read_back.shutdown(deadline),
-            None => Vec::new(),
+            Some(read_back) => read_back.shutdown(bound),
+            None => Unjoined::default(),
         }
     }
 

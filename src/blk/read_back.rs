@@ -29,7 +29,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
@@ -40,6 +39,7 @@ use super::config::DeviceConfig;
 use super::ratelimit::RateLimiter;
 use super::request::{GuestGate, Request, RequestRunner};
 use super::BlockBackend;
+use crate::stop::{Threads, Unjoined};
 
 /// Read-back threads: file reads run in parallel, so the storage sees more than one at a time.
 pub const THREADS: usize = 4;
@@ -99,7 +99,7 @@ struct Shared<S: BlockBackend> {
 pub struct ReadBack<S: BlockBackend> {
     shared: Arc<Shared<S>>,
     sender: Mutex<Option<SyncSender<ReadBackJob<S::Error>>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Threads>,
     /// Set once every queue's mailbox is registered with its queue thread: before that,
     /// nothing would bring a finished read back, so nothing is handed over.
     attached: AtomicBool,
@@ -133,15 +133,13 @@ impl<S: BlockBackend + 'static> ReadBack<S> {
         });
         let (sender, receiver) = sync_channel(MAX_QUEUED);
         let receiver = Arc::new(Mutex::new(receiver));
-        let mut threads = Vec::with_capacity(THREADS);
+        // The threads stop when the hand-over queue closes (`shutdown`), not on the group's
+        // signal: each is either waiting on the queue or in a read that nothing can interrupt.
+        let mut threads = Threads::new();
         for i in 0..THREADS {
             let shared = Arc::clone(&shared);
             let receiver = Arc::clone(&receiver);
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("read-back-{i}"))
-                    .spawn(move || run(&shared, &receiver))?,
-            );
+            threads.spawn(format!("read-back-{i}"), move |_| run(&shared, &receiver))?;
         }
         Ok(ReadBack {
             shared,
@@ -271,30 +269,16 @@ impl<S: BlockBackend + 'static> ReadBack<S> {
         }
     }
 
-    /// Cancels every read, closes the hand-over queue and waits for the threads until
-    /// `deadline`; returns the names of the threads that did not stop by then (stuck in a
-    /// file read: they are left behind and exit when the read returns).
-    pub fn shutdown(&self, deadline: Instant) -> Vec<String> {
+    /// Cancels every read, closes the hand-over queue and joins the threads within `bound`;
+    /// returns the names of those that did not stop by then (stuck in a file read: they are
+    /// left behind and exit when the read returns) or panicked, and logs them.
+    pub fn shutdown(&self, bound: Duration) -> Unjoined {
         lock(&self.sender).take();
         for flight in &self.shared.queues {
             lock(&flight.state).accepting = false;
         }
         self.cancel_all();
-        let mut stuck = Vec::new();
-        for thread in lock(&self.threads).drain(..) {
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            let name = thread.thread().name().unwrap_or("read-back").to_owned();
-            if thread.is_finished() {
-                if thread.join().is_err() {
-                    warn!("thread {name} panicked");
-                }
-            } else {
-                stuck.push(name);
-            }
-        }
-        stuck
+        lock(&self.threads).stop_within(bound)
     }
 }
 

@@ -41,6 +41,18 @@ pub const ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(100)
 /// Pages per batch (one write call each) when not configured.
 pub const DEFAULT_BATCH_PAGES: usize = 256;
 
+/// The smallest age, in ticks of `tick`, that guarantees a page has been idle for at least
+/// `idle`, or `None` if the slot's age cannot count that far (ages saturate at [`MAX_AGE`]).
+pub fn min_age_for(idle: std::time::Duration, tick: std::time::Duration) -> Option<u8> {
+    let tick = tick.as_secs_f64().max(f64::MIN_POSITIVE);
+    // A page of age `a` was last touched before the `a`-th most recent tick: idle for more
+    // than (a - 1) ticks.
+    let ticks = (idle.as_secs_f64() / tick).ceil() + 1.0;
+    // `ticks` is at least 1 and compared with MAX_AGE before the cast.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (ticks <= f64::from(MAX_AGE)).then_some(ticks as u8)
+}
+
 /// Which pages a writeback pass takes (zram's `type=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WritebackMode {
@@ -342,8 +354,7 @@ impl PageStore {
     /// idle for up to one tick longer may be left unmarked. Returns the pages newly marked.
     pub fn mark_idle_older_than(&self, idle: std::time::Duration) -> Result<u64, WritebackError> {
         let tick = self.idle_tick();
-        let age = crate::writeback::min_age_for(idle, tick)
-            .ok_or(WritebackError::AgeTooLong { idle, tick })?;
+        let age = min_age_for(idle, tick).ok_or(WritebackError::AgeTooLong { idle, tick })?;
         Ok(self.mark_idle_aged(age))
     }
 

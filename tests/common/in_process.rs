@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError, StopHandle};
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
+use vhost_user_zram::stop::StopSignal;
 use vhost_user_zram::store::PageStore;
 
 /// A daemon serving on a thread; stopped on drop unless it already returned.
@@ -17,7 +18,7 @@ pub struct InProcessDaemon {
     pub socket: PathBuf,
     /// The store it serves.
     pub store: Arc<PageStore>,
-    stop: StopHandle,
+    stop: StopSignal,
     runner: Option<JoinHandle<Result<(), DaemonError>>>,
     _dir: tempfile::TempDir,
 }
@@ -46,7 +47,7 @@ impl InProcessDaemon {
         self.runner.as_ref().is_some_and(|r| !r.is_finished())
     }
 
-    /// Asks the daemon to stop, through its `StopHandle`; does not wait.
+    /// Asks the daemon to stop, through its stop signal; does not wait.
     pub fn stop(&self) {
         self.stop.stop();
     }

@@ -28,46 +28,42 @@
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
 //!
+//! This module is the protocol: the commands, their request lines, running them, the server
+//! and the client. What the statistics commands print is rendered in [`render`].
+//!
 //! # Hostile clients
 //!
 //! Every client is served on a thread of its own, at most [`MAX_CLIENTS`] at once; a client
 //! beyond that gets `error busy` and is closed at once. Each client has [`CLIENT_DEADLINE`] in
 //! total, from its accept to the end of its request line, however slowly it sends: a client
 //! that drips a byte at a time is cut off at the deadline instead of resetting a timeout with
-//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The same
-//! [`BoundedServer`] serves the metrics over HTTP.
+//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The control
+//! socket and the metrics over HTTP both run on [`crate::server::BoundedServer`].
+
+pub mod render;
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use log::{debug, warn};
-use vmm_sys_util::eventfd::EventFd;
+use log::debug;
 
-use crate::daemon::wait_readable;
-use crate::metrics::{self, Observed};
+pub use self::render::stats_table;
+use crate::metrics;
+use crate::observed::Observed;
+use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
+pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS};
 use crate::store::{
-    BadWritebackRequest, RecompressError, RecompressRequest, Stats, TrainRequest, WritebackError,
+    BadWritebackRequest, RecompressError, RecompressRequest, TrainRequest, WritebackError,
     WritebackMode, WritebackRequest,
 };
 
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
-
-/// How long a client has, from its accept to the end of its request, and again to take the
-/// response.
-pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
-
-/// How many clients are served at once; more are refused as busy.
-pub const MAX_CLIENTS: usize = 8;
 
 /// How long [`request`] waits for the daemon's answer (compaction of a large store is the
 /// slowest command).
@@ -168,12 +164,8 @@ impl Command {
     pub fn execute(self, observed: &Observed) -> Result<String, ControlError> {
         let store = &observed.store;
         Ok(match self {
-            Command::Stats => stats_table(&store.stats()),
-            Command::StatsJson => {
-                let mut json = serde_json::to_string(&store.stats()).map_err(ControlError::Json)?;
-                json.push('\n');
-                json
-            }
+            Command::Stats => render::stats_table(&store.stats()),
+            Command::StatsJson => render::stats_json(&store.stats()).map_err(ControlError::Json)?,
             Command::MmStat => store.stats().mm_stat_line(),
             Command::IoStat => store.stats().io_stat_line(),
             Command::Metrics => metrics::render(observed),
@@ -195,12 +187,7 @@ impl Command {
                     LimitChange::Set(pages) => store.set_writeback_limit(Some(pages)),
                     LimitChange::Off => store.set_writeback_limit(None),
                 }
-                let w = store.stats().writeback;
-                if w.limit_enabled {
-                    format!("writeback_limit {} pages\n", w.limit_pages)
-                } else {
-                    "writeback_limit off\n".to_owned()
-                }
+                render::writeback_limit(&store.stats().writeback)
             }
         })
     }
@@ -362,515 +349,6 @@ pub fn request(path: &Path, command: Command) -> Result<String, ControlError> {
     }
 }
 
-/// The readable `stats` table: every figure with its unit, byte figures also in KiB/MiB/GiB.
-pub fn stats_table(stats: &Stats) -> String {
-    let m = &stats.mm;
-    let i = &stats.io;
-    let ratio = if m.compr_data_size == 0 {
-        "n/a (nothing compressed)".to_owned()
-    } else {
-        format!(
-            "{:.2} (orig_data_size / compr_data_size)",
-            m.orig_data_size as f64 / m.compr_data_size as f64
-        )
-    };
-    let limit = if m.mem_limit == 0 {
-        "none".to_owned()
-    } else {
-        bytes(m.mem_limit)
-    };
-    let rows: [(&str, String); 18] = [
-        ("disksize", bytes(stats.info.disksize)),
-        ("comp_algorithm", stats.info.algorithm.clone()),
-        ("orig_data_size", bytes(m.orig_data_size)),
-        ("compr_data_size", bytes(m.compr_data_size)),
-        ("compression ratio", ratio),
-        ("mem_used_total", bytes(m.mem_used_total)),
-        ("  slot table", bytes(stats.info.slot_table_bytes)),
-        ("  chunks", bytes(stats.info.chunk_bytes)),
-        ("  metadata", bytes(stats.info.metadata_bytes)),
-        ("mem_limit", limit),
-        ("mem_used_max", bytes(m.mem_used_max)),
-        ("same_pages", pages(m.same_pages)),
-        ("pages_compacted", pages(m.pages_compacted)),
-        ("huge_pages", pages(m.huge_pages)),
-        ("huge_pages_since", pages(m.huge_pages_since)),
-        ("failed_reads", requests(i.failed_reads)),
-        ("failed_writes", requests(i.failed_writes)),
-        (
-            "invalid_io / notify_free",
-            format!("{} requests / {}", i.invalid_io, pages(i.notify_free)),
-        ),
-    ];
-    let mut out = String::new();
-    for (name, value) in rows {
-        out.push_str(&format!("{name:<26} {value}\n"));
-    }
-    let w = &stats.workers;
-    let worker_rows = [
-        ("workers", w.workers.to_string()),
-        ("  pool size", pages(w.pool_pages)),
-        ("  pending", pages(w.pending_pages)),
-        ("  pending bytes", bytes(w.pending_bytes)),
-        ("  pool memory", bytes(w.pool_resident_bytes)),
-        ("  inline fallbacks", pages(w.inline_fallbacks)),
-        ("  stalled at the limit", pages(w.stalled_pages)),
-    ];
-    for (name, value) in worker_rows {
-        out.push_str(&format!("{name:<26} {value}\n"));
-    }
-    for (i, worker) in w.per_worker.iter().enumerate() {
-        out.push_str(&format!(
-            "{:<26} {} in {} batches, busy {:.1} s\n",
-            format!("  worker {i}"),
-            pages(worker.pages),
-            worker.batches,
-            worker.busy_us as f64 / 1e6
-        ));
-    }
-    let r = &stats.recompression;
-    for algorithm in &r.algorithms {
-        out.push_str(&format!(
-            "{:<26} {}, {} compressed\n",
-            format!("algorithm {} {}", algorithm.priority, algorithm.name),
-            pages(algorithm.pages),
-            bytes(algorithm.compr_bytes)
-        ));
-    }
-    let recompress_rows = [
-        ("recompression passes", r.passes.to_string()),
-        ("  pages tried", pages(r.pages_tried)),
-        ("  pages recompressed", pages(r.pages_recompressed)),
-        ("  bytes saved", bytes(r.bytes_saved)),
-        ("  pages incompressible", pages(r.pages_incompressible)),
-        ("pages marked idle", pages(r.pages_marked_idle)),
-        (
-            "zstd dictionary / kept",
-            format!(
-                "{} / {}",
-                r.zstd_dictionary.map_or("none".into(), |id| id.to_string()),
-                r.zstd_dictionaries.len()
-            ),
-        ),
-        ("  dictionary memory", bytes(r.dictionary_bytes)),
-    ];
-    for (name, value) in recompress_rows {
-        out.push_str(&format!("{name:<26} {value}\n"));
-    }
-    let wb = &stats.writeback;
-    if !wb.enabled {
-        out.push_str(&format!("{:<26} none\n", "backing file"));
-        return out;
-    }
-    let writeback_rows = [
-        (
-            "bd_count / reads / writes",
-            format!(
-                "{} / {} / {} (4 KiB units)",
-                wb.bd_count, wb.bd_reads, wb.bd_writes
-            ),
-        ),
-        ("pages on the file", pages(wb.pages_on_file)),
-        ("  their objects", bytes(wb.live_bytes)),
-        ("  file on disk", bytes(wb.file_disk_bytes)),
-        ("pages written back", pages(wb.pages_written_back)),
-        ("  failed", pages(wb.failed_writebacks)),
-        ("  superseded in flight", pages(wb.superseded)),
-        (
-            "writeback passes / writes",
-            format!("{} / {}", wb.passes, wb.write_calls),
-        ),
-        (
-            "writeback_limit",
-            if wb.limit_enabled {
-                pages(wb.limit_pages)
-            } else {
-                "off".to_owned()
-            },
-        ),
-    ];
-    for (name, value) in writeback_rows {
-        out.push_str(&format!("{name:<26} {value}\n"));
-    }
-    out
-}
-
-/// `1234567 bytes (1.2 MiB)`: the raw figure, and a readable one when it is 1 KiB or more.
-fn bytes(value: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    match UNITS.iter().find(|(_, size)| value >= *size) {
-        Some((unit, size)) => format!("{value} bytes ({:.1} {unit})", value as f64 / *size as f64),
-        None => format!("{value} bytes"),
-    }
-}
-
-fn pages(value: u64) -> String {
-    if value == 1 {
-        "1 page".to_owned()
-    } else {
-        format!("{value} pages")
-    }
-}
-
-fn requests(value: u64) -> String {
-    if value == 1 {
-        "1 request".to_owned()
-    } else {
-        format!("{value} requests")
-    }
-}
-
-/// How a [`BoundedServer`] treats its clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerLimits {
-    /// Each client's total time to send its request (and, separately, to take the response).
-    pub deadline: Duration,
-    /// Clients served at once.
-    pub max_clients: usize,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        ServerLimits {
-            deadline: CLIENT_DEADLINE,
-            max_clients: MAX_CLIENTS,
-        }
-    }
-}
-
-/// A listening socket a [`BoundedServer`] accepts from.
-pub trait Acceptor: AsRawFd + Send + 'static {
-    /// The connection type.
-    type Stream: Read + Write + AsRawFd + Send + 'static;
-
-    /// Accepts one connection.
-    fn accept_one(&self) -> io::Result<Self::Stream>;
-
-    /// Sets the write timeout of `stream`.
-    fn set_write_timeout(stream: &Self::Stream, timeout: Duration) -> io::Result<()>;
-}
-
-impl Acceptor for UnixListener {
-    type Stream = UnixStream;
-
-    fn accept_one(&self) -> io::Result<UnixStream> {
-        self.accept().map(|(stream, _)| stream)
-    }
-
-    fn set_write_timeout(stream: &UnixStream, timeout: Duration) -> io::Result<()> {
-        stream.set_write_timeout(Some(timeout))
-    }
-}
-
-impl Acceptor for TcpListener {
-    type Stream = std::net::TcpStream;
-
-    fn accept_one(&self) -> io::Result<std::net::TcpStream> {
-        self.accept().map(|(stream, _)| stream)
-    }
-
-    fn set_write_timeout(stream: &std::net::TcpStream, timeout: Duration) -> io::Result<()> {
-        stream.set_write_timeout(Some(timeout))
-    }
-}
-
-/// Why a client's request could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    /// The deadline passed before the request was complete.
-    #[error("the request did not arrive before the deadline")]
-    Deadline,
-    /// The request is longer than allowed.
-    #[error("the request is too long")]
-    TooLong,
-    /// The client closed the connection before sending anything.
-    #[error("the client closed the connection without a request")]
-    Closed,
-    /// The server is stopping.
-    #[error("the server is stopping")]
-    Stopping,
-    /// Reading failed.
-    #[error("reading the request failed")]
-    Io(#[source] io::Error),
-}
-
-/// One accepted connection with its deadline.
-pub struct Client<S> {
-    /// The connection.
-    pub stream: S,
-    deadline: Instant,
-    stop_fd: RawFd,
-}
-
-impl<S: Read + Write + AsRawFd> Client<S> {
-    /// Reads until `terminator` has arrived, at most `max_len` bytes, before the deadline. A
-    /// client that closes its side after sending something gets what it sent treated as the
-    /// request. Returns everything read, the terminator included.
-    pub fn read_request(
-        &mut self,
-        terminator: &[u8],
-        max_len: usize,
-    ) -> Result<Vec<u8>, ReadError> {
-        let mut request = Vec::with_capacity(max_len.min(4096));
-        let mut chunk = [0u8; 1024];
-        loop {
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ReadError::Deadline);
-            }
-            match poll_readable(self.stream.as_raw_fd(), self.stop_fd, remaining)
-                .map_err(ReadError::Io)?
-            {
-                Readiness::Ready => {}
-                Readiness::Stopping => return Err(ReadError::Stopping),
-                Readiness::TimedOut => return Err(ReadError::Deadline),
-            }
-            let want = chunk.len().min(max_len + 1 - request.len());
-            let read = match self.stream.read(&mut chunk[..want]) {
-                Ok(read) => read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(ReadError::Io(error)),
-            };
-            if read == 0 {
-                return if request.is_empty() {
-                    Err(ReadError::Closed)
-                } else {
-                    Ok(request)
-                };
-            }
-            let searched_from = request.len().saturating_sub(terminator.len() - 1);
-            request.extend_from_slice(&chunk[..read]);
-            if let Some(at) = find(&request[searched_from..], terminator) {
-                request.truncate(searched_from + at + terminator.len());
-                return Ok(request);
-            }
-            if request.len() > max_len {
-                return Err(ReadError::TooLong);
-            }
-        }
-    }
-
-    /// Writes the whole response.
-    pub fn respond(&mut self, response: &[u8]) -> io::Result<()> {
-        self.stream.write_all(response)?;
-        self.stream.flush()
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
-enum Readiness {
-    Ready,
-    Stopping,
-    TimedOut,
-}
-
-/// Waits until `fd` is readable, `stop_fd` is, or `timeout` passes.
-fn poll_readable(fd: RawFd, stop_fd: RawFd, timeout: Duration) -> io::Result<Readiness> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // Round up so that a sub-millisecond remainder does not spin.
-    let millis = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-    loop {
-        // SAFETY: `fds` is a valid, writable array of two `pollfd` that outlives the call, and
-        // its length is passed exactly.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if fds[1].revents != 0 {
-            return Ok(Readiness::Stopping);
-        }
-        if fds[0].revents != 0 {
-            return Ok(Readiness::Ready);
-        }
-        return Ok(Readiness::TimedOut);
-    }
-}
-
-/// What a [`BoundedServer`] does with each client.
-pub trait Handler<S>: Send + Sync + 'static {
-    /// Reads one request from `client` and answers it.
-    fn serve(&self, client: &mut Client<S>);
-
-    /// The bytes sent to a client refused because [`ServerLimits::max_clients`] are being
-    /// served.
-    fn busy_response(&self) -> &'static [u8];
-}
-
-/// An accept loop on its own thread that serves each client on a thread of its own, at most
-/// [`ServerLimits::max_clients`] at once, each within [`ServerLimits::deadline`].
-pub struct BoundedServer {
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-    active: Arc<AtomicUsize>,
-}
-
-impl BoundedServer {
-    /// Serves `listener` with `handler` on a thread named `name` until stopped.
-    pub fn spawn<L, H>(
-        name: &str,
-        listener: L,
-        handler: H,
-        limits: ServerLimits,
-    ) -> io::Result<Self>
-    where
-        L: Acceptor,
-        H: Handler<L::Stream>,
-    {
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
-        let active = Arc::new(AtomicUsize::new(0));
-        let accept_loop = AcceptLoop {
-            listener,
-            handler: Arc::new(handler),
-            limits,
-            stop: stop.clone(),
-            active: active.clone(),
-            clients: Vec::new(),
-            client_name: format!("{name}-client"),
-        };
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || accept_loop.run())?;
-        Ok(BoundedServer {
-            stop,
-            thread: Some(thread),
-            active,
-        })
-    }
-
-    /// How many clients are being served now.
-    pub fn active_clients(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-
-    /// Stops accepting, ends every client's read at once and waits for every thread (a client
-    /// still taking its response holds its thread at most one deadline more).
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for BoundedServer {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-struct AcceptLoop<L: Acceptor, H> {
-    listener: L,
-    handler: Arc<H>,
-    limits: ServerLimits,
-    stop: Arc<EventFd>,
-    active: Arc<AtomicUsize>,
-    clients: Vec<JoinHandle<()>>,
-    client_name: String,
-}
-
-/// Decrements the active-client count when a client thread ends, however it ends.
-struct ActiveClient(Arc<AtomicUsize>);
-
-impl Drop for ActiveClient {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl<L: Acceptor, H: Handler<L::Stream>> AcceptLoop<L, H> {
-    fn run(mut self) {
-        loop {
-            match wait_readable(self.listener.as_raw_fd(), self.stop.as_raw_fd()) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(error) => {
-                    warn!("{}: {error}", self.client_name);
-                    break;
-                }
-            }
-            match self.listener.accept_one() {
-                Ok(stream) => self.admit(stream),
-                Err(error) => debug!("{} accept: {error}", self.client_name),
-            }
-            self.clients.retain(|client| !client.is_finished());
-        }
-        for client in self.clients.drain(..) {
-            let _ = client.join();
-        }
-    }
-
-    fn admit(&mut self, stream: L::Stream) {
-        let _ = L::set_write_timeout(&stream, self.limits.deadline);
-        if self.active.load(Ordering::Acquire) >= self.limits.max_clients {
-            refuse(stream, self.handler.busy_response());
-            return;
-        }
-        self.active.fetch_add(1, Ordering::AcqRel);
-        let guard = ActiveClient(self.active.clone());
-        let mut client = Client {
-            stream,
-            deadline: Instant::now() + self.limits.deadline,
-            stop_fd: self.stop.as_raw_fd(),
-        };
-        let handler = self.handler.clone();
-        // The eventfd outlives every client thread: `run` joins them before it returns, and
-        // `self.stop` is dropped only after that.
-        let spawned = std::thread::Builder::new()
-            .name(self.client_name.clone())
-            .spawn(move || {
-                let _guard = guard;
-                handler.serve(&mut client);
-            });
-        match spawned {
-            Ok(thread) => self.clients.push(thread),
-            Err(error) => warn!(
-                "{}: cannot start a client thread: {error}",
-                self.client_name
-            ),
-        }
-    }
-}
-
-/// Sends `response` to a refused client without waiting for it, then closes the connection.
-fn refuse<S: Write + AsRawFd>(mut stream: S, response: &[u8]) {
-    // SAFETY: fcntl(2) on a descriptor `stream` owns; no pointers.
-    let flags = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_GETFL) };
-    if flags >= 0 {
-        // SAFETY: as above; setting O_NONBLOCK on our own descriptor.
-        unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
-    }
-    let _ = stream.write(response);
-}
-
 /// The control protocol as a [`Handler`].
 struct ControlHandler {
     observed: Arc<Observed>,
@@ -903,6 +381,7 @@ impl Handler<UnixStream> for ControlHandler {
 }
 
 /// The control server: answers one request per connection, clients served concurrently.
+#[derive(Debug)]
 pub struct ControlServer {
     server: BoundedServer,
 }
@@ -934,6 +413,11 @@ impl ControlServer {
     pub fn stop(self) {
         self.server.stop();
     }
+
+    /// The server's threads, for an owner that stops them with others.
+    pub fn into_threads(self) -> crate::stop::Threads {
+        self.server.into_threads()
+    }
 }
 
 fn parse_request(line: &[u8]) -> Result<Command, ControlError> {
@@ -951,6 +435,7 @@ mod tests {
     use crate::codec::Algorithm;
     use crate::store::{PageStore, StoreConfig};
     use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
 
     fn observed() -> Arc<Observed> {
         let store = PageStore::new(StoreConfig {
@@ -1156,28 +641,6 @@ mod tests {
         let stopping = Instant::now();
         running.server.stop();
         assert!(stopping.elapsed() < Duration::from_secs(2));
-    }
-
-    #[test]
-    fn the_stats_table_gives_units_and_no_ratio_when_empty() {
-        let empty = stats_table(&Stats::default());
-        assert!(empty.contains("compression ratio          n/a"), "{empty}");
-        assert!(!empty.contains("0.00"), "{empty}");
-        assert!(empty.contains("mem_limit                  none"), "{empty}");
-
-        let mut stats = Stats::default();
-        stats.mm.orig_data_size = 3 << 20;
-        stats.mm.compr_data_size = 1 << 20;
-        stats.mm.same_pages = 1;
-        let table = stats_table(&stats);
-        assert!(table.contains("3145728 bytes (3.0 MiB)"), "{table}");
-        assert!(
-            table.contains("3.00 (orig_data_size / compr_data_size)"),
-            "{table}"
-        );
-        assert!(table.contains("1 page\n"), "{table}");
-        assert_eq!(bytes(1023), "1023 bytes");
-        assert_eq!(bytes(1536), "1536 bytes (1.5 KiB)");
     }
 
     #[test]

@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What the control socket's statistics commands print: the readable `stats` table, the
+//! `stats-json` object and the `writeback-limit` line. zram's one-line files (`mm_stat`,
+//! `io_stat`, `bd_stat`) are rendered by the store's [`Stats`], byte for byte as the kernel
+//! writes them, so the same lines serve the control socket and any other reader.
+
+use crate::store::{Stats, WritebackStats};
+
+/// The readable `stats` table: every figure with its unit, byte figures also in KiB/MiB/GiB.
+pub fn stats_table(stats: &Stats) -> String {
+    let m = &stats.mm;
+    let i = &stats.io;
+    let ratio = if m.compr_data_size == 0 {
+        "n/a (nothing compressed)".to_owned()
+    } else {
+        format!(
+            "{:.2} (orig_data_size / compr_data_size)",
+            m.orig_data_size as f64 / m.compr_data_size as f64
+        )
+    };
+    let limit = if m.mem_limit == 0 {
+        "none".to_owned()
+    } else {
+        bytes(m.mem_limit)
+    };
+    let rows: [(&str, String); 18] = [
+        ("disksize", bytes(stats.info.disksize)),
+        ("comp_algorithm", stats.info.algorithm.clone()),
+        ("orig_data_size", bytes(m.orig_data_size)),
+        ("compr_data_size", bytes(m.compr_data_size)),
+        ("compression ratio", ratio),
+        ("mem_used_total", bytes(m.mem_used_total)),
+        ("  slot table", bytes(stats.info.slot_table_bytes)),
+        ("  chunks", bytes(stats.info.chunk_bytes)),
+        ("  metadata", bytes(stats.info.metadata_bytes)),
+        ("mem_limit", limit),
+        ("mem_used_max", bytes(m.mem_used_max)),
+        ("same_pages", pages(m.same_pages)),
+        ("pages_compacted", pages(m.pages_compacted)),
+        ("huge_pages", pages(m.huge_pages)),
+        ("huge_pages_since", pages(m.huge_pages_since)),
+        ("failed_reads", requests(i.failed_reads)),
+        ("failed_writes", requests(i.failed_writes)),
+        (
+            "invalid_io / notify_free",
+            format!("{} requests / {}", i.invalid_io, pages(i.notify_free)),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, value) in rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    let w = &stats.workers;
+    let worker_rows = [
+        ("workers", w.workers.to_string()),
+        ("  pool size", pages(w.pool_pages)),
+        ("  pending", pages(w.pending_pages)),
+        ("  pending bytes", bytes(w.pending_bytes)),
+        ("  pool memory", bytes(w.pool_resident_bytes)),
+        ("  inline fallbacks", pages(w.inline_fallbacks)),
+        ("  stalled at the limit", pages(w.stalled_pages)),
+    ];
+    for (name, value) in worker_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    for (i, worker) in w.per_worker.iter().enumerate() {
+        out.push_str(&format!(
+            "{:<26} {} in {} batches, busy {:.1} s\n",
+            format!("  worker {i}"),
+            pages(worker.pages),
+            worker.batches,
+            worker.busy_us as f64 / 1e6
+        ));
+    }
+    let r = &stats.recompression;
+    for algorithm in &r.algorithms {
+        out.push_str(&format!(
+            "{:<26} {}, {} compressed\n",
+            format!("algorithm {} {}", algorithm.priority, algorithm.name),
+            pages(algorithm.pages),
+            bytes(algorithm.compr_bytes)
+        ));
+    }
+    let recompress_rows = [
+        ("recompression passes", r.passes.to_string()),
+        ("  pages tried", pages(r.pages_tried)),
+        ("  pages recompressed", pages(r.pages_recompressed)),
+        ("  bytes saved", bytes(r.bytes_saved)),
+        ("  pages incompressible", pages(r.pages_incompressible)),
+        ("pages marked idle", pages(r.pages_marked_idle)),
+        (
+            "zstd dictionary / kept",
+            format!(
+                "{} / {}",
+                r.zstd_dictionary.map_or("none".into(), |id| id.to_string()),
+                r.zstd_dictionaries.len()
+            ),
+        ),
+        ("  dictionary memory", bytes(r.dictionary_bytes)),
+    ];
+    for (name, value) in recompress_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    let wb = &stats.writeback;
+    if !wb.enabled {
+        out.push_str(&format!("{:<26} none\n", "backing file"));
+        return out;
+    }
+    let writeback_rows = [
+        (
+            "bd_count / reads / writes",
+            format!(
+                "{} / {} / {} (4 KiB units)",
+                wb.bd_count, wb.bd_reads, wb.bd_writes
+            ),
+        ),
+        ("pages on the file", pages(wb.pages_on_file)),
+        ("  their objects", bytes(wb.live_bytes)),
+        ("  file on disk", bytes(wb.file_disk_bytes)),
+        ("pages written back", pages(wb.pages_written_back)),
+        ("  failed", pages(wb.failed_writebacks)),
+        ("  superseded in flight", pages(wb.superseded)),
+        (
+            "writeback passes / writes",
+            format!("{} / {}", wb.passes, wb.write_calls),
+        ),
+        (
+            "writeback_limit",
+            if wb.limit_enabled {
+                pages(wb.limit_pages)
+            } else {
+                "off".to_owned()
+            },
+        ),
+    ];
+    for (name, value) in writeback_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    out
+}
+
+/// `1234567 bytes (1.2 MiB)`: the raw figure, and a readable one when it is 1 KiB or more.
+fn bytes(value: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    match UNITS.iter().find(|(_, size)| value >= *size) {
+        Some((unit, size)) => format!("{value} bytes ({:.1} {unit})", value as f64 / *size as f64),
+        None => format!("{value} bytes"),
+    }
+}
+
+fn pages(value: u64) -> String {
+    if value == 1 {
+        "1 page".to_owned()
+    } else {
+        format!("{value} pages")
+    }
+}
+
+fn requests(value: u64) -> String {
+    if value == 1 {
+        "1 request".to_owned()
+    } else {
+        format!("{value} requests")
+    }
+}
+
+/// The `stats-json` body: every statistic as one JSON object, on one line.
+pub fn stats_json(stats: &Stats) -> Result<String, serde_json::Error> {
+    let mut json = serde_json::to_string(stats)?;
+    json.push('\n');
+    Ok(json)
+}
+
+/// The `writeback-limit` body: `writeback_limit N pages`, or `writeback_limit off`.
+pub fn writeback_limit(writeback: &WritebackStats) -> String {
+    if writeback.limit_enabled {
+        format!("writeback_limit {} pages\n", writeback.limit_pages)
+    } else {
+        "writeback_limit off\n".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stats_table_gives_units_and_no_ratio_when_empty() {
+        let empty = stats_table(&Stats::default());
+        assert!(empty.contains("compression ratio          n/a"), "{empty}");
+        assert!(!empty.contains("0.00"), "{empty}");
+        assert!(empty.contains("mem_limit                  none"), "{empty}");
+
+        let mut stats = Stats::default();
+        stats.mm.orig_data_size = 3 << 20;
+        stats.mm.compr_data_size = 1 << 20;
+        stats.mm.same_pages = 1;
+        let table = stats_table(&stats);
+        assert!(table.contains("3145728 bytes (3.0 MiB)"), "{table}");
+        assert!(
+            table.contains("3.00 (orig_data_size / compr_data_size)"),
+            "{table}"
+        );
+        assert!(table.contains("1 page\n"), "{table}");
+        assert_eq!(bytes(1023), "1023 bytes");
+        assert_eq!(bytes(1536), "1536 bytes (1.5 KiB)");
+    }
+}
