@@ -387,7 +387,7 @@ impl PageStore {
             let mut guard = self.lock(slot);
             let entry = guard.entry();
             if !entry.is_idle() && entry.age() >= min_age {
-                guard.replace(entry.with_idle(true));
+                guard.set_flags(entry.with_idle(true));
                 marked += 1;
             }
         }
@@ -570,9 +570,9 @@ impl PageStore {
                 | SlotState::Invalid => 0,
             };
             let new = SlotEntry::written_back(offset, len).with_priority(priority);
-            let old = guard.replace(new);
+            let swapped = guard.swap(new);
             drop(guard);
-            self.account_replace(old, new);
+            self.account_swap(swapped, new);
             outcome.written += 1;
             outcome.bytes += len as u64;
             installed += 1;
