@@ -9,8 +9,9 @@
 //! Data path of a write: detect a same-filled page → else compress into a per-thread buffer →
 //! allocate an object in the size class and copy the result in (no slot lock held yet) → lock
 //! the slot, swap the new entry in, unlock → free the old object. A read locks the slot and
-//! decompresses straight from the object into the caller's page. See DESIGN.md for the slot
-//! states, the lock order and the memory accounting.
+//! decompresses straight from the object into the caller's page; a page on the backing file is
+//! read with the slot unlocked ([`PageStore::read`]). See DESIGN.md for the slot states, the
+//! lock order and the memory accounting.
 
 pub(crate) mod alloc;
 pub mod backing;
@@ -50,6 +51,10 @@ pub use self::writeback::{
 };
 use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH};
 use crate::PAGE_SIZE;
+
+/// How many times a read of a written-back page reads the file with the slot unlocked, each
+/// time finding the slot changed when it locks it again, before it reads under the lock.
+const UNLOCKED_FILE_READS: usize = 3;
 
 /// The largest device (64 GiB): object numbers must fit a slot's 37-bit handle even when every
 /// chunk of a class holds a single object (at most 4096 objects a chunk), with room to spare
@@ -380,25 +385,72 @@ impl PageStore {
 
     /// Reads the page at `index` into `page`; a page never written reads as zeros. Reading
     /// clears the page's idle flag and age. A written-back page is read from the backing file
-    /// under its slot lock (other pages proceed) and stays on the file.
+    /// with its slot unlocked (see [`PageStore::read_locked`]) and stays on the file.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
-        let mut guard = self.lock(slot);
-        let entry = guard.entry();
-        let result = self.decode(index, entry, page);
-        if entry.accessed() != entry {
-            // Free: the unlock stores the entry anyway.
-            guard.set_flags(entry.accessed());
+        match self.read_locked(index, slot, page) {
+            Ok(mut guard) => {
+                let entry = guard.entry();
+                if entry.accessed() != entry {
+                    // Free: the unlock stores the entry anyway.
+                    guard.set_flags(entry.accessed());
+                }
+                Ok(())
+            }
+            Err(error) => {
+                add(&self.counters.local().failed_reads, 1);
+                Err(error)
+            }
         }
-        drop(guard);
-        if result.is_err() {
-            add(&self.counters.local().failed_reads, 1);
+    }
+
+    /// Regenerates page `index` (slot `slot`) into `page` and returns the slot locked, holding
+    /// the entry whose content `page` now is.
+    ///
+    /// Every state but `WrittenBack` is decoded under the lock. A `WrittenBack` page is read
+    /// as zram does, without holding the lock across the file read: under the lock, note the
+    /// entry (the object's offset and length) and pin the object's blocks; unlock; read and
+    /// decode into `page`; lock again. If the slot still names the same object, `page` is its
+    /// content; otherwise (rewritten, discarded, written back anew) start again with the new
+    /// entry. The pin keeps the bytes read the object's own even if the slot changed
+    /// meanwhile. After [`UNLOCKED_FILE_READS`] changed attempts (a page rewritten and written
+    /// back over and over), the file is read under the lock, which always finishes.
+    fn read_locked(
+        &self,
+        index: u64,
+        slot: usize,
+        page: &mut [u8; PAGE_SIZE],
+    ) -> Result<slot::SlotGuard<'_>, StoreError> {
+        for _ in 0..UNLOCKED_FILE_READS {
+            let guard = self.lock(slot);
+            let entry = guard.entry();
+            let Some(backing) = self
+                .backing
+                .as_ref()
+                .filter(|_| entry.state() == SlotState::WrittenBack)
+            else {
+                self.decode(index, entry, page)?;
+                return Ok(guard);
+            };
+            let (offset, len) = entry.backing_object();
+            let pin = backing
+                .pin(offset, len)
+                .map_err(|source| StoreError::Backing { index, source });
+            drop(guard);
+            let result = pin.and_then(|pin| self.read_back_pinned(index, entry, &pin, page));
+            let guard = self.lock(slot);
+            if guard.entry().same_object(entry) {
+                return result.map(|()| guard);
+            }
         }
-        result
+        let guard = self.lock(slot);
+        self.decode(index, guard.entry(), page)?;
+        Ok(guard)
     }
 
     /// Reads the page at `index`, lets `f` change it and stores the result, all under the
-    /// slot's lock, so concurrent partial writes to one page are not lost. On error the slot
+    /// slot's lock (a written-back page's file read excepted, see
+    /// [`PageStore::read_locked`]), so concurrent partial writes to one page are not lost. On error the slot
     /// keeps its old content (and `f` may not have run).
     pub fn modify<R>(
         &self,
@@ -407,12 +459,13 @@ impl PageStore {
     ) -> Result<R, StoreError> {
         let slot = self.slot_index(index)?;
         let mut page = [0u8; PAGE_SIZE];
-        let mut guard = self.lock(slot);
-        if let Err(e) = self.decode(index, guard.entry(), &mut page) {
-            drop(guard);
-            add(&self.counters.local().failed_reads, 1);
-            return Err(e);
-        }
+        let mut guard = match self.read_locked(index, slot, &mut page) {
+            Ok(guard) => guard,
+            Err(e) => {
+                add(&self.counters.local().failed_reads, 1);
+                return Err(e);
+            }
+        };
         let result = f(&mut page);
         match self.encode(&page) {
             Ok(new) => {

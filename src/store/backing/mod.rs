@@ -42,7 +42,9 @@
 //! (`POSIX_FADV_DONTNEED`), and each read range dropped after reading.
 //!
 //! # Invariants (checked by [`BackingFile::check_consistency`])
-//! - `counts[b]` = the live objects touching block `b`, plus one if `b` is the open block;
+//! - `counts[b]` = the live objects touching block `b`, plus one if `b` is the open block,
+//!   plus one per read pin on an object touching it (none while nothing reads: the check runs
+//!   quiescent);
 //! - a block is in exactly one free extent iff its count is zero; extents are coalesced and
 //!   lie inside the file (below the high-water mark `counts.len()`);
 //! - live objects do not overlap, lie inside the file, and those in the open block end within
@@ -56,8 +58,20 @@
 //! (or, on error, changes nothing) under it again: only a batch allocates, so the run's blocks
 //! stay free meanwhile, and the open block is pinned. [`BackingFile::release`] takes `space`
 //! and punches under it, so a block is punched before it can be reused. [`BackingFile::read`]
-//! takes no lock: the caller owns the object (holds its slot), so the blocks it touches stay
-//! allocated, and a batch rewriting the open block writes the same bytes over the object.
+//! takes no lock: the caller owns the object (holds its slot), or pins it, so the blocks it
+//! touches stay allocated, and a batch rewriting the open block writes the same bytes over the
+//! object.
+//!
+//! # Read pins
+//! The store reads a written-back page without holding its slot lock across the `pread` (a
+//! write to the page must not wait for the disk). Under the slot lock it takes a
+//! [`PinnedObject`] ([`BackingFile::pin`]): one more count on each block the object touches,
+//! under `space`. Then it unlocks and reads. If the slot is rewritten or discarded meanwhile,
+//! the object is released, but its blocks keep a count until the pin drops: they are neither
+//! punched nor reused, and an open block still counted by a pin is continued, never started
+//! afresh. So the bytes a pinned read returns are the object's, whatever the slot did
+//! meanwhile. Dropping the pin drops the counts (freeing, and punching, blocks that reach
+//! zero).
 //!
 //! # Files
 //! - `space.rs`: the block allocator (per-block counts, free extents);
@@ -304,6 +318,42 @@ pub struct BackingFile {
     /// `space.counts.len() * BLOCK`, readable without the lock (for [`BackingFile::read`]).
     file_bytes: AtomicU64,
     counters: Counters,
+}
+
+/// A read pin on an object of the backing file ([`BackingFile::pin`]): while it lives, the
+/// object's blocks are neither freed nor rewritten with other bytes. Dropping it unpins.
+#[must_use = "a pin protects a read; dropping it at once protects nothing"]
+pub struct PinnedObject<'a> {
+    file: &'a BackingFile,
+    offset: u64,
+    len: usize,
+}
+
+impl PinnedObject<'_> {
+    /// The object's byte offset and length.
+    pub fn object(&self) -> (u64, usize) {
+        (self.offset, self.len)
+    }
+
+    /// Reads the pinned object into `out[..len]`.
+    pub fn read(&self, out: &mut [u8]) -> Result<(), BackingError> {
+        self.file.read(self.offset, self.len, out)
+    }
+}
+
+impl std::fmt::Debug for PinnedObject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedObject")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Drop for PinnedObject<'_> {
+    fn drop(&mut self) {
+        self.file.unpin(self.offset, self.len);
+    }
 }
 
 const _: () = {
@@ -624,8 +674,42 @@ impl BackingFile {
         Ok(())
     }
 
+    /// Pins the object of `len` bytes at `offset` (see the module doc): its blocks stay
+    /// allocated, and its bytes unchanged, until the returned pin drops, even if the object is
+    /// released meanwhile. The caller must own the object when it pins it (hold the lock of
+    /// the slot naming it); then it may let go and read through the pin.
+    pub fn pin(&self, offset: u64, len: usize) -> Result<PinnedObject<'_>, BackingError> {
+        let mut space = lock(&self.space);
+        if !valid_object(offset, len, space.file_blocks() * BLOCK) {
+            return Err(self.invalid(offset, len));
+        }
+        let (first, last) = (offset / BLOCK, (offset + len as u64 - 1) / BLOCK);
+        if (first..=last).any(|b| space.count(b) == 0 || space.count(b) == u16::MAX) {
+            return Err(self.invalid(offset, len));
+        }
+        for block in first..=last {
+            space.add_ref(block);
+        }
+        Ok(PinnedObject {
+            file: self,
+            offset,
+            len,
+        })
+    }
+
+    /// Drops a pin's counts, freeing the blocks that reach zero.
+    fn unpin(&self, offset: u64, len: usize) {
+        let mut space = lock(&self.space);
+        let (first, last) = (offset / BLOCK, (offset + len as u64 - 1) / BLOCK);
+        for block in first..=last {
+            if space.drop_ref(block) {
+                self.free_blocks(&mut space, block, 1);
+            }
+        }
+    }
+
     /// Reads the object of `len` bytes at `offset` into `out[..len]`. Safe to call while
-    /// batches and releases run on other objects; the caller owns this one.
+    /// batches and releases run on other objects; the caller owns this one or pins it.
     pub fn read(&self, offset: u64, len: usize, out: &mut [u8]) -> Result<(), BackingError> {
         let file_bytes = self.file_bytes.load(Ordering::Acquire);
         if out.len() < len || !valid_object(offset, len, file_bytes) {

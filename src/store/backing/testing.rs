@@ -135,6 +135,8 @@ pub struct FaultyIo {
     /// Every read first sleeps this long, nanoseconds (a slow disk).
     read_delay_ns: AtomicU64,
     writes: AtomicU64,
+    /// Reads that have started and not returned.
+    reads_in_flight: AtomicU64,
 }
 
 impl std::fmt::Debug for FaultyIo {
@@ -160,6 +162,7 @@ impl FaultyIo {
             punch_errno: AtomicI32::new(0),
             read_delay_ns: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            reads_in_flight: AtomicU64::new(0),
         }
     }
 
@@ -226,6 +229,11 @@ impl FaultyIo {
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
     }
+
+    /// Reads that have started and not yet returned (a slow read is in the file).
+    pub fn reads_in_flight(&self) -> u64 {
+        self.reads_in_flight.load(Ordering::SeqCst)
+    }
 }
 
 fn errno_result(errno: &AtomicI32) -> io::Result<()> {
@@ -259,6 +267,20 @@ impl BackingIo for FaultyIo {
     }
 
     fn pread(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.reads_in_flight.fetch_add(1, Ordering::SeqCst);
+        let result = self.pread_with_faults(buf, off);
+        self.reads_in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        errno_result(&self.punch_errno)?;
+        self.inner.punch(off, len)
+    }
+}
+
+impl FaultyIo {
+    fn pread_with_faults(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let delay = self.read_delay_ns.load(Ordering::SeqCst);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_nanos(delay));
@@ -268,10 +290,5 @@ impl BackingIo for FaultyIo {
             return Ok(0);
         }
         self.inner.pread(buf, off)
-    }
-
-    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-        errno_result(&self.punch_errno)?;
-        self.inner.punch(off, len)
     }
 }

@@ -915,3 +915,41 @@ fn buffered_fallback_when_the_filesystem_refuses_o_direct() {
     assert!(stats.punch_unsupported > 0, "{stats:?}");
     drop(file);
 }
+
+#[test]
+fn a_pinned_object_keeps_its_bytes_after_it_is_released() {
+    let (file, _faults, _mem) = memory_file(None);
+    let mut rng = Rng(7);
+    // An object alone in the open block, and one spanning two blocks.
+    for lens in [[100usize].as_slice(), &[4000, 3000]] {
+        let objects: Vec<Vec<u8>> = lens.iter().map(|&len| rng.object(len)).collect();
+        let refs: Vec<&[u8]> = objects.iter().map(Vec::as_slice).collect();
+        let offsets = file.write_batch(&refs).unwrap();
+        let (offset, object) = (*offsets.last().unwrap(), objects.last().unwrap());
+        let pin = file.pin(offset, object.len()).unwrap();
+        for (&o, object) in offsets.iter().zip(&objects) {
+            file.release(o, object.len()).unwrap();
+        }
+        // Without the pin, these batches would reuse (or start afresh in) its blocks.
+        let mut model = Model::default();
+        for _ in 0..8 {
+            model.write(&file, &rng.batch(4)).unwrap();
+        }
+        let mut out = [0u8; BLOCK_SIZE];
+        pin.read(&mut out).unwrap();
+        assert!(
+            out[..object.len()] == object[..],
+            "the pinned bytes changed"
+        );
+        drop(pin);
+        model.check(&file);
+        for offset in model.0.keys().copied().collect::<Vec<_>>() {
+            model.release(&file, offset);
+        }
+        model.consistent(&file);
+    }
+    assert!(
+        file.pin(0, 100).is_err(),
+        "an object in freed blocks cannot be pinned"
+    );
+}
