@@ -385,7 +385,8 @@ impl PageStore {
 
     /// Reads the page at `index` into `page`; a page never written reads as zeros. Reading
     /// clears the page's idle flag and age. A written-back page is read from the backing file
-    /// with its slot unlocked (see [`PageStore::read_locked`]) and stays on the file.
+    /// with its slot unlocked (the file read holds no lock a write waits for; DESIGN.md, "Data
+    /// path") and stays on the file.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
         match self.read_locked(index, slot, page) {
@@ -449,8 +450,9 @@ impl PageStore {
     }
 
     /// Reads the page at `index`, lets `f` change it and stores the result, all under the
-    /// slot's lock (a written-back page's file read excepted, see
-    /// [`PageStore::read_locked`]), so concurrent partial writes to one page are not lost. On error the slot
+    /// slot's lock (a written-back page's file read excepted: it runs unlocked and the slot is
+    /// checked afterwards, as in [`PageStore::read`]), so concurrent partial writes to one page
+    /// are not lost. On error the slot
     /// keeps its old content (and `f` may not have run).
     pub fn modify<R>(
         &self,

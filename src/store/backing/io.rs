@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-/// The system calls a [`BackingFile`] makes, so tests can put faults between it and the file.
+/// The system calls a [`BackingFile`](super::BackingFile) makes, so tests can put faults between it and the file.
 pub trait BackingIo: Send + Sync {
     /// Writes `buf` at byte `off`, returning how many bytes were written (`pwrite`).
     fn pwrite(&self, buf: &[u8], off: u64) -> io::Result<usize>;
