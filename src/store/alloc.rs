@@ -31,6 +31,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
+use super::slot::StaleObject;
 use crate::PAGE_SIZE;
 
 /// Object sizes are rounded up to a multiple of this.
@@ -320,6 +321,8 @@ impl SlabAllocator {
     }
 
     /// Frees `object` of `class`. Returns the pages given back to the OS (a chunk that emptied).
+    /// The store frees through [`free_stale`](Self::free_stale), whose token makes the
+    /// contract below hold.
     ///
     /// # Safety
     /// `object` must be live in `class` and owned by the caller (see [`object`](Self::object)):
@@ -499,15 +502,15 @@ impl SlabAllocator {
         self.classes[class].has_victims.load(Ordering::Relaxed)
     }
 
-    /// Moves `object` (of `len` bytes) out of a victim chunk into another chunk of its class,
-    /// without taking a new chunk. Returns the new object number and the pages given back to
-    /// the OS, or `None` when the object is not in a victim or no room is left.
+    /// Copies `object` (of `len` bytes) out of a victim chunk into a new object of its class,
+    /// without taking a new chunk. Returns the new object's number, or `None` when the object
+    /// is not in a victim or no room is left. The old object stays live: the caller points its
+    /// slot at the new one, and frees the old one with the [`StaleObject`] that swap gives.
     ///
     /// # Safety
     /// `object` must be live in `class`, hold at least `len` bytes of data, and be owned by the
-    /// caller (see [`object`](Self::object)); on `Some`, the caller must replace its reference
-    /// with the new number before releasing ownership, since the old object is freed.
-    pub unsafe fn relocate(&self, class: usize, object: u64, len: usize) -> Option<(u64, u64)> {
+    /// caller (see [`object`](Self::object)) for the duration of the call.
+    pub unsafe fn relocate(&self, class: usize, object: u64, len: usize) -> Option<u64> {
         let c = &self.classes[class];
         let mut inner = lock(&c.inner);
         let (chunk, _) = split(c, object);
@@ -515,11 +518,20 @@ impl SlabAllocator {
             return None;
         }
         let moved = take_from_partial(c, &mut inner)?;
-        // SAFETY: both objects are owned by the caller (the old one by contract, the new one
-        // was just handed out), distinct, live and at least `len` bytes long.
+        // SAFETY: the old object is owned by the caller (by contract), the new one was just
+        // handed out; they are distinct, live and at least `len` bytes long.
         unsafe { std::ptr::copy_nonoverlapping(object_ptr(c, object), object_ptr(c, moved), len) };
-        let freed = self.free_locked(c, &mut inner, object);
-        Some((moved, freed))
+        Some(moved)
+    }
+
+    /// Frees the object a slot swap orphaned, consuming its token. Returns the pages given
+    /// back to the OS (a chunk that emptied).
+    pub fn free_stale(&self, stale: StaleObject) -> u64 {
+        let (class, object) = stale.into_parts();
+        // SAFETY: a `StaleObject` is made once per object that left its slot (or was never
+        // published), is neither `Clone` nor `Copy`, and was consumed above: this is the
+        // object's one free, and no slot references it, so no one reads it any more.
+        unsafe { self.free(class, object) }
     }
 
     /// Ends a compaction: victims that still hold objects take new ones again.
@@ -864,9 +876,10 @@ mod tests {
         let mut freed_pages = 0;
         for (i, o) in kept.iter_mut() {
             // SAFETY: the test owns every object it stored and frees or moves each once.
-            if let Some((moved, freed)) = unsafe { a.relocate(class, o.1, 512) } {
+            if let Some(moved) = unsafe { a.relocate(class, o.1, 512) } {
+                // SAFETY: as above: the old object is the test's, and is freed once, here.
+                freed_pages += unsafe { a.free(class, o.1) };
                 o.1 = moved;
-                freed_pages += freed;
             }
             // SAFETY: the test owns the object.
             let bytes = unsafe { a.object(class, o.1, 512) };

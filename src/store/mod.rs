@@ -9,8 +9,9 @@
 //! Data path of a write: detect a same-filled page → else compress into a per-thread buffer →
 //! allocate an object in the size class and copy the result in (no slot lock held yet) → lock
 //! the slot, swap the new entry in, unlock → free the old object. A read locks the slot and
-//! decompresses straight from the object into the caller's page. See DESIGN.md for the slot
-//! states, the lock order and the memory accounting.
+//! decompresses straight from the object into the caller's page; a page on the backing file is
+//! read with the slot unlocked ([`PageStore::read`]). See DESIGN.md for the slot states, the
+//! lock order and the memory accounting.
 
 pub(crate) mod alloc;
 pub mod backing;
@@ -37,7 +38,7 @@ pub use self::recompress::{
 };
 use self::same_fill::FillWords;
 pub use self::slot::MAX_AGE;
-use self::slot::{SlotEntry, SlotTable, MAX_HANDLE};
+use self::slot::{SlotEntry, SlotTable, StaleObject, Swapped, MAX_HANDLE};
 pub use self::slot::{SlotState, MAX_PENDING_BUFFERS, MAX_SECONDARY};
 use self::stats::{add, get, sub, CounterShard, Counters};
 pub use self::stats::{
@@ -50,6 +51,10 @@ pub use self::writeback::{
 };
 use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH};
 use crate::PAGE_SIZE;
+
+/// How many times a read of a written-back page reads the file with the slot unlocked, each
+/// time finding the slot changed when it locks it again, before it reads under the lock.
+const UNLOCKED_FILE_READS: usize = 3;
 
 /// The largest device (64 GiB): object numbers must fit a slot's 37-bit handle even when every
 /// chunk of a class holds a single object (at most 4096 objects a chunk), with room to spare
@@ -177,7 +182,7 @@ impl Default for WorkerScratch {
             slot: 0,
             buffer: 0,
             generation: 0,
-            free: SlotEntry::EMPTY,
+            stale: None,
         };
         WorkerScratch {
             outputs: Box::new([[0; COMPRESS_BUFFER]; MAX_BATCH]),
@@ -345,15 +350,15 @@ impl PageStore {
         let (buffer, generation) = deferred.pool.publish(buffer);
         self.counters.note_mem_used(self.mem_used_total());
         let new = SlotEntry::pending(buffer, generation);
-        let old = self.lock(slot).replace(new);
+        let swapped = self.lock(slot).swap(new);
         // The object the write replaced is freed by the worker, off the request path (freeing
         // can empty a chunk, whose return to the OS costs a TLB shootdown).
-        let free = self.account_replace_keeping_object(old, new);
+        let stale = self.account_swap_keeping_object(swapped, new);
         deferred.queue.push(Job {
             slot,
             buffer,
             generation,
-            free,
+            stale,
         });
         Ok(Ok(()))
     }
@@ -374,31 +379,80 @@ impl PageStore {
 
     /// Publishes `new` in `slot` and accounts for the entry it replaced.
     fn publish(&self, slot: usize, new: SlotEntry) {
-        let old = self.lock(slot).replace(new);
-        self.account_replace(old, new);
+        let swapped = self.lock(slot).swap(new);
+        self.account_swap(swapped, new);
     }
 
     /// Reads the page at `index` into `page`; a page never written reads as zeros. Reading
     /// clears the page's idle flag and age. A written-back page is read from the backing file
-    /// under its slot lock (other pages proceed) and stays on the file.
+    /// with its slot unlocked (the file read holds no lock a write waits for; DESIGN.md, "Data
+    /// path") and stays on the file.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
-        let mut guard = self.lock(slot);
-        let entry = guard.entry();
-        let result = self.decode(index, entry, page);
-        if entry.accessed() != entry {
-            // Free: the unlock stores the entry anyway.
-            guard.replace(entry.accessed());
+        match self.read_locked(index, slot, page) {
+            Ok(mut guard) => {
+                let entry = guard.entry();
+                if entry.accessed() != entry {
+                    // Free: the unlock stores the entry anyway.
+                    guard.set_flags(entry.accessed());
+                }
+                Ok(())
+            }
+            Err(error) => {
+                add(&self.counters.local().failed_reads, 1);
+                Err(error)
+            }
         }
-        drop(guard);
-        if result.is_err() {
-            add(&self.counters.local().failed_reads, 1);
+    }
+
+    /// Regenerates page `index` (slot `slot`) into `page` and returns the slot locked, holding
+    /// the entry whose content `page` now is.
+    ///
+    /// Every state but `WrittenBack` is decoded under the lock. A `WrittenBack` page is read
+    /// as zram does, without holding the lock across the file read: under the lock, note the
+    /// entry (the object's offset and length) and pin the object's blocks; unlock; read and
+    /// decode into `page`; lock again. If the slot still names the same object, `page` is its
+    /// content; otherwise (rewritten, discarded, written back anew) start again with the new
+    /// entry. The pin keeps the bytes read the object's own even if the slot changed
+    /// meanwhile. After [`UNLOCKED_FILE_READS`] changed attempts (a page rewritten and written
+    /// back over and over), the file is read under the lock, which always finishes.
+    fn read_locked(
+        &self,
+        index: u64,
+        slot: usize,
+        page: &mut [u8; PAGE_SIZE],
+    ) -> Result<slot::SlotGuard<'_>, StoreError> {
+        for _ in 0..UNLOCKED_FILE_READS {
+            let guard = self.lock(slot);
+            let entry = guard.entry();
+            let Some(backing) = self
+                .backing
+                .as_ref()
+                .filter(|_| entry.state() == SlotState::WrittenBack)
+            else {
+                self.decode(index, entry, page)?;
+                return Ok(guard);
+            };
+            let (offset, len) = entry.backing_object();
+            let pin = backing
+                .pin(offset, len)
+                .map_err(|source| StoreError::Backing { index, source });
+            drop(guard);
+            let result = pin.and_then(|pin| self.read_back_pinned(index, entry, &pin, page));
+            let guard = self.lock(slot);
+            if guard.entry().same_object(entry) {
+                return result.map(|()| guard);
+            }
         }
-        result
+        let guard = self.lock(slot);
+        self.decode(index, guard.entry(), page)?;
+        Ok(guard)
     }
 
     /// Reads the page at `index`, lets `f` change it and stores the result, all under the
-    /// slot's lock, so concurrent partial writes to one page are not lost. On error the slot
+    /// slot's lock (a written-back page's file read excepted: it runs unlocked and the slot is
+    /// checked afterwards, as in [`PageStore::read`]), so concurrent partial writes to one page
+    /// are not lost. On error the slot
     /// keeps its old content (and `f` may not have run).
     pub fn modify<R>(
         &self,
@@ -407,18 +461,19 @@ impl PageStore {
     ) -> Result<R, StoreError> {
         let slot = self.slot_index(index)?;
         let mut page = [0u8; PAGE_SIZE];
-        let mut guard = self.lock(slot);
-        if let Err(e) = self.decode(index, guard.entry(), &mut page) {
-            drop(guard);
-            add(&self.counters.local().failed_reads, 1);
-            return Err(e);
-        }
+        let mut guard = match self.read_locked(index, slot, &mut page) {
+            Ok(guard) => guard,
+            Err(e) => {
+                add(&self.counters.local().failed_reads, 1);
+                return Err(e);
+            }
+        };
         let result = f(&mut page);
         match self.encode(&page) {
             Ok(new) => {
-                let old = guard.replace(new);
+                let swapped = guard.swap(new);
                 drop(guard);
-                self.account_replace(old, new);
+                self.account_swap(swapped, new);
                 Ok(result)
             }
             Err(e) => {
@@ -443,11 +498,11 @@ impl PageStore {
             if self.slots.peek(slot) == Some(SlotEntry::EMPTY) {
                 continue;
             }
-            let old = self.lock(slot).replace(SlotEntry::EMPTY);
-            if old.state() != SlotState::Empty {
+            let swapped = self.lock(slot).swap(SlotEntry::EMPTY);
+            if swapped.old.state() != SlotState::Empty {
                 add(&self.counters.local().notify_free, 1);
             }
-            self.account_replace(old, SlotEntry::EMPTY);
+            self.account_swap(swapped, SlotEntry::EMPTY);
         }
         Ok(())
     }
@@ -475,14 +530,17 @@ impl PageStore {
                     continue;
                 }
                 // SAFETY: we hold the lock of the slot that references the object, so we own
-                // it; on success the entry is repointed before the lock is released.
+                // it while it is copied.
                 let relocated = unsafe {
                     self.alloc
                         .relocate(class, entry.handle(), object_len(entry))
                 };
-                if let Some((moved, freed)) = relocated {
-                    guard.replace(entry.with_handle(moved));
-                    pages += freed;
+                if let Some(moved) = relocated {
+                    let swapped = guard.swap(entry.with_handle(moved));
+                    drop(guard);
+                    if let Some(stale) = swapped.stale {
+                        pages += self.alloc.free_stale(stale);
+                    }
                 }
             }
         }
@@ -764,7 +822,7 @@ impl PageStore {
             Batch::Jobs(n) => n,
         };
         let started = std::time::Instant::now();
-        self.compress_jobs(deferred, &scratch.jobs[..n], &mut scratch.outputs[..n]);
+        self.compress_jobs(deferred, &mut scratch.jobs[..n], &mut scratch.outputs[..n]);
         if let Some(counters) = deferred.per_worker.get(worker) {
             add(&counters.pages, n as u64);
             add(&counters.batches, 1);
@@ -780,15 +838,17 @@ impl PageStore {
     fn compress_jobs(
         &self,
         deferred: &Deferred,
-        jobs: &[Job],
+        jobs: &mut [Job],
         outputs: &mut [[u8; COMPRESS_BUFFER]],
     ) {
         let mut live = [false; MAX_BATCH];
         let mut pages: [&[u8; PAGE_SIZE]; MAX_BATCH] = [&ZERO_PAGE; MAX_BATCH];
         let mut count = 0;
-        for job in jobs {
+        for job in jobs.iter_mut() {
             // The object the job's write replaced (a stalled job comes back without one).
-            self.free_unpublished(job.free);
+            if let Some(stale) = job.stale.take() {
+                self.alloc.free_stale(stale);
+            }
         }
         for (i, job) in jobs.iter().enumerate() {
             let still_wanted = self.slots.peek(job.slot).is_some_and(|entry| {
@@ -820,8 +880,10 @@ impl PageStore {
                     // Keep the job (and its hold on the buffer) for a retry; its old object
                     // was freed above.
                     deferred.queue.stall(Job {
-                        free: SlotEntry::EMPTY,
-                        ..*job
+                        slot: job.slot,
+                        buffer: job.buffer,
+                        generation: job.generation,
+                        stale: None,
                     });
                     continue;
                 }
@@ -855,13 +917,16 @@ impl PageStore {
         let current = guard.entry();
         if current.same_content(SlotEntry::pending(job.buffer, job.generation)) {
             // A page marked idle while pending stays idle: the worker is not an access.
-            let old = guard.replace(new.with_idle(current.is_idle()));
+            let swapped = guard.swap(new.with_idle(current.is_idle()));
             drop(guard);
-            self.account_replace(old, new);
+            self.account_swap(swapped, new);
         } else {
             drop(guard);
-            // Superseded while we compressed: the object was never published.
-            self.free_unpublished(new);
+            // Superseded while we compressed.
+            // SAFETY: `new`'s object was allocated above and never published.
+            if let Some(stale) = unsafe { StaleObject::unpublished(new) } {
+                self.alloc.free_stale(stale);
+            }
         }
         true
     }
@@ -1004,18 +1069,19 @@ impl PageStore {
         Ok(())
     }
 
-    /// Updates the counters for a slot that went from `old` to `new`, and frees what `old`
-    /// held. The caller has published `new` and released the slot lock, so `old`'s object
-    /// (or pending buffer) is referenced by no slot and owned by the caller.
-    fn account_replace(&self, old: SlotEntry, new: SlotEntry) {
-        let object = self.account_replace_keeping_object(old, new);
-        self.free_unpublished(object);
+    /// Updates the counters for a slot that went from `swapped.old` to `new`, and frees what
+    /// the old entry held. The caller has published `new` and released the slot lock.
+    fn account_swap(&self, swapped: Swapped, new: SlotEntry) {
+        if let Some(stale) = self.account_swap_keeping_object(swapped, new) {
+            self.alloc.free_stale(stale);
+        }
     }
 
-    /// [`account_replace`](Self::account_replace), except that `old`'s allocator object (if it
-    /// has one) is not freed but returned: the caller owns it and frees it later with
-    /// [`free_unpublished`](Self::free_unpublished). Everything else `old` held is released.
-    fn account_replace_keeping_object(&self, old: SlotEntry, new: SlotEntry) -> SlotEntry {
+    /// [`account_swap`](Self::account_swap), except that the old entry's allocator object (if
+    /// the swap orphaned one) is not freed but returned, for the caller to free later with
+    /// [`SlabAllocator::free_stale`]. Everything else the old entry held is released.
+    fn account_swap_keeping_object(&self, swapped: Swapped, new: SlotEntry) -> Option<StaleObject> {
+        let Swapped { old, stale } = swapped;
         let c = self.counters.local();
         for (entry, change) in [(new, add as fn(&AtomicU64, u64)), (old, sub)] {
             change(&c.pages_stored, u64::from(holds_page(entry)));
@@ -1037,7 +1103,8 @@ impl PageStore {
         );
         match old.state() {
             SlotState::SameFilled => self.fill_words.release(old.payload()),
-            SlotState::Compressed | SlotState::Huge => return old,
+            // Its object, if the swap orphaned it, is `stale`.
+            SlotState::Compressed | SlotState::Huge => {}
             SlotState::Pending => {
                 if let Some(deferred) = &self.deferred {
                     deferred.pool.release(old.pending_buffer().0);
@@ -1046,16 +1113,19 @@ impl PageStore {
             SlotState::WrittenBack => self.release_written_back(old),
             SlotState::Empty | SlotState::Invalid => {}
         }
-        SlotEntry::EMPTY
+        stale
     }
+}
 
-    /// Frees the object of a Compressed or Huge entry that no slot references (nothing for
-    /// other entries).
-    fn free_unpublished(&self, entry: SlotEntry) {
-        if let Some(class) = object_class(entry) {
-            // SAFETY: the caller owns the entry's object: no slot references it (it was
-            // replaced, or never published) and nothing uses it afterwards.
-            unsafe { self.alloc.free(class, entry.handle()) };
+impl Drop for PageStore {
+    fn drop(&mut self) {
+        // Jobs no worker took still own the objects their writes replaced.
+        if let Some(deferred) = &self.deferred {
+            for job in deferred.queue.drain() {
+                if let Some(stale) = job.stale {
+                    self.alloc.free_stale(stale);
+                }
+            }
         }
     }
 }

@@ -36,7 +36,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::alloc::Segment;
-use super::slot::{SlotEntry, MAX_PENDING_BUFFERS};
+use super::slot::{StaleObject, MAX_PENDING_BUFFERS};
 use crate::PAGE_SIZE;
 
 /// The most pages a worker takes from the queue at once (an IAA batch).
@@ -49,15 +49,15 @@ pub(crate) struct TakenBuffer {
     pub(crate) generation: u32,
 }
 
-/// A page waiting for a worker: slot `slot` was made `Pending(buffer, generation)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A page waiting for a worker: slot `slot` was made `Pending(buffer, generation)`. Not
+/// `Clone`: it owns its hold on the buffer and the object it frees.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Job {
     pub(crate) slot: usize,
     pub(crate) buffer: u32,
     pub(crate) generation: u32,
-    /// The entry whose allocator object the write replaced, for the worker to free (it is
-    /// referenced by no slot and owned by the job); `EMPTY` when there is none.
-    pub(crate) free: SlotEntry,
+    /// The allocator object the write replaced, for the worker to free off the request path.
+    pub(crate) stale: Option<StaleObject>,
 }
 
 #[derive(Debug)]
@@ -386,6 +386,14 @@ impl JobQueue {
         self.lock().stalled.push(job);
     }
 
+    /// Takes every queued and stalled job out (the store being dropped frees what they own).
+    pub(crate) fn drain(&self) -> Vec<Job> {
+        let mut state = self.lock();
+        let mut jobs: Vec<Job> = state.jobs.drain(..).collect();
+        jobs.append(&mut state.stalled);
+        jobs
+    }
+
     /// Jobs queued and stalled.
     pub(crate) fn len(&self) -> (usize, usize) {
         let state = self.lock();
@@ -464,19 +472,20 @@ mod tests {
             slot: 1,
             buffer: 0,
             generation: 1,
-            free: SlotEntry::EMPTY,
+            stale: None,
         });
         let worker = {
             let queue = queue.clone();
             std::thread::spawn(move || {
-                let mut out = [Job {
+                let mut out: [Job; 8] = std::array::from_fn(|_| Job {
                     slot: 0,
                     buffer: 0,
                     generation: 0,
-                    free: SlotEntry::EMPTY,
-                }; 8];
+                    stale: None,
+                });
                 let batch = queue.next_batch(&mut out, || {});
-                (batch, out[0])
+                let [first, ..] = out;
+                (batch, first)
             })
         };
         std::thread::sleep(Duration::from_millis(50));
@@ -486,7 +495,7 @@ mod tests {
         assert_eq!(batch, Batch::Jobs(1));
         assert_eq!(job.slot, 1);
         queue.stop();
-        let mut out = [job; 1];
+        let mut out = [job];
         assert_eq!(queue.next_batch(&mut out, || {}), Batch::Stop);
     }
 }

@@ -570,7 +570,7 @@ impl PageStore {
             let mut guard = self.lock(slot);
             let entry = guard.entry();
             if holds_page(entry) && !entry.is_idle() {
-                guard.replace(entry.with_idle(true));
+                guard.set_flags(entry.with_idle(true));
                 marked += 1;
             }
         }
@@ -714,9 +714,9 @@ impl PageStore {
         });
         match new {
             Some(new) => {
-                guard.replace(new);
+                let swapped = guard.swap(new);
                 drop(guard);
-                self.account_replace(old, new);
+                self.account_swap(swapped, new);
                 SlotOutcome::Replaced {
                     saved: compressed_bytes(old).saturating_sub(compressed_bytes(new)),
                 }
@@ -726,7 +726,7 @@ impl PageStore {
                 // zram marks the page only when every secondary algorithm failed on it.
                 let marked = !refused && tried == self.recompression.codecs.len();
                 if marked {
-                    guard.replace(old.with_incompressible(true));
+                    guard.set_flags(old.with_incompressible(true));
                 }
                 SlotOutcome::Kept { marked }
             }

@@ -418,9 +418,98 @@ impl SlotGuard<'_> {
         self.entry
     }
 
-    /// Replaces the entry (published when the guard drops) and returns the old one.
-    pub fn replace(&mut self, entry: SlotEntry) -> SlotEntry {
-        std::mem::replace(&mut self.entry, entry)
+    /// Changes the entry's flags (idle, incompressible, age) and nothing else: the entry keeps
+    /// referencing what it did. Published when the guard drops.
+    pub fn set_flags(&mut self, entry: SlotEntry) {
+        debug_assert!(
+            self.entry.same_object(entry) || self.entry.same_content(entry),
+            "set_flags changed what slot entry {:?} references (to {entry:?})",
+            self.entry
+        );
+        self.entry = entry;
+    }
+
+    /// Swaps in `new` (published when the guard drops) and returns the old entry, with the
+    /// allocator object it referenced as a [`StaleObject`] when `new` does not reference the
+    /// same one: the only place a safely made `StaleObject` comes from.
+    pub fn swap(&mut self, new: SlotEntry) -> Swapped {
+        let old = std::mem::replace(&mut self.entry, new);
+        let stale = super::object_class(old)
+            .filter(|&class| {
+                super::object_class(new) != Some(class) || new.handle() != old.handle()
+            })
+            .map(|class| StaleObject {
+                class,
+                handle: old.handle(),
+            });
+        Swapped { old, stale }
+    }
+}
+
+/// What [`SlotGuard::swap`] took out of the slot.
+#[derive(Debug)]
+#[must_use = "the old entry must be accounted for and its stale object freed"]
+pub struct Swapped {
+    /// The entry the slot held before.
+    pub old: SlotEntry,
+    /// `old`'s allocator object, if the new entry no longer references it.
+    pub stale: Option<StaleObject>,
+}
+
+/// An allocator object that no slot references any more (the slot swap that orphaned it
+/// made this token), waiting to be freed: by
+/// [`SlabAllocator::free_stale`](super::alloc::SlabAllocator::free_stale), which consumes it.
+///
+/// The token is the object's ownership: it is neither `Clone` nor `Copy`, so it is freed at
+/// most once, and a slot swap hands out each object it removes once. It may travel (in a
+/// worker's job, past a slot lock) before it is freed; nothing may read the object
+/// meanwhile, and nothing does: every reader of an object holds the lock of the slot naming
+/// it. Dropping a token without freeing it leaks the object (a debug build panics).
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a stale object leaks unless it is freed with SlabAllocator::free_stale"]
+pub struct StaleObject {
+    class: usize,
+    handle: u64,
+}
+
+impl StaleObject {
+    /// The token for the object of `entry`, an entry that was never published in a slot
+    /// (its object was allocated for a slot that no longer wanted it); `None` if the entry
+    /// references no allocator object.
+    ///
+    /// # Safety
+    /// `entry`'s object must be owned by the caller: allocated by it, never published in a
+    /// slot, and not turned into a token before.
+    pub unsafe fn unpublished(entry: SlotEntry) -> Option<StaleObject> {
+        super::object_class(entry).map(|class| StaleObject {
+            class,
+            handle: entry.handle(),
+        })
+    }
+
+    /// The object's size class and handle, giving the token up (its consumer frees it).
+    pub(super) fn into_parts(self) -> (usize, u64) {
+        let parts = (self.class, self.handle);
+        std::mem::forget(self);
+        parts
+    }
+}
+
+impl Drop for StaleObject {
+    fn drop(&mut self) {
+        // A token is consumed by `into_parts`; dropping one leaks its object.
+        if !std::thread::panicking() {
+            debug_assert!(
+                false,
+                "stale object {} of class {} dropped without being freed",
+                self.handle, self.class
+            );
+            log::error!(
+                "stale object {} of class {} was dropped without being freed: its memory leaks",
+                self.handle,
+                self.class
+            );
+        }
     }
 }
 
@@ -433,7 +522,75 @@ impl Drop for SlotGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::alloc::{class_of, SlabAllocator, HUGE_CLASS};
     use std::sync::Arc;
+
+    #[test]
+    fn a_swap_hands_out_each_orphaned_object_once_and_freeing_consumes_it() {
+        let alloc = SlabAllocator::new();
+        let table = SlotTable::new(1);
+        let class = class_of(100);
+        let used = |a: &SlabAllocator| {
+            let stats = a.class_stats();
+            (stats[class].used_objects, stats[HUGE_CLASS].used_objects)
+        };
+        let first = alloc.store(class, &[1; 100], None).unwrap();
+        let second = alloc.store(HUGE_CLASS, &[2; 4096], None).unwrap();
+        assert_eq!(used(&alloc), (1, 1));
+
+        let mut guard = table.lock(0).unwrap();
+        let swapped = guard.swap(SlotEntry::compressed(first, 100));
+        assert_eq!(swapped.old, SlotEntry::EMPTY);
+        assert!(swapped.stale.is_none(), "an empty slot orphans nothing");
+        let aged = guard.entry().with_idle(true).with_age(5);
+        guard.set_flags(aged);
+        let swapped = guard.swap(aged.accessed());
+        assert!(
+            swapped.stale.is_none(),
+            "a swap to the same object orphans nothing"
+        );
+        let swapped = guard.swap(SlotEntry::huge(second));
+        drop(guard);
+        assert_eq!(swapped.old.handle(), first);
+        let stale = swapped.stale.expect("the first object is orphaned");
+        assert_eq!(
+            used(&alloc),
+            (1, 1),
+            "nothing is freed before the token is consumed"
+        );
+        assert!(alloc.free_stale(stale) > 0, "its chunk emptied");
+        assert_eq!(
+            used(&alloc),
+            (0, 1),
+            "the orphaned object is freed, and only it"
+        );
+
+        let swapped = table.lock(0).unwrap().swap(SlotEntry::EMPTY);
+        let stale = swapped.stale.expect("a discard orphans the huge object");
+        alloc.free_stale(stale);
+        assert_eq!(used(&alloc), (0, 0));
+        alloc.check_consistency(&|_| Vec::new()).unwrap();
+
+        let third = alloc.store(class, &[3; 100], None).unwrap();
+        // SAFETY: `third` was allocated above and never published.
+        let stale = unsafe { StaleObject::unpublished(SlotEntry::compressed(third, 100)) };
+        alloc.free_stale(stale.expect("a compressed entry has an object"));
+        assert_eq!(used(&alloc), (0, 0));
+        let same = SlotEntry::new(SlotState::SameFilled, 1);
+        // SAFETY: a same-filled entry has no object to own.
+        let none = unsafe { StaleObject::unpublished(same) };
+        assert!(none.is_none());
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped without being freed")]
+    fn a_stale_object_dropped_unfreed_is_caught_in_debug_builds() {
+        let table = SlotTable::new(1);
+        drop(table.lock(0).unwrap().swap(SlotEntry::huge(7)));
+        let swapped = table.lock(0).unwrap().swap(SlotEntry::EMPTY);
+        drop(swapped);
+    }
 
     #[test]
     fn compressed_entry_roundtrips_handle_and_size() {
@@ -500,19 +657,20 @@ mod tests {
         }
     }
 
+    /// Fills empty slot `index` (with an entry naming no real object: it is never freed).
+    fn put(table: &SlotTable, index: usize, entry: SlotEntry) {
+        let swapped = table.lock(index).unwrap().swap(entry);
+        assert_eq!(swapped.old, SlotEntry::EMPTY);
+        assert!(swapped.stale.is_none());
+    }
+
     #[test]
     fn the_idle_clock_ages_only_stored_unlocked_slots() {
         let table = SlotTable::new(4);
         let stored = SlotEntry::compressed(5, 100);
-        table.lock(0).unwrap().replace(stored);
-        table
-            .lock(1)
-            .unwrap()
-            .replace(SlotEntry::new(SlotState::SameFilled, 1));
-        table
-            .lock(2)
-            .unwrap()
-            .replace(SlotEntry::huge(7).with_age(MAX_AGE));
+        put(&table, 0, stored);
+        put(&table, 1, SlotEntry::new(SlotState::SameFilled, 1));
+        put(&table, 2, SlotEntry::huge(7).with_age(MAX_AGE));
         assert_eq!(table.age(0), Some(1));
         assert_eq!(table.age(0), Some(2));
         assert_eq!(table.peek(0).unwrap().age(), 2);
@@ -591,7 +749,8 @@ mod tests {
                     for _ in 0..10_000 {
                         let mut guard = table.lock(2).unwrap();
                         let next = guard.entry().payload() + 1;
-                        guard.replace(SlotEntry::new(SlotState::WrittenBack, next));
+                        let swapped = guard.swap(SlotEntry::new(SlotState::WrittenBack, next));
+                        assert!(swapped.stale.is_none());
                     }
                 })
             })

@@ -28,7 +28,7 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use super::backing::{BackingError, BackingFile};
+use super::backing::{BackingError, BackingFile, PinnedObject};
 use super::slot::{SlotEntry, SlotState, MAX_AGE, MAX_BACKING_OFFSET};
 use super::stats::{add, WritebackStats};
 use super::{object_class, object_len, PageStore, StoreError};
@@ -398,7 +398,7 @@ impl PageStore {
             let mut guard = self.lock(slot);
             let entry = guard.entry();
             if !entry.is_idle() && entry.age() >= min_age {
-                guard.replace(entry.with_idle(true));
+                guard.set_flags(entry.with_idle(true));
                 marked += 1;
             }
         }
@@ -581,9 +581,9 @@ impl PageStore {
                 | SlotState::Invalid => 0,
             };
             let new = SlotEntry::written_back(offset, len).with_priority(priority);
-            let old = guard.replace(new);
+            let swapped = guard.swap(new);
             drop(guard);
-            self.account_replace(old, new);
+            self.account_swap(swapped, new);
             outcome.written += 1;
             outcome.bytes += len as u64;
             installed += 1;
@@ -610,8 +610,9 @@ impl PageStore {
         }
     }
 
-    /// Reads a written-back page's object from the file and regenerates the page. The caller
-    /// holds the slot lock, so the object's file range stays allocated meanwhile.
+    /// Reads a written-back page's object from the file and regenerates the page, with the
+    /// slot locked: the fallback of [`PageStore::read_locked`], whose caller holds the lock,
+    /// so the object's file range stays allocated meanwhile.
     pub(super) fn read_back(
         &self,
         index: u64,
@@ -625,17 +626,41 @@ impl PageStore {
             });
         };
         let (offset, len) = entry.backing_object();
+        self.regenerate(index, entry, page, |object| {
+            backing.read(offset, len, object)
+        })
+    }
+
+    /// Reads a written-back page's pinned object from the file and regenerates the page; no
+    /// slot lock is needed (see [`PageStore::read_locked`]).
+    pub(super) fn read_back_pinned(
+        &self,
+        index: u64,
+        entry: SlotEntry,
+        pin: &PinnedObject<'_>,
+        page: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), StoreError> {
+        self.regenerate(index, entry, page, |object| pin.read(object))
+    }
+
+    /// Reads the object of WrittenBack `entry` with `read` and regenerates its page: a raw
+    /// page is read straight into `page`, a compressed object into a per-thread buffer and
+    /// decompressed with the algorithm the entry's priority names.
+    fn regenerate(
+        &self,
+        index: u64,
+        entry: SlotEntry,
+        page: &mut [u8; PAGE_SIZE],
+        read: impl FnOnce(&mut [u8]) -> Result<(), BackingError>,
+    ) -> Result<(), StoreError> {
+        let (_, len) = entry.backing_object();
         if len == PAGE_SIZE {
-            return backing
-                .read(offset, len, page)
-                .map_err(|source| StoreError::Backing { index, source });
+            return read(page).map_err(|source| StoreError::Backing { index, source });
         }
         READ_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let object = &mut scratch[..len];
-            backing
-                .read(offset, len, object)
-                .map_err(|source| StoreError::Backing { index, source })?;
+            read(object).map_err(|source| StoreError::Backing { index, source })?;
             let codec = self
                 .codec_of(entry.priority())
                 .map_err(|source| StoreError::Corrupt { index, source })?;

@@ -487,3 +487,147 @@ fn a_full_filesystem_stops_writeback_and_loses_nothing() {
     s.discard(0..1024).unwrap();
     s.check_consistency().unwrap();
 }
+
+/// A store over an in-memory backing file whose reads the returned handle can slow down.
+fn store_in_memory(pages: u64) -> (Arc<PageStore>, Arc<super::backing::FaultyIo>) {
+    let faults = Arc::new(super::backing::FaultyIo::in_memory());
+    let file = super::backing::BackingFile::with_io(Box::new(Arc::clone(&faults)), None);
+    let store = PageStore::new(StoreConfig {
+        capacity_pages: pages,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: None,
+    })
+    .unwrap()
+    .with_backing_file(file);
+    (Arc::new(store), faults)
+}
+
+/// A page that compresses to an object (half noise, half zeros), different for each seed.
+fn object_page(seed: u64) -> [u8; PAGE_SIZE] {
+    let mut page = [0u8; PAGE_SIZE];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for byte in &mut page[..PAGE_SIZE / 2] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    page
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// What another thread does to a written-back page while a read of it is in the file.
+#[derive(Debug, Clone, Copy)]
+enum Meanwhile {
+    Rewrite,
+    Discard,
+    RewriteAndWriteBack,
+}
+
+#[test]
+fn a_slow_file_read_holds_no_slot_lock_and_returns_the_old_or_the_new_page() {
+    const SLOW: Duration = Duration::from_millis(400);
+    for meanwhile in [
+        Meanwhile::Rewrite,
+        Meanwhile::Discard,
+        Meanwhile::RewriteAndWriteBack,
+    ] {
+        let (store, faults) = store_in_memory(4);
+        let old = object_page(1);
+        store.write(0, &old).unwrap();
+        store.write(1, &object_page(2)).unwrap();
+        store
+            .writeback(&WritebackRequest::new(WritebackMode::All))
+            .unwrap();
+        assert_eq!(store.slots_state(0), SlotState::WrittenBack);
+        faults.set_read_delay(SLOW);
+
+        let reader = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut out = [0u8; PAGE_SIZE];
+                store.read(0, &mut out).map(|()| out)
+            })
+        };
+        wait_until("the read is in the file", || faults.reads_in_flight() == 1);
+        let new = match meanwhile {
+            Meanwhile::Rewrite => {
+                store.write(0, &object_page(3)).unwrap();
+                object_page(3)
+            }
+            Meanwhile::Discard => {
+                store.discard(0..1).unwrap();
+                [0u8; PAGE_SIZE]
+            }
+            Meanwhile::RewriteAndWriteBack => {
+                store.write(0, &object_page(4)).unwrap();
+                let outcome = store
+                    .writeback(&WritebackRequest::new(WritebackMode::All))
+                    .unwrap();
+                assert_eq!(outcome.written, 1, "{meanwhile:?}");
+                object_page(4)
+            }
+        };
+        // Another page's write never waited for the read; it must not start to.
+        store.write(1, &object_page(5)).unwrap();
+        assert_eq!(
+            faults.reads_in_flight(),
+            1,
+            "{meanwhile:?}: the writes waited for the file read to finish"
+        );
+
+        let got = reader.join().unwrap().unwrap();
+        assert!(
+            got == old || got == new,
+            "{meanwhile:?}: the read returned neither the old nor the new page"
+        );
+        faults.set_read_delay(Duration::ZERO);
+        let mut out = [0u8; PAGE_SIZE];
+        store.read(0, &mut out).unwrap();
+        assert!(out == new, "{meanwhile:?}: page 0 lost its new content");
+        store.read(1, &mut out).unwrap();
+        assert!(out == object_page(5), "{meanwhile:?}: page 1");
+        store.check_consistency().unwrap();
+    }
+}
+
+#[test]
+fn a_partial_write_to_a_page_being_read_from_the_file_is_not_lost() {
+    let (store, faults) = store_in_memory(2);
+    store.write(0, &object_page(1)).unwrap();
+    store
+        .writeback(&WritebackRequest::new(WritebackMode::All))
+        .unwrap();
+    faults.set_read_delay(Duration::from_millis(200));
+    // Two read-modify-writes of the same written-back page race; each reads the file with
+    // the slot unlocked, and the one that finds the slot changed starts again.
+    let writers: Vec<_> = [(0usize, 0xaa), (PAGE_SIZE - 1, 0x55)]
+        .into_iter()
+        .map(|(at, byte)| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.modify(0, |page| page[at] = byte).unwrap())
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    faults.set_read_delay(Duration::ZERO);
+    let mut expect = object_page(1);
+    expect[0] = 0xaa;
+    expect[PAGE_SIZE - 1] = 0x55;
+    let mut out = [0u8; PAGE_SIZE];
+    store.read(0, &mut out).unwrap();
+    assert!(out == expect, "a partial write was lost");
+    store.check_consistency().unwrap();
+}
