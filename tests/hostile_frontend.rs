@@ -199,3 +199,68 @@ fn a_call_fd_that_would_block_neither_stalls_the_queue_nor_the_shutdown() {
     // SAFETY: closing our read end.
     unsafe { libc::close(read_end) };
 }
+
+/// Region `i` of a churn: page `i` of `mem`'s memfd, at its own guest address far above the
+/// guest memory.
+fn one_page_region(mem: &GuestMemoryMmap<()>, i: u64) -> VhostUserMemoryRegionInfo {
+    let whole = memory_region(mem);
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: (1 << 32) + i * 4096,
+        memory_size: 4096,
+        userspace_addr: whole.userspace_addr + i * 4096,
+        mmap_offset: whole.mmap_offset + i * 4096,
+        mmap_handle: whole.mmap_handle,
+    }
+}
+
+/// `ADD_MEM_REG` past the 509 memory slots the device advertises is refused: a frontend
+/// cannot make the daemon map (and hold an fd for) as many regions as it likes.
+#[test]
+fn a_region_past_the_advertised_memory_slots_is_refused() {
+    let daemon = start_daemon();
+    let mut frontend = connect(&daemon.socket);
+    let mem = guest_memory(MEM_SIZE as u64);
+
+    for i in 0..509 {
+        frontend
+            .add_mem_region(&one_page_region(&mem, i))
+            .unwrap_or_else(|e| panic!("region {i} of 509 was refused: {e}"));
+    }
+    let refused = frontend.add_mem_region(&one_page_region(&mem, 509));
+
+    assert!(refused.is_err(), "the 510th region was accepted");
+    drop(frontend);
+    let ended = daemon.join_within(Duration::from_secs(10));
+    let error = ended.expect_err("the refused region ends the connection with an error");
+    assert!(
+        error.to_string().contains("509 memory slots"),
+        "the error names the limit: {error}"
+    );
+}
+
+/// A frontend that adds and removes a region over and over does not flood the log: the
+/// memory map is logged at info level at most once a second, with the changes in between
+/// counted.
+#[test]
+fn region_churn_is_logged_at_most_once_a_second() {
+    use common::child::DaemonProcess;
+    let mut daemon = DaemonProcess::start("1M", &[]);
+    let mut frontend = connect(&daemon.socket);
+    let mem = guest_memory(MEM_SIZE as u64);
+    let region = one_page_region(&mem, 0);
+
+    let started = Instant::now();
+    for _ in 0..500 {
+        frontend.add_mem_region(&region).unwrap();
+        frontend.remove_mem_region(&region).unwrap();
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    drop(frontend);
+    let exited = daemon.wait_exit();
+
+    let lines = exited.stderr.matches("guest memory:").count() as u64;
+    assert!(
+        lines <= 2 * seconds + 2,
+        "{lines} memory map lines for 1000 changes in {seconds} s"
+    );
+}

@@ -67,6 +67,24 @@ pub struct BlkBackend<S: BlockBackend> {
     read_back: Option<ReadBack<S>>,
     /// How long stopping a queue waits for its requests, milliseconds.
     stop_timeout_ms: AtomicU64,
+    /// The last memory map the backend accepted, to go back to when a change is refused.
+    accepted_map: Mutex<GuestMemoryMmap<()>>,
+    /// When the memory map was last logged at info level, and the changes since then.
+    map_log: Mutex<MapLog>,
+}
+
+/// The memory slots the device advertises (`GET_MAX_MEM_SLOTS`, answered by
+/// vhost-user-backend): a frontend may hold at most this many regions at once.
+pub const MAX_MEM_SLOTS: usize = 509;
+
+/// At most one info line about the guest memory map per this interval; a frontend that
+/// churns regions is summarised, not logged change by change.
+const MAP_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct MapLog {
+    logged_at: Option<Instant>,
+    unlogged_changes: u64,
 }
 
 /// A queue thread's state: its request runner, its polling window, and whether the guest
@@ -117,6 +135,8 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             log_limiter,
             queues,
             stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
+            accepted_map: Mutex::new(GuestMemoryMmap::new()),
+            map_log: Mutex::new(MapLog::default()),
         }
     }
 
@@ -383,6 +403,26 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
         super::ratelimit::warn_limited(&self.log_limiter, message);
     }
+
+    /// Logs the new memory map: its totals at info level at most once per
+    /// [`MAP_LOG_INTERVAL`] (with the number of changes in between), every region at debug.
+    fn log_map_change(&self) {
+        let Ok(mut log) = self.map_log.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let due = log
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= MAP_LOG_INTERVAL);
+        let changes = std::mem::take(&mut log.unlogged_changes);
+        if due {
+            log.logged_at = Some(now);
+        } else {
+            log.unlogged_changes = changes + 1;
+        }
+        drop(log);
+        log_regions(&self.mem, due.then_some(changes));
+    }
 }
 
 fn duration_ms(duration: Duration) -> u64 {
@@ -620,8 +660,34 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
                 read_back.stop_queue(queue, self.stop_timeout());
             }
         }
+        let regions = self.mem.memory().num_regions();
+        if regions > MAX_MEM_SLOTS {
+            let previous = self
+                .accepted_map
+                .lock()
+                .map_err(|_| io::Error::other("the memory map lock is poisoned"))?
+                .clone();
+            self.mem
+                .lock()
+                .map_err(|_| io::Error::other("the guest memory lock is poisoned"))?
+                .replace(previous);
+            self.warn_limited(format_args!(
+                "refusing a memory region: the frontend would hold {regions} regions, more than \
+                 the {MAX_MEM_SLOTS} memory slots the device advertises"
+            ));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{regions} memory regions exceed the {MAX_MEM_SLOTS} memory slots the device \
+                     advertises"
+                ),
+            ));
+        }
         check_regions(&self.mem)?;
-        log_regions(&self.mem);
+        if let Ok(mut accepted) = self.accepted_map.lock() {
+            *accepted = GuestMemoryMmap::clone(&self.mem.memory());
+        }
+        self.log_map_change();
         Ok(())
     }
 
@@ -687,16 +753,21 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 }
 
-/// Logs the guest memory map: one line with the totals, one per region at debug level.
-fn log_regions(mem: &GuestMemory) {
+/// Logs the guest memory map: one line with the totals (at info level when `info` says how
+/// many changes went unlogged before this one, else at debug), one per region at debug.
+fn log_regions(mem: &GuestMemory, info: Option<u64>) {
     use vm_memory::GuestMemoryRegion;
     let map = mem.memory();
     let total: u64 = map.iter().map(|r| r.len()).sum();
-    info!(
-        "guest memory: {} region(s), {} KiB",
-        map.num_regions(),
-        total >> 10
-    );
+    let (regions, kib) = (map.num_regions(), total >> 10);
+    match info {
+        Some(0) => info!("guest memory: {regions} region(s), {kib} KiB"),
+        Some(skipped) => info!(
+            "guest memory: {regions} region(s), {kib} KiB ({skipped} earlier change(s) not \
+             logged)"
+        ),
+        None => debug!("guest memory: {regions} region(s), {kib} KiB"),
+    }
     for region in map.iter() {
         debug!(
             "  region {:#x}..{:#x} ({} KiB){}",
