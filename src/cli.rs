@@ -1263,6 +1263,46 @@ mod tests {
     }
 
     #[test]
+    fn sizes_take_every_spelling_of_the_binary_suffixes() {
+        for text in ["4G", "4g", "4GiB", "4gib", "4GB", "4gb"] {
+            assert_eq!(parse_size(text), Ok(4 << 30), "{text}");
+        }
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert!(parse_size("4GX").unwrap_err().contains("unknown suffix"));
+        assert!(parse_size("GiB").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn metrics_listen_takes_localhost() {
+        assert_eq!(
+            parse_metrics_listen("localhost:9112"),
+            Ok("127.0.0.1:9112".parse().unwrap())
+        );
+        assert!(parse_metrics_listen("localhost:http").is_err());
+        assert_eq!(
+            parse_metrics_listen("9112"),
+            Ok("127.0.0.1:9112".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn worker_cpus_outside_the_allowed_set_are_refused() {
+        let allowed = [0, 1];
+        assert_eq!(check_worker_cpus(&CpuList(vec![1, 0]), &allowed), Ok(()));
+        assert_eq!(
+            check_worker_cpus(&CpuList(vec![5, 6, 7, 1]), &allowed),
+            Err(UsageError::WorkerCpusUnavailable {
+                missing: "5-7".into(),
+                allowed: "0-1".into()
+            })
+        );
+        assert_eq!(check_worker_cpus(&CpuList(vec![9]), &[]), Ok(()));
+        assert_eq!(cpu_ranges(&[0, 1, 2, 4, 6, 7]), "0-2,4,6-7");
+        assert!(!allowed_cpus().is_empty());
+    }
+
+    #[test]
     fn device_size_must_be_a_non_zero_page_multiple() {
         assert!(parse_device_size("0").unwrap_err().contains("zero"));
         assert!(parse_device_size("4097")

@@ -428,7 +428,6 @@ impl Daemon {
         let mut threads = Threads::new();
         threads.adopt(signal_threads);
         let connection = LiveConnection::shut_down_by(&stop);
-        log_configuration(&config);
         // Read before anything is created: a wrong file is refused with nothing to undo.
         let dictionary = match &config.recompress.zstd_dict {
             Some(path) => match read_dictionary_file(path, &stop)? {
@@ -535,6 +534,7 @@ impl Daemon {
             }
             None => None,
         };
+        log_configuration(&config);
         not_stopped(&stop)?;
         let metrics_address = match config.metrics_listen {
             Some(address) => {

@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::daemon::DaemonConfig;
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -329,4 +329,19 @@ fn stop_handle_ends_a_connected_daemon() {
     daemon.stop();
     daemon.join_within(JOIN_LIMIT).unwrap();
     assert!(!socket.exists());
+}
+
+#[test]
+fn a_stop_during_the_start_ends_it_and_leaves_no_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let mut config = config(&socket, 1);
+    config.control_socket = Some(dir.path().join("zram.ctl"));
+    let signals = vhost_user_zram::daemon::SignalHandling::start().unwrap();
+    signals.stop_handle().stop();
+
+    let started = Daemon::with_signals(config, signals);
+
+    assert!(matches!(started, Err(DaemonError::Stopped)));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
