@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
 use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command, LimitChange};
-use crate::daemon::{self, Daemon, DaemonConfig, ListenOn};
+use crate::daemon::{self, Daemon, DaemonConfig, DaemonError, ListenOn};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
 use crate::store::writeback::min_age_for;
 use crate::store::{
@@ -84,6 +84,41 @@ pub struct Cli {
 pub enum Tool {
     /// Query or control a running daemon through its control socket.
     Ctl(CtlArgs),
+    /// Print the man page or a shell's completion script, generated from this command line
+    /// (for packaging: `generate man > vhost-user-zram.1`).
+    #[command(hide = true)]
+    Generate {
+        /// What to print.
+        #[command(subcommand)]
+        what: Generated,
+    },
+}
+
+/// What `generate` prints.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Generated {
+    /// The man page, in roff (section 1).
+    Man,
+    /// The completion script of SHELL.
+    Completion {
+        /// bash, elvish, fish, powershell or zsh.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Writes what `what` asks for, generated from [`Cli`]'s definition, to `out`.
+pub fn generate(what: &Generated, out: &mut dyn Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    match what {
+        Generated::Man => clap_mangen::Man::new(command).render(out),
+        Generated::Completion { shell } => {
+            let name = command.get_name().to_owned();
+            clap_complete::generate(*shell, &mut command, name, out);
+            Ok(())
+        }
+    }
 }
 
 /// `ctl` arguments.
@@ -401,15 +436,16 @@ pub struct ServeArgs {
     /// [default: the --socket-path with .ctl appended; none with --fd].
     #[arg(long, value_name = "PATH|none", value_parser = parse_control_socket)]
     pub control_socket: Option<ControlSocket>,
-    /// Serve the metrics over HTTP at http://ADDR/metrics, for Prometheus: IP:PORT, or a port
-    /// on 127.0.0.1.
-    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen_address)]
+    /// Serve the metrics over HTTP at http://ADDR/metrics, for Prometheus: IP:PORT,
+    /// localhost:PORT, or a port on 127.0.0.1.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen)]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Allow a --metrics-listen address other than loopback (the metrics have no
     /// authentication).
     #[arg(long, requires = "metrics_listen")]
     pub metrics_allow_remote: bool,
-    /// Permissions of the sockets the daemon creates, in octal.
+    /// Permissions of the vhost-user socket, in octal (0660 lets a group such as libvirt's
+    /// QEMU user connect).
     #[arg(
         long,
         value_name = "OCTAL",
@@ -418,6 +454,17 @@ pub struct ServeArgs {
         value_parser = parse_mode
     )]
     pub socket_mode: u32,
+    /// Permissions of the control socket, in octal: whoever can write to it can control the
+    /// device (write pages back, change limits), so it has its own mode, apart from
+    /// --socket-mode.
+    #[arg(
+        long,
+        value_name = "OCTAL",
+        default_value = "0600",
+        allow_negative_numbers = true,
+        value_parser = parse_mode
+    )]
+    pub control_socket_mode: u32,
     /// Log level.
     #[arg(long, value_name = "LEVEL", value_enum, default_value = "info")]
     pub log_level: LogLevel,
@@ -483,6 +530,16 @@ pub enum UsageError {
     /// A writeback option without a backing file.
     #[error("{0} needs a --backing-file to write pages to")]
     NoBackingFile(&'static str),
+    /// `--worker-cpus` names CPUs the daemon cannot run on.
+    #[error(
+        "--worker-cpus names CPU {missing}, which this host does not have or the daemon may not run on (it may run on {allowed})"
+    )]
+    WorkerCpusUnavailable {
+        /// The CPUs asked for that are not available, as a list.
+        missing: String,
+        /// The CPUs the daemon may run on, as a list.
+        allowed: String,
+    },
     /// An idle age the idle clock cannot count.
     #[error(
         "--writeback-idle-after {idle} is more than the idle clock counts (126 ticks of \
@@ -553,6 +610,9 @@ impl ServeArgs {
                 return Err(UsageError::NoWorkers("--worker-cpus"));
             }
         }
+        if let Some(cpus) = &self.worker_cpus {
+            check_worker_cpus(cpus, &allowed_cpus())?;
+        }
         if self.recompress_algorithm.len() > MAX_SECONDARY {
             return Err(UsageError::TooManyRecompressAlgorithms);
         }
@@ -590,6 +650,7 @@ impl ServeArgs {
         Ok(DaemonConfig {
             listen,
             socket_mode: self.socket_mode,
+            control_socket_mode: self.control_socket_mode,
             store: StoreConfig {
                 capacity_pages,
                 algorithm,
@@ -759,21 +820,31 @@ fn parse_idle_tick(text: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
+/// Parses a size: bytes, or a number with a K, M, G or T suffix, in either case and
+/// optionally followed by `iB` or `B` (`4G`, `4g`, `4GiB`, `4GB`): powers of 1024 in every
+/// spelling, as zram's `disksize` takes them.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let (digits, shift) = match trimmed.char_indices().last() {
-        Some((at, suffix)) if suffix.is_ascii_alphabetic() => {
-            let shift = match suffix.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("'{text}' has an unknown suffix; use K, M, G or T")),
-            };
-            (&trimmed[..at], shift)
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(digits_end);
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ if digits.is_empty() => {
+            return Err(format!(
+                "'{text}' is not a size; give bytes, optionally with a K, M, G or T suffix"
+            ))
         }
-        _ => (trimmed, 0),
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown suffix; use K, M, G or T (KiB, MiB, GiB, TiB and KB, MB, GB, TB mean the same)"
+            ))
+        }
     };
     let number: u64 = digits.parse().map_err(|_| {
         format!("'{text}' is not a size; give bytes, optionally with a K, M, G or T suffix")
@@ -825,6 +896,82 @@ fn parse_workers(text: &str) -> Result<usize, String> {
         _ => Err(format!(
             "'{text}' is not a number of compression workers; give 0 to {MAX_WORKERS}"
         )),
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask, which cgroups and `taskset` narrow);
+/// empty when the mask cannot be read.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain old data, for which all-zero bytes are a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes of the size passed; pid 0 is the calling thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads bit `cpu` of the initialized `set`; `cpu` < CPU_SETSIZE.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Refuses a `--worker-cpus` list with a CPU outside `allowed` (the workers could not be
+/// pinned there). An empty `allowed` (the mask could not be read) refuses nothing.
+fn check_worker_cpus(cpus: &CpuList, allowed: &[usize]) -> Result<(), UsageError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let mut missing: Vec<usize> = cpus
+        .0
+        .iter()
+        .copied()
+        .filter(|cpu| !allowed.contains(cpu))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(UsageError::WorkerCpusUnavailable {
+        missing: cpu_ranges(&missing),
+        allowed: cpu_ranges(allowed),
+    })
+}
+
+/// `cpus` (sorted) as a CPU list such as `0-3,6`.
+fn cpu_ranges(cpus: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut at = 0;
+    while at < cpus.len() {
+        let first = cpus[at];
+        let mut last = first;
+        while at + 1 < cpus.len() && cpus[at + 1] == last + 1 {
+            at += 1;
+            last = cpus[at];
+        }
+        parts.push(if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+        at += 1;
+    }
+    parts.join(",")
+}
+
+/// `--metrics-listen`: what [`crate::metrics::parse_listen_address`] takes, and
+/// `localhost:PORT` for the IPv4 loopback address (the name is not looked up: the metrics
+/// listen on loopback without asking a resolver).
+fn parse_metrics_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    match text.trim().strip_prefix("localhost:") {
+        Some(port) => port
+            .parse::<u16>()
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| {
+                format!("'{text}' is not an address to listen on; '{port}' is not a port")
+            }),
+        None => crate::metrics::parse_listen_address(text),
     }
 }
 
@@ -915,11 +1062,20 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 }
 
 /// Runs the program with `args` (the first is the program name) and returns its exit code.
+///
+/// Its first act is to block the signals the daemon handles in the calling thread (see
+/// [`daemon::block_handled_signals`]), so that a SIGTERM at any later point of a daemon's start
+/// is read by its signal thread instead of killing it with its sockets left behind; `ctl` and
+/// the other tools unblock them again. Call it from `main`, before any thread exists.
 pub fn run<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    if let Err(error) = daemon::block_handled_signals() {
+        eprintln!("error: cannot block the handled signals: {error}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(error) => {
@@ -936,7 +1092,26 @@ where
         }
     };
     match cli.command {
-        Some(Tool::Ctl(ctl)) => run_ctl(&ctl),
+        Some(tool) => {
+            // Only the daemon handles signals itself; a tool ends as a program does.
+            if let Err(error) = daemon::unblock_handled_signals() {
+                eprintln!("error: cannot unblock the signals: {error}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            match tool {
+                Tool::Ctl(ctl) => run_ctl(&ctl),
+                Tool::Generate { what } => {
+                    let mut stdout = std::io::stdout().lock();
+                    match generate(&what, &mut stdout).and_then(|()| stdout.flush()) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(error) => {
+                            eprintln!("error: cannot write to standard output: {error}");
+                            ExitCode::from(EXIT_FAILURE)
+                        }
+                    }
+                }
+            }
+        }
         None => run_daemon(&cli.serve),
     }
 }
@@ -1030,22 +1205,30 @@ fn run_daemon(args: &ServeArgs) -> ExitCode {
     let _ = env_logger::Builder::new()
         .filter_level(args.log_level.into())
         .try_init();
-    // Before any thread exists, so that every thread inherits the blocked mask and only the
-    // signal thread receives the signals the daemon handles.
-    if let Err(error) = daemon::block_handled_signals() {
-        eprintln!("error: cannot block the handled signals: {error}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    let mut daemon = match Daemon::new(config) {
+    // The signals were blocked when `run` began, before any thread existed: every thread
+    // inherits the mask and only the signal thread receives them, from here on. A SIGTERM
+    // that came earlier is pending and read now.
+    let signals = match daemon::SignalHandling::start() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("error: cannot start the signal thread: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let daemon = match Daemon::with_signals(config, signals) {
         Ok(daemon) => daemon,
+        Err(DaemonError::Stopped) => {
+            log::info!("stopped by request while starting");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) if error.is_configuration() => {
+            eprintln!("error: {}", crate::blk::request::ErrorChain(&error));
+            return ExitCode::from(EXIT_USAGE);
+        }
         Err(error) => return fail(&error),
     };
     if let Err(error) = daemon::exit_cleanly_on_sigbus(&daemon.socket_paths()) {
         eprintln!("error: cannot install the SIGBUS handler: {error}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    if let Err(error) = daemon.handle_signals() {
-        eprintln!("error: cannot start the signal thread: {error}");
         return ExitCode::from(EXIT_FAILURE);
     }
     match daemon.run() {
@@ -1077,6 +1260,46 @@ mod tests {
         assert!(parse_size("99999999999T")
             .unwrap_err()
             .contains("too large"));
+    }
+
+    #[test]
+    fn sizes_take_every_spelling_of_the_binary_suffixes() {
+        for text in ["4G", "4g", "4GiB", "4gib", "4GB", "4gb"] {
+            assert_eq!(parse_size(text), Ok(4 << 30), "{text}");
+        }
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert!(parse_size("4GX").unwrap_err().contains("unknown suffix"));
+        assert!(parse_size("GiB").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn metrics_listen_takes_localhost() {
+        assert_eq!(
+            parse_metrics_listen("localhost:9112"),
+            Ok("127.0.0.1:9112".parse().unwrap())
+        );
+        assert!(parse_metrics_listen("localhost:http").is_err());
+        assert_eq!(
+            parse_metrics_listen("9112"),
+            Ok("127.0.0.1:9112".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn worker_cpus_outside_the_allowed_set_are_refused() {
+        let allowed = [0, 1];
+        assert_eq!(check_worker_cpus(&CpuList(vec![1, 0]), &allowed), Ok(()));
+        assert_eq!(
+            check_worker_cpus(&CpuList(vec![5, 6, 7, 1]), &allowed),
+            Err(UsageError::WorkerCpusUnavailable {
+                missing: "5-7".into(),
+                allowed: "0-1".into()
+            })
+        );
+        assert_eq!(check_worker_cpus(&CpuList(vec![9]), &[]), Ok(()));
+        assert_eq!(cpu_ranges(&[0, 1, 2, 4, 6, 7]), "0-2,4,6-7");
+        assert!(!allowed_cpus().is_empty());
     }
 
     #[test]
@@ -1127,7 +1350,7 @@ mod tests {
         let all = ["vhost-user-zram", "ctl"].iter().chain(args);
         match Cli::try_parse_from(all).unwrap().command {
             Some(Tool::Ctl(ctl)) => ctl,
-            None => panic!("not a ctl command line"),
+            _ => panic!("not a ctl command line"),
         }
     }
 

@@ -51,7 +51,7 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::blk::config::feature_names;
 use crate::blk::request_stats::RequestStats;
@@ -71,7 +71,7 @@ use crate::PAGE_SIZE;
 /// How long the daemon, at its exit, waits for every thread it started to stop.
 pub const EXIT_BOUND: std::time::Duration = STOP_BOUND;
 
-/// The default mode of the vhost-user and control sockets.
+/// The default mode of the vhost-user and control sockets (each has its own option).
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Where the vhost-user socket comes from.
@@ -87,8 +87,10 @@ pub enum ListenOn {
 pub struct DaemonConfig {
     /// The vhost-user socket.
     pub listen: ListenOn,
-    /// Mode of socket files the daemon creates.
+    /// Mode of the vhost-user socket file (`--socket-mode`).
     pub socket_mode: u32,
+    /// Mode of the control socket file (`--control-socket-mode`).
+    pub control_socket_mode: u32,
     /// The store.
     pub store: StoreConfig,
     /// Compression workers and their pending pool.
@@ -112,26 +114,65 @@ pub struct DaemonConfig {
 /// Why the daemon could not start or failed while running.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The socket path's directory does not exist.
-    #[error("the directory {} of the socket path does not exist", .0.display())]
-    MissingDirectory(PathBuf),
+    /// A stop (SIGTERM, SIGINT, [`StopSignal::stop`]) came while the daemon was starting.
+    #[error("stopped by request while starting")]
+    Stopped,
+    /// The socket path's directory does not exist (or is not a directory).
+    #[error("the directory {} of {role} {} does not exist", .directory.display(), .path.display())]
+    MissingDirectory {
+        /// Which socket.
+        role: SocketRole,
+        /// The socket path.
+        path: PathBuf,
+        /// Its directory.
+        directory: PathBuf,
+    },
     /// Another daemon is serving the socket path.
-    #[error("the socket {} is in use by a running daemon", .0.display())]
-    SocketInUse(PathBuf),
+    #[error("{role} {} is in use by a running daemon", .path.display())]
+    SocketInUse {
+        /// Which socket.
+        role: SocketRole,
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The path exists and is not a socket.
-    #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
-    NotASocket(PathBuf),
+    #[error("{role} {} exists and is not a socket; refusing to replace it", .path.display())]
+    NotASocket {
+        /// Which socket.
+        role: SocketRole,
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The path is longer than a Unix socket address allows.
-    #[error("the socket path {} is longer than the 107 bytes a Unix socket address holds", .0.display())]
-    PathTooLong(PathBuf),
+    #[error("{role} {} is longer than the 107 bytes a Unix socket address holds", .path.display())]
+    PathTooLong {
+        /// Which socket.
+        role: SocketRole,
+        /// The socket path.
+        path: PathBuf,
+    },
     /// Creating or binding the socket failed.
-    #[error("cannot create the socket {}", .path.display())]
+    #[error("cannot create {role} {}", .path.display())]
     Bind {
+        /// Which socket.
+        role: SocketRole,
         /// The socket path.
         path: PathBuf,
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// `--mem-limit` is below what the empty store needs.
+    #[error(
+        "--mem-limit {} is below the {} the empty store of this device needs (its slot table and pending pool); give at least that, or leave --mem-limit out",
+        bytes_human(*.limit),
+        bytes_human(*.needed)
+    )]
+    MemLimitTooLow {
+        /// The limit asked for, bytes.
+        limit: u64,
+        /// What the empty store uses, bytes.
+        needed: u64,
     },
     /// `--fd` names no listening Unix socket.
     #[error("file descriptor {fd} is not a listening Unix socket")]
@@ -151,10 +192,27 @@ pub enum DaemonError {
         device: u64,
     },
     /// The recompression settings are not valid.
-    #[error("invalid recompression settings")]
+    #[error("--recompress-algorithm cannot be used")]
     Recompress(#[source] RecompressError),
+    /// `--zstd-dict` names something that is not a dictionary file.
+    #[error("--zstd-dict {} {problem}", .path.display())]
+    DictionaryFile {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong, as the end of a sentence.
+        problem: String,
+    },
+    /// The zstd dictionary cannot be loaded.
+    #[error("--zstd-dict {} cannot be used", .path.display())]
+    ZstdDictionary {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: RecompressError,
+    },
     /// The zstd dictionary file cannot be read.
-    #[error("cannot read the zstd dictionary {}", .path.display())]
+    #[error("cannot read --zstd-dict {}", .path.display())]
     ReadDictionary {
         /// The file.
         path: PathBuf,
@@ -198,6 +256,44 @@ pub enum DaemonError {
     /// The vhost-user machinery failed.
     #[error("the vhost-user connection failed: {0}")]
     VhostUser(String),
+    /// The frontend set a queue up in memory it had not shared: QEMU leaves guest RAM without
+    /// a file descriptor (no `share=on` memory backend) out of the memory table.
+    #[error(
+        "the guest's memory is not shared: use a memory backend with share=on (QEMU: -object memory-backend-memfd,id=mem,size=SIZE,share=on -numa node,memdev=mem; libvirt: <memoryBacking><access mode='shared'/></memoryBacking>); the frontend's request failed with: {0}"
+    )]
+    MemoryNotShared(String),
+}
+
+impl DaemonError {
+    /// Whether the error is in the configuration (a value of the command line that cannot
+    /// work, found while starting): the program then exits with the usage status.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            DaemonError::MemLimitTooLow { .. }
+                | DaemonError::Recompress(_)
+                | DaemonError::DictionaryFile { .. }
+                | DaemonError::ZstdDictionary { .. }
+        )
+    }
+}
+
+/// Which socket a socket error is about: named by its option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketRole {
+    /// The vhost-user socket (`--socket-path`).
+    VhostUser,
+    /// The control socket (`--control-socket`, or its default).
+    Control,
+}
+
+impl std::fmt::Display for SocketRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SocketRole::VhostUser => "the vhost-user socket --socket-path",
+            SocketRole::Control => "the control socket --control-socket",
+        })
+    }
 }
 
 /// The live frontend connection's shutdown, which the daemon's [`StopSignal`] calls at the
@@ -241,6 +337,38 @@ impl Drop for SocketFile {
     }
 }
 
+/// The signal handling of a program that serves a device: started first thing (after
+/// [`block_handled_signals`]), before the configuration is acted on, so that SIGTERM and SIGINT
+/// stop the daemon at any point of its start, and handed to [`Daemon::with_signals`].
+pub struct SignalHandling {
+    stop: StopSignal,
+    threads: Threads,
+    store: Arc<OnceLock<Arc<PageStore>>>,
+}
+
+impl SignalHandling {
+    /// Starts the `signals` thread: it reads the handled signals from a signalfd; SIGTERM and
+    /// SIGINT stop the daemon, SIGHUP is logged and ignored, SIGUSR1 logs [`stats_summary`]
+    /// once the store exists. The signals must have been blocked with
+    /// [`block_handled_signals`].
+    pub fn start() -> io::Result<SignalHandling> {
+        let stop = StopSignal::new();
+        let store = Arc::new(OnceLock::new());
+        let mut threads = Threads::new();
+        spawn_signal_thread(&mut threads, stop.clone(), Arc::clone(&store))?;
+        Ok(SignalHandling {
+            stop,
+            threads,
+            store,
+        })
+    }
+
+    /// The signal SIGTERM and SIGINT stop.
+    pub fn stop_handle(&self) -> StopSignal {
+        self.stop.clone()
+    }
+}
+
 /// A configured daemon, sockets bound, not yet serving.
 pub struct Daemon {
     listener: UnixListener,
@@ -259,17 +387,72 @@ pub struct Daemon {
     poll_max: Duration,
 }
 
+/// `Err(DaemonError::Stopped)` once `stop` is stopped: checked between the steps of the start.
+fn not_stopped(stop: &StopSignal) -> Result<(), DaemonError> {
+    if stop.is_stopped() {
+        Err(DaemonError::Stopped)
+    } else {
+        Ok(())
+    }
+}
+
 impl Daemon {
-    /// Creates the store and binds the sockets.
+    /// Creates the store and binds the sockets; [`Daemon::stop_handle`] stops it once this
+    /// returns.
     pub fn new(config: DaemonConfig) -> Result<Self, DaemonError> {
-        let stop = StopSignal::new();
+        Self::start(config, StopSignal::new(), Threads::new(), None)
+    }
+
+    /// Like [`Daemon::new`], for a program whose signal handling started before: a stop
+    /// requested while the daemon starts (a large dictionary loading, a slow file system)
+    /// ends the start with [`DaemonError::Stopped`], and removes the sockets created so far.
+    pub fn with_signals(
+        config: DaemonConfig,
+        signals: SignalHandling,
+    ) -> Result<Self, DaemonError> {
+        let SignalHandling {
+            stop,
+            threads,
+            store,
+        } = signals;
+        Self::start(config, stop, threads, Some(store))
+    }
+
+    fn start(
+        config: DaemonConfig,
+        stop: StopSignal,
+        signal_threads: Threads,
+        store_for_signals: Option<Arc<OnceLock<Arc<PageStore>>>>,
+    ) -> Result<Self, DaemonError> {
         // Dropped on an error below, the group stops and joins what was started.
         let mut threads = Threads::new();
+        threads.adopt(signal_threads);
         let connection = LiveConnection::shut_down_by(&stop);
-        let mut store = PageStore::with_pending(config.store.clone(), config.pending)
+        // Read before anything is created: a wrong file is refused with nothing to undo.
+        let dictionary = match &config.recompress.zstd_dict {
+            Some(path) => match read_dictionary_file(path, &stop)? {
+                Some(raw) => Some((path, raw)),
+                None => return Err(DaemonError::Stopped),
+            },
+            None => None,
+        };
+        not_stopped(&stop)?;
+        let store_config = StoreConfig {
+            mem_limit: None,
+            ..config.store.clone()
+        };
+        let mut store = PageStore::with_pending(store_config, config.pending)
             .map_err(DaemonError::Store)?
             .with_secondary_algorithms(&config.recompress.algorithms)
             .map_err(DaemonError::Recompress)?;
+        if let Some(limit) = config.store.mem_limit {
+            let needed = store.mem_used_total();
+            if needed > limit {
+                return Err(DaemonError::MemLimitTooLow { limit, needed });
+            }
+            store.set_mem_limit(Some(limit));
+        }
+        not_stopped(&stop)?;
         if let Some(path) = &config.writeback.backing_file {
             let backing = BackingFile::open(path).map_err(|source| DaemonError::BackingFile {
                 path: path.clone(),
@@ -289,7 +472,21 @@ impl Daemon {
         store.set_writeback_limit(config.writeback.limit);
         store.set_writeback_batch(config.writeback.batch_pages);
         store.set_idle_tick(config.writeback.idle_tick);
+        if let Some((path, raw)) = dictionary {
+            let id =
+                store
+                    .load_zstd_dictionary(&raw)
+                    .map_err(|source| DaemonError::ZstdDictionary {
+                        path: path.clone(),
+                        source,
+                    })?;
+            info!("zstd pages use dictionary {id} from {}", path.display());
+        }
         let store = Arc::new(store);
+        if let Some(slot) = &store_for_signals {
+            let _ = slot.set(Arc::clone(&store));
+        }
+        not_stopped(&stop)?;
         threads.adopt(
             CompressWorkers::start(store.clone(), &config.worker_cpus)
                 .map_err(DaemonError::Workers)?
@@ -303,31 +500,11 @@ impl Daemon {
         }
         let (listener, socket_file) = match &config.listen {
             ListenOn::Path(path) => (
-                bind_socket(path, config.socket_mode)?,
+                bind_socket(path, config.socket_mode, SocketRole::VhostUser)?,
                 Some(SocketFile(path.clone())),
             ),
             ListenOn::Fd(fd) => (listener_from_fd(*fd)?, None),
         };
-        if let Some(path) = &config.recompress.zstd_dict {
-            // Read at most one byte past the largest dictionary, so a wrong path to a huge
-            // file is refused without reading it all.
-            let mut raw = Vec::new();
-            fs::File::open(path)
-                .and_then(|file| {
-                    io::Read::read_to_end(
-                        &mut io::Read::take(file, crate::codec::MAX_DICTIONARY_BYTES as u64 + 1),
-                        &mut raw,
-                    )
-                })
-                .map_err(|source| DaemonError::ReadDictionary {
-                    path: path.clone(),
-                    source,
-                })?;
-            let id = store
-                .load_zstd_dictionary(&raw)
-                .map_err(DaemonError::Recompress)?;
-            info!("zstd pages use dictionary {id} from {}", path.display());
-        }
         if let Some(idle_after) = config.recompress.idle_after {
             threads.adopt(
                 BackgroundRecompressor::start(store.clone(), idle_after, config.recompress.rate)
@@ -348,7 +525,7 @@ impl Daemon {
         ));
         let control_socket_file = match &config.control_socket {
             Some(path) => {
-                let listener = bind_socket(path, config.socket_mode)?;
+                let listener = bind_socket(path, config.control_socket_mode, SocketRole::Control)?;
                 let file = SocketFile(path.clone());
                 let server = ControlServer::spawn(listener, observed.clone())
                     .map_err(DaemonError::Control)?;
@@ -358,6 +535,7 @@ impl Daemon {
             None => None,
         };
         log_configuration(&config);
+        not_stopped(&stop)?;
         let metrics_address = match config.metrics_listen {
             Some(address) => {
                 let server = MetricsServer::bind(address, observed.clone())
@@ -369,6 +547,7 @@ impl Daemon {
             }
             None => None,
         };
+        not_stopped(&stop)?;
         Ok(Daemon {
             listener,
             socket_file,
@@ -388,13 +567,6 @@ impl Daemon {
     /// for a frontend, or closes the connection to it.
     pub fn stop_handle(&self) -> StopSignal {
         self.stop.clone()
-    }
-
-    /// Starts the thread that handles signals: SIGTERM and SIGINT stop the daemon, SIGHUP is
-    /// logged and ignored, SIGUSR1 logs [`stats_summary`]. It is one of the daemon's threads,
-    /// stopped with them. The signals must have been blocked with [`block_handled_signals`].
-    pub fn handle_signals(&mut self) -> io::Result<()> {
-        spawn_signal_thread(&mut self.threads, self.stop.clone(), self.store.clone())
     }
 
     /// The store the device serves.
@@ -424,6 +596,11 @@ impl Daemon {
     }
 
     /// Serves one frontend until it disconnects or the daemon is stopped; both are success.
+    ///
+    /// A frontend that goes away before it used the device (see [`frontend_used_device`]) —
+    /// a liveness probe, or a failed negotiation such as QEMU refusing `num-queues=4` against
+    /// `--num-queues 2` after `GET_FEATURES`, `GET_PROTOCOL_FEATURES` and `GET_CONFIG` —
+    /// does not end the daemon: it waits for the next one, with fresh vhost-user state.
     pub fn run(self) -> Result<(), DaemonError> {
         let Daemon {
             listener,
@@ -442,15 +619,8 @@ impl Daemon {
             Some(file) => info!("waiting for the frontend on {}", file.0.display()),
             None => info!("waiting for the frontend on the inherited socket"),
         }
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-        let backend = Arc::new(BlkBackend::new(store.clone(), device, mem.clone()));
-        backend.observe(&observed.requests, observed.connected.clone());
-        backend.set_poll_max(poll_max);
-        let mut daemon = VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem)
-            .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
-        backend
-            .attach(&daemon)
-            .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
+        let open = || Session::open(&store, &device, &observed, poll_max);
+        let mut session = open()?;
         let listener_fd = listener.as_raw_fd();
         let mut listener = Listener::from(listener);
         let result = loop {
@@ -465,49 +635,60 @@ impl Daemon {
                 }
                 Readiness::TimedOut => continue,
             }
-            if let Err(error) = daemon.start(&mut listener) {
+            if let Err(error) = session.daemon.start(&mut listener) {
                 break Err(DaemonError::VhostUser(error.to_string()));
             }
             debug!("accepted a connection on the vhost-user socket");
-            connection.set(daemon.shutdown_handle(), &stop);
-            let served = daemon.wait();
+            connection.set(session.daemon.shutdown_handle(), &stop);
+            let served = session.daemon.wait();
             connection.set(None, &stop);
-            backend.disconnected();
+            session.backend.disconnected();
             observed.connected.store(false, Ordering::Release);
+            let memory_regions = session.mem.memory().num_regions();
             let served = match served {
                 Ok(()) => Ok(()),
                 Err(vhost_user_backend::Error::HandleRequest(
                     VhostUserError::Disconnected | VhostUserError::PartialMessage,
                 )) => Ok(()),
                 Err(_) if stop.is_stopped() => Ok(()),
+                Err(error) if memory_not_shared(&error, memory_regions) => {
+                    Err(DaemonError::MemoryNotShared(error.to_string()))
+                }
                 Err(error) => Err(DaemonError::VhostUser(error.to_string())),
             };
             if stop.is_stopped() {
-                if backend.frontend_spoke() {
+                if session.backend.frontend_spoke() {
                     warn_of_lost_data(&store.stats());
                 } else {
                     info!("stopped by request");
                 }
                 break served;
             }
-            if backend.frontend_spoke() {
+            if !session.backend.frontend_spoke() {
+                debug!("a connection closed without a vhost-user message (a liveness probe?)");
+                continue;
+            }
+            if served.is_err() {
+                break served;
+            }
+            if frontend_used_device(memory_regions, &observed.requests, &store.stats()) {
                 info!(
-                    "the frontend disconnected (negotiated features: {}); freeing the device: {}",
-                    feature_names(backend.acked_features()),
+                    "the frontend disconnected; freeing the device: {}",
                     stats_summary(&store.stats())
                 );
                 break served;
             }
-            debug!("a connection closed without a vhost-user message (a liveness probe?)");
+            info!(
+                "the frontend disconnected before it used the device (no guest memory, no request, nothing stored); waiting for the next frontend"
+            );
+            // A fresh handler: the next frontend starts from SET_OWNER, as on a new daemon.
+            session.close();
+            session = open()?;
         };
         // Queue threads stop at their next request; reads still in the backing file are
         // cancelled, and their threads joined within the bound or named.
-        let _ = backend.stop(EXIT_BOUND);
         disarm_sigbus_cleanup();
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
-        }
-        drop(daemon);
+        session.close();
         // The connection's threads have ended. One stop and one bound for every thread the
         // daemon started; those that do not stop in time (a write stuck in a hung backing
         // file) are named in the log and left.
@@ -519,44 +700,211 @@ impl Daemon {
     }
 }
 
+/// The vhost-user side of one frontend connection: the backend, vhost-user-backend's daemon
+/// (its message handler and queue threads) and the guest memory map the handler fills.
+struct Session {
+    backend: Arc<BlkBackend<PageStore>>,
+    daemon: VhostUserDaemon<Arc<BlkBackend<PageStore>>>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+}
+
+impl Session {
+    fn open(
+        store: &Arc<PageStore>,
+        device: &DeviceConfig,
+        observed: &Observed,
+        poll_max: Duration,
+    ) -> Result<Session, DaemonError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let backend = Arc::new(BlkBackend::new(store.clone(), device.clone(), mem.clone()));
+        backend.observe(&observed.requests, observed.connected.clone());
+        backend.set_poll_max(poll_max);
+        let daemon =
+            VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem.clone())
+                .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
+        backend
+            .attach(&daemon)
+            .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
+        Ok(Session {
+            backend,
+            daemon,
+            mem,
+        })
+    }
+
+    /// Stops the queue threads and the read-back threads (bounded) and drops the handler.
+    fn close(self) {
+        let _ = self.backend.stop(EXIT_BOUND);
+        for handler in self.daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        drop(self.daemon);
+    }
+}
+
+/// Whether the frontend of a connection that ended used the device, which ends the daemon's
+/// one VM lifetime: it gave the daemon guest memory (`SET_MEM_TABLE` or `ADD_MEM_REG`: a VMM
+/// does so when the guest's driver starts the device, and no queue can be set up without it),
+/// a request was served, or the store holds a page. A frontend that did none of these never
+/// wrote to the device, so the daemon holds none of its data and may serve the next one.
+pub fn frontend_used_device(memory_regions: usize, requests: &RequestStats, stats: &Stats) -> bool {
+    let requests_served: u64 = requests
+        .snapshot()
+        .kinds
+        .iter()
+        .map(|kind| kind.count)
+        .sum();
+    memory_regions > 0
+        || requests_served > 0
+        || stats.mm.orig_data_size > 0
+        || stats.mm.same_pages > 0
+        || stats.workers.pending_pages > 0
+        || stats.writeback.pages_on_file > 0
+}
+
+/// Whether the connection failed because the frontend's guest memory is not shared with the
+/// daemon: a queue was set up while the memory table held no region (QEMU leaves out RAM
+/// that has no file descriptor, so without `share=on` the table is empty and `SET_VRING_ADDR`
+/// finds nothing: "invalid parameters"), or at an address no region covers.
+fn memory_not_shared(error: &vhost_user_backend::Error, memory_regions: usize) -> bool {
+    match error {
+        vhost_user_backend::Error::HandleRequest(VhostUserError::InvalidParam) => {
+            memory_regions == 0
+        }
+        vhost_user_backend::Error::HandleRequest(VhostUserError::ReqHandlerError(source)) => {
+            source.to_string().contains("Missing memory mapping")
+        }
+        _ => false,
+    }
+}
+
+/// Reads the `--zstd-dict` file at `path`: only a regular file (checked before it is opened,
+/// and again on the open descriptor, so a FIFO, a device or a directory is refused without
+/// blocking), of 1 byte to [`crate::codec::MAX_DICTIONARY_BYTES`], read in chunks with `stop`
+/// looked at between them. `None` when `stop` ended the read.
+fn read_dictionary_file(path: &Path, stop: &StopSignal) -> Result<Option<Vec<u8>>, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 64 << 10;
+    let max = crate::codec::MAX_DICTIONARY_BYTES as u64;
+    let io_error = |source| DaemonError::ReadDictionary {
+        path: path.to_owned(),
+        source,
+    };
+    let refuse = |problem: String| DaemonError::DictionaryFile {
+        path: path.to_owned(),
+        problem,
+    };
+    let check = |metadata: &fs::Metadata| {
+        let kind = file_kind(&metadata.file_type());
+        if kind != "regular file" {
+            return Err(refuse(format!(
+                "is a {kind}; give a regular file holding a zstd dictionary"
+            )));
+        }
+        match metadata.len() {
+            0 => Err(refuse("is empty; give a zstd dictionary".to_owned())),
+            len if len > max => Err(refuse(format!(
+                "is {len} bytes; a dictionary is at most {max} bytes"
+            ))),
+            len => Ok(len),
+        }
+    };
+    check(&fs::metadata(path).map_err(io_error)?)?;
+    // O_NONBLOCK: should the path have been swapped for a FIFO since, the open does not wait
+    // for a writer (and the check below refuses it); O_NOCTTY: never a controlling terminal.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_error)?;
+    let len = check(&file.metadata().map_err(io_error)?)?;
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut raw = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        if stop.is_stopped() {
+            return Ok(None);
+        }
+        let end = (filled + CHUNK).min(len);
+        match io::Read::read(&mut file, &mut raw[filled..end]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(io_error(error)),
+        }
+    }
+    raw.truncate(filled);
+    if raw.is_empty() {
+        return Err(refuse("is empty; give a zstd dictionary".to_owned()));
+    }
+    Ok(Some(raw))
+}
+
+/// What kind of file `file_type` is, for messages.
+fn file_kind(file_type: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if file_type.is_file() {
+        "regular file"
+    } else if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    }
+}
+
 /// Creates a listening Unix socket at `path` with permissions `mode`, replacing a stale socket
-/// file and refusing a live one.
-pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
+/// file and refusing a live one; errors name the socket by its `role`.
+pub fn bind_socket(path: &Path, mode: u32, role: SocketRole) -> Result<UnixListener, DaemonError> {
     let directory = match path.parent() {
         Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
         Some(parent) => parent,
         None => Path::new("/"),
     };
     if !directory.is_dir() {
-        return Err(DaemonError::MissingDirectory(directory.to_owned()));
-    }
-    if let Ok(metadata) = fs::symlink_metadata(path) {
-        if !metadata.file_type().is_socket() {
-            return Err(DaemonError::NotASocket(path.to_owned()));
-        }
-        match UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::SocketInUse(path.to_owned())),
-            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
-                info!("replacing the stale socket {}", path.display());
-                fs::remove_file(path).map_err(|source| DaemonError::Bind {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            }
-            Err(source) => {
-                return Err(DaemonError::Bind {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        }
+        return Err(DaemonError::MissingDirectory {
+            role,
+            path: path.to_owned(),
+            directory: directory.to_owned(),
+        });
     }
     let bind_error = |source| DaemonError::Bind {
+        role,
         path: path.to_owned(),
         source,
     };
-    let address = socket_address(path.as_os_str())
-        .ok_or_else(|| DaemonError::PathTooLong(path.to_owned()))?;
+    if let Ok(metadata) = fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(DaemonError::NotASocket {
+                role,
+                path: path.to_owned(),
+            });
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(DaemonError::SocketInUse {
+                    role,
+                    path: path.to_owned(),
+                })
+            }
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("replacing the stale socket {}", path.display());
+                fs::remove_file(path).map_err(bind_error)?;
+            }
+            Err(source) => return Err(bind_error(source)),
+        }
+    }
+    let address = socket_address(path.as_os_str()).ok_or_else(|| DaemonError::PathTooLong {
+        role,
+        path: path.to_owned(),
+    })?;
     // SAFETY: socket(2) takes no pointers; the result is checked before use.
     let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
@@ -717,18 +1065,97 @@ fn log_configuration(config: &DaemonConfig) {
         ListenOn::Fd(fd) => format!("vhost-user socket inherited as fd {fd}"),
     };
     let control = match &config.control_socket {
-        Some(path) => format!("control socket {}", path.display()),
+        Some(path) => format!(
+            "control socket {} (mode {:04o})",
+            path.display(),
+            config.control_socket_mode & 0o777
+        ),
         None => "no control socket".to_owned(),
     };
     info!(
-        "{listen}, {control}, socket mode {:04o}",
+        "{listen} (mode {:04o}), {control}",
         config.socket_mode & 0o777
     );
+    info!("{}", recompression_settings(&config.recompress));
+    info!("{}", writeback_settings(&config.writeback));
     debug!(
         "offering virtio features {}; vhost-user protocol features {:?}",
         feature_names(device.features()),
         DeviceConfig::protocol_features()
     );
+}
+
+/// The recompression settings as one line for the start log, given or not.
+fn recompression_settings(recompress: &RecompressConfig) -> String {
+    let algorithms = recompress
+        .algorithms
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+    let mut line = if algorithms.is_empty() {
+        "recompression: no secondary algorithm (ctl recompress needs --recompress-algorithm)"
+            .to_owned()
+    } else {
+        format!(
+            "recompression: secondary algorithm(s) {} by priority",
+            algorithms.join(", ")
+        )
+    };
+    match recompress.idle_after {
+        Some(idle) => {
+            let _ = write!(
+                line,
+                "; in the background, pages idle for {} s, at most {} pages/s",
+                idle.as_secs(),
+                recompress.rate
+            );
+        }
+        None if !algorithms.is_empty() => line.push_str("; on request only (ctl recompress)"),
+        None => {}
+    }
+    if let Some(path) = &recompress.zstd_dict {
+        let _ = write!(line, "; zstd dictionary {}", path.display());
+    }
+    line
+}
+
+/// The writeback settings as one line for the start log, given or not.
+fn writeback_settings(writeback: &WritebackConfig) -> String {
+    let tick = writeback.idle_tick.as_secs_f64();
+    let Some(path) = &writeback.backing_file else {
+        return format!("writeback: no backing file; idle clock tick {tick} s");
+    };
+    let mut line = format!("writeback: backing file {}", path.display());
+    if let Some(idle) = writeback.idle_after {
+        if let Some(age) = crate::store::writeback::min_age_for(idle, writeback.idle_tick) {
+            // A page of age `age` has been idle for more than `age - 1` ticks.
+            let _ = write!(
+                line,
+                "; pages idle for at least {} s are written back (idle-clock age {age} or more: idle for more than {} s)",
+                idle.as_secs_f64(),
+                tick * f64::from(age.saturating_sub(1))
+            );
+        }
+    }
+    if let Some(above) = writeback.above {
+        let _ = write!(
+            line,
+            "; the coldest pages go while mem_used_total is above {}",
+            bytes_human(above)
+        );
+    }
+    match writeback.limit {
+        Some(limit) => {
+            let _ = write!(line, "; at most {limit} pages");
+        }
+        None => line.push_str("; no writeback limit"),
+    }
+    let _ = write!(
+        line,
+        "; {} pages a write; idle clock tick {tick} s",
+        writeback.batch_pages
+    );
+    line
 }
 
 /// `bytes` for a person: B, KiB, MiB, GiB or TiB with one decimal.
@@ -774,6 +1201,14 @@ pub fn stats_summary(stats: &Stats) -> String {
         io.invalid_io,
         io.notify_free
     );
+    let wb = &stats.writeback;
+    if wb.enabled {
+        let _ = write!(
+            line,
+            "; backing file: {} pages on file, bd_stat {} {} {} (blocks held, read, written), {} failed writebacks",
+            wb.pages_on_file, wb.bd_count, wb.bd_reads, wb.bd_writes, wb.failed_writebacks
+        );
+    }
     line
 }
 
@@ -822,14 +1257,26 @@ pub fn block_handled_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// Unblocks what [`block_handled_signals`] blocked, in the calling thread: for a program that
+/// turns out not to serve a device (`ctl`), whose default actions then apply again.
+pub fn unblock_handled_signals() -> io::Result<()> {
+    let set = handled_signals();
+    // SAFETY: `set` is an initialized signal set; the old mask is not requested.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// Starts the `signals` thread in `threads`: it reads the handled signals from a signalfd
 /// and waits on it and on the group's signal, so that it ends with the group. SIGTERM and
 /// SIGINT stop the daemon through `stop`, SIGHUP is logged and ignored, SIGUSR1 logs
-/// [`stats_summary`] of `store`.
+/// [`stats_summary`] of `store` once it is set.
 fn spawn_signal_thread(
     threads: &mut Threads,
     stop: StopSignal,
-    store: Arc<PageStore>,
+    store: Arc<OnceLock<Arc<PageStore>>>,
 ) -> io::Result<()> {
     let set = handled_signals();
     // SAFETY: `set` is an initialized signal set that outlives the call; -1 asks for a new
@@ -861,7 +1308,10 @@ fn spawn_signal_thread(
             libc::SIGHUP => {
                 info!("received SIGHUP; ignored: there is no configuration or log file to reopen");
             }
-            libc::SIGUSR1 => info!("statistics: {}", stats_summary(&store.stats())),
+            libc::SIGUSR1 => match store.get() {
+                Some(store) => info!("statistics: {}", stats_summary(&store.stats())),
+                None => info!("received SIGUSR1 while starting: no statistics yet"),
+            },
             other => debug!("received signal {other}, which is not handled"),
         }
     })

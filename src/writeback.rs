@@ -125,8 +125,10 @@ struct Policy {
 
 fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
     if let Some(age) = policy.idle_age {
+        // A page of age `age` has been idle for more than `age - 1` ticks (min_age_for).
         info!(
-            "writing back pages idle for {age} ticks of {} s",
+            "writing back pages idle for more than {} s (idle-clock age {age} of {} s ticks)",
+            policy.tick.as_secs_f64() * f64::from(age.saturating_sub(1)),
             policy.tick.as_secs_f64()
         );
     }

@@ -525,3 +525,168 @@ fn help_states_the_exit_status_rule_and_exits_0() {
         "{stdout}"
     );
 }
+
+/// `path` in `dir` made a FIFO.
+fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path; the result is checked.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    path
+}
+
+#[test]
+fn a_zstd_dict_that_is_a_fifo_is_refused_at_once() {
+    let options = daemon_1m();
+    let dict = fifo(options.socket().parent().unwrap(), "dict");
+    let started = std::time::Instant::now();
+
+    let mut daemon = options
+        .args(["--algorithm", "zstd", "--zstd-dict", dict.to_str().unwrap()])
+        .spawn();
+    let exited = daemon.wait_exit();
+
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(exited.status.code(), Some(EXIT_USAGE), "{}", exited.stderr);
+    assert!(
+        exited.stderr.contains("--zstd-dict") && exited.stderr.contains("is a FIFO"),
+        "{}",
+        exited.stderr
+    );
+    assert!(!daemon.socket.exists(), "no socket is left behind");
+}
+
+#[test]
+fn configuration_errors_found_while_starting_exit_2_and_name_their_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sock(&dir, "a.sock");
+    let s = s.to_str().unwrap();
+    let empty = dir.path().join("empty.dict");
+    std::fs::write(&empty, b"").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--socket-path", s, "--size", "1G", "--mem-limit", "1M"],
+            "--mem-limit 1.0 MiB is below the",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--worker-cpus", "1000"],
+            "--worker-cpus names CPU 1000",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--zstd-dict",
+                dir.path().to_str().unwrap(),
+            ],
+            "is a directory",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--algorithm",
+                "zstd",
+                "--zstd-dict",
+                empty.to_str().unwrap(),
+            ],
+            "is empty",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut command = Command::new(BIN);
+        command.args(*args);
+        let output = common::child::output_within(command, std::time::Duration::from_secs(20));
+        assert_one_sentence_error_exit(&output, needle, EXIT_USAGE);
+    }
+    assert!(!Path::new(s).exists(), "nothing was left behind");
+}
+
+#[test]
+fn a_missing_directory_names_which_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sock(&dir, "a.sock");
+
+    let output = run(&[
+        "--socket-path",
+        s.to_str().unwrap(),
+        "--size",
+        "1M",
+        "--control-socket",
+        "/nonexistent-dir/ctl",
+    ]);
+
+    assert_one_sentence_error_exit(
+        &output,
+        "the directory /nonexistent-dir of the control socket --control-socket /nonexistent-dir/ctl does not exist",
+        EXIT_FAILURE,
+    );
+    assert!(!s.exists(), "the vhost-user socket was removed again");
+}
+
+#[test]
+fn the_control_socket_has_its_own_mode() {
+    let mut wide = daemon_1m().args(["--socket-mode", "0666"]).start();
+    let mut group = daemon_1m().args(["--control-socket-mode", "0660"]).start();
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    assert_eq!(mode(&wide.socket), 0o666);
+    assert_eq!(
+        mode(wide.control()),
+        0o600,
+        "--socket-mode leaves ctl alone"
+    );
+    assert_eq!(mode(&group.socket), 0o600);
+    assert_eq!(mode(group.control()), 0o660);
+    assert!(wide.stop().status.success());
+    assert!(group.stop().status.success());
+}
+
+#[test]
+fn sizes_take_the_suffixes_zramctl_takes_and_metrics_take_localhost() {
+    for size in ["4GiB", "4GB", "4G", "4g", "4gib", "4096M", "4194304KiB"] {
+        let cli = Cli::try_parse_from([
+            "vhost-user-zram",
+            "--socket-path",
+            "/tmp/x",
+            "--size",
+            size,
+            "--metrics-listen",
+            "localhost:9112",
+        ])
+        .unwrap_or_else(|e| panic!("{size}: {e}"));
+        assert_eq!(cli.serve.size, Some(4 << 30), "{size}");
+        let config = cli.serve.daemon_config().unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9112".parse().unwrap())
+        );
+    }
+}
+
+#[test]
+fn generate_prints_a_man_page_and_completions_from_the_command_line() {
+    let man = run(&["generate", "man"]);
+    let bash = run(&["generate", "completion", "bash"]);
+    let zsh = run(&["generate", "completion", "zsh"]);
+
+    assert!(man.status.success(), "{man:?}");
+    let man = String::from_utf8(man.stdout).unwrap();
+    assert!(man.starts_with(".ie") || man.starts_with(".TH"), "{man}");
+    assert!(man.contains(".TH vhost-user-zram 1"), "{man}");
+    assert!(man.contains("control\\-socket\\-mode"), "{man}");
+    for (shell, output) in [("bash", bash), ("zsh", zsh)] {
+        assert!(output.status.success(), "{shell}: {output:?}");
+        let script = String::from_utf8(output.stdout).unwrap();
+        assert!(script.contains("--worker-cpus"), "{shell}: {script}");
+    }
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    assert!(
+        !help.contains("generate"),
+        "generate is for packagers: {help}"
+    );
+}

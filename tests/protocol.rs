@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_zram::blk::DeviceConfig;
-use vhost_user_zram::daemon::DaemonConfig;
+use vhost_user_zram::daemon::{Daemon, DaemonConfig, DaemonError};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -118,7 +118,115 @@ fn negotiation_and_config_space_describe_the_device() {
     assert_eq!(le32(&space, 44), 8, "discard_sector_alignment");
     assert_eq!(space[56], 1, "write_zeroes_may_unmap");
     drop(frontend);
+    // It only looked: the daemon waits for the frontend that will use the device.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(daemon.is_running());
+    daemon.stop();
     daemon.join_within(JOIN_LIMIT).unwrap();
+}
+
+/// Plays QEMU's side of a failed negotiation: `-device vhost-user-blk-pci,num-queues=4`
+/// against a daemon of 2 queues reads the features, the protocol features, the queue count
+/// and the configuration space, then gives up and closes the connection.
+fn refuse_like_qemu(socket: &Path) {
+    let mut frontend = Frontend::connect(socket, 4).unwrap();
+    frontend.get_features().unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    frontend.set_protocol_features(protocol).unwrap();
+    assert_eq!(frontend.get_queue_num().unwrap(), 2);
+    frontend.set_owner().unwrap();
+    frontend
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0; 60])
+        .unwrap();
+}
+
+#[test]
+fn a_frontend_that_leaves_before_using_the_device_leaves_the_daemon_listening() {
+    let daemon = start_daemon(2);
+
+    refuse_like_qemu(&daemon.socket);
+    std::thread::sleep(Duration::from_millis(200));
+
+    assert!(
+        daemon.is_running(),
+        "the daemon ended after a failed negotiation"
+    );
+    assert_eq!(daemon.store.stats().mm.orig_data_size, 0);
+    // The retry (QEMU with num-queues=2) finds the daemon, negotiates from the start
+    // (SET_OWNER is not refused as "already claimed") and uses the device; its leaving ends
+    // the daemon.
+    let mut frontend = Frontend::connect(&daemon.socket, 2).unwrap();
+    negotiate(&mut frontend);
+    let mem = guest_memory();
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+    frontend.set_mem_table(&[info]).unwrap();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    common::start_queue(&mut frontend, &mem, &vq, QUEUE_SIZE, &kick, &call);
+    common::post_page_write(&mem, &vq, QUEUE_SIZE, 0, 8, 0x77);
+    kick.write(1).unwrap();
+    common::wait_for_used(&vq, &call, 1);
+    drop(frontend);
+    daemon.join_within(JOIN_LIMIT).unwrap();
+}
+
+#[test]
+fn a_frontend_that_gave_its_memory_ends_the_daemon_even_without_a_request() {
+    let daemon = start_daemon(1);
+    let mut frontend = Frontend::connect(&daemon.socket, 1).unwrap();
+    negotiate(&mut frontend);
+    let mem = guest_memory();
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+    frontend.set_mem_table(&[info]).unwrap();
+
+    drop(frontend);
+
+    daemon.join_within(JOIN_LIMIT).unwrap();
+}
+
+#[test]
+fn a_daemon_holding_data_is_never_offered_to_the_next_frontend() {
+    let daemon = start_daemon(1);
+    daemon.store.write(5, &[0x42; 4096]).unwrap();
+    let mut frontend = Frontend::connect(&daemon.socket, 1).unwrap();
+    negotiate(&mut frontend);
+
+    drop(frontend);
+
+    daemon.join_within(JOIN_LIMIT).unwrap();
+}
+
+#[test]
+fn a_queue_in_memory_the_frontend_did_not_share_names_share_on() {
+    // QEMU 7.2 without a share=on memory backend: guest RAM has no file descriptor, so the
+    // memory table it sends holds no region, and the ring addresses translate to nothing.
+    let daemon = start_daemon(1);
+    let mut frontend = Frontend::connect(&daemon.socket, 1).unwrap();
+    negotiate(&mut frontend);
+    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+    let _ = frontend.set_vring_addr(
+        0,
+        &vhost::VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: 0x7f00_0000_0000,
+            used_ring_addr: 0x7f00_0000_2000,
+            avail_ring_addr: 0x7f00_0000_1000,
+            log_addr: None,
+        },
+    );
+
+    let error = daemon.join_within(JOIN_LIMIT).unwrap_err();
+
+    let message = error.to_string();
+    assert!(
+        message.contains("the guest's memory is not shared: use a memory backend with share=on"),
+        "{message}"
+    );
 }
 
 /// Drives one queue through real shared memory: a write, then a read of the same page.
@@ -221,4 +329,19 @@ fn stop_handle_ends_a_connected_daemon() {
     daemon.stop();
     daemon.join_within(JOIN_LIMIT).unwrap();
     assert!(!socket.exists());
+}
+
+#[test]
+fn a_stop_during_the_start_ends_it_and_leaves_no_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zram.sock");
+    let mut config = config(&socket, 1);
+    config.control_socket = Some(dir.path().join("zram.ctl"));
+    let signals = vhost_user_zram::daemon::SignalHandling::start().unwrap();
+    signals.stop_handle().stop();
+
+    let started = Daemon::with_signals(config, signals);
+
+    assert!(matches!(started, Err(DaemonError::Stopped)));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -226,11 +226,17 @@ fn frontend_disconnect_logs_the_negotiated_features_and_what_was_stored() {
         .lines()
         .find(|line| line.contains("the frontend disconnected"))
         .unwrap_or_else(|| panic!("no disconnect line in {stderr}"));
-    assert!(
-        line.contains("VERSION_1") && line.contains("DISCARD"),
-        "{line}"
-    );
     assert!(line.contains("1 pages stored (4.0 KiB of data"), "{line}");
+    let negotiated: Vec<_> = stderr
+        .lines()
+        .filter(|line| line.contains("VERSION_1"))
+        .collect();
+    assert_eq!(negotiated.len(), 1, "features logged once: {stderr}");
+    assert!(
+        negotiated[0].contains("the frontend negotiated virtio features")
+            && negotiated[0].contains("DISCARD"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("are lost"), "{stderr}");
     assert_sockets_removed(&daemon);
 }
@@ -274,4 +280,115 @@ fn debug_level_logs_the_offered_features_and_each_connection() {
         stderr.contains("accepted a connection on the vhost-user socket"),
         "{stderr}"
     );
+}
+
+#[test]
+fn features_a_frontend_sets_twice_are_logged_once() {
+    // QEMU 7.2 sends SET_FEATURES twice with the same bits when it starts the device.
+    let mut daemon = start();
+    let mut guest = Guest::connect(&daemon.socket);
+    let features = guest.frontend.get_features().unwrap();
+    guest.frontend.set_features(features).unwrap();
+    guest.queue_write(0x11, true);
+
+    drop(guest);
+    let Exited { status, stderr } = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches("VERSION_1").count(),
+        1,
+        "features logged once per connection: {stderr}"
+    );
+}
+
+#[test]
+fn start_logs_the_recompression_and_writeback_settings_in_seconds() {
+    let options = DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied);
+    let backing = options.socket().with_file_name("backing");
+    let mut daemon = options
+        .args([
+            "--algorithm",
+            "lz4",
+            "--recompress-algorithm",
+            "zstd:level=9",
+            "--backing-file",
+            backing.to_str().unwrap(),
+            "--writeback-idle-after",
+            "3",
+            "--idle-tick",
+            "1",
+        ])
+        .start();
+
+    daemon.signal(libc::SIGTERM);
+    let Exited { status, stderr } = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "recompression: secondary algorithm(s) zstd:level=9 by priority; on request only"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pages idle for at least 3 s are written back (idle-clock age 4 or more: idle for more than 3 s)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("writing back pages idle for more than 3 s"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("4 ticks"), "{stderr}");
+}
+
+#[test]
+fn the_exit_summary_gives_the_backing_file_figures() {
+    let options = DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied);
+    let backing = options.socket().with_file_name("backing");
+    let mut daemon = options
+        .args(["--backing-file", backing.to_str().unwrap()])
+        .start();
+    let mut guest = Guest::connect(&daemon.socket);
+    guest.queue_write(0x5a, true);
+
+    drop(guest);
+    let Exited { status, stderr } = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("the frontend disconnected"))
+        .unwrap_or_else(|| panic!("no disconnect line in {stderr}"));
+    assert!(
+        line.contains("backing file: ") && line.contains("bd_stat "),
+        "{line}"
+    );
+}
+
+#[test]
+fn sigterm_at_any_point_of_the_start_exits_promptly_without_debris() {
+    for delay_us in [0u64, 200, 500, 1000, 2000, 4000, 8000, 16000] {
+        let mut daemon = DaemonProcess::options()
+            .size("1G")
+            .control_socket(ControlSocket::Implied)
+            .args(["--workers", "2"])
+            .spawn();
+        std::thread::sleep(std::time::Duration::from_micros(delay_us));
+        daemon.signal(libc::SIGTERM);
+        let Exited { status, stderr } = daemon.wait_exit();
+
+        // Before the first instruction of `run` the default action ends it (nothing exists
+        // yet); from then on the daemon stops itself with status 0.
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
+            "after {delay_us} µs: {status}: {stderr}"
+        );
+        assert_sockets_removed(&daemon);
+    }
 }

@@ -584,11 +584,16 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Release);
-        info!(
-            "the frontend negotiated virtio features {}",
-            super::config::feature_names(features)
-        );
+        // Logged once per negotiation: a frontend may repeat SET_FEATURES with the same bits
+        // (QEMU does when it starts the device); a reset clears them, so a rebooted guest's
+        // negotiation is logged again.
+        let previous = self.acked_features.swap(features, Ordering::AcqRel);
+        let names = super::config::feature_names(features);
+        if previous == features {
+            debug!("the frontend set the same virtio features again: {names}");
+        } else {
+            info!("the frontend negotiated virtio features {names}");
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

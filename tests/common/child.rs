@@ -36,6 +36,36 @@ pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Output {
         .expect("run vhost-user-zram")
 }
 
+/// Runs `command` to its end like [`run`], but kills it and fails the test if it runs longer
+/// than `limit`: for command lines a daemon must refuse rather than serve.
+pub fn output_within(mut command: Command, limit: Duration) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vhost-user-zram");
+    let pid = child.id();
+    let (done, waited) = std::sync::mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let output = child.wait_with_output();
+        let _ = done.send(());
+        output
+    });
+    if waited.recv_timeout(limit).is_err() {
+        let pid = libc::pid_t::try_from(pid).expect("a pid");
+        // SAFETY: kill(2) takes no pointers; `pid` is our child, not reaped yet (the waiter
+        // has not returned).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let output = waiter.join().expect("the waiter").expect("wait");
+        panic!(
+            "{command:?} still ran after {limit:?}; killed it; stderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    waiter.join().expect("the waiter").expect("wait")
+}
+
 /// Where the daemon is told to serve its control socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlSocket {

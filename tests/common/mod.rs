@@ -162,6 +162,7 @@ pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) 
     DaemonConfig {
         listen: ListenOn::Path(socket.to_owned()),
         socket_mode: 0o600,
+        control_socket_mode: 0o600,
         store: StoreConfig {
             capacity_pages: device.capacity_pages,
             algorithm: Algorithm::Lz4,
