@@ -333,8 +333,9 @@ pub struct ServeArgs {
     /// Listen on an inherited, already-listening socket (systemd socket activation passes 3).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_fd)]
     pub fd: Option<RawFd>,
-    /// Device size in bytes, with an optional K, M, G or T suffix (powers of 1024); a non-zero
-    /// multiple of 4 KiB.
+    /// Device size in bytes, with an optional suffix as zramctl takes them: K, M, G, T or KiB,
+    /// MiB, GiB, TiB (powers of 1024), KB, MB, GB, TB (powers of 1000); rounded up to whole
+    /// 4 KiB pages, as zram rounds `disksize`.
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_device_size)]
     pub size: Option<u64>,
     /// Compression algorithm: lz4, zstd, deflate or deflate-iaa (Intel IAA, batched).
@@ -820,21 +821,25 @@ fn parse_idle_tick(text: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses a size: bytes, or a number with a K, M, G or T suffix, in either case and
-/// optionally followed by `iB` or `B` (`4G`, `4g`, `4GiB`, `4GB`): powers of 1024 in every
-/// spelling, as zram's `disksize` takes them.
+/// Parses a size as zramctl (util-linux) does: bytes, or a number with a suffix in either
+/// case: `K`, `M`, `G`, `T` and `KiB`, `MiB`, `GiB`, `TiB` are powers of 1024 (`4G`, `4g`,
+/// `4GiB`); `KB`, `MB`, `GB`, `TB` are powers of 1000 (`4GB` is 4,000,000,000 bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let digits_end = trimmed
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(digits_end);
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
+    let unit: u64 = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
         _ if digits.is_empty() => {
             return Err(format!(
                 "'{text}' is not a size; give bytes, optionally with a K, M, G or T suffix"
@@ -842,7 +847,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         }
         _ => {
             return Err(format!(
-                "'{text}' has an unknown suffix; use K, M, G or T (KiB, MiB, GiB, TiB and KB, MB, GB, TB mean the same)"
+                "'{text}' has an unknown suffix; use K, M, G or T (or KiB, MiB, GiB, TiB: powers of 1024; KB, MB, GB, TB: powers of 1000)"
             ))
         }
     };
@@ -850,7 +855,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         format!("'{text}' is not a size; give bytes, optionally with a K, M, G or T suffix")
     })?;
     number
-        .checked_mul(1 << shift)
+        .checked_mul(unit)
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
@@ -859,11 +864,10 @@ fn parse_device_size(text: &str) -> Result<u64, String> {
     if size == 0 {
         return Err("the device size must not be zero".into());
     }
-    if size % PAGE_SIZE as u64 != 0 {
-        return Err(format!(
-            "the device size {size} is not a multiple of 4 KiB (4096 bytes)"
-        ));
-    }
+    // zram rounds its disksize up to whole pages; so does the device.
+    let size = size
+        .checked_next_multiple_of(PAGE_SIZE as u64)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
     let max = crate::store::MAX_CAPACITY_PAGES * PAGE_SIZE as u64;
     if size > max {
         return Err(format!(
@@ -1264,9 +1268,13 @@ mod tests {
 
     #[test]
     fn sizes_take_every_spelling_of_the_binary_suffixes() {
-        for text in ["4G", "4g", "4GiB", "4gib", "4GB", "4gb"] {
+        for text in ["4G", "4g", "4GiB", "4gib"] {
             assert_eq!(parse_size(text), Ok(4 << 30), "{text}");
         }
+        for text in ["4GB", "4gb"] {
+            assert_eq!(parse_size(text), Ok(4_000_000_000), "{text}");
+        }
+        assert_eq!(parse_size("3KB"), Ok(3_000));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("4096B"), Ok(4096));
         assert!(parse_size("4GX").unwrap_err().contains("unknown suffix"));
@@ -1303,11 +1311,10 @@ mod tests {
     }
 
     #[test]
-    fn device_size_must_be_a_non_zero_page_multiple() {
+    fn device_size_is_non_zero_and_rounded_up_to_whole_pages() {
         assert!(parse_device_size("0").unwrap_err().contains("zero"));
-        assert!(parse_device_size("4097")
-            .unwrap_err()
-            .contains("multiple of 4 KiB"));
+        assert_eq!(parse_device_size("4097"), Ok(8192));
+        assert_eq!(parse_device_size("4GB"), Ok(976_563 * 4096));
         assert_eq!(parse_device_size("1M"), Ok(1 << 20));
     }
 

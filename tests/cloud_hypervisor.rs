@@ -717,6 +717,9 @@ fn config_space_as_cloud_hypervisor_reads_it() {
         assert_eq!(le32(44), 8, "discard_sector_alignment");
         assert_eq!(space[56], 1, "write_zeroes_may_unmap");
         drop(vu);
+        // A frontend that only read the configuration never used the device: the daemon
+        // keeps listening for the next one until it is stopped.
+        daemon.stop();
         daemon.join_within(JOIN_LIMIT).unwrap();
     }
 }
@@ -729,5 +732,10 @@ fn cloud_hypervisor_refuses_a_daemon_with_fewer_queues() {
     let (vu, negotiated) = ch_blk_new(&daemon.socket, 2);
     assert_eq!(negotiated.err(), Some(1));
     drop(vu);
+    // The refused frontend never used the device, so the daemon waits for the next one (a
+    // VMM retrying with the right queue count) instead of ending.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(daemon.is_running(), "the daemon ended after a refused frontend");
+    daemon.stop();
     daemon.join_within(JOIN_LIMIT).unwrap();
 }

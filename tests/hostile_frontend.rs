@@ -256,7 +256,7 @@ fn region_churn_is_logged_at_most_once_a_second() {
     }
     let seconds = started.elapsed().as_secs() + 1;
     drop(frontend);
-    let exited = daemon.wait_exit();
+    let exited = daemon.stop();
 
     let lines = exited.stderr.matches("guest memory:").count() as u64;
     assert!(
