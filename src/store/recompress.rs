@@ -57,6 +57,40 @@ impl AlgorithmSpec {
     pub fn codec(self) -> Result<Box<dyn Codec>, UnknownCodec> {
         self.algorithm.codec(self.level)
     }
+
+    /// Whether both specs compress alike: the same algorithm at the same level, a level left
+    /// out meaning the algorithm's default (`zstd` is `zstd:level=1`).
+    pub fn same_as(self, other: AlgorithmSpec) -> bool {
+        self.algorithm == other.algorithm
+            && self.level.or(self.algorithm.default_level())
+                == other.level.or(other.algorithm.default_level())
+    }
+}
+
+/// Checks the secondary algorithms of a store whose primary is `primary`, as the daemon's
+/// `--recompress-algorithm` flags give them: at most [`MAX_SECONDARY`], none the same as the
+/// primary (it cannot shrink what the primary made: every page would end up flagged
+/// incompressible), and none given twice. The same algorithm at two levels (`zstd:level=1`,
+/// then `zstd:level=19`) is allowed: cheap first, thorough later.
+pub fn validate_secondaries(
+    primary: AlgorithmSpec,
+    secondaries: &[AlgorithmSpec],
+) -> Result<(), RecompressError> {
+    if secondaries.len() > MAX_SECONDARY {
+        return Err(RecompressError::TooMany);
+    }
+    for (index, &spec) in secondaries.iter().enumerate() {
+        if spec.same_as(primary) {
+            return Err(RecompressError::SameAsPrimary(spec));
+        }
+        if secondaries[..index]
+            .iter()
+            .any(|&earlier| earlier.same_as(spec))
+        {
+            return Err(RecompressError::RepeatedSecondary(spec));
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for AlgorithmSpec {
@@ -79,6 +113,11 @@ impl FromStr for AlgorithmSpec {
             let Some(("level", value)) = param.split_once('=') else {
                 return Err(RecompressError::BadAlgorithmParameter(param.to_owned()));
             };
+            if level.is_some() {
+                return Err(RecompressError::RepeatedAlgorithmParameter(
+                    text.chars().take(64).collect(),
+                ));
+            }
             level = Some(
                 value
                     .trim()
@@ -187,10 +226,21 @@ impl FromStr for RecompressRequest {
     /// Parses zram's `key=value` words, separated by spaces.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let mut request = RecompressRequest::default();
+        let mut given: Vec<&str> = Vec::new();
         for word in text.split_whitespace() {
             let (name, value) = word
                 .split_once('=')
                 .ok_or_else(|| RecompressError::BadParameter(word.chars().take(64).collect()))?;
+            if given.contains(&name) {
+                return Err(RecompressError::RepeatedParameter(
+                    name.chars().take(64).collect(),
+                ));
+            }
+            if (name == "algo" && given.contains(&"priority"))
+                || (name == "priority" && given.contains(&"algo"))
+            {
+                return Err(RecompressError::AlgoAndPriority);
+            }
             let bad = |name| RecompressError::BadValue {
                 name,
                 value: value.chars().take(64).collect(),
@@ -236,6 +286,7 @@ impl FromStr for RecompressRequest {
                     ))
                 }
             }
+            given.push(name);
         }
         Ok(request)
     }
@@ -286,6 +337,29 @@ pub enum RecompressError {
     /// A word that is not one of the parameters.
     #[error("'{0}' is not a recompress parameter; give type=, threshold=, max_pages=, algo= or priority=")]
     BadParameter(String),
+    /// A `key=` given twice in one request.
+    #[error("'{0}=' is given more than once; give each parameter once")]
+    RepeatedParameter(String),
+    /// Both `algo=` and `priority=`.
+    #[error("give algo= or priority=, not both: each names the one algorithm to use")]
+    AlgoAndPriority,
+    /// `algo=` names a secondary algorithm that several priorities use (at other levels).
+    #[error(
+        "algo={0} names recompression algorithms {1:?} (by priority); give priority= to choose one"
+    )]
+    AmbiguousAlgorithm(Algorithm, Vec<usize>),
+    /// `level=` twice in one algorithm.
+    #[error("'{0}' gives the level more than once; give level=N once")]
+    RepeatedAlgorithmParameter(String),
+    /// A secondary algorithm that is the primary one.
+    #[error(
+        "{0} is the device's own algorithm; a recompression algorithm must differ from it \
+         (another algorithm, or another level) to shrink what it made"
+    )]
+    SameAsPrimary(AlgorithmSpec),
+    /// The same secondary algorithm twice.
+    #[error("the recompression algorithm {0} is given more than once; give each once")]
+    RepeatedSecondary(AlgorithmSpec),
     /// An algorithm parameter other than `level=`.
     #[error("'{0}' is not an algorithm parameter; give level=N")]
     BadAlgorithmParameter(String),
@@ -319,6 +393,8 @@ pub enum RecompressError {
 /// The secondary algorithms of a store, and the zstd dictionaries all its zstd codecs share.
 #[derive(Debug)]
 pub(crate) struct Recompression {
+    /// The primary algorithm (priority 0).
+    primary: AlgorithmSpec,
     /// `codecs[p - 1]` holds the pages of priority `p`.
     codecs: Box<[Box<dyn Codec>]>,
     /// Names by priority, the primary's first.
@@ -334,6 +410,7 @@ impl Recompression {
         dictionaries: Arc<ZstdDictionaries>,
     ) -> Recompression {
         Recompression {
+            primary,
             codecs: Box::new([]),
             names: Box::new([primary.to_string()]),
             has_zstd: primary.algorithm == Algorithm::Zstd,
@@ -392,9 +469,16 @@ impl FromStr for TrainRequest {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let mut request = TrainRequest::default();
+        let mut given: Vec<&str> = Vec::new();
         for word in text.split_whitespace() {
             let bad = || RecompressError::BadTrainParameter(word.chars().take(64).collect());
             let (name, value) = word.split_once('=').ok_or_else(bad)?;
+            if given.contains(&name) {
+                return Err(RecompressError::RepeatedParameter(
+                    name.chars().take(64).collect(),
+                ));
+            }
+            given.push(name);
             let value: usize = value.parse().map_err(|_| bad())?;
             match name {
                 "samples" if (16..=1 << 20).contains(&value) => request.samples = value,
@@ -447,9 +531,7 @@ impl PageStore {
         mut self,
         specs: &[AlgorithmSpec],
     ) -> Result<PageStore, RecompressError> {
-        if specs.len() > MAX_SECONDARY {
-            return Err(RecompressError::TooMany);
-        }
+        validate_secondaries(self.recompression.primary, specs)?;
         let dictionaries = &self.recompression.dictionaries;
         let codecs = specs
             .iter()
@@ -612,14 +694,14 @@ impl PageStore {
             Some(RecompressTarget::Priority(p)) if (1..=count).contains(&p) => (p, p + 1),
             Some(RecompressTarget::Priority(p)) => return Err(RecompressError::NoSuchPriority(p)),
             Some(RecompressTarget::Algorithm(algorithm)) => {
-                let p = self
-                    .recompression
-                    .codecs
-                    .iter()
-                    .position(|codec| codec.algorithm() == algorithm)
-                    .ok_or(RecompressError::NotSecondary(algorithm))?
-                    + 1;
-                (p, p + 1)
+                let priorities: Vec<usize> = (1..=count)
+                    .filter(|&p| self.recompression.codecs[p - 1].algorithm() == algorithm)
+                    .collect();
+                match priorities[..] {
+                    [] => return Err(RecompressError::NotSecondary(algorithm)),
+                    [p] => (p, p + 1),
+                    _ => return Err(RecompressError::AmbiguousAlgorithm(algorithm, priorities)),
+                }
             }
         };
         let mut outcome = RecompressOutcome::default();
