@@ -56,7 +56,7 @@ pub use self::render::stats_table;
 use crate::metrics;
 use crate::observed::Observed;
 use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
-pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS};
+pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS, MAX_WAITING};
 use crate::store::{
     BadWritebackRequest, RecompressError, RecompressRequest, TrainRequest, WritebackError,
     WritebackMode, WritebackRequest,
@@ -355,17 +355,16 @@ struct ControlHandler {
 }
 
 impl Handler<UnixStream> for ControlHandler {
-    fn serve(&self, client: &mut Client<UnixStream>) {
-        let request = client.read_request(b"\n", MAX_REQUEST_LEN);
-        let result = match request {
-            Ok(line) => parse_request(&line).and_then(|command| command.execute(&self.observed)),
-            Err(ReadError::Deadline) => Err(ControlError::Deadline),
-            Err(ReadError::TooLong) => Err(ControlError::BadRequest),
-            Err(error @ (ReadError::Closed | ReadError::Stopping | ReadError::Io(_))) => {
-                debug!("control connection: {error}");
-                return;
-            }
-        };
+    fn terminator(&self) -> &'static [u8] {
+        b"\n"
+    }
+
+    fn max_request_len(&self) -> usize {
+        MAX_REQUEST_LEN
+    }
+
+    fn serve(&self, line: &[u8], client: &mut Client<UnixStream>) {
+        let result = parse_request(line).and_then(|command| command.execute(&self.observed));
         let response = match result {
             Ok(body) => format!("ok\n{body}"),
             Err(error) => format!("error {error}\n"),
@@ -373,6 +372,14 @@ impl Handler<UnixStream> for ControlHandler {
         if let Err(error) = client.respond(response.as_bytes()) {
             debug!("control connection: {error}");
         }
+    }
+
+    fn refusal(&self, error: &ReadError) -> Option<Vec<u8>> {
+        let error = match error {
+            ReadError::Deadline => ControlError::Deadline,
+            ReadError::TooLong => ControlError::BadRequest,
+        };
+        Some(format!("error {error}\n").into_bytes())
     }
 
     fn busy_response(&self) -> &'static [u8] {
@@ -404,9 +411,14 @@ impl ControlServer {
         Ok(ControlServer { server })
     }
 
-    /// How many clients are being served now.
+    /// How many requests are being answered now.
     pub fn active_clients(&self) -> usize {
         self.server.active_clients()
+    }
+
+    /// How many connections are still sending their request.
+    pub fn waiting_clients(&self) -> usize {
+        self.server.waiting_clients()
     }
 
     /// Stops the server and waits for its threads.
@@ -535,36 +547,45 @@ mod tests {
         ));
     }
 
+    /// A client that sends `s` every `every` and never a newline, until the server closes
+    /// the connection or `give_up` passes; returns how long it was served and what it got.
+    fn drip(
+        mut stream: UnixStream,
+        every: Duration,
+        give_up: Duration,
+    ) -> std::thread::JoinHandle<(Duration, String)> {
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            let mut response = String::new();
+            stream.set_nonblocking(true).unwrap();
+            while started.elapsed() < give_up {
+                if stream.write_all(b"s").is_err() {
+                    break;
+                }
+                std::thread::sleep(every);
+                let mut buffer = [0u8; 256];
+                match stream.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => response.push_str(&String::from_utf8_lossy(&buffer[..n])),
+                    Err(_) => {}
+                }
+            }
+            (started.elapsed(), response)
+        })
+    }
+
     #[test]
     fn a_slow_drip_client_neither_delays_another_nor_outlives_its_deadline() {
         // Arrange: a 1 s deadline; one client sends a byte every 100 ms and never a newline.
         let limits = ServerLimits {
             deadline: Duration::from_secs(1),
-            max_clients: MAX_CLIENTS,
+            ..ServerLimits::default()
         };
         let running = start(limits);
-        let mut dripper = UnixStream::connect(&running.path).unwrap();
-        let drip_started = Instant::now();
-        let drip = std::thread::spawn(move || {
-            let mut response = String::new();
-            while dripper.write_all(b"s").is_ok() {
-                std::thread::sleep(Duration::from_millis(100));
-                if drip_started.elapsed() > Duration::from_secs(10) {
-                    break;
-                }
-                dripper.set_nonblocking(true).unwrap();
-                let mut buffer = [0u8; 256];
-                match dripper.read(&mut buffer) {
-                    Ok(0) => break,
-                    Ok(n) => response.push_str(&String::from_utf8_lossy(&buffer[..n])),
-                    Err(_) => {}
-                }
-                dripper.set_nonblocking(false).unwrap();
-            }
-            (drip_started.elapsed(), response)
-        });
-        wait_until("the dripper is being served", || {
-            running.server.active_clients() == 1
+        let dripper = UnixStream::connect(&running.path).unwrap();
+        let drip = drip(dripper, Duration::from_millis(100), Duration::from_secs(10));
+        wait_until("the dripper waits", || {
+            running.server.waiting_clients() == 1
         });
 
         // Act: a second client asks for stats meanwhile.
@@ -590,42 +611,74 @@ mod tests {
     }
 
     #[test]
-    fn clients_beyond_the_bound_are_refused_without_new_threads() {
-        // Arrange: four clients connect and send nothing, filling a bound of four.
-        let limits = ServerLimits {
+    fn slow_clients_hold_no_thread_and_never_deny_a_complete_request() {
+        // Arrange: sixteen clients drip a byte every 200 ms against a bound of four answering
+        // threads and a 10 s deadline: on main they took every thread and `ctl` got busy.
+        let running = start(ServerLimits {
             deadline: Duration::from_secs(10),
             max_clients: 4,
-        };
-        let running = start(limits);
-        let idle: Vec<UnixStream> = (0..4)
-            .map(|_| UnixStream::connect(&running.path).unwrap())
+            max_waiting: MAX_WAITING,
+        });
+        let drippers: Vec<_> = (0..16)
+            .map(|_| {
+                let stream = UnixStream::connect(&running.path).unwrap();
+                drip(stream, Duration::from_millis(200), Duration::from_secs(4))
+            })
             .collect();
-        wait_until("four clients are served", || {
-            running.server.active_clients() == 4
+        wait_until("sixteen clients wait", || {
+            running.server.waiting_clients() == 16
         });
 
-        // Act: twelve more connect at once.
-        let refused: Vec<String> = (0..12)
-            .map(|_| {
-                let mut stream = UnixStream::connect(&running.path).unwrap();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(5)))
-                    .unwrap();
-                let mut response = String::new();
-                stream.read_to_string(&mut response).unwrap();
-                response
-            })
+        // Act: forty requests meanwhile.
+        let answers: Vec<_> = (0..40)
+            .map(|_| request(&running.path, Command::MmStat))
             .collect();
 
         // Assert
-        for response in &refused {
-            assert!(response.starts_with("error busy"), "got {response:?}");
+        for answer in &answers {
+            assert!(answer.is_ok(), "{answer:?}");
         }
-        assert_eq!(running.server.active_clients(), 4);
-        assert_eq!(client_threads(), 4);
+        // The last answering thread may still be ending; the sixteen hold none.
+        wait_until("no thread answers", || client_threads() == 0);
+        assert_eq!(running.server.waiting_clients(), 16);
+        for dripper in drippers {
+            let (_, response) = dripper.join().unwrap();
+            assert_eq!(response, "", "a dripper was answered");
+        }
+    }
+
+    #[test]
+    fn a_full_waiting_table_pushes_out_its_oldest_client() {
+        // Arrange: four clients connect and send nothing, filling a table of four.
+        let running = start(ServerLimits {
+            deadline: Duration::from_secs(10),
+            max_clients: 4,
+            max_waiting: 4,
+        });
+        let mut idle: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&running.path).unwrap())
+            .collect();
+        wait_until("four clients wait", || {
+            running.server.waiting_clients() == 4
+        });
+
+        // Act: a real request comes.
+        let answer = request(&running.path, Command::MmStat);
+
+        // Assert: it was answered, and the oldest idle client was told busy and closed.
+        assert!(answer.is_ok(), "{answer:?}");
+        let mut oldest = idle.remove(0);
+        oldest
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut response = String::new();
+        oldest.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("error busy"), "got {response:?}");
+        wait_until("no thread answers", || client_threads() == 0);
         drop(idle);
-        wait_until("the idle clients' threads end", || client_threads() == 0);
-        assert!(request(&running.path, Command::MmStat).is_ok());
+        wait_until("the idle clients are gone", || {
+            running.server.waiting_clients() == 0
+        });
     }
 
     #[test]
@@ -633,11 +686,10 @@ mod tests {
         let running = start(ServerLimits {
             deadline: Duration::from_secs(30),
             max_clients: 2,
+            max_waiting: 2,
         });
         let _idle = UnixStream::connect(&running.path).unwrap();
-        wait_until("the client is served", || {
-            running.server.active_clients() == 1
-        });
+        wait_until("the client waits", || running.server.waiting_clients() == 1);
         let stopping = Instant::now();
         running.server.stop();
         assert!(stopping.elapsed() < Duration::from_secs(2));
