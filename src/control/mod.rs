@@ -182,10 +182,18 @@ impl Command {
             Command::Writeback(request) => format!("{}\n", store.writeback(&request)?),
             Command::BdStat => store.stats().bd_stat_line(),
             Command::WritebackLimit(change) => {
-                match change {
-                    LimitChange::Show => {}
-                    LimitChange::Set(pages) => store.set_writeback_limit(Some(pages)),
-                    LimitChange::Off => store.set_writeback_limit(None),
+                let limit = match change {
+                    LimitChange::Show => None,
+                    LimitChange::Set(pages) => Some(Some(pages)),
+                    LimitChange::Off => Some(None),
+                };
+                if let Some(limit) = limit {
+                    // A limit on a device that cannot write back would be accepted and mean
+                    // nothing: refuse it, as `writeback` is refused.
+                    if !store.has_backing_file() {
+                        return Err(WritebackError::NoBackingFile.into());
+                    }
+                    store.set_writeback_limit(limit);
                 }
                 render::writeback_limit(&store.stats().writeback)
             }
@@ -693,6 +701,24 @@ mod tests {
         let stopping = Instant::now();
         running.server.stop();
         assert!(stopping.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn writeback_limit_without_a_backing_file_is_refused_like_writeback() {
+        let observed = observed();
+
+        let set = Command::WritebackLimit(LimitChange::Set(100)).execute(&observed);
+        let off = Command::WritebackLimit(LimitChange::Off).execute(&observed);
+        let writeback =
+            Command::Writeback(WritebackRequest::new(WritebackMode::Idle)).execute(&observed);
+        let shown = Command::WritebackLimit(LimitChange::Show).execute(&observed);
+
+        let writeback = writeback.unwrap_err().to_string();
+        assert!(writeback.contains("needs a backing file"), "{writeback}");
+        assert_eq!(set.unwrap_err().to_string(), writeback);
+        assert_eq!(off.unwrap_err().to_string(), writeback);
+        assert_eq!(shown.unwrap(), "writeback_limit off\n");
+        assert!(!observed.store.stats().writeback.limit_enabled);
     }
 
     #[test]
