@@ -43,12 +43,13 @@
 pub mod render;
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
@@ -65,9 +66,18 @@ use crate::store::{
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
 
-/// How long [`request`] waits for the daemon's answer (compaction of a large store is the
-/// slowest command).
+/// How long [`request`] waits for the daemon to send something (a progress line or the
+/// answer) before it gives up, unless [`TIMEOUT_ENV`] says otherwise. A long command sends a
+/// progress line every [`PROGRESS_EVERY`], so this bounds the wait for a hung daemon, never the
+/// length of a command.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The environment variable that sets how many seconds [`request`] waits for the daemon to
+/// send something (decimals allowed), instead of [`RESPONSE_TIMEOUT`].
+pub const TIMEOUT_ENV: &str = "VHOST_USER_ZRAM_CTL_TIMEOUT";
+
+/// How often a long command sends a progress line while it runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// A control command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +167,47 @@ impl Command {
             Command::Writeback(_) => "writeback",
             Command::BdStat => "bd_stat",
             Command::WritebackLimit(_) => "writeback-limit",
+        }
+    }
+
+    /// Whether the command may run for long (it walks the device, or trains): such a command
+    /// sends progress lines while it runs.
+    pub fn is_long(self) -> bool {
+        match self {
+            Command::Compact
+            | Command::MarkIdle
+            | Command::MarkIdleAge(_)
+            | Command::Recompress(_)
+            | Command::TrainDict(_)
+            | Command::Writeback(_) => true,
+            Command::Stats
+            | Command::StatsJson
+            | Command::MmStat
+            | Command::IoStat
+            | Command::Metrics
+            | Command::BdStat
+            | Command::WritebackLimit(_) => false,
+        }
+    }
+
+    /// The count a progress line of this command gives, from the statistics.
+    fn progress_count(self, stats: &crate::store::Stats) -> Option<(u64, &'static str)> {
+        match self {
+            Command::Recompress(_) => Some((stats.recompression.pages_tried, "pages tried")),
+            Command::Writeback(_) => {
+                Some((stats.writeback.pages_written_back, "pages written back"))
+            }
+            Command::Compact
+            | Command::MarkIdle
+            | Command::MarkIdleAge(_)
+            | Command::TrainDict(_)
+            | Command::Stats
+            | Command::StatsJson
+            | Command::MmStat
+            | Command::IoStat
+            | Command::Metrics
+            | Command::BdStat
+            | Command::WritebackLimit(_) => None,
         }
     }
 
@@ -329,37 +380,142 @@ pub enum ControlError {
     /// The daemon's answer is not in the protocol's form.
     #[error("the daemon sent a malformed response")]
     MalformedResponse,
+    /// The daemon sent nothing, not even a progress line, for the whole timeout.
+    #[error(
+        "the daemon sent nothing for {} s, not even progress; it may be stopped or hung \
+         (set {TIMEOUT_ENV} to wait longer)",
+        .0.as_secs_f64()
+    )]
+    Silent(Duration),
+    /// The daemon closed the connection before it answered.
+    #[error("the daemon closed the connection without an answer; it may have exited")]
+    NoAnswer,
+    /// The timeout in the environment is not a number of seconds.
+    #[error("{TIMEOUT_ENV}='{0}' is not a number of seconds")]
+    BadTimeout(String),
 }
 
-/// Sends `command` to the daemon listening on `path` and returns the response body.
+/// Sends `command` to the daemon listening on `path` and returns the response body. Waits
+/// for as long as the daemon keeps sending progress lines; gives up when it sends nothing for
+/// [`RESPONSE_TIMEOUT`] (or the seconds [`TIMEOUT_ENV`] gives).
 pub fn request(path: &Path, command: Command) -> Result<String, ControlError> {
+    request_within(path, command, response_timeout()?, &mut |_| {})
+}
+
+/// The timeout [`request`] uses: [`TIMEOUT_ENV`]'s seconds, or [`RESPONSE_TIMEOUT`].
+pub fn response_timeout() -> Result<Duration, ControlError> {
+    let Some(text) = std::env::var_os(TIMEOUT_ENV) else {
+        return Ok(RESPONSE_TIMEOUT);
+    };
+    let text = text.to_string_lossy();
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs >= 0.001 && *secs <= 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| ControlError::BadTimeout(text.chars().take(64).collect()))
+}
+
+/// Like [`request`], waiting at most `timeout` for each line the daemon sends, and passing each
+/// progress line's text to `on_progress`.
+pub fn request_within(
+    path: &Path,
+    command: Command,
+    timeout: Duration,
+    on_progress: &mut dyn FnMut(&str),
+) -> Result<String, ControlError> {
     let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.display().to_string(),
         source,
     })?;
     stream
-        .set_read_timeout(Some(RESPONSE_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(RESPONSE_TIMEOUT)))
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(ControlError::Io)?;
+    let failed = |error: io::Error| match error.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ControlError::Silent(timeout),
+        io::ErrorKind::InvalidData => ControlError::MalformedResponse,
+        // The daemon closed the connection with our request unread: it exited, or refused.
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ControlError::NoAnswer,
+        _ => ControlError::Io(error),
+    };
     stream
         .write_all(format!("{command}\n").as_bytes())
-        .map_err(ControlError::Io)?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(ControlError::Io)?;
-    if let Some(body) = response.strip_prefix("ok\n") {
-        Ok(body.to_owned())
-    } else if let Some(message) = response.strip_prefix("error ") {
-        Err(ControlError::Refused(message.trim_end().to_owned()))
-    } else {
-        Err(ControlError::MalformedResponse)
+        .map_err(failed)?;
+    let mut reader = io::BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(failed)? == 0 {
+            return Err(ControlError::NoAnswer);
+        }
+        if let Some(progress) = line.strip_prefix(PROGRESS_PREFIX) {
+            on_progress(progress.trim_end());
+        } else if line == "ok\n" {
+            let mut body = String::new();
+            reader.read_to_string(&mut body).map_err(failed)?;
+            return Ok(body);
+        } else if let Some(message) = line.strip_prefix("error ") {
+            return Err(ControlError::Refused(message.trim_end().to_owned()));
+        } else {
+            return Err(ControlError::MalformedResponse);
+        }
     }
 }
+
+/// What begins a progress line.
+const PROGRESS_PREFIX: &str = "progress ";
 
 /// The control protocol as a [`Handler`].
 struct ControlHandler {
     observed: Arc<Observed>,
+    progress_every: Duration,
+}
+
+impl ControlHandler {
+    /// Runs a long command, writing a progress line to `stream` every `progress_every` until
+    /// it ends, so that the client knows the daemon is at work and keeps waiting. A client that
+    /// stops reading or goes away ends the progress lines, never the command.
+    fn execute_reporting(
+        &self,
+        command: Command,
+        stream: &UnixStream,
+    ) -> Result<String, ControlError> {
+        let (done, finished) = mpsc::channel::<()>();
+        let observed = &self.observed;
+        let every = self.progress_every;
+        std::thread::scope(|scope| {
+            let reporter = std::thread::Builder::new()
+                .name("control-progress".to_owned())
+                .spawn_scoped(scope, move || {
+                    let started = Instant::now();
+                    let count =
+                        |observed: &Observed| command.progress_count(&observed.store.stats());
+                    let before = count(observed).map_or(0, |(n, _)| n);
+                    let mut stream = stream;
+                    while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(every) {
+                        let mut line = format!(
+                            "{PROGRESS_PREFIX}{}: running for {} s",
+                            command.name(),
+                            started.elapsed().as_secs()
+                        );
+                        if let Some((now, what)) = count(observed) {
+                            line.push_str(&format!(", {} {what}", now.saturating_sub(before)));
+                        }
+                        line.push('\n');
+                        if let Err(error) = stream.write_all(line.as_bytes()) {
+                            debug!("control connection: progress: {error}");
+                            return;
+                        }
+                    }
+                });
+            if let Err(error) = &reporter {
+                debug!("control: no progress lines: cannot start a thread: {error}");
+            }
+            let result = command.execute(observed);
+            drop(done);
+            result
+        })
+    }
 }
 
 impl Handler<UnixStream> for ControlHandler {
@@ -372,7 +528,13 @@ impl Handler<UnixStream> for ControlHandler {
     }
 
     fn serve(&self, line: &[u8], client: &mut Client<UnixStream>) {
-        let result = parse_request(line).and_then(|command| command.execute(&self.observed));
+        let result = parse_request(line).and_then(|command| {
+            if command.is_long() {
+                self.execute_reporting(command, &client.stream)
+            } else {
+                command.execute(&self.observed)
+            }
+        });
         let response = match result {
             Ok(body) => format!("ok\n{body}"),
             Err(error) => format!("error {error}\n"),
@@ -413,9 +575,23 @@ impl ControlServer {
         observed: Arc<Observed>,
         limits: ServerLimits,
     ) -> io::Result<Self> {
+        Self::spawn_reporting_every(listener, observed, limits, PROGRESS_EVERY)
+    }
+
+    /// [`ControlServer::spawn_with_limits`], with long commands sending a progress line every
+    /// `progress_every` instead of every [`PROGRESS_EVERY`].
+    pub fn spawn_reporting_every(
+        listener: UnixListener,
+        observed: Arc<Observed>,
+        limits: ServerLimits,
+        progress_every: Duration,
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
-        let server =
-            BoundedServer::spawn("control", listener, ControlHandler { observed }, limits)?;
+        let handler = ControlHandler {
+            observed,
+            progress_every,
+        };
+        let server = BoundedServer::spawn("control", listener, handler, limits)?;
         Ok(ControlServer { server })
     }
 
@@ -701,6 +877,109 @@ mod tests {
         let stopping = Instant::now();
         running.server.stop();
         assert!(stopping.elapsed() < Duration::from_secs(2));
+    }
+
+    /// An lz4 store of `pages` swap-like pages with zstd at level 19 to recompress with: a
+    /// pass over it takes seconds.
+    fn slow_to_recompress(pages: u64) -> Arc<Observed> {
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: pages,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap()
+        .with_secondary_algorithms(&["zstd:level=19".parse().unwrap()])
+        .unwrap();
+        let mut page = [0u8; crate::PAGE_SIZE];
+        for index in 0..pages {
+            crate::pagegen::fill_page(0x51, index, &mut page);
+            store.write(index, &page).unwrap();
+        }
+        Arc::new(Observed::new(
+            Arc::new(store),
+            Arc::new(RequestStats::new(1)),
+            Arc::new(AtomicBool::new(false)),
+            "control-test",
+        ))
+    }
+
+    #[test]
+    fn a_long_command_outlasting_the_client_timeout_reports_progress_and_succeeds() {
+        // Arrange: progress every 50 ms; the client waits 400 ms at most for each line (on
+        // main it read with one timeout and failed with "Resource temporarily unavailable"
+        // while the daemon went on).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let observed = slow_to_recompress(4096);
+        let server = ControlServer::spawn_reporting_every(
+            UnixListener::bind(&path).unwrap(),
+            observed.clone(),
+            ServerLimits::default(),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        let timeout = Duration::from_millis(400);
+        let mut progress = Vec::new();
+
+        // Act
+        let started = Instant::now();
+        let answer = request_within(&path, "recompress".parse().unwrap(), timeout, &mut |line| {
+            progress.push(line.to_owned())
+        });
+        let took = started.elapsed();
+
+        // Assert
+        let answer = answer.unwrap();
+        assert!(answer.starts_with("tried "), "{answer}");
+        assert!(
+            took > timeout,
+            "the pass took {took:?}: too fast to outlast the timeout"
+        );
+        assert!(progress.len() >= 2, "{progress:?}");
+        assert!(
+            progress[0].starts_with("recompress: running for "),
+            "{progress:?}"
+        );
+        assert!(
+            progress.last().unwrap().ends_with("pages tried"),
+            "{progress:?}"
+        );
+        server.stop();
+    }
+
+    #[test]
+    fn a_silent_or_vanished_daemon_fails_the_request_with_a_sentence_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hung = std::thread::spawn(move || {
+            // The first client is never answered; the second is closed at once.
+            let (first, _) = listener.accept().unwrap();
+            let (second, _) = listener.accept().unwrap();
+            drop(second);
+            std::thread::sleep(Duration::from_millis(500));
+            drop(first);
+        });
+
+        let silent = request_within(
+            &path,
+            Command::Compact,
+            Duration::from_millis(200),
+            &mut |_| {},
+        );
+        let vanished = request_within(&path, Command::Compact, Duration::from_secs(5), &mut |_| {});
+        hung.join().unwrap();
+
+        let silent = silent.unwrap_err().to_string();
+        assert!(
+            silent.starts_with("the daemon sent nothing for 0.2 s"),
+            "{silent}"
+        );
+        assert!(
+            matches!(vanished, Err(ControlError::NoAnswer)),
+            "{vanished:?}"
+        );
     }
 
     #[test]
