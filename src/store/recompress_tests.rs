@@ -700,3 +700,40 @@ fn algo_naming_two_levels_of_one_algorithm_asks_for_a_priority() {
         .contains("give priority= to choose one"));
     assert!(s.recompress(&request("priority=2")).is_ok());
 }
+
+#[test]
+fn training_memory_is_bounded_and_checked_against_the_memory_limit() {
+    let too_many = format!("samples={}", MAX_TRAIN_SAMPLES + 1);
+    assert!(too_many.parse::<TrainRequest>().is_err());
+    let s = PageStore::new(StoreConfig {
+        mem_limit: Some(1 << 20),
+        ..config(512)
+    })
+    .unwrap()
+    .with_secondary_algorithms(&[spec("zstd")])
+    .unwrap();
+    for i in 0..64 {
+        s.write(i, &swap_page(i)).unwrap();
+    }
+
+    let refused = s.train_zstd_dictionary(&TrainRequest {
+        samples: 1024,
+        size: 4096,
+    });
+    let trained = s.train_zstd_dictionary(&TrainRequest {
+        samples: 64,
+        size: 4096,
+    });
+
+    assert_eq!(
+        refused,
+        Err(RecompressError::TrainingMemory {
+            samples: 1024,
+            bytes: 4 << 20
+        })
+    );
+    let trained = trained.unwrap();
+    assert!(trained.samples >= 16, "{trained:?}");
+    // The samples are no longer counted; the dictionary is.
+    assert_eq!(s.recompression.dictionary_bytes(), trained.bytes as u64);
+}
