@@ -8,9 +8,13 @@
 //!
 //! ```text
 //! request:   <command>\n
-//! response:  ok\n<body>             on success
-//!            error <sentence>\n     on failure
+//! response:  [progress <text>\n]... ok\n<body>             on success
+//!            [progress <text>\n]... error <sentence>\n     on failure
 //! ```
+//!
+//! A long command ([`Command::is_long`]) sends a progress line every [`PROGRESS_EVERY`] while
+//! it runs, so the client can tell a busy daemon from a hung one: [`request`] waits as long as
+//! lines come, and gives up after [`RESPONSE_TIMEOUT`] (or [`TIMEOUT_ENV`]) of silence.
 //!
 //! Commands ([`Command`]):
 //!
@@ -33,12 +37,11 @@
 //!
 //! # Hostile clients
 //!
-//! Every client is served on a thread of its own, at most [`MAX_CLIENTS`] at once; a client
-//! beyond that gets `error busy` and is closed at once. Each client has [`CLIENT_DEADLINE`] in
-//! total, from its accept to the end of its request line, however slowly it sends: a client
-//! that drips a byte at a time is cut off at the deadline instead of resetting a timeout with
-//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The control
-//! socket and the metrics over HTTP both run on [`crate::server::BoundedServer`].
+//! The control socket and the metrics over HTTP both run on [`crate::server::BoundedServer`]:
+//! a connection waits for its request line without a thread (at most [`MAX_WAITING`]; a new one
+//! pushes out the oldest), each within [`CLIENT_DEADLINE`] in total however slowly it sends,
+//! and a complete request is answered on a thread of its own, at most [`MAX_CLIENTS`] at once
+//! (more get `error busy`). A request line longer than [`MAX_REQUEST_LEN`] bytes is refused.
 
 pub mod render;
 
