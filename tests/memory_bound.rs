@@ -113,14 +113,15 @@ impl Drop for Frontend {
     }
 }
 
-/// `ctl ARGS` with a one-second read timeout.
+/// `ctl ARGS` giving up after 3 s of silence: longer commands must keep it waiting with their
+/// progress lines (one a second).
 fn ctl(daemon: &DaemonProcess, args: &[&str]) -> Output {
     std::process::Command::new(BIN)
         .arg("ctl")
         .arg("--control-socket")
         .arg(daemon.control())
         .args(args)
-        .env("VHOST_USER_ZRAM_CTL_TIMEOUT", "1")
+        .env("VHOST_USER_ZRAM_CTL_TIMEOUT", "3")
         .output()
         .unwrap()
 }
@@ -180,7 +181,9 @@ fn resident_memory_stays_within_mem_used_total_and_the_headroom_through_every_co
     let mut report = String::new();
     for round in 0..2u64 {
         for args in commands {
+            let started = std::time::Instant::now();
             let output = ctl(&daemon, args);
+            let took = started.elapsed();
             assert!(
                 output.status.success(),
                 "ctl {args:?}: {}",
@@ -190,7 +193,8 @@ fn resident_memory_stays_within_mem_used_total_and_the_headroom_through_every_co
             let rss = status_bytes(pid, "VmRSS:");
             let anon = status_bytes(pid, "RssAnon:");
             let line = format!(
-                "round {round} {args:?}: VmRSS {} MiB, RssAnon {} MiB, mem_used_total {} MiB\n",
+                "round {round} {args:?} ({took:.1?}): VmRSS {} MiB, RssAnon {} MiB, \
+                 mem_used_total {} MiB\n",
                 rss >> 20,
                 anon >> 20,
                 used >> 20
