@@ -14,8 +14,9 @@
 //! - the daemon's uptime and whether a frontend is connected.
 //!
 //! The HTTP side ([`MetricsServer`]) is a few lines of HTTP/1.x over `std::net`: one `GET
-//! /metrics` per connection, each client served within a deadline, a bounded number at once
-//! (the [`BoundedServer`] the control socket runs on too). It listens on loopback unless the operator opts in
+//! /metrics` per connection, on the [`BoundedServer`] the control socket runs on too: a
+//! request head is read without a thread until it is complete (within a deadline), so slow
+//! clients cannot keep a scrape from being answered, and a bounded number are answered at once. It listens on loopback unless the operator opts in
 //! to another address (see [`check_listen_address`]).
 
 use std::fmt::Write as _;
@@ -472,36 +473,43 @@ fn plain(status: &str, body: &str) -> Vec<u8> {
 }
 
 impl Handler<TcpStream> for HttpHandler {
-    fn serve(&self, client: &mut Client<TcpStream>) {
-        let response = match client.read_request(b"\r\n\r\n", MAX_HTTP_REQUEST_LEN) {
-            Ok(head) => match route(&head) {
-                HttpRoute::Metrics { body } => {
-                    http_response("200 OK", CONTENT_TYPE, &render(&self.observed), body)
-                }
-                HttpRoute::NotFound => {
-                    plain("404 Not Found", "not found; the metrics are at /metrics\n")
-                }
-                HttpRoute::MethodNotAllowed => {
-                    plain("405 Method Not Allowed", "only GET and HEAD are served\n")
-                }
-                HttpRoute::BadRequest => plain("400 Bad Request", "not an HTTP/1.x request\n"),
-            },
-            Err(ReadError::Deadline) => plain(
-                "408 Request Timeout",
-                "the request did not arrive in time\n",
-            ),
-            Err(ReadError::TooLong) => plain(
-                "431 Request Header Fields Too Large",
-                "the request is too long\n",
-            ),
-            Err(error @ (ReadError::Closed | ReadError::Stopping | ReadError::Io(_))) => {
-                debug!("metrics connection: {error}");
-                return;
+    fn terminator(&self) -> &'static [u8] {
+        b"\r\n\r\n"
+    }
+
+    fn max_request_len(&self) -> usize {
+        MAX_HTTP_REQUEST_LEN
+    }
+
+    fn serve(&self, head: &[u8], client: &mut Client<TcpStream>) {
+        let response = match route(head) {
+            HttpRoute::Metrics { body } => {
+                http_response("200 OK", CONTENT_TYPE, &render(&self.observed), body)
             }
+            HttpRoute::NotFound => {
+                plain("404 Not Found", "not found; the metrics are at /metrics\n")
+            }
+            HttpRoute::MethodNotAllowed => {
+                plain("405 Method Not Allowed", "only GET and HEAD are served\n")
+            }
+            HttpRoute::BadRequest => plain("400 Bad Request", "not an HTTP/1.x request\n"),
         };
         if let Err(error) = client.respond(&response) {
             debug!("metrics connection: {error}");
         }
+    }
+
+    fn refusal(&self, error: &ReadError) -> Option<Vec<u8>> {
+        Some(match error {
+            ReadError::Deadline => plain(
+                "408 Request Timeout",
+                "the request did not arrive in time\n",
+            ),
+            ReadError::TooLong => plain(
+                "431 Request Header Fields Too Large",
+                "the request is too long\n",
+            ),
+        })
     }
 
     fn busy_response(&self) -> &'static [u8] {
@@ -893,6 +901,7 @@ mod tests {
             ServerLimits {
                 deadline: Duration::from_millis(300),
                 max_clients: 2,
+                max_waiting: 4,
             },
         )
         .unwrap();

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::process::Output;
 
 use common::child::{run, DaemonProcess};
@@ -108,4 +110,45 @@ fn wrong_recompression_options_are_one_sentence_errors() {
         &with(&["--zstd-dict", dict.to_str().unwrap()]),
         "no algorithm of this device is zstd",
     );
+}
+
+#[test]
+fn repeated_keys_algorithms_and_levels_are_one_sentence_errors() {
+    // The daemon's side, over the socket (ctl's own word-by-word check is src/cli.rs's).
+    let daemon = DaemonProcess::start("16M", &["--recompress-algorithm", "zstd"]);
+    let ask = |line: &str| {
+        let mut stream = UnixStream::connect(daemon.control()).unwrap();
+        stream.write_all(line.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    assert_eq!(
+        ask("recompress type=idle type=huge\n"),
+        "error 'type=' is given more than once; give each parameter once\n"
+    );
+    assert!(ask("recompress algo=zstd priority=1\n").contains("give algo= or priority=, not both"));
+    assert!(ask("train-dict size=4096 size=8192\n").contains("'size=' is given more than once"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let base = ["--socket-path", socket.to_str().unwrap(), "--size", "1M"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    one_sentence_error(
+        &with(&["--recompress-algorithm", "zstd:level=3:level=4"]),
+        "gives the level more than once",
+    );
+    one_sentence_error(
+        &with(&["--recompress-algorithm", "zstd"].repeat(3)),
+        "the recompression algorithm zstd:level=1 is given more than once",
+    );
+    one_sentence_error(
+        &with(&["--algorithm", "lz4", "--recompress-algorithm", "lz4"]),
+        "lz4 is the device's own algorithm",
+    );
+    assert!(!socket.exists());
 }

@@ -155,6 +155,13 @@ thread_local! {
 }
 
 impl Zstd {
+    /// Frees the calling thread's zstd contexts (they are made again on the next use): for a
+    /// thread that compressed for one command and should not keep them.
+    pub fn release_thread_contexts() {
+        COMPRESS.with(|cell| cell.borrow_mut().take());
+        DECOMPRESS.with(|cell| cell.borrow_mut().take());
+    }
+
     /// A zstd codec at `level` (1..=22), without dictionaries.
     pub fn new(level: i32) -> Self {
         Zstd {

@@ -8,9 +8,13 @@
 //!
 //! ```text
 //! request:   <command>\n
-//! response:  ok\n<body>             on success
-//!            error <sentence>\n     on failure
+//! response:  [progress <text>\n]... ok\n<body>             on success
+//!            [progress <text>\n]... error <sentence>\n     on failure
 //! ```
+//!
+//! A long command ([`Command::is_long`]) sends a progress line every [`PROGRESS_EVERY`] while
+//! it runs, so the client can tell a busy daemon from a hung one: [`request`] waits as long as
+//! lines come, and gives up after [`RESPONSE_TIMEOUT`] (or [`TIMEOUT_ENV`]) of silence.
 //!
 //! Commands ([`Command`]):
 //!
@@ -33,22 +37,22 @@
 //!
 //! # Hostile clients
 //!
-//! Every client is served on a thread of its own, at most [`MAX_CLIENTS`] at once; a client
-//! beyond that gets `error busy` and is closed at once. Each client has [`CLIENT_DEADLINE`] in
-//! total, from its accept to the end of its request line, however slowly it sends: a client
-//! that drips a byte at a time is cut off at the deadline instead of resetting a timeout with
-//! every byte. A request line longer than [`MAX_REQUEST_LEN`] bytes is refused. The control
-//! socket and the metrics over HTTP both run on [`crate::server::BoundedServer`].
+//! The control socket and the metrics over HTTP both run on [`crate::server::BoundedServer`]:
+//! a connection waits for its request line without a thread (at most [`MAX_WAITING`]; a new one
+//! pushes out the oldest), each within [`CLIENT_DEADLINE`] in total however slowly it sends,
+//! and a complete request is answered on a thread of its own, at most [`MAX_CLIENTS`] at once
+//! (more get `error busy`). A request line longer than [`MAX_REQUEST_LEN`] bytes is refused.
 
 pub mod render;
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
@@ -56,7 +60,7 @@ pub use self::render::stats_table;
 use crate::metrics;
 use crate::observed::Observed;
 use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
-pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS};
+pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS, MAX_WAITING};
 use crate::store::{
     BadWritebackRequest, RecompressError, RecompressRequest, TrainRequest, WritebackError,
     WritebackMode, WritebackRequest,
@@ -65,9 +69,18 @@ use crate::store::{
 /// The longest request line the server reads.
 pub const MAX_REQUEST_LEN: usize = 256;
 
-/// How long [`request`] waits for the daemon's answer (compaction of a large store is the
-/// slowest command).
+/// How long [`request`] waits for the daemon to send something (a progress line or the
+/// answer) before it gives up, unless [`TIMEOUT_ENV`] says otherwise. A long command sends a
+/// progress line every [`PROGRESS_EVERY`], so this bounds the wait for a hung daemon, never the
+/// length of a command.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The environment variable that sets how many seconds [`request`] waits for the daemon to
+/// send something (decimals allowed), instead of [`RESPONSE_TIMEOUT`].
+pub const TIMEOUT_ENV: &str = "VHOST_USER_ZRAM_CTL_TIMEOUT";
+
+/// How often a long command sends a progress line while it runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// A control command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +173,47 @@ impl Command {
         }
     }
 
+    /// Whether the command may run for long (it walks the device, or trains): such a command
+    /// sends progress lines while it runs.
+    pub fn is_long(self) -> bool {
+        match self {
+            Command::Compact
+            | Command::MarkIdle
+            | Command::MarkIdleAge(_)
+            | Command::Recompress(_)
+            | Command::TrainDict(_)
+            | Command::Writeback(_) => true,
+            Command::Stats
+            | Command::StatsJson
+            | Command::MmStat
+            | Command::IoStat
+            | Command::Metrics
+            | Command::BdStat
+            | Command::WritebackLimit(_) => false,
+        }
+    }
+
+    /// The count a progress line of this command gives, from the statistics.
+    fn progress_count(self, stats: &crate::store::Stats) -> Option<(u64, &'static str)> {
+        match self {
+            Command::Recompress(_) => Some((stats.recompression.pages_tried, "pages tried")),
+            Command::Writeback(_) => {
+                Some((stats.writeback.pages_written_back, "pages written back"))
+            }
+            Command::Compact
+            | Command::MarkIdle
+            | Command::MarkIdleAge(_)
+            | Command::TrainDict(_)
+            | Command::Stats
+            | Command::StatsJson
+            | Command::MmStat
+            | Command::IoStat
+            | Command::Metrics
+            | Command::BdStat
+            | Command::WritebackLimit(_) => None,
+        }
+    }
+
     /// Runs the command against the observed device and returns the response body.
     pub fn execute(self, observed: &Observed) -> Result<String, ControlError> {
         let store = &observed.store;
@@ -182,10 +236,18 @@ impl Command {
             Command::Writeback(request) => format!("{}\n", store.writeback(&request)?),
             Command::BdStat => store.stats().bd_stat_line(),
             Command::WritebackLimit(change) => {
-                match change {
-                    LimitChange::Show => {}
-                    LimitChange::Set(pages) => store.set_writeback_limit(Some(pages)),
-                    LimitChange::Off => store.set_writeback_limit(None),
+                let limit = match change {
+                    LimitChange::Show => None,
+                    LimitChange::Set(pages) => Some(Some(pages)),
+                    LimitChange::Off => Some(None),
+                };
+                if let Some(limit) = limit {
+                    // A limit on a device that cannot write back would be accepted and mean
+                    // nothing: refuse it, as `writeback` is refused.
+                    if !store.has_backing_file() {
+                        return Err(WritebackError::NoBackingFile.into());
+                    }
+                    store.set_writeback_limit(limit);
                 }
                 render::writeback_limit(&store.stats().writeback)
             }
@@ -321,51 +383,177 @@ pub enum ControlError {
     /// The daemon's answer is not in the protocol's form.
     #[error("the daemon sent a malformed response")]
     MalformedResponse,
+    /// The daemon sent nothing, not even a progress line, for the whole timeout.
+    #[error(
+        "the daemon sent nothing for {} s, not even progress; it may be stopped or hung \
+         (set {TIMEOUT_ENV} to wait longer)",
+        .0.as_secs_f64()
+    )]
+    Silent(Duration),
+    /// The daemon closed the connection before it answered.
+    #[error("the daemon closed the connection without an answer; it may have exited")]
+    NoAnswer,
+    /// The timeout in the environment is not a number of seconds.
+    #[error("{TIMEOUT_ENV}='{0}' is not a number of seconds")]
+    BadTimeout(String),
 }
 
-/// Sends `command` to the daemon listening on `path` and returns the response body.
+/// Sends `command` to the daemon listening on `path` and returns the response body. Waits
+/// for as long as the daemon keeps sending progress lines; gives up when it sends nothing for
+/// [`RESPONSE_TIMEOUT`] (or the seconds [`TIMEOUT_ENV`] gives).
 pub fn request(path: &Path, command: Command) -> Result<String, ControlError> {
+    request_within(path, command, response_timeout()?, &mut |_| {})
+}
+
+/// The timeout [`request`] uses: [`TIMEOUT_ENV`]'s seconds, or [`RESPONSE_TIMEOUT`].
+pub fn response_timeout() -> Result<Duration, ControlError> {
+    let Some(text) = std::env::var_os(TIMEOUT_ENV) else {
+        return Ok(RESPONSE_TIMEOUT);
+    };
+    let text = text.to_string_lossy();
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|secs| secs.is_finite() && *secs >= 0.001 && *secs <= 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| ControlError::BadTimeout(text.chars().take(64).collect()))
+}
+
+/// Like [`request`], waiting at most `timeout` for each line the daemon sends, and passing each
+/// progress line's text to `on_progress`.
+pub fn request_within(
+    path: &Path,
+    command: Command,
+    timeout: Duration,
+    on_progress: &mut dyn FnMut(&str),
+) -> Result<String, ControlError> {
     let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.display().to_string(),
         source,
     })?;
     stream
-        .set_read_timeout(Some(RESPONSE_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(RESPONSE_TIMEOUT)))
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(ControlError::Io)?;
+    let failed = |error: io::Error| match error.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ControlError::Silent(timeout),
+        io::ErrorKind::InvalidData => ControlError::MalformedResponse,
+        // The daemon closed the connection with our request unread: it exited, or refused.
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ControlError::NoAnswer,
+        _ => ControlError::Io(error),
+    };
     stream
         .write_all(format!("{command}\n").as_bytes())
-        .map_err(ControlError::Io)?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(ControlError::Io)?;
-    if let Some(body) = response.strip_prefix("ok\n") {
-        Ok(body.to_owned())
-    } else if let Some(message) = response.strip_prefix("error ") {
-        Err(ControlError::Refused(message.trim_end().to_owned()))
-    } else {
-        Err(ControlError::MalformedResponse)
+        .map_err(failed)?;
+    let mut reader = io::BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(failed)? == 0 {
+            return Err(ControlError::NoAnswer);
+        }
+        if let Some(progress) = line.strip_prefix(PROGRESS_PREFIX) {
+            on_progress(progress.trim_end());
+        } else if line == "ok\n" {
+            let mut body = String::new();
+            reader.read_to_string(&mut body).map_err(failed)?;
+            return Ok(body);
+        } else if let Some(message) = line.strip_prefix("error ") {
+            return Err(ControlError::Refused(message.trim_end().to_owned()));
+        } else {
+            return Err(ControlError::MalformedResponse);
+        }
     }
 }
+
+/// What begins a progress line.
+const PROGRESS_PREFIX: &str = "progress ";
 
 /// The control protocol as a [`Handler`].
 struct ControlHandler {
     observed: Arc<Observed>,
+    progress_every: Duration,
+}
+
+impl ControlHandler {
+    /// Runs a long command, writing a progress line to `stream` every `progress_every` until
+    /// it ends, so that the client knows the daemon is at work and keeps waiting. A client that
+    /// stops reading or goes away ends the progress lines, never the command.
+    fn execute_reporting(
+        &self,
+        command: Command,
+        stream: &UnixStream,
+    ) -> Result<String, ControlError> {
+        let (done, finished) = mpsc::channel::<()>();
+        let observed = &self.observed;
+        let every = self.progress_every;
+        std::thread::scope(|scope| {
+            let reporter = std::thread::Builder::new()
+                .name("control-progress".to_owned())
+                .spawn_scoped(scope, move || {
+                    let started = Instant::now();
+                    let count =
+                        |observed: &Observed| command.progress_count(&observed.store.stats());
+                    let before = count(observed).map_or(0, |(n, _)| n);
+                    let mut stream = stream;
+                    while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(every) {
+                        let mut line = format!(
+                            "{PROGRESS_PREFIX}{}: running for {} s",
+                            command.name(),
+                            started.elapsed().as_secs()
+                        );
+                        if let Some((now, what)) = count(observed) {
+                            line.push_str(&format!(", {} {what}", now.saturating_sub(before)));
+                        }
+                        line.push('\n');
+                        if let Err(error) = stream.write_all(line.as_bytes()) {
+                            debug!("control connection: progress: {error}");
+                            return;
+                        }
+                    }
+                });
+            if let Err(error) = &reporter {
+                debug!("control: no progress lines: cannot start a thread: {error}");
+            }
+            let result = command.execute(observed);
+            drop(done);
+            give_back_freed_memory();
+            result
+        })
+    }
+}
+
+/// Gives the OS back what a long command freed and malloc would keep: this thread's zstd
+/// contexts, and the free memory of every malloc arena (glibc keeps freed memory in its
+/// arenas, where it stays resident: a compaction, recompression, writeback or training frees
+/// much at once, and without this the daemon's resident memory stayed tens of MiB above
+/// `mem_used_total`).
+fn give_back_freed_memory() {
+    crate::codec::Zstd::release_thread_contexts();
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only returns free memory of malloc's arenas to
+    // the OS, which no live allocation uses.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 impl Handler<UnixStream> for ControlHandler {
-    fn serve(&self, client: &mut Client<UnixStream>) {
-        let request = client.read_request(b"\n", MAX_REQUEST_LEN);
-        let result = match request {
-            Ok(line) => parse_request(&line).and_then(|command| command.execute(&self.observed)),
-            Err(ReadError::Deadline) => Err(ControlError::Deadline),
-            Err(ReadError::TooLong) => Err(ControlError::BadRequest),
-            Err(error @ (ReadError::Closed | ReadError::Stopping | ReadError::Io(_))) => {
-                debug!("control connection: {error}");
-                return;
+    fn terminator(&self) -> &'static [u8] {
+        b"\n"
+    }
+
+    fn max_request_len(&self) -> usize {
+        MAX_REQUEST_LEN
+    }
+
+    fn serve(&self, line: &[u8], client: &mut Client<UnixStream>) {
+        let result = parse_request(line).and_then(|command| {
+            if command.is_long() {
+                self.execute_reporting(command, &client.stream)
+            } else {
+                command.execute(&self.observed)
             }
-        };
+        });
         let response = match result {
             Ok(body) => format!("ok\n{body}"),
             Err(error) => format!("error {error}\n"),
@@ -373,6 +561,14 @@ impl Handler<UnixStream> for ControlHandler {
         if let Err(error) = client.respond(response.as_bytes()) {
             debug!("control connection: {error}");
         }
+    }
+
+    fn refusal(&self, error: &ReadError) -> Option<Vec<u8>> {
+        let error = match error {
+            ReadError::Deadline => ControlError::Deadline,
+            ReadError::TooLong => ControlError::BadRequest,
+        };
+        Some(format!("error {error}\n").into_bytes())
     }
 
     fn busy_response(&self) -> &'static [u8] {
@@ -398,15 +594,34 @@ impl ControlServer {
         observed: Arc<Observed>,
         limits: ServerLimits,
     ) -> io::Result<Self> {
+        Self::spawn_reporting_every(listener, observed, limits, PROGRESS_EVERY)
+    }
+
+    /// [`ControlServer::spawn_with_limits`], with long commands sending a progress line every
+    /// `progress_every` instead of every [`PROGRESS_EVERY`].
+    pub fn spawn_reporting_every(
+        listener: UnixListener,
+        observed: Arc<Observed>,
+        limits: ServerLimits,
+        progress_every: Duration,
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
-        let server =
-            BoundedServer::spawn("control", listener, ControlHandler { observed }, limits)?;
+        let handler = ControlHandler {
+            observed,
+            progress_every,
+        };
+        let server = BoundedServer::spawn("control", listener, handler, limits)?;
         Ok(ControlServer { server })
     }
 
-    /// How many clients are being served now.
+    /// How many requests are being answered now.
     pub fn active_clients(&self) -> usize {
         self.server.active_clients()
+    }
+
+    /// How many connections are still sending their request.
+    pub fn waiting_clients(&self) -> usize {
+        self.server.waiting_clients()
     }
 
     /// Stops the server and waits for its threads.
@@ -535,36 +750,45 @@ mod tests {
         ));
     }
 
+    /// A client that sends `s` every `every` and never a newline, until the server closes
+    /// the connection or `give_up` passes; returns how long it was served and what it got.
+    fn drip(
+        mut stream: UnixStream,
+        every: Duration,
+        give_up: Duration,
+    ) -> std::thread::JoinHandle<(Duration, String)> {
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            let mut response = String::new();
+            stream.set_nonblocking(true).unwrap();
+            while started.elapsed() < give_up {
+                if stream.write_all(b"s").is_err() {
+                    break;
+                }
+                std::thread::sleep(every);
+                let mut buffer = [0u8; 256];
+                match stream.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => response.push_str(&String::from_utf8_lossy(&buffer[..n])),
+                    Err(_) => {}
+                }
+            }
+            (started.elapsed(), response)
+        })
+    }
+
     #[test]
     fn a_slow_drip_client_neither_delays_another_nor_outlives_its_deadline() {
         // Arrange: a 1 s deadline; one client sends a byte every 100 ms and never a newline.
         let limits = ServerLimits {
             deadline: Duration::from_secs(1),
-            max_clients: MAX_CLIENTS,
+            ..ServerLimits::default()
         };
         let running = start(limits);
-        let mut dripper = UnixStream::connect(&running.path).unwrap();
-        let drip_started = Instant::now();
-        let drip = std::thread::spawn(move || {
-            let mut response = String::new();
-            while dripper.write_all(b"s").is_ok() {
-                std::thread::sleep(Duration::from_millis(100));
-                if drip_started.elapsed() > Duration::from_secs(10) {
-                    break;
-                }
-                dripper.set_nonblocking(true).unwrap();
-                let mut buffer = [0u8; 256];
-                match dripper.read(&mut buffer) {
-                    Ok(0) => break,
-                    Ok(n) => response.push_str(&String::from_utf8_lossy(&buffer[..n])),
-                    Err(_) => {}
-                }
-                dripper.set_nonblocking(false).unwrap();
-            }
-            (drip_started.elapsed(), response)
-        });
-        wait_until("the dripper is being served", || {
-            running.server.active_clients() == 1
+        let dripper = UnixStream::connect(&running.path).unwrap();
+        let drip = drip(dripper, Duration::from_millis(100), Duration::from_secs(10));
+        wait_until("the dripper waits", || {
+            running.server.waiting_clients() == 1
         });
 
         // Act: a second client asks for stats meanwhile.
@@ -590,42 +814,74 @@ mod tests {
     }
 
     #[test]
-    fn clients_beyond_the_bound_are_refused_without_new_threads() {
-        // Arrange: four clients connect and send nothing, filling a bound of four.
-        let limits = ServerLimits {
+    fn slow_clients_hold_no_thread_and_never_deny_a_complete_request() {
+        // Arrange: sixteen clients drip a byte every 200 ms against a bound of four answering
+        // threads and a 10 s deadline: on main they took every thread and `ctl` got busy.
+        let running = start(ServerLimits {
             deadline: Duration::from_secs(10),
             max_clients: 4,
-        };
-        let running = start(limits);
-        let idle: Vec<UnixStream> = (0..4)
-            .map(|_| UnixStream::connect(&running.path).unwrap())
+            max_waiting: MAX_WAITING,
+        });
+        let drippers: Vec<_> = (0..16)
+            .map(|_| {
+                let stream = UnixStream::connect(&running.path).unwrap();
+                drip(stream, Duration::from_millis(200), Duration::from_secs(4))
+            })
             .collect();
-        wait_until("four clients are served", || {
-            running.server.active_clients() == 4
+        wait_until("sixteen clients wait", || {
+            running.server.waiting_clients() == 16
         });
 
-        // Act: twelve more connect at once.
-        let refused: Vec<String> = (0..12)
-            .map(|_| {
-                let mut stream = UnixStream::connect(&running.path).unwrap();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(5)))
-                    .unwrap();
-                let mut response = String::new();
-                stream.read_to_string(&mut response).unwrap();
-                response
-            })
+        // Act: forty requests meanwhile.
+        let answers: Vec<_> = (0..40)
+            .map(|_| request(&running.path, Command::MmStat))
             .collect();
 
         // Assert
-        for response in &refused {
-            assert!(response.starts_with("error busy"), "got {response:?}");
+        for answer in &answers {
+            assert!(answer.is_ok(), "{answer:?}");
         }
-        assert_eq!(running.server.active_clients(), 4);
-        assert_eq!(client_threads(), 4);
+        // The last answering thread may still be ending; the sixteen hold none.
+        wait_until("no thread answers", || client_threads() == 0);
+        assert_eq!(running.server.waiting_clients(), 16);
+        for dripper in drippers {
+            let (_, response) = dripper.join().unwrap();
+            assert_eq!(response, "", "a dripper was answered");
+        }
+    }
+
+    #[test]
+    fn a_full_waiting_table_pushes_out_its_oldest_client() {
+        // Arrange: four clients connect and send nothing, filling a table of four.
+        let running = start(ServerLimits {
+            deadline: Duration::from_secs(10),
+            max_clients: 4,
+            max_waiting: 4,
+        });
+        let mut idle: Vec<UnixStream> = (0..4)
+            .map(|_| UnixStream::connect(&running.path).unwrap())
+            .collect();
+        wait_until("four clients wait", || {
+            running.server.waiting_clients() == 4
+        });
+
+        // Act: a real request comes.
+        let answer = request(&running.path, Command::MmStat);
+
+        // Assert: it was answered, and the oldest idle client was told busy and closed.
+        assert!(answer.is_ok(), "{answer:?}");
+        let mut oldest = idle.remove(0);
+        oldest
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut response = String::new();
+        oldest.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("error busy"), "got {response:?}");
+        wait_until("no thread answers", || client_threads() == 0);
         drop(idle);
-        wait_until("the idle clients' threads end", || client_threads() == 0);
-        assert!(request(&running.path, Command::MmStat).is_ok());
+        wait_until("the idle clients are gone", || {
+            running.server.waiting_clients() == 0
+        });
     }
 
     #[test]
@@ -633,14 +889,134 @@ mod tests {
         let running = start(ServerLimits {
             deadline: Duration::from_secs(30),
             max_clients: 2,
+            max_waiting: 2,
         });
         let _idle = UnixStream::connect(&running.path).unwrap();
-        wait_until("the client is served", || {
-            running.server.active_clients() == 1
-        });
+        wait_until("the client waits", || running.server.waiting_clients() == 1);
         let stopping = Instant::now();
         running.server.stop();
         assert!(stopping.elapsed() < Duration::from_secs(2));
+    }
+
+    /// An lz4 store of `pages` swap-like pages with zstd at level 19 to recompress with: a
+    /// pass over it takes seconds.
+    fn slow_to_recompress(pages: u64) -> Arc<Observed> {
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: pages,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap()
+        .with_secondary_algorithms(&["zstd:level=19".parse().unwrap()])
+        .unwrap();
+        let mut page = [0u8; crate::PAGE_SIZE];
+        for index in 0..pages {
+            crate::pagegen::fill_page(0x51, index, &mut page);
+            store.write(index, &page).unwrap();
+        }
+        Arc::new(Observed::new(
+            Arc::new(store),
+            Arc::new(RequestStats::new(1)),
+            Arc::new(AtomicBool::new(false)),
+            "control-test",
+        ))
+    }
+
+    #[test]
+    fn a_long_command_outlasting_the_client_timeout_reports_progress_and_succeeds() {
+        // Arrange: progress every 50 ms; the client waits 400 ms at most for each line (on
+        // main it read with one timeout and failed with "Resource temporarily unavailable"
+        // while the daemon went on).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let observed = slow_to_recompress(4096);
+        let server = ControlServer::spawn_reporting_every(
+            UnixListener::bind(&path).unwrap(),
+            observed.clone(),
+            ServerLimits::default(),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        let timeout = Duration::from_millis(400);
+        let mut progress = Vec::new();
+
+        // Act
+        let started = Instant::now();
+        let answer = request_within(&path, "recompress".parse().unwrap(), timeout, &mut |line| {
+            progress.push(line.to_owned())
+        });
+        let took = started.elapsed();
+
+        // Assert
+        let answer = answer.unwrap();
+        assert!(answer.starts_with("tried "), "{answer}");
+        assert!(
+            took > timeout,
+            "the pass took {took:?}: too fast to outlast the timeout"
+        );
+        assert!(progress.len() >= 2, "{progress:?}");
+        assert!(
+            progress[0].starts_with("recompress: running for "),
+            "{progress:?}"
+        );
+        assert!(
+            progress.last().unwrap().ends_with("pages tried"),
+            "{progress:?}"
+        );
+        server.stop();
+    }
+
+    #[test]
+    fn a_silent_or_vanished_daemon_fails_the_request_with_a_sentence_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hung = std::thread::spawn(move || {
+            // The first client is never answered; the second is closed at once.
+            let (first, _) = listener.accept().unwrap();
+            let (second, _) = listener.accept().unwrap();
+            drop(second);
+            std::thread::sleep(Duration::from_millis(500));
+            drop(first);
+        });
+
+        let silent = request_within(
+            &path,
+            Command::Compact,
+            Duration::from_millis(200),
+            &mut |_| {},
+        );
+        let vanished = request_within(&path, Command::Compact, Duration::from_secs(5), &mut |_| {});
+        hung.join().unwrap();
+
+        let silent = silent.unwrap_err().to_string();
+        assert!(
+            silent.starts_with("the daemon sent nothing for 0.2 s"),
+            "{silent}"
+        );
+        assert!(
+            matches!(vanished, Err(ControlError::NoAnswer)),
+            "{vanished:?}"
+        );
+    }
+
+    #[test]
+    fn writeback_limit_without_a_backing_file_is_refused_like_writeback() {
+        let observed = observed();
+
+        let set = Command::WritebackLimit(LimitChange::Set(100)).execute(&observed);
+        let off = Command::WritebackLimit(LimitChange::Off).execute(&observed);
+        let writeback =
+            Command::Writeback(WritebackRequest::new(WritebackMode::Idle)).execute(&observed);
+        let shown = Command::WritebackLimit(LimitChange::Show).execute(&observed);
+
+        let writeback = writeback.unwrap_err().to_string();
+        assert!(writeback.contains("needs a backing file"), "{writeback}");
+        assert_eq!(set.unwrap_err().to_string(), writeback);
+        assert_eq!(off.unwrap_err().to_string(), writeback);
+        assert_eq!(shown.unwrap(), "writeback_limit off\n");
+        assert!(!observed.store.stats().writeback.limit_enabled);
     }
 
     #[test]

@@ -28,10 +28,12 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use log::warn;
 
+use super::alloc::Segment;
 use super::slot::{SlotEntry, MAX_SECONDARY};
 use super::stats::{add, AlgorithmStat, RecompressStats};
 use super::{
@@ -57,6 +59,40 @@ impl AlgorithmSpec {
     pub fn codec(self) -> Result<Box<dyn Codec>, UnknownCodec> {
         self.algorithm.codec(self.level)
     }
+
+    /// Whether both specs compress alike: the same algorithm at the same level, a level left
+    /// out meaning the algorithm's default (`zstd` is `zstd:level=1`).
+    pub fn same_as(self, other: AlgorithmSpec) -> bool {
+        self.algorithm == other.algorithm
+            && self.level.or(self.algorithm.default_level())
+                == other.level.or(other.algorithm.default_level())
+    }
+}
+
+/// Checks the secondary algorithms of a store whose primary is `primary`, as the daemon's
+/// `--recompress-algorithm` flags give them: at most [`MAX_SECONDARY`], none the same as the
+/// primary (it cannot shrink what the primary made: every page would end up flagged
+/// incompressible), and none given twice. The same algorithm at two levels (`zstd:level=1`,
+/// then `zstd:level=19`) is allowed: cheap first, thorough later.
+pub fn validate_secondaries(
+    primary: AlgorithmSpec,
+    secondaries: &[AlgorithmSpec],
+) -> Result<(), RecompressError> {
+    if secondaries.len() > MAX_SECONDARY {
+        return Err(RecompressError::TooMany);
+    }
+    for (index, &spec) in secondaries.iter().enumerate() {
+        if spec.same_as(primary) {
+            return Err(RecompressError::SameAsPrimary(spec));
+        }
+        if secondaries[..index]
+            .iter()
+            .any(|&earlier| earlier.same_as(spec))
+        {
+            return Err(RecompressError::RepeatedSecondary(spec));
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for AlgorithmSpec {
@@ -79,6 +115,11 @@ impl FromStr for AlgorithmSpec {
             let Some(("level", value)) = param.split_once('=') else {
                 return Err(RecompressError::BadAlgorithmParameter(param.to_owned()));
             };
+            if level.is_some() {
+                return Err(RecompressError::RepeatedAlgorithmParameter(
+                    text.chars().take(64).collect(),
+                ));
+            }
             level = Some(
                 value
                     .trim()
@@ -187,10 +228,21 @@ impl FromStr for RecompressRequest {
     /// Parses zram's `key=value` words, separated by spaces.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let mut request = RecompressRequest::default();
+        let mut given: Vec<&str> = Vec::new();
         for word in text.split_whitespace() {
             let (name, value) = word
                 .split_once('=')
                 .ok_or_else(|| RecompressError::BadParameter(word.chars().take(64).collect()))?;
+            if given.contains(&name) {
+                return Err(RecompressError::RepeatedParameter(
+                    name.chars().take(64).collect(),
+                ));
+            }
+            if (name == "algo" && given.contains(&"priority"))
+                || (name == "priority" && given.contains(&"algo"))
+            {
+                return Err(RecompressError::AlgoAndPriority);
+            }
             let bad = |name| RecompressError::BadValue {
                 name,
                 value: value.chars().take(64).collect(),
@@ -236,6 +288,7 @@ impl FromStr for RecompressRequest {
                     ))
                 }
             }
+            given.push(name);
         }
         Ok(request)
     }
@@ -286,6 +339,29 @@ pub enum RecompressError {
     /// A word that is not one of the parameters.
     #[error("'{0}' is not a recompress parameter; give type=, threshold=, max_pages=, algo= or priority=")]
     BadParameter(String),
+    /// A `key=` given twice in one request.
+    #[error("'{0}=' is given more than once; give each parameter once")]
+    RepeatedParameter(String),
+    /// Both `algo=` and `priority=`.
+    #[error("give algo= or priority=, not both: each names the one algorithm to use")]
+    AlgoAndPriority,
+    /// `algo=` names a secondary algorithm that several priorities use (at other levels).
+    #[error(
+        "algo={0} names recompression algorithms {1:?} (by priority); give priority= to choose one"
+    )]
+    AmbiguousAlgorithm(Algorithm, Vec<usize>),
+    /// `level=` twice in one algorithm.
+    #[error("'{0}' gives the level more than once; give level=N once")]
+    RepeatedAlgorithmParameter(String),
+    /// A secondary algorithm that is the primary one.
+    #[error(
+        "{0} is the device's own algorithm; a recompression algorithm must differ from it \
+         (another algorithm, or another level) to shrink what it made"
+    )]
+    SameAsPrimary(AlgorithmSpec),
+    /// The same secondary algorithm twice.
+    #[error("the recompression algorithm {0} is given more than once; give each once")]
+    RepeatedSecondary(AlgorithmSpec),
     /// An algorithm parameter other than `level=`.
     #[error("'{0}' is not an algorithm parameter; give level=N")]
     BadAlgorithmParameter(String),
@@ -301,8 +377,25 @@ pub enum RecompressError {
     #[error(transparent)]
     Codec(#[from] UnknownCodec),
     /// A `train-dict` word that is not `samples=16..` or `size=1024..`.
-    #[error("'{0}' is not a train-dict parameter; give samples=16..1048576 or size=1024..1048576")]
+    #[error(
+        "'{0}' is not a train-dict parameter; give samples=16..{MAX_TRAIN_SAMPLES} or \
+         size=1024..1048576"
+    )]
     BadTrainParameter(String),
+    /// The memory limit has no room for the training's samples.
+    #[error(
+        "training on {samples} pages needs {bytes} bytes for the samples, which the memory \
+         limit has no room for; give fewer samples= or raise the limit"
+    )]
+    TrainingMemory {
+        /// The pages sampled.
+        samples: usize,
+        /// The bytes they need.
+        bytes: u64,
+    },
+    /// The OS refused the samples' memory.
+    #[error("cannot map {0} bytes for the training's samples")]
+    TrainingMap(u64),
     /// The store has no zstd algorithm to use a dictionary.
     #[error("no algorithm of this device is zstd, so a zstd dictionary would not be used")]
     NoZstd,
@@ -319,6 +412,8 @@ pub enum RecompressError {
 /// The secondary algorithms of a store, and the zstd dictionaries all its zstd codecs share.
 #[derive(Debug)]
 pub(crate) struct Recompression {
+    /// The primary algorithm (priority 0).
+    primary: AlgorithmSpec,
     /// `codecs[p - 1]` holds the pages of priority `p`.
     codecs: Box<[Box<dyn Codec>]>,
     /// Names by priority, the primary's first.
@@ -326,6 +421,11 @@ pub(crate) struct Recompression {
     /// Whether any algorithm (primary or secondary) is zstd.
     has_zstd: bool,
     dictionaries: Arc<ZstdDictionaries>,
+    /// Held while a dictionary is trained: one training at a time, so its samples are
+    /// bounded by [`MAX_TRAIN_SAMPLES`] pages.
+    training: Mutex<()>,
+    /// Bytes of the samples of the training under way (part of `mem_used_total`).
+    training_bytes: AtomicU64,
 }
 
 impl Recompression {
@@ -334,16 +434,20 @@ impl Recompression {
         dictionaries: Arc<ZstdDictionaries>,
     ) -> Recompression {
         Recompression {
+            primary,
             codecs: Box::new([]),
             names: Box::new([primary.to_string()]),
             has_zstd: primary.algorithm == Algorithm::Zstd,
             dictionaries,
+            training: Mutex::new(()),
+            training_bytes: AtomicU64::new(0),
         }
     }
 
-    /// Bytes of the zstd dictionaries (part of `mem_used_total`).
+    /// Bytes of the zstd dictionaries, and of the samples of a dictionary being trained while
+    /// it is (part of `mem_used_total`).
     pub(crate) fn dictionary_bytes(&self) -> u64 {
-        self.dictionaries.bytes()
+        self.dictionaries.bytes() + self.training_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -361,6 +465,29 @@ pub(crate) fn build_codec(
         )));
     }
     Ok(codec)
+}
+
+/// The most pages one dictionary training samples: 64 MiB of samples, the bound on its
+/// memory.
+pub const MAX_TRAIN_SAMPLES: usize = 16384;
+
+/// Counts a training's sample bytes in `mem_used_total` until dropped.
+struct TrainingBytes<'a> {
+    counter: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl<'a> TrainingBytes<'a> {
+    fn count(counter: &'a AtomicU64, bytes: u64) -> Self {
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        TrainingBytes { counter, bytes }
+    }
+}
+
+impl Drop for TrainingBytes<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// `train-dict [samples=N] [size=BYTES]`: how to train a zstd dictionary from stored pages.
@@ -392,12 +519,19 @@ impl FromStr for TrainRequest {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let mut request = TrainRequest::default();
+        let mut given: Vec<&str> = Vec::new();
         for word in text.split_whitespace() {
             let bad = || RecompressError::BadTrainParameter(word.chars().take(64).collect());
             let (name, value) = word.split_once('=').ok_or_else(bad)?;
+            if given.contains(&name) {
+                return Err(RecompressError::RepeatedParameter(
+                    name.chars().take(64).collect(),
+                ));
+            }
+            given.push(name);
             let value: usize = value.parse().map_err(|_| bad())?;
             match name {
-                "samples" if (16..=1 << 20).contains(&value) => request.samples = value,
+                "samples" if (16..=MAX_TRAIN_SAMPLES).contains(&value) => request.samples = value,
                 "size" if (1024..=crate::codec::MAX_DICTIONARY_BYTES).contains(&value) => {
                     request.size = value
                 }
@@ -447,9 +581,7 @@ impl PageStore {
         mut self,
         specs: &[AlgorithmSpec],
     ) -> Result<PageStore, RecompressError> {
-        if specs.len() > MAX_SECONDARY {
-            return Err(RecompressError::TooMany);
-        }
+        validate_secondaries(self.recompression.primary, specs)?;
         let dictionaries = &self.recompression.dictionaries;
         let codecs = specs
             .iter()
@@ -477,6 +609,12 @@ impl PageStore {
     /// Trains a zstd dictionary on up to `request.samples` compressed pages spread evenly over
     /// the device and loads it. Reads each sample under its slot lock, one at a time; the
     /// training itself (zstd's fastCover) runs with no lock held.
+    ///
+    /// Memory: the samples go into one anonymous mapping of `samples` pages (at most
+    /// [`MAX_TRAIN_SAMPLES`], 64 MiB), counted in `mem_used_total` and checked against the
+    /// memory limit while it lives, and unmapped at the end, so it is given back to the OS
+    /// whole (4 KiB samples from malloc stayed in its arenas: ~60 MiB after a training of
+    /// 16384). One training runs at a time. zstd's own tables (a few MiB) are not counted.
     pub fn train_zstd_dictionary(
         &self,
         request: &TrainRequest,
@@ -484,21 +622,62 @@ impl PageStore {
         if !self.recompression.has_zstd {
             return Err(RecompressError::NoZstd);
         }
+        let _one_at_a_time = self
+            .recompression
+            .training
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let wanted = request.samples.min(MAX_TRAIN_SAMPLES);
+        let bytes = (wanted * PAGE_SIZE) as u64;
+        if !self.may_grow(bytes) {
+            return Err(RecompressError::TrainingMemory {
+                samples: wanted,
+                bytes,
+            });
+        }
+        let buffer =
+            Segment::map(wanted * PAGE_SIZE).map_err(|_| RecompressError::TrainingMap(bytes))?;
+        let counted = TrainingBytes::count(&self.recompression.training_bytes, bytes);
+        self.counters.note_mem_used(self.mem_used_total());
+        // SAFETY: the segment is a fresh private mapping of `wanted * PAGE_SIZE` readable and
+        // writable bytes that only this slice refers to; it outlives the slice (`buffer` is
+        // dropped at the end of this function, after the last use of `samples`).
+        let samples = unsafe { std::slice::from_raw_parts_mut(buffer.base(), wanted * PAGE_SIZE) };
+        let taken = self.take_samples(wanted, samples);
+        if taken < 16 {
+            return Err(RecompressError::TooFewSamples(taken));
+        }
+        let sizes = vec![PAGE_SIZE; taken];
+        let raw = zstd::dict::from_continuous(&samples[..taken * PAGE_SIZE], &sizes, request.size)
+            .map_err(|e| DictionaryError::Zstd(e.to_string()))?;
+        drop(counted);
+        drop(buffer);
+        let id = self.load_zstd_dictionary(&raw)?;
+        Ok(TrainedDictionary {
+            id,
+            bytes: raw.len(),
+            samples: taken,
+        })
+    }
+
+    /// Decodes up to `wanted` compressed or pending pages, spread evenly over the device, into
+    /// consecutive pages of `samples`; returns how many it took.
+    fn take_samples(&self, wanted: usize, samples: &mut [u8]) -> usize {
         let compressible = (0..=MAX_SECONDARY)
             .map(|p| self.counters.sum(|c| &c.algorithm_pages[p]))
             .sum::<u64>()
             + self.pending_pages();
-        let stride = usize::try_from(compressible / request.samples.max(1) as u64)
+        let stride = usize::try_from(compressible / wanted.max(1) as u64)
             .unwrap_or(usize::MAX)
             .max(1);
-        let mut samples: Vec<Vec<u8>> = Vec::with_capacity(request.samples);
+        let mut taken = 0;
         let mut seen = 0usize;
         let mut page = [0u8; PAGE_SIZE];
         for slot in 0..self.slots.len() {
-            if samples.len() >= request.samples {
+            if taken >= wanted {
                 break;
             }
-            let wanted = |entry: SlotEntry| match entry.state() {
+            let wanted_state = |entry: SlotEntry| match entry.state() {
                 SlotState::Compressed | SlotState::Pending => true,
                 SlotState::Empty
                 | SlotState::SameFilled
@@ -506,7 +685,7 @@ impl PageStore {
                 | SlotState::WrittenBack
                 | SlotState::Invalid => false,
             };
-            if !self.slots.peek(slot).is_some_and(wanted) {
+            if !self.slots.peek(slot).is_some_and(wanted_state) {
                 continue;
             }
             seen += 1;
@@ -515,23 +694,14 @@ impl PageStore {
             }
             let guard = self.lock(slot);
             let entry = guard.entry();
-            let read = wanted(entry) && self.decode(slot as u64, entry, &mut page).is_ok();
+            let read = wanted_state(entry) && self.decode(slot as u64, entry, &mut page).is_ok();
             drop(guard);
             if read {
-                samples.push(page.to_vec());
+                samples[taken * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(&page);
+                taken += 1;
             }
         }
-        if samples.len() < 16 {
-            return Err(RecompressError::TooFewSamples(samples.len()));
-        }
-        let raw = zstd::dict::from_samples(&samples, request.size)
-            .map_err(|e| DictionaryError::Zstd(e.to_string()))?;
-        let id = self.load_zstd_dictionary(&raw)?;
-        Ok(TrainedDictionary {
-            id,
-            bytes: raw.len(),
-            samples: samples.len(),
-        })
+        taken
     }
 
     /// The number of secondary algorithms.
@@ -612,14 +782,14 @@ impl PageStore {
             Some(RecompressTarget::Priority(p)) if (1..=count).contains(&p) => (p, p + 1),
             Some(RecompressTarget::Priority(p)) => return Err(RecompressError::NoSuchPriority(p)),
             Some(RecompressTarget::Algorithm(algorithm)) => {
-                let p = self
-                    .recompression
-                    .codecs
-                    .iter()
-                    .position(|codec| codec.algorithm() == algorithm)
-                    .ok_or(RecompressError::NotSecondary(algorithm))?
-                    + 1;
-                (p, p + 1)
+                let priorities: Vec<usize> = (1..=count)
+                    .filter(|&p| self.recompression.codecs[p - 1].algorithm() == algorithm)
+                    .collect();
+                match priorities[..] {
+                    [] => return Err(RecompressError::NotSecondary(algorithm)),
+                    [p] => (p, p + 1),
+                    _ => return Err(RecompressError::AmbiguousAlgorithm(algorithm, priorities)),
+                }
             }
         };
         let mut outcome = RecompressOutcome::default();

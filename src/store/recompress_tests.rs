@@ -627,3 +627,113 @@ fn at_the_memory_limit_a_page_is_kept_and_not_marked_incompressible() {
     }
     s.check_consistency().unwrap();
 }
+
+#[test]
+fn repeated_parameters_algorithms_and_levels_are_refused_with_sentences() {
+    let refused = |text: &str| text.parse::<RecompressRequest>().unwrap_err().to_string();
+    assert_eq!(
+        refused("type=idle type=huge"),
+        "'type=' is given more than once; give each parameter once"
+    );
+    assert!(refused("max_pages=5 max_pages=6").contains("'max_pages=' is given more than once"));
+    assert!(refused("algo=zstd priority=1").contains("not both"));
+    assert!(refused("priority=1 algo=zstd").contains("not both"));
+    assert!("samples=32 samples=64"
+        .parse::<TrainRequest>()
+        .unwrap_err()
+        .to_string()
+        .contains("'samples=' is given more than once"));
+    assert_eq!(
+        "zstd:level=3:level=4"
+            .parse::<AlgorithmSpec>()
+            .unwrap_err()
+            .to_string(),
+        "'zstd:level=3:level=4' gives the level more than once; give level=N once"
+    );
+
+    let lz4 = spec("lz4");
+    let secondaries = |texts: &[&str]| texts.iter().map(|t| spec(t)).collect::<Vec<_>>();
+    let three_zstd = secondaries(&["zstd", "zstd", "zstd"]);
+    assert_eq!(
+        validate_secondaries(lz4, &three_zstd)
+            .unwrap_err()
+            .to_string(),
+        "the recompression algorithm zstd:level=1 is given more than once; give each once"
+    );
+    // A level left out is the default level: `zstd` and `zstd:level=1` are the same.
+    assert!(validate_secondaries(lz4, &secondaries(&["zstd", "zstd:level=1"])).is_err());
+    assert!(validate_secondaries(lz4, &secondaries(&["lz4"]))
+        .unwrap_err()
+        .to_string()
+        .contains("lz4 is the device's own algorithm"));
+    assert!(validate_secondaries(spec("zstd:level=3"), &secondaries(&["zstd:level=3"])).is_err());
+    assert!(validate_secondaries(lz4, &secondaries(&["zstd", "deflate", "zstd:level=9"])).is_ok());
+    assert!(validate_secondaries(spec("zstd"), &secondaries(&["zstd:level=19"])).is_ok());
+    assert_eq!(
+        PageStore::new(config(4))
+            .unwrap()
+            .with_secondary_algorithms(&three_zstd)
+            .err(),
+        Some(RecompressError::RepeatedSecondary(spec("zstd")))
+    );
+    assert_eq!(
+        PageStore::new(config(4))
+            .unwrap()
+            .with_secondary_algorithms(&[lz4])
+            .err(),
+        Some(RecompressError::SameAsPrimary(lz4))
+    );
+}
+
+#[test]
+fn algo_naming_two_levels_of_one_algorithm_asks_for_a_priority() {
+    let s = store(4, &["zstd:level=1", "zstd:level=19"]);
+
+    let ambiguous = s.recompress(&request("algo=zstd")).unwrap_err();
+
+    assert_eq!(
+        ambiguous,
+        RecompressError::AmbiguousAlgorithm(Algorithm::Zstd, vec![1, 2])
+    );
+    assert!(ambiguous
+        .to_string()
+        .contains("give priority= to choose one"));
+    assert!(s.recompress(&request("priority=2")).is_ok());
+}
+
+#[test]
+fn training_memory_is_bounded_and_checked_against_the_memory_limit() {
+    let too_many = format!("samples={}", MAX_TRAIN_SAMPLES + 1);
+    assert!(too_many.parse::<TrainRequest>().is_err());
+    let s = PageStore::new(StoreConfig {
+        mem_limit: Some(1 << 20),
+        ..config(512)
+    })
+    .unwrap()
+    .with_secondary_algorithms(&[spec("zstd")])
+    .unwrap();
+    for i in 0..64 {
+        s.write(i, &swap_page(i)).unwrap();
+    }
+
+    let refused = s.train_zstd_dictionary(&TrainRequest {
+        samples: 1024,
+        size: 4096,
+    });
+    let trained = s.train_zstd_dictionary(&TrainRequest {
+        samples: 64,
+        size: 4096,
+    });
+
+    assert_eq!(
+        refused,
+        Err(RecompressError::TrainingMemory {
+            samples: 1024,
+            bytes: 4 << 20
+        })
+    );
+    let trained = trained.unwrap();
+    assert!(trained.samples >= 16, "{trained:?}");
+    // The samples are no longer counted; the dictionary is.
+    assert_eq!(s.recompression.dictionary_bytes(), trained.bytes as u64);
+}
