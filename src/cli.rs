@@ -224,9 +224,10 @@ impl CtlArgs {
 }
 
 impl CtlCommand {
-    /// The control-protocol command.
-    pub fn command(&self) -> Command {
-        match self {
+    /// The control-protocol command, or why the words given do not make one (each word passed
+    /// its own check, but together they may not: a key given twice, for one).
+    pub fn command(&self) -> Result<Command, String> {
+        Ok(match self {
             CtlCommand::Stats { json: false } => Command::Stats,
             CtlCommand::Stats { json: true } => Command::StatsJson,
             CtlCommand::MmStat => Command::MmStat,
@@ -242,10 +243,15 @@ impl CtlCommand {
                 if let Some(pages) = pages {
                     words.push(format!("--pages {pages}"));
                 }
-                // Each part was checked by its parser; the request needs a type or pages.
-                match words.join(" ").parse() {
-                    Ok(request) => Command::Writeback(request),
-                    Err(_) => Command::Writeback(WritebackRequest::new(WritebackMode::Idle)),
+                // Without a type or pages it writes back idle pages, as zram's `writeback`.
+                if words.is_empty() {
+                    Command::Writeback(WritebackRequest::new(WritebackMode::Idle))
+                } else {
+                    Command::Writeback(
+                        words.join(" ").parse().map_err(
+                            |error: crate::store::BadWritebackRequest| error.to_string(),
+                        )?,
+                    )
                 }
             }
             CtlCommand::BdStat => Command::BdStat,
@@ -253,18 +259,24 @@ impl CtlCommand {
                 Command::WritebackLimit(match value.as_deref() {
                     None => LimitChange::Show,
                     Some("off") => LimitChange::Off,
-                    Some(pages) => pages.parse().map_or(LimitChange::Show, LimitChange::Set),
+                    Some(pages) => LimitChange::Set(
+                        pages
+                            .parse()
+                            .map_err(|_| format!("'{pages}' is not a number of pages or 'off'"))?,
+                    ),
                 })
             }
-            // Each word was checked by parse_recompress_word, so the whole parses too.
-            CtlCommand::Recompress { params } => {
-                Command::Recompress(params.join(" ").parse().unwrap_or_default())
-            }
+            CtlCommand::Recompress { params } => Command::Recompress(
+                params
+                    .join(" ")
+                    .parse()
+                    .map_err(|error: crate::store::RecompressError| error.to_string())?,
+            ),
             CtlCommand::TrainDict { samples, size } => Command::TrainDict(TrainRequest {
                 samples: *samples,
                 size: *size,
             }),
-        }
+        })
     }
 }
 
@@ -525,6 +537,9 @@ pub enum UsageError {
     /// More than three secondary algorithms.
     #[error("--recompress-algorithm can be given at most {MAX_SECONDARY} times")]
     TooManyRecompressAlgorithms,
+    /// Secondary algorithms that repeat one another or the primary.
+    #[error("--recompress-algorithm: {0}")]
+    RecompressAlgorithms(crate::store::RecompressError),
     /// Background recompression without a secondary algorithm.
     #[error("--recompress-idle-after needs a --recompress-algorithm")]
     NoRecompressAlgorithm,
@@ -617,6 +632,12 @@ impl ServeArgs {
         if self.recompress_algorithm.len() > MAX_SECONDARY {
             return Err(UsageError::TooManyRecompressAlgorithms);
         }
+        let primary = crate::store::recompress::AlgorithmSpec {
+            algorithm: self.algorithm,
+            level: self.algorithm_level,
+        };
+        crate::store::recompress::validate_secondaries(primary, &self.recompress_algorithm)
+            .map_err(UsageError::RecompressAlgorithms)?;
         if self.recompress_idle_after.is_some() && self.recompress_algorithm.is_empty() {
             return Err(UsageError::NoRecompressAlgorithm);
         }
@@ -1178,7 +1199,14 @@ fn run_ctl(ctl: &CtlArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match control::request(&path, ctl.command.command()) {
+    let command = match ctl.command.command() {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match control::request(&path, command) {
         Ok(body) => {
             let mut stdout = std::io::stdout().lock();
             if stdout
@@ -1494,7 +1522,7 @@ mod tests {
             panic!("not a ctl command")
         };
         assert_eq!(
-            ctl.command.command().to_string(),
+            ctl.command.command().unwrap().to_string(),
             "recompress type=idle max_pages=9"
         );
     }

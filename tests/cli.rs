@@ -167,6 +167,45 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             &["ctl", "--control-socket", s, "writeback-limit", "lots"],
             "not a number of pages or 'off'",
         ),
+        // Each word is well formed; together they repeat a key: refused, not run as a
+        // recompression of every page.
+        (
+            &[
+                "ctl",
+                "--control-socket",
+                s,
+                "recompress",
+                "type=idle",
+                "type=huge",
+            ],
+            "type",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--recompress-algorithm",
+                "zstd",
+                "--recompress-algorithm",
+                "zstd",
+            ],
+            "--recompress-algorithm",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--algorithm",
+                "zstd",
+                "--recompress-algorithm",
+                "zstd",
+            ],
+            "--recompress-algorithm",
+        ),
     ];
     for (args, needle) in cases {
         assert_one_sentence_error_exit(&run(args), needle, EXIT_USAGE);

@@ -735,7 +735,10 @@ fn cloud_hypervisor_refuses_a_daemon_with_fewer_queues() {
     // The refused frontend never used the device, so the daemon waits for the next one (a
     // VMM retrying with the right queue count) instead of ending.
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(daemon.is_running(), "the daemon ended after a refused frontend");
+    assert!(
+        daemon.is_running(),
+        "the daemon ended after a refused frontend"
+    );
     daemon.stop();
     daemon.join_within(JOIN_LIMIT).unwrap();
 }
