@@ -73,7 +73,9 @@ fn a_backing_file_holding_other_data_is_refused_unless_overwriting() {
     let exited = refused.wait_exit();
     assert!(!exited.status.success());
     assert!(
-        exited.stderr.contains("13 bytes of data of another program")
+        exited
+            .stderr
+            .contains("13 bytes of data of another program")
             && exited.stderr.contains("--backing-file-overwrite"),
         "{}",
         exited.stderr
