@@ -417,6 +417,11 @@ pub struct ServeArgs {
     /// backing_dev): created if missing, sparse, locked against a second daemon.
     #[arg(long, value_name = "PATH")]
     pub backing_file: Option<PathBuf>,
+    /// Use the --backing-file even if it holds data that is not vhost-user-zram's (a
+    /// filesystem, a partition table, a swap area, another program's file): that data is
+    /// overwritten. Without it, such a file or device is refused.
+    #[arg(long, requires = "backing_file")]
+    pub backing_file_overwrite: bool,
     /// Write back at most this many pages until the limit is raised with `ctl writeback-limit`
     /// (zram's writeback_limit with writeback_limit_enable).
     #[arg(long, value_name = "PAGES")]
@@ -698,6 +703,7 @@ impl ServeArgs {
             },
             writeback: WritebackConfig {
                 backing_file: self.backing_file.clone(),
+                backing_file_overwrite: self.backing_file_overwrite,
                 limit: self.writeback_limit,
                 batch_pages: self.writeback_batch,
                 idle_after: self

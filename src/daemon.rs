@@ -61,7 +61,7 @@ use crate::metrics::MetricsServer;
 use crate::observed::Observed;
 use crate::recompress::{BackgroundRecompressor, RecompressConfig};
 use crate::stop::{Readiness, StopSignal, Threads, STOP_BOUND};
-use crate::store::backing::BackingFile;
+use crate::store::backing::{BackingFile, ForeignData};
 use crate::store::stats::Stats;
 use crate::store::{PageStore, PendingConfig, RecompressError, StoreConfig, StoreError};
 use crate::workers::CompressWorkers;
@@ -454,19 +454,29 @@ impl Daemon {
         }
         not_stopped(&stop)?;
         if let Some(path) = &config.writeback.backing_file {
-            let backing = BackingFile::open(path).map_err(|source| DaemonError::BackingFile {
-                path: path.clone(),
-                source,
-            })?;
-            info!(
-                "writing back to {}{}",
-                path.display(),
-                if backing.is_direct() {
-                    " (O_DIRECT)"
-                } else {
-                    " (buffered)"
+            let foreign = if config.writeback.backing_file_overwrite {
+                ForeignData::Overwrite
+            } else {
+                ForeignData::Refuse
+            };
+            let backing = BackingFile::open_with_policy(path, foreign).map_err(|source| {
+                DaemonError::BackingFile {
+                    path: path.clone(),
+                    source,
                 }
-            );
+            })?;
+            if let Some(opened) = backing.opened() {
+                info!("writing back to {opened}");
+                if let Some(found) = &opened.overwritten {
+                    log::warn!(
+                        "backing file {}: overwriting {found} (--backing-file-overwrite)",
+                        path.display()
+                    );
+                }
+                if let Some(message) = opened.earlier_run_message() {
+                    info!("{message}");
+                }
+            }
             store = store.with_backing_file(backing);
         }
         store.set_writeback_limit(config.writeback.limit);

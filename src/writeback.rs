@@ -53,6 +53,8 @@ pub const ABOVE_CHECK: Duration = Duration::from_millis(200);
 pub struct WritebackConfig {
     /// The backing file (`--backing-file`).
     pub backing_file: Option<PathBuf>,
+    /// Overwrite data in the backing file that is not ours (`--backing-file-overwrite`).
+    pub backing_file_overwrite: bool,
     /// zram's `writeback_limit` with `writeback_limit_enable` (`--writeback-limit`), pages.
     pub limit: Option<u64>,
     /// Pages per write call (`--writeback-batch`).
@@ -69,6 +71,7 @@ impl Default for WritebackConfig {
     fn default() -> Self {
         WritebackConfig {
             backing_file: None,
+            backing_file_overwrite: false,
             limit: None,
             batch_pages: crate::store::DEFAULT_BATCH_PAGES,
             idle_after: None,

@@ -326,6 +326,17 @@ impl PageStore {
                 })
     }
 
+    /// Where page `index`'s object is on the backing file, if it is written back: its
+    /// record's byte offset and the object's length (a peek; tests and debugging).
+    #[doc(hidden)]
+    pub fn backing_object(&self, index: u64) -> Option<(u64, usize)> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|slot| self.slots.peek(slot))
+            .filter(|entry| entry.state() == SlotState::WrittenBack)
+            .map(SlotEntry::backing_object)
+    }
+
     /// The state of page `index`'s slot (a peek; tests and debugging).
     #[doc(hidden)]
     pub fn slots_state(&self, index: u64) -> SlotState {
@@ -490,7 +501,10 @@ impl PageStore {
             if batch.is_empty() {
                 break;
             }
-            let objects: Vec<&[u8]> = batch.iter().map(|p| &buffer[p.range.clone()]).collect();
+            let objects: Vec<(u64, &[u8])> = batch
+                .iter()
+                .map(|p| (p.slot as u64, &buffer[p.range.clone()]))
+                .collect();
             let offsets = match backing.write_batch(&objects) {
                 Ok(offsets) => offsets,
                 Err(source) => {
@@ -627,7 +641,7 @@ impl PageStore {
         };
         let (offset, len) = entry.backing_object();
         self.regenerate(index, entry, page, |object| {
-            backing.read(offset, len, object)
+            backing.read(offset, len, index, object)
         })
     }
 
@@ -640,7 +654,7 @@ impl PageStore {
         pin: &PinnedObject<'_>,
         page: &mut [u8; PAGE_SIZE],
     ) -> Result<(), StoreError> {
-        self.regenerate(index, entry, page, |object| pin.read(object))
+        self.regenerate(index, entry, page, |object| pin.read(index, object))
     }
 
     /// Reads the object of WrittenBack `entry` with `read` and regenerates its page: a raw

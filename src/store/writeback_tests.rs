@@ -470,6 +470,8 @@ fn a_full_filesystem_stops_writeback_and_loses_nothing() {
         s.write(index as u64, page).unwrap();
     }
     let all = WritebackRequest::new(WritebackMode::Huge);
+    // Batches small enough that some fit (256 raw pages' records are more than the 1 MiB).
+    s.set_writeback_batch(64);
 
     let error = s.writeback(&all).unwrap_err();
 

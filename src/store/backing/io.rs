@@ -39,9 +39,18 @@ fn off_t(value: u64) -> io::Result<libc::off_t> {
 pub(super) struct FileIo {
     pub(super) file: File,
     pub(super) direct: bool,
+    /// Where the backing file's byte 0 is in `file`: after the device header on a block
+    /// device, 0 in a regular file.
+    pub(super) base: u64,
 }
 
 impl FileIo {
+    /// The offset in `file` of the backing file's byte `off`.
+    fn at(&self, off: u64) -> io::Result<u64> {
+        off.checked_add(self.base)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))
+    }
+
     /// Drops `len` bytes at `off` from the page cache (buffered mode only); written bytes are
     /// synced first, since `POSIX_FADV_DONTNEED` leaves dirty pages in the cache.
     fn drop_cache(&self, off: u64, len: usize, written: bool) -> io::Result<()> {
@@ -65,6 +74,7 @@ impl FileIo {
 
 impl BackingIo for FileIo {
     fn pwrite(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        let off = self.at(off)?;
         let written = self.file.write_at(buf, off)?;
         if !self.direct && written > 0 {
             self.drop_cache(off, written, true)?;
@@ -73,6 +83,7 @@ impl BackingIo for FileIo {
     }
 
     fn pread(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let off = self.at(off)?;
         let read = self.file.read_at(buf, off)?;
         if !self.direct && read > 0 {
             self.drop_cache(off, read, false)?;
@@ -83,7 +94,14 @@ impl BackingIo for FileIo {
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate takes an open fd and plain integers; no memory is passed.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off_t(off)?, off_t(len)?) };
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                off_t(self.at(off)?)?,
+                off_t(len)?,
+            )
+        };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

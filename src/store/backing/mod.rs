@@ -4,12 +4,31 @@
 //! A [`BackingFile`] is a regular file (created if missing, sparse, never preallocated) or a
 //! block device. It stores *objects*: compressed pages (1..=3632 bytes) or raw pages (4096
 //! bytes), named by their byte offset in the file and their length, which the slot table
-//! keeps. There is no header and no on-disk metadata: the file's contents mean nothing
-//! without the slot table, and a file left by an earlier run is truncated when it is opened.
+//! keeps. The file holds no index: its contents mean nothing without the slot table, and a
+//! file left by an earlier run is emptied when it is opened (a block device keeps its bytes,
+//! which this run never reads as its own, below).
+//!
+//! # Records: what proves an object is the slot's
+//! Each object is stored in a *record*: a 16-byte header (a magic, the page index, the length,
+//! a CRC-32 over them, the object and a random key of this run; `record.rs` gives the bytes),
+//! then the object. The slot keeps the record's offset and the object's length. A read checks
+//! the header against the page and length it expects and the checksum against the bytes: a
+//! range that was zeroed, punched, truncated and grown back, overwritten, or holds another
+//! page's record or an earlier run's, is an error for that page
+//! ([`BackingError::Corrupt`], counted in `failed_reads`), never wrong bytes.
+//!
+//! # Block devices
+//! A block device must be empty (its first MiB all zeros) or carry our *device header* in its
+//! first block, unless the operator says to overwrite it ([`ForeignData::Overwrite`]); a
+//! device holding a filesystem, a partition table, a swap area or any other data is refused,
+//! naming what was found. The header block (`open.rs`: a magic and a format version) is
+//! written at open and the file's offsets start after it: offset 0 of the allocator is byte
+//! 4096 of the device.
 //!
 //! # Packing
-//! [`BackingFile::write_batch`] packs a batch of objects back to back (an object may span a
-//! 4 KiB block boundary) into one contiguous run of blocks and writes the run with one
+//! [`BackingFile::write_batch`] packs a batch of records back to back (a record may span
+//! 4 KiB block boundaries: a raw page's record, 4112 bytes, can touch three blocks) into one
+//! contiguous run of blocks and writes the run with one
 //! `pwrite` (looping only on short writes). The run's last block is usually partly filled: it
 //! stays the *open block*, whose bytes are kept in memory, and the next batch starts in it
 //! (rewriting its first bytes unchanged), so the file holds about what RAM held. If the blocks
@@ -17,8 +36,8 @@
 //! starts a fresh run.
 //!
 //! # Free space
-//! Each block has a count of the live objects that touch it (an object spanning two blocks
-//! counts in both), plus one *pin* while it is the open block, so the open block is never
+//! Each block has a count of the live objects whose records touch it (a record spanning two
+//! or three blocks counts in each), plus one *pin* while it is the open block, so the open block is never
 //! freed under a batch that is writing into it. [`BackingFile::release`] decrements the counts;
 //! a block reaching zero is freed and its range punched out of the file
 //! (`FALLOC_FL_PUNCH_HOLE`), so the file's disk usage shrinks. Free blocks are kept as
@@ -35,8 +54,8 @@
 //!
 //! # Direct I/O
 //! The file is opened with `O_DIRECT` so the page cache does not double the memory writeback
-//! is saving. Every write is whole blocks from a 4096-aligned buffer, every read the one or
-//! two blocks covering an object, into an aligned buffer, copied out. Where the filesystem
+//! is saving. Every write is whole blocks from a 4096-aligned buffer, every read the one to
+//! three blocks covering a record, into an aligned buffer, checked and copied out. Where the filesystem
 //! refuses `O_DIRECT` (`EINVAL`, e.g. ramfs or an older tmpfs) the file falls back to buffered
 //! I/O: each written range is synced (`sync_file_range`) and dropped from the page cache
 //! (`POSIX_FADV_DONTNEED`), and each read range dropped after reading.
@@ -47,7 +66,7 @@
 //!   quiescent);
 //! - a block is in exactly one free extent iff its count is zero; extents are coalesced and
 //!   lie inside the file (below the high-water mark `counts.len()`);
-//! - live objects do not overlap, lie inside the file, and those in the open block end within
+//! - live records do not overlap, lie inside the file, and those in the open block end within
 //!   its filled part;
 //! - `live_bytes`, `objects`, `used_blocks` and `free_blocks` are the sums they name.
 //!
@@ -76,12 +95,15 @@
 //! # Files
 //! - `space.rs`: the block allocator (per-block counts, free extents);
 //! - `io.rs`: the [`BackingIo`] system-call trait and the real file's implementation;
-//! - `open.rs`: opening a path: validation, `O_DIRECT` probing, `flock`, the owner mark;
+//! - `record.rs`: the record header (magic, page, length, checksum);
+//! - `open.rs`: opening a path: what it may name (checked before any open that could block),
+//!   the device header and the foreign-data rule, `O_DIRECT` probing, `flock`, the owner mark;
 //! - `testing.rs` (tests and the `testing` feature only): `MemIo` and `FaultyIo`;
 //! - `tests.rs`: the unit and property tests.
 
 mod io;
 mod open;
+mod record;
 mod space;
 #[cfg(any(test, feature = "testing"))]
 mod testing;
@@ -91,6 +113,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub use self::io::BackingIo;
+pub use self::open::{BackingKind, EarlierRun, ForeignData, Opened, DEVICE_HEADER_BYTES};
+use self::record::record_len;
+pub use self::record::{Mismatch, MAX_RECORD, RECORD_HEADER, RECORD_MAGIC};
 use self::space::Space;
 #[cfg(any(test, feature = "testing"))]
 pub use self::testing::{FaultyIo, MemIo};
@@ -135,14 +160,44 @@ pub enum BackingError {
     },
     /// An existing regular file holds data vhost-user-zram did not write: it is not truncated.
     #[error(
-        "{path} already holds {len} bytes that are not a vhost-user-zram backing file; give a new \
-         path, or remove the file if its data is not needed"
+        "{path} already holds {len} bytes of {found}, not a vhost-user-zram backing file; \
+         give a new path, remove the file if its data is not needed, or pass \
+         --backing-file-overwrite to overwrite it"
     )]
     NotOurs {
         /// The file.
         path: PathBuf,
         /// Its size.
         len: u64,
+        /// What its first bytes look like ("an ext4 filesystem", "data").
+        found: String,
+    },
+    /// A block device holds data vhost-user-zram did not write: it is not overwritten.
+    #[error(
+        "{path} holds {found}, not an empty device or a vhost-user-zram backing device; \
+         refusing to overwrite it: wipe it (wipefs -a) if its data is not needed, or pass \
+         --backing-file-overwrite"
+    )]
+    ForeignDevice {
+        /// The device.
+        path: PathBuf,
+        /// What was found ("an ext4 filesystem", "a swap area", "data at byte 512").
+        found: String,
+    },
+    /// An object read back is not the one its slot wrote (see the module doc, "Records"): the
+    /// page cannot be read.
+    #[error(
+        "backing file {path}: the object of page {page} at byte {offset} does not verify: {why}"
+    )]
+    Corrupt {
+        /// The backing file.
+        path: PathBuf,
+        /// The record's offset.
+        offset: u64,
+        /// The page whose object was expected.
+        page: u64,
+        /// What did not match.
+        why: Mismatch,
     },
     /// The filesystem is full, or the write would pass the end of the block device or
     /// [`MAX_FILE_BYTES`]. Nothing was recorded; the caller keeps its pages.
@@ -194,7 +249,8 @@ pub enum BackingError {
         /// Bytes it should have read.
         expected: u64,
     },
-    /// The path is neither a regular file nor a block device.
+    /// The path is neither a regular file nor a block device (or is a file of a kernel
+    /// interface such as `/proc` or `/sys`, or a symbolic link to nothing).
     #[error("{path} is {kind}: a backing file must be a regular file or a block device")]
     NotSupported {
         /// The path.
@@ -203,7 +259,8 @@ pub enum BackingError {
         kind: &'static str,
     },
     /// An object's offset or length is impossible: a length outside 1..=4096, a range past the
-    /// file's end, a release of blocks holding no object, or an output buffer too small.
+    /// file's end, a release of blocks holding no object, an output buffer too small, or a
+    /// page index past 2^32.
     #[error("backing file {path}: no object of {len} bytes can be at byte {offset}")]
     InvalidObject {
         /// The backing file.
@@ -224,7 +281,8 @@ pub struct BackingStats {
     pub blocks_free: u64,
     /// The file's high-water mark, in blocks.
     pub file_blocks: u64,
-    /// The sum of the live objects' lengths.
+    /// The sum of the live objects' lengths (their records take [`RECORD_HEADER`] more
+    /// each).
     pub live_bytes: u64,
     /// Live objects.
     pub objects: u64,
@@ -318,6 +376,10 @@ pub struct BackingFile {
     /// `space.counts.len() * BLOCK`, readable without the lock (for [`BackingFile::read`]).
     file_bytes: AtomicU64,
     counters: Counters,
+    /// This run's key, mixed into every record's checksum (`record.rs`).
+    key: u64,
+    /// How the path was opened, for the start log ([`BackingFile::opened`]).
+    opened: Option<Opened>,
 }
 
 /// A read pin on an object of the backing file ([`BackingFile::pin`]): while it lives, the
@@ -335,9 +397,9 @@ impl PinnedObject<'_> {
         (self.offset, self.len)
     }
 
-    /// Reads the pinned object into `out[..len]`.
-    pub fn read(&self, out: &mut [u8]) -> Result<(), BackingError> {
-        self.file.read(self.offset, self.len, out)
+    /// Reads the pinned object, which must be page `page`'s, into `out[..len]`.
+    pub fn read(&self, page: u64, out: &mut [u8]) -> Result<(), BackingError> {
+        self.file.read(self.offset, self.len, page, out)
     }
 }
 
@@ -388,7 +450,15 @@ impl BackingFile {
             space: Mutex::new(Space::default()),
             file_bytes: AtomicU64::new(0),
             counters: Counters::default(),
+            key: run_key(),
+            opened: None,
         }
+    }
+
+    /// How [`BackingFile::open`] found and opened the path (`None` for [`BackingFile::with_io`]):
+    /// what the daemon logs at start.
+    pub fn opened(&self) -> Option<&Opened> {
+        self.opened.as_ref()
     }
 
     /// The path the file was opened at.
@@ -409,21 +479,25 @@ impl BackingFile {
         }
     }
 
-    /// Writes `objects` (each 1..=4096 bytes) packed into one run of blocks with one write,
-    /// and returns each object's byte offset. If a write that grows the file finds the
-    /// filesystem full, the batch is tried once more in a free extent inside the file, if one
-    /// is long enough. On error nothing is recorded: the caller keeps its pages.
-    pub fn write_batch(&self, objects: &[&[u8]]) -> Result<Vec<u64>, BackingError> {
-        if let Some(bad) = objects
+    /// Writes `objects` (each a page index and 1..=4096 bytes) as records packed into one run
+    /// of blocks with one write, and returns each record's byte offset (what a read of the
+    /// object is given back). If a write that grows the file finds the filesystem full, the
+    /// batch is tried once more in a free extent inside the file, if one is long enough. On
+    /// error nothing is recorded: the caller keeps its pages.
+    pub fn write_batch(&self, objects: &[(u64, &[u8])]) -> Result<Vec<u64>, BackingError> {
+        if let Some(&(page, bad)) = objects
             .iter()
-            .find(|o| o.is_empty() || o.len() > MAX_OBJECT)
+            .find(|(page, o)| o.is_empty() || o.len() > MAX_OBJECT || u32::try_from(*page).is_err())
         {
-            return Err(self.invalid(0, bad.len()));
+            return Err(self.invalid(page, bad.len()));
         }
         if objects.is_empty() {
             return Ok(Vec::new());
         }
-        let total: u64 = objects.iter().map(|o| o.len() as u64).sum();
+        let total: u64 = objects
+            .iter()
+            .map(|(_, o)| record_len(o.len()) as u64)
+            .sum();
         let mut writer = lock(&self.writer);
         let written = self.place_and_write(&mut writer, objects, total);
         match written {
@@ -443,7 +517,7 @@ impl BackingFile {
     fn place_and_write(
         &self,
         writer: &mut Writer,
-        objects: &[&[u8]],
+        objects: &[(u64, &[u8])],
         total: u64,
     ) -> Result<(Plan, Vec<u64>, usize), BackingError> {
         let plan = self.plan(&lock(&self.space), writer.open.as_ref(), total, true)?;
@@ -465,7 +539,7 @@ impl BackingFile {
         &self,
         writer: &mut Writer,
         plan: &Plan,
-        objects: &[&[u8]],
+        objects: &[(u64, &[u8])],
     ) -> Result<(Vec<u64>, usize), BackingError> {
         let Writer { open, buf } = writer;
         let run_blocks = usize::try_from(plan.blocks).unwrap_or(usize::MAX);
@@ -479,10 +553,13 @@ impl BackingFile {
         let base = plan.start * BLOCK;
         let mut pos = plan.fill;
         let mut offsets = Vec::with_capacity(objects.len());
-        for object in objects {
+        for &(page, object) in objects {
             offsets.push(base + pos as u64);
-            bytes[pos..pos + object.len()].copy_from_slice(object);
-            pos += object.len();
+            let end = pos + record_len(object.len());
+            // write_batch checked that the page fits a u32.
+            let page = u32::try_from(page).unwrap_or(u32::MAX);
+            record::seal(self.key, page, object, &mut bytes[pos..end]);
+            pos = end;
         }
         bytes[pos..].fill(0);
         if let Err(e) = self.write_all(bytes, base) {
@@ -505,14 +582,14 @@ impl BackingFile {
         writer: &mut Writer,
         plan: &Plan,
         offsets: &[u64],
-        objects: &[&[u8]],
+        objects: &[(u64, &[u8])],
         end: usize,
     ) {
         let mut space = lock(&self.space);
         let new_start = plan.new_start();
         space.take(new_start, plan.start + plan.blocks - new_start);
-        for (&offset, object) in offsets.iter().zip(objects) {
-            for block in offset / BLOCK..=(offset + object.len() as u64 - 1) / BLOCK {
+        for (&offset, (_, object)) in offsets.iter().zip(objects) {
+            for block in blocks_of(offset, object.len()) {
                 space.add_ref(block);
             }
         }
@@ -532,7 +609,7 @@ impl BackingFile {
                 self.free_blocks(&mut space, old.block, 1);
             }
         }
-        space.live_bytes += objects.iter().map(|o| o.len() as u64).sum::<u64>();
+        space.live_bytes += objects.iter().map(|(_, o)| o.len() as u64).sum::<u64>();
         space.objects += objects.len() as u64;
         self.file_bytes
             .store(space.file_blocks() * BLOCK, Ordering::Release);
@@ -656,19 +733,10 @@ impl BackingFile {
         if !valid_object(offset, len, space.file_blocks() * BLOCK) {
             return Err(self.invalid(offset, len));
         }
-        let (first, last) = (offset / BLOCK, (offset + len as u64 - 1) / BLOCK);
-        if (first..=last).any(|b| space.count(b) == 0) {
+        if blocks_of(offset, len).any(|b| space.count(b) == 0) {
             return Err(self.invalid(offset, len));
         }
-        // An object touches one block or two adjacent ones.
-        let first_freed = space.drop_ref(first);
-        let last_freed = last != first && space.drop_ref(last);
-        match (first_freed, last_freed) {
-            (true, true) => self.free_blocks(&mut space, first, 2),
-            (true, false) => self.free_blocks(&mut space, first, 1),
-            (false, true) => self.free_blocks(&mut space, last, 1),
-            (false, false) => {}
-        }
+        self.drop_refs(&mut space, offset, len);
         space.live_bytes -= len as u64;
         space.objects -= 1;
         Ok(())
@@ -683,11 +751,10 @@ impl BackingFile {
         if !valid_object(offset, len, space.file_blocks() * BLOCK) {
             return Err(self.invalid(offset, len));
         }
-        let (first, last) = (offset / BLOCK, (offset + len as u64 - 1) / BLOCK);
-        if (first..=last).any(|b| space.count(b) == 0 || space.count(b) == u16::MAX) {
+        if blocks_of(offset, len).any(|b| space.count(b) == 0 || space.count(b) == u16::MAX) {
             return Err(self.invalid(offset, len));
         }
-        for block in first..=last {
+        for block in blocks_of(offset, len) {
             space.add_ref(block);
         }
         Ok(PinnedObject {
@@ -700,33 +767,77 @@ impl BackingFile {
     /// Drops a pin's counts, freeing the blocks that reach zero.
     fn unpin(&self, offset: u64, len: usize) {
         let mut space = lock(&self.space);
-        let (first, last) = (offset / BLOCK, (offset + len as u64 - 1) / BLOCK);
-        for block in first..=last {
-            if space.drop_ref(block) {
-                self.free_blocks(&mut space, block, 1);
+        self.drop_refs(&mut space, offset, len);
+    }
+
+    /// Drops one count on each block the record of the object of `len` bytes at `offset`
+    /// touches, and frees (punches) each run of them that reaches zero.
+    fn drop_refs(&self, space: &mut Space, offset: u64, len: usize) {
+        let mut freed: Option<(u64, u64)> = None;
+        for block in blocks_of(offset, len) {
+            if !space.drop_ref(block) {
+                continue;
             }
+            freed = match freed {
+                Some((start, n)) if start + n == block => Some((start, n + 1)),
+                Some((start, n)) => {
+                    self.free_blocks(space, start, n);
+                    Some((block, 1))
+                }
+                None => Some((block, 1)),
+            };
+        }
+        if let Some((start, n)) = freed {
+            self.free_blocks(space, start, n);
         }
     }
 
-    /// Reads the object of `len` bytes at `offset` into `out[..len]`. Safe to call while
-    /// batches and releases run on other objects; the caller owns this one or pins it.
-    pub fn read(&self, offset: u64, len: usize, out: &mut [u8]) -> Result<(), BackingError> {
+    /// Reads the object of `len` bytes whose record is at `offset`, which must be page
+    /// `page`'s, into `out[..len]`, after checking its record (see the module doc, "Records"):
+    /// a record that does not verify is [`BackingError::Corrupt`], and `out` holds nothing of
+    /// it. Safe to call while batches and releases run on other objects; the caller owns this
+    /// one or pins it. A failed read counts in `failed_reads` (impossible arguments, refused
+    /// before any I/O, do not).
+    pub fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        page: u64,
+        out: &mut [u8],
+    ) -> Result<(), BackingError> {
         let file_bytes = self.file_bytes.load(Ordering::Acquire);
-        if out.len() < len || !valid_object(offset, len, file_bytes) {
+        let Some(page32) = u32::try_from(page)
+            .ok()
+            .filter(|_| out.len() >= len && valid_object(offset, len, file_bytes))
+        else {
             return Err(self.invalid(offset, len));
-        }
+        };
         let first = offset / BLOCK;
-        let blocks = usize::try_from((offset + len as u64 - 1) / BLOCK - first + 1).unwrap_or(2);
-        let mut buf = [ZERO_BLOCK; 2];
+        let blocks = blocks_of(offset, len).count();
+        let mut buf = [ZERO_BLOCK; 3];
         let bytes = as_bytes_mut(&mut buf[..blocks]);
         if let Err(e) = self.read_all(bytes, first * BLOCK) {
             bump(&self.counters.failed_reads, 1);
             return Err(e);
         }
-        let within = usize::try_from(offset - first * BLOCK).unwrap_or(0);
-        out[..len].copy_from_slice(&bytes[within..within + len]);
         bump(&self.counters.reads, blocks as u64);
-        Ok(())
+        let within = usize::try_from(offset - first * BLOCK).unwrap_or(0);
+        let record = &bytes[within..within + record_len(len)];
+        match record::open(self.key, page32, len, record) {
+            Ok(object) => {
+                out[..len].copy_from_slice(object);
+                Ok(())
+            }
+            Err(why) => {
+                bump(&self.counters.failed_reads, 1);
+                Err(BackingError::Corrupt {
+                    path: self.path.clone(),
+                    offset,
+                    page,
+                    why,
+                })
+            }
+        }
     }
 
     fn read_all(&self, buf: &mut [u8], offset: u64) -> Result<(), BackingError> {
@@ -809,16 +920,16 @@ impl BackingFile {
                     "object of {len} bytes at {offset} is not inside the file ({file_blocks} blocks)"
                 ));
             }
-            for block in offset / BLOCK..=(offset + len as u64 - 1) / BLOCK {
+            for block in blocks_of(offset, len) {
                 counts[usize::try_from(block).map_err(|e| e.to_string())?] += 1;
             }
             live_bytes += len as u64;
-            objects.push((offset, len));
+            objects.push((offset, record_len(len)));
         }
         objects.sort_unstable();
         for pair in objects.windows(2) {
             if pair[0].0 + pair[0].1 as u64 > pair[1].0 {
-                return Err(format!("objects {:?} and {:?} overlap", pair[0], pair[1]));
+                return Err(format!("records {:?} and {:?} overlap", pair[0], pair[1]));
             }
         }
         if let Some(o) = &writer.open {
@@ -897,12 +1008,31 @@ impl BackingFile {
     }
 }
 
-/// Whether an object of `len` bytes at `offset` can lie in a file of `file_bytes` bytes.
+/// Whether the record of an object of `len` bytes at `offset` can lie in a file of
+/// `file_bytes` bytes.
 fn valid_object(offset: u64, len: usize, file_bytes: u64) -> bool {
     (1..=MAX_OBJECT).contains(&len)
         && offset
-            .checked_add(len as u64)
+            .checked_add(record_len(len) as u64)
             .is_some_and(|end| end <= file_bytes)
+}
+
+/// The blocks the record of an object of `len` (1..=4096) bytes at `offset` touches: one to
+/// three. The caller checked the range with [`valid_object`].
+fn blocks_of(offset: u64, len: usize) -> std::ops::RangeInclusive<u64> {
+    offset / BLOCK..=(offset + record_len(len) as u64 - 1) / BLOCK
+}
+
+/// A key for this run's records: random (the standard library's per-process hash keys), with
+/// the time and the process ID mixed in.
+fn run_key() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

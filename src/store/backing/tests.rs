@@ -12,13 +12,30 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+/// An object whose record fills one block exactly.
+const WHOLE: usize = BLOCK_SIZE - RECORD_HEADER;
+
 /// The objects written and not released: offset -> contents.
 #[derive(Default)]
 struct Model(BTreeMap<u64, Vec<u8>>);
 
+/// The page an object of these tests belongs to: a function of its first bytes, so the
+/// model need not keep it.
+fn page_of(object: &[u8]) -> u64 {
+    object
+        .iter()
+        .take(3)
+        .fold(0, |page, &b| page << 8 | u64::from(b))
+}
+
+/// The (page, bytes) pairs [`BackingFile::write_batch`] takes.
+fn with_pages(objects: &[Vec<u8>]) -> Vec<(u64, &[u8])> {
+    objects.iter().map(|o| (page_of(o), o.as_slice())).collect()
+}
+
 impl Model {
     fn write(&mut self, file: &BackingFile, objects: &[Vec<u8>]) -> Result<Vec<u64>, BackingError> {
-        let refs: Vec<&[u8]> = objects.iter().map(Vec::as_slice).collect();
+        let refs = with_pages(objects);
         let offsets = file.write_batch(&refs)?;
         for (&offset, object) in offsets.iter().zip(objects) {
             assert!(self.0.insert(offset, object.clone()).is_none());
@@ -46,7 +63,8 @@ impl Model {
         self.consistent(file);
         let mut out = [0u8; BLOCK_SIZE];
         for (&offset, object) in &self.0 {
-            file.read(offset, object.len(), &mut out).unwrap();
+            file.read(offset, object.len(), page_of(object), &mut out)
+                .unwrap();
             assert!(out[..object.len()] == object[..], "object at {offset}");
         }
     }
@@ -233,7 +251,7 @@ proptest! {
                 Op::Read(i) => {
                     if let Some(offset) = model.nth(i) {
                         let object = &model.0[&offset];
-                        file.read(offset, object.len(), &mut out).unwrap();
+                        file.read(offset, object.len(), page_of(object), &mut out).unwrap();
                         prop_assert!(out[..object.len()] == object[..]);
                     }
                 }
@@ -258,7 +276,7 @@ fn real_files_round_trip_with_direct_and_buffered_io() {
     }
     for (i, (dir, try_direct)) in cases.into_iter().enumerate() {
         let path = dir.join(format!("backing{i}"));
-        let file = BackingFile::open_with(&path, try_direct, |io| io).unwrap();
+        let file = BackingFile::open_with(&path, ForeignData::Refuse, try_direct, |io| io).unwrap();
         assert_eq!(
             file.is_direct(),
             try_direct && o_direct_works(dir),
@@ -278,9 +296,8 @@ fn freed_extents_are_reused_first_fit() {
     let (file, _, _) = memory_file(None);
     let mut rng = Rng(7);
     let mut model = Model::default();
-    let pages = |rng: &mut Rng, n: usize| -> Vec<Vec<u8>> {
-        (0..n).map(|_| rng.object(BLOCK_SIZE)).collect()
-    };
+    let pages =
+        |rng: &mut Rng, n: usize| -> Vec<Vec<u8>> { (0..n).map(|_| rng.object(WHOLE)).collect() };
     let a = model.write(&file, &pages(&mut rng, 8)).unwrap();
     let b = model.write(&file, &pages(&mut rng, 8)).unwrap();
     assert_eq!(b[0], 8 * BLOCK, "whole pages leave no open block");
@@ -311,9 +328,8 @@ fn an_open_block_boxed_in_by_used_blocks_is_left_behind() {
     let (file, _, _) = memory_file(None);
     let mut rng = Rng(61);
     let mut model = Model::default();
-    let pages = |rng: &mut Rng, n: usize| -> Vec<Vec<u8>> {
-        (0..n).map(|_| rng.object(BLOCK_SIZE)).collect()
-    };
+    let pages =
+        |rng: &mut Rng, n: usize| -> Vec<Vec<u8>> { (0..n).map(|_| rng.object(WHOLE)).collect() };
     let a = model.write(&file, &pages(&mut rng, 8)).unwrap();
     model.write(&file, &pages(&mut rng, 8)).unwrap();
     for &offset in &a {
@@ -348,8 +364,8 @@ fn an_emptied_open_block_is_started_afresh() {
     );
     model.check(&file);
     // A block that is no longer open is freed when its last object goes.
-    let third = model.write(&file, &[rng.object(BLOCK_SIZE)]).unwrap();
-    assert_eq!(third[0], 200);
+    let third = model.write(&file, &[rng.object(WHOLE)]).unwrap();
+    assert_eq!(third[0], (RECORD_HEADER + 200) as u64);
     model.release(&file, second[0]);
     model.release(&file, third[0]);
     model.check(&file);
@@ -363,7 +379,7 @@ fn releasing_objects_punches_their_blocks_out_of_the_file() {
     let file = BackingFile::open(&path).unwrap();
     let mut rng = Rng(3);
     let mut model = Model::default();
-    let pages: Vec<Vec<u8>> = (0..64).map(|_| rng.object(BLOCK_SIZE)).collect();
+    let pages: Vec<Vec<u8>> = (0..64).map(|_| rng.object(WHOLE)).collect();
     let offsets = model.write(&file, &pages).unwrap();
     let disk = || std::fs::metadata(&path).unwrap().blocks() * 512;
     let before = disk();
@@ -409,8 +425,9 @@ fn packing_keeps_the_file_within_a_tenth_of_the_live_bytes() {
             model.write(&file, &batch).unwrap();
         }
         let stats = file.stats();
-        let live = model.live_bytes();
-        assert_eq!(stats.live_bytes, live);
+        assert_eq!(stats.live_bytes, model.live_bytes());
+        // What the records take: the objects and a header each.
+        let live = model.live_bytes() + (model.0.len() * RECORD_HEADER) as u64;
         assert_eq!(stats.write_calls, batches as u64, "one write a batch");
         assert!(
             stats.file_blocks * BLOCK * 10 <= live * 11,
@@ -469,7 +486,7 @@ fn a_file_with_someone_elses_data_is_refused_not_clobbered() {
     let empty = dir.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
     let file = BackingFile::open(&empty).unwrap();
-    file.write_batch(&[&[7u8; 100]]).unwrap();
+    file.write_batch(&[(0, &[7u8; 100])]).unwrap();
     drop(file);
     assert!(std::fs::metadata(&empty).unwrap().len() > 0);
     BackingFile::open(&empty).unwrap();
@@ -576,9 +593,8 @@ fn a_full_filesystem_sends_the_batch_into_a_free_extent() {
     let (file, faults, _) = memory_file(None);
     let mut rng = Rng(47);
     let mut model = Model::default();
-    let pages = |rng: &mut Rng, n: usize| -> Vec<Vec<u8>> {
-        (0..n).map(|_| rng.object(BLOCK_SIZE)).collect()
-    };
+    let pages =
+        |rng: &mut Rng, n: usize| -> Vec<Vec<u8>> { (0..n).map(|_| rng.object(WHOLE)).collect() };
     let a = model.write(&file, &pages(&mut rng, 8)).unwrap();
     model.write(&file, &pages(&mut rng, 8)).unwrap();
     model.write(&file, &[rng.object(100)]).unwrap();
@@ -625,7 +641,10 @@ fn faults_between_the_backing_file_and_a_real_file() {
     faults.set_read_error(Some(libc::EIO));
     let offset = model.nth(0).unwrap();
     let mut out = [0u8; BLOCK_SIZE];
-    assert!(file.read(offset, model.0[&offset].len(), &mut out).is_err());
+    let object = &model.0[&offset];
+    assert!(file
+        .read(offset, object.len(), page_of(object), &mut out)
+        .is_err());
     faults.clear();
     model.check(&file);
 }
@@ -637,7 +656,7 @@ fn short_writes_are_completed_by_looping() {
     let mut model = Model::default();
     faults.set_short_writes(true);
     model.write(&file, &rng.batch(16)).unwrap();
-    let batch: Vec<Vec<u8>> = (0..8).map(|_| rng.object(BLOCK_SIZE)).collect();
+    let batch: Vec<Vec<u8>> = (0..8).map(|_| rng.object(WHOLE)).collect();
     model.write(&file, &batch).unwrap();
     assert!(file.stats().write_calls > 2);
     model.check(&file);
@@ -648,14 +667,17 @@ fn writes_past_the_capacity_are_no_space_without_io() {
     let (file, faults, _) = memory_file(Some(10 * BLOCK + 100));
     let mut rng = Rng(19);
     let mut model = Model::default();
-    let pages: Vec<Vec<u8>> = (0..10).map(|_| rng.object(BLOCK_SIZE)).collect();
+    // Objects whose records are a block each.
+    let pages: Vec<Vec<u8>> = (0..10)
+        .map(|_| rng.object(BLOCK_SIZE - RECORD_HEADER))
+        .collect();
     model.write(&file, &pages).unwrap();
     let writes = faults.writes();
     let err = model.write(&file, &[rng.object(1)]).unwrap_err();
     assert!(matches!(err, BackingError::NoSpace { offset, .. } if offset == 10 * BLOCK));
     assert_eq!(faults.writes(), writes);
     assert_eq!(file.stats().failed_writes, 1);
-    model.release(&file, pages[4].len() as u64 * 4);
+    model.release(&file, 4 * BLOCK);
     model.write(&file, &[rng.object(1)]).unwrap();
     model.check(&file);
     assert_eq!(
@@ -672,17 +694,17 @@ fn read_faults_are_errors_never_garbage() {
     let mut rng = Rng(23);
     let mut model = Model::default();
     let offsets = model.write(&file, &rng.batch(16)).unwrap();
-    let len = model.0[&offsets[0]].len();
+    let (len, page) = (model.0[&offsets[0]].len(), page_of(&model.0[&offsets[0]]));
     let mut out = [0xaa_u8; BLOCK_SIZE];
     faults.set_read_error(Some(libc::EIO));
-    let err = file.read(offsets[0], len, &mut out).unwrap_err();
+    let err = file.read(offsets[0], len, page, &mut out).unwrap_err();
     assert!(
         matches!(err, BackingError::Io { op: "read", .. }),
         "{err:?}"
     );
     faults.set_read_error(None);
     faults.set_read_eof(true);
-    let err = file.read(offsets[0], len, &mut out).unwrap_err();
+    let err = file.read(offsets[0], len, page, &mut out).unwrap_err();
     assert!(
         matches!(err, BackingError::ShortRead { read: 0, .. }),
         "{err:?}"
@@ -702,7 +724,7 @@ fn punch_failures_are_counted_and_the_blocks_still_reused() {
     let (file, faults, _) = memory_file(None);
     let mut rng = Rng(29);
     let mut model = Model::default();
-    let pages: Vec<Vec<u8>> = (0..4).map(|_| rng.object(BLOCK_SIZE)).collect();
+    let pages: Vec<Vec<u8>> = (0..4).map(|_| rng.object(WHOLE)).collect();
     let offsets = model.write(&file, &pages).unwrap();
     faults.set_punch_error(Some(libc::EOPNOTSUPP));
     model.release(&file, offsets[0]);
@@ -719,7 +741,7 @@ fn punch_failures_are_counted_and_the_blocks_still_reused() {
     );
     assert_eq!(stats.blocks_free, 2);
     faults.clear();
-    let again = model.write(&file, &[rng.object(BLOCK_SIZE), rng.object(BLOCK_SIZE)]);
+    let again = model.write(&file, &[rng.object(WHOLE), rng.object(WHOLE)]);
     assert_eq!(again.unwrap()[0], 0);
     model.check(&file);
 }
@@ -734,23 +756,27 @@ fn bad_arguments_are_refused_and_change_nothing() {
         .unwrap();
     let before = file.stats();
     let invalid = |r: Result<_, BackingError>| matches!(r, Err(BackingError::InvalidObject { .. }));
-    assert!(invalid(file.write_batch(&[&[]]).map(|_| ())));
+    assert!(invalid(file.write_batch(&[(0, &[])]).map(|_| ())));
     assert!(invalid(
-        file.write_batch(&[&[1; BLOCK_SIZE + 1]]).map(|_| ())
+        file.write_batch(&[(0, &[1; BLOCK_SIZE + 1])]).map(|_| ())
+    ));
+    assert!(invalid(
+        file.write_batch(&[(1 << 32, &[1; 10])]).map(|_| ())
     ));
     let mut out = [0u8; BLOCK_SIZE];
-    assert!(invalid(file.read(0, 0, &mut out)));
-    assert!(invalid(file.read(0, BLOCK_SIZE + 1, &mut out)));
-    assert!(invalid(file.read(0, 100, &mut out[..99])));
-    assert!(invalid(file.read(BLOCK, 1, &mut out)));
+    assert!(invalid(file.read(0, 0, 0, &mut out)));
+    assert!(invalid(file.read(0, BLOCK_SIZE + 1, 0, &mut out)));
+    assert!(invalid(file.read(0, 100, 0, &mut out[..99])));
+    assert!(invalid(file.read(0, 100, 1 << 32, &mut out)));
+    assert!(invalid(file.read(BLOCK, 1, 0, &mut out)));
     assert!(invalid(file.release(BLOCK, 1)));
     assert!(invalid(file.release(0, 0)));
-    assert!(invalid(file.read(u64::MAX, 1, &mut out)));
+    assert!(invalid(file.read(u64::MAX, 1, 0, &mut out)));
     assert!(invalid(file.release(u64::MAX - 10, 100)));
     assert!(file.write_batch(&[]).unwrap().is_empty());
     assert_eq!(file.stats(), before);
     model.check(&file);
-    assert_eq!(offsets, [0, 100]);
+    assert_eq!(offsets, [0, (RECORD_HEADER + 100) as u64]);
 }
 
 #[test]
@@ -772,7 +798,8 @@ fn reads_run_concurrently_with_batches_and_releases() {
                 let mut rounds = 0u64;
                 while !stop.load(Ordering::Relaxed) || rounds == 0 {
                     for (&offset, object) in &stable.0 {
-                        file.read(offset, object.len(), &mut out).unwrap();
+                        file.read(offset, object.len(), page_of(object), &mut out)
+                            .unwrap();
                         assert!(out[..object.len()] == object[..], "object at {offset}");
                     }
                     rounds += 1;
@@ -816,9 +843,9 @@ fn a_full_tmpfs_gives_no_space_and_records_nothing() {
     let err = loop {
         assert!(batches.len() < 1000, "a 1 MiB tmpfs never filled up");
         let batch = vec![
-            rng.object(BLOCK_SIZE),
-            rng.object(BLOCK_SIZE),
-            rng.object(BLOCK_SIZE),
+            rng.object(WHOLE),
+            rng.object(WHOLE),
+            rng.object(WHOLE),
             rng.object(2000),
         ];
         let before = file.stats();
@@ -850,7 +877,7 @@ fn a_full_tmpfs_gives_no_space_and_records_nothing() {
         }
     }
     model
-        .write(&file, &[rng.object(BLOCK_SIZE), rng.object(BLOCK_SIZE)])
+        .write(&file, &[rng.object(WHOLE), rng.object(WHOLE)])
         .unwrap();
     model.check(&file);
     drop(file);
@@ -860,7 +887,8 @@ fn a_full_tmpfs_gives_no_space_and_records_nothing() {
 fn a_block_device_is_used_up_to_its_size() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image");
-    std::fs::write(&image, vec![0xee_u8; 16 * BLOCK_SIZE]).unwrap();
+    // The header block, then 16 blocks for records.
+    std::fs::write(&image, vec![0_u8; 17 * BLOCK_SIZE]).unwrap();
     let device = match LoopDevice::new(&image) {
         Ok(device) => device,
         Err(why) => {
@@ -875,7 +903,9 @@ fn a_block_device_is_used_up_to_its_size() {
     assert!(matches!(err, BackingError::Locked { .. }), "{err:?}");
     let mut rng = Rng(53);
     let mut model = Model::default();
-    let pages: Vec<Vec<u8>> = (0..15).map(|_| rng.object(BLOCK_SIZE)).collect();
+    let pages: Vec<Vec<u8>> = (0..15)
+        .map(|_| rng.object(BLOCK_SIZE - RECORD_HEADER))
+        .collect();
     model.write(&file, &pages).unwrap();
     model.write(&file, &[rng.object(3000)]).unwrap();
     let err = model.write(&file, &[rng.object(2000)]).unwrap_err();
@@ -923,8 +953,7 @@ fn a_pinned_object_keeps_its_bytes_after_it_is_released() {
     // An object alone in the open block, and one spanning two blocks.
     for lens in [[100usize].as_slice(), &[4000, 3000]] {
         let objects: Vec<Vec<u8>> = lens.iter().map(|&len| rng.object(len)).collect();
-        let refs: Vec<&[u8]> = objects.iter().map(Vec::as_slice).collect();
-        let offsets = file.write_batch(&refs).unwrap();
+        let offsets = file.write_batch(&with_pages(&objects)).unwrap();
         let (offset, object) = (*offsets.last().unwrap(), objects.last().unwrap());
         let pin = file.pin(offset, object.len()).unwrap();
         for (&o, object) in offsets.iter().zip(&objects) {
@@ -936,7 +965,7 @@ fn a_pinned_object_keeps_its_bytes_after_it_is_released() {
             model.write(&file, &rng.batch(4)).unwrap();
         }
         let mut out = [0u8; BLOCK_SIZE];
-        pin.read(&mut out).unwrap();
+        pin.read(page_of(object), &mut out).unwrap();
         assert!(
             out[..object.len()] == object[..],
             "the pinned bytes changed"
@@ -952,4 +981,431 @@ fn a_pinned_object_keeps_its_bytes_after_it_is_released() {
         file.pin(0, 100).is_err(),
         "an object in freed blocks cannot be pinned"
     );
+}
+
+/// Changes a record's bytes in place.
+type Harm = dyn Fn(&mut [u8]);
+/// Writes something at the start of a device image.
+type Prepare = dyn Fn(&Path);
+
+/// Damages the bytes at `offset` of a memory file: `f` changes them in place.
+fn damage(mem: &MemIo, offset: u64, len: usize, f: impl FnOnce(&mut [u8])) {
+    let mut bytes = vec![0u8; len];
+    assert_eq!(mem.pread(&mut bytes, offset).unwrap(), len);
+    f(&mut bytes);
+    assert_eq!(mem.pwrite(&bytes, offset).unwrap(), len);
+}
+
+#[test]
+fn a_record_that_does_not_verify_fails_its_page_only() {
+    let (file, _faults, mem) = memory_file(None);
+    let mut rng = Rng(61);
+    let mut model = Model::default();
+    // Small objects, a raw page whose record spans three blocks, more small ones.
+    let mut objects: Vec<Vec<u8>> = (0..3).map(|_| rng.object(1345)).collect();
+    objects.push(rng.object(BLOCK_SIZE));
+    objects.extend((0..6).map(|_| rng.object(500)));
+    let offsets = model.write(&file, &objects).unwrap();
+    assert_eq!(
+        blocks_of(offsets[3], BLOCK_SIZE).count(),
+        3,
+        "the raw page's record spans three blocks"
+    );
+    model.check(&file);
+    let record = |i: usize| (offsets[i], record_len(objects[i].len()));
+    // (which object, the damage, what the read must say)
+    let cases: [(usize, &Harm, Mismatch); 4] = [
+        (0, &|b| b.fill(0), Mismatch::NoHeader),
+        (1, &|b| *b.last_mut().unwrap() ^= 1, Mismatch::Checksum),
+        (3, &|b| b[RECORD_HEADER + 2000] ^= 0x80, Mismatch::Checksum),
+        (
+            5,
+            &|b| b[8] ^= 1,
+            Mismatch::OtherPage(page_of(&objects[5]) as u32 ^ 1),
+        ),
+    ];
+    let mut failed = 0;
+    for (i, harm, expected) in cases {
+        let (offset, len) = record(i);
+        damage(&mem, offset, len, harm);
+        let mut out = [0x5a_u8; BLOCK_SIZE];
+        let err = file
+            .read(offset, objects[i].len(), page_of(&objects[i]), &mut out)
+            .unwrap_err();
+        failed += 1;
+        assert!(
+            matches!(&err, BackingError::Corrupt { why, .. } if *why == expected),
+            "object {i}: {err:?}"
+        );
+        assert!(err.to_string().contains("does not verify"), "{err}");
+        assert!(
+            out.iter().all(|&b| b == 0x5a),
+            "nothing of it is copied out"
+        );
+        // Every other object that was not damaged still reads.
+        for (j, object) in objects.iter().enumerate().skip(i + 1) {
+            file.read(offsets[j], object.len(), page_of(object), &mut out)
+                .unwrap();
+            assert!(out[..object.len()] == object[..]);
+        }
+    }
+    // A record copied over another's place names its own page.
+    let (from, len) = record(7);
+    let mut moved = vec![0u8; len];
+    mem.pread(&mut moved, from).unwrap();
+    let (to, _) = record(6);
+    damage(&mem, to, len.min(record(6).1), |b| {
+        let n = b.len();
+        b.copy_from_slice(&moved[..n]);
+    });
+    let mut out = [0u8; BLOCK_SIZE];
+    let err = file
+        .read(to, objects[6].len(), page_of(&objects[6]), &mut out)
+        .unwrap_err();
+    failed += 1;
+    assert!(
+        matches!(err, BackingError::Corrupt { why: Mismatch::OtherPage(p), .. } if u64::from(p) == page_of(&objects[7])),
+        "{err:?}"
+    );
+    // The same object read as another page's, or with another length: refused.
+    let err = file
+        .read(
+            offsets[8],
+            objects[8].len(),
+            page_of(&objects[8]) + 1,
+            &mut out,
+        )
+        .unwrap_err();
+    failed += 1;
+    assert!(
+        matches!(
+            err,
+            BackingError::Corrupt {
+                why: Mismatch::OtherPage(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = file
+        .read(
+            offsets[8],
+            objects[8].len() - 1,
+            page_of(&objects[8]),
+            &mut out,
+        )
+        .unwrap_err();
+    failed += 1;
+    assert!(
+        matches!(
+            err,
+            BackingError::Corrupt {
+                why: Mismatch::OtherLength(500),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(file.stats().failed_reads, failed);
+    file.read(offsets[9], objects[9].len(), page_of(&objects[9]), &mut out)
+        .unwrap();
+    model.consistent(&file);
+}
+
+#[test]
+fn a_record_of_another_run_does_not_verify() {
+    let object = [7u8; 300];
+    let mut record = vec![0u8; record_len(object.len())];
+    record::seal(1, 42, &object, &mut record);
+    assert_eq!(record::open(1, 42, 300, &record), Ok(&object[..]));
+    assert_eq!(&record[..4], &RECORD_MAGIC);
+    assert_eq!(record::open(2, 42, 300, &record), Err(Mismatch::Checksum));
+    assert_eq!(
+        record::open(1, 43, 300, &record),
+        Err(Mismatch::OtherPage(42))
+    );
+    assert_eq!(
+        record::open(1, 42, 300, &vec![0u8; record.len()]),
+        Err(Mismatch::NoHeader),
+        "zeros never verify"
+    );
+    record[14] = 1;
+    assert_eq!(
+        record::open(1, 42, 300, &record),
+        Err(Mismatch::OtherLength(300))
+    );
+    assert_ne!(run_key(), run_key(), "each backing file has its own key");
+}
+
+/// Opens `path`, failing the test if that takes more than a few seconds (a FIFO's open
+/// blocks until a writer comes).
+fn open_in_time(path: &Path) -> Result<BackingFile, BackingError> {
+    let (send, receive) = std::sync::mpsc::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = send.send(BackingFile::open(&path));
+    });
+    receive
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("opening the backing file blocked")
+}
+
+fn refused_as(result: Result<BackingFile, BackingError>, kind: &str) {
+    match result {
+        Err(BackingError::NotSupported { kind: found, .. }) if found == kind => {}
+        other => panic!("expected {kind}, got {other:?}"),
+    }
+}
+
+#[test]
+fn fifos_sockets_char_devices_and_kernel_files_are_refused_before_any_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    refused_as(open_in_time(&fifo), "a FIFO");
+    let link = dir.path().join("link-to-fifo");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    refused_as(open_in_time(&link), "a FIFO");
+    let socket = dir.path().join("socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    refused_as(open_in_time(&socket), "a socket");
+    refused_as(open_in_time(Path::new("/dev/null")), "a character device");
+    refused_as(
+        open_in_time(Path::new("/proc/self/mem")),
+        "a file of /proc (procfs)",
+    );
+    let err = open_in_time(Path::new("/proc/self/mem")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("must be a regular file or a block device"),
+        "{err}"
+    );
+    refused_as(
+        open_in_time(Path::new("/proc/self/status")),
+        "a file of /proc (procfs)",
+    );
+    let sys = [
+        "/sys/kernel/uevent_seqnum",
+        "/sys/power/state",
+        "/sys/kernel/mm/transparent_hugepage/enabled",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.exists());
+    match sys {
+        Some(sys) => refused_as(open_in_time(sys), "a file of /sys (sysfs)"),
+        None => println!("SKIPPED the sysfs case: no known sysfs file here"),
+    }
+    // A link to nothing is refused, and nothing is created where it points.
+    let dangling = dir.path().join("dangling");
+    let target = dir.path().join("nowhere");
+    std::os::unix::fs::symlink(&target, &dangling).unwrap();
+    refused_as(
+        open_in_time(&dangling),
+        "a symbolic link to a path that does not exist",
+    );
+    assert!(!target.exists());
+}
+
+#[test]
+fn a_symlink_is_resolved_and_the_rule_applies_to_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, b"\x7fELF and more").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let err = BackingFile::open(&link).unwrap_err();
+    assert!(
+        matches!(err, BackingError::NotOurs { len: 13, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("--backing-file-overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"\x7fELF and more");
+    let file = BackingFile::open_with_policy(&link, ForeignData::Overwrite).unwrap();
+    let opened = file.opened().unwrap();
+    assert_eq!(opened.resolved, precious.canonicalize().unwrap());
+    assert!(
+        opened.overwritten.as_deref().unwrap().contains("13 bytes"),
+        "{opened:?}"
+    );
+    assert_eq!(std::fs::metadata(&precious).unwrap().len(), 0);
+    assert!(opened.to_string().contains("resolved to"), "{opened}");
+}
+
+/// A loop device over a fresh image of `blocks` blocks, its start written by `prepare`.
+fn prepared_device(dir: &Path, blocks: usize, prepare: &dyn Fn(&Path)) -> Option<LoopDevice> {
+    let image = dir.join(format!("image{}", rand_suffix()));
+    std::fs::write(&image, vec![0u8; blocks * BLOCK_SIZE]).unwrap();
+    prepare(&image);
+    match LoopDevice::new(&image) {
+        Ok(device) => Some(device),
+        Err(why) => {
+            println!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    run_key() % 1_000_000
+}
+
+fn first_mib(path: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap_or_default();
+    if bytes.is_empty() {
+        // A block device: read it through std (buffered).
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).unwrap();
+        bytes = vec![0u8; 1 << 20];
+        f.read_exact(&mut bytes).unwrap();
+    }
+    bytes.truncate(1 << 20);
+    bytes
+}
+
+#[test]
+fn a_block_device_holding_data_is_refused_unless_overwriting() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_at = |at: u64, bytes: &'static [u8]| {
+        move |image: &Path| {
+            let f = OpenOptions::new().write(true).open(image).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).unwrap();
+        }
+    };
+    let run = |tool: &'static str| {
+        move |image: &Path| {
+            let ok = Command::new(tool)
+                .arg("-q")
+                .arg(image)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !ok {
+                // Without the tool, write the signature it would.
+                let f = OpenOptions::new().write(true).open(image).unwrap();
+                let (at, sig): (u64, &[u8]) = if tool == "mkswap" {
+                    (4086, b"SWAPSPACE2")
+                } else {
+                    (1080, &[0x53, 0xef])
+                };
+                std::os::unix::fs::FileExt::write_all_at(&f, sig, at).unwrap();
+            }
+        }
+    };
+    let cases: [(&Prepare, &str); 5] = [
+        (&run("mkfs.ext4"), "an ext2/ext3/ext4 filesystem"),
+        (&run("mkswap"), "a swap area"),
+        (&write_at(510, &[0x55, 0xaa]), "a DOS partition table"),
+        (&write_at(512, b"EFI PART"), "a GPT partition table"),
+        (
+            &write_at(700_000, b"someone's data"),
+            "a non-zero byte at 700000",
+        ),
+    ];
+    for (prepare, found) in cases {
+        let Some(device) = prepared_device(dir.path(), 1024, prepare) else {
+            return;
+        };
+        // Through a symbolic link, as the report did it.
+        let link = dir.path().join(format!("link{}", rand_suffix()));
+        std::os::unix::fs::symlink(&device.0, &link).unwrap();
+        let before = first_mib(&device.0);
+        let err = BackingFile::open(&link).unwrap_err();
+        assert!(matches!(err, BackingError::ForeignDevice { .. }), "{err:?}");
+        assert!(err.to_string().contains(found), "{err} should name {found}");
+        assert!(
+            err.to_string().contains("--backing-file-overwrite"),
+            "{err}"
+        );
+        assert!(
+            first_mib(&device.0) == before,
+            "a refused device is not written"
+        );
+        let file = BackingFile::open_with_policy(&link, ForeignData::Overwrite).unwrap();
+        let opened = file.opened().unwrap().clone();
+        assert!(
+            opened.overwritten.as_deref().unwrap().contains(found),
+            "{opened:?}"
+        );
+        assert!(matches!(opened.kind, BackingKind::BlockDevice(size) if size == 1024 * BLOCK));
+        drop(file);
+        // Ours now: the next start takes it without being told.
+        let file = BackingFile::open(&link).unwrap();
+        assert_eq!(file.opened().unwrap().earlier_run, Some(EarlierRun::Device));
+    }
+}
+
+#[test]
+fn an_empty_device_gets_our_header_and_records_start_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = prepared_device(dir.path(), 64, &|_| {}) else {
+        return;
+    };
+    let file = BackingFile::open(&device.0).unwrap();
+    let opened = file.opened().unwrap();
+    assert_eq!(opened.earlier_run, None);
+    assert!(
+        opened
+            .to_string()
+            .contains("a block device of 262144 bytes"),
+        "{opened}"
+    );
+    assert_eq!(
+        file.limit_blocks, 63,
+        "the header block is not the allocator's"
+    );
+    let mut model = Model::default();
+    let mut rng = Rng(67);
+    let offsets = model.write(&file, &rng.batch(8)).unwrap();
+    assert_eq!(offsets[0], 0);
+    model.check(&file);
+    drop(file);
+    let bytes = first_mib(&device.0);
+    assert_eq!(&bytes[..16], b"vhost-user-zram\0");
+    assert_eq!(&bytes[16..20], &1u32.to_le_bytes());
+    assert!(bytes[20..BLOCK_SIZE].iter().all(|&b| b == 0));
+    assert_eq!(
+        &bytes[BLOCK_SIZE..BLOCK_SIZE + 4],
+        &RECORD_MAGIC,
+        "record 0 is at byte 4096"
+    );
+    // A second start on it: ours, and an earlier run's records never read as this run's.
+    let file = BackingFile::open(&device.0).unwrap();
+    assert_eq!(file.opened().unwrap().earlier_run, Some(EarlierRun::Device));
+    assert!(file
+        .opened()
+        .unwrap()
+        .earlier_run_message()
+        .unwrap()
+        .contains("earlier run"));
+}
+
+#[test]
+fn an_earlier_runs_file_is_emptied_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backing");
+    let file = BackingFile::open(&path).unwrap();
+    assert_eq!(file.opened().unwrap().earlier_run, None);
+    let mut model = Model::default();
+    let objects: Vec<Vec<u8>> = (0..8).map(|_| Rng(71).object(BLOCK_SIZE)).collect();
+    model.write(&file, &objects).unwrap();
+    drop(file);
+    let disk = std::fs::metadata(&path).unwrap().blocks() * 512;
+    let file = BackingFile::open(&path).unwrap();
+    let opened = file.opened().unwrap();
+    assert!(
+        matches!(opened.earlier_run, Some(EarlierRun::File { disk_bytes, .. }) if disk_bytes == disk)
+    );
+    let message = opened.earlier_run_message().unwrap();
+    assert!(
+        message.contains(&format!("held {} blocks", disk / BLOCK)),
+        "{message}"
+    );
+    assert!(opened.to_string().contains("a regular file"), "{opened}");
 }
