@@ -326,7 +326,10 @@ suite_lifecycle() {
 # daemon while the guest swaps, the guest powering itself off (ACPI), the daemon exiting 0.
 suite_libvirt() {
     local RESULT_PREFIX=libvirt/ out="$RESULTS_DIR/libvirt" ram="$GUEST_RAM_MIB"
-    local pressure_mib=$((ram * 22 / 10)) tmpfs_mib=$((ram * 8 / 10)) timeout="${VUZ_LIBVIRT_TIMEOUT:-300}"
+    local timeout="${VUZ_LIBVIRT_TIMEOUT:-300}"
+    # Less pressure than main's (2.2x and 0.8x RAM), still far past RAM: this suite is about
+    # the path through libvirt, and main already swaps hard; it keeps the boot near 2 minutes.
+    local pressure_mib=$((ram * 3 / 2)) tmpfs_mib=$((ram * 4 / 10))
     if [[ "$DEVICE_KIND" != vuz ]]; then
         record_skip suite "the device is qemu-storage-daemon, and the suite checks the daemon"
         return
