@@ -341,12 +341,10 @@ suite_libvirt() {
     local type=qemu group
     [[ "$ACCEL" == kvm ]] && type=kvm
     group="$(libvirt_qemu_group)"
-    # What the README tells an operator: the socket 0660 and owned by QEMU's group; the
-    # control socket stays root's (0600) where the daemon can set it apart.
-    local DAEMON_ARGS=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]}"} --socket-mode=0660)
-    if "$VUZ_BIN" --help 2>&1 | grep -q -- '--control-socket-mode'; then
-        DAEMON_ARGS+=(--control-socket-mode=0600)
-    fi
+    # What the README tells an operator: the vhost-user socket 0660 and owned by QEMU's group,
+    # the control socket root's alone.
+    local DAEMON_ARGS=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]}"} --socket-mode=0660
+        --control-socket-mode=0600)
     start_device LV vuz libvirt 1G 2 vuz-libvirt RW "$RESULTS_DIR" || {
         record_fail device "the daemon did not start"
         return
@@ -354,6 +352,13 @@ suite_libvirt() {
     if ! chown "root:$group" "$LV_SOCK" || ! chmod 0711 "$(dirname "$LV_SOCK")"; then
         record_fail device "cannot give $LV_SOCK to group $group"
         return
+    fi
+    local modes
+    modes="$(stat -c %a "$LV_SOCK" "$LV_CTL" | tr '\n' ' ')"
+    if [[ "$modes" == "660 600 " ]]; then
+        record_pass socket-modes
+    else
+        record_fail socket-modes "the vhost-user and control sockets are $modes, expected 660 and 600"
     fi
 
     libvirt_guest_dir "$GUEST" "$out"
