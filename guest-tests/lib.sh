@@ -52,9 +52,12 @@ pid_alive() { kill -0 "$1" 2>/dev/null; }
 
 TRACKED_PIDS=()
 TRACKED_PATHS=()
+TRACKED_CLEANUPS=()
 
 track_pid() { TRACKED_PIDS+=("$1"); }
 track_path() { TRACKED_PATHS+=("$1"); }
+# track_cleanup COMMAND: runs COMMAND at exit, before the tracked processes are stopped.
+track_cleanup() { TRACKED_CLEANUPS+=("$1"); }
 
 # stop_pid PID: SIGTERM, a bounded wait, then SIGKILL.
 stop_pid() {
@@ -66,7 +69,10 @@ stop_pid() {
 }
 
 cleanup_all() {
-    local pid path
+    local pid path cleanup
+    for cleanup in "${TRACKED_CLEANUPS[@]}"; do
+        "$cleanup" || true
+    done
     for pid in "${TRACKED_PIDS[@]}"; do
         stop_pid "$pid"
     done

@@ -6,8 +6,10 @@
 # Prints `PASS name` / `FAIL name: reason` per check and ends with `N passed, M failed`.
 #
 # Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
-#                           [--suites main,multiqueue,lifecycle] [--no-bench] [--bench-only]
-#                           [--daemon-arg ARG]...
+#                           [--suites main,multiqueue,lifecycle,libvirt] [--no-bench]
+#                           [--bench-only] [--daemon-arg ARG]...
+# The default suites are main, multiqueue and lifecycle; libvirt (the guest started by
+# libvirtd, as an operator runs it) is asked for by name and SKIPs where libvirt cannot run.
 # --daemon-arg passes ARG to every vhost-user-zram the suites start (e.g. --workers=0); @DIR@
 # in ARG becomes the device's own temporary directory (--backing-file=@DIR@/backing).
 # VUZ_EXPECT_WRITEBACK=1 makes the swap suite check that pages went to the backing file.
@@ -15,6 +17,8 @@ set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=libvirt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/libvirt.sh"
 
 RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
 # Extra vhost-user-zram arguments (--daemon-arg), used by start_device.
@@ -22,15 +26,18 @@ DAEMON_ARGS=()
 PASSED=0
 FAILED=0
 
+# Put before every check's name the suite reports (libvirt/ for the libvirt suite, whose guest
+# runs the same checks as main's).
+RESULT_PREFIX=""
 record_pass() {
     PASSED=$((PASSED + 1))
-    echo "PASS $1"
+    echo "PASS $RESULT_PREFIX$1"
 }
 record_fail() {
     FAILED=$((FAILED + 1))
-    echo "FAIL $1: $2"
+    echo "FAIL $RESULT_PREFIX$1: $2"
 }
-record_skip() { echo "SKIP $1: $2"; }
+record_skip() { echo "SKIP $RESULT_PREFIX$1: $2"; }
 
 # collect_results OUT_PREFIX SUITE EXPECTED...: turns the guest's VUZ-RESULT lines into
 # PASS/FAIL lines; an expected check the guest never reported is a failure.
@@ -309,6 +316,112 @@ suite_lifecycle() {
         record_pass lifecycle/daemon-exit
     fi
     stop_pid "$LC_PID"
+    suite_done
+}
+
+# suite libvirt: the swap test of main, once more, in a guest libvirt starts as an operator
+# would: a daemon with --num-queues 2 and its socket group-accessible to the unprivileged QEMU
+# libvirt runs (--socket-mode 0660, chown to QEMU's group), a domain with contrib/
+# libvirt-disk.xml's memory backing and disk (virsh define, start), the host's checks of the
+# daemon while the guest swaps, the guest powering itself off (ACPI), the daemon exiting 0.
+suite_libvirt() {
+    local RESULT_PREFIX=libvirt/ out="$RESULTS_DIR/libvirt" ram="$GUEST_RAM_MIB"
+    local timeout="${VUZ_LIBVIRT_TIMEOUT:-300}"
+    # Less pressure than main's (2.2x and 0.8x RAM), still far past RAM: this suite is about
+    # the path through libvirt, and main already swaps hard; it keeps the boot near 2 minutes.
+    local pressure_mib=$((ram * 3 / 2)) tmpfs_mib=$((ram * 4 / 10))
+    if [[ "$DEVICE_KIND" != vuz ]]; then
+        record_skip suite "the device is qemu-storage-daemon, and the suite checks the daemon"
+        return
+    fi
+    if ! libvirt_up "$RESULTS_DIR"; then
+        record_skip suite "$LIBVIRT_SKIP"
+        return
+    fi
+    local type=qemu group
+    [[ "$ACCEL" == kvm ]] && type=kvm
+    group="$(libvirt_qemu_group)"
+    # What the README tells an operator: the vhost-user socket 0660 and owned by QEMU's group,
+    # the control socket root's alone.
+    local DAEMON_ARGS=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]}"} --socket-mode=0660
+        --control-socket-mode=0600)
+    start_device LV vuz libvirt 1G 2 vuz-libvirt RW "$RESULTS_DIR" || {
+        record_fail device "the daemon did not start"
+        return
+    }
+    if ! chown "root:$group" "$LV_SOCK" || ! chmod 0711 "$(dirname "$LV_SOCK")"; then
+        record_fail device "cannot give $LV_SOCK to group $group"
+        return
+    fi
+    local modes
+    modes="$(stat -c %a "$LV_SOCK" "$LV_CTL" | tr '\n' ' ')"
+    if [[ "$modes" == "660 600 " ]]; then
+        record_pass socket-modes
+    else
+        record_fail socket-modes "the vhost-user and control sockets are $modes, expected 660 and 600"
+    fi
+
+    libvirt_guest_dir "$GUEST" "$out"
+    local name="vuz-guest-test-$$"
+    local cmdline="console=ttyS0 quiet loglevel=3 panic=-1 zswap.enabled=0 vuz.test=libvirt \
+vuz.rw=$LV_SERIAL vuz.seed=$SEED vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$tmpfs_mib ${VUZ_GUEST_APPEND:-}"
+    libvirt_domain_xml "$name" "$type" "$LIBVIRT_DIR" "$LV_SOCK" "$cmdline" >"$out.domain.xml"
+    LIBVIRT_DOMAINS+=("$name")
+    log "libvirt: define and start $name ($type, QEMU in group $group), seed $SEED"
+    if ! virsh_ define "$out.domain.xml" >"$out.virsh.log" 2>&1 ||
+        ! virsh_ start "$name" >>"$out.virsh.log" 2>&1; then
+        record_fail start "virsh define/start failed: $(tail -n 3 "$out.virsh.log" | tr '\n' ' ')"
+        libvirt_cleanup
+        suite_done
+        return
+    fi
+    QEMU_PID="$(cat "/run/libvirt/qemu/$name.pid" 2>/dev/null || true)"
+    cp "/var/log/libvirt/qemu/$name.log" "$out.qemu.log" 2>/dev/null || true
+    local user
+    user="$(ps -o user= -p "${QEMU_PID:-0}" 2>/dev/null || true)"
+    if [[ -z "$user" ]]; then
+        record_fail qemu-unprivileged "no QEMU process for $name (pid '$QEMU_PID')"
+    elif [[ "$user" == root ]]; then
+        record_fail qemu-unprivileged "libvirt runs QEMU as root, so the socket's group is not tested"
+    else
+        record_pass qemu-unprivileged
+    fi
+
+    # The host's checks while the guest swaps, as in main.
+    if wait_console 'VUZ-HOSTCHECK-MMSTAT' "$timeout"; then
+        check_mm_stat vuz "$LV_CTL" "$out"
+        console_send "go"
+    else
+        record_fail swap-under-pressure/mm-stat "the guest never reached the point to check it"
+    fi
+    if wait_console 'VUZ-HOSTCHECK-FREED' "$timeout"; then
+        check_discard_frees vuz "$LV_CTL" "$out"
+        console_send "go"
+    else
+        record_fail swap-under-pressure/discard-frees-host-memory \
+            "the guest never reached the point to check it"
+    fi
+
+    # The guest powers itself off: libvirt sees a shutdown, not a crash or a destroy.
+    local state
+    poll_until "$timeout" "domain $name to shut off" libvirt_domain_off "$name" || true
+    state="$(libvirt_domain_state "$name")"
+    cp "/var/log/libvirt/qemu/$name.log" "$out.qemu.log" 2>/dev/null || true
+    if [[ "$state" == "shut off (shutdown)" ]]; then
+        record_pass powered-off
+    else
+        record_fail powered-off "the domain is '$state', expected 'shut off (shutdown)' (console: $out.console.log)"
+    fi
+    collect_results "$out" libvirt \
+        swap-under-pressure/{non-rotational,swapon,anon-pages,swap-used,tmpfs-files,swapoff}
+    if ! wait_exit "$LV_PID" 30; then
+        record_fail daemon-exit "the daemon still runs 30 s after QEMU exited"
+    elif [[ "$EXIT_RC" != 0 ]]; then
+        record_fail daemon-exit "the daemon exited with status $EXIT_RC"
+    else
+        record_pass daemon-exit
+    fi
+    libvirt_cleanup
     suite_done
 }
 

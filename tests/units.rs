@@ -2,8 +2,9 @@
 //! The systemd units in `contrib/`, checked by systemd's own tools where they are installed:
 //! `systemd-analyze verify` on an instance of the socket and service pair (with the built
 //! binary in place of `/usr/bin/vhost-user-zram`), and `systemd-analyze security` on the
-//! service, which must stay rated SAFE. Without systemd-analyze the tests print a SKIP line
-//! and pass.
+//! service, which must stay rated SAFE; both alone and with each drop-in of
+//! `contrib/drop-ins/` installed where its header says. Without systemd-analyze those tests
+//! print a SKIP line and pass; what the drop-ins must say is checked without it too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -35,9 +36,34 @@ fn systemd_analyze(test: &str, args: &[&std::ffi::OsStr]) -> Option<Output> {
     }
 }
 
-/// Copies the unit templates into `dir`, with the built binary in ExecStart=, and returns the
-/// paths of the `vm1` instances (systemd finds the templates next to them).
-fn instance_units(dir: &Path) -> (PathBuf, PathBuf) {
+/// A drop-in of `contrib/drop-ins/` and the directory it is installed in (as its header says).
+struct DropIn {
+    name: &'static str,
+    directory: &'static str,
+}
+
+/// Metrics on loopback: one port per VM, so an instance's drop-in.
+const METRICS: DropIn = DropIn {
+    name: "metrics-loopback.conf",
+    directory: "vhost-user-zram@vm1.service.d",
+};
+
+/// A backing-file directory: every VM's daemon, so the template's drop-in.
+const BACKING_FILE: DropIn = DropIn {
+    name: "backing-file.conf",
+    directory: "vhost-user-zram@.service.d",
+};
+
+/// The socket for QEMU under libvirt: every VM's, so the socket template's drop-in.
+const SOCKET_FOR_LIBVIRT: DropIn = DropIn {
+    name: "socket-for-libvirt.conf",
+    directory: "vhost-user-zram@.socket.d",
+};
+
+/// Copies the unit templates into `dir`, with the built binary in ExecStart=, installs the
+/// drop-ins where their headers say, and returns the paths of the `vm1` instances (systemd
+/// finds the templates and drop-in directories next to them).
+fn instance_units(dir: &Path, drop_ins: &[&DropIn]) -> (PathBuf, PathBuf) {
     let service = contrib(SERVICE);
     assert!(
         service.contains(INSTALLED_BIN),
@@ -45,19 +71,29 @@ fn instance_units(dir: &Path) -> (PathBuf, PathBuf) {
     );
     std::fs::write(dir.join(SERVICE), service.replace(INSTALLED_BIN, BIN)).unwrap();
     std::fs::write(dir.join(SOCKET), contrib(SOCKET)).unwrap();
+    for drop_in in drop_ins {
+        let text = contrib(&format!("drop-ins/{}", drop_in.name));
+        let directory = dir.join(drop_in.directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        std::fs::write(
+            directory.join(drop_in.name),
+            text.replace(INSTALLED_BIN, BIN),
+        )
+        .unwrap();
+    }
     (
         dir.join("vhost-user-zram@vm1.socket"),
         dir.join("vhost-user-zram@vm1.service"),
     )
 }
 
-#[test]
-fn units_pass_systemd_analyze_verify() {
+/// `systemd-analyze verify` of the vm1 instances with these drop-ins: no error, no warning.
+fn assert_verifies(test: &str, drop_ins: &[&DropIn]) {
     let dir = tempfile::tempdir().unwrap();
-    let (socket, service) = instance_units(dir.path());
+    let (socket, service) = instance_units(dir.path(), drop_ins);
 
     let Some(output) = systemd_analyze(
-        "units_pass_systemd_analyze_verify",
+        test,
         &["verify".as_ref(), socket.as_os_str(), service.as_os_str()],
     ) else {
         return;
@@ -75,60 +111,202 @@ fn units_pass_systemd_analyze_verify() {
     );
 }
 
-#[test]
-fn service_is_rated_safe_by_systemd_analyze_security() {
+/// The overall exposure `systemd-analyze security --offline` gives the vm1 service with these
+/// drop-ins, or `None` when the tool is missing or too old (a SKIP line is printed).
+fn exposure(test: &str, drop_ins: &[&DropIn]) -> Option<f64> {
     let dir = tempfile::tempdir().unwrap();
-    let (_, service) = instance_units(dir.path());
+    let (_, service) = instance_units(dir.path(), drop_ins);
 
-    let Some(output) = systemd_analyze(
-        "service_is_rated_safe_by_systemd_analyze_security",
+    let output = systemd_analyze(
+        test,
         &[
             "security".as_ref(),
             "--offline=yes".as_ref(),
             "--no-pager".as_ref(),
             service.as_os_str(),
         ],
-    ) else {
-        return;
-    };
+    )?;
 
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() && stderr.contains("--offline") {
-        eprintln!("SKIP service_is_rated_safe_by_systemd_analyze_security: this systemd-analyze has no --offline ({stderr})");
-        return;
+        eprintln!("SKIP {test}: this systemd-analyze has no --offline ({stderr})");
+        return None;
     }
-    let exposure: f64 = stdout
+    let exposure = stdout
         .lines()
         .find_map(|line| line.split_once("Overall exposure level for "))
         .and_then(|(_, rest)| rest.split_once(": "))
         .and_then(|(_, rating)| rating.split_whitespace().next())
         .and_then(|number| number.parse().ok())
         .unwrap_or_else(|| panic!("no overall exposure in: {stdout}{stderr}"));
+    Some(exposure)
+}
+
+/// The value of the first `KEY=VALUE` line of a unit text that sets KEY to something (an
+/// empty `ExecStart=` resets the list and is skipped).
+fn setting(unit: &str, key: &str) -> Option<String> {
+    unit.lines()
+        .filter_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .find(|value| !value.is_empty())
+        .map(str::to_owned)
+}
+
+/// The value after `flag` on a command line.
+fn flag_value<'a>(command: &'a str, flag: &str) -> Option<&'a str> {
+    command
+        .split_whitespace()
+        .skip_while(|word| *word != flag)
+        .nth(1)
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    assert_verifies("units_pass_systemd_analyze_verify", &[]);
+}
+
+#[test]
+fn units_with_the_metrics_drop_in_pass_systemd_analyze_verify() {
+    assert_verifies(
+        "units_with_the_metrics_drop_in_pass_systemd_analyze_verify",
+        &[&METRICS],
+    );
+}
+
+#[test]
+fn units_with_the_backing_file_drop_in_pass_systemd_analyze_verify() {
+    assert_verifies(
+        "units_with_the_backing_file_drop_in_pass_systemd_analyze_verify",
+        &[&BACKING_FILE],
+    );
+}
+
+#[test]
+fn units_with_the_libvirt_socket_drop_in_pass_systemd_analyze_verify() {
+    assert_verifies(
+        "units_with_the_libvirt_socket_drop_in_pass_systemd_analyze_verify",
+        &[&SOCKET_FOR_LIBVIRT],
+    );
+}
+
+#[test]
+fn libvirt_socket_drop_in_gives_the_socket_to_qemus_group_only() {
+    let text = contrib(&format!("drop-ins/{}", SOCKET_FOR_LIBVIRT.name));
+    assert_eq!(setting(&text, "SocketGroup").as_deref(), Some("kvm"));
+    assert_eq!(setting(&text, "SocketMode").as_deref(), Some("0660"));
+}
+
+#[test]
+fn service_is_rated_safe_by_systemd_analyze_security() {
+    let test = "service_is_rated_safe_by_systemd_analyze_security";
+    let Some(alone) = exposure(test, &[]) else {
+        return;
+    };
     assert!(
-        exposure <= MAX_EXPOSURE,
-        "the service's exposure is {exposure}, more than {MAX_EXPOSURE}:\n{stdout}"
+        alone <= MAX_EXPOSURE,
+        "the service's exposure is {alone}, more than {MAX_EXPOSURE}"
+    );
+}
+
+#[test]
+fn drop_ins_keep_the_service_rated_safe() {
+    let test = "drop_ins_keep_the_service_rated_safe";
+    let Some(alone) = exposure(test, &[]) else {
+        return;
+    };
+    // A backing file changes who the daemon runs as and one writable directory: no exposure.
+    let backing = exposure(test, &[&BACKING_FILE]).unwrap();
+    assert!(
+        backing <= alone,
+        "with the backing-file drop-in the exposure is {backing}, was {alone}"
+    );
+    // Metrics need the host's network (loopback only): more exposed, still SAFE.
+    let metrics = exposure(test, &[&METRICS]).unwrap();
+    assert!(
+        metrics <= MAX_EXPOSURE,
+        "with the metrics drop-in the exposure is {metrics}, more than {MAX_EXPOSURE}"
+    );
+}
+
+#[test]
+fn drop_ins_run_the_shipped_command_with_their_option_added() {
+    let base = setting(&contrib(SERVICE), "ExecStart").unwrap();
+    for (drop_in, added) in [
+        (&METRICS, "--metrics-listen"),
+        (&BACKING_FILE, "--backing-file"),
+    ] {
+        let text = contrib(&format!("drop-ins/{}", drop_in.name));
+        assert!(
+            text.contains("\nExecStart=\n"),
+            "{} resets ExecStart= before setting it",
+            drop_in.name
+        );
+        let command = setting(&text, "ExecStart").unwrap();
+        assert!(
+            command.starts_with(&base) && flag_value(&command, added).is_some(),
+            "{}: ExecStart= is not the shipped one ({base}) with {added} added: {command}",
+            drop_in.name
+        );
+    }
+}
+
+#[test]
+fn metrics_drop_in_opens_the_network_to_loopback_only() {
+    let text = contrib(&format!("drop-ins/{}", METRICS.name));
+    let command = setting(&text, "ExecStart").unwrap();
+    let listen: std::net::SocketAddr = flag_value(&command, "--metrics-listen")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(listen.ip().is_loopback(), "metrics listen on {listen}");
+    assert!(listen.is_ipv4(), "only AF_INET is allowed");
+    // The service's PrivateNetwork=yes would hide the port in a namespace of its own, and
+    // RestrictAddressFamilies=AF_UNIX would refuse the socket.
+    assert_eq!(setting(&text, "PrivateNetwork").as_deref(), Some("no"));
+    assert_eq!(
+        setting(&text, "RestrictAddressFamilies").as_deref(),
+        Some("AF_INET")
+    );
+    // The service's IPAddressDeny=any stays; loopback is let through.
+    assert_eq!(setting(&text, "IPAddressDeny"), None);
+    assert_eq!(
+        setting(&text, "IPAddressAllow").as_deref(),
+        Some("localhost")
+    );
+}
+
+#[test]
+fn backing_file_drop_in_makes_the_files_directory_writable() {
+    let text = contrib(&format!("drop-ins/{}", BACKING_FILE.name));
+    let command = setting(&text, "ExecStart").unwrap();
+    let backing = Path::new(flag_value(&command, "--backing-file").unwrap());
+    let writable = setting(&text, "ReadWritePaths").unwrap();
+    // ProtectSystem=strict leaves only ReadWritePaths= (and the runtime directory) writable.
+    assert_eq!(backing.parent().unwrap(), Path::new(&writable));
+    assert!(
+        !writable.starts_with("/run"),
+        "the point is a place outside /run"
+    );
+    // One file per VM, so two daemons never share one.
+    assert!(backing.to_str().unwrap().contains("%i"));
+    // A static user that owns the directory, so the next start opens the file again.
+    assert_eq!(setting(&text, "DynamicUser").as_deref(), Some("no"));
+    let user = setting(&text, "User").unwrap();
+    assert!(
+        text.contains(&format!(
+            "install -d -o {user} -g {user} -m 0700 {writable}"
+        )),
+        "the header creates {writable} for {user}"
     );
 }
 
 #[test]
 fn control_socket_lives_in_the_services_runtime_directory() {
     let service = contrib(SERVICE);
-    let setting = |key: &str| {
-        service
-            .lines()
-            .find_map(|line| line.strip_prefix(key))
-            .unwrap_or_else(|| panic!("the service has no {key}"))
-            .to_owned()
-    };
-
-    let runtime_directory = setting("RuntimeDirectory=");
-    let exec_start = setting("ExecStart=");
-    let control = exec_start
-        .split_whitespace()
-        .skip_while(|word| *word != "--control-socket")
-        .nth(1)
-        .expect("ExecStart= passes --control-socket");
+    let runtime_directory = setting(&service, "RuntimeDirectory").unwrap();
+    let exec_start = setting(&service, "ExecStart").unwrap();
+    let control =
+        flag_value(&exec_start, "--control-socket").expect("ExecStart= passes --control-socket");
 
     // ProtectSystem=strict leaves only the runtime directory writable.
     assert_eq!(

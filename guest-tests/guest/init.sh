@@ -34,6 +34,7 @@ case "$suite" in
     main) suite_main ;;
     multiqueue) suite_multiqueue ;;
     lifecycle) suite_lifecycle ;;
+    libvirt) suite_libvirt ;;
     bench) suite_bench ;;
     *) fail "guest" "unknown suite '$suite'" ;;
 esac

@@ -273,6 +273,15 @@ suite_main() {
     block_semantics "$rw" "$ro"
 }
 
+# libvirt: the same swap test on the disk of contrib/libvirt-disk.xml, in a guest that libvirt
+# started (one boot; the host checks the daemon in the middle, as in main).
+
+suite_libvirt() {
+    rw=""
+    need_dev rw rw || return
+    swap_under_pressure "$rw"
+}
+
 # ---------------------------------------------------------------------------------------------
 # multi-queue: two queues on both sides, one fio job pinned to each vCPU.
 
