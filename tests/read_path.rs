@@ -504,15 +504,23 @@ fn assert_never_written(driver: &Driver<'_>, delay: Duration, what: &str) {
     );
 }
 
-/// The frontend stops the queue (`GET_VRING_BASE`) while a read is stuck in a hung backing
-/// file: after the stop timeout the read is cancelled, and when the file read finally returns
-/// it writes nothing into guest memory — the frontend may already have given it to someone
-/// else.
-#[test]
-fn a_read_cancelled_by_get_vring_base_never_writes_guest_memory() {
-    let delay = Duration::from_millis(1500);
-    let (dir, store) = slow_store(delay, 4, 8);
-    let (socket, runner) = serve(dir.path(), &store, Duration::from_millis(100));
+/// How long every file read takes in the stop tests: longer than any stop timeout they set.
+const HUNG_READ: Duration = Duration::from_millis(1500);
+
+/// A frontend with queue 0 running over a store whose file reads take [`HUNG_READ`], and a
+/// read of a page on that file posted and in the file.
+struct ReadInTheFile<'a> {
+    frontend: Frontend,
+    driver: Driver<'a>,
+    runner: thread::JoinHandle<()>,
+}
+
+/// Serves a slow store with `stop_timeout`, connects, posts a read of a page on the file and
+/// runs `test` while that read is in the file; the backend must have ended when `test`
+/// returns (it drops the frontend).
+fn with_a_read_in_the_file(stop_timeout: Duration, test: impl FnOnce(ReadInTheFile<'_>)) {
+    let (dir, store) = slow_store(HUNG_READ, 4, 8);
+    let (socket, runner) = serve(dir.path(), &store, stop_timeout);
     let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
     let (kick, call) = (
@@ -525,18 +533,32 @@ fn a_read_cancelled_by_get_vring_base_never_writes_guest_memory() {
         vq: &vq,
         avail_idx: 0,
     };
-
     post_slow_read(&mut driver, &kick);
-    let started = Instant::now();
-    assert_eq!(frontend.get_vring_base(0).unwrap(), 1);
+    test(ReadInTheFile {
+        frontend,
+        driver,
+        runner,
+    });
+}
 
-    assert!(
-        started.elapsed() < delay,
-        "GET_VRING_BASE waited for the hung read instead of cancelling it"
-    );
-    assert_never_written(&driver, delay, "GET_VRING_BASE");
-    drop(frontend);
-    runner.join().unwrap();
+/// The frontend stops the queue (`GET_VRING_BASE`) while a read is stuck in a hung backing
+/// file: after the stop timeout the read is cancelled, and when the file read finally returns
+/// it writes nothing into guest memory — the frontend may already have given it to someone
+/// else.
+#[test]
+fn a_read_cancelled_by_get_vring_base_never_writes_guest_memory() {
+    with_a_read_in_the_file(Duration::from_millis(100), |t| {
+        let started = Instant::now();
+        assert_eq!(t.frontend.get_vring_base(0).unwrap(), 1);
+
+        assert!(
+            started.elapsed() < HUNG_READ,
+            "GET_VRING_BASE waited for the hung read instead of cancelling it"
+        );
+        assert_never_written(&t.driver, HUNG_READ, "GET_VRING_BASE");
+        drop(t.frontend);
+        t.runner.join().unwrap();
+    });
 }
 
 /// The frontend changes the memory table while a read is in the file. With time to finish,
@@ -548,42 +570,29 @@ fn a_memory_table_change_waits_for_or_cancels_reads_in_flight() {
         (Duration::from_secs(10), true),
         (Duration::from_millis(100), false),
     ] {
-        let delay = Duration::from_millis(1500);
-        let (dir, store) = slow_store(delay, 4, 8);
-        let (socket, runner) = serve(dir.path(), &store, stop_timeout);
-        let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
-        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-        let (kick, call) = (
-            EventFd::new(0).unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        );
-        let frontend = connect(&socket, &mem, &vq, true, &kick, &call);
-        let mut driver = Driver {
-            mem: &mem,
-            vq: &vq,
-            avail_idx: 0,
-        };
+        with_a_read_in_the_file(stop_timeout, |t| {
+            let mem = t.driver.mem;
+            let region = VhostUserMemoryRegionInfo::from_guest_region(
+                mem.find_region(GuestAddress(0)).unwrap(),
+            )
+            .unwrap();
+            // As QEMU does with REPLY_ACK: the answer comes once the backend has applied it.
+            t.frontend
+                .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+            t.frontend.set_mem_table(&[region]).unwrap();
 
-        post_slow_read(&mut driver, &kick);
-        let region =
-            VhostUserMemoryRegionInfo::from_guest_region(mem.find_region(GuestAddress(0)).unwrap())
-                .unwrap();
-        // As QEMU does with REPLY_ACK: the answer comes once the backend has applied it.
-        frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
-        frontend.set_mem_table(&[region]).unwrap();
-        frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::empty());
-
-        if lands {
-            assert_eq!(driver.used_idx(), 1, "the read landed before the answer");
-            assert_eq!(driver.status(0), 0);
-            let mut data = [0u8; 4096];
-            mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
-            assert!(data == generated(0), "page 0 read back wrong");
-        } else {
-            assert_never_written(&driver, delay, "SET_MEM_TABLE");
-        }
-        drop(frontend);
-        runner.join().unwrap();
+            if lands {
+                assert_eq!(t.driver.used_idx(), 1, "the read landed before the answer");
+                assert_eq!(t.driver.status(0), 0);
+                let mut data = [0u8; 4096];
+                mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+                assert!(data == generated(0), "page 0 read back wrong");
+            } else {
+                assert_never_written(&t.driver, HUNG_READ, "SET_MEM_TABLE");
+            }
+            drop(t.frontend);
+            t.runner.join().unwrap();
+        });
     }
 }
 
@@ -593,42 +602,31 @@ fn a_memory_table_change_waits_for_or_cancels_reads_in_flight() {
 fn a_reset_or_a_disconnect_cancels_reads_in_flight() {
     for reset in [true, false] {
         let what = if reset { "RESET_DEVICE" } else { "disconnect" };
-        let delay = Duration::from_millis(1500);
-        let (dir, store) = slow_store(delay, 4, 8);
-        let (socket, runner) = serve(dir.path(), &store, Duration::from_millis(100));
-        let mem = common::guest_memory_over(MEM_SIZE, MEM_SIZE as u64);
-        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-        let (kick, call) = (
-            EventFd::new(0).unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        );
-        let mut frontend = connect(&socket, &mem, &vq, true, &kick, &call);
-        let mut driver = Driver {
-            mem: &mem,
-            vq: &vq,
-            avail_idx: 0,
-        };
-
-        post_slow_read(&mut driver, &kick);
-        let started = Instant::now();
-        if reset {
-            frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
-            frontend.reset_device().unwrap();
-            assert!(started.elapsed() < delay, "{what} waited for the hung read");
-            drop(frontend);
-        } else {
-            drop(frontend);
-            // The backend's connection ends; `serve` then cancels and shuts down.
-            while !runner.is_finished() {
+        with_a_read_in_the_file(Duration::from_millis(100), |mut t| {
+            let started = Instant::now();
+            if reset {
+                t.frontend
+                    .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+                t.frontend.reset_device().unwrap();
                 assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "the backend did not stop"
+                    started.elapsed() < HUNG_READ,
+                    "{what} waited for the hung read"
                 );
-                thread::sleep(Duration::from_millis(5));
+                drop(t.frontend);
+            } else {
+                drop(t.frontend);
+                // The backend's connection ends; `serve` then cancels and shuts down.
+                while !t.runner.is_finished() {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "the backend did not stop"
+                    );
+                    thread::sleep(Duration::from_millis(5));
+                }
             }
-        }
-        assert_never_written(&driver, delay, what);
-        runner.join().unwrap();
+            assert_never_written(&t.driver, HUNG_READ, what);
+            t.runner.join().unwrap();
+        });
     }
 }
 

@@ -434,7 +434,7 @@ fn concurrent_writes_reads_discards_recompression_and_idle_marks_lose_nothing() 
         .with_secondary_algorithms(&[spec("zstd"), spec("deflate:level=6")])
         .unwrap(),
     );
-    let workers = crate::workers::CompressWorkers::start(Arc::clone(&s), &[]).unwrap();
+    let workers = crate::store::tests::TestWorkers::start(&s);
     let done = Arc::new(AtomicBool::new(false));
     let recompressors: Vec<_> = (0..2)
         .map(|r| {

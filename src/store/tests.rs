@@ -355,9 +355,46 @@ fn run_model_with_workers(algorithm: Algorithm, ops: &[Op]) {
         .unwrap()
         .with_backing_file(backing),
     );
-    let workers = crate::workers::CompressWorkers::start(Arc::clone(&s), &[]).unwrap();
+    let workers = TestWorkers::start(&s);
     run_model_on(&s, ops);
     workers.stop();
+}
+
+/// The store's compression workers for its own tests: the loop `workers::CompressWorkers`
+/// runs, without the thread-group machinery (and without the store importing the module that
+/// imports it).
+pub(super) struct TestWorkers {
+    store: Arc<PageStore>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl TestWorkers {
+    pub(super) fn start(store: &Arc<PageStore>) -> TestWorkers {
+        let threads = (0..store.workers())
+            .map(|id| {
+                let store = Arc::clone(store);
+                std::thread::spawn(move || {
+                    let mut scratch = super::WorkerScratch::default();
+                    while store.run_worker_batch(id, &mut scratch) {}
+                })
+            })
+            .collect();
+        TestWorkers {
+            store: Arc::clone(store),
+            threads,
+        }
+    }
+
+    pub(super) fn stop(self) {}
+}
+
+impl Drop for TestWorkers {
+    fn drop(&mut self) {
+        self.store.stop_workers();
+        for thread in self.threads.drain(..) {
+            thread.join().expect("a compression worker panicked");
+        }
+    }
 }
 
 fn config(pages: u64, algorithm: Algorithm, mem_limit: Option<u64>) -> StoreConfig {
@@ -551,7 +588,7 @@ fn store_with_workers(
     workers: usize,
     pool: usize,
     mem_limit: Option<u64>,
-) -> (Arc<PageStore>, crate::workers::CompressWorkers) {
+) -> (Arc<PageStore>, TestWorkers) {
     let s = Arc::new(
         PageStore::with_pending(
             config(pages, algorithm, mem_limit),
@@ -562,7 +599,7 @@ fn store_with_workers(
         )
         .unwrap(),
     );
-    let w = crate::workers::CompressWorkers::start(Arc::clone(&s), &[]).unwrap();
+    let w = TestWorkers::start(&s);
     (s, w)
 }
 
