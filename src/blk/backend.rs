@@ -234,8 +234,10 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
         if let Some(read_back) = &self.read_back {
             read_back.cancel_all();
         }
-        for queue in 0..self.queues.len() {
-            if let Ok(mut thread) = self.queues[queue].lock() {
+        // A queue thread still busy (a frontend that keeps its rings moving after it closed
+        // the socket) is not waited for: its table goes with the connection anyway.
+        for queue in &self.queues {
+            if let Ok(mut thread) = queue.try_lock() {
                 thread.runner.forget_in_flight();
             }
         }
