@@ -41,12 +41,15 @@ fn the_start_log_names_the_backing_file_and_what_an_earlier_run_left() {
     let mut daemon = options
         .args([std::ffi::OsStr::new("--backing-file"), backing.as_os_str()])
         .start();
-    let log = daemon.stderr();
     let named = format!(
         "writing back to backing file {}: a regular file",
         backing.display()
     );
-    assert!(log.contains(&named), "{log}");
+    // The daemon listens before its log lines have all reached the harness's reader: wait
+    // for the lines this test reads.
+    daemon.wait_for_log(&named);
+    daemon.wait_for_log("from an earlier run");
+    let log = daemon.stderr();
     assert!(
         log.contains("O_DIRECT") || log.contains("buffered"),
         "{log}"
