@@ -509,11 +509,6 @@ enum Stage<E: std::error::Error + 'static> {
 }
 
 impl<E: std::error::Error + 'static> Request<E> {
-    /// The chain's head index.
-    pub fn head(&self) -> u16 {
-        self.head
-    }
-
     /// Whether this is a parsed read of a page `backend` reads slowly (on the backing file).
     pub fn reads_slowly<B: BlockBackend<Error = E>>(&self, backend: &B) -> bool {
         match &self.stage {
