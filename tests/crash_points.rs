@@ -219,7 +219,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
     std::fs::write(&log_path, b"").unwrap();
     let mut model: HashMap<u64, u64> = HashMap::new();
     let mut read_offset = 0;
-    let mut rng = SplitMix64::new(0xc4a5_4);
+    let mut rng = SplitMix64::new(0x000c_4a54);
     let mut in_flight_kinds: HashMap<&'static str, usize> = HashMap::new();
     let started = Instant::now();
     let mut ops_done = 0usize;

@@ -333,6 +333,8 @@ impl Extents {
         })
     }
 
+    // `extent` < max, and max entries are mapped in this process: it fits a usize.
+    #[allow(clippy::cast_possible_truncation)]
     fn entry(&self, extent: u64) -> &AtomicU64 {
         debug_assert!(extent < self.max);
         // SAFETY: the directory maps `max` eight-byte entries, page-aligned, so entry

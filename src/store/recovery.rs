@@ -22,6 +22,8 @@ use super::{PageStore, PendingConfig, StoreConfig, StoreError};
 use crate::PAGE_SIZE;
 
 /// Where a store takes its memory from.
+// Made once per store and consumed at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum StoreMemory {
     /// Anonymous memory of this process: the store ends with it.

@@ -49,6 +49,9 @@ pub const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 /// The bytes of a header covered by its CRC; the CRC follows them.
 const HEADER_BYTES: usize = 512;
+/// [`HEADER_BYTES`] as the header records it.
+const HEADER_BYTES_U32: u32 = 512;
+const _: () = assert!(HEADER_BYTES_U32 as usize == HEADER_BYTES);
 /// Offset of each header copy.
 const COPY_OFFSET: [u64; 2] = [0, PAGE_SIZE as u64];
 
@@ -648,12 +651,14 @@ fn encode(h: &Header) -> Vec<u8> {
     let mut b = vec![0u8; PAGE_SIZE];
     b[0..8].copy_from_slice(&MAGIC);
     b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    b[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
+    b[12..16].copy_from_slice(&HEADER_BYTES_U32.to_le_bytes());
     b[16..24].copy_from_slice(&h.seq.to_le_bytes());
     b[24..32].copy_from_slice(&h.capacity_pages.to_le_bytes());
     b[32..40].copy_from_slice(&h.pool_pages.to_le_bytes());
     put_algorithm(&mut b, 40, &h.primary);
     let count = h.secondaries.len().min(3);
+    // At most 3.
+    #[allow(clippy::cast_possible_truncation)]
     b[64..68].copy_from_slice(&(count as u32).to_le_bytes());
     b[68..72].copy_from_slice(&u32::from(h.configured).to_le_bytes());
     for (i, s) in h.secondaries.iter().take(3).enumerate() {

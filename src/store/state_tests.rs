@@ -3,6 +3,9 @@
 //! fail only their own pages, a file of another configuration is refused, and freed memory
 //! leaves the file.
 
+// Test data: truncating casts pick bytes and indices on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 use std::time::Duration;
