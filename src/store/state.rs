@@ -350,9 +350,9 @@ impl StateFile {
     /// the file was created. On a mismatch the file is left untouched.
     pub fn prepare(&self, ours: &Header) -> Result<bool, StateError> {
         if self.is_new() {
-            let len = self.file_len()?;
-            if len != 0 && len != ours.layout.file_len {
-                // A file created for another layout and never configured: start over.
+            if self.file_len()? != 0 {
+                // Created and never configured (killed before `recover`): it holds no page
+                // a guest wrote, so it starts over, every region zero.
                 self.file.set_len(0).map_err(|e| self.io("truncated", e))?;
             }
             self.file
