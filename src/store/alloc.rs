@@ -197,7 +197,8 @@ impl Segment {
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                // No reservation: on hugetlbfs the regions are far larger than what is used.
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
                 fd.as_raw_fd(),
                 offset,
             )

@@ -27,7 +27,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::PAGE_SIZE;
@@ -478,18 +478,46 @@ impl StateFile {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset` (inside the file).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StateError> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| self.io("read", e))
+        self.with_mapping(offset, buf.len(), |bytes| buf.copy_from_slice(bytes))
     }
 
-    /// Writes `buf` at `offset`.
+    /// Writes `buf` at `offset` (inside the file).
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StateError> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.io("written", e))
+        self.with_mapping(offset, buf.len(), |bytes| bytes.copy_from_slice(buf))
+    }
+
+    /// Runs `f` on `len` bytes of the file at `offset`, through a shared mapping of the
+    /// 2 MiB-aligned range around them: hugetlbfs has no `read`/`write`, and a mapping works
+    /// the same on tmpfs. Copying into a shared mapping is as crash-safe as `pwrite` here:
+    /// either way a kill can tear the copy, which the header's CRC and the dictionary
+    /// region's committed count are there for.
+    fn with_mapping<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, StateError> {
+        let end = offset + len as u64;
+        if end > self.file_len()? {
+            return Err(self.io(
+                "read or written past its end",
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        let start = offset / REGION_ALIGN * REGION_ALIGN;
+        let span = usize::try_from(end.div_ceil(REGION_ALIGN) * REGION_ALIGN - start)
+            .map_err(|_| self.io("mapped", io::ErrorKind::InvalidInput.into()))?;
+        let mapping = self.map(start, span).map_err(|e| self.io("mapped", e))?;
+        // The offset inside the mapping is below its span, a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let skip = (offset - start) as usize;
+        // SAFETY: `skip + len` ≤ span bytes lie inside the mapping, and inside the file
+        // (checked above), so touching them cannot fault; the slice is the only reference
+        // this process makes to them and it ends before the mapping is unmapped (dropped).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(mapping.base().add(skip), len) };
+        Ok(f(bytes))
     }
 
     fn file_len(&self) -> Result<u64, StateError> {
@@ -748,6 +776,7 @@ pub fn shm_path(name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn header(pages: u64) -> Header {
         Header {
