@@ -20,9 +20,9 @@
 //! ...          slab area: `max_extents` extents of EXTENT_BYTES (2 MiB) each
 //! ```
 //!
-//! The header is written with `pwrite`, the older copy each time with the sequence number one
-//! higher, so a kill during an update leaves the other copy valid; the newest copy whose
-//! CRC-32 checks wins.
+//! The header is copied in through a shared mapping (hugetlbfs has no `write`), into the older
+//! copy each time with the sequence number one higher, so a kill during an update leaves the
+//! other copy valid; the newest copy whose CRC-32 checks wins.
 
 use std::fs::File;
 use std::io;
