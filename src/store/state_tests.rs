@@ -339,3 +339,20 @@ fn the_frontend_identity_survives_and_destroy_clears_it() {
     let anonymous = PageStore::new(config(4)).unwrap();
     assert!(!anonymous.has_state());
 }
+
+#[test]
+fn a_state_file_with_a_backing_file_is_refused_at_start() {
+    let tmp = shm_file();
+    let file = StateFile::open(tmp.path()).unwrap();
+    let backing = backing::BackingFile::with_io(Box::new(backing::MemIo::new()), None);
+    let mut store = PageStore::with_memory(config(16), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_backing_file(backing);
+    let error = store.recover().unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("cannot be used with a backing file yet"),
+        "{error}"
+    );
+}
