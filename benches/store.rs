@@ -85,7 +85,8 @@ fn new_store(algorithm: Algorithm, level: Option<i32>, pages: usize) -> PageStor
         level,
         mem_limit: None,
     };
-    if std::env::var_os("STORE_BENCH_STATE").is_none() {
+    let on_state = std::env::var("STORE_BENCH_STATE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !on_state {
         return PageStore::new(config).expect("store");
     }
     // The store's memory in a state file (a memfd: tmpfs).
