@@ -88,6 +88,7 @@ impl StateRegions {
             pool_pages,
             layout: Layout::new(config.capacity_pages, pool_pages),
             identity: None,
+            backing: None,
         };
         if config.capacity_pages == 0 || config.capacity_pages > super::MAX_CAPACITY_PAGES {
             return Err(StoreError::Config(format!(
@@ -227,13 +228,7 @@ impl PageStore {
                 "the store's state was recovered already; recover runs once".into(),
             ));
         }
-        if self.backing.is_some() {
-            return Err(StoreError::Config(format!(
-                "the state file {} cannot be used with a backing file yet: start without \
-                 --backing-file, or without --state",
-                state.name()
-            )));
-        }
+        self.check_backing_record(&state)?;
         let secondaries: Vec<AlgorithmRecord> = self
             .recompression
             .specs
@@ -276,6 +271,13 @@ impl PageStore {
             by_class[class].push(handle);
         }
         self.alloc.rebuild(&by_class);
+        if let Some(backing) = &self.backing {
+            let live: Vec<(u64, usize)> = scan.on_file.iter().map(|&(o, l, _)| (o, l)).collect();
+            backing.rebuild(&live).map_err(|e| StoreError::Recovery {
+                path: state.name().to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
         if let Some(deferred) = &self.deferred {
             let held: Vec<(u32, u32)> = scan.pending.iter().map(|&(_, b, g)| (b, g)).collect();
             deferred.pool.recover(&held);
@@ -313,6 +315,60 @@ impl PageStore {
             damaged_pages: scan.damaged.len() as u64,
             elapsed: started.elapsed(),
         }))
+    }
+
+    /// Checks the backing file against the one the header records, or records it (before
+    /// any page can be written back to it). A recorded file must have been reopened as it
+    /// was, with its key ([`BackingFile::reopen`](super::backing::BackingFile::reopen)):
+    /// one opened anew was emptied, and its pages are gone.
+    fn check_backing_record(&self, state: &StateFile) -> Result<(), StoreError> {
+        let recorded = state.backing();
+        let refuse = |reason: String| {
+            Err(StoreError::Config(format!(
+                "the state file {} {reason}",
+                state.name()
+            )))
+        };
+        match (&self.backing, recorded) {
+            (None, None) => Ok(()),
+            (None, Some(_)) if self.state_created => Ok(()),
+            (None, Some(r)) => refuse(format!(
+                "holds pages written back to {}; start with that backing file",
+                r.path.display()
+            )),
+            (Some(backing), Some(r)) if !self.state_created => {
+                let same = backing.is_kept()
+                    && backing.key() == r.key
+                    && backing.identity().unwrap_or((0, 0)) == (r.dev, r.ino);
+                if same {
+                    Ok(())
+                } else {
+                    refuse(format!(
+                        "holds pages written back to {}, which was not reopened as it was \
+                         (it must be reopened with its recorded key, not opened anew)",
+                        r.path.display()
+                    ))
+                }
+            }
+            (Some(backing), _) => {
+                let path = backing.path().to_owned();
+                if path.as_os_str().len() > super::state::MAX_BACKING_PATH {
+                    return refuse(format!(
+                        "cannot record the backing file's path {}: it is longer than {} bytes",
+                        path.display(),
+                        super::state::MAX_BACKING_PATH
+                    ));
+                }
+                let (dev, ino) = backing.identity().unwrap_or((0, 0));
+                state.set_backing(Some(super::state::BackingRecord {
+                    path,
+                    key: backing.key(),
+                    dev,
+                    ino,
+                }))?;
+                Ok(())
+            }
+        }
     }
 
     fn reload_dictionaries(&self, state: &StateFile) -> Result<(), StoreError> {
@@ -377,9 +433,22 @@ impl PageStore {
                     }
                     ok
                 }
-                // The backing file is refused with a state file (recover), so nothing on it
-                // can be a page of this store.
-                SlotState::WrittenBack => false,
+                SlotState::WrittenBack => {
+                    let (offset, len) = entry.backing_object();
+                    let priority_ok = match len {
+                        PAGE_SIZE => entry.priority() == 0,
+                        _ => entry.priority() <= secondaries,
+                    };
+                    let ok = priority_ok
+                        && self
+                            .backing
+                            .as_ref()
+                            .is_some_and(|b| b.may_hold(offset, len));
+                    if ok {
+                        scan.on_file.push((offset, len, slot));
+                    }
+                    ok
+                }
                 SlotState::Invalid => false,
             };
             if !valid {
@@ -402,11 +471,27 @@ impl PageStore {
                 twice.push(pair[1].0);
             }
         }
+        // Overlapping records on the backing file: neither is trusted.
+        scan.on_file.sort_unstable();
+        let mut reach: Option<(u64, usize)> = None;
+        for &(offset, len, slot) in &scan.on_file {
+            let end = offset + super::backing::RECORD_HEADER as u64 + len as u64;
+            if let Some((until, owner)) = reach {
+                if offset < until {
+                    twice.push(owner);
+                    twice.push(slot);
+                }
+            }
+            if reach.is_none_or(|(until, _)| end > until) {
+                reach = Some((end, slot));
+            }
+        }
         if !twice.is_empty() {
             twice.sort_unstable();
             twice.dedup();
             scan.objects.retain(|o| twice.binary_search(&o.2).is_err());
             scan.pending.retain(|p| twice.binary_search(&p.0).is_err());
+            scan.on_file.retain(|f| twice.binary_search(&f.2).is_err());
             scan.damaged.extend(twice);
             scan.damaged.sort_unstable();
         }
@@ -466,6 +551,8 @@ struct Scan {
     objects: Vec<(usize, u64, usize)>,
     /// (slot, buffer, generation) of every valid Pending entry.
     pending: Vec<(usize, u32, u32)>,
+    /// (offset, length, slot) of every valid WrittenBack entry.
+    on_file: Vec<(u64, usize, usize)>,
     /// Slots whose entries are damaged.
     damaged: Vec<usize>,
 }

@@ -65,6 +65,22 @@ pub struct FrontendIdentity {
     pub start_time: u64,
 }
 
+/// The backing file a state file's pages may lie on: enough to reopen it as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingRecord {
+    /// The path it was opened at.
+    pub path: PathBuf,
+    /// The key its records are checksummed with.
+    pub key: u64,
+    /// Its st_dev.
+    pub dev: u64,
+    /// Its st_ino.
+    pub ino: u64,
+}
+
+/// The most bytes of a backing file's path the header holds.
+pub const MAX_BACKING_PATH: usize = HEADER_BYTES - 288;
+
 /// One algorithm as the header records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlgorithmRecord {
@@ -148,6 +164,8 @@ pub struct Header {
     pub layout: Layout,
     /// The frontend the state belongs to, if any.
     pub identity: Option<FrontendIdentity>,
+    /// The backing file, once the store has one.
+    pub backing: Option<BackingRecord>,
 }
 
 /// Errors from opening or checking a state file.
@@ -361,6 +379,7 @@ impl StateFile {
             let mut header = ours.clone();
             header.configured = false;
             header.identity = None;
+            header.backing = None;
             self.write_header(header)?;
             return Ok(true);
         }
@@ -442,6 +461,23 @@ impl StateFile {
         }
         header.secondaries = secondaries.to_vec();
         header.configured = true;
+        self.write_header(header)
+    }
+
+    /// The backing file the header records: the daemon reopens it with
+    /// [`BackingFile::reopen`](super::backing::BackingFile::reopen) before recovery.
+    pub fn backing(&self) -> Option<BackingRecord> {
+        self.header().and_then(|h| h.backing)
+    }
+
+    /// Records the backing file (crash-safe), before any page is written back to it.
+    pub fn set_backing(&self, backing: Option<BackingRecord>) -> Result<(), StateError> {
+        let Some(mut header) = self.header() else {
+            return Err(StateError::Corrupt {
+                path: self.name.clone(),
+            });
+        };
+        header.backing = backing;
         self.write_header(header)
     }
 
@@ -715,7 +751,18 @@ fn encode(h: &Header) -> Vec<u8> {
         b[244..248].copy_from_slice(&id.pid.to_le_bytes());
         b[248..256].copy_from_slice(&id.start_time.to_le_bytes());
     }
-    // 256..512: reserved for the backing file's key and identity (zero: none).
+    if let Some(backing) = &h.backing {
+        let path = backing.path.as_os_str().as_encoded_bytes();
+        let n = path.len().min(MAX_BACKING_PATH);
+        b[256..260].copy_from_slice(&1u32.to_le_bytes());
+        // At most MAX_BACKING_PATH (224).
+        #[allow(clippy::cast_possible_truncation)]
+        b[260..264].copy_from_slice(&(n as u32).to_le_bytes());
+        b[264..272].copy_from_slice(&backing.key.to_le_bytes());
+        b[272..280].copy_from_slice(&backing.dev.to_le_bytes());
+        b[280..288].copy_from_slice(&backing.ino.to_le_bytes());
+        b[288..288 + n].copy_from_slice(&path[..n]);
+    }
     let crc = crc32fast::hash(&b[..HEADER_BYTES]);
     b[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&crc.to_le_bytes());
     b
@@ -755,7 +802,22 @@ fn decode(b: &[u8]) -> Option<Header> {
         pid: u32_at(b, 244),
         start_time: u64_at(b, 248),
     });
+    let backing = match u32_at(b, 256) {
+        1 => {
+            let n = (u32_at(b, 260) as usize).min(MAX_BACKING_PATH);
+            let path =
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&b[288..288 + n]);
+            Some(BackingRecord {
+                path: PathBuf::from(path),
+                key: u64_at(b, 264),
+                dev: u64_at(b, 272),
+                ino: u64_at(b, 280),
+            })
+        }
+        _ => None,
+    };
     Some(Header {
+        backing,
         seq: u64_at(b, 16),
         capacity_pages: u64_at(b, 24),
         pool_pages: u64_at(b, 32),
@@ -791,6 +853,7 @@ mod tests {
             pool_pages: 16,
             layout: Layout::new(pages, 16),
             identity: None,
+            backing: None,
         }
     }
 
@@ -823,15 +886,23 @@ mod tests {
             start_time: 1 << 40,
         };
         state.set_identity(Some(identity)).unwrap();
+        let backing = BackingRecord {
+            path: PathBuf::from("/var/lib/vuz/backing"),
+            key: 0xfeed_beef,
+            dev: 2049,
+            ino: 77,
+        };
+        state.set_backing(Some(backing.clone())).unwrap();
         drop(state);
         let state = StateFile::open(tmp.path()).unwrap();
         assert!(!state.is_new());
+        assert_eq!(state.backing(), Some(backing));
         let h = state.header().unwrap();
         assert_eq!(h.capacity_pages, 1024);
         assert_eq!(h.secondaries, secondaries);
         assert_eq!(h.identity, Some(identity));
         assert_eq!(h.layout, Layout::new(1024, 16));
-        assert_eq!(h.seq, 3);
+        assert_eq!(h.seq, 4);
         assert!(
             !state.prepare(&header(1024)).unwrap(),
             "recovered, not created"

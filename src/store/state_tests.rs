@@ -340,19 +340,111 @@ fn the_frontend_identity_survives_and_destroy_clears_it() {
     assert!(!anonymous.has_state());
 }
 
-#[test]
-fn a_state_file_with_a_backing_file_is_refused_at_start() {
-    let tmp = shm_file();
-    let file = StateFile::open(tmp.path()).unwrap();
-    let backing = backing::BackingFile::with_io(Box::new(backing::MemIo::new()), None);
-    let mut store = PageStore::with_memory(config(16), POOL, StoreMemory::State(file))
+/// Opens the store on `state` with the backing file at `backing`: reopened as the header
+/// records it, or opened anew when the header records none (what the daemon does).
+fn open_with_backing(state: &std::path::Path, backing: &std::path::Path) -> PageStore {
+    let file = StateFile::open(state).unwrap();
+    let backing_file = match file.backing() {
+        Some(r) => backing::BackingFile::reopen(&r.path, r.key, (r.dev, r.ino)).unwrap(),
+        None => backing::BackingFile::open(backing).unwrap(),
+    };
+    let mut store = PageStore::with_memory(config(PAGES), POOL, StoreMemory::State(file))
         .unwrap()
-        .with_backing_file(backing);
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap()
+        .with_backing_file(backing_file);
+    store.recover().unwrap();
+    store
+}
+
+#[test]
+fn written_back_pages_survive_a_restart_on_the_same_backing_file() {
+    let tmp = shm_file();
+    let backing_path = shm_file();
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    for i in 0..PAGES {
+        store.write(i, &content(4, i)).unwrap();
+    }
+    store.mark_idle();
+    let outcome = store
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+    assert!(outcome.written > 100, "{outcome:?}");
+    // Rewrite and discard some written-back pages: their file ranges are released.
+    for i in (0..PAGES).step_by(5) {
+        store.write(i, &content(8, i)).unwrap();
+    }
+    store.discard(10..20).unwrap();
+    let expect = model_of(&store);
+    let on_file = store.stats().writeback.pages_on_file;
+    assert!(on_file > 0);
+    drop(store);
+
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    assert_eq!(store.stats().writeback.pages_on_file, on_file);
+    assert_eq!(model_of(&store), expect, "every page reads back");
+    store.check_consistency().unwrap();
+    // The file keeps working: more writeback, then another restart.
+    store.mark_idle();
+    store
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+    let expect = model_of(&store);
+    drop(store);
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    assert_eq!(model_of(&store), expect);
+    store.check_consistency().unwrap();
+}
+
+#[test]
+fn a_recorded_backing_file_opened_anew_is_refused() {
+    let tmp = shm_file();
+    let backing_path = shm_file();
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    store.write(1, &content(4, 1)).unwrap();
+    store.mark_idle();
+    store
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+    drop(store);
+    // Opened anew (emptied): its pages are gone, and recovery says so.
+    let file = StateFile::open(tmp.path()).unwrap();
+    let fresh = backing::BackingFile::open(backing_path.path()).unwrap();
+    let mut store = PageStore::with_memory(config(PAGES), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap()
+        .with_backing_file(fresh);
     let error = store.recover().unwrap_err();
+    assert!(
+        error.to_string().contains("not reopened as it was"),
+        "{error}"
+    );
+    drop(store);
+    // Without a backing file at all: refused too.
+    let file = StateFile::open(tmp.path()).unwrap();
+    let mut store = PageStore::with_memory(config(PAGES), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap();
+    let error = store.recover().unwrap_err();
+    assert!(
+        error.to_string().contains("start with that backing file"),
+        "{error}"
+    );
+    // Another file at the recorded path is not the recorded one.
+    let r = StateFile::open(tmp.path()).err();
+    assert!(r.is_some(), "still held by the store above");
+    drop(store);
+    let recorded = StateFile::open(tmp.path()).unwrap().backing().unwrap();
+    let other = shm_file();
+    let error =
+        backing::BackingFile::reopen(other.path(), recorded.key, (recorded.dev, recorded.ino))
+            .unwrap_err();
     assert!(
         error
             .to_string()
-            .contains("cannot be used with a backing file yet"),
+            .contains("is not the backing file the state file records"),
         "{error}"
     );
 }
