@@ -3,17 +3,14 @@
 //!
 //! A child (this test binary run again with `VUZ_CRASH_CHILD` set) opens a state file in
 //! /dev/shm, recovers it, starts compression workers and runs random writes through the
-//! pending pool and inline, rewrites, discards, compactions and recompressions (zstd:9 with a
-//! trained dictionary), logging an "about to" record before each operation and a "done"
+//! pending pool and inline, rewrites, discards, compactions, recompressions (zstd:9 with a
+//! trained dictionary) and writebacks to a backing file in /dev/shm, logging an "about to" record before each operation and a "done"
 //! record after it. The parent SIGKILLs it after a random 0–30 ms, recovers the state
 //! in-process, checks that every page equals its last completed write (the one operation in
 //! flight may show the old or the new page), that `check_consistency` passes (recover runs
 //! it), and lets a new child continue on the same state.
 //!
 //! `VUZ_CRASH_KILLS` sets the number of kills (default 200).
-//!
-//! Writeback is not exercised: a state file is refused with a backing file for now
-//! (DESIGN.md, "Crash rules").
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use vhost_user_zram::codec::Algorithm;
 use vhost_user_zram::pagegen::{fill_page, SplitMix64};
+use vhost_user_zram::store::backing::BackingFile;
 use vhost_user_zram::store::{
     same_fill, AlgorithmSpec, PageStore, PendingConfig, RecompressRequest, StateFile, StateStart,
-    StoreConfig, StoreMemory, TrainRequest,
+    StoreConfig, StoreMemory, TrainRequest, WritebackMode, WritebackRequest,
 };
 use vhost_user_zram::workers::CompressWorkers;
 use vhost_user_zram::PAGE_SIZE;
@@ -50,8 +48,10 @@ const POOL: PendingConfig = PendingConfig {
     max_pending_pages: 64,
 };
 
-/// Opens and recovers the store on `path`; retries while the last holder's lock goes away.
-fn open(path: &Path) -> (PageStore, StateStart) {
+/// Opens and recovers the store on `path` with its backing file, as the daemon should: the
+/// backing file the state records is reopened as it was, else `backing` is opened anew.
+/// Retries while the last holder's lock goes away.
+fn open(path: &Path, backing: &Path) -> (PageStore, StateStart) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let file = loop {
         match StateFile::open(path) {
@@ -63,13 +63,19 @@ fn open(path: &Path) -> (PageStore, StateStart) {
             Err(error) => panic!("{error}"),
         }
     };
+    let backing = match file.backing() {
+        Some(r) => BackingFile::reopen(&r.path, r.key, (r.dev, r.ino)),
+        None => BackingFile::open(backing),
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut store = PageStore::with_memory(config(), POOL, StoreMemory::State(file))
         .unwrap()
         .with_secondary_algorithms(&[AlgorithmSpec {
             algorithm: Algorithm::Zstd,
             level: Some(9),
         }])
-        .unwrap();
+        .unwrap()
+        .with_backing_file(backing);
     let start = store
         .recover()
         .unwrap_or_else(|e| panic!("recovery failed: {e}"));
@@ -107,6 +113,7 @@ enum Op {
     Compact,
     Recompress,
     Train,
+    Writeback,
 }
 
 fn encode(op: Op) -> String {
@@ -116,6 +123,7 @@ fn encode(op: Op) -> String {
         Op::Compact => "C".into(),
         Op::Recompress => "R".into(),
         Op::Train => "T".into(),
+        Op::Writeback => "B".into(),
     }
 }
 
@@ -129,6 +137,7 @@ fn decode(text: &str) -> Op {
         "C" => Op::Compact,
         "R" => Op::Recompress,
         "T" => Op::Train,
+        "B" => Op::Writeback,
         other => panic!("unknown log record {other}"),
     }
 }
@@ -138,6 +147,7 @@ fn child(spec: &str) {
     let mut parts = spec.split('|');
     let state = PathBuf::from(parts.next().unwrap());
     let log_path = PathBuf::from(parts.next().unwrap());
+    let backing = PathBuf::from(parts.next().unwrap());
     let seed: u64 = parts.next().unwrap().parse().unwrap();
     let mut log = std::fs::OpenOptions::new()
         .append(true)
@@ -147,7 +157,7 @@ fn child(spec: &str) {
         // One write(2) per record: a kill never leaves half a line.
         log.write_all(format!("{line}\n").as_bytes()).unwrap();
     };
-    let (store, _) = open(&state);
+    let (store, _) = open(&state, &backing);
     let store = Arc::new(store);
     let workers = CompressWorkers::start(Arc::clone(&store), &[]).unwrap();
     let mut rng = SplitMix64::new(seed);
@@ -158,7 +168,8 @@ fn child(spec: &str) {
             0..=59 => Op::Write(page, rng.next_u64() | 1 << 40),
             60..=74 => Op::Write(page, (rng.next_u64() | 1 << 40) & !7 | 3),
             75..=89 => Op::Discard(page),
-            90..=96 => Op::Compact,
+            90..=93 => Op::Compact,
+            94..=96 => Op::Writeback,
             97..=98 => Op::Recompress,
             // Training takes long; a few a child are enough.
             _ if rng.below(8) == 0 => Op::Train,
@@ -184,6 +195,15 @@ fn child(spec: &str) {
                     .recompress(&RecompressRequest {
                         max_pages: Some(16),
                         ..RecompressRequest::default()
+                    })
+                    .unwrap();
+            }
+            Op::Writeback => {
+                store.mark_idle();
+                store
+                    .writeback(&WritebackRequest {
+                        max_pages: Some(32),
+                        ..WritebackRequest::new(WritebackMode::Idle)
                     })
                     .unwrap();
             }
@@ -216,6 +236,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
         .unwrap();
     let state = dir.path().join("state");
     let log_path = dir.path().join("log");
+    let backing = dir.path().join("backing");
     std::fs::write(&log_path, b"").unwrap();
     let mut model: HashMap<u64, u64> = HashMap::new();
     let mut read_offset = 0;
@@ -223,6 +244,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
     let mut in_flight_kinds: HashMap<&'static str, usize> = HashMap::new();
     let started = Instant::now();
     let mut ops_done = 0usize;
+    let mut on_file = 0;
     let exe = std::env::current_exe().unwrap();
     for round in 0..kills {
         let mut child = Command::new(&exe)
@@ -230,9 +252,10 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
             .env(
                 CHILD_ENV,
                 format!(
-                    "{}|{}|{}",
+                    "{}|{}|{}|{}",
                     state.display(),
                     log_path.display(),
+                    backing.display(),
                     rng.next_u64()
                 ),
             )
@@ -269,7 +292,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
                         Op::Discard(p) => {
                             model.remove(&p);
                         }
-                        Op::Compact | Op::Recompress | Op::Train => {}
+                        Op::Compact | Op::Recompress | Op::Train | Op::Writeback => {}
                     }
                 }
                 other => panic!("unknown mark {other:?}"),
@@ -283,11 +306,12 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
             Some(Op::Compact) => "compaction",
             Some(Op::Recompress) => "recompression",
             Some(Op::Train) => "dictionary training",
+            Some(Op::Writeback) => "writeback",
         };
         *in_flight_kinds.entry(kind).or_default() += 1;
 
         // Recover (recover runs check_consistency) and check every page.
-        let (store, _) = open(&state);
+        let (store, _) = open(&state, &backing);
         let changing = match in_flight {
             Some(Op::Write(p, s)) => Some((p, s)),
             Some(Op::Discard(p)) => Some((p, 0)),
@@ -317,6 +341,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
             }
         }
         assert_eq!(store.stats().info.damaged_pages, 0, "round {round}");
+        on_file = on_file.max(store.stats().writeback.pages_on_file);
         drop(store);
     }
     let elapsed = started.elapsed();
@@ -328,4 +353,5 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
         elapsed.as_secs_f64()
     );
     assert!(ops_done > kills, "the children got work done between kills");
+    assert!(on_file > 0, "pages were on the backing file at some kill");
 }
