@@ -6,7 +6,9 @@
 //! bytes), named by their byte offset in the file and their length, which the slot table
 //! keeps. The file holds no index: its contents mean nothing without the slot table, and a
 //! file left by an earlier run is emptied when it is opened (a block device keeps its bytes,
-//! which this run never reads as its own, below).
+//! which this run never reads as its own, below) — unless a store recovered from a state file
+//! holds that slot table: then [`BackingFile::reopen`] keeps it, with the recorded key, and
+//! [`BackingFile::rebuild`] rebuilds the free space from the recovered slots.
 //!
 //! # Records: what proves an object is the slot's
 //! Each object is stored in a *record*: a 16-byte header (a magic, the page index, the length,
