@@ -366,7 +366,7 @@ impl StateFile {
     /// Checks the header against the configuration `ours` (its `seq`, `configured` and
     /// `identity` are ignored), or writes a new header when the file is new. Returns whether
     /// the file was created. On a mismatch the file is left untouched.
-    pub fn prepare(&self, ours: &Header) -> Result<bool, StateError> {
+    pub(crate) fn prepare(&self, ours: &Header) -> Result<bool, StateError> {
         if self.is_new() {
             if self.file_len()? != 0 {
                 // Created and never configured (killed before `recover`): it holds no page
@@ -432,7 +432,7 @@ impl StateFile {
     }
 
     /// Checks the secondary algorithms against the header (once configured), or records them.
-    pub fn configure(&self, secondaries: &[AlgorithmRecord]) -> Result<(), StateError> {
+    pub(crate) fn configure(&self, secondaries: &[AlgorithmRecord]) -> Result<(), StateError> {
         let Some(mut header) = self.header() else {
             return Err(StateError::Corrupt {
                 path: self.name.clone(),
@@ -471,7 +471,7 @@ impl StateFile {
     }
 
     /// Records the backing file (crash-safe), before any page is written back to it.
-    pub fn set_backing(&self, backing: Option<BackingRecord>) -> Result<(), StateError> {
+    pub(crate) fn set_backing(&self, backing: Option<BackingRecord>) -> Result<(), StateError> {
         let Some(mut header) = self.header() else {
             return Err(StateError::Corrupt {
                 path: self.name.clone(),
@@ -482,7 +482,10 @@ impl StateFile {
     }
 
     /// Records `identity` in the header (crash-safe: the older copy is written).
-    pub fn set_identity(&self, identity: Option<FrontendIdentity>) -> Result<(), StateError> {
+    pub(crate) fn set_identity(
+        &self,
+        identity: Option<FrontendIdentity>,
+    ) -> Result<(), StateError> {
         let Some(mut header) = self.header() else {
             return Err(StateError::Corrupt {
                 path: self.name.clone(),
@@ -827,12 +830,6 @@ fn decode(b: &[u8]) -> Option<Header> {
         layout,
         identity,
     })
-}
-
-/// A state file's path, for tests that make one under /dev/shm.
-#[doc(hidden)]
-pub fn shm_path(name: &str) -> PathBuf {
-    PathBuf::from("/dev/shm").join(name)
 }
 
 #[cfg(test)]

@@ -493,13 +493,6 @@ impl BackingFile {
         self.kept
     }
 
-    /// This backing file with the records' key `key`: for a kept file, the key of the run
-    /// that wrote them (tests of in-memory files use it too).
-    pub fn with_key(mut self, key: u64) -> BackingFile {
-        self.key = key;
-        self
-    }
-
     /// Whether an object of `len` bytes at `offset` can lie in this file (inside its limit).
     pub fn may_hold(&self, offset: u64, len: usize) -> bool {
         valid_object(offset, len, self.limit_blocks * BLOCK)
