@@ -356,21 +356,36 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             let mem = self.mem.memory();
             match runner.start_queue(state.get_queue_mut(), &*mem) {
                 Ok(None | Some(QueueStart::Fresh)) => {}
+                Ok(Some(QueueStart::Cleared {
+                    region_used,
+                    ring_used,
+                })) => info!(
+                    "queue {thread_id}: the inflight region's used index {region_used} does not \
+                     follow the ring's {ring_used} (the ring was reset); the region is cleared \
+                     and nothing is resubmitted"
+                ),
                 Ok(Some(QueueStart::Resumed {
                     next_avail,
                     last_batch_completed,
                     ..
                 })) => {
-                    info!(
-                        "queue {thread_id}: resubmitting {} request(s) an earlier daemon took \
-                         and did not complete{}; the ring goes on at avail index {next_avail}",
-                        runner.resubmit_pending(),
-                        if last_batch_completed {
-                            " (its last completion had reached the used ring)"
-                        } else {
-                            ""
-                        }
-                    );
+                    let pending = runner.resubmit_pending();
+                    let last = if last_batch_completed {
+                        " (its last completion had reached the used ring)"
+                    } else {
+                        ""
+                    };
+                    if pending > 0 {
+                        info!(
+                            "queue {thread_id}: resubmitting {pending} request(s) an earlier \
+                             daemon took and did not complete{last}; the ring goes on at avail \
+                             index {next_avail}"
+                        );
+                    } else {
+                        debug!(
+                            "queue {thread_id}: no request in flight in the inflight region{last}"
+                        );
+                    }
                 }
                 Err(start_error) => {
                     error!(
@@ -402,6 +417,8 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                 if self.stopping.load(Ordering::Acquire) {
                     return Ok(());
                 }
+                // `refuse` takes effect at the next request.
+                runner.set_refusing(self.refusing.load(Ordering::Acquire));
                 // A fresh memory snapshot for every request (one atomic load): a region the
                 // frontend adds while this queue is busy serves the very next request.
                 let mem = self.mem.memory();

@@ -424,6 +424,15 @@ pub enum QueueStart {
         /// Whether the last batch head was found completed (its flag cleared).
         last_batch_completed: bool,
     },
+    /// The region's used index is not the ring's, nor one behind it: the region does not
+    /// belong to this ring (a frontend that reset the ring and kept the region). It was
+    /// cleared and follows the ring from here; nothing is resubmitted.
+    Cleared {
+        /// The region's used index.
+        region_used: u16,
+        /// The ring's.
+        ring_used: u16,
+    },
 }
 
 impl InflightQueue {
@@ -492,7 +501,7 @@ impl InflightQueue {
     /// from is the used index plus their number. `ring_size` must equal the region's
     /// entries. A used index further off means the region does not belong to this ring (a
     /// frontend that reset the ring without a new region): it is cleared and nothing is
-    /// resubmitted; the caller logs that.
+    /// resubmitted ([`QueueStart::Cleared`]).
     pub fn start(
         &self,
         ring_size: u16,
@@ -539,6 +548,13 @@ impl InflightQueue {
                 for head in 0..self.desc_num {
                     view.flag(head).store(0, Ordering::Relaxed);
                 }
+                compiler_fence(Ordering::SeqCst);
+                view.header_u16(USED_IDX_OFFSET)
+                    .store(ring_used_idx, Ordering::Relaxed);
+                return Ok(QueueStart::Cleared {
+                    region_used,
+                    ring_used: ring_used_idx,
+                });
             }
             compiler_fence(Ordering::SeqCst);
             view.header_u16(USED_IDX_OFFSET)
@@ -713,8 +729,15 @@ mod tests {
         queue.start(8, 0, &mut resubmit).unwrap();
         queue.take(3, 1);
         let start = queue.start(8, 40, &mut resubmit).unwrap();
-        assert!(matches!(start, QueueStart::Resumed { next_avail: 40, .. }));
+        assert_eq!(
+            start,
+            QueueStart::Cleared {
+                region_used: 0,
+                ring_used: 40
+            }
+        );
         assert!(resubmit.is_empty());
+        assert_eq!(queue.view().flag(3).load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -676,7 +676,7 @@ impl RequestRunner {
             .start(queue.size(), used.0, &mut self.resubmit)
             .map_err(StartError::Region)?;
         match start {
-            QueueStart::Fresh => {}
+            QueueStart::Fresh | QueueStart::Cleared { .. } => {}
             QueueStart::Resumed {
                 next_avail,
                 last_counter,
