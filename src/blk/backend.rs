@@ -86,7 +86,14 @@ pub struct BlkBackend<S: BlockBackend> {
     recovered: AtomicBool,
     /// Whether every request is answered with an I/O error ([`BlkBackend::refuse`]).
     refusing: AtomicBool,
+    /// The daemon's decision on whose pages the store holds, made once, when the frontend
+    /// first uses the device ([`BlkBackend::set_admission`]).
+    admission: Mutex<Option<Admission>>,
 }
+
+/// Decides, when the frontend first uses the device, whether the store holds its pages; `Err`
+/// refuses the device with the reason given.
+type Admission = Box<dyn FnOnce() -> Result<Continuity, String> + Send>;
 
 /// Whether the store a backend serves is the one the frontend used before, which the daemon
 /// tells the backend before it serves a connection ([`BlkBackend::set_continuity`]).
@@ -170,6 +177,35 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             frontend_returned: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
+            admission: Mutex::new(None),
+        }
+    }
+
+    /// Sets the decision the daemon makes about the next frontend (see [`Continuity`]). It
+    /// runs once, at the first message that uses the device — `SET_FEATURES`,
+    /// `GET_INFLIGHT_FD`, `SET_INFLIGHT_FD` or a memory table —, before any request can be
+    /// served: a connection that only probes the socket, or only asks what the device offers,
+    /// decides nothing (and so destroys nothing). `Err(reason)` refuses the device.
+    pub fn set_admission(
+        &self,
+        decide: impl FnOnce() -> Result<Continuity, String> + Send + 'static,
+    ) {
+        if let Ok(mut slot) = self.admission.lock() {
+            *slot = Some(Box::new(decide));
+        }
+    }
+
+    /// Runs the admission decision if it has not run yet.
+    fn admit(&self) {
+        let decide = match self.admission.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(_) => None,
+        };
+        if let Some(decide) = decide {
+            match decide() {
+                Ok(continuity) => self.set_continuity(continuity),
+                Err(reason) => self.refuse(reason),
+            }
         }
     }
 
@@ -703,6 +739,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn acked_features(&self, features: u64) {
+        self.admit();
         // Logged once per negotiation: a frontend may repeat SET_FEATURES with the same bits
         // (QEMU does when it starts the device); a reset clears them, so a rebooted guest's
         // negotiation is logged again.
@@ -721,6 +758,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        self.admit();
         let (file, len) = inflight::create_region(
             asked.num_queues,
             asked.queue_size,
@@ -743,6 +781,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn set_inflight_fd(&self, given: &VhostUserInflight, file: File) -> io::Result<()> {
+        self.admit();
         let region = InflightRegion::map(
             &file,
             given.mmap_size,
@@ -839,6 +878,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        self.admit();
         // The handler has already swapped the new map into the GuestMemoryAtomic we share.
         // Requests still running off the queue threads write through the old map, which the
         // frontend may be reusing: let them land (bounded) or cancel them before answering.
