@@ -739,7 +739,7 @@ impl Daemon {
                 break Err(DaemonError::VhostUser(error.to_string()));
             }
             match &peer {
-                Some(peer) => debug!("accepted a connection from {peer}"),
+                Some(peer) => debug!("accepted a connection on the vhost-user socket from {peer}"),
                 None => debug!("accepted a connection on the vhost-user socket"),
             }
             connection.set(session.daemon.shutdown_handle(), &stop);
