@@ -338,3 +338,112 @@ fn a_state_of_another_size_is_refused_and_left_untouched() {
         "the refused state was changed"
     );
 }
+
+/// A stand-in for systemd's notification socket: receives datagrams and the fds they carry.
+struct ServiceManager {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServiceManager {
+    fn new() -> ServiceManager {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        ServiceManager {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Receives notifications until one contains `needle`; returns it and its fd, if any.
+    fn wait_for(&self, needle: &str) -> (String, Option<std::os::fd::OwnedFd>) {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        loop {
+            let mut buffer = [0u8; 512];
+            let mut control = [0u64; 8];
+            let mut iov = libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: buffer.len(),
+            };
+            // SAFETY: an all-zero msghdr is valid; every pointer set below is to a live local
+            // of the length given, and recvmsg writes within those lengths.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = &mut iov;
+            header.msg_iovlen = 1;
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = std::mem::size_of_val(&control);
+            // SAFETY: as above.
+            let n = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut header, 0) };
+            assert!(
+                n >= 0,
+                "no notification: {}",
+                std::io::Error::last_os_error()
+            );
+            let text = String::from_utf8_lossy(&buffer[..n.cast_unsigned()]).into_owned();
+            // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR/CMSG_DATA stay inside it,
+            // and an SCM_RIGHTS message's data is an fd the kernel installed for us.
+            let fd = unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&header);
+                if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+                    None
+                } else {
+                    let raw = libc::CMSG_DATA(cmsg).cast::<i32>().read_unaligned();
+                    Some(std::os::fd::OwnedFd::from_raw_fd(raw))
+                }
+            };
+            if text.contains(needle) {
+                return (text, fd);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fd_store_keeps_the_state_memfd_across_a_restart() {
+    let manager = ServiceManager::new();
+    let mut daemon = DaemonProcess::options()
+        .args(["--state-fdstore", "state"])
+        .env("NOTIFY_SOCKET", &manager.path)
+        .start();
+    let (stored, memfd) = manager.wait_for("FDSTORE=1");
+    assert!(stored.contains("FDNAME=state"), "{stored}");
+    let memfd = memfd.expect("the state memfd came with FDSTORE=1");
+    manager.wait_for("READY=1");
+    let mut frontend = Frontend::connect(&daemon.socket);
+    frontend.write_all(19);
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit();
+    drop(frontend);
+
+    // systemd's restart: the stored memfd comes back as fd 3, named in LISTEN_FDNAMES.
+    let mut second = DaemonProcess::options()
+        .socket_at(&daemon.socket)
+        .args(["--state-fdstore", "state"])
+        .env("NOTIFY_SOCKET", &manager.path)
+        .pass_fd(memfd, "state")
+        .start();
+    second.wait_for_log("recovered 512 pages");
+    let mut frontend = Frontend::connect(&second.socket);
+    frontend.assert_holds(19);
+    drop(frontend);
+    assert!(second.wait_exit().status.success());
+    let (removed, _) = manager.wait_for("FDSTOREREMOVE=1");
+    assert!(removed.contains("FDNAME=state"), "{removed}");
+}
+
+#[test]
+fn state_fdstore_outside_systemd_is_refused() {
+    let mut daemon = DaemonProcess::options()
+        .args(["--state-fdstore", "state"])
+        .env("NOTIFY_SOCKET", "")
+        .spawn();
+    let exited = daemon.wait_exit();
+    assert_eq!(exited.status.code(), Some(2), "{}", exited.stderr);
+    assert!(exited.stderr.contains("--state PATH"), "{}", exited.stderr);
+}
