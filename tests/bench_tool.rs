@@ -278,3 +278,80 @@ fn compare_puts_polling_beside_the_default_with_cpu_per_request_and_the_targets(
         "{polling_randread:?}"
     );
 }
+
+#[test]
+fn compare_state_puts_the_state_file_beside_anonymous_memory_and_measures_a_restart() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+
+    // Act
+    let output = Command::new(BENCH)
+        .args([
+            "--compare-state",
+            "--daemon-bin",
+            DAEMON,
+            "--size",
+            "16M",
+            "--duration",
+            "0.2",
+        ])
+        .args(["--phases", "fill,randwrite,randread", "--pool-pages", "64"])
+        .args(["--restart-sample-pages", "512", "--json"])
+        .arg(&json_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state_file = format!("/dev/shm/vhost-user-zram-bench.{}.state", output.id());
+    let output = output.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Assert: both ran, side by side, with a ratio per phase and the memory of each.
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let block = &stdout[stdout
+        .find("== state file (--state on /dev/shm) against anonymous memory ==")
+        .unwrap_or_else(|| panic!("no state block; stdout: {stdout}"))..];
+    for phase in ["fill", "randwrite", "randread"] {
+        let row = block
+            .lines()
+            .find(|l| l.starts_with(phase))
+            .unwrap_or_else(|| panic!("no {phase} row in {block}"));
+        assert!(row.contains('x'), "no ratio: {row}");
+    }
+    assert!(
+        block.lines().any(|l| l.starts_with("mem_used_total")),
+        "{block}"
+    );
+    assert!(block.contains("socket accepting"), "{block}");
+    // The restart: the same process reconnected and read back what it wrote.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let state = json["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["backend"] == "vhost-user-zram-state")
+        .expect("a state backend in the JSON");
+    let restart = &state["restart"];
+    assert_eq!(restart["sample_pages"], 512, "{restart}");
+    assert_eq!(restart["verified_pages"], 512, "{restart}");
+    let accepting = restart["socket_accepting_ms"].as_f64().unwrap();
+    let first_read = restart["first_read_ms"].as_f64().unwrap();
+    assert!(0.0 < accepting && accepting <= first_read, "{restart}");
+    assert_eq!(
+        restart["recovered_pages"], restart["pages_at_kill"],
+        "{restart}"
+    );
+    assert!(restart["recovery_ms"].as_f64().is_some(), "{restart}");
+    // The state file is gone once the run is over.
+    assert!(
+        !std::path::Path::new(&state_file).exists(),
+        "{state_file} is left"
+    );
+}

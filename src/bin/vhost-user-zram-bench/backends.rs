@@ -99,6 +99,42 @@ impl ChildGuard {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
+    /// Everything the child printed so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `socket` accepts a connection (a stale socket file left by a killed
+    /// process refuses it), failing early if the child exits first. The probe connects and
+    /// closes at once, before using the device, which vhost-user-zram takes as a liveness
+    /// probe.
+    pub fn wait_accepting(&mut self, socket: &Path) -> Result<(), String> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Ok(());
+            }
+            let child = self.child.as_mut().ok_or("the child was already reaped")?;
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                self.child = None;
+                return Err(format!(
+                    "{} exited with {status} before accepting on {}:\n{}",
+                    self.name,
+                    socket.display(),
+                    self.log_tail()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not accept on {} in time",
+                    self.name,
+                    socket.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
     /// Waits until `socket` exists, failing early if the child exits first.
     pub fn wait_for_socket(&mut self, socket: &Path) -> Result<(), String> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -373,6 +409,9 @@ pub enum BackendKind {
     VhostUserZramInline,
     /// vhost-user-zram with `--workers 1` (in `--compare` when that is not the default).
     VhostUserZramOneWorker,
+    /// vhost-user-zram with `--state` on a file in /dev/shm (`--compare-state`), beside the
+    /// default that keeps its store in anonymous memory.
+    VhostUserZramState,
     /// A vhost-user-blk backend that was already running (`--socket`).
     External,
     /// The kernel's zram, through io_uring with O_DIRECT.
@@ -389,6 +428,7 @@ impl BackendKind {
         match self {
             BackendKind::VhostUserZramInline => "vuz --workers 0".into(),
             BackendKind::VhostUserZramOneWorker => "vuz --workers 1".into(),
+            BackendKind::VhostUserZramState => "vuz --state".into(),
             BackendKind::VhostUserZram => "vhost-user-zram".into(),
             BackendKind::VhostUserZramPolling(max_us) => format!("vuz --poll {max_us}"),
             BackendKind::External => "socket".into(),
@@ -406,6 +446,7 @@ impl BackendKind {
             BackendKind::VhostUserZramPolling(_) => "vhost-user-zram-polling",
             BackendKind::VhostUserZramInline => "vhost-user-zram-inline",
             BackendKind::VhostUserZramOneWorker => "vhost-user-zram-one-worker",
+            BackendKind::VhostUserZramState => "vhost-user-zram-state",
             BackendKind::External => "external",
             BackendKind::KernelZram => "kernel-zram",
             BackendKind::QsdNull => "qsd-null",
@@ -413,10 +454,11 @@ impl BackendKind {
         }
     }
 
-    /// The extra daemon arguments of a vhost-user-zram variant, `None` for other backends.
+    /// The extra daemon arguments of a vhost-user-zram variant, `None` for other backends
+    /// (the state variant's `--state PATH` is added where the file is made).
     pub fn daemon_variant_args(self) -> Option<Vec<String>> {
         let args: &[&str] = match self {
-            BackendKind::VhostUserZram => &[],
+            BackendKind::VhostUserZram | BackendKind::VhostUserZramState => &[],
             BackendKind::VhostUserZramPolling(max_us) => {
                 return Some(vec!["--poll-max-us".into(), max_us.to_string()]);
             }
@@ -470,7 +512,26 @@ pub struct Backend {
     daemon_binary: Option<PathBuf>,
     /// The kernel zram device, for its sysfs mm_stat.
     pub kernel_zram: Option<KernelZram>,
+    /// How to start vhost-user-zram again on the same socket (and state file).
+    relaunch: Option<Relaunch>,
     _backing_file: Option<FileGuard>,
+}
+
+/// The command that launched vhost-user-zram, to launch it again after a kill.
+struct Relaunch {
+    binary: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    socket: PathBuf,
+    log_stem: PathBuf,
+    restarts: u32,
+}
+
+/// What a restart of vhost-user-zram measured, up to the socket accepting.
+pub struct Restarted {
+    /// When the new process was spawned.
+    pub spawned: Instant,
+    /// Spawn to the socket accepting a connection.
+    pub accepting_after: Duration,
 }
 
 impl Backend {
@@ -484,6 +545,7 @@ impl Backend {
             daemon_binary: control.as_ref().map(|_| daemon_binary),
             control_socket: control,
             kernel_zram: None,
+            relaunch: None,
             _backing_file: None,
         }
     }
@@ -499,10 +561,26 @@ impl Backend {
         let variant = kind
             .daemon_variant_args()
             .ok_or("not a vhost-user-zram backend")?;
-        let stem = format!("vhost-user-zram{}", variant.concat());
+        let stem = if kind == BackendKind::VhostUserZramState {
+            "vhost-user-zram-state".to_owned()
+        } else {
+            format!("vhost-user-zram{}", variant.concat())
+        };
         let socket = dir.join(&format!("{stem}.sock"));
         let control = dir.join(&format!("{stem}.ctl"));
+        let mut state_file = None;
         let mut command = Command::new(&options.binary);
+        if kind == BackendKind::VhostUserZramState {
+            // The daemon creates the file; it removes it itself when the frontend disconnects,
+            // and the guard removes whatever a failed run leaves.
+            let path = PathBuf::from(format!(
+                "/dev/shm/vhost-user-zram-bench.{}.state",
+                std::process::id()
+            ));
+            let _ = fs::remove_file(&path);
+            command.arg("--state").arg(&path);
+            state_file = Some(FileGuard(path));
+        }
         command
             .arg("--socket-path")
             .arg(&socket)
@@ -521,6 +599,13 @@ impl Backend {
         if let Some(level) = options.level {
             command.arg("--algorithm-level").arg(level.to_string());
         }
+        let relaunch = Relaunch {
+            binary: options.binary.clone(),
+            args: command.get_args().map(ToOwned::to_owned).collect(),
+            socket: socket.clone(),
+            log_stem: dir.join(&stem),
+            restarts: 0,
+        };
         let mut process =
             ChildGuard::spawn(&kind.label(), command, dir.join(&format!("{stem}.log")))?;
         process.wait_for_socket(&socket)?;
@@ -531,7 +616,50 @@ impl Backend {
             control_socket: Some(control),
             daemon_binary: Some(options.binary.clone()),
             kernel_zram: None,
-            _backing_file: None,
+            relaunch: Some(relaunch),
+            _backing_file: state_file,
+        })
+    }
+
+    /// Kills vhost-user-zram with SIGKILL, as a crash would.
+    pub fn kill_daemon(&mut self) -> Result<(), String> {
+        if self.relaunch.is_none() {
+            return Err("only a vhost-user-zram the bench launched can be restarted".into());
+        }
+        let process = self.process.as_mut().ok_or("the daemon is not running")?;
+        match process.finish(Duration::ZERO) {
+            Some(status) => Err(format!(
+                "the daemon had already exited ({status}) before the kill"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts vhost-user-zram again with the arguments it was first started with (the same
+    /// socket, and state file), and waits until its socket accepts. The new process logs to a
+    /// file of its own.
+    pub fn restart_daemon(&mut self) -> Result<Restarted, String> {
+        let relaunch = self
+            .relaunch
+            .as_mut()
+            .ok_or("only a vhost-user-zram the bench launched can be restarted")?;
+        relaunch.restarts += 1;
+        let log = PathBuf::from(format!(
+            "{}.restart{}.log",
+            relaunch.log_stem.display(),
+            relaunch.restarts
+        ));
+        let mut command = Command::new(&relaunch.binary);
+        command.args(&relaunch.args);
+        let spawned = Instant::now();
+        let mut process = ChildGuard::spawn(&self.kind.label(), command, log)?;
+        let result = process.wait_accepting(&relaunch.socket);
+        let accepting_after = spawned.elapsed();
+        self.process = Some(process);
+        result?;
+        Ok(Restarted {
+            spawned,
+            accepting_after,
         })
     }
 
@@ -581,6 +709,7 @@ impl Backend {
             control_socket: None,
             daemon_binary: None,
             kernel_zram: None,
+            relaunch: None,
             _backing_file: backing_file,
         })
     }
@@ -595,6 +724,7 @@ impl Backend {
             control_socket: None,
             daemon_binary: None,
             kernel_zram: Some(device),
+            relaunch: None,
             _backing_file: None,
         })
     }
@@ -604,6 +734,11 @@ impl Backend {
     /// is someone else's).
     pub fn cpu_time(&self) -> Option<Result<Duration, String>> {
         self.process.as_ref().and_then(ChildGuard::cpu_time)
+    }
+
+    /// What the backend's process (the latest, after a restart) has logged so far.
+    pub fn daemon_log(&self) -> Option<String> {
+        self.process.as_ref().map(ChildGuard::log_text)
     }
 
     /// Tells, from any thread, whether the backend's process has exited.
@@ -701,9 +836,34 @@ impl MemorySnapshot {
     }
 }
 
+/// The pages and the milliseconds of vhost-user-zram's log line `state NAME: recovered N pages
+/// of WHOSE in X ms`.
+pub fn parse_recovered(log: &str) -> Option<(u64, f64)> {
+    let line = log
+        .lines()
+        .find(|l| l.contains(": recovered ") && l.contains(" pages of "))?;
+    let after = &line[line.find(": recovered ")? + ": recovered ".len()..];
+    let pages = after.split_whitespace().next()?.parse().ok()?;
+    let tail = &after[after.rfind(" in ")? + " in ".len()..];
+    let ms = tail.strip_suffix("ms")?.trim().parse().ok()?;
+    Some((pages, ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recovery_line_gives_pages_and_milliseconds() {
+        let log = "[2026-12-06T22:00:00Z INFO  vhost_user_zram::daemon] state /dev/shm/x.state: \
+                   recovered 1048576 pages of frontend pid 42 (started at tick 7) in 312.5 ms\n\
+                   [.. INFO ..] listening";
+        assert_eq!(parse_recovered(log), Some((1_048_576, 312.5)));
+        assert_eq!(
+            parse_recovered("state x: new; the guest's pages will outlive"),
+            None
+        );
+    }
 
     #[test]
     fn stats_json_gives_mm_and_the_slot_table() {

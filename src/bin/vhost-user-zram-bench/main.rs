@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::backends::{Backend, BackendKind, DaemonOptions, KernelZram, KernelZramError, RunDir};
+use crate::backends::{
+    parse_recovered, Backend, BackendKind, DaemonOptions, KernelZram, KernelZramError, RunDir,
+};
 use crate::device::Device;
 use crate::progress::ProgressReporter;
-use crate::report::{BackendReport, PhaseReport, Report, WorkloadDescription};
+use crate::report::{BackendReport, PhaseReport, Report, RestartReport, WorkloadDescription};
 use crate::workload::{Phase, RunControl, Workload};
 
 /// Benchmark a vhost-user-blk device (vhost-user-zram by default) with a swap-like workload.
@@ -108,6 +110,23 @@ struct Args {
     /// /dev/shm file, and print one side-by-side table.
     #[arg(long)]
     compare: bool,
+
+    /// Run vhost-user-zram a second time with `--state` on a file in /dev/shm (removed
+    /// afterwards), beside the one with anonymous memory, and compare: IOPS per phase with the
+    /// ratio state / anonymous, and mem_used_total. Then, unless --no-restart-check, kill the
+    /// state daemon with SIGKILL, start it again on the same file and socket, and measure the
+    /// time to its socket accepting and to the first read served, and verify a sample of pages.
+    #[arg(long, conflicts_with = "socket")]
+    compare_state: bool,
+
+    /// With --compare-state: skip the kill-and-restart measurement.
+    #[arg(long, requires = "compare_state")]
+    no_restart_check: bool,
+
+    /// Pages the restart check reads back and verifies after the restart (random written
+    /// pages; every one when the device has fewer).
+    #[arg(long, default_value_t = 4096, value_name = "PAGES", value_parser = clap::value_parser!(u64).range(1..))]
+    restart_sample_pages: u64,
 
     /// The polling window of the extra vhost-user-zram in --compare, `vuz --poll N`
     /// (--poll-max-us N), beside the default that does not poll; 0 leaves it out.
@@ -327,6 +346,9 @@ fn run(args: &Args) -> Result<Report, String> {
     } else {
         BackendKind::VhostUserZram
     }];
+    if args.compare_state {
+        plan.push(BackendKind::VhostUserZramState);
+    }
     if args.compare {
         // Polling off (the default) against on, the compression workers against the queue
         // thread compressing (`--workers 0`), and against one worker when the default is
@@ -386,7 +408,8 @@ fn run(args: &Args) -> Result<Report, String> {
                 BackendKind::VhostUserZram
                 | BackendKind::VhostUserZramPolling(_)
                 | BackendKind::VhostUserZramInline
-                | BackendKind::VhostUserZramOneWorker => {
+                | BackendKind::VhostUserZramOneWorker
+                | BackendKind::VhostUserZramState => {
                     Backend::vhost_user_zram(&dir, kind, &daemon, args.size, queues)
                 }
                 BackendKind::QsdNull | BackendKind::QsdShmFile => {
@@ -518,6 +541,20 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
             }
         }
         entry.mm_stat_at_end = backend.mm_stat().transpose()?;
+        if kind == BackendKind::VhostUserZramState && !args.no_restart_check {
+            if !workload.filled() {
+                entry
+                    .notes
+                    .push("restart check skipped: it needs the fill phase".into());
+            } else if !STOP.load(Ordering::Relaxed) {
+                let pages_at_kill = entry
+                    .mm_stat_at_end
+                    .map(|m| m.mm.orig_data_size / vhost_user_zram::PAGE_SIZE as u64);
+                let mut restart = restart_check(args, &mut backend, device, &workload)?;
+                restart.pages_at_kill = pages_at_kill;
+                entry.restart = Some(restart);
+            }
+        }
         Ok(())
     })();
     if let Err(e) = result {
@@ -526,13 +563,17 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
     // The device was dropped inside the closure: the frontend has disconnected. vhost-user-zram
     // exits by itself then; qemu-storage-daemon is killed.
     if let Some(process) = backend.process.as_mut() {
-        let wait = if kind == BackendKind::VhostUserZram {
+        let exits_by_itself = matches!(
+            kind,
+            BackendKind::VhostUserZram | BackendKind::VhostUserZramState
+        );
+        let wait = if exits_by_itself {
             Duration::from_secs(10)
         } else {
             Duration::ZERO
         };
         let status = process.finish(wait);
-        if kind == BackendKind::VhostUserZram {
+        if exits_by_itself {
             match status {
                 Some(status) if status.success() => {}
                 Some(status) => entry.notes.push(format!("daemon exited with {status}")),
@@ -548,6 +589,56 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
         }
     }
     entry
+}
+
+/// Kills the state daemon with SIGKILL while `device` is connected (a crash: the state keeps
+/// the pages), starts it again on the same state file and socket, reconnects from this same
+/// process with a new libblkio instance, and reads back a sample of pages.
+fn restart_check(
+    args: &Args,
+    backend: &mut Backend,
+    device: Device,
+    workload: &Workload,
+) -> Result<RestartReport, String> {
+    let queues = args.queues as usize;
+    let io_timeout = Duration::from_secs_f64(args.io_timeout);
+    let sample = workload.written_page_sample(
+        usize::try_from(args.restart_sample_pages).unwrap_or(usize::MAX),
+        args.seed,
+    );
+    let (first, rest) = sample.split_first().ok_or("no written page to read back")?;
+    eprintln!(
+        "{}: restart check: SIGKILL, start again",
+        backend.kind.label()
+    );
+    // Killed first, so the frontend's disconnect cannot be seen as the VM ending.
+    backend.kill_daemon()?;
+    drop(device);
+    let restarted = backend.restart_daemon()?;
+    let mut device = Device::open(
+        &backend.transport,
+        queues,
+        args.queue_size as usize,
+        Workload::buffer_bytes_per_lane(args.queue_depth as usize),
+        Duration::from_secs(10),
+    )?;
+    let first_read = workload.read_back(&mut device, std::slice::from_ref(first), io_timeout)?;
+    let first_read_ms = restarted.spawned.elapsed().as_secs_f64() * 1e3;
+    let sample_started = std::time::Instant::now();
+    let rest_read = workload.read_back(&mut device, rest, io_timeout)?;
+    let sample_ms = sample_started.elapsed().as_secs_f64() * 1e3;
+    let recovered = backend.daemon_log().as_deref().and_then(parse_recovered);
+    Ok(RestartReport {
+        pages_at_kill: None,
+        socket_accepting_ms: restarted.accepting_after.as_secs_f64() * 1e3,
+        first_read_ms,
+        sample_pages: first_read.pages + rest_read.pages,
+        verified_pages: first_read.verified + rest_read.verified,
+        sample_ms,
+        recovered_pages: recovered.map(|(pages, _)| pages),
+        recovery_ms: recovered.map(|(_, ms)| ms),
+        mm_stat_after_restart: backend.mm_stat().transpose()?,
+    })
 }
 
 #[cfg(test)]
@@ -585,6 +676,16 @@ mod tests {
         assert!(Args::try_parse_from(["b", "--compare-poll-us", "10001"]).is_err());
         assert!(Args::try_parse_from(["b", "--socket", "/s", "--compare"]).is_err());
         assert!(Args::try_parse_from(["b", "--phases", "fill,bogus"]).is_err());
+    }
+
+    #[test]
+    fn compare_state_takes_its_restart_flags_and_not_an_external_socket() {
+        let args = Args::try_parse_from(["b", "--compare-state"]).unwrap();
+        assert!(args.compare_state && !args.no_restart_check);
+        assert_eq!(args.restart_sample_pages, 4096);
+        assert!(Args::try_parse_from(["b", "--compare-state", "--no-restart-check"]).is_ok());
+        assert!(Args::try_parse_from(["b", "--no-restart-check"]).is_err());
+        assert!(Args::try_parse_from(["b", "--compare-state", "--socket", "/s"]).is_err());
     }
 
     #[test]

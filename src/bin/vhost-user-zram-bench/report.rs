@@ -71,6 +71,33 @@ pub struct BackendReport {
     pub mm_stat_after_fill: Option<MemorySnapshot>,
     /// zram statistics after the last phase.
     pub mm_stat_at_end: Option<MemorySnapshot>,
+    /// The crash-and-restart measurement, for vhost-user-zram with a state file.
+    pub restart: Option<RestartReport>,
+}
+
+/// vhost-user-zram with a state file, killed with SIGKILL after the last phase and started
+/// again on the same state file and socket; the bench reconnects from the same process.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestartReport {
+    /// Pages the store held when it was killed (orig_data_size / 4 KiB at the end).
+    pub pages_at_kill: Option<u64>,
+    /// Spawn of the new daemon to its socket accepting a connection, in milliseconds.
+    pub socket_accepting_ms: f64,
+    /// Spawn of the new daemon to the first read served with the data last written (a new
+    /// libblkio instance connected, started, one page read and checked), in milliseconds.
+    pub first_read_ms: f64,
+    /// Random written pages read back after the restart.
+    pub sample_pages: u64,
+    /// Of those, pages holding what was last written.
+    pub verified_pages: u64,
+    /// How long reading the sample took, in milliseconds.
+    pub sample_ms: f64,
+    /// The pages the new daemon's log says it recovered.
+    pub recovered_pages: Option<u64>,
+    /// The recovery scan's time, from the new daemon's log, in milliseconds.
+    pub recovery_ms: Option<f64>,
+    /// The new daemon's memory figures once the sample was read.
+    pub mm_stat_after_restart: Option<MemorySnapshot>,
 }
 
 /// One phase's results.
@@ -142,6 +169,7 @@ impl BackendReport {
             iops_by_round: Vec::new(),
             mm_stat_after_fill: None,
             mm_stat_at_end: None,
+            restart: None,
         }
     }
 
@@ -173,6 +201,7 @@ impl BackendReport {
         merged.error = rounds.iter().find_map(|r| r.error.clone());
         merged.mm_stat_after_fill = rounds.iter().find_map(|r| r.mm_stat_after_fill);
         merged.mm_stat_at_end = rounds.iter().find_map(|r| r.mm_stat_at_end);
+        merged.restart = rounds.iter().find_map(|r| r.restart.clone());
         for round in &rounds {
             for note in &round.notes {
                 if !merged.notes.contains(note) {
@@ -221,6 +250,37 @@ fn iops(value: f64) -> String {
     } else {
         format!("{value:.0}")
     }
+}
+
+/// The restart figures, a few lines.
+fn restart_lines(restart: &RestartReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "restart after SIGKILL{}: socket accepting {:.1} ms after the spawn, first read served \
+         and verified {:.1} ms after the spawn",
+        restart
+            .pages_at_kill
+            .map(|pages| format!(" ({pages} pages stored)"))
+            .unwrap_or_default(),
+        restart.socket_accepting_ms,
+        restart.first_read_ms
+    );
+    let _ = writeln!(
+        out,
+        "restart: {} of {} sampled pages verified (read in {:.1} ms); daemon log: {}",
+        restart.verified_pages,
+        restart.sample_pages,
+        restart.sample_ms,
+        match (restart.recovered_pages, restart.recovery_ms) {
+            (Some(pages), Some(ms)) => format!("recovered {pages} pages in {ms:.1} ms"),
+            _ => "no recovery line".into(),
+        }
+    );
+    if let Some(mm) = &restart.mm_stat_after_restart {
+        let _ = writeln!(out, "mm_stat after restart: {}", mm_stat_line(mm));
+    }
+    out
 }
 
 fn mm_stat_line(snapshot: &MemorySnapshot) -> String {
@@ -394,6 +454,9 @@ impl Report {
             if let Some(mm) = &backend.mm_stat_at_end {
                 let _ = writeln!(out, "mm_stat at end:     {}", mm_stat_line(mm));
             }
+            if let Some(restart) = &backend.restart {
+                out.push_str(&restart_lines(restart));
+            }
             for note in &backend.notes {
                 let _ = writeln!(out, "note: {note}");
             }
@@ -403,6 +466,88 @@ impl Report {
         }
         if self.backends.len() > 1 {
             out.push_str(&self.render_comparison());
+            out.push_str(&self.render_state_comparison());
+        }
+        out
+    }
+
+    /// vhost-user-zram with its store in a state file on /dev/shm against the same daemon with
+    /// anonymous memory: IOPS per phase and their ratio, memory, and the restart figures.
+    fn render_state_comparison(&self) -> String {
+        let find = |kind| self.backends.iter().find(|b| b.backend == kind);
+        let (Some(anonymous), Some(state)) = (
+            find(BackendKind::VhostUserZram),
+            find(BackendKind::VhostUserZramState),
+        ) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\n== state file (--state on /dev/shm) against anonymous memory =="
+        );
+        let _ = writeln!(
+            out,
+            "{:<18} {:>16} {:>16} {:>12} {:>10}",
+            "phase", "anonymous", "state", "ratio", ">= 0.95"
+        );
+        for phase in self.phases_run() {
+            let (Some(a), Some(s)) = (anonymous.phase(phase), state.phase(phase)) else {
+                continue;
+            };
+            let (ratio, verdict) = if a.iops > 0.0 {
+                let ratio = s.iops / a.iops;
+                (
+                    format!("{ratio:.3}x"),
+                    if ratio >= 0.95 { "met" } else { "missed" },
+                )
+            } else {
+                ("n/a".into(), "n/a")
+            };
+            let _ = writeln!(
+                out,
+                "{:<18} {:>16} {:>16} {ratio:>12} {verdict:>10}",
+                phase.name(),
+                iops(a.iops),
+                iops(s.iops)
+            );
+        }
+        let memory = |label: &str, of: &dyn Fn(&BackendReport) -> Option<MemorySnapshot>| {
+            let (a, s) = (of(anonymous), of(state));
+            let text =
+                |m: Option<MemorySnapshot>| m.map_or("-".into(), |m| mib(m.mm.mem_used_total));
+            let verdict = match (a, s) {
+                (Some(a), Some(s)) if a.mm.mem_used_total == s.mm.mem_used_total => {
+                    "equal".to_owned()
+                }
+                (Some(a), Some(s)) => {
+                    let difference = s.mm.mem_used_total as f64 - a.mm.mem_used_total as f64;
+                    format!(
+                        "{difference:+.0} B ({:+.2} %)",
+                        difference * 100.0 / (a.mm.mem_used_total.max(1) as f64)
+                    )
+                }
+                _ => "n/a".into(),
+            };
+            format!(
+                "{label:<18} {:>16} {:>16} {:>12}\n",
+                text(a),
+                text(s),
+                verdict
+            )
+        };
+        out.push_str(&memory("mem_used_total", &|b| b.mm_stat_after_fill));
+        out.push_str(&memory("  at end", &|b| b.mm_stat_at_end));
+        let _ = writeln!(
+            out,
+            "(IOPS ratio = state / anonymous; mem_used_total after the fill, once the workers had \
+             drained, and after the last phase, pending pages included)"
+        );
+        match &state.restart {
+            Some(restart) => out.push_str(&restart_lines(restart)),
+            None => {
+                let _ = writeln!(out, "restart: not measured");
+            }
         }
         out
     }
@@ -486,7 +631,13 @@ impl Report {
         }
         out.push_str(&self.render_latency_and_workers());
         out.push_str(&self.render_daemon_cpu());
-        out.push_str(&self.render_goals());
+        if self
+            .backends
+            .iter()
+            .any(|b| matches!(b.backend, BackendKind::KernelZram | BackendKind::QsdNull))
+        {
+            out.push_str(&self.render_goals());
+        }
         out
     }
 
@@ -939,5 +1090,62 @@ mod tests {
             .find(|l| l.starts_with("randread IOPS / kernel"))
             .unwrap();
         assert!(row.ends_with("n/a"), "{row}");
+    }
+
+    #[test]
+    fn the_state_block_gives_ratios_memory_and_the_restart() {
+        let memory = |used| MemorySnapshot {
+            mm: vhost_user_zram::store::MmStat {
+                mem_used_total: used,
+                ..Default::default()
+            },
+            slot_table_bytes: None,
+        };
+        let mut anonymous = backend(
+            BackendKind::VhostUserZram,
+            vec![
+                phase(Phase::Fill, 100_000.0),
+                phase(Phase::RandWrite, 200_000.0),
+            ],
+        );
+        anonymous.mm_stat_after_fill = Some(memory(1 << 20));
+        let mut state = backend(
+            BackendKind::VhostUserZramState,
+            vec![
+                phase(Phase::Fill, 99_000.0),
+                phase(Phase::RandWrite, 180_000.0),
+            ],
+        );
+        state.mm_stat_after_fill = Some(memory(1 << 20));
+        state.restart = Some(RestartReport {
+            pages_at_kill: Some(256),
+            socket_accepting_ms: 12.25,
+            first_read_ms: 20.5,
+            sample_pages: 256,
+            verified_pages: 256,
+            sample_ms: 3.0,
+            recovered_pages: Some(256),
+            recovery_ms: Some(1.5),
+            mm_stat_after_restart: None,
+        });
+        let text = report_of(vec![anonymous, state]).render();
+        let block = &text[text
+            .find("== state file (--state on /dev/shm) against anonymous memory ==")
+            .unwrap()..];
+        let row = |start: &str| block.lines().find(|l| l.starts_with(start)).unwrap();
+        assert!(row("fill").ends_with("0.990x        met"), "{block}");
+        assert!(row("randwrite").ends_with("0.900x     missed"), "{block}");
+        assert!(row("mem_used_total").ends_with("equal"), "{block}");
+        assert!(
+            block.contains(
+                "socket accepting 12.2 ms after the spawn, first read served and verified 20.5 ms"
+            ),
+            "{block}"
+        );
+        assert!(
+            block.contains("256 of 256 sampled pages verified"),
+            "{block}"
+        );
+        assert!(block.contains("recovered 256 pages in 1.5 ms"), "{block}");
     }
 }

@@ -375,6 +375,146 @@ impl Workload {
     }
 }
 
+/// What reading a sample of pages back found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadBack {
+    /// Pages read.
+    pub pages: u64,
+    /// Pages whose data was what was last written.
+    pub verified: u64,
+}
+
+impl Workload {
+    /// Up to `count` distinct device pages that have been written, drawn at random with
+    /// `seed` (every written page when there are fewer).
+    pub fn written_page_sample(&self, count: usize, seed: u64) -> Vec<u64> {
+        let queues = self.page_states.len() as u64;
+        let written: Vec<u64> = self
+            .page_states
+            .iter()
+            .enumerate()
+            .flat_map(|(q, states)| {
+                states
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.written)
+                    .map(move |(i, _)| q as u64 + i as u64 * queues)
+            })
+            .collect();
+        if written.len() <= count {
+            return written;
+        }
+        let mut rng = vhost_user_zram::pagegen::SplitMix64::new(seed ^ 0x7e57_a7e0);
+        let mut chosen = std::collections::HashSet::with_capacity(count);
+        while chosen.len() < count {
+            chosen.insert(written[to_index(rng.below(written.len() as u64))]);
+        }
+        let mut sample: Vec<u64> = chosen.into_iter().collect();
+        sample.sort_unstable();
+        // Random order, so the reads do not walk the device.
+        for i in (1..sample.len()).rev() {
+            sample.swap(i, to_index(rng.below(i as u64 + 1)));
+        }
+        sample
+    }
+
+    /// Reads `pages` (device page numbers) on the device's first queue, up to the queue depth
+    /// in flight, and checks each against what was last written. Fails on an I/O error, a
+    /// wrong page, or `io_timeout` without a completion.
+    pub fn read_back(
+        &self,
+        device: &mut Device,
+        pages: &[u64],
+        io_timeout: Duration,
+    ) -> Result<ReadBack, String> {
+        let queues = self.page_states.len() as u64;
+        let lane = device.lanes.first_mut().ok_or("the device has no queue")?;
+        let mut slots: Vec<Option<u64>> = vec![None; self.queue_depth];
+        let mut completions: Vec<MaybeUninit<Completion>> = (0..self.queue_depth)
+            .map(|_| MaybeUninit::uninit())
+            .collect();
+        let mut result = ReadBack::default();
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut last_completion = Instant::now();
+        loop {
+            for (slot, busy) in slots.iter_mut().enumerate() {
+                if busy.is_none() && next < pages.len() {
+                    let page = pages[next];
+                    next += 1;
+                    let buffer = lane.buffer(slot, PAGE_SIZE);
+                    lane.queue.read(
+                        page * PAGE_SIZE as u64,
+                        buffer,
+                        PAGE_SIZE,
+                        slot,
+                        ReqFlags::empty(),
+                    );
+                    *busy = Some(page);
+                    in_flight += 1;
+                }
+            }
+            if in_flight == 0 {
+                return Ok(result);
+            }
+            let mut slice = WAIT_SLICE;
+            let done = match lane
+                .queue
+                .do_io(&mut completions, 1, Some(&mut slice), None)
+            {
+                Ok(done) => done,
+                Err(e) if e.errno() == blkio::Errno::TIME => 0,
+                Err(e) => return Err(format!("do_io: {e:?}")),
+            };
+            if done == 0 {
+                if last_completion.elapsed() >= io_timeout {
+                    return Err(format!(
+                        "no read completed for {:.1} s with {in_flight} in flight",
+                        io_timeout.as_secs_f64()
+                    ));
+                }
+                continue;
+            }
+            last_completion = Instant::now();
+            for completion in &completions[..done] {
+                // SAFETY: do_io initialized the first `done` entries.
+                let completion = unsafe { completion.assume_init_read() };
+                let slot = completion.user_data;
+                let page = slots
+                    .get_mut(slot)
+                    .and_then(Option::take)
+                    .ok_or("a completion for an idle slot")?;
+                in_flight -= 1;
+                if completion.ret != 0 {
+                    return Err(format!(
+                        "read of page {page} failed: {}",
+                        std::io::Error::from_raw_os_error(-completion.ret)
+                    ));
+                }
+                result.pages += 1;
+                let state = self.page_states[to_index(page % queues)][to_index(page / queues)];
+                // SAFETY: the read into this slot's buffer has completed, and the slot is not
+                // reused until after this check.
+                let data =
+                    unsafe { std::slice::from_raw_parts(lane.buffer(slot, PAGE_SIZE), PAGE_SIZE) };
+                let expected = self.pool.index_of(page, state.generation);
+                if !state.written || page_hash(data) != self.pool.hashes[expected] {
+                    return Err(format!(
+                        "data mismatch: page {page} does not hold generation {} of the swap-like content",
+                        state.generation
+                    ));
+                }
+                result.verified += 1;
+            }
+        }
+    }
+
+    /// Whether the fill ran, so that every page's content is known.
+    pub fn filled(&self) -> bool {
+        self.filled
+    }
+}
+
 /// What a buffer slot is doing.
 #[derive(Clone, Copy)]
 struct InFlight {
