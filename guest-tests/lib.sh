@@ -283,7 +283,7 @@ vhost_user_args() {
 # unix_listening PATH: a process listens on the Unix socket PATH. A socket file alone proves
 # nothing (a killed daemon leaves its file behind), and connecting would be taken for a frontend.
 unix_listening() {
-    awk -v p="$1" '$NF == p && $3 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix
+    awk -v p="$1" '$NF == p && $4 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix
 }
 
 # now_ms: wall-clock milliseconds, for timing a restart.
