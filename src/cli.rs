@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
 use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command, LimitChange};
-use crate::daemon::{self, Daemon, DaemonConfig, DaemonError, ListenOn};
+use crate::daemon::{self, Daemon, DaemonConfig, DaemonError, ListenOn, StateSource};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
 use crate::store::writeback::min_age_for;
 use crate::store::{
@@ -422,6 +422,16 @@ pub struct ServeArgs {
     /// overwritten. Without it, such a file or device is refused.
     #[arg(long, requires = "backing_file")]
     pub backing_file_overwrite: bool,
+    /// Keep the guest's pages in a state file at PATH on tmpfs or hugetlbfs (e.g.
+    /// /dev/shm/vm1.state), so that a daemon killed, restarted or upgraded on the same file
+    /// gives them back to the same frontend process. Created if missing; removed when the
+    /// frontend ends normally.
+    #[arg(long, value_name = "PATH", conflicts_with = "state_fdstore")]
+    pub state: Option<PathBuf>,
+    /// Under systemd: keep the state in a memfd the unit's file descriptor store holds under
+    /// NAME (the unit needs FileDescriptorStoreMax=1 or more); a restart takes it back.
+    #[arg(long, value_name = "NAME", value_parser = parse_fdstore_name)]
+    pub state_fdstore: Option<String>,
     /// Write back at most this many pages until the limit is raised with `ctl writeback-limit`
     /// (zram's writeback_limit with writeback_limit_enable).
     #[arg(long, value_name = "PAGES")]
@@ -574,6 +584,18 @@ pub enum UsageError {
     },
 }
 
+/// `--state-fdstore NAME`: a name systemd accepts for a stored file descriptor.
+fn parse_fdstore_name(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err("a file descriptor store name is 1 to 255 printable characters without a colon or space".to_owned())
+    }
+}
+
 /// `--poll-max-us` when not given.
 pub const DEFAULT_POLL_MAX_US: u64 = 0;
 
@@ -700,6 +722,11 @@ impl ServeArgs {
                     .map(std::time::Duration::from_secs),
                 rate: self.recompress_rate,
                 zstd_dict: self.zstd_dict.clone(),
+            },
+            state: match (&self.state, &self.state_fdstore) {
+                (Some(path), _) => Some(StateSource::Path(path.clone())),
+                (None, Some(name)) => Some(StateSource::FdStore(name.clone())),
+                (None, None) => None,
             },
             writeback: WritebackConfig {
                 backing_file: self.backing_file.clone(),

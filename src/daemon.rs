@@ -109,6 +109,18 @@ pub struct DaemonConfig {
     pub recompress: RecompressConfig,
     /// The backing file, writeback policies and the idle clock.
     pub writeback: WritebackConfig,
+    /// Where the store's state lives so that it outlives the process (`--state`,
+    /// `--state-fdstore`); `None`: anonymous memory, gone with the process.
+    pub state: Option<StateSource>,
+}
+
+/// Where a state file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSource {
+    /// A file on tmpfs or hugetlbfs (`--state PATH`).
+    Path(PathBuf),
+    /// A memfd in systemd's file descriptor store under this name (`--state-fdstore NAME`).
+    FdStore(String),
 }
 
 /// Why the daemon could not start or failed while running.
@@ -629,10 +641,14 @@ impl Daemon {
             Some(file) => info!("waiting for the frontend on {}", file.0.display()),
             None => info!("waiting for the frontend on the inherited socket"),
         }
+        // Under systemd (Type=notify) the unit is started once the socket is served.
+        if let Err(error) = crate::systemd::notify("READY=1\nSTATUS=waiting for the frontend") {
+            warn!("could not tell systemd the daemon is ready: {error}");
+        }
         let open = || Session::open(&store, &device, &observed, poll_max);
         let mut session = open()?;
         let listener_fd = listener.as_raw_fd();
-        let mut listener = Listener::from(listener);
+        let listener = Listener::from(listener);
         let result = loop {
             match stop
                 .wait_readable(listener_fd, None)
@@ -645,10 +661,27 @@ impl Daemon {
                 }
                 Readiness::TimedOut => continue,
             }
-            if let Err(error) = session.daemon.start(&mut listener) {
+            let stream = match listener.accept() {
+                Ok(Some(stream)) => stream,
+                // The connection went away before it was accepted (ECONNABORTED) or the
+                // wake-up was spurious (EAGAIN): wait for the next one.
+                Ok(None) => continue,
+                Err(error) => break Err(DaemonError::VhostUser(error.to_string())),
+            };
+            let peer = match crate::frontend::peer_of(&stream) {
+                Ok(peer) => Some(peer),
+                Err(error) => {
+                    warn!("cannot tell which process connected: {error}");
+                    None
+                }
+            };
+            if let Err(error) = session.daemon.start_stream(stream) {
                 break Err(DaemonError::VhostUser(error.to_string()));
             }
-            debug!("accepted a connection on the vhost-user socket");
+            match &peer {
+                Some(peer) => debug!("accepted a connection from {peer}"),
+                None => debug!("accepted a connection on the vhost-user socket"),
+            }
             connection.set(session.daemon.shutdown_handle(), &stop);
             let served = session.daemon.wait();
             connection.set(None, &stop);

@@ -6,6 +6,8 @@
 //!
 //! - [`cli`]: the command line: serving a device, and `ctl` for a running one.
 //! - [`daemon`]: the daemon's lifecycle: sockets, the frontend connection, signals, shutdown.
+//! - [`frontend`]: who the frontend is (its pid and start time), for the state file.
+//! - [`systemd`]: readiness and the file descriptor store, spoken to systemd directly.
 //! - [`control`]: the control socket's protocol (zram's sysfs knobs), its rendering apart.
 //! - [`metrics`]: the statistics in the Prometheus text format, also served over HTTP.
 //! - [`server`]: the bounded one-request server the control socket and the metrics run on.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod codec;
 pub mod control;
 pub mod daemon;
+pub mod frontend;
 pub mod metrics;
 pub mod observed;
 pub mod pagegen;
@@ -31,6 +34,7 @@ pub mod recompress;
 pub mod server;
 pub mod stop;
 pub mod store;
+pub mod systemd;
 pub mod workers;
 pub mod writeback;
 

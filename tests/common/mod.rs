@@ -180,5 +180,6 @@ pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) 
         metrics_listen: None,
         recompress: Default::default(),
         writeback: Default::default(),
+        state: None,
     }
 }
