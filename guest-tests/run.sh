@@ -449,9 +449,11 @@ sv_restart() {
     fi
     t_gone="$(now_ms)"
     [[ -z "$SURV_STATE" || ! -e "$SURV_STATE" ]] || state_left=yes
+    local copied=""
     if [[ -n "${COPY_STATE:-}" && "$state_left" == yes && ! -e "${COPY_STATE:-}" ]]; then
         track_path "$COPY_STATE"
-        cp -a --sparse=always "$SURV_STATE" "$COPY_STATE"
+        cp -a --sparse=always "$SURV_STATE" "$COPY_STATE" || warn "cannot copy $SURV_STATE"
+        copied=" (of which $(($(now_ms) - t_gone)) ms copying the state for survive-new)"
     fi
     sv_launch
     if ! sv_listening; then
@@ -468,7 +470,7 @@ sv_restart() {
     read -r -a f < <(sv_figures) || true
     log "survive: $what: SIG$sig; the daemon gone after $((t_gone - t0)) ms (status $SURV_RC," \
         "state file left: $state_left), the new one listening after $((SURV_LISTEN_MS - t0)) ms," \
-        "QEMU reconnected after $((t_conn - t0)) ms; orig_data_size ${before:-?} before," \
+        "QEMU reconnected after $((t_conn - t0)) ms$copied; orig_data_size ${before:-?} before," \
         "${f[3]:-?} after"
     echo "$what: SIG$sig gone_ms=$((t_gone - t0)) status=$SURV_RC state_left=$state_left" \
         "listening_ms=$((SURV_LISTEN_MS - t0)) reconnected_ms=$((t_conn - t0))" \
