@@ -11,6 +11,10 @@
 //!   thread's page buffer;
 //! - `store only`: `PageStore::read` into a private page, for the decompression floor.
 //!
+//! and `one descriptor, inflight`: the first layout with a vhost-user inflight region attached
+//! to the runner, as when the frontend negotiated `INFLIGHT_SHMFD` (a few stores into the
+//! shared region per request).
+//!
 //! Prints ns per read (best of `ROUNDS` runs, to keep other processes on a shared machine out
 //! of it) and the request path's cost above the store's read. Built against an older tree the
 //! same file measures the copying path in both rows, which is how before/after is compared.
@@ -22,6 +26,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use vhost_user_zram::blk::inflight::{create_region, InflightRegion};
 use vhost_user_zram::blk::request::RequestRunner;
 use vhost_user_zram::blk::DeviceConfig;
 use vhost_user_zram::codec::Algorithm;
@@ -136,10 +143,23 @@ fn page_sequence(pages: u64) -> Vec<u64> {
         .collect()
 }
 
-fn time_reads(store: &PageStore, pages: u64, sequence: &[u64], split: bool) -> Duration {
-    let device = DeviceConfig::new(pages);
+fn time_reads(
+    store: &PageStore,
+    pages: u64,
+    sequence: &[u64],
+    split: bool,
+    inflight: bool,
+) -> Duration {
+    let mut device = DeviceConfig::new(pages);
+    device.queue_size = QUEUE_SIZE;
     let mut bench = Bench::new();
     let mut worker = RequestRunner::standalone(&device);
+    if inflight {
+        let (file, len) = create_region(1, QUEUE_SIZE, 1, QUEUE_SIZE).unwrap();
+        let region = InflightRegion::map(&file, len, 0, 1, QUEUE_SIZE, 1, QUEUE_SIZE).unwrap();
+        worker.track_inflight(Arc::new(region).queue(0));
+        worker.start_queue(&mut bench.queue, &bench.mem).unwrap();
+    }
     bench.lay_out(split);
     let start = Instant::now();
     for chunk in sequence.chunks(usize::from(BATCH)) {
@@ -205,13 +225,21 @@ fn main() {
     let mut one = Vec::new();
     let mut two = Vec::new();
     let mut bare = Vec::new();
+    let mut tracked = Vec::new();
     for _ in 0..ROUNDS {
-        one.push(ns_per_read(|| time_reads(&store, pages, &sequence, false)));
-        two.push(ns_per_read(|| time_reads(&store, pages, &sequence, true)));
+        one.push(ns_per_read(|| {
+            time_reads(&store, pages, &sequence, false, false)
+        }));
+        two.push(ns_per_read(|| {
+            time_reads(&store, pages, &sequence, true, false)
+        }));
         bare.push(ns_per_read(|| time_store_reads(&store, &sequence)));
+        tracked.push(ns_per_read(|| {
+            time_reads(&store, pages, &sequence, false, true)
+        }));
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-    let (one, two, bare) = (min(&one), min(&two), min(&bare));
+    let (one, two, bare, tracked) = (min(&one), min(&two), min(&bare), min(&tracked));
     println!(
         "read path, lz4, {pages} swap-like pages, {READS_PER_ROUND} random 4 KiB reads in batches of {BATCH}, best of {ROUNDS}"
     );
@@ -220,6 +248,7 @@ fn main() {
         ("one descriptor", one),
         ("two descriptors", two),
         ("store only", bare),
+        ("one desc, inflight", tracked),
     ] {
         println!(
             "{name:<18} {ns:>8.0} {:>8.0}k {:>10.0} ns",

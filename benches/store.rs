@@ -16,6 +16,9 @@
 //!   random quarter with other pages, then compact; pages_compacted and the overhead before and
 //!   after.
 //!
+//! `STORE_BENCH_STATE=1` puts the store's memory in a state file (a memfd) instead of
+//! anonymous memory.
+//!
 //! Every timing is the best of 3 runs, to keep other processes on a shared machine out of it.
 //! Data read back is verified (outside the timed loop).
 
@@ -24,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use vhost_user_zram::codec::{Algorithm, COMPRESS_BUFFER};
 use vhost_user_zram::pagegen::{fill_page, SplitMix64};
-use vhost_user_zram::store::{same_fill, PageStore, StoreConfig};
+use vhost_user_zram::store::{
+    same_fill, PageStore, PendingConfig, StateFile, StoreConfig, StoreMemory,
+};
 use vhost_user_zram::PAGE_SIZE;
 
 const DEFAULT_PAGES: usize = 65536;
@@ -74,13 +79,22 @@ fn best_of<S>(mut prepare: impl FnMut() -> S, mut run: impl FnMut(&mut S)) -> Du
 }
 
 fn new_store(algorithm: Algorithm, level: Option<i32>, pages: usize) -> PageStore {
-    PageStore::new(StoreConfig {
+    let config = StoreConfig {
         capacity_pages: pages as u64,
         algorithm,
         level,
         mem_limit: None,
-    })
-    .expect("store")
+    };
+    let on_state = std::env::var("STORE_BENCH_STATE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !on_state {
+        return PageStore::new(config).expect("store");
+    }
+    // The store's memory in a state file (a memfd: tmpfs).
+    let file = StateFile::new_memfd("store-bench").expect("memfd");
+    let mut store = PageStore::with_memory(config, PendingConfig::INLINE, StoreMemory::State(file))
+        .expect("store");
+    store.recover().expect("a new state file");
+    store
 }
 
 fn bench_codec(algorithm: Algorithm, level: Option<i32>, pages: &[[u8; PAGE_SIZE]]) -> CodecResult {

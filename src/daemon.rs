@@ -55,7 +55,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestM
 
 use crate::blk::config::feature_names;
 use crate::blk::request_stats::RequestStats;
-use crate::blk::{BlkBackend, BlockBackend, DeviceConfig};
+use crate::blk::{BlkBackend, BlockBackend, Continuity, DeviceConfig};
 use crate::control::ControlServer;
 use crate::metrics::MetricsServer;
 use crate::observed::Observed;
@@ -63,7 +63,10 @@ use crate::recompress::{BackgroundRecompressor, RecompressConfig};
 use crate::stop::{Readiness, StopSignal, Threads, STOP_BOUND};
 use crate::store::backing::{BackingFile, ForeignData};
 use crate::store::stats::Stats;
-use crate::store::{PageStore, PendingConfig, RecompressError, StoreConfig, StoreError};
+use crate::store::{
+    FrontendIdentity, PageStore, PendingConfig, RecompressError, StateError, StateFile, StateStart,
+    StoreConfig, StoreError, StoreMemory,
+};
 use crate::workers::CompressWorkers;
 use crate::writeback::{WritebackConfig, WritebackDaemon};
 use crate::PAGE_SIZE;
@@ -241,6 +244,27 @@ pub enum DaemonError {
         #[source]
         source: crate::store::backing::BackingError,
     },
+    /// The state file cannot be used (`--state`, `--state-fdstore`); it is left untouched.
+    #[error(transparent)]
+    State(StoreError),
+    /// `--state-fdstore` outside systemd: there is no file descriptor store to keep it in.
+    #[error(
+        "--state-fdstore {0} needs systemd's file descriptor store (NOTIFY_SOCKET is not set); outside systemd use --state PATH on tmpfs"
+    )]
+    NoFdStore(String),
+    /// The state's pages lie partly on a backing file this start does not name.
+    #[error(
+        "the state keeps pages on the backing file {}; start with --backing-file {} (it was {})",
+        recorded.display(),
+        recorded.display(),
+        match given { Some(path) => path.display().to_string(), None => "not given".to_owned() }
+    )]
+    StateBackingFile {
+        /// The backing file the state records.
+        recorded: PathBuf,
+        /// The one this start names, if any.
+        given: Option<PathBuf>,
+    },
     /// The writeback thread could not start.
     #[error("cannot start the writeback thread")]
     Writeback(#[source] io::Error),
@@ -286,6 +310,11 @@ impl DaemonError {
                 | DaemonError::Recompress(_)
                 | DaemonError::DictionaryFile { .. }
                 | DaemonError::ZstdDictionary { .. }
+                | DaemonError::NoFdStore(_)
+                | DaemonError::StateBackingFile { .. }
+                | DaemonError::State(StoreError::State(
+                    StateError::WrongFileSystem { .. } | StateError::Mismatch { .. }
+                ))
         )
     }
 }
@@ -397,6 +426,8 @@ pub struct Daemon {
     /// above all) stop at the exit, after the connection's threads have ended.
     threads: Threads,
     poll_max: Duration,
+    /// Where the state lives, to remove it at a normal end.
+    state: Option<StateSource>,
 }
 
 /// `Err(DaemonError::Stopped)` once `stop` is stopped: checked between the steps of the start.
@@ -453,8 +484,26 @@ impl Daemon {
             mem_limit: None,
             ..config.store.clone()
         };
-        let mut store = PageStore::with_pending(store_config, config.pending)
-            .map_err(DaemonError::Store)?
+        let state = match &config.state {
+            Some(source) => Some(open_state(source)?),
+            None => None,
+        };
+        let state_name = state.as_ref().map(|s| s.name().to_owned());
+        let recorded_backing = state.as_ref().and_then(StateFile::backing);
+        if let Some(record) = &recorded_backing {
+            if config.writeback.backing_file.as_deref() != Some(record.path.as_path()) {
+                return Err(DaemonError::StateBackingFile {
+                    recorded: record.path.clone(),
+                    given: config.writeback.backing_file.clone(),
+                });
+            }
+        }
+        let memory = match state {
+            Some(file) => StoreMemory::State(file),
+            None => StoreMemory::Anonymous,
+        };
+        let mut store = PageStore::with_memory(store_config, config.pending, memory)
+            .map_err(state_or_store_error)?
             .with_secondary_algorithms(&config.recompress.algorithms)
             .map_err(DaemonError::Recompress)?;
         if let Some(limit) = config.store.mem_limit {
@@ -471,11 +520,14 @@ impl Daemon {
             } else {
                 ForeignData::Refuse
             };
-            let backing = BackingFile::open_with_policy(path, foreign).map_err(|source| {
-                DaemonError::BackingFile {
-                    path: path.clone(),
-                    source,
-                }
+            let backing = match &recorded_backing {
+                // The state's written-back pages are in this file: keep it as it is.
+                Some(record) => BackingFile::reopen(path, record.key, (record.dev, record.ino)),
+                None => BackingFile::open_with_policy(path, foreign),
+            }
+            .map_err(|source| DaemonError::BackingFile {
+                path: path.clone(),
+                source,
             })?;
             if let Some(opened) = backing.opened() {
                 info!("writing back to {opened}");
@@ -504,6 +556,9 @@ impl Daemon {
                     })?;
             info!("zstd pages use dictionary {id} from {}", path.display());
         }
+        // Before the workers start: recovery queues the pages that were waiting for them.
+        let started = store.recover().map_err(state_or_store_error)?;
+        log_state_start(state_name.as_deref(), &started);
         let store = Arc::new(store);
         if let Some(slot) = &store_for_signals {
             let _ = slot.set(Arc::clone(&store));
@@ -582,6 +637,7 @@ impl Daemon {
             connection,
             threads,
             poll_max: config.poll_max,
+            state: config.state,
         })
     }
 
@@ -636,6 +692,7 @@ impl Daemon {
             connection,
             mut threads,
             poll_max,
+            state,
         } = self;
         match &socket_file {
             Some(file) => info!("waiting for the frontend on {}", file.0.display()),
@@ -649,6 +706,7 @@ impl Daemon {
         let mut session = open()?;
         let listener_fd = listener.as_raw_fd();
         let listener = Listener::from(listener);
+        let mut ending = Ending::NoFrontend;
         let result = loop {
             match stop
                 .wait_readable(listener_fd, None)
@@ -675,11 +733,13 @@ impl Daemon {
                     None
                 }
             };
+            let admission = Admission::new(&store, peer);
+            session.backend.set_admission(move || admission.admit());
             if let Err(error) = session.daemon.start_stream(stream) {
                 break Err(DaemonError::VhostUser(error.to_string()));
             }
             match &peer {
-                Some(peer) => debug!("accepted a connection from {peer}"),
+                Some(peer) => debug!("accepted a connection on the vhost-user socket from {peer}"),
                 None => debug!("accepted a connection on the vhost-user socket"),
             }
             connection.set(session.daemon.shutdown_handle(), &stop);
@@ -701,7 +761,10 @@ impl Daemon {
             };
             if stop.is_stopped() {
                 if session.backend.frontend_spoke() {
-                    warn_of_lost_data(&store.stats());
+                    ending = Ending::StoppedWhileServing;
+                    if !store.has_state() {
+                        warn_of_lost_data(&store.stats());
+                    }
                 } else {
                     info!("stopped by request");
                 }
@@ -712,6 +775,7 @@ impl Daemon {
                 continue;
             }
             if served.is_err() {
+                ending = Ending::Failed;
                 break served;
             }
             if frontend_used_device(memory_regions, &observed.requests, &store.stats()) {
@@ -719,6 +783,7 @@ impl Daemon {
                     "the frontend disconnected; freeing the device: {}",
                     stats_summary(&store.stats())
                 );
+                ending = Ending::FrontendEnded;
                 break served;
             }
             info!(
@@ -732,6 +797,11 @@ impl Daemon {
         // cancelled, and their threads joined within the bound or named.
         disarm_sigbus_cleanup();
         session.close();
+        if let Some(source) = &state {
+            // The workers still run: a page they are compressing is installed or dropped
+            // before the state is destroyed, and destroying waits for nothing of theirs.
+            end_state(&store, source, ending);
+        }
         // The connection's threads have ended. One stop and one bound for every thread the
         // daemon started; those that do not stop in time (a write stuck in a hung backing
         // file) are named in the log and left.
@@ -1256,6 +1326,194 @@ pub fn stats_summary(stats: &Stats) -> String {
 }
 
 /// Logs, when the daemon is stopped under a connected frontend, that the guest's data is gone.
+/// How [`Daemon::run`] ended, which decides what becomes of a state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Stopped with no frontend connected (none came, or the last one left before it used
+    /// the device).
+    NoFrontend,
+    /// Stopped while a frontend was connected: the upgrade path.
+    StoppedWhileServing,
+    /// The frontend used the device and disconnected: its VM ended.
+    FrontendEnded,
+    /// The connection failed: the daemon exits with an error, as a crash would.
+    Failed,
+}
+
+/// What becomes of the state at the end of `run`: a normal end destroys it (and removes the
+/// file, or drops the memfd from systemd's store); a stop with the frontend connected, or a
+/// failure, keeps it for the next daemon. A stop with no frontend connected destroys it unless
+/// the process it belongs to still runs (its QEMU may be about to reconnect).
+fn end_state(store: &PageStore, source: &StateSource, ending: Ending) {
+    let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
+    let where_ = match source {
+        StateSource::Path(path) => path.display().to_string(),
+        StateSource::FdStore(name) => format!("systemd's file descriptor store ({name})"),
+    };
+    let owner_alive = store
+        .state_identity()
+        .is_some_and(|id| crate::frontend::process_alive(id.pid, id.start_time));
+    let keep = match ending {
+        Ending::StoppedWhileServing | Ending::Failed => true,
+        Ending::FrontendEnded => false,
+        Ending::NoFrontend => owner_alive && pages > 0,
+    };
+    if keep {
+        info!(
+            "the state in {where_} is kept with the guest's {pages} pages: a daemon started on it gives them back when the same frontend reconnects"
+        );
+        return;
+    }
+    if let Err(error) = store.destroy_state() {
+        warn!("could not destroy the state in {where_}: {error}");
+    }
+    match source {
+        StateSource::Path(path) => {
+            if let Err(error) = std::fs::remove_file(path) {
+                warn!(
+                    "could not remove the state file {}: {error}",
+                    path.display()
+                );
+            }
+        }
+        StateSource::FdStore(name) => {
+            if let Err(error) = crate::systemd::remove_fd(name) {
+                warn!("could not drop the state memfd {name} from systemd's store: {error}");
+            }
+        }
+    }
+    info!("the state in {where_} is destroyed ({pages} pages)");
+}
+
+/// The decision, made when a frontend first uses the device, of whether the store's pages are
+/// its own: only the process the state recorded (pid and start time) gets them back; any
+/// other has them destroyed before it is served, and becomes the state's frontend.
+pub struct Admission {
+    store: Arc<PageStore>,
+    peer: Option<crate::frontend::Peer>,
+}
+
+impl Admission {
+    /// The admission of `peer` (unknown: no identity) to `store`.
+    pub fn new(store: &Arc<PageStore>, peer: Option<crate::frontend::Peer>) -> Admission {
+        Admission {
+            store: Arc::clone(store),
+            peer,
+        }
+    }
+
+    /// Decides, destroying the old pages when they are another frontend's. `Err` names why
+    /// the device cannot be served at all.
+    pub fn admit(&self) -> Result<Continuity, String> {
+        let store = &self.store;
+        if !store.has_state() {
+            return Ok(Continuity::Fresh);
+        }
+        let identity = self.peer.and_then(|peer| {
+            peer.start_time.map(|start_time| FrontendIdentity {
+                pid: peer.pid,
+                start_time,
+            })
+        });
+        let who = self
+            .peer
+            .map_or_else(|| "an unknown process".to_owned(), |p| p.to_string());
+        let recorded = store.state_identity();
+        if identity.is_some() && recorded == identity {
+            let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
+            info!("the frontend, {who}, is the one the state belongs to: it gets its {pages} pages back");
+            return Ok(Continuity::Recovered);
+        }
+        let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
+        if let Some(old) = recorded {
+            info!(
+                "the frontend, {who}, is not the one the state belongs to (pid {}); destroying its {pages} pages before serving it",
+                old.pid
+            );
+            store
+                .destroy_state()
+                .map_err(|error| format!("the old pages could not be destroyed: {error}"))?;
+        } else if pages > 0 {
+            info!("the state's {pages} pages belong to no known frontend; destroying them before serving {who}");
+            store
+                .destroy_state()
+                .map_err(|error| format!("the old pages could not be destroyed: {error}"))?;
+        }
+        if identity.is_none() {
+            warn!("the start time of the frontend ({who}) cannot be read: its pages will not be given back after a restart of the daemon");
+        }
+        store
+            .set_state_identity(identity)
+            .map_err(|error| format!("the state could not record its frontend: {error}"))?;
+        Ok(Continuity::Fresh)
+    }
+}
+
+/// Opens the state `source` names: a file on tmpfs or hugetlbfs, or the memfd systemd's file
+/// descriptor store passed back (a new one, handed to the store, at the first start).
+fn open_state(source: &StateSource) -> Result<StateFile, DaemonError> {
+    let state_error = |error| DaemonError::State(StoreError::State(error));
+    match source {
+        StateSource::Path(path) => StateFile::open(path).map_err(state_error),
+        StateSource::FdStore(name) => {
+            if let Some(fd) = crate::systemd::take_passed_fd(name) {
+                return StateFile::from_fd(fd, name).map_err(state_error);
+            }
+            if !crate::systemd::under_service_manager() {
+                return Err(DaemonError::NoFdStore(name.clone()));
+            }
+            let file = StateFile::new_memfd(name).map_err(state_error)?;
+            crate::systemd::store_fd(name, file.as_fd()).map_err(|source| {
+                DaemonError::State(StoreError::State(StateError::Io {
+                    path: name.clone(),
+                    action: "handed to systemd's file descriptor store",
+                    source,
+                }))
+            })?;
+            Ok(file)
+        }
+    }
+}
+
+/// A store error, as the state error it is when it comes from the state file.
+fn state_or_store_error(error: StoreError) -> DaemonError {
+    match error {
+        StoreError::State(_) | StoreError::Recovery { .. } => DaemonError::State(error),
+        other => DaemonError::Store(other),
+    }
+}
+
+/// Logs what the start found in the state file.
+fn log_state_start(name: Option<&str>, started: &StateStart) {
+    let name = name.unwrap_or("the state file");
+    match started {
+        StateStart::Anonymous => {}
+        StateStart::Created => info!(
+            "state {name}: new; the guest's pages will outlive this process, for the same frontend"
+        ),
+        StateStart::Recovered(recovered) => {
+            let whose = match recovered.identity {
+                Some(identity) => format!(
+                    "frontend pid {} (started at tick {})",
+                    identity.pid, identity.start_time
+                ),
+                None => "no recorded frontend".to_owned(),
+            };
+            info!(
+                "state {name}: recovered {} pages of {whose} in {:.1} ms",
+                recovered.pages,
+                recovered.elapsed.as_secs_f64() * 1000.0
+            );
+            if recovered.damaged_pages > 0 {
+                warn!(
+                    "state {name}: {} damaged pages fail their reads with an I/O error until the guest writes them again",
+                    recovered.damaged_pages
+                );
+            }
+        }
+    }
+}
+
 fn warn_of_lost_data(stats: &Stats) {
     let stored = stats.mm.orig_data_size;
     if stored == 0 {

@@ -21,8 +21,10 @@
 //!   `SET_FEATURES`, `SET_MEM_TABLE` (one region per guest RAM region, by memfd), `SET_VRING_NUM`
 //!   for every queue, then per queue `SET_VRING_ADDR` (host virtual addresses, flags 0, no log),
 //!   `SET_VRING_BASE` (the avail index), `SET_VRING_CALL`, `SET_VRING_KICK`; then
-//!   `SET_VRING_ENABLE` for every queue. No `GET/SET_INFLIGHT_FD` (not acked) and no
-//!   `SET_BACKEND_REQ_FD` (the block device has no backend request handler).
+//!   `SET_VRING_ENABLE` for every queue. Between `SET_VRING_NUM` and `SET_VRING_ADDR`, since
+//!   `INFLIGHT_SHMFD` is acked: `GET_INFLIGHT_FD` (num_queues, the first queue's size) the first
+//!   time, then `SET_INFLIGHT_FD` with the region it got. No `SET_BACKEND_REQ_FD` (the block
+//!   device has no backend request handler).
 //! - `vhost_user/mod.rs`, `VhostUserCommon::add_memory_region`: memory hotplug is
 //!   `ADD_MEM_REG` when `CONFIGURE_MEM_SLOTS` was acked.
 //! - `vhost_user/vu_common_ctrl.rs`, `reset_vhost_user` (guest reset): per queue
@@ -39,8 +41,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-    VHOST_USER_CONFIG_OFFSET,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -298,13 +300,14 @@ fn assert_negotiated_as_expected(negotiated: &Negotiated, num_queues: usize) {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     );
-    // Without INFLIGHT_SHMFD cloud-hypervisor's `VhostUserCommon::activate` creates no
-    // `Inflight` and sends no GET/SET_INFLIGHT_FD; without LOG_SHMFD `update_supports_migration`
-    // leaves migration off. Neither stops it: activation below goes ahead without them.
-    assert!(!negotiated.acked_protocol_features.intersects(
-        VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::LOG_SHMFD
-    ));
+    // With INFLIGHT_SHMFD cloud-hypervisor's `VhostUserCommon::activate` creates an `Inflight`
+    // and sends GET/SET_INFLIGHT_FD; without LOG_SHMFD `update_supports_migration` leaves
+    // migration off, which does not stop activation.
+    assert!(!negotiated
+        .acked_protocol_features
+        .contains(VhostUserProtocolFeatures::LOG_SHMFD));
     assert!(negotiated.backend_num_queues >= num_queues as u64);
     assert_eq!(negotiated.backend_num_queues, num_queues as u64);
 }
@@ -493,7 +496,17 @@ fn ch_setup_vhost_user(
     for queue in queues {
         vu.set_vring_num(queue.index, size).unwrap();
     }
-    // INFLIGHT_SHMFD was not acked: no GET_INFLIGHT_FD / SET_INFLIGHT_FD.
+    // INFLIGHT_SHMFD was acked: GET_INFLIGHT_FD for a new region, then SET_INFLIGHT_FD.
+    let asked = VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: queues.len() as u16,
+        queue_size: size,
+    };
+    let (info, region) = vu.get_inflight_fd(&asked).unwrap();
+    assert_eq!(info.mmap_offset, 0);
+    assert_eq!(region.metadata().unwrap().len(), info.mmap_size);
+    vu.set_inflight_fd(&info, region.as_raw_fd()).unwrap();
     for queue in queues {
         vu.set_vring_addr(queue.index, &queue.config_data(mem, size, size))
             .unwrap();

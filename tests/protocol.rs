@@ -88,6 +88,7 @@ fn negotiate(frontend: &mut Frontend) {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     );
     frontend.set_protocol_features(protocol).unwrap();
 }

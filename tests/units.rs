@@ -334,7 +334,16 @@ fn service_keeps_the_guests_pages_across_a_crash_or_restart() {
     // FDSTORE=1 is only heard from a service that may notify.
     assert_eq!(setting(&service, "Type").as_deref(), Some("notify"));
     // The daemon must see the connecting QEMU's /proc/PID/stat to know it.
-    assert_ne!(setting(&service, "ProtectProc").as_deref(), Some("invisible"));
-    assert_ne!(setting(&service, "ProtectProc").as_deref(), Some("noaccess"));
-    assert_ne!(setting(&service, "ProtectProc").as_deref(), Some("ptraceable"));
+    assert_ne!(
+        setting(&service, "ProtectProc").as_deref(),
+        Some("invisible")
+    );
+    assert_ne!(
+        setting(&service, "ProtectProc").as_deref(),
+        Some("noaccess")
+    );
+    assert_ne!(
+        setting(&service, "ProtectProc").as_deref(),
+        Some("ptraceable")
+    );
 }

@@ -18,6 +18,7 @@
 //! A virtio reset (the guest reboots: `GET_VRING_BASE`, `RESET_DEVICE`, a new `SET_FEATURES`)
 //! only forgets negotiated state; the store, and so the guest's data, stays.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET,
+};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
@@ -35,6 +38,7 @@ use vmm_sys_util::event::{
 };
 
 use super::config::DeviceConfig;
+use super::inflight::{self, InflightRegion, QueueStart};
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
 use super::read_back::{ReadBack, STOP_TIMEOUT};
 use super::request::{Next, RequestRunner};
@@ -71,6 +75,37 @@ pub struct BlkBackend<S: BlockBackend> {
     accepted_map: Mutex<GuestMemoryMmap<()>>,
     /// When the memory map was last logged at info level, and the changes since then.
     map_log: Mutex<MapLog>,
+    /// The inflight region the frontend set (`SET_INFLIGHT_FD`), shared by the queues.
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
+    /// Whether this connection's frontend asked for a new region (`GET_INFLIGHT_FD`).
+    inflight_requested: AtomicBool,
+    /// Whether the frontend handed over a region without asking for one first: it comes back
+    /// from an earlier daemon.
+    frontend_returned: AtomicBool,
+    /// Whether the store holds the pages of the frontend's device ([`Continuity`]).
+    recovered: AtomicBool,
+    /// Whether every request is answered with an I/O error ([`BlkBackend::refuse`]).
+    refusing: AtomicBool,
+    /// The daemon's decision on whose pages the store holds, made once, when the frontend
+    /// first uses the device ([`BlkBackend::set_admission`]).
+    admission: Mutex<Option<Admission>>,
+}
+
+/// Decides, when the frontend first uses the device, whether the store holds its pages; `Err`
+/// refuses the device with the reason given.
+type Admission = Box<dyn FnOnce() -> Result<Continuity, String> + Send>;
+
+/// Whether the store a backend serves is the one the frontend used before, which the daemon
+/// tells the backend before it serves a connection ([`BlkBackend::set_continuity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Continuity {
+    /// The store is new: a frontend coming back from an earlier daemon would find none of its
+    /// pages, so its requests are refused.
+    #[default]
+    Fresh,
+    /// The store holds the pages the frontend's device had: requests an earlier daemon took
+    /// and did not complete are resubmitted.
+    Recovered,
 }
 
 /// The memory slots the device advertises (`GET_MAX_MEM_SLOTS`, answered by
@@ -137,7 +172,76 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
             accepted_map: Mutex::new(GuestMemoryMmap::new()),
             map_log: Mutex::new(MapLog::default()),
+            inflight: Mutex::new(None),
+            inflight_requested: AtomicBool::new(false),
+            frontend_returned: AtomicBool::new(false),
+            recovered: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            admission: Mutex::new(None),
         }
+    }
+
+    /// Sets the decision the daemon makes about the next frontend (see [`Continuity`]). It
+    /// runs once, at the first message that uses the device — `SET_FEATURES`,
+    /// `GET_INFLIGHT_FD`, `SET_INFLIGHT_FD` or a memory table —, before any request can be
+    /// served: a connection that only probes the socket, or only asks what the device offers,
+    /// decides nothing (and so destroys nothing). `Err(reason)` refuses the device.
+    pub fn set_admission(
+        &self,
+        decide: impl FnOnce() -> Result<Continuity, String> + Send + 'static,
+    ) {
+        if let Ok(mut slot) = self.admission.lock() {
+            *slot = Some(Box::new(decide));
+        }
+    }
+
+    /// Runs the admission decision if it has not run yet.
+    fn admit(&self) {
+        let decide = match self.admission.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(_) => None,
+        };
+        if let Some(decide) = decide {
+            match decide() {
+                Ok(continuity) => self.set_continuity(continuity),
+                Err(reason) => self.refuse(reason),
+            }
+        }
+    }
+
+    /// Says whether the store is the one the next frontend used before (default
+    /// [`Continuity::Fresh`]). The daemon calls this before it serves a connection.
+    pub fn set_continuity(&self, continuity: Continuity) {
+        let recovered = match continuity {
+            Continuity::Fresh => false,
+            Continuity::Recovered => true,
+        };
+        self.recovered.store(recovered, Ordering::Release);
+    }
+
+    /// Refuses the device at once: from now on every request, resubmitted or new, completes
+    /// with `VIRTIO_BLK_S_IOERR` and nothing is read from or written to the store. The daemon
+    /// calls this when the frontend is one whose state it could not recover; `reason` says
+    /// why, in the one error line this logs.
+    pub fn refuse(&self, reason: String) {
+        if !self.refusing.swap(true, Ordering::AcqRel) {
+            error!(
+                "refusing the device: {reason}; every request fails with an I/O error so the \
+                 guest reports it instead of reading zeros"
+            );
+        }
+    }
+
+    /// Whether the frontend handed over an inflight region it did not ask this daemon for
+    /// (`SET_INFLIGHT_FD` without `GET_INFLIGHT_FD`): it comes back from an earlier daemon.
+    pub fn frontend_returned(&self) -> bool {
+        self.frontend_returned.load(Ordering::Acquire)
+    }
+
+    /// Whether the device is refused ([`refuse`](Self::refuse), or a frontend that returned
+    /// to a fresh store).
+    pub fn is_refusing(&self) -> bool {
+        self.refusing.load(Ordering::Acquire)
     }
 
     /// Registers each queue's mailbox with the epoll loop of the thread that serves the queue,
@@ -241,6 +345,8 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                 thread.runner.forget_in_flight();
             }
         }
+        // The next connection is another frontend: it asks for its own region.
+        self.inflight_requested.store(false, Ordering::Release);
     }
 
     /// The device description.
@@ -279,9 +385,54 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
         }
         let poll_max = self.poll_max_ns.load(Ordering::Relaxed);
         poll.woke(poll_max);
+        runner.set_refusing(self.refusing.load(Ordering::Acquire));
         let mut state = vring.get_mut();
         if !*announced {
             *announced = true;
+            let mem = self.mem.memory();
+            match runner.start_queue(state.get_queue_mut(), &*mem) {
+                Ok(None | Some(QueueStart::Fresh)) => {}
+                Ok(Some(QueueStart::Cleared {
+                    region_used,
+                    ring_used,
+                })) => info!(
+                    "queue {thread_id}: the inflight region's used index {region_used} does not \
+                     follow the ring's {ring_used} (the ring was reset); the region is cleared \
+                     and nothing is resubmitted"
+                ),
+                Ok(Some(QueueStart::Resumed {
+                    next_avail,
+                    last_batch_completed,
+                    ..
+                })) => {
+                    let pending = runner.resubmit_pending();
+                    let last = if last_batch_completed {
+                        " (its last completion had reached the used ring)"
+                    } else {
+                        ""
+                    };
+                    if pending > 0 {
+                        info!(
+                            "queue {thread_id}: resubmitting {pending} request(s) an earlier \
+                             daemon took and did not complete{last}; the ring goes on at avail \
+                             index {next_avail}"
+                        );
+                    } else {
+                        debug!(
+                            "queue {thread_id}: no request in flight in the inflight region{last}"
+                        );
+                    }
+                }
+                Err(start_error) => {
+                    error!(
+                        "queue {thread_id}: {}; the queue is not served until the frontend \
+                         sets it up again",
+                        super::request::ErrorChain(&start_error)
+                    );
+                    *broken = true;
+                    return Ok(());
+                }
+            }
             let queue = state.get_queue();
             info!(
                 "queue {thread_id} started: {} entries, event index {}",
@@ -302,6 +453,8 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                 if self.stopping.load(Ordering::Acquire) {
                     return Ok(());
                 }
+                // `refuse` takes effect at the next request.
+                runner.set_refusing(self.refusing.load(Ordering::Acquire));
                 // A fresh memory snapshot for every request (one atomic load): a region the
                 // frontend adds while this queue is busy serves the very next request.
                 let mem = self.mem.memory();
@@ -586,6 +739,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn acked_features(&self, features: u64) {
+        self.admit();
         // Logged once per negotiation: a frontend may repeat SET_FEATURES with the same bits
         // (QEMU does when it starts the device); a reset clears them, so a rebooted guest's
         // negotiation is logged again.
@@ -601,6 +755,72 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.frontend_spoke.store(true, Ordering::Release);
         DeviceConfig::protocol_features()
+    }
+
+    fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        self.admit();
+        let (file, len) = inflight::create_region(
+            asked.num_queues,
+            asked.queue_size,
+            self.device.num_queues,
+            self.device.queue_size,
+        )
+        .map_err(|error| refused_region(&error))?;
+        self.inflight_requested.store(true, Ordering::Release);
+        debug!(
+            "made an inflight region of {len} bytes for {} queue(s) of {} entries",
+            asked.num_queues, asked.queue_size
+        );
+        let answer = VhostUserInflight {
+            mmap_size: len,
+            mmap_offset: 0,
+            num_queues: asked.num_queues,
+            queue_size: asked.queue_size,
+        };
+        Ok((answer, file))
+    }
+
+    fn set_inflight_fd(&self, given: &VhostUserInflight, file: File) -> io::Result<()> {
+        self.admit();
+        let region = InflightRegion::map(
+            &file,
+            given.mmap_size,
+            given.mmap_offset,
+            given.num_queues,
+            given.queue_size,
+            self.device.num_queues,
+            self.device.queue_size,
+        )
+        .map_err(|error| refused_region(&error))?;
+        drop(file);
+        let region = Arc::new(region);
+        for (index, thread) in (0u16..).zip(&self.queues) {
+            let mut thread = thread
+                .lock()
+                .map_err(|_| io::Error::other("a queue thread panicked; its lock is poisoned"))?;
+            thread.runner.track_inflight(region.queue(index));
+        }
+        if let Ok(mut slot) = self.inflight.lock() {
+            *slot = Some(region);
+        }
+        if self.inflight_requested.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.frontend_returned.store(true, Ordering::Release);
+        if self.recovered.load(Ordering::Acquire) {
+            info!(
+                "the frontend comes back with the inflight region of an earlier daemon; its \
+                 requests are resubmitted when the queues start"
+            );
+        } else if !self.refusing.swap(true, Ordering::AcqRel) {
+            error!(
+                "the frontend comes back with requests from an earlier daemon, but this daemon \
+                 does not hold that device's pages (it started with a fresh store); every \
+                 request fails with an I/O error so the guest reports it instead of reading \
+                 zeros"
+            );
+        }
+        Ok(())
     }
 
     fn reset_device(&self) {
@@ -658,6 +878,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
     }
 
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        self.admit();
         // The handler has already swapped the new map into the GuestMemoryAtomic we share.
         // Requests still running off the queue threads write through the old map, which the
         // frontend may be reusing: let them land (bounded) or cancel them before answering.
@@ -758,6 +979,13 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         }
         Ok(())
     }
+}
+
+/// Logs why an inflight region was refused and turns it into the error the frontend gets.
+fn refused_region(error: &inflight::InflightError) -> io::Error {
+    let chain = super::request::ErrorChain(error);
+    error!("refusing the frontend's inflight region: {chain}");
+    io::Error::new(io::ErrorKind::InvalidInput, chain.to_string())
 }
 
 /// Logs the guest memory map: one line with the totals (at info level when `info` says how

@@ -153,6 +153,7 @@ impl DeviceConfig {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     /// The configuration space, little-endian, as the guest reads it.

@@ -9,6 +9,8 @@
 //! - [`backend`]: the [`vhost_user_backend::VhostUserBackend`] implementation, one thread per
 //!   queue over one shared store; the thread that owns a queue is the only one that writes its
 //!   used ring.
+//! - [`inflight`]: the vhost-user inflight region, which records the requests taken from each
+//!   ring and not completed, so that a daemon started after a crash resubmits them.
 //! - `read_back`: the threads that run reads of written-back pages off the queue threads and
 //!   hand them back to their queue's thread through a completion mailbox.
 //! - [`ratelimit`] and [`request_stats`]: rate-limited warnings about guest input, and the
@@ -20,6 +22,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod inflight;
 mod page_store;
 pub mod ratelimit;
 mod read_back;
@@ -30,7 +33,7 @@ use std::ops::Range;
 
 use crate::PAGE_SIZE;
 
-pub use self::backend::BlkBackend;
+pub use self::backend::{BlkBackend, Continuity};
 pub use self::config::DeviceConfig;
 
 /// The page interface the virtio-blk request code runs against.

@@ -44,6 +44,7 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::bitmap::{BitmapSlice, MS};
 use vm_memory::{
@@ -51,6 +52,7 @@ use vm_memory::{
 };
 
 use super::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use super::inflight::{InflightError, InflightQueue, QueueStart};
 use super::ratelimit::{RateLimiter, WARNINGS_PER_SECOND};
 use super::request_stats::{RequestKind, RequestStats};
 use super::BlockBackend;
@@ -256,6 +258,10 @@ pub enum RequestError<E: std::error::Error + 'static> {
     /// A request was completed without being executed (a bug in the caller).
     #[error("the request was completed without being executed")]
     NotExecuted,
+    /// The backend refuses the device (a frontend that came back to a daemon without its
+    /// pages, or [`super::BlkBackend::refuse`]): nothing is read or written.
+    #[error("the device is refused: this daemon does not hold the frontend's pages")]
+    DeviceRefused,
     /// The store could not write, modify or discard a page.
     #[error("writing page {index} failed")]
     WriteFailed {
@@ -287,6 +293,7 @@ impl<E: std::error::Error + 'static> RequestError<E> {
             | RequestError::Copy(_)
             | RequestError::Cancelled
             | RequestError::NotExecuted
+            | RequestError::DeviceRefused
             | RequestError::ReadFailed { .. }
             | RequestError::WriteFailed { .. } => STATUS_IOERR,
         }
@@ -300,7 +307,8 @@ impl<E: std::error::Error + 'static> RequestError<E> {
             RequestError::ReadFailed { .. }
             | RequestError::WriteFailed { .. }
             | RequestError::Cancelled
-            | RequestError::NotExecuted => false,
+            | RequestError::NotExecuted
+            | RequestError::DeviceRefused => false,
             RequestError::EmptyDescriptor { .. }
             | RequestError::OutsideGuestMemory { .. }
             | RequestError::ReadableAfterWritable { .. }
@@ -557,6 +565,13 @@ pub struct RequestRunner {
     log_limiter: Arc<Mutex<RateLimiter>>,
     /// Where completed requests are counted, and as which queue.
     request_stats: Option<(Arc<RequestStats>, usize)>,
+    /// The queue's part of the vhost-user inflight region, when the frontend set one.
+    inflight_region: Option<InflightQueue>,
+    /// Heads an earlier backend took and did not complete, to serve before the ring's next
+    /// chain; the oldest is last. Sized for a whole ring when the runner is made.
+    resubmit: Vec<u16>,
+    /// Whether every request is answered with an I/O error without touching the store.
+    refusing: bool,
 }
 
 /// The requests of one queue taken from its ring whose used entries are not written yet, by
@@ -578,7 +593,8 @@ impl InFlight {
         }
     }
 
-    fn take(&mut self, head: u16) {
+    /// Records `head` as taken and returns its order number.
+    fn take(&mut self, head: u16) -> u64 {
         if let Some(slot) = self.taken.get_mut(usize::from(head)) {
             if *slot == 0 {
                 self.count += 1;
@@ -586,6 +602,7 @@ impl InFlight {
             self.counter += 1;
             *slot = self.counter;
         }
+        self.counter
     }
 
     fn release(&mut self, head: u16) {
@@ -615,7 +632,67 @@ impl RequestRunner {
             in_flight: InFlight::new(device.queue_size),
             log_limiter,
             request_stats: None,
+            inflight_region: None,
+            resubmit: Vec::with_capacity(usize::from(device.queue_size)),
+            refusing: false,
         }
+    }
+
+    /// Records every request taken and completed from now on in `region`, the queue's part
+    /// of the vhost-user inflight region (`None`: no region).
+    pub fn track_inflight(&mut self, region: Option<InflightQueue>) {
+        self.inflight_region = region;
+        self.resubmit.clear();
+    }
+
+    /// Answers every request from now on with `VIRTIO_BLK_S_IOERR` without reading or
+    /// writing the store (`true`), or serves them again (`false`).
+    pub fn set_refusing(&mut self, refusing: bool) {
+        self.refusing = refusing;
+    }
+
+    /// The queue `queue` starts (its first kick after it was set up): with an inflight region,
+    /// does what libvhost-user's `vu_check_queue_inflights` does. The heads an earlier backend
+    /// took and did not complete are queued to be served before the ring's next chain, in the
+    /// order they were taken, and the queue's next avail index is set past every head taken
+    /// so far, so none is taken twice. Returns what the region said (`None`: no region).
+    pub fn start_queue<Q, M>(
+        &mut self,
+        queue: &mut Q,
+        mem: &M,
+    ) -> Result<Option<QueueStart>, StartError>
+    where
+        Q: QueueT,
+        M: GuestMemoryBackend,
+    {
+        self.resubmit.clear();
+        let Some(region) = &self.inflight_region else {
+            return Ok(None);
+        };
+        let used = queue
+            .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(StartError::Ring)?;
+        let start = region
+            .start(queue.size(), used.0, &mut self.resubmit)
+            .map_err(StartError::Region)?;
+        match start {
+            QueueStart::Fresh | QueueStart::Cleared { .. } => {}
+            QueueStart::Resumed {
+                next_avail,
+                last_counter,
+                ..
+            } => {
+                queue.set_next_avail(next_avail);
+                queue.set_next_used(used.0);
+                self.in_flight.counter = self.in_flight.counter.max(last_counter);
+            }
+        }
+        Ok(Some(start))
+    }
+
+    /// How many heads wait to be resubmitted.
+    pub fn resubmit_pending(&self) -> usize {
+        self.resubmit.len()
     }
 
     /// A runner with its own log limiter (tests, single-queue use).
@@ -682,10 +759,15 @@ impl RequestRunner {
         M: GuestMemoryBackend,
         B: BlockBackend,
     {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return Ok(Next::Empty);
+        let mut request = if let Some(head) = self.resubmit.pop() {
+            let chain = ResubmitChain::new(mem, queue.desc_table(), queue.size(), head);
+            self.take(chain, mem, device)
+        } else {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(Next::Empty);
+            };
+            self.take(chain, mem, device)
         };
-        let mut request = self.take(chain, mem, device);
         if let Some(defer) = defer.filter(|_| request.reads_slowly(backend)) {
             match defer(request) {
                 Ok(()) => return Ok(Next::Deferred),
@@ -699,19 +781,20 @@ impl RequestRunner {
     }
 
     /// Collects and parses `chain` into a request, and tracks it as in flight until
-    /// [`complete`](Self::complete) writes its used entry.
-    pub fn take<M, E>(
-        &mut self,
-        chain: DescriptorChain<&M>,
-        mem: &M,
-        device: &DeviceConfig,
-    ) -> Request<E>
+    /// [`complete`](Self::complete) writes its used entry: in the runner's table, and in the
+    /// inflight region when there is one, before anything of the request is executed. While
+    /// the runner refuses, the request is answered with an I/O error whatever it asks.
+    pub fn take<M, E, C>(&mut self, chain: C, mem: &M, device: &DeviceConfig) -> Request<E>
     where
         M: GuestMemoryBackend,
         E: std::error::Error + 'static,
+        C: Chain,
     {
         let head = chain.head_index();
-        self.in_flight.take(head);
+        let counter = self.in_flight.take(head);
+        if let Some(region) = &self.inflight_region {
+            region.take(head, counter);
+        }
         let mut segments = self
             .spare_segments
             .pop()
@@ -733,6 +816,11 @@ impl RequestRunner {
                     Err(error) => Stage::Done(Err(error)),
                 }
             }
+        };
+        let stage = if self.refusing {
+            Stage::Done(Err(RequestError::DeviceRefused))
+        } else {
+            stage
         };
         Request {
             head,
@@ -821,7 +909,13 @@ impl RequestRunner {
         if let Some((stats, queue)) = &self.request_stats {
             stats.record(*queue, kind, started.elapsed(), ok);
         }
-        queue.add_used(mem, head, used)
+        let Some(region) = &self.inflight_region else {
+            return queue.add_used(mem, head, used);
+        };
+        region.pre_put(head);
+        queue.add_used(mem, head, used)?;
+        region.post_put(head, queue.next_used());
+        Ok(())
     }
 
     /// Drops `request` without completing it: its queue was stopped and gave it up. Only its
@@ -883,8 +977,8 @@ struct Collected<E: std::error::Error + 'static> {
 
 /// Walks the chain, fills `segments` and finds the status byte. The status address is
 /// returned even when the layout is bad, so the failure can be reported.
-fn collect<M, E>(
-    chain: DescriptorChain<&M>,
+fn collect<M, E, C>(
+    chain: C,
     mem: &M,
     segments: &mut Vec<Segment>,
     max_descriptors: usize,
@@ -892,6 +986,7 @@ fn collect<M, E>(
 where
     M: GuestMemoryBackend,
     E: std::error::Error + 'static,
+    C: Chain,
 {
     segments.clear();
     let mut error: Option<RequestError<E>> = None;
@@ -1393,6 +1488,115 @@ where
         }
     }
     Ok(())
+}
+
+/// Why a queue's inflight region could not be used when the queue started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The ring's used index could not be read.
+    #[error("cannot read the ring's used index")]
+    Ring(#[source] virtio_queue::Error),
+    /// The region does not fit the ring.
+    #[error("the inflight region does not fit the ring")]
+    Region(#[source] InflightError),
+}
+
+/// A descriptor chain as [`RequestRunner::take`] walks it: the head it starts at and its
+/// descriptors in order (indirect tables followed).
+pub trait Chain: Iterator<Item = Descriptor> {
+    /// The chain's head index: what the used entry names.
+    fn head_index(&self) -> u16;
+}
+
+impl<M> Chain for DescriptorChain<&M>
+where
+    M: GuestMemoryBackend,
+{
+    fn head_index(&self) -> u16 {
+        DescriptorChain::head_index(self)
+    }
+}
+
+/// The chain that starts at a given head of a queue's descriptor table: how a head an earlier
+/// backend took is walked again when it is resubmitted (virtio-queue builds chains only for
+/// heads it pops from the avail ring). It follows virtio-queue's `DescriptorChain` step by
+/// step: at most as many descriptors as the table holds, an index past the table ends the
+/// chain, one level of indirect table (a multiple of 16 bytes, at most 65535 entries), and
+/// no more than 2^32 - 1 bytes in all.
+pub struct ResubmitChain<'m, M> {
+    mem: &'m M,
+    desc_table: GuestAddress,
+    table_size: u16,
+    head_index: u16,
+    next_index: u16,
+    ttl: u16,
+    is_indirect: bool,
+    yielded_bytes: u32,
+}
+
+impl<'m, M: GuestMemoryBackend> ResubmitChain<'m, M> {
+    /// The chain of `head` in the descriptor table at `desc_table` of a queue of
+    /// `queue_size` entries.
+    pub fn new(mem: &'m M, desc_table: u64, queue_size: u16, head: u16) -> Self {
+        ResubmitChain {
+            mem,
+            desc_table: GuestAddress(desc_table),
+            table_size: queue_size,
+            head_index: head,
+            next_index: head,
+            ttl: queue_size,
+            is_indirect: false,
+            yielded_bytes: 0,
+        }
+    }
+
+    fn switch_to_indirect_table(&mut self, desc: &Descriptor) -> Option<()> {
+        const DESC_SIZE: u32 = 16;
+        if self.is_indirect || !desc.len().is_multiple_of(DESC_SIZE) {
+            return None;
+        }
+        let entries = u16::try_from(desc.len() / DESC_SIZE).ok()?;
+        self.desc_table = desc.addr();
+        self.table_size = entries;
+        self.next_index = 0;
+        self.ttl = entries;
+        self.is_indirect = true;
+        Some(())
+    }
+}
+
+impl<M: GuestMemoryBackend> Iterator for ResubmitChain<'_, M> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next_index >= self.table_size {
+                return None;
+            }
+            let addr = self
+                .desc_table
+                .checked_add(u64::from(self.next_index) * 16)?;
+            let desc = self.mem.read_obj::<Descriptor>(addr).ok()?;
+            if desc.refers_to_indirect_table() {
+                self.switch_to_indirect_table(&desc)?;
+                continue;
+            }
+            self.yielded_bytes = self.yielded_bytes.checked_add(desc.len())?;
+            if desc.has_next() {
+                self.next_index = desc.next();
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(desc);
+        }
+    }
+}
+
+impl<M: GuestMemoryBackend> Chain for ResubmitChain<'_, M> {
+    fn head_index(&self) -> u16 {
+        self.head_index
+    }
 }
 
 /// Formats an error with its sources, `outer: inner: innermost`.

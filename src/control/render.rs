@@ -50,6 +50,16 @@ pub fn stats_table(stats: &Stats) -> String {
     for (name, value) in rows {
         out.push_str(&format!("{name:<26} {value}\n"));
     }
+    // Only a store on a state file has these.
+    if stats.info.state_file_bytes > 0 || stats.info.damaged_pages > 0 {
+        let state_rows = [
+            ("state file", bytes(stats.info.state_file_bytes)),
+            ("damaged pages", pages(stats.info.damaged_pages)),
+        ];
+        for (name, value) in state_rows {
+            out.push_str(&format!("{name:<26} {value}\n"));
+        }
+    }
     let w = &stats.workers;
     let worker_rows = [
         ("workers", w.workers.to_string()),
@@ -209,5 +219,23 @@ mod tests {
         assert!(table.contains("1 page\n"), "{table}");
         assert_eq!(bytes(1023), "1023 bytes");
         assert_eq!(bytes(1536), "1536 bytes (1.5 KiB)");
+    }
+
+    #[test]
+    fn the_stats_table_shows_the_state_file_only_when_there_is_one() {
+        let anonymous = stats_table(&Stats::default());
+        assert!(!anonymous.contains("state file"), "{anonymous}");
+        let mut stats = Stats::default();
+        stats.info.state_file_bytes = 3 << 20;
+        stats.info.damaged_pages = 2;
+        let table = stats_table(&stats);
+        assert!(
+            table.contains("state file                 3145728 bytes (3.0 MiB)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("damaged pages              2 pages"),
+            "{table}"
+        );
     }
 }

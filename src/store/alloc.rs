@@ -144,6 +144,9 @@ impl ChunkMeta {
 pub(crate) struct Segment {
     base: NonNull<u8>,
     bytes: usize,
+    /// Whether this is a shared mapping of a state file (freed memory is removed from the
+    /// file with `MADV_REMOVE`) rather than anonymous memory (`MADV_DONTNEED`).
+    shared: bool,
 }
 
 // SAFETY: a Segment is an owned anonymous mapping; its pointer is only dereferenced under the
@@ -171,7 +174,65 @@ impl Segment {
             return Err(AllocError::OutOfMemory { bytes });
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(AllocError::OutOfMemory { bytes })?;
-        Ok(Segment { base, bytes })
+        Ok(Segment {
+            base,
+            bytes,
+            shared: false,
+        })
+    }
+
+    /// Maps `bytes` of the file `fd` at `offset`, shared and read-write.
+    pub(crate) fn map_shared(
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        bytes: usize,
+    ) -> std::io::Result<Segment> {
+        use std::os::fd::AsRawFd;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a shared file mapping with no address hint touches no existing memory; the
+        // result is checked for MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                // No reservation: on hugetlbfs the regions are far larger than what is used.
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+        Ok(Segment {
+            base,
+            bytes,
+            shared: true,
+        })
+    }
+
+    /// Gives the memory of `len` bytes at `ptr` (inside this segment) back to the OS; they
+    /// read as zeros afterwards. For a state file the pages leave the file too.
+    ///
+    /// # Safety
+    /// The range must lie inside this segment and hold nothing anyone still uses.
+    pub(crate) unsafe fn discard(&self, ptr: *mut u8, len: usize) {
+        let advice = if self.shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: by this function's contract the range is inside our mapping and unused.
+        unsafe { libc::madvise(ptr.cast(), len, advice) };
+    }
+
+    /// The mapping's length.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes
     }
 
     /// The first byte of the mapping.
@@ -235,6 +296,85 @@ pub struct SlabAllocator {
     live_bytes: AtomicU64,
     /// Bytes of metadata (chunk tables, lists, segment tables).
     meta_bytes: AtomicU64,
+    /// Where segments come from with a state file (`None`: anonymous memory).
+    extents: Option<Extents>,
+}
+
+/// A directory entry names a used extent: this bit, the class (bits 32-47) and the segment's
+/// index in its class (bits 0-31).
+const EXTENT_USED: u64 = 1 << 63;
+
+/// The slab area of a state file: extents of [`super::state::EXTENT_BYTES`], each mapped as
+/// one segment, and the directory that says which class and segment each one is.
+#[derive(Debug)]
+pub(crate) struct Extents {
+    state: std::sync::Arc<super::state::StateFile>,
+    directory: Segment,
+    slab: u64,
+    max: u64,
+    /// The next unused extent.
+    next: Mutex<u64>,
+}
+
+impl Extents {
+    /// The slab area of `state` as its header's layout places it.
+    pub(crate) fn new(
+        state: std::sync::Arc<super::state::StateFile>,
+        layout: &super::state::Layout,
+    ) -> std::io::Result<Extents> {
+        let bytes = usize::try_from(layout.directory.1)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let directory = state.map(layout.directory.0, bytes)?;
+        Ok(Extents {
+            state,
+            directory,
+            slab: layout.slab,
+            max: layout.max_extents,
+            next: Mutex::new(0),
+        })
+    }
+
+    // `extent` < max, and max entries are mapped in this process: it fits a usize.
+    #[allow(clippy::cast_possible_truncation)]
+    fn entry(&self, extent: u64) -> &AtomicU64 {
+        debug_assert!(extent < self.max);
+        // SAFETY: the directory maps `max` eight-byte entries, page-aligned, so entry
+        // `extent` (< max) is an aligned u64 inside it; AtomicU64 has u64's layout, and every
+        // access to the directory is atomic.
+        unsafe {
+            &*self
+                .directory
+                .base()
+                .cast::<AtomicU64>()
+                .add(extent as usize)
+        }
+    }
+
+    /// Maps a new extent for segment `index` of `class` and records it in the directory
+    /// before anything can be stored in it.
+    fn take(&self, class: usize, index: usize, bytes: usize) -> Result<Segment, AllocError> {
+        let mut next = lock(&self.next);
+        if *next >= self.max {
+            log::error!(
+                "the state file {} has no free slab extent left ({} in all)",
+                self.state.name(),
+                self.max
+            );
+            return Err(AllocError::OutOfMemory { bytes });
+        }
+        let extent = *next;
+        let offset = self.slab + extent * super::state::EXTENT_BYTES;
+        let segment = self
+            .state
+            .map(offset, bytes)
+            .map_err(|_| AllocError::OutOfMemory { bytes })?;
+        self.entry(extent).store(
+            EXTENT_USED | ((class as u64) << 32) | index as u64,
+            Ordering::Release,
+        );
+        *next += 1;
+        Ok(segment)
+    }
 }
 
 impl Default for SlabAllocator {
@@ -246,6 +386,12 @@ impl Default for SlabAllocator {
 impl SlabAllocator {
     /// An empty allocator (it holds no memory until the first object).
     pub fn new() -> SlabAllocator {
+        SlabAllocator::with_extents(None)
+    }
+
+    /// An empty allocator whose segments come from `extents` (a state file), or anonymous
+    /// memory when `None`.
+    pub(crate) fn with_extents(extents: Option<Extents>) -> SlabAllocator {
         let classes: Box<[SizeClass]> = (0..=HUGE_CLASS)
             .map(|class| {
                 let size = class_size(class);
@@ -272,6 +418,15 @@ impl SlabAllocator {
             classes,
             live_bytes: AtomicU64::new(0),
             meta_bytes: AtomicU64::new(fixed),
+            extents,
+        }
+    }
+
+    /// A new segment of `bytes` for segment `index` of `class`.
+    fn new_segment(&self, class: usize, index: usize, bytes: usize) -> Result<Segment, AllocError> {
+        match &self.extents {
+            None => Segment::map(bytes),
+            Some(extents) => extents.take(class, index, bytes),
         }
     }
 
@@ -384,8 +539,10 @@ impl SlabAllocator {
             Some(chunk) => chunk as usize,
             None => {
                 let chunk = inner.chunks.len();
-                if chunk / c.chunks_per_segment >= read(&c.segments).len() {
-                    let segment = Segment::map(c.chunk_bytes * c.chunks_per_segment)?;
+                let index = chunk / c.chunks_per_segment;
+                if index >= read(&c.segments).len() {
+                    let bytes = c.chunk_bytes * c.chunks_per_segment;
+                    let segment = self.new_segment(class_of(c.size), index, bytes)?;
                     let mut segments = write(&c.segments);
                     let before = segments.capacity();
                     segments.push(segment);
@@ -433,15 +590,7 @@ impl SlabAllocator {
         self.grew(before, inner.dead.capacity(), 4);
         self.live_bytes
             .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
-        // SAFETY: the chunk is dead: no object in it is referenced, so discarding its pages
-        // (they read back as zeros) loses nothing; the range lies inside a mapped segment.
-        unsafe {
-            libc::madvise(
-                chunk_ptr(c, chunk).cast(),
-                c.chunk_bytes,
-                libc::MADV_DONTNEED,
-            );
-        }
+        discard_chunk(c, chunk);
     }
 
     fn list_partial(&self, inner: &mut ClassInner, chunk: usize) {
@@ -548,6 +697,165 @@ impl SlabAllocator {
                 }
             }
             c.has_victims.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Recovery, first step: maps every extent the state file's directory records as the
+    /// segment it was, in its class. A segment index the directory skips (never written by
+    /// this allocator, which records an extent before using it) gets a fresh extent; it is
+    /// returned, and no object in it is trusted. An entry naming no class is left out (its
+    /// extent punched).
+    pub(crate) fn adopt_extents(&self) -> std::io::Result<Vec<(usize, usize)>> {
+        let Some(extents) = &self.extents else {
+            return Ok(Vec::new());
+        };
+        let mut found: Vec<Vec<Option<u64>>> = vec![Vec::new(); self.classes.len()];
+        let mut used = 0;
+        for extent in 0..extents.max {
+            let e = extents.entry(extent).load(Ordering::Acquire);
+            if e == 0 {
+                continue;
+            }
+            used = extent + 1;
+            // Masked to 16 and 32 bits.
+            #[allow(clippy::cast_possible_truncation)]
+            let (class, index) = (((e >> 32) & 0xffff) as usize, (e & 0xffff_ffff) as usize);
+            let known =
+                e & EXTENT_USED != 0 && class < self.classes.len() && (index as u64) < extents.max;
+            let slot = known.then(|| &mut found[class]);
+            match slot {
+                Some(list) if list.get(index).is_none_or(Option::is_none) => {
+                    if list.len() <= index {
+                        list.resize(index + 1, None);
+                    }
+                    list[index] = Some(extent);
+                }
+                Some(_) | None => {
+                    log::warn!(
+                        "the state file {}: slab extent {extent} has a damaged directory entry \
+                         ({e:#x}); its memory is given back",
+                        extents.state.name()
+                    );
+                    extents.entry(extent).store(0, Ordering::Release);
+                    extents.state.punch(
+                        extents.slab + extent * super::state::EXTENT_BYTES,
+                        super::state::EXTENT_BYTES,
+                    );
+                }
+            }
+        }
+        *lock(&extents.next) = used;
+        let mut fresh = Vec::new();
+        for (class, list) in found.into_iter().enumerate() {
+            let c = &self.classes[class];
+            let bytes = c.chunk_bytes * c.chunks_per_segment;
+            let mut segments = write(&c.segments);
+            let before = segments.capacity();
+            for (index, extent) in list.into_iter().enumerate() {
+                let segment = match extent {
+                    Some(extent) => extents
+                        .state
+                        .map(extents.slab + extent * super::state::EXTENT_BYTES, bytes)?,
+                    None => {
+                        fresh.push((class, index));
+                        extents
+                            .take(class, index, bytes)
+                            .map_err(std::io::Error::other)?
+                    }
+                };
+                segments.push(segment);
+            }
+            self.grew(before, segments.capacity(), std::mem::size_of::<Segment>());
+        }
+        Ok(fresh)
+    }
+
+    /// Whether `object` of `class` lies in a segment this allocator has, outside `fresh`.
+    pub(crate) fn object_in_range(
+        &self,
+        class: usize,
+        object: u64,
+        fresh: &[(usize, usize)],
+    ) -> bool {
+        let Some(c) = self.classes.get(class) else {
+            return false;
+        };
+        let (chunk, _) = split(c, object);
+        let segment = chunk / c.chunks_per_segment;
+        segment < read(&c.segments).len() && !fresh.contains(&(class, segment))
+    }
+
+    /// Recovery, second step: rebuilds every class's chunk metadata from the objects the slot
+    /// table references (`by_class[class]`: in range, each named once): a chunk is live iff
+    /// it holds one, its free list links the unreferenced objects below its highest one, and
+    /// every chunk nothing references is given back to the OS (punched).
+    pub(crate) fn rebuild(&self, by_class: &[Vec<u64>]) {
+        for (class, c) in self.classes.iter().enumerate() {
+            let segments = read(&c.segments).len();
+            let mut inner = lock(&c.inner);
+            let chunks = segments * c.chunks_per_segment;
+            let mut referenced = vec![Vec::<u16>::new(); chunks];
+            for &object in by_class.get(class).map_or(&[][..], |v| &v[..]) {
+                let (chunk, index) = split(c, object);
+                if let Some(list) = referenced.get_mut(chunk) {
+                    list.push(index);
+                }
+            }
+            let before = (inner.chunks.capacity(), inner.dead.capacity());
+            inner.chunks = vec![ChunkMeta::DEAD; chunks];
+            inner.partial.clear();
+            inner.dead.clear();
+            inner.dead.reserve(chunks + 1);
+            inner.live_chunks = 0;
+            inner.used_objects = 0;
+            for (chunk, mut indices) in referenced.into_iter().enumerate().rev() {
+                if indices.is_empty() {
+                    discard_chunk(c, chunk);
+                    inner.dead.push(u32::try_from(chunk).unwrap_or(NONE32));
+                    continue;
+                }
+                indices.sort_unstable();
+                let bump = indices[indices.len() - 1] + 1;
+                let mut free_head = NONE16;
+                let mut next_used = indices.len();
+                for index in (0..bump).rev() {
+                    if next_used > 0 && indices[next_used - 1] == index {
+                        next_used -= 1;
+                        continue;
+                    }
+                    let object = (chunk * c.objects_per_chunk + usize::from(index)) as u64;
+                    // SAFETY: the object lies below bump in a chunk of a mapped segment and no
+                    // slot references it, so its first two bytes are ours to link.
+                    unsafe {
+                        object_ptr(c, object)
+                            .cast::<u16>()
+                            .write_unaligned(free_head)
+                    };
+                    free_head = index;
+                }
+                let used = u16::try_from(indices.len()).unwrap_or(u16::MAX);
+                inner.chunks[chunk] = ChunkMeta {
+                    used,
+                    free_head,
+                    bump,
+                    live: true,
+                    victim: false,
+                    partial_pos: NONE32,
+                };
+                inner.live_chunks += 1;
+                inner.used_objects += u64::from(used);
+                self.live_bytes
+                    .fetch_add(c.chunk_bytes as u64, Ordering::Relaxed);
+                if usize::from(used) < c.objects_per_chunk {
+                    self.list_partial(&mut inner, chunk);
+                }
+            }
+            self.grew(
+                before.0,
+                inner.chunks.capacity(),
+                std::mem::size_of::<ChunkMeta>(),
+            );
+            self.grew(before.1, inner.dead.capacity(), 4);
         }
     }
 
@@ -710,6 +1018,21 @@ fn unlist_partial(inner: &mut ClassInner, chunk: usize) {
         inner.chunks[moved as usize].partial_pos = pos;
     }
     inner.chunks[chunk].partial_pos = NONE32;
+}
+
+/// Gives a dead chunk's memory back to the OS (and, in a state file, to the file system).
+fn discard_chunk(c: &SizeClass, chunk: usize) {
+    let segments = read(&c.segments);
+    let segment = &segments[chunk / c.chunks_per_segment];
+    // SAFETY: the chunk is dead: no object in it is referenced, so discarding its pages (they
+    // read back as zeros) loses nothing; its range lies inside its segment.
+    unsafe {
+        let ptr = segment
+            .base
+            .as_ptr()
+            .add((chunk % c.chunks_per_segment) * c.chunk_bytes);
+        segment.discard(ptr, c.chunk_bytes);
+    }
 }
 
 fn chunk_ptr(c: &SizeClass, chunk: usize) -> *mut u8 {

@@ -19,13 +19,16 @@ pub(crate) mod pending;
 pub mod recompress;
 pub mod same_fill;
 pub(crate) mod slot;
+pub mod state;
 pub mod stats;
 pub mod writeback;
+
+mod recovery;
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use self::alloc::{class_of, AllocError, SlabAllocator, HUGE_CLASS};
@@ -36,10 +39,12 @@ pub use self::recompress::{
     AlgorithmSpec, RecompressError, RecompressMode, RecompressOutcome, RecompressRequest,
     RecompressTarget, TrainRequest, TrainedDictionary,
 };
+pub use self::recovery::{Recovered, StateStart, StoreMemory};
 use self::same_fill::FillWords;
 pub use self::slot::MAX_AGE;
 use self::slot::{SlotEntry, SlotTable, StaleObject, Swapped, MAX_HANDLE};
 pub use self::slot::{SlotState, MAX_PENDING_BUFFERS, MAX_SECONDARY};
+pub use self::state::{FrontendIdentity, StateError, StateFile};
 use self::stats::{add, get, sub, CounterShard, Counters};
 pub use self::stats::{
     AlgorithmStat, IoStat, MmStat, RecompressStats, Stats, StoreInfo, WorkerStat, WorkerStats,
@@ -126,6 +131,17 @@ pub enum StoreError {
     /// The algorithm or level is not valid.
     #[error(transparent)]
     Codec(#[from] UnknownCodec),
+    /// The state file could not be opened, checked or updated.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Recovery found the state inconsistent; the daemon must not serve it.
+    #[error("the state recovered from {path} is inconsistent ({reason}); it is not served")]
+    Recovery {
+        /// The state file.
+        path: String,
+        /// What the consistency check found.
+        reason: String,
+    },
 }
 
 thread_local! {
@@ -221,6 +237,11 @@ pub struct PageStore {
     idle_tick_ms: AtomicU64,
     /// Wakes the writeback thread when a write meets the memory limit (`--writeback-above`).
     pressure_relief: Mutex<Option<writeback::Relief>>,
+    /// The state file the store's memory lives in, if any (DESIGN.md, "State file").
+    state: Option<Arc<StateFile>>,
+    /// Whether the state file was created by this process, and whether `recover` has run.
+    state_created: bool,
+    recovered: bool,
 }
 
 impl PageStore {
@@ -236,10 +257,37 @@ impl PageStore {
         config: StoreConfig,
         pending: PendingConfig,
     ) -> Result<PageStore, StoreError> {
+        PageStore::with_memory(config, pending, StoreMemory::Anonymous)
+    }
+
+    /// Creates a store whose memory is `memory`: anonymous memory (as
+    /// [`PageStore::with_pending`]), or a state file, whose header is checked against
+    /// `config` and `pending` here (a mismatch is refused and the file left untouched).
+    /// A store on a state file must run [`PageStore::recover`] once, after the other builder
+    /// steps and before it serves.
+    pub fn with_memory(
+        config: StoreConfig,
+        pending: PendingConfig,
+        memory: StoreMemory,
+    ) -> Result<PageStore, StoreError> {
+        let regions = match memory {
+            StoreMemory::Anonymous => None,
+            StoreMemory::State(file) => Some(recovery::StateRegions::open(file, &config, pending)?),
+        };
+        let (state, state_created, slot_memory, pool_memory, extents) = match regions {
+            None => (None, false, None, None, None),
+            Some(r) => (
+                Some(r.file),
+                r.created,
+                Some(r.slots),
+                r.pool,
+                Some(r.extents),
+            ),
+        };
         let deferred = match pending.workers {
             0 => None,
             workers => {
-                let pool = PendingPool::new(pending.max_pending_pages)
+                let pool = PendingPool::with_memory(pending.max_pending_pages, pool_memory)
                     .map_err(|e| StoreError::Config(e.to_string()))?;
                 Some(Deferred {
                     queue: JobQueue::new(pool.capacity()),
@@ -262,9 +310,15 @@ impl PageStore {
         let codec = recompress::build_codec(primary, &dictionaries)?;
         let pages = usize::try_from(config.capacity_pages)
             .map_err(|_| StoreError::Config("the capacity does not fit in memory".into()))?;
+        let slots = match slot_memory {
+            None => SlotTable::new(pages),
+            Some(memory) => SlotTable::in_memory(pages, memory).ok_or_else(|| {
+                StoreError::Config("the state file's slot table is too small".into())
+            })?,
+        };
         let store = PageStore {
-            slots: SlotTable::new(pages),
-            alloc: SlabAllocator::new(),
+            slots,
+            alloc: SlabAllocator::with_extents(extents),
             fill_words: FillWords::default(),
             codec,
             recompression: recompress::Recompression::new(primary, dictionaries),
@@ -277,6 +331,9 @@ impl PageStore {
             writeback_batch: AtomicUsize::new(DEFAULT_BATCH_PAGES),
             idle_tick_ms: AtomicU64::new(60_000),
             pressure_relief: Mutex::new(None),
+            state,
+            state_created,
+            recovered: false,
         };
         if let Some(limit) = config.mem_limit {
             if store.mem_used_total() > limit {
@@ -340,9 +397,8 @@ impl PageStore {
             deferred.pool.give_back(buffer);
             return Ok(Err(error));
         }
-        if let Some(word) = same_fill::detect(page) {
+        if let Some(entry) = same_fill::detect(page).and_then(|word| self.same_filled(word)) {
             // Same-filled pages never wait: they cost no compression and no memory.
-            let entry = SlotEntry::new(SlotState::SameFilled, self.fill_words.encode(word));
             deferred.pool.give_back(buffer);
             self.publish(slot, entry);
             return Ok(Ok(()));
@@ -650,6 +706,8 @@ impl PageStore {
                 slot_table_bytes: self.slots.bytes() as u64,
                 chunk_bytes: self.alloc.chunk_bytes(),
                 metadata_bytes: metadata,
+                state_file_bytes: self.state.as_ref().map_or(0, |s| s.allocated_bytes()),
+                damaged_pages: get(|c| &c.damaged_pages),
             },
             workers: self.worker_stats(),
             recompression: self.recompress_stats(),
@@ -697,6 +755,7 @@ impl PageStore {
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut by_class: Vec<Vec<u64>> = vec![Vec::new(); HUGE_CLASS + 1];
         let (mut stored, mut compr, mut same, mut huge) = (0u64, 0u64, 0u64, 0u64);
+        let mut damaged = 0u64;
         let mut by_priority = [(0u64, 0u64); MAX_SECONDARY + 1];
         let mut pending_buffers = Vec::new();
         let mut written_back = Vec::new();
@@ -716,7 +775,8 @@ impl PageStore {
                 SlotState::Huge => huge += 1,
                 SlotState::Pending => pending_buffers.push((slot, entry.pending_buffer())),
                 SlotState::WrittenBack => written_back.push(entry.backing_object()),
-                SlotState::Invalid => return Err(format!("slot {slot} is in state Invalid")),
+                // Only recovery makes Invalid entries (damaged ones), and counts them.
+                SlotState::Invalid => damaged += 1,
             }
             if let Some(class) = object_class(entry) {
                 by_class[class].push(entry.handle());
@@ -740,6 +800,7 @@ impl PageStore {
                 written_back.len() as u64,
                 c.sum(|c| &c.pages_on_file),
             ),
+            ("damaged_pages", damaged, c.sum(|c| &c.damaged_pages)),
         ];
         for (name, walked, counted) in expect {
             if walked != counted {
@@ -952,11 +1013,8 @@ impl PageStore {
     /// Turns a page into a slot entry, allocating its object (owned by the caller until the
     /// entry is published).
     fn encode(&self, page: &[u8; PAGE_SIZE]) -> Result<SlotEntry, StoreError> {
-        if let Some(word) = same_fill::detect(page) {
-            return Ok(SlotEntry::new(
-                SlotState::SameFilled,
-                self.fill_words.encode(word),
-            ));
+        if let Some(entry) = same_fill::detect(page).and_then(|word| self.same_filled(word)) {
+            return Ok(entry);
         }
         let stored = COMPRESS_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -981,6 +1039,17 @@ impl PageStore {
         })?;
         self.counters.note_mem_used(self.mem_used_total());
         Ok(entry)
+    }
+
+    /// The entry of a page filled with `word`, or `None` when a store on a state file would
+    /// need the [`FillWords`] table for it (that table is not in the file): such a page is
+    /// stored as an ordinary compressed object instead.
+    fn same_filled(&self, word: u64) -> Option<SlotEntry> {
+        let payload = match self.state {
+            None => self.fill_words.encode(word),
+            Some(_) => same_fill::encode_inline(word)?,
+        };
+        Some(SlotEntry::new(SlotState::SameFilled, payload))
     }
 
     /// Allocates the object for a page that compressed into `compressed[..len]` (`None`:
@@ -1091,6 +1160,7 @@ impl PageStore {
             change(&c.huge_pages, u64::from(state == SlotState::Huge));
             change(&c.pending_pages, u64::from(state == SlotState::Pending));
             change(&c.pages_on_file, u64::from(state == SlotState::WrittenBack));
+            change(&c.damaged_pages, u64::from(state == SlotState::Invalid));
             if state == SlotState::Compressed {
                 let priority = entry.priority();
                 change(&c.algorithm_pages[priority], 1);
@@ -1181,6 +1251,9 @@ fn compressed_bytes(entry: SlotEntry) -> u64 {
     }
 }
 
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod state_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -85,14 +85,33 @@ pub(crate) struct PendingPool {
 impl PendingPool {
     /// A pool of `capacity` buffers (1 to [`MAX_PENDING_BUFFERS`]); memory is reserved, not
     /// committed.
+    #[cfg(test)]
     pub(crate) fn new(capacity: usize) -> std::io::Result<PendingPool> {
+        PendingPool::with_memory(capacity, None)
+    }
+
+    /// A pool of `capacity` buffers in `memory` (a state file's pool region, at least
+    /// `capacity` pages), or in fresh anonymous memory when `None`.
+    pub(crate) fn with_memory(
+        capacity: usize,
+        memory: Option<Segment>,
+    ) -> std::io::Result<PendingPool> {
         if capacity == 0 || capacity > MAX_PENDING_BUFFERS {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("a pending pool holds 1 to {MAX_PENDING_BUFFERS} pages, not {capacity}"),
             ));
         }
-        let memory = Segment::map(capacity * PAGE_SIZE).map_err(std::io::Error::other)?;
+        let memory = match memory {
+            Some(memory) if memory.len() >= capacity * PAGE_SIZE => memory,
+            Some(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the state file's pool region is smaller than the pool",
+                ))
+            }
+            None => Segment::map(capacity * PAGE_SIZE).map_err(std::io::Error::other)?,
+        };
         // Buffer numbers fit 24 bits (checked above); hand out low numbers first.
         #[allow(clippy::cast_possible_truncation)]
         let cold = (0..capacity as u32).rev().collect();
@@ -219,15 +238,44 @@ impl PendingPool {
         let n = free.resident.len();
         for index in std::mem::take(&mut free.resident) {
             // SAFETY: a free buffer has no holder and no writer: no reference to its page
-            // exists, so its content may be discarded (it reads as zeros afterwards).
-            unsafe {
-                libc::madvise(self.page_ptr(index).cast(), PAGE_SIZE, libc::MADV_DONTNEED);
-            }
+            // exists, so its content may be discarded (it reads as zeros afterwards); the
+            // page lies inside the pool's mapping.
+            unsafe { self.memory.discard(self.page_ptr(index), PAGE_SIZE) };
             free.cold.push(index);
         }
         free.resident = Vec::with_capacity(self.capacity);
         self.resident.fetch_sub(n as u64, Ordering::Relaxed);
         n
+    }
+
+    /// Recovery: the buffers `held` names (by Pending slots of a state file, each once, in
+    /// range) are in use by their slot and a job again, with the generation the slot names;
+    /// every other buffer is free and its memory given back.
+    pub(crate) fn recover(&self, held: &[(u32, u32)]) {
+        let mut is_held = vec![false; self.capacity];
+        for &(buffer, generation) in held {
+            is_held[buffer as usize] = true;
+            self.generations[buffer as usize].store(generation, Ordering::Relaxed);
+            self.holders[buffer as usize].store(2, Ordering::Relaxed);
+        }
+        let mut free = self.lock_free();
+        free.resident.clear();
+        free.cold.clear();
+        for index in (0..self.capacity).rev() {
+            if is_held[index] {
+                continue;
+            }
+            // Below capacity, which fits 24 bits.
+            #[allow(clippy::cast_possible_truncation)]
+            let index = index as u32;
+            self.holders[index as usize].store(0, Ordering::Relaxed);
+            // SAFETY: no slot names this buffer and no job exists yet: nothing reads it, and
+            // the page lies inside the pool's mapping.
+            unsafe { self.memory.discard(self.page_ptr(index), PAGE_SIZE) };
+            free.cold.push(index);
+        }
+        self.in_use.store(held.len() as u64, Ordering::Relaxed);
+        self.resident.store(held.len() as u64, Ordering::Relaxed);
     }
 
     fn free_buffer(&self, index: u32) {

@@ -407,6 +407,9 @@ pub enum RecompressError {
     /// The dictionary could not be trained or loaded.
     #[error(transparent)]
     Dictionary(#[from] DictionaryError),
+    /// The dictionary could not be kept in the state file (what the file said).
+    #[error("{0}; the dictionary was not loaded")]
+    State(String),
 }
 
 /// The secondary algorithms of a store, and the zstd dictionaries all its zstd codecs share.
@@ -418,9 +421,11 @@ pub(crate) struct Recompression {
     codecs: Box<[Box<dyn Codec>]>,
     /// Names by priority, the primary's first.
     names: Box<[String]>,
+    /// The secondary algorithms, by priority (the first is 1).
+    pub(crate) specs: Box<[AlgorithmSpec]>,
     /// Whether any algorithm (primary or secondary) is zstd.
     has_zstd: bool,
-    dictionaries: Arc<ZstdDictionaries>,
+    pub(super) dictionaries: Arc<ZstdDictionaries>,
     /// Held while a dictionary is trained: one training at a time, so its samples are
     /// bounded by [`MAX_TRAIN_SAMPLES`] pages.
     training: Mutex<()>,
@@ -437,6 +442,7 @@ impl Recompression {
             primary,
             codecs: Box::new([]),
             names: Box::new([primary.to_string()]),
+            specs: Box::new([]),
             has_zstd: primary.algorithm == Algorithm::Zstd,
             dictionaries,
             training: Mutex::new(()),
@@ -592,6 +598,7 @@ impl PageStore {
         self.recompression.has_zstd |= specs.iter().any(|s| s.algorithm == Algorithm::Zstd);
         self.recompression.codecs = codecs.into_boxed_slice();
         self.recompression.names = names.into_boxed_slice();
+        self.recompression.specs = specs.into();
         Ok(self)
     }
 
@@ -601,6 +608,9 @@ impl PageStore {
         if !self.recompression.has_zstd {
             return Err(RecompressError::NoZstd);
         }
+        // With a state file the dictionary is in the file before any page can use it.
+        self.persist_dictionary(raw)
+            .map_err(|e| RecompressError::State(e.to_string()))?;
         let id = self.recompression.dictionaries.add(raw)?;
         self.counters.note_mem_used(self.mem_used_total());
         Ok(id)

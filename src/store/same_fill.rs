@@ -43,6 +43,24 @@ fn fits_55_bits(word: u64) -> bool {
     extended == word
 }
 
+/// The payload of `word` when it fits a slot entry by itself (the first two encodings), or
+/// `None` when it needs the [`FillWords`] table. A store on a state file stores the latter
+/// pages as compressed objects, since the table lives in process memory only.
+pub fn encode_inline(word: u64) -> Option<u64> {
+    if fits_55_bits(word) {
+        return Some((word << 1) & super::slot::MAX_PAYLOAD);
+    }
+    if word >> 32 == word & 0xffff_ffff {
+        return Some(((word & 0xffff_ffff) << 2) | 0b01);
+    }
+    None
+}
+
+/// Whether a SameFilled payload names an entry of the [`FillWords`] table.
+pub fn needs_table(payload: u64) -> bool {
+    payload & 0b11 == 0b11
+}
+
 /// The table of fill words that do not fit a slot entry.
 #[derive(Debug, Default)]
 pub struct FillWords {
@@ -68,11 +86,8 @@ struct FillWordsInner {
 impl FillWords {
     /// Encodes `word` as a slot payload, taking a reference in the table when needed.
     pub fn encode(&self, word: u64) -> u64 {
-        if fits_55_bits(word) {
-            return (word << 1) & super::slot::MAX_PAYLOAD;
-        }
-        if word >> 32 == word & 0xffff_ffff {
-            return ((word & 0xffff_ffff) << 2) | 0b01;
+        if let Some(payload) = encode_inline(word) {
+            return payload;
         }
         let mut inner = self.lock();
         let inner = &mut *inner;

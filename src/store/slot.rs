@@ -318,9 +318,52 @@ impl SlotEntry {
 #[derive(Debug)]
 pub struct SlotTable {
     slots: Box<[AtomicU64]>,
+    /// With a state file: the mapping the slots live in (`slots` is then empty, and
+    /// `mapped` points into it).
+    mapped: Option<(super::alloc::Segment, usize)>,
 }
 
 impl SlotTable {
+    /// A table of `pages` slots in `memory`, a state file's slot-table region (its entries
+    /// kept as they are: recovery reads them).
+    pub(crate) fn in_memory(pages: usize, memory: super::alloc::Segment) -> Option<SlotTable> {
+        (memory.len() >= pages * 8).then_some(SlotTable {
+            slots: Box::new([]),
+            mapped: Some((memory, pages)),
+        })
+    }
+
+    fn slots(&self) -> &[AtomicU64] {
+        match &self.mapped {
+            None => &self.slots,
+            // SAFETY: the mapping is page-aligned, at least `pages` eight-byte entries long,
+            // and lives as long as `self`; AtomicU64 has u64's size and alignment and every
+            // bit pattern is valid; the file's other users are only other mappings of the
+            // same state, which reach these bytes atomically too.
+            Some((memory, pages)) => unsafe {
+                std::slice::from_raw_parts(memory.base().cast::<AtomicU64>(), *pages)
+            },
+        }
+    }
+
+    /// Recovery: clears the lock bit a killed process left in slot `index` and returns the
+    /// entry. Only for a table no other thread uses yet.
+    pub(crate) fn recover_entry(&self, index: usize) -> Option<SlotEntry> {
+        let slot = self.slots().get(index)?;
+        let bits = slot.load(Ordering::Relaxed);
+        if bits & LOCK != 0 {
+            slot.store(bits & !LOCK, Ordering::Relaxed);
+        }
+        Some(SlotEntry(bits & !LOCK))
+    }
+
+    /// Recovery: replaces slot `index`'s entry (no other thread uses the table yet).
+    pub(crate) fn recover_set(&self, index: usize, entry: SlotEntry) {
+        if let Some(slot) = self.slots().get(index) {
+            slot.store(entry.0, Ordering::Release);
+        }
+    }
+
     /// A table of `pages` empty slots.
     pub fn new(pages: usize) -> SlotTable {
         // `vec![0; n]` comes from calloc, which for a large table maps fresh zero pages: the
@@ -332,22 +375,25 @@ impl SlotTable {
         // comes from a Box of exactly this length, so the new Box owns the same allocation
         // with the same layout.
         let slots = unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) };
-        SlotTable { slots }
+        SlotTable {
+            slots,
+            mapped: None,
+        }
     }
 
     /// The number of slots.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots().len()
     }
 
     /// The bytes the table occupies.
     pub fn bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.slots)
+        std::mem::size_of_val(self.slots())
     }
 
     /// Reads slot `index` without locking it (a snapshot that may change at once).
     pub fn peek(&self, index: usize) -> Option<SlotEntry> {
-        self.slots
+        self.slots()
             .get(index)
             .map(|s| SlotEntry(s.load(Ordering::Relaxed) & !LOCK))
     }
@@ -357,7 +403,7 @@ impl SlotTable {
     /// lock. A slot that is locked or changes meanwhile is left alone (it is being accessed,
     /// so it is not getting older). Returns the new age, if it aged.
     pub fn age(&self, index: usize) -> Option<u8> {
-        let slot = self.slots.get(index)?;
+        let slot = self.slots().get(index)?;
         let current = slot.load(Ordering::Relaxed);
         if current & LOCK != 0 {
             return None;
@@ -376,7 +422,7 @@ impl SlotTable {
 
     /// Locks slot `index`, or returns `None` when it is out of range.
     pub fn lock(&self, index: usize) -> Option<SlotGuard<'_>> {
-        let slot = self.slots.get(index)?;
+        let slot = self.slots().get(index)?;
         let mut spins = 0u32;
         loop {
             let current = slot.load(Ordering::Relaxed);

@@ -59,6 +59,11 @@ pub struct StoreInfo {
     pub chunk_bytes: u64,
     /// Bytes of allocator and same-fill metadata.
     pub metadata_bytes: u64,
+    /// Bytes the state file occupies in memory (`st_blocks` × 512; 0 without one).
+    pub state_file_bytes: u64,
+    /// Pages whose slot entry recovery found damaged: they read as I/O errors until written
+    /// or discarded.
+    pub damaged_pages: u64,
 }
 
 /// The compression workers (kcompressd) and their pending pool.
@@ -305,6 +310,8 @@ pub(crate) struct CounterShard {
     pub writeback_failed: AtomicU64,
     pub writeback_superseded: AtomicU64,
     pub writeback_passes: AtomicU64,
+    /// Slots in the Invalid state (damaged entries recovery found).
+    pub damaged_pages: AtomicU64,
 }
 
 /// The store's live counters.

@@ -110,6 +110,13 @@ impl DaemonOptions {
         self
     }
 
+    /// Listen at `path` instead of a socket in the options' own directory (a restart on the
+    /// socket of an earlier daemon).
+    pub fn socket_at(mut self, path: &Path) -> Self {
+        self.socket = path.to_owned();
+        self
+    }
+
     /// The socket path the daemon will be given, for a test that puts something there first.
     pub fn socket(&self) -> &Path {
         &self.socket

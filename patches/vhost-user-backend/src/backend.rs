@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -196,6 +196,33 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the inflight I/O tracking region (`VHOST_USER_GET_INFLIGHT_FD`).
+    ///
+    /// `inflight` carries the frontend's `num_queues` and `queue_size`; the backend returns
+    /// the region's `mmap_size` and `mmap_offset` and the file that holds it, zero-filled.
+    /// Only called when `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated.
+    ///
+    /// A default implementation is provided, which reports the request as unsupported.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking region the frontend hands over
+    /// (`VHOST_USER_SET_INFLIGHT_FD`): one this backend allocated earlier, or, after a
+    /// reconnect, one an earlier backend process filled. Only called when
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated.
+    ///
+    /// A default implementation is provided, which reports the request as unsupported.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -354,6 +381,36 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the inflight I/O tracking region (`VHOST_USER_GET_INFLIGHT_FD`).
+    ///
+    /// `inflight` carries the frontend's `num_queues` and `queue_size`; the backend returns
+    /// the region's `mmap_size` and `mmap_offset` and the file that holds it, zero-filled.
+    /// Only called when `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated.
+    ///
+    /// A default implementation is provided, which reports the request as unsupported.
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight I/O tracking region the frontend hands over
+    /// (`VHOST_USER_SET_INFLIGHT_FD`): one this backend allocated earlier, or, after a
+    /// reconnect, one an earlier backend process filled. Only called when
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated.
+    ///
+    /// A default implementation is provided, which reports the request as unsupported.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -450,6 +507,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 }
 
@@ -551,6 +616,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -650,6 +723,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.read().unwrap().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::bitmap::{BitmapReplace, MemRegionBitmap, MmapLogReg};
 use userfaultfd::{Uffd, UffdBuilder};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserLog,
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserInflight, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
     VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
     VhostUserVringState,
 };
@@ -98,6 +98,10 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     features_acked: bool,
     acked_features: u64,
     acked_protocol_features: u64,
+    /// Whether the backend accepted an inflight I/O tracking region on this connection: each
+    /// queue is then kicked once when it starts, so that the backend resubmits the requests
+    /// the region holds without waiting for the guest (as libvhost-user does).
+    inflight_set: bool,
     num_queues: usize,
     max_queue_size: usize,
     queues_per_thread: Vec<u64>,
@@ -162,6 +166,7 @@ where
             features_acked: false,
             acked_features: 0,
             acked_protocol_features: 0,
+            inflight_set: false,
             num_queues,
             max_queue_size,
             queues_per_thread,
@@ -241,6 +246,11 @@ where
         self.handlers.clone()
     }
 
+    /// Whether the frontend acknowledged `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
+    fn inflight_negotiated(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0
+    }
+
     fn vring_needs_init(&self, vring: &T::Vring) -> bool {
         let vring_state = vring.get_ref();
 
@@ -317,6 +327,7 @@ where
         self.features_acked = false;
         self.acked_features = 0;
         self.acked_protocol_features = 0;
+        self.inflight_set = false;
         Ok(())
     }
 
@@ -550,6 +561,9 @@ where
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
+            if self.inflight_set {
+                kick_once(vring);
+            }
         }
 
         Ok(())
@@ -665,20 +679,25 @@ where
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-    ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        inflight: &VhostUserInflight,
+    ) -> VhostUserResult<(VhostUserInflight, File)> {
+        if !self.inflight_negotiated() {
+            return Err(VhostUserError::InvalidOperation("not supported"));
+        }
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
-    ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        if !self.inflight_negotiated() {
+            return Err(VhostUserError::InvalidOperation("not supported"));
+        }
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        self.inflight_set = true;
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
@@ -917,6 +936,36 @@ where
         }
 
         Ok(())
+    }
+}
+
+/// Makes the vring's kick fd readable once, so that its worker thread calls the backend
+/// although the guest has not notified: after a reconnect the guest may be waiting for
+/// requests the backend resubmits from the inflight region, and send no notification until
+/// they complete. The fd is made non-blocking first (the frontend chose it; a full pipe must
+/// not stall the handler), and a write that would block is dropped.
+fn kick_once<V: VringT<M>, M: GuestAddressSpace>(vring: &V) {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return;
+    };
+    let fd = kick.as_raw_fd();
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `fd` is owned by the vring state, which the guard keeps alive for this call;
+    // F_GETFL/F_SETFL change only the open file's status flags, and `write` reads exactly
+    // `one.len()` bytes from a live local buffer.
+    let written = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        libc::write(fd, one.as_ptr().cast(), one.len())
+    };
+    if written < 0 {
+        warn!(
+            "cannot kick a restarted vring: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 

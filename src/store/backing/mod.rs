@@ -6,7 +6,9 @@
 //! bytes), named by their byte offset in the file and their length, which the slot table
 //! keeps. The file holds no index: its contents mean nothing without the slot table, and a
 //! file left by an earlier run is emptied when it is opened (a block device keeps its bytes,
-//! which this run never reads as its own, below).
+//! which this run never reads as its own, below) — unless a store recovered from a state file
+//! holds that slot table: then [`BackingFile::reopen`] keeps it, with the recorded key, and
+//! [`BackingFile::rebuild`] rebuilds the free space from the recovered slots.
 //!
 //! # Records: what proves an object is the slot's
 //! Each object is stored in a *record*: a 16-byte header (a magic, the page index, the length,
@@ -171,6 +173,20 @@ pub enum BackingError {
         len: u64,
         /// What its first bytes look like ("an ext4 filesystem", "data").
         found: String,
+    },
+    /// The file at the path is not the backing file a state file recorded.
+    #[error(
+        "{path} is not the backing file the state file records (device {}, inode {}); it is \
+         device {}, inode {}: its pages cannot be recovered from another file",
+        recorded.0, recorded.1, found.0, found.1
+    )]
+    NotRecorded {
+        /// The path.
+        path: PathBuf,
+        /// The recorded (st_dev, st_ino).
+        recorded: (u64, u64),
+        /// The file's.
+        found: (u64, u64),
     },
     /// A block device holds data vhost-user-zram did not write: it is not overwritten.
     #[error(
@@ -380,6 +396,10 @@ pub struct BackingFile {
     key: u64,
     /// How the path was opened, for the start log ([`BackingFile::opened`]).
     opened: Option<Opened>,
+    /// The file's (st_dev, st_ino), when opened from a path.
+    identity: Option<(u64, u64)>,
+    /// Whether it was reopened as it was ([`BackingFile::reopen`]) rather than emptied.
+    kept: bool,
 }
 
 /// A read pin on an object of the backing file ([`BackingFile::pin`]): while it lives, the
@@ -452,7 +472,76 @@ impl BackingFile {
             counters: Counters::default(),
             key: run_key(),
             opened: None,
+            identity: None,
+            kept: false,
         }
+    }
+
+    /// The key this file's records are checksummed with (a state file records it, so that a
+    /// restarted daemon can verify them: [`BackingFile::reopen`]).
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
+    /// The file's (st_dev, st_ino), when it was opened from a path.
+    pub fn identity(&self) -> Option<(u64, u64)> {
+        self.identity
+    }
+
+    /// Whether the file was reopened with its contents kept ([`BackingFile::reopen`]).
+    pub fn is_kept(&self) -> bool {
+        self.kept
+    }
+
+    /// Whether an object of `len` bytes at `offset` can lie in this file (inside its limit).
+    pub fn may_hold(&self, offset: u64, len: usize) -> bool {
+        valid_object(offset, len, self.limit_blocks * BLOCK)
+    }
+
+    /// Recovery: rebuilds the block counts and free extents from the live objects `live`
+    /// (byte offset, length), which the caller checked to lie inside the file's limit and not
+    /// to overlap. Blocks nothing touches below the last live one are free and punched; no
+    /// block is open. Only before the file is used.
+    pub fn rebuild(&self, live: &[(u64, usize)]) -> Result<(), BackingError> {
+        let limit = self.limit_blocks * BLOCK;
+        if let Some(&(offset, len)) = live.iter().find(|&&(o, l)| !valid_object(o, l, limit)) {
+            return Err(self.invalid(offset, len));
+        }
+        let mut space = lock(&self.space);
+        *space = Space::default();
+        let end = live
+            .iter()
+            .map(|&(o, l)| o + record_len(l) as u64)
+            .max()
+            .unwrap_or(0)
+            .div_ceil(BLOCK);
+        space.counts = vec![0; usize::try_from(end).map_err(|_| self.invalid(end * BLOCK, 0))?];
+        for &(offset, len) in live {
+            for block in blocks_of(offset, len) {
+                space.add_ref(block);
+            }
+            space.live_bytes += len as u64;
+            space.objects += 1;
+        }
+        let mut run: Option<(u64, u64)> = None;
+        for block in 0..end {
+            if space.count(block) != 0 {
+                if let Some((start, n)) = run.take() {
+                    self.free_blocks(&mut space, start, n);
+                }
+                continue;
+            }
+            run = match run {
+                Some((start, n)) => Some((start, n + 1)),
+                None => Some((block, 1)),
+            };
+        }
+        if let Some((start, n)) = run {
+            self.free_blocks(&mut space, start, n);
+        }
+        self.file_bytes.store(end * BLOCK, Ordering::Release);
+        lock(&self.writer).open = None;
+        Ok(())
     }
 
     /// How [`BackingFile::open`] found and opened the path (`None` for [`BackingFile::with_io`]):

@@ -255,11 +255,42 @@ impl BackingFile {
         BackingFile::open_with(path, ForeignData::Refuse, true, wrap)
     }
 
+    /// Reopens the backing file a state file records, for a store recovered from it: the
+    /// same file (`identity`, its st_dev and st_ino), with the same checks as
+    /// [`BackingFile::open`], but kept as it is — not emptied, a device's header not rewritten
+    /// — and with `key`, the key of the run that wrote its records, so they verify. A file
+    /// that is not the recorded one (another st_dev or st_ino), or a device without our
+    /// header, is refused.
+    pub fn reopen(
+        path: &Path,
+        key: u64,
+        identity: (u64, u64),
+    ) -> Result<BackingFile, BackingError> {
+        BackingFile::open_inner(
+            path,
+            ForeignData::Refuse,
+            Some((key, identity)),
+            true,
+            |io| io,
+        )
+    }
+
     /// As [`BackingFile::open_with_policy`], with the I/O wrapped; `try_direct: false` skips
     /// `O_DIRECT` (tests of the fallback).
     pub(super) fn open_with(
         path: &Path,
         foreign: ForeignData,
+        try_direct: bool,
+        wrap: impl FnOnce(Box<dyn BackingIo>) -> Box<dyn BackingIo>,
+    ) -> Result<BackingFile, BackingError> {
+        BackingFile::open_inner(path, foreign, None, try_direct, wrap)
+    }
+
+    /// Opens `path`: emptied (`keep` None), or kept with the recorded key and identity.
+    fn open_inner(
+        path: &Path,
+        foreign: ForeignData,
+        keep: Option<(u64, (u64, u64))>,
         try_direct: bool,
         wrap: impl FnOnce(Box<dyn BackingIo>) -> Box<dyn BackingIo>,
     ) -> Result<BackingFile, BackingError> {
@@ -313,6 +344,16 @@ impl BackingFile {
                 io_error("flock", e)
             });
         }
+        let identity = (meta.dev(), meta.ino());
+        if let Some((_, recorded)) = keep {
+            if recorded != identity {
+                return Err(BackingError::NotRecorded {
+                    path: path.to_owned(),
+                    recorded,
+                    found: identity,
+                });
+            }
+        }
         let mut opened = Opened {
             path: path.to_owned(),
             resolved: resolved.clone(),
@@ -326,7 +367,10 @@ impl BackingFile {
             PathKind::Regular => {
                 // Never clobber someone else's file: a non-empty file is taken only if an
                 // earlier vhost-user-zram marked it as its backing file.
-                if meta.len() > 0 && has_owner_mark(&file) {
+                if keep.is_some() {
+                    // Kept as it is: it is the recorded file (same st_dev and st_ino, checked
+                    // above), and its records are the recovered store's pages.
+                } else if meta.len() > 0 && has_owner_mark(&file) {
                     opened.earlier_run = Some(EarlierRun::File {
                         size: meta.len(),
                         disk_bytes: meta.blocks() * 512,
@@ -343,8 +387,10 @@ impl BackingFile {
                     }
                     opened.overwritten = Some(format!("{} bytes of {found}", meta.len()));
                 }
-                file.set_len(0).map_err(|e| io_error("truncate", e))?;
-                set_owner_mark(&file);
+                if keep.is_none() {
+                    file.set_len(0).map_err(|e| io_error("truncate", e))?;
+                    set_owner_mark(&file);
+                }
                 opened.free_bytes = free_bytes(&file);
                 (None, 0)
             }
@@ -352,8 +398,15 @@ impl BackingFile {
                 let size = device_size(&file).map_err(|e| io_error("BLKGETSIZE64", e))?;
                 opened.kind = BackingKind::BlockDevice(size);
                 let head = read_head(&file).map_err(|e| io_error("read", e))?;
-                if head.len() >= BLOCK_SIZE && head[..BLOCK_SIZE] == device_header().0 {
-                    opened.earlier_run = Some(EarlierRun::Device);
+                let ours = head.len() >= BLOCK_SIZE && head[..BLOCK_SIZE] == device_header().0;
+                if keep.is_some() && !ours {
+                    return Err(BackingError::ForeignDevice {
+                        path: path.to_owned(),
+                        found: identify(&head).unwrap_or_else(|| "no device header".to_owned()),
+                    });
+                }
+                if ours {
+                    opened.earlier_run = keep.is_none().then_some(EarlierRun::Device);
                 } else if let Some(found) = identify(&head) {
                     if foreign == ForeignData::Refuse {
                         return Err(BackingError::ForeignDevice {
@@ -370,10 +423,12 @@ impl BackingFile {
                         len: DEVICE_HEADER_BYTES,
                     });
                 }
-                let header = Box::new(device_header());
-                file.write_all_at(&header.0, 0)
-                    .and_then(|()| file.sync_data())
-                    .map_err(|e| io_error("write", e))?;
+                if keep.is_none() {
+                    let header = Box::new(device_header());
+                    file.write_all_at(&header.0, 0)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| io_error("write", e))?;
+                }
                 (Some(size - DEVICE_HEADER_BYTES), DEVICE_HEADER_BYTES)
             }
         };
@@ -382,6 +437,11 @@ impl BackingFile {
         backing.path = path.to_owned();
         backing.direct = direct;
         backing.opened = Some(opened);
+        backing.identity = Some(identity);
+        if let Some((key, _)) = keep {
+            backing.key = key;
+            backing.kept = true;
+        }
         Ok(backing)
     }
 }

@@ -1,0 +1,450 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Tests of a store on a state file: every slot state survives a restart, damaged entries
+//! fail only their own pages, a file of another configuration is refused, and freed memory
+//! leaves the file.
+
+// Test data: truncating casts pick bytes and indices on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::tests::TestWorkers;
+use super::*;
+use crate::pagegen::fill_page;
+
+const PAGES: u64 = 512;
+
+fn shm_file() -> tempfile::NamedTempFile {
+    tempfile::Builder::new()
+        .prefix("vuz-store-state")
+        .tempfile_in("/dev/shm")
+        .unwrap()
+}
+
+fn config(pages: u64) -> StoreConfig {
+    StoreConfig {
+        capacity_pages: pages,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: None,
+    }
+}
+
+const POOL: PendingConfig = PendingConfig {
+    workers: 2,
+    max_pending_pages: 64,
+};
+
+fn zstd9() -> AlgorithmSpec {
+    AlgorithmSpec {
+        algorithm: Algorithm::Zstd,
+        level: Some(9),
+    }
+}
+
+/// Opens the store on `path` (with workers' pool, zstd:9 as its secondary) and recovers it.
+fn open(path: &std::path::Path, pages: u64) -> (PageStore, StateStart) {
+    let file = StateFile::open(path).unwrap();
+    let mut store = PageStore::with_memory(config(pages), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap();
+    let start = store.recover().unwrap();
+    (store, start)
+}
+
+fn read(s: &PageStore, index: u64) -> Result<[u8; PAGE_SIZE], StoreError> {
+    let mut page = [0u8; PAGE_SIZE];
+    s.read(index, &mut page).map(|()| page)
+}
+
+/// Page `i`'s content for round `seed`: every kind the store keeps differently.
+fn content(seed: u64, i: u64) -> [u8; PAGE_SIZE] {
+    let mut page = [0u8; PAGE_SIZE];
+    match (i + seed) % 7 {
+        // A word that needs the FillWords table without a state file.
+        0 => same_fill::fill(&mut page, 0x0123_4567_89ab_cdef ^ seed),
+        1 => same_fill::fill(&mut page, 0x1111_1111 * (seed % 9)),
+        // Incompressible: a huge page.
+        2 => {
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i;
+            for b in page.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        }
+        _ => {
+            fill_page(seed, i, &mut page);
+        }
+    }
+    page
+}
+
+fn model_of(s: &PageStore) -> Vec<[u8; PAGE_SIZE]> {
+    (0..s.capacity_pages())
+        .map(|i| read(s, i).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_slot_state_survives_a_restart() {
+    let tmp = shm_file();
+    let (store, start) = open(tmp.path(), PAGES);
+    assert_eq!(start, StateStart::Created);
+    let store = Arc::new(store);
+    let workers = TestWorkers::start(&store);
+    for i in 0..PAGES {
+        store
+            .write_with(i, |p| {
+                *p = content(1, i);
+                Ok::<(), ()>(())
+            })
+            .unwrap()
+            .unwrap();
+    }
+    assert!(store.wait_drained(Duration::from_secs(10)));
+    let trained = store
+        .train_zstd_dictionary(&TrainRequest::default())
+        .unwrap();
+    let outcome = store.recompress(&RecompressRequest::default()).unwrap();
+    assert!(outcome.recompressed > 0, "some pages moved to zstd:9");
+    for i in (0..PAGES).step_by(3) {
+        store.write(i, &content(2, i)).unwrap();
+    }
+    store.discard(100..180).unwrap();
+    store.compact();
+    // Leave pages pending: workers paused, writes go to the pool.
+    store.set_worker_hooks(WorkerHooks {
+        paused: true,
+        delay: Duration::ZERO,
+    });
+    for i in 200..230 {
+        store
+            .write_with(i, |p| {
+                *p = content(3, i);
+                Ok::<(), ()>(())
+            })
+            .unwrap()
+            .unwrap();
+    }
+    let expect = model_of(&store);
+    let stats = store.stats();
+    assert!(stats.workers.pending_pages > 0, "pages are pending");
+    assert!(stats.recompression.algorithms[1].pages > 0);
+    drop(workers);
+    drop(Arc::into_inner(store).unwrap());
+
+    let (store, start) = open(tmp.path(), PAGES);
+    let StateStart::Recovered(recovered) = start else {
+        panic!("recovered, not {start:?}");
+    };
+    assert_eq!(recovered.damaged_pages, 0);
+    assert_eq!(recovered.pages, stats.mm.orig_data_size / PAGE_SIZE as u64);
+    let after = store.stats();
+    assert_eq!(after.mm.orig_data_size, stats.mm.orig_data_size);
+    assert_eq!(after.mm.compr_data_size, stats.mm.compr_data_size);
+    assert_eq!(after.mm.same_pages, stats.mm.same_pages);
+    assert_eq!(after.mm.huge_pages, stats.mm.huge_pages);
+    assert_eq!(after.workers.pending_pages, stats.workers.pending_pages);
+    assert_eq!(
+        after.recompression.algorithms,
+        stats.recompression.algorithms
+    );
+    assert_eq!(after.recompression.zstd_dictionaries, vec![trained.id]);
+    assert_eq!(model_of(&store), expect, "every page reads back");
+    store.check_consistency().unwrap();
+    // The re-queued jobs finish in the new process.
+    let store = Arc::new(store);
+    let workers = TestWorkers::start(&store);
+    assert!(store.wait_drained(Duration::from_secs(10)));
+    assert_eq!(store.stats().workers.pending_pages, 0);
+    assert_eq!(model_of(&store), expect);
+    store.check_consistency().unwrap();
+    drop(workers);
+}
+
+#[test]
+fn a_store_without_a_state_file_keeps_table_words() {
+    let s = PageStore::new(config(4)).unwrap();
+    s.write(0, &content(0, 0)).unwrap();
+    assert_eq!(s.stats().mm.same_pages, 1, "anonymous: a same-filled page");
+    let tmp = shm_file();
+    let (s, _) = open(tmp.path(), 4);
+    s.write(0, &content(0, 0)).unwrap();
+    assert_eq!(
+        s.stats().mm.same_pages,
+        0,
+        "state file: a compressed object"
+    );
+    assert_eq!(read(&s, 0).unwrap(), content(0, 0));
+}
+
+#[test]
+fn damaged_entries_fail_only_their_own_pages() {
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), 64);
+    for i in 0..64 {
+        store.write(i, &content(5, i)).unwrap();
+    }
+    store.write(7, &content(2, 7)).unwrap(); // a huge page
+    let expect = model_of(&store);
+    let slots = StateFile::open(tmp.path()).err(); // locked: the store holds it
+    assert!(slots.is_some());
+    drop(store);
+    let layout = state::Layout::new(64, POOL.max_pending_pages as u64);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp.path())
+        .unwrap();
+    let entry = |i: u64| {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, layout.slots.0 + i * 8).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let put = |i: u64, v: u64| {
+        file.write_all_at(&v.to_le_bytes(), layout.slots.0 + i * 8)
+            .unwrap();
+    };
+    // Page 3: state 6, which no build writes. Page 5: a handle far past the slab.
+    put(3, (entry(3) & !0b1110) | (6 << 1));
+    let big = SlotEntry::huge(slot::MAX_HANDLE).bits();
+    put(5, big);
+    // Pages 7 and 8 name one object. Page 9 holds a stale lock bit.
+    let (seven, nine) = (entry(7), entry(9));
+    assert!(
+        matches!((seven >> 1) & 0b111, 2 | 3),
+        "page 7 holds an object"
+    );
+    put(8, seven);
+    put(9, nine | 1);
+    // Page 10: a pending buffer past the pool. Page 11: a fill word in the table form, which
+    // a store on a state file never writes.
+    put(10, SlotEntry::pending(60_000, 1).bits());
+    put(11, SlotEntry::new(SlotState::SameFilled, 0b111).bits());
+
+    let (store, start) = open(tmp.path(), 64);
+    let StateStart::Recovered(recovered) = start else {
+        panic!("{start:?}");
+    };
+    assert_eq!(recovered.damaged_pages, 6);
+    assert_eq!(store.damaged_pages(), 6);
+    for i in 0..64 {
+        let got = read(&store, i);
+        if [3, 5, 7, 8, 10, 11].contains(&i) {
+            assert!(
+                matches!(got, Err(StoreError::UnsupportedState { .. })),
+                "page {i}"
+            );
+        } else {
+            assert_eq!(got.unwrap(), expect[i as usize], "page {i}");
+        }
+    }
+    store.check_consistency().unwrap();
+    // A damaged page is replaced by a write or a discard.
+    store.write(3, &content(6, 3)).unwrap();
+    store.discard(5..6).unwrap();
+    assert_eq!(read(&store, 3).unwrap(), content(6, 3));
+    assert_eq!(read(&store, 5).unwrap(), [0; PAGE_SIZE]);
+    assert_eq!(store.stats().info.damaged_pages, 4);
+    store.check_consistency().unwrap();
+}
+
+#[test]
+fn a_state_file_of_another_size_is_refused_untouched() {
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), 64);
+    store.write(1, &content(1, 1)).unwrap();
+    drop(store);
+    let before = std::fs::read(tmp.path()).unwrap();
+    let file = StateFile::open(tmp.path()).unwrap();
+    let error = PageStore::with_memory(config(128), POOL, StoreMemory::State(file)).unwrap_err();
+    assert!(
+        error.to_string().contains("64 pages") && error.to_string().contains("128 pages"),
+        "{error}"
+    );
+    let file = StateFile::open(tmp.path()).unwrap();
+    let mut store = PageStore::with_memory(config(64), POOL, StoreMemory::State(file)).unwrap();
+    let error = store.recover().unwrap_err();
+    assert!(
+        error.to_string().contains("recompression algorithms"),
+        "{error}"
+    );
+    drop(store);
+    assert!(
+        std::fs::read(tmp.path()).unwrap() == before,
+        "the file is untouched"
+    );
+}
+
+#[test]
+fn freed_memory_leaves_the_state_file() {
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), 4096);
+    let blocks = || std::fs::metadata(tmp.path()).unwrap().blocks() * 512;
+    let empty = blocks();
+    for i in 0..4096 {
+        store.write(i, &content(7, i | 2)).unwrap(); // mostly compressible, some huge
+    }
+    let full = blocks();
+    assert!(full > empty + (4 << 20), "{empty} -> {full}");
+    let used = store.stats().info.state_file_bytes;
+    assert_eq!(used, full);
+    // Discard three quarters, scattered, then compact.
+    for i in (0..4096).filter(|i| i % 4 != 0) {
+        store.discard(i..i + 1).unwrap();
+    }
+    store.compact();
+    let compacted = blocks();
+    assert!(
+        compacted < full / 2,
+        "discard and compaction gave back {full} -> {compacted}"
+    );
+    store.check_consistency().unwrap();
+    store.destroy_state().unwrap();
+    let destroyed = blocks();
+    assert!(destroyed <= empty + (64 << 10), "{empty} -> {destroyed}");
+    assert_eq!(store.stats().mm.orig_data_size, 0);
+}
+
+#[test]
+fn the_frontend_identity_survives_and_destroy_clears_it() {
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), 16);
+    assert!(store.has_state() && store.state_fd().is_some());
+    assert_eq!(store.state_identity(), None);
+    let id = FrontendIdentity {
+        pid: 77,
+        start_time: 123_456,
+    };
+    store.set_state_identity(Some(id)).unwrap();
+    store.write(0, &content(1, 3)).unwrap();
+    drop(store);
+    let (store, start) = open(tmp.path(), 16);
+    let StateStart::Recovered(r) = start else {
+        panic!("{start:?}")
+    };
+    assert_eq!((r.identity, r.pages), (Some(id), 1));
+    store.destroy_state().unwrap();
+    drop(store);
+    let (_, start) = open(tmp.path(), 16);
+    let StateStart::Recovered(r) = start else {
+        panic!("{start:?}")
+    };
+    assert_eq!((r.identity, r.pages), (None, 0));
+    let anonymous = PageStore::new(config(4)).unwrap();
+    assert!(!anonymous.has_state());
+}
+
+/// Opens the store on `state` with the backing file at `backing`: reopened as the header
+/// records it, or opened anew when the header records none (what the daemon does).
+fn open_with_backing(state: &std::path::Path, backing: &std::path::Path) -> PageStore {
+    let file = StateFile::open(state).unwrap();
+    let backing_file = match file.backing() {
+        Some(r) => backing::BackingFile::reopen(&r.path, r.key, (r.dev, r.ino)).unwrap(),
+        None => backing::BackingFile::open(backing).unwrap(),
+    };
+    let mut store = PageStore::with_memory(config(PAGES), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap()
+        .with_backing_file(backing_file);
+    store.recover().unwrap();
+    store
+}
+
+#[test]
+fn written_back_pages_survive_a_restart_on_the_same_backing_file() {
+    let tmp = shm_file();
+    let backing_path = shm_file();
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    for i in 0..PAGES {
+        store.write(i, &content(4, i)).unwrap();
+    }
+    store.mark_idle();
+    let outcome = store
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+    assert!(outcome.written > 100, "{outcome:?}");
+    // Rewrite and discard some written-back pages: their file ranges are released.
+    for i in (0..PAGES).step_by(5) {
+        store.write(i, &content(8, i)).unwrap();
+    }
+    store.discard(10..20).unwrap();
+    let expect = model_of(&store);
+    let on_file = store.stats().writeback.pages_on_file;
+    assert!(on_file > 0);
+    drop(store);
+
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    assert_eq!(store.stats().writeback.pages_on_file, on_file);
+    assert_eq!(model_of(&store), expect, "every page reads back");
+    store.check_consistency().unwrap();
+    // The file keeps working: more writeback, then another restart.
+    store.mark_idle();
+    store
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+    let expect = model_of(&store);
+    drop(store);
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    assert_eq!(model_of(&store), expect);
+    store.check_consistency().unwrap();
+}
+
+#[test]
+fn a_recorded_backing_file_opened_anew_is_refused() {
+    let tmp = shm_file();
+    let backing_path = shm_file();
+    let store = open_with_backing(tmp.path(), backing_path.path());
+    store.write(1, &content(4, 1)).unwrap();
+    store.mark_idle();
+    store
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+    drop(store);
+    // Opened anew (emptied): its pages are gone, and recovery says so.
+    let file = StateFile::open(tmp.path()).unwrap();
+    let fresh = backing::BackingFile::open(backing_path.path()).unwrap();
+    let mut store = PageStore::with_memory(config(PAGES), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap()
+        .with_backing_file(fresh);
+    let error = store.recover().unwrap_err();
+    assert!(
+        error.to_string().contains("not reopened as it was"),
+        "{error}"
+    );
+    drop(store);
+    // Without a backing file at all: refused too.
+    let file = StateFile::open(tmp.path()).unwrap();
+    let mut store = PageStore::with_memory(config(PAGES), POOL, StoreMemory::State(file))
+        .unwrap()
+        .with_secondary_algorithms(&[zstd9()])
+        .unwrap();
+    let error = store.recover().unwrap_err();
+    assert!(
+        error.to_string().contains("start with that backing file"),
+        "{error}"
+    );
+    // Another file at the recorded path is not the recorded one.
+    let r = StateFile::open(tmp.path()).err();
+    assert!(r.is_some(), "still held by the store above");
+    drop(store);
+    let recorded = StateFile::open(tmp.path()).unwrap().backing().unwrap();
+    let other = shm_file();
+    let error =
+        backing::BackingFile::reopen(other.path(), recorded.key, (recorded.dev, recorded.ino))
+            .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("is not the backing file the state file records"),
+        "{error}"
+    );
+}
