@@ -458,7 +458,7 @@ suite_survive_new() {
         else
             fail "$t/refused-reads-fail" "the read returned data that is neither what was written nor zeros"
         fi
-    elif grep -q 'I/O error' /tmp/back.err; then
+    elif grep -q -E 'I/O error|Input/output error' /tmp/back.err; then
         pass "$t/refused-reads-fail"
         echo "VUZ-NOTE the read after the restart: $(tail -n 1 /tmp/back.err)"
     else
