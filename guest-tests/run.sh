@@ -343,6 +343,8 @@ SURV_RC=""
 SURV_WHY=""
 SURV_TIMES=()
 SURV_KILLS=0
+# Per restart: the requests the new daemon found in flight and resubmitted.
+SURV_RESUBMITTED=()
 
 # sv_setup DIR STATE LOG: the daemon's arguments for a socket in DIR and the state file STATE
 # (none when empty): the same for every start of it.
@@ -494,6 +496,14 @@ sv_restart() {
         SURV_WHY="no request reached the restarted daemon within 30 s"
         return 1
     fi
+    # Whether the kill caught requests taken and not completed (the new daemon resubmits them
+    # from the inflight region first, and says so): a matter of timing, logged, not checked.
+    local resubmitted
+    resubmitted="$(awk '/host: starting/ { n = 0 } /resubmitting [0-9]+ request/ {
+        for (i = 1; i < NF; i++) if ($i == "resubmitting") n += $(i + 1) } END { print n + 0 }' \
+        "$SURV_LOG")"
+    SURV_RESUBMITTED+=("$resubmitted")
+    log "survive: $what: the new daemon resubmitted $resubmitted request(s) the old one had taken"
 }
 
 suite_survive() {
@@ -513,7 +523,7 @@ suite_survive() {
     fi
     sv_setup "$dir" "$state" "$RESULTS_DIR/survive.daemon.log"
     : >"$RESULTS_DIR/survive.restarts"
-    SURV_KILLS=0 SURV_TIMES=()
+    SURV_KILLS=0 SURV_TIMES=() SURV_RESUBMITTED=()
     log "survive: ${pressure_mib} MiB anonymous in ${ram} MiB RAM, seed $SEED; daemon: ${SURV_ARGS[*]}"
     sv_launch
     if ! sv_listening; then
@@ -560,7 +570,8 @@ suite_survive() {
         record_pass survive/state-removed-at-end
     fi
     local times="${SURV_TIMES[*]}"
-    log "survive: $SURV_KILLS restarts; from the signal to the new daemon listening: ${times// / ms, } ms"
+    log "survive: $SURV_KILLS restarts; from the signal to the new daemon listening: ${times// / ms, } ms;" \
+        "requests in flight resubmitted: ${SURV_RESUBMITTED[*]:-none}"
     survive_new "$timeout" "${state:+$state.old}"
 }
 
