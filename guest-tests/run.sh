@@ -345,6 +345,8 @@ SURV_TIMES=()
 SURV_KILLS=0
 # Per restart: the requests the new daemon found in flight and resubmitted.
 SURV_RESUBMITTED=()
+# A FIFO nobody writes, for sub-millisecond waits with the read builtin.
+SURV_SLEEP_FD=""
 
 # sv_setup DIR STATE LOG: the daemon's arguments for a socket in DIR and the state file STATE
 # (none when empty): the same for every start of it.
@@ -375,18 +377,26 @@ sv_listening() {
         if pid_gone "$SURV_PID" || ((SECONDS >= deadline)); then
             return 1
         fi
-        sleep 0.01
+        sv_sleep 0.005
     done
     SURV_LISTEN_MS="$(now_ms)"
 }
 
-# sv_stop SIGNAL: sends SIGNAL to the daemon and reaps it (30 s at most); sets SURV_RC.
+# sv_sleep SECONDS: a wait without a fork (read -t on a FIFO nobody writes), for fine polling.
+sv_sleep() { read -r -t "$1" -u "$SURV_SLEEP_FD" _ || true; }
+
+# sv_stop SIGNAL: sends SIGNAL to the daemon and reaps it (30 s at most), polling every 10 ms
+# so that the restart's timing is not the polling's; sets SURV_RC.
 sv_stop() {
-    local pid="$SURV_PID"
+    local pid="$SURV_PID" deadline=$((SECONDS + 30))
     kill "-$1" "$pid" 2>/dev/null || true
+    until pid_gone "$pid"; do
+        ((SECONDS < deadline)) || return 1
+        sv_sleep 0.01
+    done
     # (bash's "Killed" notice for the job goes to /dev/null)
-    wait_exit "$pid" 30 2>/dev/null || return 1
-    SURV_RC="$EXIT_RC"
+    SURV_RC=0
+    wait "$pid" 2>/dev/null || SURV_RC=$?
     untrack_pid "$pid"
     WATCH_PIDS=()
 }
@@ -444,6 +454,18 @@ sv_restart() {
     SURV_WHY=""
     read -r -a f < <(sv_figures) || true
     ((${#f[@]} == 4)) && before="${f[3]}"
+    if [[ "${BACKLOG:-no}" == yes ]]; then
+        # Let the guest queue requests while the daemon is stopped, then kill it a moment
+        # after it resumes, while it works through them: the kill lands with requests taken
+        # and not completed, which the new daemon must resubmit from the inflight region.
+        # Builtins only: the kill follows the CONT by a fraction of a millisecond (read -t on
+        # a FIFO nobody writes), not by a fork's time, in which the backlog would be gone.
+        kill -STOP "$SURV_PID"
+        sleep 0.5
+        kill -CONT "$SURV_PID"
+        sv_sleep "${VUZ_SURVIVE_KILL_DELAY:-0.001}"
+        kill "-$sig" "$SURV_PID"
+    fi
     t0="$(now_ms)"
     if ! sv_stop "$sig"; then
         SURV_WHY="the daemon (pid $SURV_PID) still runs 30 s after SIG$sig"
@@ -522,6 +544,8 @@ suite_survive() {
         record_fail survive/state-option "$VUZ_BIN has no --state option: pages cannot survive a restart"
     fi
     sv_setup "$dir" "$state" "$RESULTS_DIR/survive.daemon.log"
+    mkfifo "$dir/sleep.fifo"
+    exec {SURV_SLEEP_FD}<>"$dir/sleep.fifo"
     : >"$RESULTS_DIR/survive.restarts"
     SURV_KILLS=0 SURV_TIMES=() SURV_RESUBMITTED=()
     log "survive: ${pressure_mib} MiB anonymous in ${ram} MiB RAM, seed $SEED; daemon: ${SURV_ARGS[*]}"
@@ -597,7 +621,9 @@ sv_kill_phases() {
         ((rc == 1)) && break
         ((rc == 0)) || { why="the guest or the daemon ended, or $timeout s passed, before kill $((n + 1))" && break; }
         n=$((n + 1))
-        if ! COPY_STATE="$state_copy" sv_restart KILL "SIGKILL $n (swap-out)"; then
+        # The first kill lands wherever the daemon is; the second after a backlog.
+        if ! BACKLOG="$([[ $n == 1 ]] && echo no || echo yes)" COPY_STATE="$state_copy" \
+            sv_restart KILL "SIGKILL $n (swap-out)"; then
             why="SIGKILL $n: $SURV_WHY"
             break
         fi
@@ -630,7 +656,7 @@ sv_kill_phases() {
             continue
         fi
         n=$((n + 1))
-        if ! COPY_STATE="$state_copy" sv_restart KILL "SIGKILL $n (swap-in)"; then
+        if ! BACKLOG=yes COPY_STATE="$state_copy" sv_restart KILL "SIGKILL $n (swap-in)"; then
             why="SIGKILL $n: $SURV_WHY"
             break
         fi
