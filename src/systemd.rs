@@ -202,6 +202,45 @@ fn send_to(path: &[u8], message: &str, fd: Option<BorrowedFd<'_>>) -> io::Result
     Ok(())
 }
 
+/// Receives one notification on `socket` (a stand-in for systemd's) and the fd it carries, if
+/// any: for tests of the daemon's notifications.
+#[cfg(any(test, feature = "testing"))]
+pub fn receive_notification(
+    socket: &std::os::unix::net::UnixDatagram,
+) -> io::Result<(String, Option<OwnedFd>)> {
+    let mut buffer = [0u8; 512];
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; every pointer set below is to a live local of
+    // the length given.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: as above; recvmsg writes within the given lengths.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let text = String::from_utf8_lossy(&buffer[..n.cast_unsigned()]).into_owned();
+    // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR/CMSG_DATA stay inside it, and
+    // an SCM_RIGHTS message's data is the fd the kernel installed for us.
+    let fd = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            None
+        } else {
+            let raw = libc::CMSG_DATA(cmsg).cast::<RawFd>().read_unaligned();
+            Some(OwnedFd::from_raw_fd(raw))
+        }
+    };
+    Ok((text, fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,7 +290,7 @@ mod tests {
             Some(std::os::fd::AsFd::as_fd(&file)),
         )
         .expect("sendmsg");
-        let (text, fd) = receive(&manager);
+        let (text, fd) = receive_notification(&manager).expect("recvmsg");
         assert_eq!(text, "FDSTORE=1\nFDNAME=state");
         let fd = fd.expect("an fd came with the message");
         let mut ours = std::mem::MaybeUninit::<libc::stat>::uninit();
@@ -275,41 +314,8 @@ mod tests {
             .expect("abstract name");
         let manager = UnixDatagram::bind_addr(&address).expect("bind abstract");
         send_to(format!("@{name}").as_bytes(), "READY=1", None).expect("send");
-        let (text, fd) = receive(&manager);
+        let (text, fd) = receive_notification(&manager).expect("recvmsg");
         assert_eq!(text, "READY=1");
         assert!(fd.is_none());
-    }
-
-    /// Receives one datagram and the fd it carries, if any.
-    fn receive(socket: &UnixDatagram) -> (String, Option<OwnedFd>) {
-        let mut buffer = [0u8; 512];
-        let mut control = [0u64; 8];
-        let mut iov = libc::iovec {
-            iov_base: buffer.as_mut_ptr().cast(),
-            iov_len: buffer.len(),
-        };
-        // SAFETY: an all-zero msghdr is valid; every pointer set below is to a live local of
-        // the length given.
-        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-        header.msg_iov = &mut iov;
-        header.msg_iovlen = 1;
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = std::mem::size_of_val(&control);
-        // SAFETY: as above; recvmsg writes within the given lengths.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, 0) };
-        assert!(n >= 0, "recvmsg: {}", io::Error::last_os_error());
-        let text = String::from_utf8_lossy(&buffer[..n.cast_unsigned()]).into_owned();
-        // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR/CMSG_DATA stay inside it, and
-        // an SCM_RIGHTS message's data is the fd the kernel installed for us.
-        let fd = unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&header);
-            if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-                None
-            } else {
-                let raw = libc::CMSG_DATA(cmsg).cast::<RawFd>().read_unaligned();
-                Some(OwnedFd::from_raw_fd(raw))
-            }
-        };
-        (text, fd)
     }
 }

@@ -4,8 +4,8 @@
 //! A child (this test binary run again with `VUZ_CRASH_CHILD` set) opens a state file in
 //! /dev/shm, recovers it, starts compression workers and runs random writes through the
 //! pending pool and inline, rewrites, discards, compactions, recompressions (zstd:9 with a
-//! trained dictionary) and writebacks to a backing file in /dev/shm, logging an "about to" record before each operation and a "done"
-//! record after it. The parent SIGKILLs it after a random 0–30 ms, recovers the state
+//! trained dictionary) and writebacks to a backing file in /dev/shm, logging an "about to"
+//! record before each operation and a "done" record after it. The parent SIGKILLs it after a random 0–30 ms, recovers the state
 //! in-process, checks that every page equals its last completed write (the one operation in
 //! flight may show the old or the new page), that `check_consistency` passes (recover runs
 //! it), and lets a new child continue on the same state.

@@ -5,14 +5,9 @@
 
 mod common;
 
-use std::mem::MaybeUninit;
 use std::process::Output;
-use std::time::Duration;
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use vhost_user_zram::pagegen::fill_page;
-use vhost_user_zram::PAGE_SIZE;
-
+use common::blkio::Frontend;
 use common::child::{DaemonProcess, BIN};
 
 /// README's headroom: what the daemon may hold beyond `mem_used_total` (its threads' stacks
@@ -21,97 +16,6 @@ const HEADROOM: u64 = 64 << 20;
 /// The device and how much of it the frontend writes.
 const DEVICE: u64 = 256 << 20;
 const WRITTEN_PAGES: u64 = 24576;
-/// Requests in flight.
-const DEPTH: usize = 32;
-
-/// A libblkio frontend with one queue and a buffer of `DEPTH` pages.
-struct Frontend {
-    queue: Option<Blkioq>,
-    blkio: Blkio,
-    region: MemoryRegion,
-}
-
-impl Frontend {
-    fn connect(daemon: &DaemonProcess) -> Frontend {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
-        blkio
-            .set_str("path", daemon.socket.to_str().unwrap())
-            .unwrap();
-        blkio.connect().unwrap();
-        blkio.set_i32("num-queues", 1).unwrap();
-        let mut started = blkio.start().unwrap();
-        let region = blkio.alloc_mem_region(DEPTH * PAGE_SIZE).unwrap();
-        blkio.map_mem_region(&region).unwrap();
-        Frontend {
-            queue: started.queues.pop(),
-            blkio,
-            region,
-        }
-    }
-
-    /// Waits for `n` completions and checks that each succeeded.
-    fn complete(&mut self, n: usize) {
-        let queue = self.queue.as_mut().unwrap();
-        let mut completions: Vec<MaybeUninit<Completion>> =
-            (0..n).map(|_| MaybeUninit::uninit()).collect();
-        let mut done = 0;
-        while done < n {
-            let mut timeout = Duration::from_secs(30);
-            let got = queue
-                .do_io(&mut completions[done..], 1, Some(&mut timeout), None)
-                .unwrap();
-            for completion in &completions[done..done + got] {
-                // SAFETY: do_io initialised the entries it reported.
-                let completion = unsafe { completion.assume_init_read() };
-                assert_eq!(completion.ret, 0, "a request failed");
-            }
-            done += got;
-        }
-    }
-
-    /// Writes swap-like pages `pages` (seeded by `seed`), `DEPTH` at a time.
-    fn write_pages(&mut self, pages: std::ops::Range<u64>, seed: u64) {
-        let base = self.region.addr as *mut u8;
-        let pages: Vec<u64> = pages.collect();
-        for batch in pages.chunks(DEPTH) {
-            for (slot, &page) in batch.iter().enumerate() {
-                // SAFETY: slot < DEPTH: the page lies inside the mapped region, which no
-                // request in flight uses (the previous batch completed).
-                let buffer = unsafe {
-                    std::slice::from_raw_parts_mut(base.add(slot * PAGE_SIZE), PAGE_SIZE)
-                };
-                fill_page(seed, page, buffer.try_into().unwrap());
-                self.queue.as_mut().unwrap().write(
-                    page * PAGE_SIZE as u64,
-                    buffer.as_ptr(),
-                    PAGE_SIZE,
-                    slot,
-                    ReqFlags::empty(),
-                );
-            }
-            self.complete(batch.len());
-        }
-    }
-
-    /// Discards pages `pages`.
-    fn discard(&mut self, pages: std::ops::Range<u64>) {
-        let offset = pages.start * PAGE_SIZE as u64;
-        let len = (pages.end - pages.start) * PAGE_SIZE as u64;
-        self.queue
-            .as_mut()
-            .unwrap()
-            .discard(offset, len, 0, ReqFlags::empty());
-        self.complete(1);
-    }
-}
-
-impl Drop for Frontend {
-    fn drop(&mut self) {
-        self.queue = None;
-        self.blkio.unmap_mem_region(&self.region);
-        self.blkio.free_mem_region(&self.region);
-    }
-}
 
 /// `ctl ARGS` giving up after 3 s of silence: longer commands must keep it waiting with their
 /// progress lines (one a second).
@@ -153,7 +57,7 @@ fn resident_memory_stays_within_mem_used_total_and_the_headroom_through_every_co
         .args(["--recompress-algorithm", "zstd:level=3"])
         .args(["--recompress-algorithm", "deflate:level=6"])
         .start();
-    let mut frontend = Frontend::connect(&daemon);
+    let mut frontend = Frontend::connect(&daemon.socket);
     frontend.write_pages(0..WRITTEN_PAGES, 1);
     let pid = daemon.pid();
 

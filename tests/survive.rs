@@ -10,145 +10,19 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use vhost_user_zram::pagegen::fill_page;
-use vhost_user_zram::PAGE_SIZE;
+use vhost_user_zram::systemd::receive_notification;
 
+use common::blkio::Frontend;
 use common::child::{DaemonOptions, DaemonProcess};
 
 /// Pages the frontend writes.
 const PAGES: u64 = 512;
-/// Requests in flight.
-const DEPTH: usize = 32;
 /// The environment variable that makes `reader_child` read a device.
 const CHILD_SOCKET: &str = "VUZ_SURVIVE_CHILD_SOCKET";
-
-/// A libblkio frontend with one queue and a buffer of `DEPTH` pages.
-struct Frontend {
-    queue: Option<Blkioq>,
-    blkio: Blkio,
-    region: MemoryRegion,
-}
-
-impl Frontend {
-    fn connect(socket: &Path) -> Frontend {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
-        blkio.set_str("path", socket.to_str().unwrap()).unwrap();
-        blkio.connect().unwrap();
-        blkio.set_i32("num-queues", 1).unwrap();
-        let mut started = blkio.start().unwrap();
-        let region = blkio.alloc_mem_region(DEPTH * PAGE_SIZE).unwrap();
-        blkio.map_mem_region(&region).unwrap();
-        Frontend {
-            queue: started.queues.pop(),
-            blkio,
-            region,
-        }
-    }
-
-    /// Waits for `n` completions; returns how many failed.
-    fn complete(&mut self, n: usize) -> usize {
-        let queue = self.queue.as_mut().unwrap();
-        let mut completions: Vec<MaybeUninit<Completion>> =
-            (0..n).map(|_| MaybeUninit::uninit()).collect();
-        let (mut done, mut failed) = (0, 0);
-        while done < n {
-            let mut timeout = Duration::from_secs(30);
-            let got = queue
-                .do_io(&mut completions[done..], 1, Some(&mut timeout), None)
-                .unwrap();
-            for completion in &completions[done..done + got] {
-                // SAFETY: do_io initialised the entries it reported.
-                let completion = unsafe { completion.assume_init_read() };
-                failed += usize::from(completion.ret != 0);
-            }
-            done += got;
-        }
-        failed
-    }
-
-    fn buffer(&mut self, slot: usize) -> &mut [u8; PAGE_SIZE] {
-        assert!(slot < DEPTH);
-        // SAFETY: slot < DEPTH, so the page lies inside the mapped region; the callers use a
-        // slot only while no request on it is in flight.
-        unsafe {
-            &mut *(self.region.addr as *mut u8)
-                .add(slot * PAGE_SIZE)
-                .cast::<[u8; PAGE_SIZE]>()
-        }
-    }
-
-    /// Writes swap-like pages `0..PAGES` seeded by `seed`.
-    fn write_all(&mut self, seed: u64) {
-        for batch in (0..PAGES).collect::<Vec<_>>().chunks(DEPTH) {
-            for (slot, &page) in batch.iter().enumerate() {
-                fill_page(seed, page, self.buffer(slot));
-                let ptr = self.buffer(slot).as_ptr();
-                self.queue.as_mut().unwrap().write(
-                    page * PAGE_SIZE as u64,
-                    ptr,
-                    PAGE_SIZE,
-                    slot,
-                    ReqFlags::empty(),
-                );
-            }
-            assert_eq!(self.complete(batch.len()), 0, "a write failed");
-        }
-    }
-
-    /// Reads pages `0..PAGES`, calling `check(page, data)` on each; returns the failed reads.
-    fn read_all(&mut self, mut check: impl FnMut(u64, &[u8; PAGE_SIZE])) -> usize {
-        let mut failed = 0;
-        for batch in (0..PAGES).collect::<Vec<_>>().chunks(DEPTH) {
-            for (slot, &page) in batch.iter().enumerate() {
-                self.buffer(slot).fill(0xee);
-                let ptr = self.buffer(slot).as_mut_ptr();
-                self.queue.as_mut().unwrap().read(
-                    page * PAGE_SIZE as u64,
-                    ptr,
-                    PAGE_SIZE,
-                    slot,
-                    ReqFlags::empty(),
-                );
-            }
-            let batch_failed = self.complete(batch.len());
-            failed += batch_failed;
-            if batch_failed == 0 {
-                for (slot, &page) in batch.iter().enumerate() {
-                    let data = *self.buffer(slot);
-                    check(page, &data);
-                }
-            }
-        }
-        failed
-    }
-
-    /// Reads every page and asserts each is what `write_all(seed)` wrote.
-    fn assert_holds(&mut self, seed: u64) {
-        let mut expected = [0u8; PAGE_SIZE];
-        let failed = self.read_all(|page, data| {
-            fill_page(seed, page, &mut expected);
-            assert!(
-                data == &expected,
-                "page {page} differs from what was written"
-            );
-        });
-        assert_eq!(failed, 0, "reads failed");
-    }
-}
-
-impl Drop for Frontend {
-    fn drop(&mut self) {
-        self.queue = None;
-        self.blkio.unmap_mem_region(&self.region);
-        self.blkio.free_mem_region(&self.region);
-    }
-}
 
 /// A state file path in /dev/shm (tmpfs), removed on drop.
 struct StatePath(PathBuf);
@@ -187,7 +61,7 @@ fn a_killed_daemon_gives_the_pages_back_to_the_same_frontend() {
     let state = StatePath::new("kill");
     let mut daemon = options(&state).start();
     let mut frontend = Frontend::connect(&daemon.socket);
-    frontend.write_all(7);
+    frontend.write_pages(0..PAGES, 7);
     daemon.signal(libc::SIGKILL);
     daemon.wait_exit();
     drop(frontend);
@@ -198,7 +72,7 @@ fn a_killed_daemon_gives_the_pages_back_to_the_same_frontend() {
     let serving = started.elapsed();
     second.wait_for_log("recovered");
     let mut frontend = Frontend::connect(&second.socket);
-    frontend.assert_holds(7);
+    frontend.assert_holds(0..PAGES, 7);
     println!("a restarted daemon served {PAGES} recovered pages {serving:?} after its start");
     drop(frontend);
     assert!(second.wait_exit().status.success());
@@ -209,7 +83,7 @@ fn sigterm_with_the_frontend_connected_keeps_the_state_for_the_upgrade() {
     let state = StatePath::new("upgrade");
     let mut daemon = options(&state).start();
     let mut frontend = Frontend::connect(&daemon.socket);
-    frontend.write_all(11);
+    frontend.write_pages(0..PAGES, 11);
     let exited = daemon.stop();
     assert!(exited.status.success(), "{}", exited.stderr);
     assert!(
@@ -222,7 +96,7 @@ fn sigterm_with_the_frontend_connected_keeps_the_state_for_the_upgrade() {
 
     let mut second = restart(&daemon, &state);
     let mut frontend = Frontend::connect(&second.socket);
-    frontend.assert_holds(11);
+    frontend.assert_holds(0..PAGES, 11);
     drop(frontend);
     assert!(second.wait_exit().status.success());
     assert!(!state.0.exists(), "a normal end removes the state");
@@ -237,7 +111,9 @@ fn reader_child() {
     };
     let mut frontend = Frontend::connect(Path::new(&socket));
     let mut nonzero = 0;
-    let failed = frontend.read_all(|_, data| nonzero += usize::from(data.iter().any(|&b| b != 0)));
+    let failed = frontend.read_pages(0..PAGES, |_, data| {
+        nonzero += usize::from(data.iter().any(|&b| b != 0))
+    });
     assert_eq!(failed, 0, "reads failed");
     assert_eq!(nonzero, 0, "another frontend's pages were visible");
 }
@@ -247,7 +123,7 @@ fn another_process_reads_zeros_and_the_old_pages_are_destroyed() {
     let state = StatePath::new("identity");
     let mut daemon = options(&state).start();
     let mut frontend = Frontend::connect(&daemon.socket);
-    frontend.write_all(13);
+    frontend.write_pages(0..PAGES, 13);
     daemon.signal(libc::SIGKILL);
     daemon.wait_exit();
     drop(frontend);
@@ -316,7 +192,7 @@ fn a_state_of_another_size_is_refused_and_left_untouched() {
     let state = StatePath::new("size");
     let mut daemon = options(&state).start();
     let mut frontend = Frontend::connect(&daemon.socket);
-    frontend.write_all(17);
+    frontend.write_pages(0..PAGES, 17);
     daemon.signal(libc::SIGKILL);
     daemon.wait_exit();
     drop(frontend);
@@ -337,4 +213,81 @@ fn a_state_of_another_size_is_refused_and_left_untouched() {
         std::fs::read(&state.0).unwrap() == before,
         "the refused state was changed"
     );
+}
+
+/// A stand-in for systemd's notification socket: receives datagrams and the fds they carry.
+struct ServiceManager {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServiceManager {
+    fn new() -> ServiceManager {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        ServiceManager {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Receives notifications until one contains `needle`; returns it and its fd, if any.
+    fn wait_for(&self, needle: &str) -> (String, Option<std::os::fd::OwnedFd>) {
+        loop {
+            let (text, fd) = receive_notification(&self.socket).expect("a notification");
+            if text.contains(needle) {
+                return (text, fd);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fd_store_keeps_the_state_memfd_across_a_restart() {
+    let manager = ServiceManager::new();
+    let mut daemon = DaemonProcess::options()
+        .args(["--state-fdstore", "state"])
+        .env("NOTIFY_SOCKET", &manager.path)
+        .start();
+    let (stored, memfd) = manager.wait_for("FDSTORE=1");
+    assert!(stored.contains("FDNAME=state"), "{stored}");
+    let memfd = memfd.expect("the state memfd came with FDSTORE=1");
+    manager.wait_for("READY=1");
+    let mut frontend = Frontend::connect(&daemon.socket);
+    frontend.write_pages(0..PAGES, 19);
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit();
+    drop(frontend);
+
+    // systemd's restart: the stored memfd comes back as fd 3, named in LISTEN_FDNAMES.
+    let mut second = DaemonProcess::options()
+        .socket_at(&daemon.socket)
+        .args(["--state-fdstore", "state"])
+        .env("NOTIFY_SOCKET", &manager.path)
+        .pass_fd(memfd, "state")
+        .start();
+    second.wait_for_log("recovered 512 pages");
+    let mut frontend = Frontend::connect(&second.socket);
+    frontend.assert_holds(0..PAGES, 19);
+    drop(frontend);
+    assert!(second.wait_exit().status.success());
+    let (removed, _) = manager.wait_for("FDSTOREREMOVE=1");
+    assert!(removed.contains("FDNAME=state"), "{removed}");
+}
+
+#[test]
+fn state_fdstore_outside_systemd_is_refused() {
+    let mut daemon = DaemonProcess::options()
+        .args(["--state-fdstore", "state"])
+        .env("NOTIFY_SOCKET", "")
+        .spawn();
+    let exited = daemon.wait_exit();
+    assert_eq!(exited.status.code(), Some(2), "{}", exited.stderr);
+    assert!(exited.stderr.contains("--state PATH"), "{}", exited.stderr);
 }

@@ -85,6 +85,8 @@ pub struct DaemonOptions {
     size: String,
     control: ControlSocket,
     args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    passed: Option<(std::os::fd::OwnedFd, String)>,
 }
 
 impl DaemonOptions {
@@ -117,6 +119,21 @@ impl DaemonOptions {
         self
     }
 
+    /// Sets an environment variable of the daemon.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Passes `fd` to the daemon as systemd passes a stored fd: as fd 3, with `LISTEN_FDS=1`,
+    /// `LISTEN_FDNAMES=name` and `LISTEN_PID` the daemon's own pid (set by a shell that then
+    /// execs the daemon, so the pid is the daemon's).
+    pub fn pass_fd(mut self, fd: std::os::fd::OwnedFd, name: &str) -> Self {
+        self.passed = Some((fd, name.to_owned()));
+        self
+    }
+
     /// The socket path the daemon will be given, for a test that puts something there first.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -124,7 +141,35 @@ impl DaemonOptions {
 
     /// Spawns the daemon and returns at once, for a test of a daemon that refuses to start.
     pub fn spawn(self) -> DaemonProcess {
-        let mut command = Command::new(BIN);
+        let mut command = match &self.passed {
+            None => Command::new(BIN),
+            Some((fd, name)) => {
+                use std::os::fd::AsRawFd;
+                use std::os::unix::process::CommandExt;
+                let mut command = Command::new("sh");
+                command
+                    .args(["-c", r#"export LISTEN_PID=$$; exec "$0" "$@""#, BIN])
+                    .env("LISTEN_FDS", "1")
+                    .env("LISTEN_FDNAMES", name);
+                let raw = fd.as_raw_fd();
+                // SAFETY: between fork and exec the closure only calls dup2 and fcntl, which
+                // are async-signal-safe, on an fd this process owns (kept open by `self`).
+                unsafe {
+                    command.pre_exec(move || {
+                        if raw != 3 && libc::dup2(raw, 3) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        // dup2 leaves the copy inheritable; fd 3 itself may have been CLOEXEC.
+                        if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                command
+            }
+        };
+        command.envs(self.envs.iter().map(|(k, v)| (k, v)));
         command
             .arg("--socket-path")
             .arg(&self.socket)
@@ -221,6 +266,8 @@ impl DaemonProcess {
             size: "16M".to_owned(),
             control: ControlSocket::InDir,
             args: Vec::new(),
+            envs: Vec::new(),
+            passed: None,
         }
     }
 

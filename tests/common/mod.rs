@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! What the tests share: the daemon binary as a child process ([`child`]) and the daemon in
+//! What the tests share: the daemon binary as a child process ([`child`]), a libblkio frontend
+//! for it ([`blkio`]), and the daemon in
 //! the test process ([`in_process`]); for the in-process protocol tests, memfd-backed guest
 //! memory, as a VMM shares it with a vhost-user backend, and setting a queue up through the
 //! vhost crate's frontend.
@@ -7,6 +8,7 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod blkio;
 pub mod child;
 pub mod in_process;
 
