@@ -394,7 +394,7 @@ sv_stop() {
         ((SECONDS < deadline)) || return 1
         sv_sleep 0.01
     done
-    # (bash's "Killed" notice for the job goes to /dev/null)
+    # (The callers send bash's "Killed" notice for the job to /dev/null.)
     SURV_RC=0
     wait "$pid" 2>/dev/null || SURV_RC=$?
     untrack_pid "$pid"
@@ -465,9 +465,9 @@ sv_restart() {
         kill -CONT "$SURV_PID"
         sv_sleep "${VUZ_SURVIVE_KILL_DELAY:-0.001}"
         kill "-$sig" "$SURV_PID"
-    fi
+    fi 2>/dev/null
     t0="$(now_ms)"
-    if ! sv_stop "$sig"; then
+    if ! sv_stop "$sig" 2>/dev/null; then
         SURV_WHY="the daemon (pid $SURV_PID) still runs 30 s after SIG$sig"
         return 1
     fi
@@ -736,7 +736,7 @@ survive_new() {
         # The daemon dies, its state with it; it comes back empty on the same socket.
         local t0
         t0="$(now_ms)"
-        if ! sv_stop KILL; then
+        if ! sv_stop KILL 2>/dev/null; then
             record_fail survive/refused-daemon-log "the daemon survived SIGKILL"
         fi
         rm -rf -- "$old"
