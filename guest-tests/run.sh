@@ -394,7 +394,6 @@ sv_stop() {
         ((SECONDS < deadline)) || return 1
         sv_sleep 0.01
     done
-    # (The callers send bash's "Killed" notice for the job to /dev/null.)
     SURV_RC=0
     wait "$pid" 2>/dev/null || SURV_RC=$?
     untrack_pid "$pid"
@@ -454,24 +453,29 @@ sv_restart() {
     SURV_WHY=""
     read -r -a f < <(sv_figures) || true
     ((${#f[@]} == 4)) && before="${f[3]}"
-    if [[ "${BACKLOG:-no}" == yes ]]; then
-        # Let the guest queue requests while the daemon is stopped, then kill it a moment
-        # after it resumes, while it works through them: the kill lands with requests taken
-        # and not completed, which the new daemon must resubmit from the inflight region.
-        # Builtins only: the kill follows the CONT by a fraction of a millisecond (read -t on
-        # a FIFO nobody writes), not by a fork's time, in which the backlog would be gone.
-        kill -STOP "$SURV_PID"
-        sleep 0.5
-        kill -CONT "$SURV_PID"
-        sv_sleep "${VUZ_SURVIVE_KILL_DELAY:-0.001}"
-        kill "-$sig" "$SURV_PID"
-    fi 2>/dev/null
-    t0="$(now_ms)"
-    if ! sv_stop "$sig" 2>/dev/null; then
+    local stopped=yes
+    # (bash's "Killed" notice for the job, wherever it comes, goes to /dev/null.)
+    {
+        if [[ "${BACKLOG:-no}" == yes ]]; then
+            # Let the guest queue requests while the daemon is stopped, then kill it a moment
+            # after it resumes, while it works through them: the kill lands with requests
+            # taken and not completed, which the new daemon must resubmit from the inflight
+            # region. Builtins only: the kill follows the CONT by a millisecond (read -t on a
+            # FIFO nobody writes), not by a fork's time, in which the backlog would be gone.
+            kill -STOP "$SURV_PID"
+            sleep 0.5
+            kill -CONT "$SURV_PID"
+            sv_sleep "${VUZ_SURVIVE_KILL_DELAY:-0.001}"
+            kill "-$sig" "$SURV_PID"
+        fi
+        t0="$(now_ms)"
+        sv_stop "$sig" || stopped=no
+        t_gone="$(now_ms)"
+    } 2>/dev/null
+    if [[ "$stopped" == no ]]; then
         SURV_WHY="the daemon (pid $SURV_PID) still runs 30 s after SIG$sig"
         return 1
     fi
-    t_gone="$(now_ms)"
     local state_kib=""
     if [[ -n "$SURV_STATE" && -e "$SURV_STATE" ]]; then
         state_left=yes
