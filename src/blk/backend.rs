@@ -17,6 +17,12 @@
 //!
 //! A virtio reset (the guest reboots: `GET_VRING_BASE`, `RESET_DEVICE`, a new `SET_FEATURES`)
 //! only forgets negotiated state; the store, and so the guest's data, stays.
+//!
+//! With `INFLIGHT_SHMFD` the frontend's inflight region ([`super::inflight`]) is shared by the
+//! queue threads, each writing its queue's part; when a queue starts, the requests an earlier
+//! daemon took and did not complete are served first. A frontend that hands over a region it
+//! did not ask this daemon for comes back from an earlier daemon: unless the daemon said the
+//! store is the one it had ([`Continuity::Recovered`]), every request fails with an I/O error.
 
 use std::fs::File;
 use std::io;
@@ -75,8 +81,6 @@ pub struct BlkBackend<S: BlockBackend> {
     accepted_map: Mutex<GuestMemoryMmap<()>>,
     /// When the memory map was last logged at info level, and the changes since then.
     map_log: Mutex<MapLog>,
-    /// The inflight region the frontend set (`SET_INFLIGHT_FD`), shared by the queues.
-    inflight: Mutex<Option<Arc<InflightRegion>>>,
     /// Whether this connection's frontend asked for a new region (`GET_INFLIGHT_FD`).
     inflight_requested: AtomicBool,
     /// Whether the frontend handed over a region without asking for one first: it comes back
@@ -172,7 +176,6 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
             accepted_map: Mutex::new(GuestMemoryMmap::new()),
             map_log: Mutex::new(MapLog::default()),
-            inflight: Mutex::new(None),
             inflight_requested: AtomicBool::new(false),
             frontend_returned: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
@@ -799,9 +802,6 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
                 .lock()
                 .map_err(|_| io::Error::other("a queue thread panicked; its lock is poisoned"))?;
             thread.runner.track_inflight(region.queue(index));
-        }
-        if let Ok(mut slot) = self.inflight.lock() {
-            *slot = Some(region);
         }
         if self.inflight_requested.load(Ordering::Acquire) {
             return Ok(());

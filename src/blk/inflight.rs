@@ -498,8 +498,8 @@ impl InflightQueue {
     /// the ring's used index is one past the region's, the last batch head was completed
     /// before the crash: its flag is cleared. The heads still in flight are put in
     /// `resubmit`, newest first (so `pop` yields the oldest), and the avail index to go on
-    /// from is the used index plus their number. `ring_size` must equal the region's
-    /// entries. A used index further off means the region does not belong to this ring (a
+    /// from is the used index plus their number. `ring_size` may not exceed the region's
+    /// entries, and no head in flight may lie past it. A used index further off means the region does not belong to this ring (a
     /// frontend that reset the ring without a new region): it is cleared and nothing is
     /// resubmitted ([`QueueStart::Cleared`]).
     pub fn start(
@@ -521,7 +521,10 @@ impl InflightQueue {
         if version != INFLIGHT_VERSION {
             return Err(InflightError::Version { queue, version });
         }
-        if ring_size != self.desc_num {
+        // A driver may use a ring smaller than the queue size the frontend announced (a
+        // firmware driver does); every head of it is then inside the region. A larger ring
+        // would have heads the region cannot record.
+        if ring_size > self.desc_num {
             return Err(InflightError::DescNum {
                 queue,
                 desc_num: self.desc_num,
@@ -565,6 +568,13 @@ impl InflightQueue {
         for head in 0..self.desc_num {
             match view.flag(head).load(Ordering::Relaxed) {
                 0 => {}
+                1 if head >= ring_size => {
+                    return Err(InflightError::HeadOutOfRange {
+                        queue,
+                        head,
+                        desc_num: ring_size,
+                    })
+                }
                 1 => taken.push((view.counter(head).load(Ordering::Relaxed), head)),
                 flag => return Err(InflightError::BadFlag { queue, head, flag }),
             }
@@ -805,8 +815,33 @@ mod tests {
             Err(InflightError::DuplicateCounter { counter: 5, .. })
         ));
         assert!(matches!(
-            view.start(64, 0, &mut resubmit),
-            Err(InflightError::DescNum { .. })
+            view.start(256, 0, &mut resubmit),
+            Err(InflightError::DescNum {
+                desc_num: 128,
+                queue_size: 256,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_ring_smaller_than_the_region_resumes_and_one_with_heads_past_it_is_refused() {
+        let (_file, region) = mapped(1, 128);
+        let queue = region.queue(0).unwrap();
+        let mut resubmit = Vec::new();
+        queue.start(64, 0, &mut resubmit).unwrap();
+        queue.take(10, 1);
+        let start = queue.start(64, 0, &mut resubmit).unwrap();
+        assert!(matches!(start, QueueStart::Resumed { next_avail: 1, .. }));
+        assert_eq!(resubmit, vec![10]);
+        queue.take(100, 2);
+        assert!(matches!(
+            queue.start(64, 0, &mut resubmit),
+            Err(InflightError::HeadOutOfRange {
+                head: 100,
+                desc_num: 64,
+                ..
+            })
         ));
     }
 }

@@ -1452,3 +1452,95 @@ fn a_request_completed_without_execution_reports_ioerr() {
     h.mem.read_slice(&mut out, GuestAddress(DATA)).unwrap();
     assert_eq!(out, page);
 }
+
+/// A head an earlier daemon took is walked again by [`ResubmitChain`] and goes through the
+/// same `take` as a popped chain: an indirect chain is followed and served, a malformed one is
+/// refused with IOERR, in the order they were taken, and the ring goes on after both.
+#[test]
+fn resubmitted_chains_are_parsed_like_fresh_ones() {
+    use super::inflight::{create_region, InflightRegion, QueueStart};
+    use std::sync::Arc;
+
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 4);
+    let size = h.device.queue_size;
+    let (file, len) = create_region(1, size, 1, size).unwrap();
+    let region = Arc::new(InflightRegion::map(&file, len, 0, 1, size, 1, size).unwrap());
+    h.runner.track_inflight(region.queue(0));
+    assert_eq!(
+        h.runner.start_queue(&mut h.queue, &mem).unwrap(),
+        Some(QueueStart::Fresh)
+    );
+
+    // Chain A: a write of page 0 through an indirect table. Chain B: a zero-length data
+    // descriptor. Each has its own header and status byte.
+    let (header_a, status_a, table) = (0x3_0000u64, 0x3_1000u64, 0x3_2000u64);
+    let (header_b, status_b) = (0x3_3000u64, 0x3_4000u64);
+    let mut raw = [0u8; 16];
+    raw[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    mem.write_slice(&raw, GuestAddress(header_a)).unwrap();
+    mem.write_slice(&raw, GuestAddress(header_b)).unwrap();
+    let data = pattern(PAGE_SIZE, 7);
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let entries = [
+        SplitDescriptor::new(header_a, 16, next, 1),
+        SplitDescriptor::new(DATA, PAGE_SIZE as u32, next, 2),
+        SplitDescriptor::new(status_a, 1, write, 0),
+    ];
+    for (i, entry) in entries.iter().enumerate() {
+        mem.write_obj(
+            RawDescriptor::from(*entry),
+            GuestAddress(table + 16 * i as u64),
+        )
+        .unwrap();
+    }
+    let descs = [
+        SplitDescriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16, 0),
+        SplitDescriptor::new(header_b, 16, next, 2),
+        SplitDescriptor::new(DATA, 0, next, 3),
+        SplitDescriptor::new(status_b, 1, write, 0),
+    ];
+    for (i, desc) in (0u16..).zip(descs) {
+        h.vq.desc_table()
+            .store(i, RawDescriptor::from(desc))
+            .unwrap();
+    }
+    for status in [status_a, status_b] {
+        mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    }
+    h.publish(0);
+    h.publish(1);
+
+    // The first daemon takes both and dies before executing them.
+    for _ in 0..2 {
+        let chain = h.queue.pop_descriptor_chain(&mem).unwrap();
+        let request: Request<InjectedFailure> = h.runner.take(chain, &mem, &h.device);
+        h.runner.discard(request);
+    }
+
+    // A new daemon: a fresh runner over the same region, the vring base at the used index 0.
+    let mut runner = RequestRunner::standalone(&h.device);
+    runner.track_inflight(region.queue(0));
+    let mut queue: Queue = h.vq.create_queue().unwrap();
+    let start = runner.start_queue(&mut queue, &mem).unwrap();
+    assert!(
+        matches!(start, Some(QueueStart::Resumed { next_avail: 2, .. })),
+        "{start:?}"
+    );
+    assert_eq!(runner.resubmit_pending(), 2);
+    let served = runner
+        .process_queue(&mut queue, &mem, &h.store, &h.device)
+        .unwrap();
+    assert_eq!(served, 2);
+    let used: Vec<u32> = (0..2)
+        .map(|i| h.vq.used().ring().ref_at(i).unwrap().load().id())
+        .collect();
+    assert_eq!(used, vec![0, 1], "in the order they were taken");
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(status_a)).unwrap(), OK);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(status_b)).unwrap(), IOERR);
+    assert_eq!(queue.next_avail(), 2);
+    h.queue = queue;
+    h.runner = runner;
+    assert_eq!(h.read(0, PAGE_SIZE), data);
+}

@@ -28,6 +28,8 @@ struct MockVhostBackend {
     events: u64,
     event_idx: bool,
     acked_features: u64,
+    /// The last region `SET_INFLIGHT_FD` handed over.
+    inflight: Option<VhostUserInflight>,
 }
 
 impl MockVhostBackend {
@@ -38,6 +40,7 @@ impl MockVhostBackend {
             events: 0,
             event_idx: false,
             acked_features: 0,
+            inflight: None,
         }
     }
 }
@@ -103,6 +106,29 @@ impl VhostUserBackendMut for MockVhostBackend {
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> Result<File> {
         let file = tempfile::tempfile().unwrap();
         Ok(file)
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        let file = tempfile::tempfile().unwrap();
+        let mmap_size = 0x1000 * u64::from(inflight.num_queues);
+        file.set_len(mmap_size).unwrap();
+        let answer = VhostUserInflight {
+            mmap_size,
+            mmap_offset: 0,
+            ..*inflight
+        };
+        Ok((answer, file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        if file.metadata()?.len() < inflight.mmap_size {
+            return Err(std::io::Error::other("the region is smaller than its file"));
+        }
+        self.inflight = Some(*inflight);
+        Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -293,35 +319,43 @@ fn test_vhost_user_enable() {
 }
 
 fn vhost_user_set_inflight(path: &Path, barrier: Arc<Barrier>) {
-    let mut frontend = setup_frontend(path, barrier);
-    let eventfd = EventFd::new(0).unwrap();
-    // No implementation for inflight_fd yet.
+    let mut frontend = setup_frontend(path, barrier.clone());
+    // The region and its file reach the backend.
+    let region = tempfile::tempfile().unwrap();
+    region.set_len(0x1000).unwrap();
     let inflight = VhostUserInflight {
-        mmap_size: 0x100000,
+        mmap_size: 0x1000,
         mmap_offset: 0,
         num_queues: 1,
         queue_size: 256,
     };
     frontend
-        .set_inflight_fd(&inflight, eventfd.as_raw_fd())
-        .unwrap_err();
+        .set_inflight_fd(&inflight, region.as_raw_fd())
+        .unwrap();
+    barrier.wait();
 }
 
 #[test]
 fn test_vhost_user_set_inflight() {
-    vhost_user_server(vhost_user_set_inflight);
+    vhost_user_server_with_fn(vhost_user_set_inflight, |backend, barrier| {
+        barrier.wait();
+        let inflight = backend.lock().unwrap().inflight.unwrap();
+        assert_eq!((inflight.mmap_size, inflight.queue_size), (0x1000, 256));
+    });
 }
 
 fn vhost_user_get_inflight(path: &Path, barrier: Arc<Barrier>) {
     let mut frontend = setup_frontend(path, barrier);
-    // No implementation for inflight_fd yet.
     let inflight = VhostUserInflight {
-        mmap_size: 0x100000,
+        mmap_size: 0,
         mmap_offset: 0,
-        num_queues: 1,
+        num_queues: 2,
         queue_size: 256,
     };
-    assert!(frontend.get_inflight_fd(&inflight).is_err());
+    // The backend's answer and its file come back to the frontend.
+    let (answer, file) = frontend.get_inflight_fd(&inflight).unwrap();
+    assert_eq!(answer.mmap_size, 0x2000);
+    assert_eq!(file.metadata().unwrap().len(), 0x2000);
 }
 
 #[test]
