@@ -7,10 +7,10 @@
 #   2. the unit, property, stress, protocol and libblkio end-to-end tests (cargo nextest),
 #   3. every fuzz target for FUZZ_RUNS executions (default 1,000,000) over FUZZ_JOBS
 #      processes, starting from the seed corpus kept in fuzz/corpus/<target>/,
-#   4. the guest tests (a real QEMU guest swaps to the daemon) and the fio comparison, then the
-#      swap suite again with --workers 0 and polling on, with a backing file and
-#      --writeback-above 8M, and in a guest that libvirt starts (SKIP with the reason where
-#      libvirt cannot run).
+#   4. the guest tests (a real QEMU guest swaps to the daemon; the survive suite kills and
+#      restarts the daemon under it) and the fio comparison, then the swap suite again with
+#      --workers 0 and polling on, with a backing file and --writeback-above 8M, and in a
+#      guest that libvirt starts (SKIP with the reason where libvirt cannot run).
 # Each stage prints PASS, FAIL or SKIP (with the reason); the last line counts the stages.
 #
 # Environment: SKIP_GUEST=1 skips stage 4, SKIP_FUZZ=1 skips stage 3, FUZZ_RUNS (default
@@ -142,9 +142,11 @@ fuzz() {
 
 guest() {
     [ -n "${SKIP_GUEST:-}" ] && { skip "SKIP_GUEST is set"; return; }
-    # Every suite and the fio comparison with the default compression workers, then the swap
-    # suite again with the queue thread compressing (--workers 0) and the queues polling
-    # (--poll-max-us 50): both write paths, and polling off and on, in a guest;
+    # Every default suite (main, multiqueue, lifecycle, and survive: the daemon SIGKILLed and
+    # SIGTERMed under a swapping guest, about 2 minutes) and the fio comparison with the
+    # default compression workers, then the swap suite again with the queue thread compressing
+    # (--workers 0) and the queues polling (--poll-max-us 50): both write paths, and polling
+    # off and on, in a guest;
     # and once more with a backing file and --writeback-above low, so swapped pages really go
     # to the file and come back from it; last, the swap suite in a guest libvirt starts from
     # contrib/libvirt-disk.xml (one boot, about 2 minutes under TCG).

@@ -55,6 +55,15 @@ TRACKED_PATHS=()
 TRACKED_CLEANUPS=()
 
 track_pid() { TRACKED_PIDS+=("$1"); }
+# untrack_pid PID: forget PID (a process this shell killed and reaped), so that the cleanup at
+# exit never signals whatever process reuses the number later.
+untrack_pid() {
+    local i
+    for i in "${!TRACKED_PIDS[@]}"; do
+        [[ "${TRACKED_PIDS[i]}" != "$1" ]] || unset 'TRACKED_PIDS[i]'
+    done
+    TRACKED_PIDS=(${TRACKED_PIDS[@]+"${TRACKED_PIDS[@]}"})
+}
 track_path() { TRACKED_PATHS+=("$1"); }
 # track_cleanup COMMAND: runs COMMAND at exit, before the tracked processes are stopped.
 track_cleanup() { TRACKED_CLEANUPS+=("$1"); }
@@ -261,11 +270,24 @@ pid_gone() { ! pid_alive "$1" || grep -q '^State:[[:space:]]*Z' "/proc/$1/status
 # ---------------------------------------------------------------------------------------------
 # QEMU
 
-# vhost_user_args NAME SOCK NUM_QUEUES: the QEMU arguments for one vhost-user-blk disk.
+# vhost_user_args NAME SOCK NUM_QUEUES [RECONNECT_SECS]: the QEMU arguments for one
+# vhost-user-blk disk. With RECONNECT_SECS, QEMU reconnects to the socket that often after the
+# backend went away (a daemon killed and restarted) instead of leaving the disk dead.
 vhost_user_args() {
-    printf '%s\n' -chardev "socket,id=$1,path=$2" \
+    local chardev="socket,id=$1,path=$2"
+    [[ -z "${4:-}" ]] || chardev+=",reconnect=$4"
+    printf '%s\n' -chardev "$chardev" \
         -device "vhost-user-blk-pci,chardev=$1,num-queues=$3,id=${1}dev"
 }
+
+# unix_listening PATH: a process listens on the Unix socket PATH. A socket file alone proves
+# nothing (a killed daemon leaves its file behind), and connecting would be taken for a frontend.
+unix_listening() {
+    awk -v p="$1" '$NF == p && $4 == "00010000" { found = 1 } END { exit !found }' /proc/net/unix
+}
+
+# now_ms: wall-clock milliseconds, for timing a restart.
+now_ms() { echo $((${EPOCHREALTIME//[!0-9]/} / 1000)); }
 
 # run_guest GUEST_DIR OUT_PREFIX TEST TIMEOUT [QEMU_ARGS...]
 # Boots the guest with vuz.test=TEST in the background; the console goes to

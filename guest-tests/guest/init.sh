@@ -35,6 +35,8 @@ case "$suite" in
     multiqueue) suite_multiqueue ;;
     lifecycle) suite_lifecycle ;;
     libvirt) suite_libvirt ;;
+    survive) suite_survive ;;
+    survive-new) suite_survive_new ;;
     bench) suite_bench ;;
     *) fail "guest" "unknown suite '$suite'" ;;
 esac

@@ -360,6 +360,117 @@ suite_lifecycle() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# survive: the host kills the daemon under the guest and starts it again on the same state and
+# socket (QEMU reconnects), while the guest swaps out and while it swaps in; every page must
+# verify and the kernel must have seen no I/O error. The guest only marks its phases on the
+# console: the fill of the pressure program is the swap-out (PRESSURE-FILLED ends it), its
+# verify passes fault the pages back in.
+
+# vmstat_get NAME: a counter of /proc/vmstat.
+vmstat_get() { awk -v n="$1" '$1 == n { print $2 }' /proc/vmstat; }
+
+# io_errors: the kernel's messages about failed block I/O, if any.
+io_errors() { dmesg | grep -E 'I/O error|blk_update_request|Buffer I/O error|critical medium'; }
+
+suite_survive() {
+    dev=""
+    need_dev dev sv || return
+    t=survive anon_mib="$(param pressure_mib)" seed="$(param seed)"
+    echo 0 >"/sys/block/$dev/queue/rotational"
+    if ! mkswap "/dev/$dev" >/tmp/mkswap.log 2>&1 ||
+        ! swapon -dpages "/dev/$dev" 2>>/tmp/mkswap.log; then
+        fail "$t/swapon" "mkswap/swapon -dpages /dev/$dev failed: $(tail -n 1 /tmp/mkswap.log)"
+        return
+    fi
+    pass "$t/swapon"
+    in0="$(vmstat_get pswpin)" out0="$(vmstat_get pswpout)"
+    echo "pressure: ${anon_mib} MiB anonymous, seed $seed"
+    echo "VUZ-SURVIVE-SWAP-OUT"
+    # Its lines go to the console as well: the host takes PRESSURE-FILLED for the end of the
+    # swap-out phase.
+    /vuz/pressure --mib "$anon_mib" --seed "$seed" --passes 2 </dev/null 2>&1 | tee /tmp/pressure.log
+    swapped_in=$(($(vmstat_get pswpin) - in0)) swapped_out=$(($(vmstat_get pswpout) - out0))
+    echo "VUZ-SURVIVE-VERIFIED pswpin=$swapped_in pswpout=$swapped_out"
+    if grep -q 'PRESSURE-RESULT ok' /tmp/pressure.log; then
+        pass "$t/checksums"
+    else
+        fail "$t/checksums" "$(grep -m1 -E 'PRESSURE-RESULT' /tmp/pressure.log || echo 'the pressure program died'); $(grep -c PRESSURE-BAD /tmp/pressure.log) bad page(s) shown"
+    fi
+    # At least what did not fit in RAM went out and came back in (in 4 KiB pages).
+    ram_kib="$(awk '/^MemTotal/ { print $2 }' /proc/meminfo)"
+    want=$(((anon_mib * 1024 - ram_kib) / 4))
+    check "$t/swapped-out" "only $swapped_out pages swapped out, expected >= $want" \
+        [ "$swapped_out" -ge "$want" ]
+    check "$t/swapped-in" "only $swapped_in pages swapped in, expected >= $want" \
+        [ "$swapped_in" -ge "$want" ]
+    errs="$(io_errors)"
+    if [ -z "$errs" ]; then
+        pass "$t/no-io-errors"
+    else
+        fail "$t/no-io-errors" "$(echo "$errs" | head -n 2 | tr '\n' ' ')"
+        echo "$errs" | head -n 20 | sed 's/^/    | /'
+    fi
+    check "$t/swapoff" "swapoff /dev/$dev failed" swapoff "/dev/$dev"
+}
+
+# survive-new: a second QEMU process on the socket of a daemon whose state holds the pages of
+# the survive guest (a copy of its state). This frontend is not that guest's QEMU: it must get
+# an empty device. Then the refusal: the host kills the daemon and starts it with no state at
+# all, and this frontend, which had written data, must get I/O errors back, never zeros.
+suite_survive_new() {
+    dev=""
+    need_dev dev sv || return
+    t=survive
+    # The old guest's swap header is in the first page and its first swap slots follow it.
+    nz="$({
+        dd if="/dev/$dev" bs=1M count=16 iflag=direct 2>/tmp/first.err
+        echo $? >/tmp/first.rc
+    } | tr -d '\000' | wc -c)"
+    if [ "$(cat /tmp/first.rc)" != 0 ]; then
+        fail "$t/identity-new-frontend-reads-zeros" "reading the first 16 MiB failed: $(tail -n 1 /tmp/first.err)"
+    else
+        check "$t/identity-new-frontend-reads-zeros" \
+            "$nz non-zero bytes in the first 16 MiB: the old guest's data is visible to a new frontend" \
+            [ "$nz" = 0 ]
+    fi
+    echo "VUZ-HOSTCHECK-IDENTITY"
+    read -r -t 300 answer </dev/console || echo "no answer from the host: '$answer'"
+
+    head -c 1048576 /dev/urandom >/tmp/ref.bin
+    sum="$(sha256sum </tmp/ref.bin | cut -d' ' -f1)"
+    if ! dd if=/tmp/ref.bin of="/dev/$dev" bs=1M oflag=direct conv=fsync 2>/tmp/write.err ||
+        [ "$(range_sum "$dev" 0 1)" != "$sum" ]; then
+        fail "$t/refused-reads-fail" "writing and reading back 1 MiB before the restart failed: $(tail -n 1 /tmp/write.err)"
+        refusal_ready=no
+    else
+        refusal_ready=yes
+    fi
+    errors_before="$(io_errors | wc -l)"
+    # The host kills the daemon, deletes its state and starts it again, then answers.
+    echo "VUZ-HOSTCHECK-REFUSE"
+    read -r -t 300 answer </dev/console || echo "no answer from the host: '$answer'"
+    [ "$refusal_ready" = yes ] || return
+    if timeout 120 dd if="/dev/$dev" of=/tmp/back.bin bs=1M count=1 iflag=direct 2>/tmp/back.err; then
+        if cmp -s /tmp/back.bin /tmp/ref.bin; then
+            fail "$t/refused-reads-fail" "the read returned the data written before the restart, which the daemon no longer has"
+        elif [ "$(tr -d '\000' </tmp/back.bin | wc -c)" = 0 ]; then
+            fail "$t/refused-reads-fail" "the read returned zeros instead of an I/O error"
+        else
+            fail "$t/refused-reads-fail" "the read returned data that is neither what was written nor zeros"
+        fi
+    elif grep -q -E 'I/O error|Input/output error' /tmp/back.err; then
+        pass "$t/refused-reads-fail"
+        echo "VUZ-NOTE the read after the restart: $(tail -n 1 /tmp/back.err)"
+    else
+        fail "$t/refused-reads-fail" "the read failed, but not with EIO: $(tail -n 1 /tmp/back.err)"
+    fi
+    errs="$(io_errors | tail -n +$((errors_before + 1)) | grep "dev $dev")"
+    check "$t/refused-kernel-reports-io-error" "the kernel logged no I/O error for /dev/$dev" \
+        [ -n "$errs" ]
+    echo "$errs" | head -n 5 | sed 's/^/    | /'
+}
+
+# ---------------------------------------------------------------------------------------------
 # bench: the fio suite of ci/fio-bench.sh, on each device in turn; JSON out on the console.
 
 # bench_jobfile DEV SIZE RUNTIME: the measured fio suite, after a fill of the whole region.
