@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
@@ -428,6 +428,8 @@ pub struct Daemon {
     poll_max: Duration,
     /// Where the state lives, to remove it at a normal end.
     state: Option<StateSource>,
+    /// Why every frontend is refused: the state could not be recovered.
+    refusal: Option<String>,
 }
 
 /// `Err(DaemonError::Stopped)` once `stop` is stopped: checked between the steps of the start.
@@ -480,85 +482,22 @@ impl Daemon {
             None => None,
         };
         not_stopped(&stop)?;
-        let store_config = StoreConfig {
-            mem_limit: None,
-            ..config.store.clone()
+        let (store, refusal) = match build_store(&config, &stop, dictionary) {
+            Ok(store) => (store, None),
+            Err(DaemonError::State(error)) if unrecoverable(&error) => {
+                // A frontend coming back for these pages must get I/O errors, not an empty
+                // device, and the state must stay as it is for whoever can examine it.
+                let reason = format!(
+                    "{error}; its pages cannot be given back (move the state away to start \
+                     afresh)"
+                );
+                error!("{reason}: every frontend's requests fail with an I/O error");
+                let store = PageStore::with_pending(config.store.clone(), config.pending)
+                    .map_err(DaemonError::Store)?;
+                (store, Some(reason))
+            }
+            Err(error) => return Err(error),
         };
-        let state = match &config.state {
-            Some(source) => Some(open_state(source)?),
-            None => None,
-        };
-        let state_name = state.as_ref().map(|s| s.name().to_owned());
-        let recorded_backing = state.as_ref().and_then(StateFile::backing);
-        if let Some(record) = &recorded_backing {
-            if config.writeback.backing_file.as_deref() != Some(record.path.as_path()) {
-                return Err(DaemonError::StateBackingFile {
-                    recorded: record.path.clone(),
-                    given: config.writeback.backing_file.clone(),
-                });
-            }
-        }
-        let memory = match state {
-            Some(file) => StoreMemory::State(file),
-            None => StoreMemory::Anonymous,
-        };
-        let mut store = PageStore::with_memory(store_config, config.pending, memory)
-            .map_err(state_or_store_error)?
-            .with_secondary_algorithms(&config.recompress.algorithms)
-            .map_err(DaemonError::Recompress)?;
-        if let Some(limit) = config.store.mem_limit {
-            let needed = store.mem_used_total();
-            if needed > limit {
-                return Err(DaemonError::MemLimitTooLow { limit, needed });
-            }
-            store.set_mem_limit(Some(limit));
-        }
-        not_stopped(&stop)?;
-        if let Some(path) = &config.writeback.backing_file {
-            let foreign = if config.writeback.backing_file_overwrite {
-                ForeignData::Overwrite
-            } else {
-                ForeignData::Refuse
-            };
-            let backing = match &recorded_backing {
-                // The state's written-back pages are in this file: keep it as it is.
-                Some(record) => BackingFile::reopen(path, record.key, (record.dev, record.ino)),
-                None => BackingFile::open_with_policy(path, foreign),
-            }
-            .map_err(|source| DaemonError::BackingFile {
-                path: path.clone(),
-                source,
-            })?;
-            if let Some(opened) = backing.opened() {
-                info!("writing back to {opened}");
-                if let Some(found) = &opened.overwritten {
-                    log::warn!(
-                        "backing file {}: overwriting {found} (--backing-file-overwrite)",
-                        path.display()
-                    );
-                }
-                if let Some(message) = opened.earlier_run_message() {
-                    info!("{message}");
-                }
-            }
-            store = store.with_backing_file(backing);
-        }
-        store.set_writeback_limit(config.writeback.limit);
-        store.set_writeback_batch(config.writeback.batch_pages);
-        store.set_idle_tick(config.writeback.idle_tick);
-        if let Some((path, raw)) = dictionary {
-            let id =
-                store
-                    .load_zstd_dictionary(&raw)
-                    .map_err(|source| DaemonError::ZstdDictionary {
-                        path: path.clone(),
-                        source,
-                    })?;
-            info!("zstd pages use dictionary {id} from {}", path.display());
-        }
-        // Before the workers start: recovery queues the pages that were waiting for them.
-        let started = store.recover().map_err(state_or_store_error)?;
-        log_state_start(state_name.as_deref(), &started);
         let store = Arc::new(store);
         if let Some(slot) = &store_for_signals {
             let _ = slot.set(Arc::clone(&store));
@@ -637,7 +576,13 @@ impl Daemon {
             connection,
             threads,
             poll_max: config.poll_max,
-            state: config.state,
+            // An unrecoverable state is left as it is: nothing here destroys or removes it.
+            state: if refusal.is_some() {
+                None
+            } else {
+                config.state
+            },
+            refusal,
         })
     }
 
@@ -693,6 +638,7 @@ impl Daemon {
             mut threads,
             poll_max,
             state,
+            refusal,
         } = self;
         match &socket_file {
             Some(file) => info!("waiting for the frontend on {}", file.0.display()),
@@ -733,7 +679,7 @@ impl Daemon {
                     None
                 }
             };
-            let admission = Admission::new(&store, peer);
+            let admission = Admission::new(&store, peer, refusal.clone());
             session.backend.set_admission(move || admission.admit());
             if let Err(error) = session.daemon.start_stream(stream) {
                 break Err(DaemonError::VhostUser(error.to_string()));
@@ -1391,20 +1337,30 @@ fn end_state(store: &PageStore, source: &StateSource, ending: Ending) {
 pub struct Admission {
     store: Arc<PageStore>,
     peer: Option<crate::frontend::Peer>,
+    refusal: Option<String>,
 }
 
 impl Admission {
-    /// The admission of `peer` (unknown: no identity) to `store`.
-    pub fn new(store: &Arc<PageStore>, peer: Option<crate::frontend::Peer>) -> Admission {
+    /// The admission of `peer` (unknown: no identity) to `store`; with `refusal`, every
+    /// frontend is refused for that reason.
+    pub fn new(
+        store: &Arc<PageStore>,
+        peer: Option<crate::frontend::Peer>,
+        refusal: Option<String>,
+    ) -> Admission {
         Admission {
             store: Arc::clone(store),
             peer,
+            refusal,
         }
     }
 
     /// Decides, destroying the old pages when they are another frontend's. `Err` names why
     /// the device cannot be served at all.
     pub fn admit(&self) -> Result<Continuity, String> {
+        if let Some(reason) = &self.refusal {
+            return Err(reason.clone());
+        }
         let store = &self.store;
         if !store.has_state() {
             return Ok(Continuity::Fresh);
@@ -1446,6 +1402,106 @@ impl Admission {
             .set_state_identity(identity)
             .map_err(|error| format!("the state could not record its frontend: {error}"))?;
         Ok(Continuity::Fresh)
+    }
+}
+
+/// Builds the store the configuration describes: in its state file (recovered) or in
+/// anonymous memory, with its secondary algorithms, memory limit, backing file and dictionary.
+fn build_store(
+    config: &DaemonConfig,
+    stop: &StopSignal,
+    dictionary: Option<(&PathBuf, Vec<u8>)>,
+) -> Result<PageStore, DaemonError> {
+    let store_config = StoreConfig {
+        mem_limit: None,
+        ..config.store.clone()
+    };
+    let state = match &config.state {
+        Some(source) => Some(open_state(source)?),
+        None => None,
+    };
+    let state_name = state.as_ref().map(|s| s.name().to_owned());
+    let recorded_backing = state.as_ref().and_then(StateFile::backing);
+    if let Some(record) = &recorded_backing {
+        if config.writeback.backing_file.as_deref() != Some(record.path.as_path()) {
+            return Err(DaemonError::StateBackingFile {
+                recorded: record.path.clone(),
+                given: config.writeback.backing_file.clone(),
+            });
+        }
+    }
+    let memory = match state {
+        Some(file) => StoreMemory::State(file),
+        None => StoreMemory::Anonymous,
+    };
+    let mut store = PageStore::with_memory(store_config, config.pending, memory)
+        .map_err(state_or_store_error)?
+        .with_secondary_algorithms(&config.recompress.algorithms)
+        .map_err(DaemonError::Recompress)?;
+    if let Some(limit) = config.store.mem_limit {
+        let needed = store.mem_used_total();
+        if needed > limit {
+            return Err(DaemonError::MemLimitTooLow { limit, needed });
+        }
+        store.set_mem_limit(Some(limit));
+    }
+    not_stopped(stop)?;
+    if let Some(path) = &config.writeback.backing_file {
+        let foreign = if config.writeback.backing_file_overwrite {
+            ForeignData::Overwrite
+        } else {
+            ForeignData::Refuse
+        };
+        let backing = match &recorded_backing {
+            // The state's written-back pages are in this file: keep it as it is.
+            Some(record) => BackingFile::reopen(path, record.key, (record.dev, record.ino)),
+            None => BackingFile::open_with_policy(path, foreign),
+        }
+        .map_err(|source| DaemonError::BackingFile {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(opened) = backing.opened() {
+            info!("writing back to {opened}");
+            if let Some(found) = &opened.overwritten {
+                log::warn!(
+                    "backing file {}: overwriting {found} (--backing-file-overwrite)",
+                    path.display()
+                );
+            }
+            if let Some(message) = opened.earlier_run_message() {
+                info!("{message}");
+            }
+        }
+        store = store.with_backing_file(backing);
+    }
+    store.set_writeback_limit(config.writeback.limit);
+    store.set_writeback_batch(config.writeback.batch_pages);
+    store.set_idle_tick(config.writeback.idle_tick);
+    if let Some((path, raw)) = dictionary {
+        let id =
+            store
+                .load_zstd_dictionary(&raw)
+                .map_err(|source| DaemonError::ZstdDictionary {
+                    path: path.clone(),
+                    source,
+                })?;
+        info!("zstd pages use dictionary {id} from {}", path.display());
+    }
+    // Before the workers start: recovery queues the pages that were waiting for them.
+    let started = store.recover().map_err(state_or_store_error)?;
+    log_state_start(state_name.as_deref(), &started);
+    Ok(store)
+}
+
+/// Whether a state error means the state's pages cannot be given back (a damaged header or
+/// an inconsistent store), rather than a wrong start (another size, file system or format,
+/// another daemon on it), after which the daemon does not start.
+fn unrecoverable(error: &StoreError) -> bool {
+    match error {
+        StoreError::Recovery { .. } => true,
+        StoreError::State(state) => matches!(state, StateError::Corrupt { .. }),
+        _ => false,
     }
 }
 

@@ -291,3 +291,43 @@ fn state_fdstore_outside_systemd_is_refused() {
     assert_eq!(exited.status.code(), Some(2), "{}", exited.stderr);
     assert!(exited.stderr.contains("--state PATH"), "{}", exited.stderr);
 }
+
+#[test]
+fn a_state_whose_header_is_damaged_refuses_every_frontend_and_is_left_untouched() {
+    let state = StatePath::new("damaged");
+    let mut daemon = options(&state).start();
+    let mut frontend = Frontend::connect(&daemon.socket);
+    frontend.write_pages(0..PAGES, 23);
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit();
+    drop(frontend);
+    // Flip a byte in both header copies (at 0 and 4096): neither checksum holds.
+    let mut bytes = std::fs::read(&state.0).unwrap();
+    for copy in [0, 4096] {
+        bytes[copy + 100] ^= 0x5a;
+    }
+    std::fs::write(&state.0, &bytes).unwrap();
+
+    let mut second = restart(&daemon, &state);
+    let mut frontend = Frontend::connect(&second.socket);
+    let failed = frontend.read_pages(0..PAGES, |page, data| {
+        panic!(
+            "page {page} was served from a damaged state: {:?}",
+            &data[..8]
+        )
+    });
+    assert_eq!(failed as u64, PAGES, "every read fails with an I/O error");
+    drop(frontend);
+    let exited = second.wait_exit();
+    assert!(exited.status.success(), "{}", exited.stderr);
+    assert!(exited.stderr.contains("corrupt"), "{}", exited.stderr);
+    assert!(
+        exited.stderr.contains("refusing the device"),
+        "{}",
+        exited.stderr
+    );
+    assert!(
+        std::fs::read(&state.0).unwrap() == bytes,
+        "the damaged state was changed"
+    );
+}
