@@ -274,14 +274,15 @@ impl PageStore {
             StoreMemory::Anonymous => None,
             StoreMemory::State(file) => Some(recovery::StateRegions::open(file, &config, pending)?),
         };
-        let (state, state_created, slot_memory, pool_memory, extents) = match regions {
-            None => (None, false, None, None, None),
+        let (state, state_created, slot_memory, pool_memory, extents, fill_words) = match regions {
+            None => (None, false, None, None, None, FillWords::default()),
             Some(r) => (
                 Some(r.file),
                 r.created,
                 Some(r.slots),
                 r.pool,
                 Some(r.extents),
+                FillWords::in_region(r.fill_words.0, r.fill_words.1),
             ),
         };
         let deferred = match pending.workers {
@@ -319,7 +320,7 @@ impl PageStore {
         let store = PageStore {
             slots,
             alloc: SlabAllocator::with_extents(extents),
-            fill_words: FillWords::default(),
+            fill_words,
             codec,
             recompression: recompress::Recompression::new(primary, dictionaries),
             counters: Counters::default(),
@@ -1041,14 +1042,12 @@ impl PageStore {
         Ok(entry)
     }
 
-    /// The entry of a page filled with `word`, or `None` when a store on a state file would
-    /// need the [`FillWords`] table for it (that table is not in the file): such a page is
-    /// stored as an ordinary compressed object instead.
+    /// The entry of a page filled with `word`, or `None` when the word needs a new entry in
+    /// the [`FillWords`] table and a state file's fill-word region has no room for it (more
+    /// distinct words than pages, only while writes are in flight): such a page is stored as
+    /// an ordinary compressed object instead.
     fn same_filled(&self, word: u64) -> Option<SlotEntry> {
-        let payload = match self.state {
-            None => self.fill_words.encode(word),
-            Some(_) => same_fill::encode_inline(word)?,
-        };
+        let payload = self.fill_words.encode(word)?;
         Some(SlotEntry::new(SlotState::SameFilled, payload))
     }
 
