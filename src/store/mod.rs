@@ -749,7 +749,8 @@ impl PageStore {
         self.alloc.class_stats()
     }
 
-    /// Walks the slot table, the pending pool and every size class and checks that they agree
+    /// Walks the slot table, the pending pool, the fill-word table and every size class and
+    /// checks that they agree
     /// with each other and with the counters. Debug aid: slow, and only meaningful while no
     /// other thread writes and no page is pending in a worker's hands (see
     /// [`PageStore::wait_drained`]).
@@ -760,6 +761,7 @@ impl PageStore {
         let mut by_priority = [(0u64, 0u64); MAX_SECONDARY + 1];
         let mut pending_buffers = Vec::new();
         let mut written_back = Vec::new();
+        let mut table_words = Vec::new();
         for slot in 0..self.slots.len() {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
             self.check_priority(slot, entry)?;
@@ -772,7 +774,12 @@ impl PageStore {
             stored += u64::from(holds_page(entry));
             match entry.state() {
                 SlotState::Empty | SlotState::Compressed => {}
-                SlotState::SameFilled => same += 1,
+                SlotState::SameFilled => {
+                    same += 1;
+                    if same_fill::needs_table(entry.payload()) {
+                        table_words.push(entry.payload() >> 2);
+                    }
+                }
                 SlotState::Huge => huge += 1,
                 SlotState::Pending => pending_buffers.push((slot, entry.pending_buffer())),
                 SlotState::WrittenBack => written_back.push(entry.backing_object()),
@@ -785,6 +792,7 @@ impl PageStore {
         }
         self.check_pending(&pending_buffers)?;
         self.check_backing(&written_back)?;
+        self.fill_words.check(&table_words)?;
         let c = &self.counters;
         let expect = [
             ("pages_stored", stored, c.sum(|c| &c.pages_stored)),

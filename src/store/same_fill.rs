@@ -238,6 +238,68 @@ impl FillWords {
         damaged
     }
 
+    /// Checks the table against the table indices the slots name (`named`, one per slot):
+    /// each entry's references are the slots that name it, an entry is free (and in the free
+    /// list once) exactly when none does, a live entry's word is a table word (and in the
+    /// region, with a state file), and the word map names only live entries. Meaningful only
+    /// with no write in flight (an encoded entry not yet published holds a reference).
+    pub(crate) fn check(&self, named: &[u64]) -> Result<(), String> {
+        let inner = self.lock();
+        let mut refs = vec![0u32; inner.entries.len()];
+        for &index in named {
+            let i = usize::try_from(index)
+                .ok()
+                .filter(|&i| i < refs.len())
+                .ok_or_else(|| {
+                    format!(
+                        "a slot names fill-word entry {index}, past the table's {}",
+                        refs.len()
+                    )
+                })?;
+            refs[i] += 1;
+        }
+        let mut free = inner.free.clone();
+        free.sort_unstable();
+        if free.windows(2).any(|w| w[0] == w[1]) {
+            return Err("a fill-word entry is twice in the free list".into());
+        }
+        for (i, (&(word, count), &slots)) in inner.entries.iter().zip(&refs).enumerate() {
+            if count != slots {
+                return Err(format!(
+                    "fill-word entry {i} counts {count} references, but {slots} slots name it"
+                ));
+            }
+            let is_free = u32::try_from(i).is_ok_and(|i| free.binary_search(&i).is_ok());
+            if is_free != (count == 0) {
+                return Err(format!(
+                    "fill-word entry {i} has {count} references and is free: {is_free}"
+                ));
+            }
+            if count == 0 {
+                continue;
+            }
+            if encode_inline(word).is_some() {
+                return Err(format!(
+                    "fill-word entry {i} holds an inline word {word:#x}"
+                ));
+            }
+            if let Some(region) = &self.region {
+                if i >= region.words || region.read(i) != word {
+                    return Err(format!(
+                        "fill-word entry {i}'s word {word:#x} is not in the state file"
+                    ));
+                }
+            }
+        }
+        for (&word, &i) in &inner.index_of {
+            match inner.entries.get(i as usize) {
+                Some(&(w, count)) if w == word && count > 0 => {}
+                _ => return Err(format!("the word {word:#x} maps to entry {i}, not its own")),
+            }
+        }
+        Ok(())
+    }
+
     fn store_bytes(&self, inner: &FillWordsInner) {
         let region = self
             .region
@@ -365,6 +427,26 @@ mod tests {
         assert!(table.is_empty());
         let c = table.encode(0x1123_4567_89ab_cdef).unwrap();
         assert_eq!(c, a, "a freed index is reused");
+    }
+
+    #[test]
+    fn the_check_counts_references_against_the_slots() {
+        let table = FillWords::default();
+        let a = table.encode(0x0123_4567_89ab_cdef).unwrap() >> 2;
+        let b = table.encode(0x1123_4567_89ab_cdef).unwrap() >> 2;
+        table.encode(0x0123_4567_89ab_cdef).unwrap();
+        table.check(&[a, b, a]).unwrap();
+        assert!(table.check(&[a, b]).is_err(), "a reference no slot holds");
+        assert!(
+            table.check(&[a, b, a, b]).is_err(),
+            "a slot with no reference"
+        );
+        assert!(
+            table.check(&[a, b, a, 2]).is_err(),
+            "an index past the table"
+        );
+        table.release((b << 2) | 0b11);
+        table.check(&[a, a]).unwrap();
     }
 
     #[test]
