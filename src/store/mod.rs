@@ -750,10 +750,9 @@ impl PageStore {
     }
 
     /// Walks the slot table, the pending pool, the fill-word table and every size class and
-    /// checks that they agree
-    /// with each other and with the counters. Debug aid: slow, and only meaningful while no
-    /// other thread writes and no page is pending in a worker's hands (see
-    /// [`PageStore::wait_drained`]).
+    /// checks that they agree with each other and with the counters. Debug aid: slow, and
+    /// only meaningful while no other thread writes and no page is pending in a worker's hands
+    /// (see [`PageStore::wait_drained`]).
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut by_class: Vec<Vec<u64>> = vec![Vec::new(); HUGE_CLASS + 1];
         let (mut stored, mut compr, mut same, mut huge) = (0u64, 0u64, 0u64, 0u64);
