@@ -274,14 +274,15 @@ impl PageStore {
             StoreMemory::Anonymous => None,
             StoreMemory::State(file) => Some(recovery::StateRegions::open(file, &config, pending)?),
         };
-        let (state, state_created, slot_memory, pool_memory, extents) = match regions {
-            None => (None, false, None, None, None),
+        let (state, state_created, slot_memory, pool_memory, extents, fill_words) = match regions {
+            None => (None, false, None, None, None, FillWords::default()),
             Some(r) => (
                 Some(r.file),
                 r.created,
                 Some(r.slots),
                 r.pool,
                 Some(r.extents),
+                FillWords::in_region(r.fill_words.0, r.fill_words.1),
             ),
         };
         let deferred = match pending.workers {
@@ -319,7 +320,7 @@ impl PageStore {
         let store = PageStore {
             slots,
             alloc: SlabAllocator::with_extents(extents),
-            fill_words: FillWords::default(),
+            fill_words,
             codec,
             recompression: recompress::Recompression::new(primary, dictionaries),
             counters: Counters::default(),
@@ -748,10 +749,10 @@ impl PageStore {
         self.alloc.class_stats()
     }
 
-    /// Walks the slot table, the pending pool and every size class and checks that they agree
-    /// with each other and with the counters. Debug aid: slow, and only meaningful while no
-    /// other thread writes and no page is pending in a worker's hands (see
-    /// [`PageStore::wait_drained`]).
+    /// Walks the slot table, the pending pool, the fill-word table and every size class and
+    /// checks that they agree with each other and with the counters. Debug aid: slow, and
+    /// only meaningful while no other thread writes and no page is pending in a worker's hands
+    /// (see [`PageStore::wait_drained`]).
     pub fn check_consistency(&self) -> Result<(), String> {
         let mut by_class: Vec<Vec<u64>> = vec![Vec::new(); HUGE_CLASS + 1];
         let (mut stored, mut compr, mut same, mut huge) = (0u64, 0u64, 0u64, 0u64);
@@ -759,6 +760,7 @@ impl PageStore {
         let mut by_priority = [(0u64, 0u64); MAX_SECONDARY + 1];
         let mut pending_buffers = Vec::new();
         let mut written_back = Vec::new();
+        let mut table_words = Vec::new();
         for slot in 0..self.slots.len() {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
             self.check_priority(slot, entry)?;
@@ -771,7 +773,12 @@ impl PageStore {
             stored += u64::from(holds_page(entry));
             match entry.state() {
                 SlotState::Empty | SlotState::Compressed => {}
-                SlotState::SameFilled => same += 1,
+                SlotState::SameFilled => {
+                    same += 1;
+                    if same_fill::needs_table(entry.payload()) {
+                        table_words.push(entry.payload() >> 2);
+                    }
+                }
                 SlotState::Huge => huge += 1,
                 SlotState::Pending => pending_buffers.push((slot, entry.pending_buffer())),
                 SlotState::WrittenBack => written_back.push(entry.backing_object()),
@@ -784,6 +791,7 @@ impl PageStore {
         }
         self.check_pending(&pending_buffers)?;
         self.check_backing(&written_back)?;
+        self.fill_words.check(&table_words)?;
         let c = &self.counters;
         let expect = [
             ("pages_stored", stored, c.sum(|c| &c.pages_stored)),
@@ -1041,14 +1049,12 @@ impl PageStore {
         Ok(entry)
     }
 
-    /// The entry of a page filled with `word`, or `None` when a store on a state file would
-    /// need the [`FillWords`] table for it (that table is not in the file): such a page is
-    /// stored as an ordinary compressed object instead.
+    /// The entry of a page filled with `word`, or `None` when the word needs a new entry in
+    /// the [`FillWords`] table and a state file's fill-word region has no room for it (more
+    /// distinct words than pages, only while writes are in flight): such a page is stored as
+    /// an ordinary compressed object instead.
     fn same_filled(&self, word: u64) -> Option<SlotEntry> {
-        let payload = match self.state {
-            None => self.fill_words.encode(word),
-            Some(_) => same_fill::encode_inline(word)?,
-        };
+        let payload = self.fill_words.encode(word)?;
         Some(SlotEntry::new(SlotState::SameFilled, payload))
     }
 

@@ -63,6 +63,8 @@ pub(super) struct StateRegions {
     pub(super) slots: Segment,
     pub(super) pool: Option<Segment>,
     pub(super) extents: Extents,
+    /// The fill-word region and how many words it holds.
+    pub(super) fill_words: (Segment, usize),
 }
 
 impl StateRegions {
@@ -116,6 +118,11 @@ impl StateRegions {
             0 => None,
             _ => Some(map(layout.pool)?),
         };
+        let fill_words = (
+            map(layout.fill_words)?,
+            usize::try_from(layout.fill_words.1 / 8)
+                .map_err(|_| StoreError::Config("the state file does not fit in memory".into()))?,
+        );
         let extents = Extents::new(Arc::clone(&file), &layout).map_err(|source| {
             StoreError::State(StateError::Io {
                 path: file.name().to_owned(),
@@ -129,6 +136,7 @@ impl StateRegions {
             slots,
             pool,
             extents,
+            fill_words,
         })
     }
 }
@@ -401,7 +409,13 @@ impl PageStore {
             };
             let valid = match entry.state() {
                 SlotState::Empty => true,
-                SlotState::SameFilled => !same_fill::needs_table(entry.payload()),
+                SlotState::SameFilled => {
+                    // A table index is checked against the fill-word region below.
+                    if same_fill::needs_table(entry.payload()) {
+                        scan.table.push((entry.payload() >> 2, slot));
+                    }
+                    true
+                }
                 SlotState::Compressed => {
                     let len = entry.compressed_size();
                     let ok = (1..=HUGE_THRESHOLD).contains(&len)
@@ -454,6 +468,15 @@ impl PageStore {
             if !valid {
                 scan.damaged.push(slot);
             }
+        }
+        // Table-encoded same-filled pages: the table is rebuilt from the indices they name;
+        // an index past the region, or whose word is not a table word, is damaged.
+        let named: Vec<u64> = scan.table.iter().map(|&(index, _)| index).collect();
+        let bad = self.fill_words.recover(&named);
+        if !bad.is_empty() {
+            scan.damaged
+                .extend(bad.into_iter().map(|k| scan.table[k].1));
+            scan.damaged.sort_unstable();
         }
         // Two slots naming one object or one buffer: neither can be trusted.
         scan.objects.sort_unstable();
@@ -553,6 +576,8 @@ struct Scan {
     pending: Vec<(usize, u32, u32)>,
     /// (offset, length, slot) of every valid WrittenBack entry.
     on_file: Vec<(u64, usize, usize)>,
+    /// (table index, slot) of every same-filled entry in the table form.
+    table: Vec<(u64, usize)>,
     /// Slots whose entries are damaged.
     damaged: Vec<usize>,
 }

@@ -11,11 +11,19 @@
 //! | `11`     | an index into [`FillWords`]       | every other word (rare; refcounted, shared)   |
 //!
 //! Only the third form allocates, once per distinct word rather than per page.
+//!
+//! With a state file the table keeps each entry's word in the file's fill-word region too
+//! ([`FillWords::in_region`]): entry i's word is written to the region's word i before
+//! [`FillWords::encode`] returns index i, so before any slot can publish it (the commit rule:
+//! bytes first, then the slot). Reference counts and the free list stay in process memory;
+//! recovery rebuilds them from the slots ([`FillWords::recover`]). A free entry's word in the
+//! region may be stale: only indices that slots name count.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use super::alloc::Segment;
 use crate::PAGE_SIZE;
 
 /// Returns the repeated word when `page` is same-filled.
@@ -44,8 +52,7 @@ fn fits_55_bits(word: u64) -> bool {
 }
 
 /// The payload of `word` when it fits a slot entry by itself (the first two encodings), or
-/// `None` when it needs the [`FillWords`] table. A store on a state file stores the latter
-/// pages as compressed objects, since the table lives in process memory only.
+/// `None` when it needs the [`FillWords`] table.
 pub fn encode_inline(word: u64) -> Option<u64> {
     if fits_55_bits(word) {
         return Some((word << 1) & super::slot::MAX_PAYLOAD);
@@ -65,8 +72,45 @@ pub fn needs_table(payload: u64) -> bool {
 #[derive(Debug, Default)]
 pub struct FillWords {
     inner: Mutex<FillWordsInner>,
-    /// What `inner` holds, kept apart so the memory limit can read it without the lock.
+    /// What `inner` holds (and the region pages it touched), kept apart so the memory limit
+    /// can read it without the lock.
     bytes: AtomicUsize,
+    /// The state file's fill-word region, if the store has one.
+    region: Option<Region>,
+}
+
+/// The fill-word region of a state file, mapped shared: word i is entry i's word.
+#[derive(Debug)]
+struct Region {
+    segment: Segment,
+    /// How many words the region holds (the table never grows past them).
+    words: usize,
+}
+
+impl Region {
+    fn word(&self, index: usize) -> *mut u64 {
+        debug_assert!(index < self.words);
+        // The segment is page-aligned, so every 8-byte word in it is aligned.
+        self.segment.base().cast::<u64>().wrapping_add(index)
+    }
+
+    fn read(&self, index: usize) -> u64 {
+        // SAFETY: `index < words` (checked by every caller), and `words * 8` bytes lie inside
+        // the mapping, which lives as long as `self`; a word is aligned (above). The region
+        // is written only under the table's lock, which the caller holds.
+        unsafe { self.word(index).read_volatile() }
+    }
+
+    fn write(&self, index: usize, word: u64) {
+        // SAFETY: as in `read`; the caller holds the table's lock, so no other thread of this
+        // process touches the word, and no slot names a free index yet.
+        unsafe { self.word(index).write_volatile(word) }
+    }
+
+    /// The bytes of the region's pages that entries below `len` touch.
+    fn touched_bytes(len: usize) -> usize {
+        (len * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE
+    }
 }
 
 impl FillWordsInner {
@@ -84,10 +128,22 @@ struct FillWordsInner {
 }
 
 impl FillWords {
-    /// Encodes `word` as a slot payload, taking a reference in the table when needed.
-    pub fn encode(&self, word: u64) -> u64 {
+    /// A table that keeps its words in `segment` too, a state file's fill-word region of
+    /// `words` words (DESIGN.md, "State file").
+    pub(crate) fn in_region(segment: Segment, words: usize) -> FillWords {
+        let words = words.min(segment.len() / 8);
+        FillWords {
+            region: Some(Region { segment, words }),
+            ..FillWords::default()
+        }
+    }
+
+    /// Encodes `word` as a slot payload, taking a reference in the table when needed. `None`
+    /// only when the table is in a state file's region and that is full (more distinct words
+    /// than pages, while writes are in flight): the caller stores the page another way.
+    pub fn encode(&self, word: u64) -> Option<u64> {
         if let Some(payload) = encode_inline(word) {
-            return payload;
+            return Some(payload);
         }
         let mut inner = self.lock();
         let inner = &mut *inner;
@@ -97,18 +153,159 @@ impl FillWords {
                 let i = match inner.free.pop() {
                     Some(i) => i,
                     None => {
+                        let next = inner.entries.len();
+                        let limit = self.region.as_ref().map_or(usize::MAX, |r| r.words);
+                        let i = u32::try_from(next).ok().filter(|_| next < limit)?;
                         inner.entries.push((0, 0));
-                        u32::try_from(inner.entries.len() - 1).unwrap_or(u32::MAX)
+                        i
                     }
                 };
+                // The commit rule: the word is in the file before any slot names `i`.
+                if let Some(region) = &self.region {
+                    region.write(i as usize, word);
+                }
                 inner.entries[i as usize] = (word, 0);
                 inner.index_of.insert(word, i);
                 i
             }
         };
         inner.entries[index as usize].1 += 1;
-        self.bytes.store(inner.bytes(), Ordering::Relaxed);
-        (u64::from(index) << 2) | 0b11
+        self.store_bytes(inner);
+        Some((u64::from(index) << 2) | 0b11)
+    }
+
+    /// Rebuilds the table from the table indices the slots of a recovered state file name
+    /// (`named[k]` is one slot's index), reading their words from the region: each named
+    /// entry gets one reference per slot, every other entry is free. Returns the positions in
+    /// `named` that are damaged — past the region, or holding a word the table never holds
+    /// (one the inline forms cover) — and take no reference. Gives the region's pages past
+    /// the last entry back to the file. Runs once, on an empty table.
+    pub(crate) fn recover(&self, named: &[u64]) -> Vec<usize> {
+        let Some(region) = &self.region else {
+            return (0..named.len()).collect();
+        };
+        let mut damaged = Vec::new();
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        debug_assert!(inner.entries.is_empty(), "recover runs on an empty table");
+        for (k, &index) in named.iter().enumerate() {
+            let Some(i) = usize::try_from(index)
+                .ok()
+                .filter(|&i| i < region.words && u32::try_from(i).is_ok())
+            else {
+                damaged.push(k);
+                continue;
+            };
+            let word = region.read(i);
+            if encode_inline(word).is_some() {
+                damaged.push(k);
+                continue;
+            }
+            if inner.entries.len() <= i {
+                inner.entries.resize(i + 1, (0, 0));
+            }
+            let entry = &mut inner.entries[i];
+            entry.0 = word;
+            entry.1 += 1;
+        }
+        for (i, entry) in inner.entries.iter_mut().enumerate() {
+            // Below the region's length, so below u32::MAX (checked above).
+            #[allow(clippy::cast_possible_truncation)]
+            let i = i as u32;
+            if entry.1 == 0 {
+                // A free entry's word is not the table's: forget the stale one.
+                entry.0 = 0;
+                inner.free.push(i);
+            } else {
+                // Two live entries with one word (only a damaged file has them) both read
+                // right; new pages use the first.
+                inner.index_of.entry(entry.0).or_insert(i);
+            }
+        }
+        // Reused last-in first-out: the lowest free index first.
+        inner.free.reverse();
+        let used = Region::touched_bytes(inner.entries.len());
+        if used < region.segment.len() {
+            // SAFETY: the range lies inside the segment, and no entry lies in it (every
+            // entry's word is below `used`), so nothing reads it; it reads as zeros after.
+            unsafe {
+                region
+                    .segment
+                    .discard(region.segment.base().add(used), region.segment.len() - used);
+            }
+        }
+        self.store_bytes(inner);
+        damaged
+    }
+
+    /// Checks the table against the table indices the slots name (`named`, one per slot):
+    /// each entry's references are the slots that name it, an entry is free (and in the free
+    /// list once) exactly when none does, a live entry's word is a table word (and in the
+    /// region, with a state file), and the word map names only live entries. Meaningful only
+    /// with no write in flight (an encoded entry not yet published holds a reference).
+    pub(crate) fn check(&self, named: &[u64]) -> Result<(), String> {
+        let inner = self.lock();
+        let mut refs = vec![0u32; inner.entries.len()];
+        for &index in named {
+            let i = usize::try_from(index)
+                .ok()
+                .filter(|&i| i < refs.len())
+                .ok_or_else(|| {
+                    format!(
+                        "a slot names fill-word entry {index}, past the table's {}",
+                        refs.len()
+                    )
+                })?;
+            refs[i] += 1;
+        }
+        let mut free = inner.free.clone();
+        free.sort_unstable();
+        if free.windows(2).any(|w| w[0] == w[1]) {
+            return Err("a fill-word entry is twice in the free list".into());
+        }
+        for (i, (&(word, count), &slots)) in inner.entries.iter().zip(&refs).enumerate() {
+            if count != slots {
+                return Err(format!(
+                    "fill-word entry {i} counts {count} references, but {slots} slots name it"
+                ));
+            }
+            let is_free = u32::try_from(i).is_ok_and(|i| free.binary_search(&i).is_ok());
+            if is_free != (count == 0) {
+                return Err(format!(
+                    "fill-word entry {i} has {count} references and is free: {is_free}"
+                ));
+            }
+            if count == 0 {
+                continue;
+            }
+            if encode_inline(word).is_some() {
+                return Err(format!(
+                    "fill-word entry {i} holds an inline word {word:#x}"
+                ));
+            }
+            if let Some(region) = &self.region {
+                if i >= region.words || region.read(i) != word {
+                    return Err(format!(
+                        "fill-word entry {i}'s word {word:#x} is not in the state file"
+                    ));
+                }
+            }
+        }
+        for (&word, &i) in &inner.index_of {
+            match inner.entries.get(i as usize) {
+                Some(&(w, count)) if w == word && count > 0 => {}
+                _ => return Err(format!("the word {word:#x} maps to entry {i}, not its own")),
+            }
+        }
+        Ok(())
+    }
+
+    fn store_bytes(&self, inner: &FillWordsInner) {
+        let region = self
+            .region
+            .as_ref()
+            .map_or(0, |_| Region::touched_bytes(inner.entries.len()));
+        self.bytes.store(inner.bytes() + region, Ordering::Relaxed);
     }
 
     /// Decodes a payload made by [`FillWords::encode`].
@@ -139,9 +336,12 @@ impl FillWords {
         if let Some(entry) = inner.entries.get_mut(index) {
             entry.1 = entry.1.saturating_sub(1);
             if entry.1 == 0 {
-                inner.index_of.remove(&entry.0);
-                inner.free.push(u32::try_from(index).unwrap_or(u32::MAX));
-                self.bytes.store(inner.bytes(), Ordering::Relaxed);
+                let i = u32::try_from(index).unwrap_or(u32::MAX);
+                if inner.index_of.get(&entry.0) == Some(&i) {
+                    inner.index_of.remove(&entry.0);
+                }
+                inner.free.push(i);
+                self.store_bytes(inner);
             }
         }
     }
@@ -199,7 +399,7 @@ mod tests {
             0x8000_0000_0000_0001,
             0x7fff_ffff_ffff_fffe,
         ];
-        let payloads: Vec<u64> = words.iter().map(|&w| table.encode(w)).collect();
+        let payloads: Vec<u64> = words.iter().map(|&w| table.encode(w).unwrap()).collect();
         for (&w, &p) in words.iter().zip(&payloads) {
             assert!(p <= crate::store::slot::MAX_PAYLOAD);
             assert_eq!(table.decode(p), w, "{w:#x}");
@@ -218,14 +418,64 @@ mod tests {
     #[test]
     fn table_entries_are_shared_and_refcounted() {
         let table = FillWords::default();
-        let a = table.encode(0x0123_4567_89ab_cdef);
-        let b = table.encode(0x0123_4567_89ab_cdef);
+        let a = table.encode(0x0123_4567_89ab_cdef).unwrap();
+        let b = table.encode(0x0123_4567_89ab_cdef).unwrap();
         assert_eq!(a, b);
         table.release(a);
         assert_eq!(table.decode(b), 0x0123_4567_89ab_cdef);
         table.release(b);
         assert!(table.is_empty());
-        let c = table.encode(0x1123_4567_89ab_cdef);
+        let c = table.encode(0x1123_4567_89ab_cdef).unwrap();
         assert_eq!(c, a, "a freed index is reused");
+    }
+
+    #[test]
+    fn the_check_counts_references_against_the_slots() {
+        let table = FillWords::default();
+        let a = table.encode(0x0123_4567_89ab_cdef).unwrap() >> 2;
+        let b = table.encode(0x1123_4567_89ab_cdef).unwrap() >> 2;
+        table.encode(0x0123_4567_89ab_cdef).unwrap();
+        table.check(&[a, b, a]).unwrap();
+        assert!(table.check(&[a, b]).is_err(), "a reference no slot holds");
+        assert!(
+            table.check(&[a, b, a, b]).is_err(),
+            "a slot with no reference"
+        );
+        assert!(
+            table.check(&[a, b, a, 2]).is_err(),
+            "an index past the table"
+        );
+        table.release((b << 2) | 0b11);
+        table.check(&[a, a]).unwrap();
+    }
+
+    #[test]
+    fn a_table_in_a_region_never_grows_past_it() {
+        let table = FillWords::in_region(Segment::map(PAGE_SIZE).unwrap(), 2);
+        let a = table.encode(0x0123_4567_89ab_cdef).unwrap();
+        let b = table.encode(0x1123_4567_89ab_cdef).unwrap();
+        assert_eq!(
+            table.encode(0x2123_4567_89ab_cdef),
+            None,
+            "the region is full"
+        );
+        assert_eq!(
+            table.encode(0x4141),
+            Some(0x4141 << 1),
+            "inline words need no entry"
+        );
+        let anonymous = FillWords::default();
+        anonymous.encode(0x0123_4567_89ab_cdef).unwrap();
+        anonymous.encode(0x1123_4567_89ab_cdef).unwrap();
+        assert_eq!(
+            table.bytes(),
+            anonymous.bytes() + PAGE_SIZE,
+            "the region's touched page is counted"
+        );
+        table.release(a);
+        let c = table.encode(0x2123_4567_89ab_cdef).unwrap();
+        assert_eq!(c, a, "a freed entry makes room");
+        assert_eq!(table.decode(b), 0x1123_4567_89ab_cdef);
+        assert_eq!(table.decode(c), 0x2123_4567_89ab_cdef);
     }
 }

@@ -18,6 +18,7 @@
 //! ...          zstd dictionaries: committed count (u64), then records
 //! ...          segment directory: 8 bytes an extent
 //! ...          slab area: `max_extents` extents of EXTENT_BYTES (2 MiB) each
+//! ...          fill words: 8 bytes a page, the words of the `FillWords` table by index
 //! ```
 //!
 //! The header is copied in through a shared mapping (hugetlbfs has no `write`), into the older
@@ -33,7 +34,10 @@ use std::path::{Path, PathBuf};
 use crate::PAGE_SIZE;
 
 /// The format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Format 2 added the fill-word region (and the header bytes that place it); a file of
+/// format 1 is refused untouched like any other format.
+pub const FORMAT_VERSION: u32 = 2;
 /// The first bytes of each header copy.
 pub const MAGIC: [u8; 8] = *b"VUZSTATE";
 /// Every region starts at a multiple of this (a huge page).
@@ -48,9 +52,9 @@ pub const TMPFS_MAGIC: i64 = 0x0102_1994;
 pub const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 /// The bytes of a header covered by its CRC; the CRC follows them.
-const HEADER_BYTES: usize = 512;
+const HEADER_BYTES: usize = 1024;
 /// [`HEADER_BYTES`] as the header records it.
-const HEADER_BYTES_U32: u32 = 512;
+const HEADER_BYTES_U32: u32 = 1024;
 const _: () = assert!(HEADER_BYTES_U32 as usize == HEADER_BYTES);
 /// Offset of each header copy.
 const COPY_OFFSET: [u64; 2] = [0, PAGE_SIZE as u64];
@@ -79,7 +83,9 @@ pub struct BackingRecord {
 }
 
 /// The most bytes of a backing file's path the header holds.
-pub const MAX_BACKING_PATH: usize = HEADER_BYTES - 288;
+pub const MAX_BACKING_PATH: usize = BACKING_PATH_END - 288;
+/// Where the backing file's path ends in the header (the fill-word region's fields follow).
+const BACKING_PATH_END: usize = 512;
 
 /// One algorithm as the header records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,8 @@ pub struct Layout {
     pub slab: u64,
     /// How many extents the slab area holds.
     pub max_extents: u64,
+    /// The fill-word region: entry i of the `FillWords` table keeps its word at byte 8 × i.
+    pub fill_words: (u64, u64),
     /// The file's length.
     pub file_len: u64,
 }
@@ -132,6 +140,11 @@ impl Layout {
         let max_extents = 16 * device_extents + 2 * 256 + 64;
         let directory = (align(dictionaries.0 + dictionaries.1), max_extents * 8);
         let slab = align(directory.0 + directory.1);
+        // At most one distinct word a page; aligned so the file also works on hugetlbfs.
+        let fill_words = (
+            align(slab + max_extents * EXTENT_BYTES),
+            align(capacity_pages * 8),
+        );
         Layout {
             slots,
             pool,
@@ -139,7 +152,8 @@ impl Layout {
             directory,
             slab,
             max_extents,
-            file_len: slab + max_extents * EXTENT_BYTES,
+            fill_words,
+            file_len: fill_words.0 + fill_words.1,
         }
     }
 }
@@ -766,6 +780,8 @@ fn encode(h: &Header) -> Vec<u8> {
         b[280..288].copy_from_slice(&backing.ino.to_le_bytes());
         b[288..288 + n].copy_from_slice(&path[..n]);
     }
+    b[512..520].copy_from_slice(&l.fill_words.0.to_le_bytes());
+    b[520..528].copy_from_slice(&l.fill_words.1.to_le_bytes());
     let crc = crc32fast::hash(&b[..HEADER_BYTES]);
     b[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&crc.to_le_bytes());
     b
@@ -799,6 +815,7 @@ fn decode(b: &[u8]) -> Option<Header> {
         directory: (f(6), f(7)),
         slab: f(8),
         max_extents: f(10),
+        fill_words: (u64_at(b, 512), u64_at(b, 520)),
         file_len: f(11),
     };
     let identity = (u32_at(b, 240) == 1).then(|| FrontendIdentity {
@@ -963,26 +980,49 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_format_is_refused_and_left_untouched() {
-        let tmp = shm_file();
-        let mut page = encode(&header(64));
-        page[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
-        std::fs::write(
-            tmp.path(),
-            [page.clone(), page, vec![0; PAGE_SIZE]].concat(),
-        )
-        .unwrap();
-        let before = file_bytes(tmp.path());
-        let error = StateFile::open(tmp.path()).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            format!(
-                "the state file {} is format {}; this build reads format {FORMAT_VERSION}",
-                tmp.path().display(),
-                FORMAT_VERSION + 1
+    fn a_newer_or_older_format_is_refused_and_left_untouched() {
+        // Format 1 had no fill-word region: refused as well, not reused.
+        for version in [FORMAT_VERSION + 1, 1] {
+            let tmp = shm_file();
+            let mut page = encode(&header(64));
+            page[8..12].copy_from_slice(&version.to_le_bytes());
+            std::fs::write(
+                tmp.path(),
+                [page.clone(), page, vec![0; PAGE_SIZE]].concat(),
             )
-        );
-        assert_eq!(file_bytes(tmp.path()), before);
+            .unwrap();
+            let before = file_bytes(tmp.path());
+            let error = StateFile::open(tmp.path()).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "the state file {} is format {version}; this build reads format \
+                     {FORMAT_VERSION}",
+                    tmp.path().display(),
+                )
+            );
+            assert_eq!(file_bytes(tmp.path()), before);
+        }
+    }
+
+    #[test]
+    fn the_fill_word_region_follows_the_slab_area_with_a_word_a_page() {
+        for pages in [1, 64, 1 << 20] {
+            let l = Layout::new(pages, 16);
+            assert!(l.fill_words.0.is_multiple_of(REGION_ALIGN));
+            assert!(l.fill_words.0 >= l.slab + l.max_extents * EXTENT_BYTES);
+            assert!(l.fill_words.1 >= pages * 8 && l.fill_words.1.is_multiple_of(REGION_ALIGN));
+            assert_eq!(l.file_len, l.fill_words.0 + l.fill_words.1);
+            let h = Header {
+                layout: l,
+                ..header(pages)
+            };
+            assert_eq!(
+                decode(&encode(&h)).unwrap().layout,
+                l,
+                "the header records it"
+            );
+        }
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn read(s: &PageStore, index: u64) -> Result<[u8; PAGE_SIZE], StoreError> {
 fn content(seed: u64, i: u64) -> [u8; PAGE_SIZE] {
     let mut page = [0u8; PAGE_SIZE];
     match (i + seed) % 7 {
-        // A word that needs the FillWords table without a state file.
+        // A word that needs the FillWords table.
         0 => same_fill::fill(&mut page, 0x0123_4567_89ab_cdef ^ seed),
         1 => same_fill::fill(&mut page, 0x1111_1111 * (seed % 9)),
         // Incompressible: a huge page.
@@ -167,20 +167,123 @@ fn every_slot_state_survives_a_restart() {
     drop(workers);
 }
 
+/// Page `i` of the table-word tests: one of five words the table holds, one inline word, or
+/// compressible data.
+fn table_page(i: u64) -> [u8; PAGE_SIZE] {
+    let mut page = [0u8; PAGE_SIZE];
+    match i % 7 {
+        0..=4 => same_fill::fill(&mut page, 0x0123_4567_89ab_cdef ^ ((i % 7) << 60)),
+        5 => same_fill::fill(&mut page, 0x4141_4141),
+        _ => {
+            fill_page(9, i, &mut page);
+        }
+    }
+    page
+}
+
 #[test]
-fn a_store_without_a_state_file_keeps_table_words() {
-    let s = PageStore::new(config(4)).unwrap();
-    s.write(0, &content(0, 0)).unwrap();
-    assert_eq!(s.stats().mm.same_pages, 1, "anonymous: a same-filled page");
+fn table_words_are_same_filled_with_or_without_a_state_file() {
+    let anonymous = PageStore::new(config(64)).unwrap();
     let tmp = shm_file();
-    let (s, _) = open(tmp.path(), 4);
-    s.write(0, &content(0, 0)).unwrap();
-    assert_eq!(
-        s.stats().mm.same_pages,
-        0,
-        "state file: a compressed object"
+    let file = StateFile::open(tmp.path()).unwrap();
+    let mut on_file =
+        PageStore::with_memory(config(64), PendingConfig::INLINE, StoreMemory::State(file))
+            .unwrap();
+    assert_eq!(on_file.recover().unwrap(), StateStart::Created);
+    for s in [&anonymous, &on_file] {
+        for i in 0..64 {
+            s.write(i, &table_page(i)).unwrap();
+        }
+    }
+    let (a, f) = (anonymous.stats().mm, on_file.stats().mm);
+    assert!(
+        a.same_pages > 40,
+        "{} same-filled pages of 64",
+        a.same_pages
     );
-    assert_eq!(read(&s, 0).unwrap(), content(0, 0));
+    assert_eq!(f.same_pages, a.same_pages);
+    assert_eq!(f.compr_data_size, a.compr_data_size);
+    assert_eq!(
+        f.mem_used_total,
+        a.mem_used_total + PAGE_SIZE as u64,
+        "the same, plus the fill-word region's one touched page"
+    );
+    for i in 0..64 {
+        assert_eq!(read(&on_file, i).unwrap(), table_page(i), "page {i}");
+    }
+    on_file.check_consistency().unwrap();
+}
+
+#[test]
+fn table_words_survive_a_restart_and_freed_entries_are_reused() {
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), 64);
+    for i in 0..64 {
+        store.write(i, &table_page(i)).unwrap();
+    }
+    // Free one entry (its word stays in the region, stale): every page of word 4 goes.
+    for i in (0..64).filter(|i| i % 7 == 4) {
+        store.discard(i..i + 1).unwrap();
+    }
+    let expect = model_of(&store);
+    let before = store.stats().mm;
+    assert_eq!(store.fill_words.len(), 4);
+    drop(store);
+
+    let (store, start) = open(tmp.path(), 64);
+    let StateStart::Recovered(recovered) = start else {
+        panic!("{start:?}");
+    };
+    assert_eq!(recovered.damaged_pages, 0);
+    assert_eq!(store.stats().mm.same_pages, before.same_pages);
+    assert_eq!(
+        store.fill_words.len(),
+        4,
+        "the stale word is not the table's"
+    );
+    assert_eq!(model_of(&store), expect, "every page reads back");
+    store.check_consistency().unwrap();
+    // New words take the freed entry first, then grow the table; all survive again.
+    let mut page = [0u8; PAGE_SIZE];
+    same_fill::fill(&mut page, 0x7777_0000_1234_5678);
+    store.write(4, &page).unwrap();
+    same_fill::fill(&mut page, 0x7777_0000_1234_5679);
+    store.write(11, &page).unwrap();
+    assert_eq!(store.fill_words.len(), 6);
+    let expect = model_of(&store);
+    let same = store.stats().mm.same_pages;
+    drop(store);
+    let (store, _) = open(tmp.path(), 64);
+    assert_eq!(model_of(&store), expect);
+    assert_eq!(store.stats().mm.same_pages, same);
+    store.check_consistency().unwrap();
+}
+
+#[test]
+fn a_full_fill_word_region_stores_the_page_as_an_object() {
+    // One page: its region holds 2 MiB of words, more than any store can name at once, so
+    // fill the table through the FillWords the store holds.
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), 1);
+    let words = state::Layout::new(1, POOL.max_pending_pages as u64)
+        .fill_words
+        .1
+        / 8;
+    let held: Vec<u64> = (0..words)
+        .map(|w| store.fill_words.encode((1 << 62) | w).unwrap())
+        .collect();
+    let mut page = [0u8; PAGE_SIZE];
+    same_fill::fill(&mut page, 0x0123_4567_89ab_cdef);
+    store.write(0, &page).unwrap();
+    assert_eq!(store.stats().mm.same_pages, 0, "a compressed object");
+    assert_eq!(read(&store, 0).unwrap(), page);
+    for p in held {
+        store.fill_words.release(p);
+    }
+    store.write(0, &page).unwrap();
+    assert_eq!(store.stats().mm.same_pages, 1, "room again: same-filled");
+    assert_eq!(read(&store, 0).unwrap(), page);
+    store.check_consistency().unwrap();
 }
 
 #[test]
@@ -222,20 +325,35 @@ fn damaged_entries_fail_only_their_own_pages() {
     );
     put(8, seven);
     put(9, nine | 1);
-    // Page 10: a pending buffer past the pool. Page 11: a fill word in the table form, which
-    // a store on a state file never writes.
+    // Page 10: a pending buffer past the pool. Page 11: a table index whose region word was
+    // never written (zero, an inline word). Page 12: an index past the region. Page 13: an
+    // index whose region word fits an inline form. Page 14: a free index whose region word is
+    // a table word (written before a killed write could publish it): a valid page.
     put(10, SlotEntry::pending(60_000, 1).bits());
-    put(11, SlotEntry::new(SlotState::SameFilled, 0b111).bits());
+    let table = |index: u64| SlotEntry::new(SlotState::SameFilled, (index << 2) | 0b11).bits();
+    assert_eq!(entry(2), table(0), "page 2's word is the table's entry 0");
+    put(11, table(1));
+    put(12, table(layout.fill_words.1 / 8));
+    put(13, table(5));
+    put(14, table(6));
+    let region = |index: u64, word: u64| {
+        file.write_all_at(&word.to_le_bytes(), layout.fill_words.0 + index * 8)
+            .unwrap();
+    };
+    region(5, 0x4141_4141_4141_4141);
+    region(6, 0x0bad_c0de_1234_5678);
+    let mut expect = expect;
+    same_fill::fill(&mut expect[14], 0x0bad_c0de_1234_5678);
 
     let (store, start) = open(tmp.path(), 64);
     let StateStart::Recovered(recovered) = start else {
         panic!("{start:?}");
     };
-    assert_eq!(recovered.damaged_pages, 6);
-    assert_eq!(store.damaged_pages(), 6);
+    assert_eq!(recovered.damaged_pages, 8);
+    assert_eq!(store.damaged_pages(), 8);
     for i in 0..64 {
         let got = read(&store, i);
-        if [3, 5, 7, 8, 10, 11].contains(&i) {
+        if [3, 5, 7, 8, 10, 11, 12, 13].contains(&i) {
             assert!(
                 matches!(got, Err(StoreError::UnsupportedState { .. })),
                 "page {i}"
@@ -250,7 +368,7 @@ fn damaged_entries_fail_only_their_own_pages() {
     store.discard(5..6).unwrap();
     assert_eq!(read(&store, 3).unwrap(), content(6, 3));
     assert_eq!(read(&store, 5).unwrap(), [0; PAGE_SIZE]);
-    assert_eq!(store.stats().info.damaged_pages, 4);
+    assert_eq!(store.stats().info.damaged_pages, 6);
     store.check_consistency().unwrap();
 }
 
