@@ -15,12 +15,27 @@
 //! its chunk in its first two bytes (an embedded free list), and objects past a chunk's *bump*
 //! mark have never been used.
 //!
+//! A chunk that empties is not always given back at once: each class keeps a small *reserve*
+//! of empty chunks (at most [`RESERVE_CHUNKS`] a class, [`RESERVE_MAX_BYTES`] in all, and no
+//! more than 1/[`RESERVE_FRACTION`] of the bytes in live chunks), still populated, and takes a
+//! new chunk from it first. Steady overwrites empty a chunk in a class and need one again
+//! moments later; the reserve saves the `madvise` pair (give back, populate) that would cost,
+//! which with a state file means punching the chunk out of the file and allocating it again.
+//! Compaction, a memory limit being hit and [`SlabAllocator::release_reserve`] give the
+//! reserve back.
+//!
 //! Invariants (checked by [`SlabAllocator::check_consistency`]):
-//! - a chunk is live iff it holds at least one object; a dead chunk holds no memory;
+//! - every chunk is exactly one of: *live* (holds at least one object), *reserved* (holds no
+//!   object, keeps its memory, is on its class's reserve list) or *dead* (holds no memory);
+//! - a reserved chunk has used = 0, bump = 0, an empty free list, is neither a victim nor on
+//!   the partial list, and is on the reserve list exactly once; a class reserves at most
+//!   [`RESERVE_CHUNKS`], and `reserved_bytes` = Σ reserved chunks × chunk bytes
+//!   ≤ [`RESERVE_MAX_BYTES`];
 //! - a live chunk is on its class's partial list iff it has a free object and is not a
 //!   compaction victim; the list is exact (each chunk at most once, `partial_pos` is its index);
 //! - free-list length + (objects per chunk − bump) = objects per chunk − used;
-//! - `live_bytes` = Σ live chunks × chunk bytes.
+//! - `live_bytes` = Σ (live + reserved chunks) × chunk bytes: a reserved chunk's memory is
+//!   held from the OS, so it counts in [`SlabAllocator::bytes`] and `mem_used_total`.
 //!
 //! Concurrency: each class has one mutex over its chunk metadata. Object *contents* are read
 //! and written without it: the owner of an object (the thread holding the slot lock that
@@ -52,6 +67,13 @@ pub const COMPRESSED_CLASSES: usize = HUGE_THRESHOLD / CLASS_STEP;
 pub const HUGE_CLASS: usize = COMPRESSED_CLASSES;
 /// Segments are this large (or one chunk, if a chunk is larger).
 const SEGMENT_BYTES: usize = 2 << 20;
+/// The most empty chunks a class keeps in its reserve.
+pub const RESERVE_CHUNKS: usize = 2;
+/// The most bytes all reserves hold together.
+pub const RESERVE_MAX_BYTES: u64 = 1 << 20;
+/// A chunk is reserved only while the reserves stay within 1/this of the bytes of live chunks
+/// (so a small store keeps next to nothing in reserve).
+pub const RESERVE_FRACTION: u64 = 128;
 
 /// Linux's `MADV_POPULATE_WRITE` (5.14).
 const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -110,6 +132,17 @@ pub fn chunk_pages_for(size: usize) -> usize {
     })
 }
 
+/// What a chunk's memory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// No memory: given back to the OS (or never populated).
+    Dead,
+    /// At least one object.
+    Live,
+    /// No object, but the chunk keeps its (populated) memory, on its class's reserve list.
+    Reserved,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ChunkMeta {
     /// Objects in use.
@@ -118,8 +151,8 @@ struct ChunkMeta {
     free_head: u16,
     /// Objects at and past this index have never been handed out.
     bump: u16,
-    /// Whether the chunk holds memory.
-    live: bool,
+    /// Whether the chunk holds objects, or memory without objects, or nothing.
+    held: Held,
     /// Whether compaction is emptying the chunk (it takes no new objects).
     victim: bool,
     /// Index in the class's partial list, or [`NONE32`].
@@ -131,10 +164,18 @@ impl ChunkMeta {
         used: 0,
         free_head: NONE16,
         bump: 0,
-        live: false,
+        held: Held::Dead,
         victim: false,
         partial_pos: NONE32,
     };
+    const RESERVED: ChunkMeta = ChunkMeta {
+        held: Held::Reserved,
+        ..ChunkMeta::DEAD
+    };
+
+    fn is_live(&self) -> bool {
+        self.held == Held::Live
+    }
 }
 
 /// One anonymous mapping holding several chunks of a class.
@@ -256,6 +297,8 @@ struct ClassInner {
     partial: Vec<u32>,
     /// Ids of dead chunks, for reuse.
     dead: Vec<u32>,
+    /// Ids of reserved chunks (empty, still populated), taken before dead ones.
+    reserve: Vec<u32>,
     live_chunks: u64,
     used_objects: u64,
     victims: Vec<u32>,
@@ -292,8 +335,12 @@ pub struct ClassStats {
 #[derive(Debug)]
 pub struct SlabAllocator {
     classes: Box<[SizeClass]>,
-    /// Bytes of live chunks.
+    /// Bytes of live and reserved chunks.
     live_bytes: AtomicU64,
+    /// Bytes of reserved chunks (part of `live_bytes`).
+    reserved_bytes: AtomicU64,
+    /// Chunks given back to the OS (`madvise`), for tests and measurements.
+    discards: AtomicU64,
     /// Bytes of metadata (chunk tables, lists, segment tables).
     meta_bytes: AtomicU64,
     /// Where segments come from with a state file (`None`: anonymous memory).
@@ -417,6 +464,8 @@ impl SlabAllocator {
         SlabAllocator {
             classes,
             live_bytes: AtomicU64::new(0),
+            reserved_bytes: AtomicU64::new(0),
+            discards: AtomicU64::new(0),
             meta_bytes: AtomicU64::new(fixed),
             extents,
         }
@@ -435,22 +484,62 @@ impl SlabAllocator {
         self.live_bytes.load(Ordering::Relaxed) + self.meta_bytes.load(Ordering::Relaxed)
     }
 
-    /// Bytes of live chunks alone.
+    /// Bytes of chunks alone: live ones and the reserve.
     pub fn chunk_bytes(&self) -> u64 {
         self.live_bytes.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the reserved (empty but populated) chunks, part of [`chunk_bytes`](Self::chunk_bytes).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How many chunks have been given back to the OS since the allocator was made.
+    #[cfg(test)]
+    pub fn discarded_chunks(&self) -> u64 {
+        self.discards.load(Ordering::Relaxed)
+    }
+
+    /// Gives every reserved chunk back to the OS. Returns the pages given back.
+    pub fn release_reserve(&self) -> u64 {
+        let mut pages = 0;
+        for c in self.classes.iter() {
+            let mut inner = lock(&c.inner);
+            while let Some(chunk) = inner.reserve.pop() {
+                let chunk = chunk as usize;
+                inner.chunks[chunk] = ChunkMeta::DEAD;
+                // `dead` has room for every chunk id (take_from_new_chunk reserves it).
+                let before = inner.dead.capacity();
+                inner.dead.push(u32::try_from(chunk).unwrap_or(NONE32));
+                self.grew(before, inner.dead.capacity(), 4);
+                self.reserved_bytes
+                    .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+                self.live_bytes
+                    .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+                self.discard_chunk(c, chunk);
+                pages += (c.chunk_bytes / PAGE_SIZE) as u64;
+            }
+        }
+        pages
+    }
+
     /// Allocates an object in `class` and copies `data` (at most the class size) into it.
-    /// A new chunk is only taken while `bytes()` stays within `limit`.
+    /// A new chunk is only taken while `bytes()` stays within `limit`; before the limit
+    /// refuses one, the reserves of every class are given back and the chunk tried again.
     pub fn store(&self, class: usize, data: &[u8], limit: Option<u64>) -> Result<u64, AllocError> {
         let c = &self.classes[class];
         debug_assert!(data.len() <= c.size);
-        let object = {
+        let take = || {
             let mut inner = lock(&c.inner);
             match take_from_partial(c, &mut inner) {
-                Some(object) => object,
-                None => self.take_from_new_chunk(c, &mut inner, limit)?,
+                Some(object) => Ok(object),
+                None => self.take_from_new_chunk(c, &mut inner, limit),
             }
+        };
+        let object = match take() {
+            // Without the class lock: release_reserve locks every class in turn.
+            Err(AllocError::MemoryLimit { .. }) if self.release_reserve() > 0 => take()?,
+            taken => taken?,
         };
         // SAFETY: the object was just handed out, so no one else references it, and it lies in
         // a live chunk of a mapped segment (object_ptr's contract); data fits the class size.
@@ -493,7 +582,7 @@ impl SlabAllocator {
     fn free_locked(&self, c: &SizeClass, inner: &mut ClassInner, object: u64) -> u64 {
         let (chunk, index) = split(c, object);
         let meta = inner.chunks[chunk];
-        debug_assert!(meta.live && meta.used > 0 && index < meta.bump);
+        debug_assert!(meta.is_live() && meta.used > 0 && index < meta.bump);
         // SAFETY: the caller owns the object and gives it up; writing the free-list link into
         // its first two bytes (every object is at least 16 bytes) touches nothing else, and the
         // class lock we hold serialises free-list updates of this chunk.
@@ -507,8 +596,7 @@ impl SlabAllocator {
         meta.used -= 1;
         inner.used_objects -= 1;
         if inner.chunks[chunk].used == 0 {
-            self.release_chunk(c, inner, chunk);
-            return (c.chunk_bytes / PAGE_SIZE) as u64;
+            return self.release_chunk(c, inner, chunk);
         }
         if !inner.chunks[chunk].victim && inner.chunks[chunk].partial_pos == NONE32 {
             self.list_partial(inner, chunk);
@@ -530,6 +618,26 @@ impl SlabAllocator {
         let dead_room = inner.chunks.len() + 1 - inner.dead.len();
         self.reserve(&mut inner.dead, dead_room, 4);
         self.reserve(&mut *write(&c.segments), 1, std::mem::size_of::<Segment>());
+        if let Some(chunk) = inner.reserve.pop() {
+            // Already populated and counted in `live_bytes`: no limit check, no madvise. Its
+            // metadata is a fresh chunk's (bump 0, no free list), so none of its stale bytes
+            // is ever handed out as an object's.
+            let chunk = chunk as usize;
+            debug_assert!(
+                inner.chunks[chunk].held == Held::Reserved && inner.chunks[chunk].used == 0
+            );
+            self.reserved_bytes
+                .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+            inner.chunks[chunk] = ChunkMeta {
+                held: Held::Live,
+                ..ChunkMeta::DEAD
+            };
+            inner.live_chunks += 1;
+            self.list_partial(inner, chunk);
+            return take_from_partial(c, inner).ok_or(AllocError::OutOfMemory {
+                bytes: c.chunk_bytes,
+            });
+        }
         if let Some(limit) = limit {
             if self.bytes() + c.chunk_bytes as u64 > limit {
                 return Err(AllocError::MemoryLimit { limit });
@@ -569,7 +677,7 @@ impl SlabAllocator {
             );
         }
         inner.chunks[chunk] = ChunkMeta {
-            live: true,
+            held: Held::Live,
             ..ChunkMeta::DEAD
         };
         inner.live_chunks += 1;
@@ -581,15 +689,49 @@ impl SlabAllocator {
         })
     }
 
-    fn release_chunk(&self, c: &SizeClass, inner: &mut ClassInner, chunk: usize) {
+    /// Takes an emptied chunk out of use: into its class's reserve if there is room (a
+    /// compaction victim never goes there: compaction is giving memory back), else back to
+    /// the OS. Returns the pages given back.
+    fn release_chunk(&self, c: &SizeClass, inner: &mut ClassInner, chunk: usize) -> u64 {
         unlist_partial(inner, chunk);
-        inner.chunks[chunk] = ChunkMeta::DEAD;
+        let victim = inner.chunks[chunk].victim;
         inner.live_chunks -= 1;
+        if !victim && inner.reserve.len() < RESERVE_CHUNKS && self.take_reserve_room(c) {
+            inner.chunks[chunk] = ChunkMeta::RESERVED;
+            let before = inner.reserve.capacity();
+            inner.reserve.push(u32::try_from(chunk).unwrap_or(NONE32));
+            self.grew(before, inner.reserve.capacity(), 4);
+            return 0;
+        }
+        inner.chunks[chunk] = ChunkMeta::DEAD;
         let before = inner.dead.capacity();
         inner.dead.push(u32::try_from(chunk).unwrap_or(NONE32));
         self.grew(before, inner.dead.capacity(), 4);
         self.live_bytes
             .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+        self.discard_chunk(c, chunk);
+        (c.chunk_bytes / PAGE_SIZE) as u64
+    }
+
+    /// Counts one more chunk of `c` in `reserved_bytes` if the reserves' byte bounds allow
+    /// it; returns whether they did.
+    fn take_reserve_room(&self, c: &SizeClass) -> bool {
+        let bytes = c.chunk_bytes as u64;
+        self.reserved_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |reserved| {
+                let in_use = self
+                    .live_bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(reserved + bytes);
+                let total = reserved + bytes;
+                (total <= RESERVE_MAX_BYTES && total <= in_use / RESERVE_FRACTION).then_some(total)
+            })
+            .is_ok()
+    }
+
+    /// Gives a dead chunk's memory back to the OS (and, in a state file, to the file system).
+    fn discard_chunk(&self, c: &SizeClass, chunk: usize) {
+        self.discards.fetch_add(1, Ordering::Relaxed);
         discard_chunk(c, chunk);
     }
 
@@ -630,7 +772,7 @@ impl SlabAllocator {
                 .chunks
                 .iter()
                 .enumerate()
-                .filter(|(_, m)| m.live)
+                .filter(|(_, m)| m.is_live())
                 .map(|(i, m)| (m.used, u32::try_from(i).unwrap_or(NONE32)))
                 .collect();
             candidates.sort_unstable();
@@ -663,7 +805,11 @@ impl SlabAllocator {
         let c = &self.classes[class];
         let mut inner = lock(&c.inner);
         let (chunk, _) = split(c, object);
-        if !inner.chunks.get(chunk).is_some_and(|m| m.live && m.victim) {
+        if !inner
+            .chunks
+            .get(chunk)
+            .is_some_and(|m| m.is_live() && m.victim)
+        {
             return None;
         }
         let moved = take_from_partial(c, &mut inner)?;
@@ -683,13 +829,15 @@ impl SlabAllocator {
         unsafe { self.free(class, object) }
     }
 
-    /// Ends a compaction: victims that still hold objects take new ones again.
-    pub fn end_compaction(&self) {
+    /// Ends a compaction: victims that still hold objects take new ones again, and the
+    /// reserves are given back (compaction is for returning memory). Returns the pages the
+    /// reserves gave back.
+    pub fn end_compaction(&self) -> u64 {
         for c in self.classes.iter() {
             let mut inner = lock(&c.inner);
             for v in std::mem::take(&mut inner.victims) {
                 let meta = inner.chunks[v as usize];
-                if meta.live && meta.victim {
+                if meta.is_live() && meta.victim {
                     inner.chunks[v as usize].victim = false;
                     if usize::from(meta.used) < c.objects_per_chunk {
                         self.list_partial(&mut inner, v as usize);
@@ -698,6 +846,7 @@ impl SlabAllocator {
             }
             c.has_victims.store(false, Ordering::Relaxed);
         }
+        self.release_reserve()
     }
 
     /// Recovery, first step: maps every extent the state file's directory records as the
@@ -802,6 +951,14 @@ impl SlabAllocator {
                 }
             }
             let before = (inner.chunks.capacity(), inner.dead.capacity());
+            // Reserved chunks hold nothing referenced: the loop below punches them like any
+            // other unreferenced chunk.
+            for _ in inner.reserve.drain(..) {
+                self.reserved_bytes
+                    .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+                self.live_bytes
+                    .fetch_sub(c.chunk_bytes as u64, Ordering::Relaxed);
+            }
             inner.chunks = vec![ChunkMeta::DEAD; chunks];
             inner.partial.clear();
             inner.dead.clear();
@@ -838,7 +995,7 @@ impl SlabAllocator {
                     used,
                     free_head,
                     bump,
-                    live: true,
+                    held: Held::Live,
                     victim: false,
                     partial_pos: NONE32,
                 };
@@ -889,8 +1046,30 @@ impl SlabAllocator {
     /// at a time and is slow.
     pub fn check_consistency(&self, referenced: &dyn Fn(usize) -> Vec<u64>) -> Result<(), String> {
         let mut live_bytes = 0u64;
+        let mut reserved_bytes = 0u64;
         for (class, c) in self.classes.iter().enumerate() {
             let inner = lock(&c.inner);
+            if inner.reserve.len() > RESERVE_CHUNKS {
+                return Err(format!(
+                    "class {class}: {} chunks reserved",
+                    inner.reserve.len()
+                ));
+            }
+            let mut on_reserve = std::collections::HashSet::new();
+            for &chunk in &inner.reserve {
+                let listed = inner
+                    .chunks
+                    .get(chunk as usize)
+                    .is_some_and(|m| m.held == Held::Reserved);
+                if !listed || !on_reserve.insert(chunk) {
+                    return Err(format!(
+                        "class {class}: reserve entry {chunk} is not a reserved chunk, or twice"
+                    ));
+                }
+            }
+            if let Some(chunk) = inner.dead.iter().find(|d| on_reserve.contains(d)) {
+                return Err(format!("class {class}: chunk {chunk} is dead and reserved"));
+            }
             let mut used_by_chunk = vec![0usize; inner.chunks.len()];
             let mut seen = std::collections::HashSet::new();
             for object in referenced(class) {
@@ -899,7 +1078,7 @@ impl SlabAllocator {
                     .chunks
                     .get(chunk)
                     .ok_or(format!("class {class}: {object} past the chunks"))?;
-                if !meta.live || index >= meta.bump {
+                if !meta.is_live() || index >= meta.bump {
                     return Err(format!("class {class}: object {object} is not allocated"));
                 }
                 if !seen.insert(object) {
@@ -915,13 +1094,28 @@ impl SlabAllocator {
                         meta.used, used_by_chunk[i]
                     ));
                 }
-                if meta.live != (meta.used > 0) {
+                if meta.is_live() != (meta.used > 0) {
                     return Err(format!(
                         "class {class} chunk {i}: live={} used={}",
-                        meta.live, meta.used
+                        meta.is_live(),
+                        meta.used
                     ));
                 }
-                if !meta.live {
+                if meta.held == Held::Reserved {
+                    let fresh = meta.bump == 0
+                        && meta.free_head == NONE16
+                        && !meta.victim
+                        && meta.partial_pos == NONE32;
+                    if !fresh || !on_reserve.contains(&u32::try_from(i).unwrap_or(NONE32)) {
+                        return Err(format!(
+                            "class {class} chunk {i}: reserved but not an empty, listed chunk \
+                             ({meta:?})"
+                        ));
+                    }
+                    reserved_bytes += c.chunk_bytes as u64;
+                    continue;
+                }
+                if !meta.is_live() {
                     continue;
                 }
                 live += 1;
@@ -967,6 +1161,13 @@ impl SlabAllocator {
                 ));
             }
             live_bytes += live * c.chunk_bytes as u64;
+        }
+        live_bytes += reserved_bytes;
+        if reserved_bytes != self.reserved_bytes() || reserved_bytes > RESERVE_MAX_BYTES {
+            return Err(format!(
+                "reserved bytes {} but reserved chunks hold {reserved_bytes}",
+                self.reserved_bytes()
+            ));
         }
         if live_bytes != self.chunk_bytes() {
             return Err(format!(
@@ -1147,8 +1348,11 @@ mod tests {
             // SAFETY: the test owns every object it stored and frees or moves each once.
             pages += unsafe { a.free(class, o) };
         }
-        assert_eq!(a.chunk_bytes(), 0);
+        assert_eq!(a.chunk_bytes(), a.reserved_bytes());
         assert!(pages > 0);
+        a.check_consistency(&|_| Vec::new()).unwrap();
+        a.release_reserve();
+        assert_eq!(a.chunk_bytes(), 0);
         a.check_consistency(&|_| Vec::new()).unwrap();
     }
 
@@ -1209,7 +1413,8 @@ mod tests {
             let expect = u32::try_from(*i).unwrap().to_le_bytes().repeat(128);
             assert_eq!(bytes, &expect[..], "object {i} survived the move");
         }
-        a.end_compaction();
+        freed_pages += a.end_compaction();
+        assert_eq!(a.reserved_bytes(), 0, "compaction gives the reserve back");
         let held: Vec<_> = kept.iter().map(|k| k.1).collect();
         a.check_consistency(&referenced(&held)).unwrap();
         let after = a.chunk_bytes();
@@ -1238,5 +1443,157 @@ mod tests {
             !resident(addr),
             "the freed chunk's page went back to the OS"
         );
+    }
+
+    /// Stores `count` raw pages of ballast, so that the reserve's fraction bound allows a few
+    /// chunks.
+    fn ballast(a: &SlabAllocator, count: usize) -> Vec<(usize, u64)> {
+        (0..count)
+            .map(|_| {
+                (
+                    HUGE_CLASS,
+                    a.store(HUGE_CLASS, &[3u8; PAGE_SIZE], None).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Fills three one-page chunks of the 256-byte class, checks the data and frees it all.
+    fn churn_round(a: &SlabAllocator, round: u8) {
+        let class = class_of(256);
+        let objects: Vec<u64> = (0..48u8)
+            .map(|i| a.store(class, &[round ^ i; 256], None).unwrap())
+            .collect();
+        for (i, &o) in (0..48u8).zip(&objects) {
+            // SAFETY: the test owns every object it stored.
+            assert_eq!(unsafe { a.object(class, o, 256) }, &[round ^ i; 256][..]);
+        }
+        for o in objects {
+            // SAFETY: the test owns every object it stored and frees each once.
+            unsafe { a.free(class, o) };
+        }
+    }
+
+    #[test]
+    fn churn_reuses_a_bounded_reserve() {
+        let a = SlabAllocator::new();
+        let held = ballast(&a, 512);
+        let class = class_of(256);
+        assert_eq!(chunk_pages_for(class_size(class)), 1);
+        let base = a.chunk_bytes();
+        let discards = a.discarded_chunks();
+        for round in 0..50 {
+            churn_round(&a, round);
+            // Two of the three emptied chunks stay in reserve, counted; the third goes back.
+            assert_eq!(a.reserved_bytes(), (RESERVE_CHUNKS * PAGE_SIZE) as u64);
+            assert_eq!(a.chunk_bytes(), base + a.reserved_bytes());
+            a.check_consistency(&referenced(&held)).unwrap();
+        }
+        // Without the reserve each round would give back three chunks.
+        assert_eq!(a.discarded_chunks() - discards, 50);
+        assert_eq!(a.release_reserve(), RESERVE_CHUNKS as u64);
+        assert_eq!((a.reserved_bytes(), a.chunk_bytes()), (0, base));
+        assert_eq!(a.discarded_chunks() - discards, 50 + RESERVE_CHUNKS as u64);
+        a.check_consistency(&referenced(&held)).unwrap();
+    }
+
+    #[test]
+    fn the_reserve_stays_within_its_fraction_of_live_memory() {
+        let a = SlabAllocator::new();
+        // 64 pages of ballast allow half a page of reserve: nothing is kept.
+        let held = ballast(&a, 64);
+        churn_round(&a, 1);
+        assert_eq!(a.reserved_bytes(), 0);
+        a.check_consistency(&referenced(&held)).unwrap();
+    }
+
+    #[test]
+    fn compaction_gives_the_reserve_back() {
+        let a = SlabAllocator::new();
+        let held = ballast(&a, 512);
+        churn_round(&a, 7);
+        assert_eq!(a.reserved_bytes(), (RESERVE_CHUNKS * PAGE_SIZE) as u64);
+        let discards = a.discarded_chunks();
+        a.begin_compaction();
+        assert_eq!(a.end_compaction(), RESERVE_CHUNKS as u64);
+        assert_eq!(a.reserved_bytes(), 0);
+        assert_eq!(a.discarded_chunks() - discards, RESERVE_CHUNKS as u64);
+        a.check_consistency(&referenced(&held)).unwrap();
+    }
+
+    #[test]
+    fn the_memory_limit_takes_the_reserve_before_refusing() {
+        let a = SlabAllocator::new();
+        let mut held = ballast(&a, 512);
+        churn_round(&a, 9);
+        assert_eq!(a.reserved_bytes(), (RESERVE_CHUNKS * PAGE_SIZE) as u64);
+        // Fill one chunk of another one-page class, so its next object needs a new chunk.
+        let class = class_of(512);
+        for _ in 0..PAGE_SIZE / 512 {
+            held.push((class, a.store(class, &[5u8; 512], None).unwrap()));
+        }
+        // Less than a chunk of room: only the reserve can make it.
+        let limit = a.bytes() + PAGE_SIZE as u64 / 2;
+        let object = a.store(class, &[6u8; 512], Some(limit)).unwrap();
+        held.push((class, object));
+        assert_eq!(a.reserved_bytes(), 0);
+        assert!(a.bytes() <= limit, "{} > {limit}", a.bytes());
+        a.check_consistency(&referenced(&held)).unwrap();
+        // With the reserve gone, the limit refuses.
+        let mut refused = false;
+        for _ in 0..4 * PAGE_SIZE / 512 {
+            match a.store(class, &[6u8; 512], Some(limit)) {
+                Ok(object) => held.push((class, object)),
+                Err(e) => {
+                    assert_eq!(e, AllocError::MemoryLimit { limit });
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        assert!(refused, "the limit never bit");
+        assert!(a.bytes() <= limit);
+        a.check_consistency(&referenced(&held)).unwrap();
+    }
+
+    #[test]
+    fn the_checker_catches_a_corrupt_reserve() {
+        let a = SlabAllocator::new();
+        let held = ballast(&a, 512);
+        churn_round(&a, 2);
+        a.check_consistency(&referenced(&held)).unwrap();
+        let c = &a.classes[class_of(256)];
+        let reserved = lock(&c.inner).reserve[0] as usize;
+        let corrupt = |change: &dyn Fn(&mut ClassInner)| {
+            let saved = {
+                let mut inner = lock(&c.inner);
+                let saved = (
+                    inner.chunks.clone(),
+                    inner.reserve.clone(),
+                    inner.dead.clone(),
+                );
+                change(&mut inner);
+                saved
+            };
+            let found = a.check_consistency(&referenced(&held));
+            let mut inner = lock(&c.inner);
+            (inner.chunks, inner.reserve, inner.dead) = saved;
+            found
+        };
+        let used = corrupt(&|inner| inner.chunks[reserved].used = 1);
+        assert!(used.is_err(), "a reserved chunk with used > 0");
+        let bump = corrupt(&|inner| inner.chunks[reserved].bump = 3);
+        assert!(bump.is_err(), "a reserved chunk with a bump mark");
+        let unlisted = corrupt(&|inner| {
+            inner.reserve.pop();
+        });
+        assert!(unlisted.is_err(), "a reserved chunk off the reserve list");
+        let twice = corrupt(&|inner| inner.reserve.push(inner.reserve[0]));
+        assert!(twice.is_err(), "a chunk on the reserve twice");
+        let dead = corrupt(&|inner| inner.dead.push(inner.reserve[0]));
+        assert!(dead.is_err(), "a reserved chunk on the dead list");
+        let not_reserved = corrupt(&|inner| inner.chunks[reserved] = ChunkMeta::DEAD);
+        assert!(not_reserved.is_err(), "a dead chunk on the reserve list");
+        a.check_consistency(&referenced(&held)).unwrap();
     }
 }

@@ -601,7 +601,8 @@ impl PageStore {
                 }
             }
         }
-        self.alloc.end_compaction();
+        // The allocator's reserve of empty chunks goes back too.
+        pages += self.alloc.end_compaction();
         add(&self.counters.local().pages_compacted, pages);
         pages
     }
@@ -882,9 +883,11 @@ impl PageStore {
             return false;
         };
         let n = match deferred.queue.next_batch(&mut scratch.jobs, || {
-            // Idle for a while: give the pool's memory back once nothing is pending.
+            // Idle for a while: give the pool's memory back once nothing is pending, and the
+            // allocator's reserve of empty chunks (kept for churn, which has stopped).
             if deferred.pool.in_use() == 0 {
                 deferred.pool.trim();
+                self.alloc.release_reserve();
             }
         }) {
             Batch::Stop => return false,
