@@ -41,7 +41,7 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -319,20 +319,7 @@ impl<'m> Guest<'m> {
             Descriptor::new(data, PAGE_SIZE as u32, data_flags | next, head + 2),
             Descriptor::new(STATUSES + u64::from(slot), 1, write, 0),
         ];
-        for (i, desc) in (head..).zip(descs) {
-            self.vq
-                .desc_table()
-                .store(i, RawDescriptor::from(desc))
-                .unwrap();
-        }
-        self.vq
-            .avail()
-            .ring()
-            .ref_at(usize::from(self.avail_idx % QUEUE_SIZE))
-            .unwrap()
-            .store(head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.vq.avail().idx().store(self.avail_idx);
+        self.avail_idx = common::publish_chain(&self.vq, QUEUE_SIZE, self.avail_idx, head, &descs);
         head
     }
 

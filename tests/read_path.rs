@@ -24,7 +24,7 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -119,20 +119,7 @@ impl<'a> Driver<'a> {
             Descriptor::new(data.0, data.1, data_flags | next, first + 2),
             Descriptor::new(STATUSES + u64::from(slot), 1, write, 0),
         ];
-        for (i, desc) in (first..).zip(descs) {
-            self.vq
-                .desc_table()
-                .store(i, RawDescriptor::from(desc))
-                .unwrap();
-        }
-        self.vq
-            .avail()
-            .ring()
-            .ref_at(usize::from(self.avail_idx % QUEUE_SIZE))
-            .unwrap()
-            .store(first);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.vq.avail().idx().store(self.avail_idx);
+        self.avail_idx = common::publish_chain(self.vq, QUEUE_SIZE, self.avail_idx, first, &descs);
     }
 
     fn status(&self, slot: u16) -> u8 {

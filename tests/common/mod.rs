@@ -130,15 +130,32 @@ pub fn post_page_write(
         Descriptor::new(DATA, 4096, next, 2),
         Descriptor::new(STATUS, 1, write, 0),
     ];
-    for (i, desc) in (0u16..).zip(descs) {
-        vq.desc_table().store(i, RawDescriptor::from(desc)).unwrap();
+    publish_chain(vq, size, avail_idx, 0, &descs);
+}
+
+/// Stores `descs` in the descriptor table from index `head` on, puts `head` in the avail ring
+/// (of `size` entries) at `avail_idx` and publishes it; returns the next avail index. The
+/// caller links the descriptors (their `next` fields) and kicks.
+pub fn publish_chain(
+    vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+    size: u16,
+    avail_idx: u16,
+    head: u16,
+    descs: &[Descriptor],
+) -> u16 {
+    for (i, desc) in (head..).zip(descs) {
+        vq.desc_table()
+            .store(i, RawDescriptor::from(*desc))
+            .unwrap();
     }
     vq.avail()
         .ring()
         .ref_at(usize::from(avail_idx % size))
         .unwrap()
-        .store(0);
-    vq.avail().idx().store(avail_idx.wrapping_add(1));
+        .store(head);
+    let next = avail_idx.wrapping_add(1);
+    vq.avail().idx().store(next);
+    next
 }
 
 /// Waits (on the call eventfd, with a deadline) until the used index reaches `target`.
