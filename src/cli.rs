@@ -586,14 +586,9 @@ pub enum UsageError {
 
 /// `--state-fdstore NAME`: a name systemd accepts for a stored file descriptor.
 fn parse_fdstore_name(name: &str) -> Result<String, String> {
-    let valid = !name.is_empty()
-        && name.len() <= 255
-        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
-    if valid {
-        Ok(name.to_owned())
-    } else {
-        Err("a file descriptor store name is 1 to 255 printable characters without a colon or space".to_owned())
-    }
+    crate::systemd::check_name(name)
+        .map(|()| name.to_owned())
+        .map_err(|error| error.to_string())
 }
 
 /// `--poll-max-us` when not given.

@@ -94,8 +94,9 @@ fn passed_fd_named(
     LISTEN_FDS_START.checked_add(RawFd::try_from(index).ok()?)
 }
 
-/// systemd refuses names longer than 255 bytes, with control characters or a colon.
-fn check_name(name: &str) -> io::Result<()> {
+/// Checks `name` is one systemd accepts for a stored fd: 1 to 255 printable characters, no
+/// colon or space (the error says so).
+pub fn check_name(name: &str) -> io::Result<()> {
     let valid = !name.is_empty()
         && name.len() <= 255
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
