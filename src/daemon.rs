@@ -1375,22 +1375,19 @@ impl Admission {
             .peer
             .map_or_else(|| "an unknown process".to_owned(), |p| p.to_string());
         let recorded = store.state_identity();
+        let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
         if identity.is_some() && recorded == identity {
-            let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
             info!("the frontend, {who}, is the one the state belongs to: it gets its {pages} pages back");
             return Ok(Continuity::Recovered);
         }
-        let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
-        if let Some(old) = recorded {
-            info!(
-                "the frontend, {who}, is not the one the state belongs to (pid {}); destroying its {pages} pages before serving it",
-                old.pid
+        if recorded.is_some() || pages > 0 {
+            let owner = recorded.map_or_else(
+                || "no known frontend".to_owned(),
+                |old| format!("pid {}", old.pid),
             );
-            store
-                .destroy_state()
-                .map_err(|error| format!("the old pages could not be destroyed: {error}"))?;
-        } else if pages > 0 {
-            info!("the state's {pages} pages belong to no known frontend; destroying them before serving {who}");
+            info!(
+                "the frontend, {who}, is not the one the state belongs to ({owner}); destroying its {pages} pages before serving it"
+            );
             store
                 .destroy_state()
                 .map_err(|error| format!("the old pages could not be destroyed: {error}"))?;
