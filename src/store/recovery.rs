@@ -538,16 +538,21 @@ impl PageStore {
         }
     }
 
-    /// Drops every page and gives its memory back (to the host and, with a state file, out
-    /// of the file), and clears the recorded frontend: before a different frontend is served,
+    /// Clears the recorded frontend, then drops every page and gives its memory back (to the
+    /// host and, with a state file, out of the file): before a different frontend is served,
     /// and at a normal end. The configuration in the header stays valid.
+    ///
+    /// The frontend is forgotten first: a daemon killed half-way through leaves a state that
+    /// belongs to no one (a later daemon destroys the rest before serving anybody), never one
+    /// that would give its old frontend a device with some of its pages gone.
     pub fn destroy_state(&self) -> Result<(), StoreError> {
+        self.set_state_identity(None)?;
         self.discard(0..self.capacity_pages())?;
         if let Some(deferred) = &self.deferred {
             deferred.pool.trim();
         }
         self.compact();
-        self.set_state_identity(None)
+        Ok(())
     }
 
     /// The state file's descriptor (for systemd's fd store), if the store has one.
