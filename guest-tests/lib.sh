@@ -293,6 +293,9 @@ now_ms() { echo $((${EPOCHREALTIME//[!0-9]/} / 1000)); }
 # Boots the guest with vuz.test=TEST in the background; the console goes to
 # OUT_PREFIX.console.log. Env: ACCEL, SMP (1), REBOOT (no: -no-reboot), APPEND (extra cmdline;
 # VUZ_GUEST_APPEND from the user is added too, e.g. vuz.klog=1 for kernel messages).
+# For live migration: ROOT_IMG (a writable copy of the root image both QEMUs share, instead of
+# snapshot=on, whose private overlay would not migrate) and INCOMING (QEMU's -incoming URI:
+# the destination).
 # Sets QEMU_PID and CONSOLE_IN (a FIFO that feeds the guest's serial console) and returns at
 # once when called as `run_guest_bg`; `run_guest` waits for QEMU to exit (bounded by TIMEOUT).
 run_guest_bg() {
@@ -325,11 +328,12 @@ run_guest_bg() {
         -numa node,memdev=mem
         -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz"
         -append "console=ttyS0 quiet loglevel=3 panic=-1 zswap.enabled=0 vuz.test=$test ${APPEND:-} ${VUZ_GUEST_APPEND:-}"
-        -drive "file=$guest/rootfs.img,format=raw,if=none,id=root,snapshot=on"
+        -drive "file=${ROOT_IMG:-$guest/rootfs.img},format=raw,if=none,id=root,snapshot=$([[ -n "${ROOT_IMG:-}" ]] && echo off || echo on)"
         -device "virtio-blk-pci,drive=root,serial=$ROOT_SERIAL"
         -chardev "pipe,id=con,path=$dir/con" -serial chardev:con
         "$@")
     [[ "${REBOOT:-no}" == no ]] && cmd+=(-no-reboot)
+    [[ -z "${INCOMING:-}" ]] || cmd+=(-incoming "$INCOMING")
     printf '%q ' "${cmd[@]}" >"$out.qemu-cmdline"
     # The callers give up after TIMEOUT and dump the queues first; QEMU's own limit comes later.
     timeout --kill-after=5 "$((timeout + ${QEMU_MARGIN:-60}))" "${cmd[@]}" </dev/null >"$out.qemu.log" 2>&1 &

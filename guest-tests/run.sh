@@ -6,10 +6,10 @@
 # Prints `PASS name` / `FAIL name: reason` per check and ends with `N passed, M failed`.
 #
 # Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
-#                           [--suites main,multiqueue,lifecycle,survive,libvirt]
+#                           [--suites main,multiqueue,lifecycle,survive,migrate,libvirt]
 #                           [--no-bench] [--bench-only] [--daemon-arg ARG]...
-# The default suites are main, multiqueue, lifecycle and survive (the daemon killed and
-# restarted under a swapping guest); libvirt (the guest started by libvirtd, as an operator
+# The default suites are main, multiqueue, lifecycle, survive (the daemon killed and
+# restarted under a swapping guest) and migrate (the swapping guest live-migrated); libvirt (the guest started by libvirtd, as an operator
 # runs it) is asked for by name and SKIPs where libvirt cannot run.
 # --daemon-arg passes ARG to every vhost-user-zram the suites start (e.g. --workers=0); @DIR@
 # in ARG becomes the device's own temporary directory (--backing-file=@DIR@/backing).
@@ -20,6 +20,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source-path=SCRIPTDIR source=libvirt.sh
 source "$(dirname "${BASH_SOURCE[0]}")/libvirt.sh"
+# shellcheck source-path=SCRIPTDIR source=migrate.sh
+source "$(dirname "${BASH_SOURCE[0]}")/migrate.sh"
 
 RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
 # Extra vhost-user-zram arguments (--daemon-arg), used by start_device.
@@ -882,7 +884,7 @@ vuz.rw=$LV_SERIAL vuz.seed=$SEED vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$t
 usage() { sed -n '/^# Usage:/,/^[^#]/s/^# \{0,1\}//p' "$0"; }
 
 main() {
-    local accel=auto device=auto suites=main,multiqueue,lifecycle,survive bench=yes
+    local accel=auto device=auto suites=main,multiqueue,lifecycle,survive,migrate bench=yes
     while (($#)); do
         case "$1" in
             --accel) accel="$2" && shift ;;

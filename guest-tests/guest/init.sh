@@ -36,6 +36,7 @@ case "$suite" in
     lifecycle) suite_lifecycle ;;
     libvirt) suite_libvirt ;;
     survive) suite_survive ;;
+    migrate) suite_survive migrate ;;
     survive-new) suite_survive_new ;;
     bench) suite_bench ;;
     *) fail "guest" "unknown suite '$suite'" ;;

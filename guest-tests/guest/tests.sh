@@ -372,10 +372,13 @@ vmstat_get() { awk -v n="$1" '$1 == n { print $2 }' /proc/vmstat; }
 # io_errors: the kernel's messages about failed block I/O, if any.
 io_errors() { dmesg | grep -E 'I/O error|blk_update_request|Buffer I/O error|critical medium'; }
 
+# (The migrate suite runs the same test under its own name, with more verify passes so that
+# the guest still swaps while it is migrated.)
 suite_survive() {
     dev=""
     need_dev dev sv || return
-    t=survive anon_mib="$(param pressure_mib)" seed="$(param seed)"
+    t="${1:-survive}" anon_mib="$(param pressure_mib)" seed="$(param seed)"
+    passes="$(param passes)"
     echo 0 >"/sys/block/$dev/queue/rotational"
     if ! mkswap "/dev/$dev" >/tmp/mkswap.log 2>&1 ||
         ! swapon -dpages "/dev/$dev" 2>>/tmp/mkswap.log; then
@@ -388,7 +391,7 @@ suite_survive() {
     echo "VUZ-SURVIVE-SWAP-OUT"
     # Its lines go to the console as well: the host takes PRESSURE-FILLED for the end of the
     # swap-out phase.
-    /vuz/pressure --mib "$anon_mib" --seed "$seed" --passes 2 </dev/null 2>&1 | tee /tmp/pressure.log
+    /vuz/pressure --mib "$anon_mib" --seed "$seed" --passes "${passes:-2}" </dev/null 2>&1 | tee /tmp/pressure.log
     swapped_in=$(($(vmstat_get pswpin) - in0)) swapped_out=$(($(vmstat_get pswpout) - out0))
     echo "VUZ-SURVIVE-VERIFIED pswpin=$swapped_in pswpout=$swapped_out"
     if grep -q 'PRESSURE-RESULT ok' /tmp/pressure.log; then
