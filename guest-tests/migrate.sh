@@ -224,7 +224,7 @@ mg_failed_migration() {
     fi
     # Mid-stream: some pages sent, not all.
     local deadline=$((SECONDS + 30))
-    until (($(mg_field "$src_ctl" pages_sent || echo 0) > 0)) || ((SECONDS >= deadline)); do
+    until (($(mg_field "$src_ctl" pages || echo 0) > 0)) || ((SECONDS >= deadline)); do
         sleep 0.05
     done
     kill -KILL "$doomed" 2>/dev/null || true
