@@ -16,6 +16,7 @@
 //! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
 //! - [`writeback`]: the idle clock and the automatic writeback policies.
 //! - [`recompress`]: the background recompressor that moves idle pages to a stronger algorithm.
+//! - [`migrate`]: live migration of the pages, daemon to daemon.
 //! - [`stop`]: the one way to stop a thread, and the groups of threads joined within a bound.
 //! - [`store`]: the compressed page store: slots, allocator, writeback, limit and statistics.
 //! - [`codec`]: the page compressors (lz4, zstd, raw DEFLATE, IAA) behind one trait.
@@ -28,6 +29,7 @@ pub mod control;
 pub mod daemon;
 pub mod frontend;
 pub mod metrics;
+pub mod migrate;
 pub mod observed;
 pub mod pagegen;
 pub mod recompress;

@@ -118,6 +118,18 @@ impl ZstdDictionaries {
         }
     }
 
+    /// Every dictionary's zstd-format bytes, oldest first (the last is the current one):
+    /// what a migration sends so the destination decodes the same objects.
+    pub fn export(&self) -> Vec<Box<[u8]>> {
+        let all = self.all.read().unwrap_or_else(|e| e.into_inner());
+        all.iter().map(|d| d.raw.clone()).collect()
+    }
+
+    /// The number of dictionaries loaded.
+    pub fn count(&self) -> usize {
+        self.all.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Bytes of the dictionaries themselves.
     pub fn bytes(&self) -> u64 {
         let all = self.all.read().unwrap_or_else(|e| e.into_inner());

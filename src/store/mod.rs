@@ -15,6 +15,7 @@
 
 pub(crate) mod alloc;
 pub mod backing;
+pub mod migrate;
 pub(crate) mod pending;
 pub mod recompress;
 pub mod same_fill;
@@ -242,6 +243,8 @@ pub struct PageStore {
     /// Whether the state file was created by this process, and whether `recover` has run.
     state_created: bool,
     recovered: bool,
+    /// A migration's dirty log (DESIGN.md, "Live migration").
+    dirty: migrate::DirtyLog,
 }
 
 impl PageStore {
@@ -335,6 +338,7 @@ impl PageStore {
             state,
             state_created,
             recovered: false,
+            dirty: migrate::DirtyLog::default(),
         };
         if let Some(limit) = config.mem_limit {
             if store.mem_used_total() > limit {
@@ -408,6 +412,7 @@ impl PageStore {
         self.counters.note_mem_used(self.mem_used_total());
         let new = SlotEntry::pending(buffer, generation);
         let swapped = self.lock(slot).swap(new);
+        self.dirty.mark(slot);
         // The object the write replaced is freed by the worker, off the request path (freeing
         // can empty a chunk, whose return to the OS costs a TLB shootdown).
         let stale = self.account_swap_keeping_object(swapped, new);
@@ -434,9 +439,10 @@ impl PageStore {
         })
     }
 
-    /// Publishes `new` in `slot` and accounts for the entry it replaced.
+    /// Publishes `new` in `slot` (a guest's write) and accounts for the entry it replaced.
     fn publish(&self, slot: usize, new: SlotEntry) {
         let swapped = self.lock(slot).swap(new);
+        self.dirty.mark(slot);
         self.account_swap(swapped, new);
     }
 
@@ -530,6 +536,7 @@ impl PageStore {
             Ok(new) => {
                 let swapped = guard.swap(new);
                 drop(guard);
+                self.dirty.mark(slot);
                 self.account_swap(swapped, new);
                 Ok(result)
             }
@@ -556,6 +563,7 @@ impl PageStore {
                 continue;
             }
             let swapped = self.lock(slot).swap(SlotEntry::EMPTY);
+            self.dirty.mark(slot);
             if swapped.old.state() != SlotState::Empty {
                 add(&self.counters.local().notify_free, 1);
             }
@@ -1069,17 +1077,7 @@ impl PageStore {
         compressed: &[u8],
         compressed_len: Option<usize>,
     ) -> Result<SlotEntry, AllocError> {
-        // The allocator's share of the limit: what the table, the fill words and the pending
-        // pool leave.
-        let alloc_limit = match self.mem_limit.load(Ordering::Relaxed) {
-            0 => None,
-            limit => Some(limit.saturating_sub(
-                self.slots.bytes() as u64
-                    + self.fill_words.bytes() as u64
-                    + self.pool_bytes()
-                    + self.recompression.dictionary_bytes(),
-            )),
-        };
+        let alloc_limit = self.alloc_limit();
         match compressed_len {
             Some(len) if (1..=HUGE_THRESHOLD).contains(&len) && len <= compressed.len() => self
                 .alloc
@@ -1090,6 +1088,20 @@ impl PageStore {
                 .alloc
                 .store(HUGE_CLASS, page, alloc_limit)
                 .map(SlotEntry::huge),
+        }
+    }
+
+    /// The allocator's share of the memory limit: what the table, the fill words, the pending
+    /// pool and the dictionaries leave (`None`: no limit).
+    fn alloc_limit(&self) -> Option<u64> {
+        match self.mem_limit.load(Ordering::Relaxed) {
+            0 => None,
+            limit => Some(limit.saturating_sub(
+                self.slots.bytes() as u64
+                    + self.fill_words.bytes() as u64
+                    + self.pool_bytes()
+                    + self.recompression.dictionary_bytes(),
+            )),
         }
     }
 

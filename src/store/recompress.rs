@@ -450,6 +450,12 @@ impl Recompression {
         }
     }
 
+    /// The algorithms by priority as their names show them (`zstd:level=3`), the primary's
+    /// first: what a migration's two sides compare.
+    pub(crate) fn algorithm_names(&self) -> &[String] {
+        &self.names
+    }
+
     /// Bytes of the zstd dictionaries, and of the samples of a dictionary being trained while
     /// it is (part of `mem_used_total`).
     pub(crate) fn dictionary_bytes(&self) -> u64 {
