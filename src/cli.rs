@@ -23,7 +23,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::blk::config::{DeviceConfig, MAX_QUEUES, MAX_QUEUE_SIZE, SERIAL_LEN};
 use crate::codec::{Algorithm, IaaBackend, IaaMode, IaaOptions};
 use crate::control::{self, Command, LimitChange};
-use crate::daemon::{self, Daemon, DaemonConfig, DaemonError, ListenOn, StateSource};
+use crate::daemon::{
+    self, Daemon, DaemonConfig, DaemonError, ListenOn, MigrationConfig, StateSource,
+};
+use crate::migrate::{Endpoint, MigrateError};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
 use crate::store::writeback::min_age_for;
 use crate::store::{
@@ -196,6 +199,20 @@ pub enum CtlCommand {
         #[arg(value_name = "KEY=VALUE", value_parser = parse_recompress_word)]
         params: Vec<String>,
     },
+    /// Live-migrate the device's pages to the daemon started with `--incoming` at DESTINATION
+    /// (unix:PATH or tcp:HOST:PORT), then QEMU's own `migrate`: pre-copy rounds while the guest
+    /// runs, the last dirty pages when QEMU stops the VM. Returns once the stream is connected.
+    Migrate {
+        /// unix:PATH or tcp:HOST:PORT.
+        #[arg(value_name = "DESTINATION", value_parser = parse_endpoint)]
+        destination: Endpoint,
+    },
+    /// Print the migration's state, rounds, pages, bytes and dirty pages.
+    #[command(name = "migrate-status")]
+    MigrateStatus,
+    /// Cancel the migration; the pages stay with this daemon.
+    #[command(name = "migrate-cancel")]
+    MigrateCancel,
     /// Train a zstd dictionary on a sample of the stored pages; new and recompressed zstd
     /// pages use it (pages made with older ones stay readable).
     #[command(name = "train-dict")]
@@ -276,6 +293,9 @@ impl CtlCommand {
                 samples: *samples,
                 size: *size,
             }),
+            CtlCommand::Migrate { destination } => Command::Migrate(destination.clone()),
+            CtlCommand::MigrateStatus => Command::MigrateStatus,
+            CtlCommand::MigrateCancel => Command::MigrateCancel,
         })
     }
 }
@@ -432,6 +452,18 @@ pub struct ServeArgs {
     /// NAME (the unit needs FileDescriptorStoreMax=1 or more); a restart takes it back.
     #[arg(long, value_name = "NAME", value_parser = parse_fdstore_name)]
     pub state_fdstore: Option<String>,
+    /// Receive the device's pages from a daemon migrating them (`ctl migrate` there) on
+    /// unix:PATH or tcp:HOST:PORT. The store starts empty; the device serves once the stream
+    /// is complete, and fails to start if it is not (see --incoming-timeout).
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT", value_parser = parse_endpoint)]
+    pub incoming: Option<Endpoint>,
+    /// With --incoming: how long the device's start waits for the stream to be complete.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_INCOMING_TIMEOUT, requires = "incoming", value_parser = parse_incoming_timeout)]
+    pub incoming_timeout: u64,
+    /// A file holding the secret (at least 16 bytes) that both daemons of a migration prove to
+    /// each other without sending it; required for tcp: endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub migrate_token: Option<PathBuf>,
     /// Write back at most this many pages until the limit is raised with `ctl writeback-limit`
     /// (zram's writeback_limit with writeback_limit_enable).
     #[arg(long, value_name = "PAGES")]
@@ -582,6 +614,17 @@ pub enum UsageError {
         /// The tick, seconds.
         tick: u64,
     },
+    /// A TCP `--incoming` without a token: anyone who can reach the port could send pages.
+    #[error(
+        "--incoming {0} needs --migrate-token: over TCP the destination accepts only a source \
+         that proves the token (unix: endpoints go without one)"
+    )]
+    IncomingTcpWithoutToken(Endpoint),
+}
+
+/// `--incoming` and `ctl migrate`: `unix:PATH` or `tcp:HOST:PORT`.
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    text.parse().map_err(|error: MigrateError| error.to_string())
 }
 
 /// `--state-fdstore NAME`: a name systemd accepts for a stored file descriptor.
@@ -589,6 +632,17 @@ fn parse_fdstore_name(name: &str) -> Result<String, String> {
     crate::systemd::check_name(name)
         .map(|()| name.to_owned())
         .map_err(|error| error.to_string())
+}
+
+/// `--incoming-timeout` when not given, seconds.
+pub const DEFAULT_INCOMING_TIMEOUT: u64 = 60;
+
+/// `--incoming-timeout`: 1 s to a day.
+fn parse_incoming_timeout(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(secs @ 1..=86_400) => Ok(secs),
+        _ => Err(format!("'{text}' is not a number of seconds from 1 to 86400")),
+    }
 }
 
 /// `--poll-max-us` when not given.
@@ -677,6 +731,9 @@ impl ServeArgs {
                 }
             }
         }
+        if let (Some(at @ Endpoint::Tcp(_)), None) = (&self.incoming, &self.migrate_token) {
+            return Err(UsageError::IncomingTcpWithoutToken(at.clone()));
+        }
         let idle_tick = std::time::Duration::from_secs(self.idle_tick);
         if let Some(idle) = self.writeback_idle_after {
             if min_age_for(std::time::Duration::from_secs(idle), idle_tick).is_none() {
@@ -717,6 +774,11 @@ impl ServeArgs {
                     .map(std::time::Duration::from_secs),
                 rate: self.recompress_rate,
                 zstd_dict: self.zstd_dict.clone(),
+            },
+            migration: MigrationConfig {
+                incoming: self.incoming.clone(),
+                incoming_timeout: std::time::Duration::from_secs(self.incoming_timeout),
+                token: self.migrate_token.clone(),
             },
             state: match (&self.state, &self.state_fdstore) {
                 (Some(path), _) => Some(StateSource::Path(path.clone())),

@@ -39,7 +39,7 @@ use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -55,9 +55,11 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestM
 
 use crate::blk::config::feature_names;
 use crate::blk::request_stats::RequestStats;
-use crate::blk::{BlkBackend, BlockBackend, Continuity, DeviceConfig};
+use crate::blk::{BlkBackend, BlockBackend, Continuity, DeviceConfig, QueueHooks};
 use crate::control::ControlServer;
 use crate::metrics::MetricsServer;
+use crate::migrate::{Endpoint, Token};
+use crate::migrating::Migrations;
 use crate::observed::Observed;
 use crate::recompress::{BackgroundRecompressor, RecompressConfig};
 use crate::stop::{Readiness, StopSignal, Threads, STOP_BOUND};
@@ -115,6 +117,19 @@ pub struct DaemonConfig {
     /// Where the store's state lives so that it outlives the process (`--state`,
     /// `--state-fdstore`); `None`: anonymous memory, gone with the process.
     pub state: Option<StateSource>,
+    /// Live migration: receiving the pages (`--incoming`) and the token both sides prove.
+    pub migration: MigrationConfig,
+}
+
+/// Live migration's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// Receive the store's pages from a migrating daemon here before serving (`--incoming`).
+    pub incoming: Option<Endpoint>,
+    /// How long a queue's start waits for the incoming stream to be complete.
+    pub incoming_timeout: Duration,
+    /// The file holding the token both daemons of a migration prove (`--migrate-token`).
+    pub token: Option<PathBuf>,
 }
 
 /// Where a state file comes from.
@@ -298,6 +313,12 @@ pub enum DaemonError {
         "the guest's memory is not shared: use a memory backend with share=on (QEMU: -object memory-backend-memfd,id=mem,size=SIZE,share=on -numa node,memdev=mem; libvirt: <memoryBacking><access mode='shared'/></memoryBacking>); the frontend's request failed with: {0}"
     )]
     MemoryNotShared(String),
+    /// `--migrate-token` cannot be used.
+    #[error("--migrate-token: {0}")]
+    MigrateToken(String),
+    /// The incoming migration cannot be received.
+    #[error("--incoming: {0}")]
+    Incoming(String),
 }
 
 impl DaemonError {
@@ -311,6 +332,7 @@ impl DaemonError {
                 | DaemonError::DictionaryFile { .. }
                 | DaemonError::ZstdDictionary { .. }
                 | DaemonError::NoFdStore(_)
+                | DaemonError::MigrateToken(_)
                 | DaemonError::StateBackingFile { .. }
                 | DaemonError::State(StoreError::State(
                     StateError::WrongFileSystem { .. } | StateError::Mismatch { .. }
@@ -414,6 +436,8 @@ impl SignalHandling {
 pub struct Daemon {
     listener: UnixListener,
     socket_file: Option<SocketFile>,
+    /// The incoming migration and the outgoing ones; the queue hooks of every session.
+    migrations: Arc<Migrations>,
     store: Arc<PageStore>,
     device: DeviceConfig,
     observed: Arc<Observed>,
@@ -482,7 +506,15 @@ impl Daemon {
             None => None,
         };
         not_stopped(&stop)?;
-        let (store, refusal) = match build_store(&config, &stop, dictionary) {
+        // The token first: a wrong file is refused before anything is created.
+        let token = match &config.migration.token {
+            Some(path) => Some(
+                Token::from_file(path).map_err(|error| DaemonError::MigrateToken(error.sentence()))?,
+            ),
+            None => None,
+        };
+        let mut deferred_fdstore = None;
+        let (store, refusal) = match build_store(&config, &stop, dictionary, &mut deferred_fdstore) {
             Ok(store) => (store, None),
             Err(DaemonError::State(error)) if unrecoverable(&error) => {
                 // A frontend coming back for these pages must get I/O errors, not an empty
@@ -499,6 +531,7 @@ impl Daemon {
             Err(error) => return Err(error),
         };
         let store = Arc::new(store);
+        let migrations = Arc::new(start_migrations(&config, &store, token, deferred_fdstore)?);
         if let Some(slot) = &store_for_signals {
             let _ = slot.set(Arc::clone(&store));
         }
@@ -533,12 +566,14 @@ impl Daemon {
                 .map_err(DaemonError::Writeback)?
                 .into_threads(),
         );
-        let observed = Arc::new(Observed::new(
+        let mut observed = Observed::new(
             store.clone(),
             Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
             Arc::new(AtomicBool::new(false)),
             &Observed::serial_from_bytes(&config.device.serial),
-        ));
+        );
+        observed.migrations = Some(Arc::clone(&migrations));
+        let observed = Arc::new(observed);
         let control_socket_file = match &config.control_socket {
             Some(path) => {
                 let listener = bind_socket(path, config.control_socket_mode, SocketRole::Control)?;
@@ -567,6 +602,7 @@ impl Daemon {
         Ok(Daemon {
             listener,
             socket_file,
+            migrations,
             store,
             device: config.device,
             observed,
@@ -628,6 +664,7 @@ impl Daemon {
         let Daemon {
             listener,
             socket_file,
+            migrations,
             store,
             device,
             observed,
@@ -648,7 +685,7 @@ impl Daemon {
         if let Err(error) = crate::systemd::notify("READY=1\nSTATUS=waiting for the frontend") {
             warn!("could not tell systemd the daemon is ready: {error}");
         }
-        let open = || Session::open(&store, &device, &observed, poll_max);
+        let open = || Session::open(&store, &device, &observed, poll_max, &migrations);
         let mut session = open()?;
         let listener_fd = listener.as_raw_fd();
         let listener = Listener::from(listener);
@@ -705,6 +742,10 @@ impl Daemon {
                 }
                 Err(error) => Err(DaemonError::VhostUser(error.to_string())),
             };
+            if session.backend.frontend_spoke() {
+                // After a switchover the source's QEMU quits: its stream ends with `Close`.
+                migrations.frontend_gone();
+            }
             if stop.is_stopped() {
                 if session.backend.frontend_spoke() {
                     ending = Ending::StoppedWhileServing;
@@ -743,6 +784,7 @@ impl Daemon {
         // cancelled, and their threads joined within the bound or named.
         disarm_sigbus_cleanup();
         session.close();
+        migrations.stop();
         if let Some(source) = &state {
             // The workers still run: a page they are compressing is installed or dropped
             // before the state is destroyed, and destroying waits for nothing of theirs.
@@ -773,11 +815,13 @@ impl Session {
         device: &DeviceConfig,
         observed: &Observed,
         poll_max: Duration,
+        migrations: &Arc<Migrations>,
     ) -> Result<Session, DaemonError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let backend = Arc::new(BlkBackend::new(store.clone(), device.clone(), mem.clone()));
         backend.observe(&observed.requests, observed.connected.clone());
         backend.set_poll_max(poll_max);
+        backend.set_queue_hooks(Some(Arc::clone(migrations) as Arc<dyn QueueHooks>));
         let daemon =
             VhostUserDaemon::new("vhost-user-zram".to_owned(), backend.clone(), mem.clone())
                 .map_err(|error| DaemonError::VhostUser(error.to_string()))?;
@@ -1402,19 +1446,71 @@ impl Admission {
     }
 }
 
+/// A new state memfd that goes to systemd's file descriptor store only once the incoming
+/// migration is complete: a daemon that dies mid-stream leaves no state that a restart would
+/// take for the guest's pages.
+struct DeferredFdStore {
+    name: String,
+    fd: OwnedFd,
+}
+
+impl DeferredFdStore {
+    fn hand_over(self) {
+        match crate::systemd::store_fd(&self.name, self.fd.as_fd()) {
+            Ok(()) => info!(
+                "state {}: in systemd's file descriptor store now that the migration is complete",
+                self.name
+            ),
+            Err(error) => warn!(
+                "state {}: could not be handed to systemd's file descriptor store ({error}); a \
+                 restart of this daemon will not find the guest's pages",
+                self.name
+            ),
+        }
+    }
+}
+
+/// The daemon's migrations: the incoming one (`--incoming`) listens from here on, before a
+/// frontend can connect; a state deferred for it goes to systemd once it is complete.
+fn start_migrations(
+    config: &DaemonConfig,
+    store: &Arc<PageStore>,
+    token: Option<Token>,
+    deferred: Option<DeferredFdStore>,
+) -> Result<Migrations, DaemonError> {
+    let incoming = config
+        .migration
+        .incoming
+        .clone()
+        .map(|at| (at, config.migration.incoming_timeout));
+    let migrations = Migrations::new(Arc::clone(store), token, incoming)
+        .map_err(|error| DaemonError::Incoming(error.sentence()))?;
+    if let Some(deferred) = deferred {
+        migrations.on_incoming_complete(Box::new(move || deferred.hand_over()));
+    }
+    Ok(migrations)
+}
+
 /// Builds the store the configuration describes: in its state file (recovered) or in
 /// anonymous memory, with its secondary algorithms, memory limit, backing file and dictionary.
+/// A new memfd state of a daemon receiving a migration is not handed to systemd here but
+/// left in `deferred`.
 fn build_store(
     config: &DaemonConfig,
     stop: &StopSignal,
     dictionary: Option<(&PathBuf, Vec<u8>)>,
+    deferred: &mut Option<DeferredFdStore>,
 ) -> Result<PageStore, DaemonError> {
     let store_config = StoreConfig {
         mem_limit: None,
         ..config.store.clone()
     };
     let state = match &config.state {
-        Some(source) => Some(open_state(source)?),
+        Some(source) => Some(open_state(
+            source,
+            config.migration.incoming.is_some(),
+            deferred,
+        )?),
         None => None,
     };
     let state_name = state.as_ref().map(|s| s.name().to_owned());
@@ -1503,8 +1599,13 @@ fn unrecoverable(error: &StoreError) -> bool {
 }
 
 /// Opens the state `source` names: a file on tmpfs or hugetlbfs, or the memfd systemd's file
-/// descriptor store passed back (a new one, handed to the store, at the first start).
-fn open_state(source: &StateSource) -> Result<StateFile, DaemonError> {
+/// descriptor store passed back (a new one, handed to the store, at the first start; when
+/// `incoming`, once the migration is complete, through `deferred`).
+fn open_state(
+    source: &StateSource,
+    incoming: bool,
+    deferred: &mut Option<DeferredFdStore>,
+) -> Result<StateFile, DaemonError> {
     let state_error = |error| DaemonError::State(StoreError::State(error));
     match source {
         StateSource::Path(path) => StateFile::open(path).map_err(state_error),
@@ -1516,6 +1617,20 @@ fn open_state(source: &StateSource) -> Result<StateFile, DaemonError> {
                 return Err(DaemonError::NoFdStore(name.clone()));
             }
             let file = StateFile::new_memfd(name).map_err(state_error)?;
+            if incoming {
+                let fd = file.as_fd().try_clone_to_owned().map_err(|source| {
+                    DaemonError::State(StoreError::State(StateError::Io {
+                        path: name.clone(),
+                        action: "duplicated",
+                        source,
+                    }))
+                })?;
+                *deferred = Some(DeferredFdStore {
+                    name: name.clone(),
+                    fd,
+                });
+                return Ok(file);
+            }
             crate::systemd::store_fd(name, file.as_fd()).map_err(|source| {
                 DaemonError::State(StoreError::State(StateError::Io {
                     path: name.clone(),

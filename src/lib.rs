@@ -16,6 +16,7 @@
 //! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
 //! - [`writeback`]: the idle clock and the automatic writeback policies.
 //! - [`recompress`]: the background recompressor that moves idle pages to a stronger algorithm.
+//! - [`migrating`]: the daemon's migrations: `--incoming`, `ctl migrate`, the queue hooks.
 //! - [`migrate`]: live migration of the pages, daemon to daemon.
 //! - [`stop`]: the one way to stop a thread, and the groups of threads joined within a bound.
 //! - [`store`]: the compressed page store: slots, allocator, writeback, limit and statistics.
@@ -30,6 +31,7 @@ pub mod daemon;
 pub mod frontend;
 pub mod metrics;
 pub mod migrate;
+pub mod migrating;
 pub mod observed;
 pub mod pagegen;
 pub mod recompress;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::blk::request_stats::RequestStats;
+use crate::migrating::Migrations;
 use crate::store::PageStore;
 
 /// What the control socket and the metrics report on: the device's store and request counters,
@@ -24,6 +25,8 @@ pub struct Observed {
     pub started: Instant,
     /// The device's serial number (empty when it has none), the `serial` label.
     pub serial: String,
+    /// The daemon's migrations (none for a store observed without a daemon).
+    pub migrations: Option<Arc<Migrations>>,
 }
 
 impl Observed {
@@ -40,6 +43,7 @@ impl Observed {
             connected,
             started: Instant::now(),
             serial: serial.to_owned(),
+            migrations: None,
         }
     }
 

@@ -29,6 +29,9 @@
 //! | `idle [all]` | `marked N pages idle` (zram's `echo all > idle`)                 |
 //! | `train-dict [samples=N] [size=BYTES]` | `trained zstd dictionary ID of N bytes from N pages; ...` |
 //! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible` (zram's `recompress`) |
+//! | `migrate unix:PATH\|tcp:HOST:PORT` | `migrating to ...` once the stream to the destination daemon is connected and authenticated ([`crate::migrating`]) |
+//! | `migrate-status` | `key value` lines: role, state, peer, rounds, pages, wire and stored bytes, dirty pages, elapsed time, error |
+//! | `migrate-cancel` | what was cancelled; the pages stay |
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
 //!
@@ -58,6 +61,7 @@ use log::debug;
 
 pub use self::render::stats_table;
 use crate::metrics;
+use crate::migrate::Endpoint;
 use crate::observed::Observed;
 use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
 pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS, MAX_WAITING};
@@ -83,7 +87,7 @@ pub const TIMEOUT_ENV: &str = "VHOST_USER_ZRAM_CTL_TIMEOUT";
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// A control command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// All statistics as a readable table.
     Stats,
@@ -112,6 +116,12 @@ pub enum Command {
     BdStat,
     /// Show, set (`N` pages, enabling it) or lift (`off`) zram's `writeback_limit`.
     WritebackLimit(LimitChange),
+    /// Migrate the device's pages to the daemon receiving them there (`--incoming`).
+    Migrate(Endpoint),
+    /// The migration's progress.
+    MigrateStatus,
+    /// Cancel the migration.
+    MigrateCancel,
 }
 
 /// What `writeback-limit` does.
@@ -127,7 +137,8 @@ pub enum LimitChange {
 
 impl Command {
     /// Every command (with default arguments).
-    pub const ALL: [Command; 13] = [
+    /// (`migrate` is not here: it has no default destination.)
+    pub const ALL: [Command; 15] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
@@ -153,6 +164,8 @@ impl Command {
         }),
         Command::BdStat,
         Command::WritebackLimit(LimitChange::Show),
+        Command::MigrateStatus,
+        Command::MigrateCancel,
     ];
 
     /// The request line's word for this command.
@@ -170,6 +183,9 @@ impl Command {
             Command::Writeback(_) => "writeback",
             Command::BdStat => "bd_stat",
             Command::WritebackLimit(_) => "writeback-limit",
+            Command::Migrate(_) => "migrate",
+            Command::MigrateStatus => "migrate-status",
+            Command::MigrateCancel => "migrate-cancel",
         }
     }
 
@@ -189,7 +205,10 @@ impl Command {
             | Command::IoStat
             | Command::Metrics
             | Command::BdStat
-            | Command::WritebackLimit(_) => false,
+            | Command::WritebackLimit(_)
+            | Command::Migrate(_)
+            | Command::MigrateStatus
+            | Command::MigrateCancel => false,
         }
     }
 
@@ -210,7 +229,10 @@ impl Command {
             | Command::IoStat
             | Command::Metrics
             | Command::BdStat
-            | Command::WritebackLimit(_) => None,
+            | Command::WritebackLimit(_)
+            | Command::Migrate(_)
+            | Command::MigrateStatus
+            | Command::MigrateCancel => None,
         }
     }
 
@@ -251,8 +273,24 @@ impl Command {
                 }
                 render::writeback_limit(&store.stats().writeback)
             }
+            Command::Migrate(to) => migrations(observed)?
+                .start(&to)
+                .map_err(ControlError::Migration)?,
+            Command::MigrateStatus => migrations(observed)?.status().render(),
+            Command::MigrateCancel => migrations(observed)?
+                .cancel()
+                .map_err(ControlError::Migration)?,
         })
     }
+}
+
+/// The daemon's migrations, which every daemon has (a store observed without a daemon does
+/// not).
+fn migrations(observed: &Observed) -> Result<&crate::migrating::Migrations, ControlError> {
+    observed
+        .migrations
+        .as_deref()
+        .ok_or_else(|| ControlError::Migration("this device cannot be migrated".into()))
 }
 
 impl fmt::Display for Command {
@@ -266,6 +304,7 @@ impl fmt::Display for Command {
                 write!(f, "{} {pages}", self.name())
             }
             Command::WritebackLimit(LimitChange::Off) => write!(f, "{} off", self.name()),
+            Command::Migrate(to) => write!(f, "{} {to}", self.name()),
             Command::WritebackLimit(LimitChange::Show)
             | Command::BdStat
             | Command::Stats
@@ -274,7 +313,9 @@ impl fmt::Display for Command {
             | Command::IoStat
             | Command::Metrics
             | Command::Compact
-            | Command::MarkIdle => f.write_str(self.name()),
+            | Command::MarkIdle
+            | Command::MigrateStatus
+            | Command::MigrateCancel => f.write_str(self.name()),
         }
     }
 }
@@ -310,6 +351,19 @@ impl FromStr for Command {
                     .map(Command::Writeback)
                     .map_err(|e: BadWritebackRequest| ControlError::BadArgument(e.to_string()))
             }
+            ("migrate", "") => {
+                return Err(ControlError::BadArgument(
+                    "migrate takes the destination: unix:PATH or tcp:HOST:PORT".into(),
+                ))
+            }
+            ("migrate", to) => {
+                return to
+                    .parse()
+                    .map(Command::Migrate)
+                    .map_err(|e: crate::migrate::MigrateError| {
+                        ControlError::BadArgument(e.to_string())
+                    })
+            }
             ("writeback-limit", "") => return Ok(Command::WritebackLimit(LimitChange::Show)),
             ("writeback-limit", "off") => return Ok(Command::WritebackLimit(LimitChange::Off)),
             ("writeback-limit", pages) => {
@@ -344,7 +398,8 @@ pub enum ControlError {
     /// The request names no command.
     #[error(
         "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics, \
-         compact, idle, recompress, train-dict, writeback, bd_stat and writeback-limit"
+         compact, idle, recompress, train-dict, writeback, bd_stat, writeback-limit, migrate, \
+         migrate-status and migrate-cancel"
     )]
     UnknownCommand(String),
     /// A command's arguments are wrong.
@@ -356,6 +411,9 @@ pub enum ControlError {
     /// A writeback request cannot run, or failed.
     #[error(transparent)]
     Writeback(#[from] WritebackError),
+    /// A migration command was refused or failed.
+    #[error("{0}")]
+    Migration(String),
     /// The request line is too long or not UTF-8.
     #[error("the request is not one line of at most {MAX_REQUEST_LEN} bytes of text")]
     BadRequest,
