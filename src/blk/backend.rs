@@ -23,6 +23,17 @@
 //! daemon took and did not complete are served first. A frontend that hands over a region it
 //! did not ask this daemon for comes back from an earlier daemon: unless the daemon said the
 //! store is the one it had ([`Continuity::Recovered`]), every request fails with an I/O error.
+//!
+//! Dirty logging: the device offers `VHOST_F_LOG_ALL` and `LOG_SHMFD`, so a frontend can
+//! live-migrate the VM. Guest memory carries vhost-user-backend's [`BitmapMmapRegion`] per
+//! region ([`GuestMap`]); it marks nothing until the frontend hands over its log with
+//! `SET_LOG_BASE`, then every write the daemon makes through vm-memory marks its 4 KiB pages:
+//! copied read data (on the queue threads and the read-back threads alike), status bytes and
+//! used rings (virtio-queue writes them through the same map). Pages decompressed straight into
+//! guest memory bypass vm-memory and are marked by `request::lend_guest_page` once written.
+//! Without a log the mark costs one uncontended read lock per write. vhost-user-backend keeps
+//! marking after the frontend drops `LOG_ALL` (into a log nobody reads any more) until the
+//! next `SET_LOG_BASE` or a new memory map.
 
 use std::fs::File;
 use std::io;
@@ -35,6 +46,7 @@ use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET,
 };
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
@@ -52,9 +64,16 @@ use super::request_stats::RequestStats;
 use super::BlockBackend;
 use crate::stop::Unjoined;
 
-/// Guest memory as vhost-user-backend hands it over (no dirty-page bitmap: the device does
-/// not offer `LOG_ALL`).
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// One map of guest memory, each region carrying the dirty log of a live migration: a
+/// [`BitmapMmapRegion`] marks nothing until the frontend hands over a log (`SET_LOG_BASE`),
+/// then marks every page the daemon writes through vm-memory.
+pub type GuestMap = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// Guest memory as vhost-user-backend hands it over, with the dirty log ([`GuestMap`]).
+pub type GuestMemory = GuestMemoryAtomic<GuestMap>;
+
+/// A queue as vhost-user-backend hands it to the queue threads, over [`GuestMemory`].
+type Vring = VringRwLock<GuestMemory>;
 
 /// The virtio-blk vhost-user backend over a [`BlockBackend`].
 pub struct BlkBackend<S: BlockBackend> {
@@ -78,7 +97,7 @@ pub struct BlkBackend<S: BlockBackend> {
     /// How long stopping a queue waits for its requests, milliseconds.
     stop_timeout_ms: AtomicU64,
     /// The last memory map the backend accepted, to go back to when a change is refused.
-    accepted_map: Mutex<GuestMemoryMmap<()>>,
+    accepted_map: Mutex<GuestMap>,
     /// When the memory map was last logged at info level, and the changes since then.
     map_log: Mutex<MapLog>,
     /// Whether this connection's frontend asked for a new region (`GET_INFLIGHT_FD`).
@@ -174,7 +193,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             log_limiter,
             queues,
             stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
-            accepted_map: Mutex::new(GuestMemoryMmap::new()),
+            accepted_map: Mutex::new(GuestMap::new()),
             map_log: Mutex::new(MapLog::default()),
             inflight_requested: AtomicBool::new(false),
             frontend_returned: AtomicBool::new(false),
@@ -370,7 +389,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
 
     /// Serves the queue `vring` on worker `thread_id` until it is empty, with notifications
     /// suppressed while we work when EVENT_IDX is on.
-    fn serve_queue(&self, vring: &VringRwLock, thread_id: usize) -> Result<(), ServeError> {
+    fn serve_queue(&self, vring: &Vring, thread_id: usize) -> Result<(), ServeError> {
         let mut queue_thread = self
             .queues
             .get(thread_id)
@@ -518,7 +537,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
 
     /// On the thread of queue `queue`: completes the reads that came back from the read-back
     /// threads, and signals the guest once for all of them.
-    fn land_finished_reads(&self, vring: &VringRwLock, queue: usize) -> Result<(), ServeError> {
+    fn land_finished_reads(&self, vring: &Vring, queue: usize) -> Result<(), ServeError> {
         let Some(read_back) = &self.read_back else {
             return Ok(());
         };
@@ -720,8 +739,8 @@ pub(super) enum ServeError {
 }
 
 impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.device.num_queues)
@@ -913,7 +932,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         }
         check_regions(&self.mem)?;
         if let Ok(mut accepted) = self.accepted_map.lock() {
-            *accepted = GuestMemoryMmap::clone(&self.mem.memory());
+            *accepted = GuestMap::clone(&self.mem.memory());
         }
         self.log_map_change();
         Ok(())
@@ -939,7 +958,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -1055,7 +1074,7 @@ fn check_regions(mem: &GuestMemory) -> io::Result<()> {
     if bad.is_empty() {
         return Ok(());
     }
-    let mut filtered = GuestMemoryMmap::<()>::clone(&map);
+    let mut filtered = GuestMap::clone(&map);
     for &(addr, len, _, _) in &bad {
         filtered = filtered
             .remove_region(GuestAddress(addr), len)
