@@ -51,8 +51,9 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
+use crate::blk::backend::{GuestMap, GuestMemory};
 use crate::blk::config::feature_names;
 use crate::blk::request_stats::RequestStats;
 use crate::blk::{BlkBackend, BlockBackend, Continuity, DeviceConfig, QueueHooks};
@@ -806,7 +807,7 @@ impl Daemon {
 struct Session {
     backend: Arc<BlkBackend<PageStore>>,
     daemon: VhostUserDaemon<Arc<BlkBackend<PageStore>>>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    mem: GuestMemory,
 }
 
 impl Session {
@@ -817,7 +818,7 @@ impl Session {
         poll_max: Duration,
         migrations: &Arc<Migrations>,
     ) -> Result<Session, DaemonError> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mem = GuestMemory::new(GuestMap::new());
         let backend = Arc::new(BlkBackend::new(store.clone(), device.clone(), mem.clone()));
         backend.observe(&observed.requests, observed.connected.clone());
         backend.set_poll_max(poll_max);

@@ -34,6 +34,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_backend::VhostUserDaemon;
+use vhost_user_zram::blk::backend::{GuestMap, GuestMemory};
 use vhost_user_zram::blk::inflight::queue_region_len;
 use vhost_user_zram::blk::{BlkBackend, BlockBackend, Continuity, DeviceConfig};
 use vhost_user_zram::PAGE_SIZE;
@@ -43,7 +44,7 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGES: u64 = 64;
@@ -193,7 +194,7 @@ fn serve(store: TestStore, continuity: Continuity) -> Served {
     let socket = dir.path().join("zram.sock");
     let mut device = DeviceConfig::new(PAGES);
     device.queue_size = QUEUE_SIZE;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let mem = GuestMemory::new(GuestMap::new());
     let store = Arc::new(store);
     let backend = Arc::new(BlkBackend::new(Arc::clone(&store), device, mem.clone()));
     backend.set_continuity(continuity);

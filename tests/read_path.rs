@@ -423,12 +423,12 @@ fn serve(
     stop_timeout: Duration,
 ) -> (std::path::PathBuf, thread::JoinHandle<()>) {
     use vhost_user_backend::VhostUserDaemon;
+    use vhost_user_zram::blk::backend::{GuestMap, GuestMemory};
     use vhost_user_zram::blk::BlkBackend;
-    use vm_memory::GuestMemoryAtomic;
     let socket = dir.join("slow.sock");
     let mut device = DeviceConfig::new(PAGES);
     device.queue_size = QUEUE_SIZE;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let mem = GuestMemory::new(GuestMap::new());
     let backend = Arc::new(BlkBackend::new(Arc::clone(store), device, mem.clone()));
     backend.set_stop_timeout(stop_timeout);
     let mut listener = vhost::vhost_user::Listener::new(&socket, true).unwrap();

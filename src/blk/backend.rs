@@ -23,6 +23,32 @@
 //! daemon took and did not complete are served first. A frontend that hands over a region it
 //! did not ask this daemon for comes back from an earlier daemon: unless the daemon said the
 //! store is the one it had ([`Continuity::Recovered`]), every request fails with an I/O error.
+//!
+//! Queue hooks ([`QueueHooks`], [`BlkBackend::set_queue_hooks`]) let the daemon act when queues
+//! start and stop, as a live migration's switchover needs. A queue starts at the first kick
+//! its thread serves after the frontend set it up (the inflight region's resubmission
+//! included): `before_start` runs there, on the queue's thread, before the queue's vring lock
+//! is taken, and may wait; the frontend's messages that stop this queue wait with it. When it
+//! fails, the start is refused for this queue only: the sentence is logged at error level, and
+//! every request on the queue, resubmitted or new, completes with `VIRTIO_BLK_S_IOERR` without
+//! reaching the store (as [`BlkBackend::refuse`] does for the device) until the frontend stops
+//! the queue; the next start asks again. The frontend sees a device that answers every
+//! request with an I/O error, never stale or zeroed data. `after_stop` runs once a stop is
+//! complete — in `GET_VRING_BASE` just before the answer, in `RESET_DEVICE` for every queue, and
+//! at a disconnect for every queue that was running — with every request taken from the queue
+//! on the used ring or cancelled. `all_stopped` says no queue is running (started and not
+//! stopped since); a frontend that stops queues that never ran gets it more than once.
+//!
+//! Dirty logging: the device offers `VHOST_F_LOG_ALL` and `LOG_SHMFD`, so a frontend can
+//! live-migrate the VM. Guest memory carries vhost-user-backend's [`BitmapMmapRegion`] per
+//! region ([`GuestMap`]); it marks nothing until the frontend hands over its log with
+//! `SET_LOG_BASE`, then every write the daemon makes through vm-memory marks its 4 KiB pages:
+//! copied read data (on the queue threads and the read-back threads alike), status bytes and
+//! used rings (virtio-queue writes them through the same map). Pages decompressed straight into
+//! guest memory bypass vm-memory and are marked by `request::lend_guest_page` once written.
+//! Without a log the mark costs one uncontended read lock per write. vhost-user-backend keeps
+//! marking after the frontend drops `LOG_ALL` (into a log nobody reads any more) until the
+//! next `SET_LOG_BASE` or a new memory map.
 
 use std::fs::File;
 use std::io;
@@ -35,6 +61,7 @@ use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VHOST_USER_CONFIG_OFFSET,
 };
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
@@ -52,9 +79,16 @@ use super::request_stats::RequestStats;
 use super::BlockBackend;
 use crate::stop::Unjoined;
 
-/// Guest memory as vhost-user-backend hands it over (no dirty-page bitmap: the device does
-/// not offer `LOG_ALL`).
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// One map of guest memory, each region carrying the dirty log of a live migration: a
+/// [`BitmapMmapRegion`] marks nothing until the frontend hands over a log (`SET_LOG_BASE`),
+/// then marks every page the daemon writes through vm-memory.
+pub type GuestMap = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// Guest memory as vhost-user-backend hands it over, with the dirty log ([`GuestMap`]).
+pub type GuestMemory = GuestMemoryAtomic<GuestMap>;
+
+/// A queue as vhost-user-backend hands it to the queue threads, over [`GuestMemory`].
+type Vring = VringRwLock<GuestMemory>;
 
 /// The virtio-blk vhost-user backend over a [`BlockBackend`].
 pub struct BlkBackend<S: BlockBackend> {
@@ -78,7 +112,7 @@ pub struct BlkBackend<S: BlockBackend> {
     /// How long stopping a queue waits for its requests, milliseconds.
     stop_timeout_ms: AtomicU64,
     /// The last memory map the backend accepted, to go back to when a change is refused.
-    accepted_map: Mutex<GuestMemoryMmap<()>>,
+    accepted_map: Mutex<GuestMap>,
     /// When the memory map was last logged at info level, and the changes since then.
     map_log: Mutex<MapLog>,
     /// Whether this connection's frontend asked for a new region (`GET_INFLIGHT_FD`).
@@ -93,6 +127,10 @@ pub struct BlkBackend<S: BlockBackend> {
     /// The daemon's decision on whose pages the store holds, made once, when the frontend
     /// first uses the device ([`BlkBackend::set_admission`]).
     admission: Mutex<Option<Admission>>,
+    /// Told when a queue starts and stops ([`BlkBackend::set_queue_hooks`]).
+    hooks: Mutex<Option<Arc<dyn QueueHooks>>>,
+    /// Per queue: started (its first kick served) and not stopped since.
+    running: Vec<AtomicBool>,
 }
 
 /// Decides, when the frontend first uses the device, whether the store holds its pages; `Err`
@@ -136,12 +174,41 @@ struct QueueThread {
     broken: bool,
     /// Whether the queue's first kick since it was (re)started has been logged.
     announced: bool,
+    /// Set when [`QueueHooks::before_start`] failed for this start: every request on the queue
+    /// fails with an I/O error until the frontend stops it.
+    start_refused: bool,
+}
+
+impl QueueThread {
+    /// Forgets the queue's start: the next kick starts it afresh (hooks, inflight region).
+    fn stopped(&mut self) {
+        self.broken = false;
+        self.announced = false;
+        self.start_refused = false;
+    }
+}
+
+/// Called by the backend around its queues' lifetime; the daemon's migration uses it
+/// ([`BlkBackend::set_queue_hooks`]).
+pub trait QueueHooks: Send + Sync {
+    /// Before queue `queue` serves its first request after a start (the frontend's
+    /// `SET_VRING_KICK` / enable, including restarts after `GET_VRING_BASE`). May block
+    /// (bounded by the implementation). `Err(sentence)`: the queue must not serve at all —
+    /// the start fails: the sentence is logged, and every request on that queue fails
+    /// (`VIRTIO_BLK_S_IOERR`) rather than being served; nothing is read from or written to
+    /// the store.
+    fn before_start(&self, queue: usize) -> Result<(), String>;
+    /// After a queue stopped (`GET_VRING_BASE` answered, `RESET_DEVICE`, disconnect): every
+    /// request taken from it is complete. `all_stopped` is true when no queue is running any
+    /// more.
+    fn after_stop(&self, queue: usize, all_stopped: bool);
 }
 
 impl<S: BlockBackend + 'static> BlkBackend<S> {
     /// A backend serving `store` as the device `device` describes.
     pub fn new(store: Arc<S>, device: DeviceConfig, mem: GuestMemory) -> Self {
         let log_limiter = Arc::new(Mutex::new(RateLimiter::new(WARNINGS_PER_SECOND)));
+        let device_queues = device.num_queues;
         let queues = (0..device.num_queues)
             .map(|_| {
                 Mutex::new(QueueThread {
@@ -149,6 +216,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                     poll: AdaptivePoll::default(),
                     broken: false,
                     announced: false,
+                    start_refused: false,
                 })
             })
             .collect();
@@ -174,13 +242,15 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             log_limiter,
             queues,
             stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
-            accepted_map: Mutex::new(GuestMemoryMmap::new()),
+            accepted_map: Mutex::new(GuestMap::new()),
             map_log: Mutex::new(MapLog::default()),
             inflight_requested: AtomicBool::new(false),
             frontend_returned: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             admission: Mutex::new(None),
+            hooks: Mutex::new(None),
+            running: (0..device_queues).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -195,6 +265,53 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     ) {
         if let Ok(mut slot) = self.admission.lock() {
             *slot = Some(Box::new(decide));
+        }
+    }
+
+    /// Sets the hooks told when a queue starts and stops (`None`: none). Queues started before
+    /// the call are not announced again.
+    pub fn set_queue_hooks(&self, hooks: Option<Arc<dyn QueueHooks>>) {
+        if let Ok(mut slot) = self.hooks.lock() {
+            *slot = hooks;
+        }
+    }
+
+    fn queue_hooks(&self) -> Option<Arc<dyn QueueHooks>> {
+        self.hooks.lock().ok().and_then(|hooks| hooks.clone())
+    }
+
+    /// Marks queue `queue` as started and asks the hooks whether it may serve; returns whether
+    /// its start is refused.
+    fn start_hooks(&self, queue: usize) -> bool {
+        if let Some(running) = self.running.get(queue) {
+            running.store(true, Ordering::Release);
+        }
+        let Some(hooks) = self.queue_hooks() else {
+            return false;
+        };
+        match hooks.before_start(queue) {
+            Ok(()) => false,
+            Err(reason) => {
+                error!(
+                    "queue {queue} cannot start: {reason}; every request on it fails with an \
+                     I/O error until the frontend stops it"
+                );
+                true
+            }
+        }
+    }
+
+    /// Tells the hooks that queue `queue` stopped (its requests are complete or cancelled).
+    fn stop_hooks(&self, queue: usize) {
+        if let Some(running) = self.running.get(queue) {
+            running.store(false, Ordering::Release);
+        }
+        if let Some(hooks) = self.queue_hooks() {
+            let all_stopped = !self
+                .running
+                .iter()
+                .any(|running| running.load(Ordering::Acquire));
+            hooks.after_stop(queue, all_stopped);
         }
     }
 
@@ -348,6 +465,15 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                 thread.runner.forget_in_flight();
             }
         }
+        for queue in 0..self.queues.len() {
+            if self
+                .running
+                .get(queue)
+                .is_some_and(|r| r.load(Ordering::Acquire))
+            {
+                self.stop_hooks(queue);
+            }
+        }
         // The next connection is another frontend: it asks for its own region.
         self.inflight_requested.store(false, Ordering::Release);
     }
@@ -370,7 +496,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
 
     /// Serves the queue `vring` on worker `thread_id` until it is empty, with notifications
     /// suppressed while we work when EVENT_IDX is on.
-    fn serve_queue(&self, vring: &VringRwLock, thread_id: usize) -> Result<(), ServeError> {
+    fn serve_queue(&self, vring: &Vring, thread_id: usize) -> Result<(), ServeError> {
         let mut queue_thread = self
             .queues
             .get(thread_id)
@@ -382,13 +508,19 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             poll,
             broken,
             announced,
+            start_refused,
         } = &mut *queue_thread;
         if *broken {
             return Ok(());
         }
+        if !*announced {
+            // Before the vring lock: a hook that waits must not hold up the frontend's other
+            // queues' messages.
+            *start_refused = self.start_hooks(thread_id);
+        }
         let poll_max = self.poll_max_ns.load(Ordering::Relaxed);
         poll.woke(poll_max);
-        runner.set_refusing(self.refusing.load(Ordering::Acquire));
+        runner.set_refusing(self.refusing.load(Ordering::Acquire) || *start_refused);
         let mut state = vring.get_mut();
         if !*announced {
             *announced = true;
@@ -457,7 +589,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                     return Ok(());
                 }
                 // `refuse` takes effect at the next request.
-                runner.set_refusing(self.refusing.load(Ordering::Acquire));
+                runner.set_refusing(self.refusing.load(Ordering::Acquire) || *start_refused);
                 // A fresh memory snapshot for every request (one atomic load): a region the
                 // frontend adds while this queue is busy serves the very next request.
                 let mem = self.mem.memory();
@@ -518,7 +650,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
 
     /// On the thread of queue `queue`: completes the reads that came back from the read-back
     /// threads, and signals the guest once for all of them.
-    fn land_finished_reads(&self, vring: &VringRwLock, queue: usize) -> Result<(), ServeError> {
+    fn land_finished_reads(&self, vring: &Vring, queue: usize) -> Result<(), ServeError> {
         let Some(read_back) = &self.read_back else {
             return Ok(());
         };
@@ -720,8 +852,8 @@ pub(super) enum ServeError {
 }
 
 impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.device.num_queues)
@@ -831,8 +963,11 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         self.acked_features.store(0, Ordering::Release);
         for thread in &self.queues {
             if let Ok(mut thread) = thread.lock() {
-                thread.broken = false;
+                thread.stopped();
             }
+        }
+        for queue in 0..self.queues.len() {
+            self.stop_hooks(queue);
         }
     }
 
@@ -849,9 +984,9 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
             if thread.broken {
                 debug!("queue {index} was stopped by the frontend; it will be served again");
             }
-            thread.broken = false;
-            thread.announced = false;
+            thread.stopped();
         }
+        self.stop_hooks(queue);
         Ok(())
     }
 
@@ -913,7 +1048,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         }
         check_regions(&self.mem)?;
         if let Ok(mut accepted) = self.accepted_map.lock() {
-            *accepted = GuestMemoryMmap::clone(&self.mem.memory());
+            *accepted = GuestMap::clone(&self.mem.memory());
         }
         self.log_map_change();
         Ok(())
@@ -939,7 +1074,7 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -1055,7 +1190,7 @@ fn check_regions(mem: &GuestMemory) -> io::Result<()> {
     if bad.is_empty() {
         return Ok(());
     }
-    let mut filtered = GuestMemoryMmap::<()>::clone(&map);
+    let mut filtered = GuestMap::clone(&map);
     for &(addr, len, _, _) in &bad {
         filtered = filtered
             .remove_region(GuestAddress(addr), len)

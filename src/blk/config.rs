@@ -123,7 +123,8 @@ impl DeviceConfig {
         (u32::from(self.queue_size).saturating_sub(2)).clamp(1, MAX_SEG_MAX)
     }
 
-    /// The virtio features the device offers, including the vhost-user protocol-features bit.
+    /// The virtio features the device offers, including the vhost-user protocol-features bit
+    /// and `VHOST_F_LOG_ALL` (dirty logging of guest memory, which live migration needs).
     pub fn features(&self) -> u64 {
         let mut bits = [
             VIRTIO_F_VERSION_1,
@@ -144,9 +145,11 @@ impl DeviceConfig {
             bits |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
-    /// The vhost-user protocol features the device offers.
+    /// The vhost-user protocol features the device offers. `LOG_SHMFD` takes the dirty log
+    /// of a live migration (`SET_LOG_BASE`); QEMU refuses to migrate a VM whose backend lacks it.
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
@@ -154,6 +157,7 @@ impl DeviceConfig {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     /// The configuration space, little-endian, as the guest reads it.
@@ -250,7 +254,9 @@ pub fn feature_names(features: u64) -> String {
     };
     /// `VHOST_USER_F_PROTOCOL_FEATURES`.
     const PROTOCOL_FEATURES: u32 = 30;
-    const NAMES: [(u32, &str); 24] = [
+    /// `VHOST_F_LOG_ALL`.
+    const LOG_ALL: u32 = 26;
+    const NAMES: [(u32, &str); 25] = [
         (VIRTIO_BLK_F_BARRIER, "BARRIER"),
         (VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
         (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
@@ -268,6 +274,7 @@ pub fn feature_names(features: u64) -> String {
         (VIRTIO_BLK_F_ZONED, "ZONED"),
         (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
         (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+        (LOG_ALL, "LOG_ALL"),
         (PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
         (VIRTIO_F_VERSION_1, "VERSION_1"),
         (VIRTIO_F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),

@@ -33,7 +33,7 @@ use std::ops::Range;
 
 use crate::PAGE_SIZE;
 
-pub use self::backend::{BlkBackend, Continuity};
+pub use self::backend::{BlkBackend, Continuity, QueueHooks};
 pub use self::config::DeviceConfig;
 
 /// The page interface the virtio-blk request code runs against.

@@ -32,9 +32,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::backend::GuestMap;
 use super::config::DeviceConfig;
 use super::ratelimit::RateLimiter;
 use super::request::{GuestGate, Request, RequestRunner};
@@ -57,7 +57,7 @@ struct ReadBackJob<E: std::error::Error + 'static> {
     queue: usize,
     generation: u64,
     /// The guest memory the request was parsed against (kept mapped until it is done).
-    mem: Arc<GuestMemoryMmap<()>>,
+    mem: Arc<GuestMap>,
 }
 
 /// A read that a read-back thread finished, waiting in its queue's mailbox.
@@ -167,7 +167,7 @@ impl<S: BlockBackend + 'static> ReadBack<S> {
         &self,
         request: Request<S::Error>,
         queue: usize,
-        mem: Arc<GuestMemoryMmap<()>>,
+        mem: Arc<GuestMap>,
     ) -> Result<(), Request<S::Error>> {
         if !self.attached.load(Ordering::Acquire) {
             return Err(request);
