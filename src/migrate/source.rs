@@ -621,7 +621,8 @@ impl Sender<'_> {
                 Some(next) => from = next,
                 None => break,
             }
-            if lock(&self.shared.control).cancel {
+            let control = lock(&self.shared.control);
+            if control.cancel || control.reader_error.is_some() {
                 break;
             }
         }
