@@ -600,3 +600,36 @@ fn a_stale_socket_is_replaced_and_a_regular_file_is_left_alone() {
     assert!(error.to_string().contains("not a socket"), "{error}");
     assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
 }
+
+#[test]
+fn a_destination_out_of_memory_fails_both_sides_with_its_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(PAGES);
+    fill(&source, 12);
+    let dest = Arc::new(
+        PageStore::new(StoreConfig {
+            capacity_pages: PAGES,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap()
+        .with_secondary_algorithms(&["zstd".parse().unwrap()])
+        .unwrap(),
+    );
+    dest.set_mem_limit(Some(dest.mem_used_total() + (256 << 10)));
+    let (_path, at) = socket(&dir);
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    let migration = MigrationSource::start_with(Arc::clone(&source), at, None, quick()).unwrap();
+    migration.queues_stopped();
+    let error = incoming.wait_ready(Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("memory limit"), "{error}");
+    assert!(migration.join(Duration::from_secs(5)));
+    let status = migration.status();
+    assert_eq!(status.state, MigrationState::Failed);
+    let text = status.error.unwrap();
+    assert!(text.contains("memory limit"), "{text}");
+    assert!(migration.queues_started().is_ok());
+    check(&source);
+    check(&dest);
+}

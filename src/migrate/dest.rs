@@ -350,6 +350,10 @@ fn receive(shared: &Arc<Shared>, listener: Listener, token: Option<&Token>) {
             let cancelled = lock(&shared.stream).cancel;
             if !cancelled {
                 log::warn!("migration from {}: {}", shared.at, e.sentence());
+                // Tell the source why, before hanging up (best effort).
+                if let Some(writer) = lock(&shared.writer).as_mut() {
+                    let _ = writer.send_frame(Kind::Refused, e.sentence().as_bytes());
+                }
                 shared.fail(&e.sentence());
             }
         }
