@@ -436,7 +436,7 @@ fn expect<'r>(reader: &'r mut FrameReader, what: &str) -> Result<(Kind, &'r [u8]
         ))),
         Some((Kind::Refused, text)) => Err(MigrateError::Refused(format!(
             "the peer refused: {}",
-            String::from_utf8_lossy(text)
+            wire::peer_sentence(text)
         ))),
         Some(frame) => Ok(frame),
     }
@@ -465,7 +465,7 @@ fn spawn_reader(
                     Ok(Some((Kind::Refused, text))) => {
                         break MigrateError::Refused(format!(
                             "the destination refused: {}",
-                            String::from_utf8_lossy(text)
+                            wire::peer_sentence(text)
                         ))
                     }
                     Ok(Some((Kind::Cancel, _))) => {
