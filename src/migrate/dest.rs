@@ -350,6 +350,10 @@ fn receive(shared: &Arc<Shared>, listener: Listener, token: Option<&Token>) {
             let cancelled = lock(&shared.stream).cancel;
             if !cancelled {
                 log::warn!("migration from {}: {}", shared.at, e.sentence());
+                // Tell the source why, before hanging up (best effort).
+                if let Some(writer) = lock(&shared.writer).as_mut() {
+                    let _ = writer.send_frame(Kind::Refused, e.sentence().as_bytes());
+                }
                 shared.fail(&e.sentence());
             }
         }
@@ -469,7 +473,7 @@ fn handshake(
             Ok(Some((Kind::Refused, text))) => {
                 return Err(wrong(MigrateError::Refused(format!(
                     "the peer refused: {}",
-                    String::from_utf8_lossy(text)
+                    wire::peer_sentence(text)
                 ))))
             }
             Ok(_) => false,
@@ -486,7 +490,7 @@ fn handshake(
         Ok(Some((Kind::Shape, payload))) => parse_shape(payload),
         Ok(Some((Kind::Refused, text))) => Err(MigrateError::Refused(format!(
             "the source refused: {}",
-            String::from_utf8_lossy(text)
+            wire::peer_sentence(text)
         ))),
         Ok(Some((kind, _))) => Err(MigrateError::Protocol(format!(
             "the source sent {kind:?} instead of its device's shape"
@@ -647,7 +651,7 @@ fn receive_pages(shared: &Arc<Shared>, mut reader: FrameReader) -> Result<(), Mi
             Kind::Refused => {
                 return Err(MigrateError::Refused(format!(
                     "the source refused: {}",
-                    String::from_utf8_lossy(payload)
+                    wire::peer_sentence(payload)
                 )))
             }
             Kind::Hello | Kind::Proof | Kind::Shape | Kind::Started => {

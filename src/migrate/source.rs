@@ -31,6 +31,9 @@ struct Control {
     cancel: bool,
     /// The source's queues stopped: send the rest and `Synced`.
     stopped: bool,
+    /// The sender took `stopped`: `Synced` is on its way or sent, and no `Resumed` after it.
+    /// Only a resume handshake lets the source serve again then.
+    synced: bool,
     /// The source's queues started: a `Resumed` is wanted (`Some(None)`), or its result.
     resume: Option<Option<Result<(), String>>>,
     frontend_gone: bool,
@@ -154,6 +157,11 @@ impl MigrationSource {
                 MigrationState::Connecting | MigrationState::Precopy | MigrationState::Synced => {}
             }
         }
+        if !control.synced {
+            // No Synced went out nor will: the destination cannot start from this stream.
+            control.stopped = false;
+            return Ok(());
+        }
         control.resume = Some(None);
         self.shared.wake.notify_all();
         loop {
@@ -248,7 +256,19 @@ impl Drop for MigrationSource {
 /// The sender thread: runs the session and records how it ended.
 fn run(shared: &Arc<Shared>, to: &Endpoint, token: Option<&Token>) {
     let mut reader_thread = None;
-    let result = session(shared, to, token, &mut reader_thread);
+    let mut result = session(shared, to, token, &mut reader_thread);
+    shared.shutdown();
+    if let Some(handle) = reader_thread.take() {
+        let _ = handle.join();
+    }
+    if result.is_err() {
+        // A write fails with a broken pipe when the destination refused and hung up: its
+        // refusal, read by the reader, says why.
+        let said = lock(&shared.control).reader_error.take();
+        if let Some(e @ (MigrateError::Refused(_) | MigrateError::Cancelled(_))) = said {
+            result = Err(e);
+        }
+    }
     let (state, error) = match result {
         Ok(state) => (state, None),
         Err(e @ MigrateError::Cancelled(_)) => (MigrationState::Cancelled, Some(e.sentence())),
@@ -271,10 +291,6 @@ fn run(shared: &Arc<Shared>, to: &Endpoint, token: Option<&Token>) {
         }
     }
     shared.wake.notify_all();
-    shared.shutdown();
-    if let Some(handle) = reader_thread {
-        let _ = handle.join();
-    }
 }
 
 /// Where the sender is.
@@ -420,7 +436,7 @@ fn expect<'r>(reader: &'r mut FrameReader, what: &str) -> Result<(Kind, &'r [u8]
         ))),
         Some((Kind::Refused, text)) => Err(MigrateError::Refused(format!(
             "the peer refused: {}",
-            String::from_utf8_lossy(text)
+            wire::peer_sentence(text)
         ))),
         Some(frame) => Ok(frame),
     }
@@ -449,7 +465,7 @@ fn spawn_reader(
                     Ok(Some((Kind::Refused, text))) => {
                         break MigrateError::Refused(format!(
                             "the destination refused: {}",
-                            String::from_utf8_lossy(text)
+                            wire::peer_sentence(text)
                         ))
                     }
                     Ok(Some((Kind::Cancel, _))) => {
@@ -508,6 +524,9 @@ impl Sender<'_> {
                     Phase::Precopy => Ok(()),
                     Phase::Synced => self.writer.send_frame(Kind::Resumed, &[]),
                 };
+                if result.is_ok() {
+                    lock(&self.shared.control).synced = false;
+                }
                 let answer = result.as_ref().map(|_| ()).map_err(|e| {
                     format!(
                         "the destination could not be told that the VM resumed here: {}",
@@ -536,6 +555,9 @@ impl Sender<'_> {
                 return Ok(MigrationState::Completed);
             }
             let stop = std::mem::take(&mut control.stopped) && phase == Phase::Precopy;
+            if stop {
+                control.synced = true;
+            }
             drop(control);
             if stop {
                 // The guest is stopped: what is dirty now is the last of it.
@@ -621,7 +643,12 @@ impl Sender<'_> {
                 Some(next) => from = next,
                 None => break,
             }
-            if lock(&self.shared.control).cancel {
+            let mut control = lock(&self.shared.control);
+            if let Some(error) = control.reader_error.take() {
+                return Err(error);
+            }
+            if control.cancel {
+                // The main loop sends the Cancel.
                 break;
             }
         }

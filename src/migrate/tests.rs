@@ -86,3 +86,172 @@ fn records_roundtrip_and_a_bad_record_refuses_the_whole_batch() {
         "an object longer than a slot holds"
     );
 }
+
+mod store_records {
+    use crate::codec::Algorithm;
+    use crate::store::migrate::{ExportScratch, StoredPage};
+    use crate::store::{PageStore, StoreConfig, StoreError};
+    use crate::PAGE_SIZE;
+
+    fn store(mem_limit: Option<u64>) -> PageStore {
+        PageStore::new(StoreConfig {
+            capacity_pages: 16,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_kind_of_slot_exports_and_imports_to_the_same_page() {
+        let source = store(None);
+        let dest = store(None);
+        let mut text = [0u8; PAGE_SIZE];
+        for (i, b) in text.iter_mut().enumerate() {
+            *b = b"swap page text "[i % 15];
+        }
+        let mut noise = [0u8; PAGE_SIZE];
+        let mut rng = crate::pagegen::SplitMix64::new(1);
+        for chunk in noise.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        source.write(1, &[0xab; PAGE_SIZE]).unwrap();
+        source.write(2, &text).unwrap();
+        source.write(3, &noise).unwrap();
+        source.write(4, &[0; PAGE_SIZE]).unwrap();
+        let mut scratch = ExportScratch::default();
+        let mut kinds = Vec::new();
+        for index in 0..16 {
+            let page = source.export_slot(index, &mut scratch).unwrap();
+            kinds.push(match page {
+                StoredPage::Empty => "empty",
+                StoredPage::SameFilled(_) => "same",
+                StoredPage::Compressed { .. } => "compressed",
+                StoredPage::Raw(_) => "raw",
+                StoredPage::Damaged => "damaged",
+            });
+            dest.import_slot(index, page).unwrap();
+        }
+        assert_eq!(
+            kinds[..6],
+            ["empty", "same", "compressed", "raw", "same", "empty"]
+        );
+        assert!(matches!(
+            source.export_slot(2, &mut scratch).unwrap(),
+            StoredPage::Compressed { priority: 0, .. }
+        ));
+        assert!(matches!(
+            source.export_slot(3, &mut scratch).unwrap(),
+            StoredPage::Raw(_)
+        ));
+        let (mut a, mut b) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        for index in 0..16 {
+            source.read(index, &mut a).unwrap();
+            dest.read(index, &mut b).unwrap();
+            assert!(a == b, "page {index}");
+        }
+        assert_eq!(
+            source.stats().mm.compr_data_size,
+            dest.stats().mm.compr_data_size
+        );
+        // A later round overwrites whatever the slot holds.
+        dest.import_slot(2, StoredPage::Empty).unwrap();
+        dest.import_slot(1, StoredPage::Raw(&noise)).unwrap();
+        dest.read(1, &mut b).unwrap();
+        assert!(b == noise);
+        dest.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_damaged_record_reads_as_an_error_never_as_zeros() {
+        let dest = store(None);
+        dest.write(5, &[7; PAGE_SIZE]).unwrap();
+        dest.import_slot(5, StoredPage::Damaged).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        assert!(dest.read(5, &mut page).is_err());
+        assert_eq!(dest.stats().info.damaged_pages, 1);
+        dest.check_consistency().unwrap();
+        let mut scratch = ExportScratch::default();
+        assert_eq!(
+            dest.export_slot(5, &mut scratch).unwrap(),
+            StoredPage::Damaged
+        );
+        dest.import_slot(5, StoredPage::Empty).unwrap();
+        assert_eq!(dest.stats().info.damaged_pages, 0);
+        dest.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn an_import_past_the_memory_limit_is_refused_and_the_slot_keeps_its_content() {
+        let empty = store(None).mem_used_total();
+        let dest = store(Some(empty + 4096));
+        let raw = [0x5a; PAGE_SIZE];
+        let mut refused = None;
+        for index in 0..16 {
+            if let Err(e) = dest.import_slot(index, StoredPage::Raw(&raw)) {
+                refused = Some((index, e));
+                break;
+            }
+        }
+        let (index, error) = refused.expect("the limit refuses some page");
+        assert!(matches!(error, StoreError::MemoryLimit { .. }), "{error}");
+        let mut page = [1u8; PAGE_SIZE];
+        dest.read(index, &mut page).unwrap();
+        assert!(page == [0; PAGE_SIZE], "the refused slot stays empty");
+        dest.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_priority_the_store_lacks_is_refused() {
+        let dest = store(None);
+        let error = dest
+            .import_slot(
+                0,
+                StoredPage::Compressed {
+                    priority: 1,
+                    object: &[1; 10],
+                },
+            )
+            .unwrap_err();
+        assert!(error.to_string().contains("priority 1"), "{error}");
+        dest.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn the_dirty_log_marks_guest_changes_only_and_is_off_after_the_migration() {
+        let s = store(None);
+        s.write(3, &[1; PAGE_SIZE]).unwrap();
+        let tracking = s.start_dirty_tracking().unwrap();
+        assert!(s.start_dirty_tracking().is_err(), "one migration at a time");
+        let mut seen = Vec::new();
+        assert_eq!(
+            tracking.drain_from(0, |i| {
+                seen.push(i);
+                true
+            }),
+            None
+        );
+        assert_eq!(seen.len(), 16, "the first pass sees every slot");
+        assert_eq!(s.migration_dirty_pages(), 0);
+        s.write(7, &[2; PAGE_SIZE]).unwrap();
+        s.discard(3..4).unwrap();
+        s.modify(9, |p| p[0] = 1).unwrap();
+        s.discard(12..13).unwrap(); // already empty: nothing changes
+        s.compact();
+        let mut seen = Vec::new();
+        tracking.drain_from(0, |i| {
+            seen.push(i);
+            true
+        });
+        assert_eq!(seen, vec![3, 7, 9]);
+        // Stopping early gives the rest back.
+        s.write(1, &[1; PAGE_SIZE]).unwrap();
+        s.write(2, &[1; PAGE_SIZE]).unwrap();
+        assert_eq!(tracking.drain_from(0, |_| false), Some(2));
+        assert_eq!(s.migration_dirty_pages(), 1);
+        drop(tracking);
+        assert!(!s.dirty_tracking_active());
+        assert_eq!(s.migration_dirty_pages(), 0);
+    }
+}

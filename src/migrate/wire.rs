@@ -477,6 +477,16 @@ fn read_full(conn: &mut Conn, buf: &mut [u8]) -> Result<usize, MigrateError> {
     Ok(filled)
 }
 
+/// A sentence the peer sent (a refusal), made safe to show: at most 512 characters, on
+/// one line.
+pub(crate) fn peer_sentence(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(2048)])
+        .chars()
+        .take(512)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// The roles in a hello.
 pub(crate) const ROLE_SOURCE: u8 = 1;
 pub(crate) const ROLE_DEST: u8 = 2;

@@ -205,7 +205,7 @@ impl PageStore {
     pub fn store_shape(&self) -> StoreShape {
         StoreShape {
             capacity_pages: self.capacity_pages(),
-            page_size: PAGE_SIZE as u32,
+            page_size: u32::try_from(PAGE_SIZE).unwrap_or(u32::MAX),
             algorithms: self.recompression.algorithm_names().to_vec(),
             dictionaries: self.recompression.dictionaries.export(),
         }
