@@ -28,6 +28,7 @@ use std::sync::Arc;
 use log::debug;
 
 use crate::blk::request_stats::{bucket_bound_us, RequestKind, LATENCY_BUCKETS};
+use crate::migrate::{MigrationRole, MigrationStatus};
 use crate::observed::Observed;
 use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
 use crate::store::Stats;
@@ -372,7 +373,62 @@ pub fn render(observed: &Observed) -> String {
         "",
         u8::from(observed.connected.load(Ordering::Relaxed)),
     );
+    if let Some(migrations) = &observed.migrations {
+        render_migration(&mut out, &migrations.status());
+    }
     out.text
+}
+
+/// The migration's figures (`ctl migrate-status`): the state as a label of a gauge that is 1,
+/// and the counts of the migration running or last run.
+fn render_migration(out: &mut Exposition, status: &MigrationStatus) {
+    out.header(
+        "migration_info",
+        "The live migration running or last run: its role and state as labels; always 1.",
+        MetricType::Gauge,
+    );
+    let role = match status.role {
+        MigrationRole::Source => "source",
+        MigrationRole::Destination => "destination",
+    };
+    let labels = format!("role=\"{role}\",state=\"{}\"", status.state.name());
+    out.sample("migration_info", &labels, 1);
+    let figures: [(&str, &str, MetricType, u64); 5] = [
+        (
+            "migration_rounds",
+            "Rounds of pages the migration sent or received (the first holds every stored page).",
+            MetricType::Gauge,
+            status.rounds,
+        ),
+        (
+            "migration_pages",
+            "Page records the migration sent or received, resends included.",
+            MetricType::Gauge,
+            status.pages,
+        ),
+        (
+            "migration_wire_bytes",
+            "Bytes the migration's stream carried.",
+            MetricType::Gauge,
+            status.wire_bytes,
+        ),
+        (
+            "migration_stored_bytes",
+            "Stored bytes (compressed objects and raw pages) the migration's pages carried.",
+            MetricType::Gauge,
+            status.stored_bytes,
+        ),
+        (
+            "migration_dirty_pages",
+            "Pages the guest changed since the migration last sent them.",
+            MetricType::Gauge,
+            status.dirty_pages,
+        ),
+    ];
+    for (name, help, kind, value) in figures {
+        out.header(name, help, kind);
+        out.sample(name, "", value);
+    }
 }
 
 /// A `--metrics-listen` address the daemon refuses.
