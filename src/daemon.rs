@@ -1458,7 +1458,7 @@ struct DeferredFdStore {
 impl DeferredFdStore {
     fn hand_over(self) {
         match crate::systemd::store_fd(&self.name, self.fd.as_fd()) {
-            Ok(()) => info!(
+            Ok(_) => info!(
                 "state {}: in systemd's file descriptor store now that the migration is complete",
                 self.name
             ),

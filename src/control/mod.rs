@@ -169,7 +169,7 @@ impl Command {
     ];
 
     /// The request line's word for this command.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Command::Stats => "stats",
             Command::StatsJson => "stats-json",
@@ -191,7 +191,7 @@ impl Command {
 
     /// Whether the command may run for long (it walks the device, or trains): such a command
     /// sends progress lines while it runs.
-    pub fn is_long(self) -> bool {
+    pub fn is_long(&self) -> bool {
         match self {
             Command::Compact
             | Command::MarkIdle
@@ -213,7 +213,7 @@ impl Command {
     }
 
     /// The count a progress line of this command gives, from the statistics.
-    fn progress_count(self, stats: &crate::store::Stats) -> Option<(u64, &'static str)> {
+    fn progress_count(&self, stats: &crate::store::Stats) -> Option<(u64, &'static str)> {
         match self {
             Command::Recompress(_) => Some((stats.recompression.pages_tried, "pages tried")),
             Command::Writeback(_) => {
@@ -544,6 +544,7 @@ impl ControlHandler {
         let (done, finished) = mpsc::channel::<()>();
         let observed = &self.observed;
         let every = self.progress_every;
+        let command = &command;
         std::thread::scope(|scope| {
             let reporter = std::thread::Builder::new()
                 .name("control-progress".to_owned())
@@ -572,7 +573,7 @@ impl ControlHandler {
             if let Err(error) = &reporter {
                 debug!("control: no progress lines: cannot start a thread: {error}");
             }
-            let result = command.execute(observed);
+            let result = command.clone().execute(observed);
             drop(done);
             give_back_freed_memory();
             result

@@ -200,5 +200,6 @@ pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) 
         recompress: Default::default(),
         writeback: Default::default(),
         state: None,
+        migration: Default::default(),
     }
 }
