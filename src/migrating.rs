@@ -18,6 +18,7 @@
 //!   for `ctl migrate-status` and the metrics until the next starts. A failed or cancelled
 //!   migration changes nothing in the store: the source keeps every page and serves on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,8 @@ pub struct Migrations {
     incoming_timeout: Duration,
     outgoing: Mutex<Option<MigrationSource>>,
     on_incoming_complete: Mutex<Option<OnIncomingComplete>>,
+    /// Whether a queue has started on the completed incoming store (logged once).
+    incoming_served: AtomicBool,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -86,6 +89,7 @@ impl Migrations {
             incoming_timeout,
             outgoing: Mutex::new(None),
             on_incoming_complete: Mutex::new(None),
+            incoming_served: AtomicBool::new(false),
         })
     }
 
@@ -233,13 +237,20 @@ impl QueueHooks for Migrations {
                 error!("queue {queue} does not start: {why}");
                 return Err(why);
             }
-            if let Some(then) = lock(&self.on_incoming_complete).take() {
+            if !self.incoming_served.swap(true, Ordering::AcqRel) {
+                let status = incoming.status();
                 info!(
-                    "the incoming migration is complete ({} pages held); the device serves \
-                     (queue {queue} waited {:.1} ms for the stream)",
-                    self.store.stats().mm.orig_data_size / crate::PAGE_BYTES,
+                    "the incoming migration is complete: {} page records in {} rounds, {} \
+                     stored bytes in {} on the wire; the device serves (queue {queue} waited \
+                     {:.1} ms for the stream)",
+                    status.pages,
+                    status.rounds,
+                    status.stored_bytes,
+                    status.wire_bytes,
                     started.elapsed().as_secs_f64() * 1000.0
                 );
+            }
+            if let Some(then) = lock(&self.on_incoming_complete).take() {
                 then();
             }
         }
