@@ -206,6 +206,35 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             ],
             "--recompress-algorithm",
         ),
+        (
+            &["--socket-path", s, "--size", "1M", "--incoming", "tcp:0.0.0.0:4444"],
+            "--incoming tcp:0.0.0.0:4444 needs --migrate-token",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--incoming", "udp:x"],
+            "is neither unix:PATH nor tcp:HOST:PORT",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--incoming", "tcp:nohost"],
+            "is not HOST:PORT",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--incoming-timeout", "5"],
+            "--incoming",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--incoming",
+                "unix:/tmp/x.sock",
+                "--incoming-timeout",
+                "0",
+            ],
+            "is not a number of seconds from 1 to 86400",
+        ),
     ];
     for (args, needle) in cases {
         assert_one_sentence_error_exit(&run(args), needle, EXIT_USAGE);
@@ -633,6 +662,28 @@ fn configuration_errors_found_while_starting_exit_2_and_name_their_flag() {
                 empty.to_str().unwrap(),
             ],
             "is empty",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--migrate-token",
+                empty.to_str().unwrap(),
+            ],
+            "--migrate-token: the token in",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--migrate-token",
+                dir.path().join("no-such-token").to_str().unwrap(),
+            ],
+            "--migrate-token: the token file",
         ),
     ];
     for (args, needle) in cases {

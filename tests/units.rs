@@ -56,6 +56,12 @@ const BACKING_FILE: DropIn = DropIn {
     directory: "vhost-user-zram@.service.d",
 };
 
+/// Live migration: every VM's daemon, so the template's drop-in.
+const MIGRATION: DropIn = DropIn {
+    name: "migration.conf",
+    directory: "vhost-user-zram@.service.d",
+};
+
 /// The socket for QEMU under libvirt: every VM's, so the socket template's drop-in.
 const SOCKET_FOR_LIBVIRT: DropIn = DropIn {
     name: "socket-for-libvirt.conf",
@@ -184,6 +190,14 @@ fn units_with_the_backing_file_drop_in_pass_systemd_analyze_verify() {
 }
 
 #[test]
+fn units_with_the_migration_drop_in_pass_systemd_analyze_verify() {
+    assert_verifies(
+        "units_with_the_migration_drop_in_pass_systemd_analyze_verify",
+        &[&MIGRATION],
+    );
+}
+
+#[test]
 fn units_with_the_libvirt_socket_drop_in_pass_systemd_analyze_verify() {
     assert_verifies(
         "units_with_the_libvirt_socket_drop_in_pass_systemd_analyze_verify",
@@ -222,6 +236,12 @@ fn drop_ins_keep_the_service_rated_safe() {
         backing <= alone,
         "with the backing-file drop-in the exposure is {backing}, was {alone}"
     );
+    // Migration adds a credential and an environment file, and keeps the network closed.
+    let migration = exposure(test, &[&MIGRATION]).unwrap();
+    assert!(
+        migration <= alone,
+        "with the migration drop-in the exposure is {migration}, was {alone}"
+    );
     // Metrics need the host's network (loopback only): more exposed, still SAFE.
     let metrics = exposure(test, &[&METRICS]).unwrap();
     assert!(
@@ -236,6 +256,7 @@ fn drop_ins_run_the_shipped_command_with_their_option_added() {
     for (drop_in, added) in [
         (&METRICS, "--metrics-listen"),
         (&BACKING_FILE, "--backing-file"),
+        (&MIGRATION, "--migrate-token"),
     ] {
         let text = contrib(&format!("drop-ins/{}", drop_in.name));
         assert!(
@@ -250,6 +271,71 @@ fn drop_ins_run_the_shipped_command_with_their_option_added() {
             drop_in.name
         );
     }
+}
+
+#[test]
+fn migration_drop_in_takes_the_incoming_argument_the_libvirt_hook_writes() {
+    let text = contrib(&format!("drop-ins/{}", MIGRATION.name));
+    let command = setting(&text, "ExecStart").unwrap();
+    // The token comes as a credential: the daemon (a dynamic user) cannot read /etc itself.
+    assert_eq!(
+        flag_value(&command, "--migrate-token"),
+        Some("%d/migrate-token")
+    );
+    assert!(setting(&text, "LoadCredential")
+        .unwrap()
+        .starts_with("migrate-token:"));
+    assert!(command.ends_with(" $VUZ_MIGRATE_ARGS"), "{command}");
+    let environment = setting(&text, "EnvironmentFile").unwrap();
+    let file = environment.strip_prefix('-').expect("optional: absent when not migrating");
+    let hook = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/libvirt/qemu-hook"),
+    )
+    .unwrap();
+    let dir = Path::new(file).parent().unwrap().to_str().unwrap();
+    assert_eq!(file, format!("{dir}/%i.env"));
+    assert!(hook.contains(&format!("dir={dir}\n")), "the hook writes into {dir}");
+    assert!(hook.contains("VUZ_MIGRATE_ARGS=--incoming unix:"));
+    // No network: the stream is a Unix socket, carried between hosts over SSH.
+    assert_eq!(setting(&text, "PrivateNetwork"), None);
+}
+
+#[test]
+fn libvirt_hook_writes_incoming_for_its_domain_only_and_removes_it_after() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let hook_text = std::fs::read_to_string(root.join("contrib/libvirt/qemu-hook")).unwrap();
+    let env_dir = dir.path().join("migrate");
+    let hook = dir.path().join("hook");
+    std::fs::write(
+        &hook,
+        hook_text.replace("dir=/run/vhost-user-zram-migrate", &format!("dir={}", env_dir.display())),
+    )
+    .unwrap();
+    let run = |args: &[&str], xml: &str| {
+        use std::io::Write;
+        let mut child = Command::new("sh")
+            .arg(&hook)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "{args:?}");
+    };
+    let ours = "<disk type='vhostuser'><source type='unix' path='/run/vhost-user-zram/vm1.sock'/></disk>";
+    run(&["vm2", "migrate", "begin", "-"], ours);
+    assert!(!env_dir.join("vm2.env").exists(), "vm2 does not use vm1's socket");
+    run(&["vm1", "migrate", "begin", "-"], ours);
+    let env = std::fs::read_to_string(env_dir.join("vm1.env")).unwrap();
+    assert_eq!(
+        env,
+        "VUZ_MIGRATE_ARGS=--incoming unix:/run/vhost-user-zram/vm1/incoming.sock\n"
+    );
+    run(&["vm1", "started", "begin", "-"], "");
+    assert!(!env_dir.join("vm1.env").exists(), "removed once QEMU runs");
+    run(&["../x", "migrate", "begin", "-"], ours);
+    assert!(std::fs::read_dir(&env_dir).unwrap().next().is_none());
 }
 
 #[test]

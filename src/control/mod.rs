@@ -727,6 +727,40 @@ mod tests {
         ))
     }
 
+    #[test]
+    fn migration_commands_report_refuse_and_cancel_in_sentences() {
+        let plain = observed();
+        assert!(matches!(
+            Command::MigrateStatus.execute(&plain),
+            Err(ControlError::Migration(why)) if why.contains("cannot be migrated")
+        ));
+        let mut with = Observed::new(
+            Arc::clone(&plain.store),
+            Arc::new(RequestStats::new(1)),
+            Arc::new(AtomicBool::new(false)),
+            "control-test",
+        );
+        with.migrations = Some(Arc::new(
+            crate::migrating::Migrations::new(Arc::clone(&plain.store), None, None).unwrap(),
+        ));
+        let status = Command::MigrateStatus.execute(&with).unwrap();
+        assert!(status.starts_with("role source\nstate idle\n"), "{status}");
+        let cancel = Command::MigrateCancel.execute(&with).unwrap_err().to_string();
+        assert_eq!(cancel, "no migration is running");
+        let dir = tempfile::tempdir().unwrap();
+        let nobody = Endpoint::Unix(dir.path().join("nobody.sock"));
+        let failed = Command::Migrate(nobody).execute(&with).unwrap_err().to_string();
+        assert!(failed.contains("nobody.sock"), "{failed}");
+        let status = Command::MigrateStatus.execute(&with).unwrap();
+        assert!(status.contains("state failed\n"), "{status}");
+        // TCP needs a token; none was given to this daemon.
+        let tcp = Command::Migrate(Endpoint::Tcp("127.0.0.1:9".into()))
+            .execute(&with)
+            .unwrap_err()
+            .to_string();
+        assert!(tcp.contains("needs a token"), "{tcp}");
+    }
+
     struct Running {
         server: ControlServer,
         path: std::path::PathBuf,
@@ -780,7 +814,20 @@ mod tests {
                 "writeback huge",
                 Command::Writeback(WritebackRequest::new(WritebackMode::Huge)),
             ),
+            (
+                "migrate unix:/run/vm1.incoming.sock",
+                Command::Migrate(Endpoint::Unix("/run/vm1.incoming.sock".into())),
+            ),
+            (
+                "migrate tcp:dest.example:4444",
+                Command::Migrate(Endpoint::Tcp("dest.example:4444".into())),
+            ),
         ] {
+            assert_eq!(
+                command.to_string().parse::<Command>().unwrap(),
+                command,
+                "{command}"
+            );
             assert_eq!(line.parse::<Command>().unwrap(), command, "{line}");
         }
         for bad in [
@@ -789,6 +836,10 @@ mod tests {
             "idle --age x",
             "writeback-limit -1",
             "bd_stat x",
+            "migrate",
+            "migrate ftp:x",
+            "migrate tcp:noport",
+            "migrate-status now",
         ] {
             assert!(
                 matches!(bad.parse::<Command>(), Err(ControlError::BadArgument(_))),
