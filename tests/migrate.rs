@@ -738,3 +738,25 @@ fn either_side_shuts_down_within_a_bound() {
     check(&source);
     check(&dest);
 }
+
+#[test]
+fn a_resume_before_synced_returns_at_once_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(PAGES);
+    let (dest, _w2) = store(PAGES);
+    fill(&source, 15);
+    let (_path, at) = socket(&dir);
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    let migration = MigrationSource::start_with(Arc::clone(&source), at, None, quick()).unwrap();
+    let started = Instant::now();
+    migration.queues_started().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(100));
+    // Stopped and started again before the sender took the stop: no Synced goes out.
+    migration.queues_stopped();
+    migration.queues_started().unwrap();
+    assert!(incoming.wait_ready(Duration::from_millis(300)).is_err());
+    assert!(!migration.status().state.is_final());
+    migration.queues_stopped();
+    incoming.wait_ready(Duration::from_secs(10)).unwrap();
+    assert_same_pages(&source, &dest);
+}
