@@ -534,7 +534,6 @@ fn parse_shape(payload: &[u8]) -> Result<StoreShape, MigrateError> {
         capacity_pages: u64::from_le_bytes(capacity.try_into().map_err(|_| bad())?),
         page_size: u32::from_le_bytes(page_size.try_into().map_err(|_| bad())?),
         algorithms,
-        dictionaries: Vec::new(),
     })
 }
 
