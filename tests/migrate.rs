@@ -760,3 +760,43 @@ fn a_resume_before_synced_returns_at_once_and_sends_nothing() {
     incoming.wait_ready(Duration::from_secs(10)).unwrap();
     assert_same_pages(&source, &dest);
 }
+
+/// Not a check: prints what migrating an idle store of `MIGRATE_PAGES` pages (default 65536,
+/// 256 MiB) costs. `cargo nextest run --test migrate --run-ignored only --no-capture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn measure_an_idle_migration() {
+    let pages: u64 = std::env::var("MIGRATE_PAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(65536);
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(pages);
+    let (dest, _w2) = store(pages);
+    fill(&source, 16);
+    assert!(source.wait_drained(Duration::from_secs(60)));
+    let (_path, at) = socket(&dir);
+    let incoming = Incoming::listen(Arc::clone(&dest), at.clone(), None).unwrap();
+    let started = Instant::now();
+    let migration = MigrationSource::start(Arc::clone(&source), at, None).unwrap();
+    assert!(eventually(Duration::from_secs(120), || migration
+        .status()
+        .rounds
+        >= 1));
+    let precopy = started.elapsed();
+    let stop = Instant::now();
+    migration.queues_stopped();
+    incoming.wait_ready(Duration::from_secs(60)).unwrap();
+    let switchover = stop.elapsed();
+    let mm = source.stats().mm;
+    let status = migration.status();
+    eprintln!(
+        "{pages} pages: orig {} B, compr_data_size {} B, wire {} B ({:.4} x compr), \
+         round 1 {precopy:?}, switchover {switchover:?}\n{}",
+        mm.orig_data_size,
+        mm.compr_data_size,
+        status.wire_bytes,
+        status.wire_bytes as f64 / mm.compr_data_size as f64,
+        status.render()
+    );
+}
