@@ -633,3 +633,170 @@ fn a_destination_out_of_memory_fails_both_sides_with_its_sentence() {
     check(&source);
     check(&dest);
 }
+
+/// Connects to `path`, writes `bytes` and waits for the destination to hang up.
+fn hostile_peer(path: &Path, bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = stream.write_all(bytes);
+    let mut sink = Vec::new();
+    let _ = stream.read_to_end(&mut sink);
+}
+
+#[test]
+fn hostile_peers_are_refused_without_allocating_and_the_right_source_still_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(256);
+    let (dest, _w2) = store(256);
+    fill(&source, 13);
+    let (path, at) = socket(&dir);
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    // A frame announcing 4 GiB, a frame of garbage, a hello of another version.
+    hostile_peer(&path, &u32::MAX.to_le_bytes());
+    hostile_peer(&path, &[5, 0, 0, 0, 1, 2, 3, 4, 5, 0, 0, 0, 0]);
+    let mut hello = vec![1u8];
+    hello.extend_from_slice(b"VUZRMIG\0");
+    hello.extend_from_slice(&9u16.to_le_bytes());
+    hello.extend_from_slice(&[1, 0]);
+    hello.extend_from_slice(&[0; 32]);
+    let mut frame = u32::try_from(hello.len()).unwrap().to_le_bytes().to_vec();
+    frame.extend_from_slice(&hello);
+    let crc = crc32fast::hash(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    hostile_peer(&path, &frame);
+    assert!(eventually(Duration::from_secs(2), || incoming
+        .status()
+        .error
+        .is_some_and(|e| e.contains("version 9"))));
+    assert_eq!(incoming.status().state, MigrationState::Connecting);
+
+    let migration = MigrationSource::start_with(Arc::clone(&source), at, None, quick()).unwrap();
+    migration.queues_stopped();
+    incoming.wait_ready(Duration::from_secs(10)).unwrap();
+    assert_same_pages(&source, &dest);
+}
+
+#[test]
+fn the_listener_gives_up_after_its_bound_of_refused_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dest, _w) = store(64);
+    let (path, at) = socket(&dir);
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at, None, quick()).unwrap();
+    for _ in 0..quick().accept_attempts {
+        hostile_peer(&path, b"GET / HTTP/1.0\r\n\r\n");
+    }
+    let error = incoming.wait_ready(Duration::from_secs(5)).unwrap_err();
+    assert!(error.contains("4 peers were refused"), "{error}");
+    assert_eq!(incoming.status().state, MigrationState::Failed);
+    assert!(!path.exists(), "the socket is removed");
+}
+
+#[test]
+fn either_side_shuts_down_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(PAGES);
+    let (dest, _w2) = store(PAGES);
+    fill(&source, 14);
+    let (_path, at) = socket(&dir);
+    // A listener nobody connects to.
+    let lonely = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    let started = Instant::now();
+    drop(lonely);
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    // A source mid-stream, and its destination.
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&source, &stop, 1);
+    let migration = MigrationSource::start_with(Arc::clone(&source), at, None, quick()).unwrap();
+    assert!(eventually(Duration::from_secs(10), || migration
+        .status()
+        .rounds
+        >= 2));
+    let started = Instant::now();
+    drop(migration);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!source.dirty_tracking_active());
+    let started = Instant::now();
+    drop(incoming);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    check(&source);
+    check(&dest);
+}
+
+#[test]
+fn a_resume_before_synced_returns_at_once_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(PAGES);
+    let (dest, _w2) = store(PAGES);
+    fill(&source, 15);
+    let (_path, at) = socket(&dir);
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    let migration = MigrationSource::start_with(Arc::clone(&source), at, None, quick()).unwrap();
+    let started = Instant::now();
+    migration.queues_started().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(100));
+    // Stopped and started again before the sender took the stop: no Synced goes out.
+    migration.queues_stopped();
+    migration.queues_started().unwrap();
+    assert!(incoming.wait_ready(Duration::from_millis(300)).is_err());
+    assert!(!migration.status().state.is_final());
+    migration.queues_stopped();
+    incoming.wait_ready(Duration::from_secs(10)).unwrap();
+    assert_same_pages(&source, &dest);
+}
+
+/// Not a check: prints what migrating an idle store of `MIGRATE_PAGES` pages (default 65536,
+/// 256 MiB) costs. `cargo nextest run --test migrate --run-ignored only --no-capture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn measure_an_idle_migration() {
+    let pages: u64 = std::env::var("MIGRATE_PAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(65536);
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(pages);
+    let (dest, _w2) = store(pages);
+    fill(&source, 16);
+    assert!(source.wait_drained(Duration::from_secs(60)));
+    let (_path, at) = socket(&dir);
+    let incoming = Incoming::listen(Arc::clone(&dest), at.clone(), None).unwrap();
+    let started = Instant::now();
+    let migration = MigrationSource::start(Arc::clone(&source), at, None).unwrap();
+    assert!(eventually(Duration::from_secs(120), || migration
+        .status()
+        .rounds
+        >= 1));
+    let precopy = started.elapsed();
+    let stop = Instant::now();
+    migration.queues_stopped();
+    incoming.wait_ready(Duration::from_secs(60)).unwrap();
+    let switchover = stop.elapsed();
+    let mm = source.stats().mm;
+    let status = migration.status();
+    eprintln!(
+        "{pages} pages: orig {} B, compr_data_size {} B, wire {} B ({:.4} x compr), \
+         round 1 {precopy:?}, switchover {switchover:?}\n{}",
+        mm.orig_data_size,
+        mm.compr_data_size,
+        status.wire_bytes,
+        status.wire_bytes as f64 / mm.compr_data_size as f64,
+        status.render()
+    );
+}

@@ -534,7 +534,6 @@ fn parse_shape(payload: &[u8]) -> Result<StoreShape, MigrateError> {
         capacity_pages: u64::from_le_bytes(capacity.try_into().map_err(|_| bad())?),
         page_size: u32::from_le_bytes(page_size.try_into().map_err(|_| bad())?),
         algorithms,
-        dictionaries: Vec::new(),
     })
 }
 
@@ -622,9 +621,12 @@ fn receive_pages(shared: &Arc<Shared>, mut reader: FrameReader) -> Result<(), Mi
             }
             Kind::Granted => {
                 let mut stream = lock(&shared.stream);
-                if !stream.synced || !stream.started_sent {
+                // A grant answers a Started of this Synced or, when the source resumed and
+                // synced again meanwhile, of an earlier one: either way it comes after the
+                // latest Synced on the stream, so every page is here.
+                if !stream.synced {
                     return Err(MigrateError::Protocol(
-                        "the source granted a start nobody asked for".into(),
+                        "the source granted a start before Synced".into(),
                     ));
                 }
                 stream.granted = true;

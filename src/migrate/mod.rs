@@ -293,13 +293,15 @@ impl Progress {
         }
     }
 
-    /// Ends the migration in `state` (if it has not ended).
-    pub(crate) fn finish(&mut self, state: MigrationState, error: Option<String>) {
-        if !self.state.is_final() {
-            self.state = state;
-            self.error = error;
-            self.ended = Some(Instant::now());
+    /// Ends the migration in `state` if it has not ended; returns whether it ended now.
+    pub(crate) fn finish(&mut self, state: MigrationState, error: Option<String>) -> bool {
+        if self.state.is_final() {
+            return false;
         }
+        self.state = state;
+        self.error = error;
+        self.ended = Some(Instant::now());
+        true
     }
 }
 

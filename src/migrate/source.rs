@@ -509,8 +509,14 @@ impl Sender<'_> {
             let started = std::mem::take(&mut control.started);
             if started && phase == Phase::Synced && control.resume.is_none() {
                 drop(control);
-                // The destination serves from now on: this daemon never will again.
-                lock(&self.shared.progress).finish(MigrationState::Completed, None);
+                // The destination serves from now on: this daemon never will again. Unless
+                // `queues_started` gave up on the sender and failed the migration first:
+                // then the source may serve, and the destination must not.
+                if !lock(&self.shared.progress).finish(MigrationState::Completed, None) {
+                    return Err(MigrateError::Refused(
+                        "the destination's start came after the migration had failed".into(),
+                    ));
+                }
                 self.writer.send_frame(Kind::Granted, &[])?;
                 let _ = self.writer.send_frame(Kind::Close, &[]);
                 self.note_wire();
@@ -549,7 +555,11 @@ impl Sender<'_> {
             let gone = std::mem::take(&mut control.frontend_gone);
             if gone && phase == Phase::Synced {
                 drop(control);
-                lock(&self.shared.progress).finish(MigrationState::Completed, None);
+                if !lock(&self.shared.progress).finish(MigrationState::Completed, None) {
+                    return Err(MigrateError::Refused(
+                        "the source's frontend left after the migration had failed".into(),
+                    ));
+                }
                 self.writer.send_frame(Kind::Close, &[])?;
                 self.note_wire();
                 return Ok(MigrationState::Completed);

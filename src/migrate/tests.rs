@@ -255,3 +255,22 @@ mod store_records {
         assert_eq!(s.migration_dirty_pages(), 0);
     }
 }
+
+#[test]
+fn a_token_file_loses_its_trailing_newline_and_a_short_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, b"0123456789abcdef\n").unwrap();
+    assert_eq!(
+        Token::from_file(&path).unwrap(),
+        Token::from_bytes(b"0123456789abcdef").unwrap()
+    );
+    std::fs::write(&path, b"short\n").unwrap();
+    let error = Token::from_file(&path).unwrap_err().to_string();
+    assert!(error.contains("5 bytes"), "{error}");
+    let missing = Token::from_file(&dir.path().join("none")).unwrap_err();
+    assert!(
+        missing.sentence().contains("could not be read"),
+        "{missing}"
+    );
+}

@@ -75,6 +75,8 @@ impl std::fmt::Debug for ExportScratch {
 }
 
 /// What the two sides of a migration must agree on, as the source describes its store.
+/// (The zstd dictionaries are not compared: the source sends its own, and the destination
+/// loads those it lacks.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreShape {
     /// The device's size in pages.
@@ -83,8 +85,6 @@ pub struct StoreShape {
     pub page_size: u32,
     /// The algorithms by priority, the primary's first, as `zstd:level=3` names them.
     pub algorithms: Vec<String>,
-    /// The zstd dictionaries, oldest first.
-    pub dictionaries: Vec<Box<[u8]>>,
 }
 
 /// The dirty log: one bit per slot, live only while a migration runs.
@@ -207,7 +207,6 @@ impl PageStore {
             capacity_pages: self.capacity_pages(),
             page_size: u32::try_from(PAGE_SIZE).unwrap_or(u32::MAX),
             algorithms: self.recompression.algorithm_names().to_vec(),
-            dictionaries: self.recompression.dictionaries.export(),
         }
     }
 
