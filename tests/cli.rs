@@ -630,6 +630,7 @@ fn configuration_errors_found_while_starting_exit_2_and_name_their_flag() {
     let s = s.to_str().unwrap();
     let empty = dir.path().join("empty.dict");
     std::fs::write(&empty, b"").unwrap();
+    let no_token = dir.path().join("no-such-token");
     let cases: &[(&[&str], &str)] = &[
         (
             &["--socket-path", s, "--size", "1G", "--mem-limit", "1M"],
@@ -681,7 +682,7 @@ fn configuration_errors_found_while_starting_exit_2_and_name_their_flag() {
                 "--size",
                 "1M",
                 "--migrate-token",
-                dir.path().join("no-such-token").to_str().unwrap(),
+                no_token.to_str().unwrap(),
             ],
             "--migrate-token: the token file",
         ),
