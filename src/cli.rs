@@ -454,8 +454,10 @@ pub struct ServeArgs {
     pub state_fdstore: Option<String>,
     /// Receive the device's pages from a daemon migrating them (`ctl migrate` there) on
     /// unix:PATH or tcp:HOST:PORT. The store starts empty; the device serves once the stream
-    /// is complete, and fails to start if it is not (see --incoming-timeout).
-    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT", value_parser = parse_endpoint)]
+    /// is complete, and fails to start if it is not (see --incoming-timeout). Not with
+    /// --state PATH (a file filled mid-stream could be taken for the guest's pages after a
+    /// crash); with --state-fdstore the state goes to systemd once the migration is complete.
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT", value_parser = parse_endpoint, conflicts_with = "state")]
     pub incoming: Option<Endpoint>,
     /// With --incoming: how long the device's start waits for the stream to be complete.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_INCOMING_TIMEOUT, requires = "incoming", value_parser = parse_incoming_timeout)]

@@ -1447,25 +1447,31 @@ impl Admission {
     }
 }
 
-/// A new state memfd that goes to systemd's file descriptor store only once the incoming
-/// migration is complete: a daemon that dies mid-stream leaves no state that a restart would
-/// take for the guest's pages.
-struct DeferredFdStore {
-    name: String,
-    fd: OwnedFd,
+/// A receiving daemon's state in systemd's file descriptor store: a new memfd goes there only
+/// once the incoming migration is complete, so a daemon that dies mid-stream leaves no state
+/// that a restart would take for the guest's pages; and a memfd systemd passes back to a
+/// daemon started with `--incoming` is therefore one whose migration completed.
+enum DeferredFdStore {
+    /// A new memfd, for systemd once the migration is complete.
+    Pending {
+        /// Its name in the store.
+        name: String,
+        /// The memfd.
+        fd: OwnedFd,
+    },
+    /// systemd passed the state back: the migration completed before this start.
+    Completed,
 }
 
 impl DeferredFdStore {
-    fn hand_over(self) {
-        match crate::systemd::store_fd(&self.name, self.fd.as_fd()) {
+    fn hand_over(name: &str, fd: &OwnedFd) {
+        match crate::systemd::store_fd(name, fd.as_fd()) {
             Ok(_) => info!(
-                "state {}: in systemd's file descriptor store now that the migration is complete",
-                self.name
+                "state {name}: in systemd's file descriptor store now that the migration is complete"
             ),
             Err(error) => warn!(
-                "state {}: could not be handed to systemd's file descriptor store ({error}); a \
-                 restart of this daemon will not find the guest's pages",
-                self.name
+                "state {name}: could not be handed to systemd's file descriptor store ({error}); \
+                 a restart of this daemon will not find the guest's pages"
             ),
         }
     }
@@ -1479,15 +1485,18 @@ fn start_migrations(
     token: Option<Token>,
     deferred: Option<DeferredFdStore>,
 ) -> Result<Migrations, DaemonError> {
-    let incoming = config
-        .migration
-        .incoming
-        .clone()
-        .map(|at| (at, config.migration.incoming_timeout));
+    let incoming = match deferred {
+        Some(DeferredFdStore::Completed) => None,
+        Some(DeferredFdStore::Pending { .. }) | None => config
+            .migration
+            .incoming
+            .clone()
+            .map(|at| (at, config.migration.incoming_timeout)),
+    };
     let migrations = Migrations::new(Arc::clone(store), token, incoming)
         .map_err(|error| DaemonError::Incoming(error.sentence()))?;
-    if let Some(deferred) = deferred {
-        migrations.on_incoming_complete(Box::new(move || deferred.hand_over()));
+    if let Some(DeferredFdStore::Pending { name, fd }) = deferred {
+        migrations.on_incoming_complete(Box::new(move || DeferredFdStore::hand_over(&name, &fd)));
     }
     Ok(migrations)
 }
@@ -1612,6 +1621,15 @@ fn open_state(
         StateSource::Path(path) => StateFile::open(path).map_err(state_error),
         StateSource::FdStore(name) => {
             if let Some(fd) = crate::systemd::take_passed_fd(name) {
+                if incoming {
+                    // A receiving daemon's memfd reaches the store only once its migration is
+                    // complete: this is a restart after that, and the state is the guest's.
+                    info!(
+                        "state {name}: kept by systemd after the incoming migration completed; \
+                         serving it rather than receiving again"
+                    );
+                    *deferred = Some(DeferredFdStore::Completed);
+                }
                 return StateFile::from_fd(fd, name).map_err(state_error);
             }
             if !crate::systemd::under_service_manager() {
@@ -1626,7 +1644,7 @@ fn open_state(
                         source,
                     }))
                 })?;
-                *deferred = Some(DeferredFdStore {
+                *deferred = Some(DeferredFdStore::Pending {
                     name: name.clone(),
                     fd,
                 });

@@ -333,7 +333,9 @@ fn libvirt_hook_writes_incoming_for_its_domain_only_and_removes_it_after() {
         "VUZ_MIGRATE_ARGS=--incoming unix:/run/vhost-user-zram/vm1/incoming.sock\n"
     );
     run(&["vm1", "started", "begin", "-"], "");
-    assert!(!env_dir.join("vm1.env").exists(), "removed once QEMU runs");
+    assert!(env_dir.join("vm1.env").exists(), "kept while the VM runs");
+    run(&["vm1", "release", "end", "-"], "");
+    assert!(!env_dir.join("vm1.env").exists(), "removed when the VM ends");
     run(&["../x", "migrate", "begin", "-"], ours);
     assert!(std::fs::read_dir(&env_dir).unwrap().next().is_none());
 }
