@@ -142,8 +142,9 @@ fuzz() {
 
 guest() {
     [ -n "${SKIP_GUEST:-}" ] && { skip "SKIP_GUEST is set"; return; }
-    # Every default suite (main, multiqueue, lifecycle, and survive: the daemon SIGKILLed and
-    # SIGTERMed under a swapping guest, about 2 minutes) and the fio comparison with the
+    # Every default suite (main, multiqueue, lifecycle, survive: the daemon SIGKILLed and
+    # SIGTERMed under a swapping guest, about 2 minutes, and migrate: the swapping guest
+    # live-migrated to a second QEMU and daemon, about 2 minutes) and the fio comparison with the
     # default compression workers, then the swap suite again with the queue thread compressing
     # (--workers 0) and the queues polling (--poll-max-us 50): both write paths, and polling
     # off and on, in a guest;
