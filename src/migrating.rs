@@ -180,7 +180,10 @@ impl Migrations {
             let state = outgoing.status().state;
             if !state.is_final() {
                 outgoing.cancel();
-                warn!("the migration to {} was cancelled ({state})", outgoing.status().peer);
+                warn!(
+                    "the migration to {} was cancelled ({state})",
+                    outgoing.status().peer
+                );
                 return Ok(format!(
                     "cancelled the migration in state {state}; every page stays here\n"
                 ));

@@ -207,7 +207,14 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             "--recompress-algorithm",
         ),
         (
-            &["--socket-path", s, "--size", "1M", "--incoming", "tcp:0.0.0.0:4444"],
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--incoming",
+                "tcp:0.0.0.0:4444",
+            ],
             "--incoming tcp:0.0.0.0:4444 needs --migrate-token",
         ),
         (
@@ -215,11 +222,25 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             "is neither unix:PATH nor tcp:HOST:PORT",
         ),
         (
-            &["--socket-path", s, "--size", "1M", "--incoming", "tcp:nohost"],
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--incoming",
+                "tcp:nohost",
+            ],
             "is not HOST:PORT",
         ),
         (
-            &["--socket-path", s, "--size", "1M", "--incoming-timeout", "5"],
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--incoming-timeout",
+                "5",
+            ],
             "--incoming",
         ),
         (

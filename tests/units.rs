@@ -287,14 +287,19 @@ fn migration_drop_in_takes_the_incoming_argument_the_libvirt_hook_writes() {
         .starts_with("migrate-token:"));
     assert!(command.ends_with(" $VUZ_MIGRATE_ARGS"), "{command}");
     let environment = setting(&text, "EnvironmentFile").unwrap();
-    let file = environment.strip_prefix('-').expect("optional: absent when not migrating");
+    let file = environment
+        .strip_prefix('-')
+        .expect("optional: absent when not migrating");
     let hook = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/libvirt/qemu-hook"),
     )
     .unwrap();
     let dir = Path::new(file).parent().unwrap().to_str().unwrap();
     assert_eq!(file, format!("{dir}/%i.env"));
-    assert!(hook.contains(&format!("dir={dir}\n")), "the hook writes into {dir}");
+    assert!(
+        hook.contains(&format!("dir={dir}\n")),
+        "the hook writes into {dir}"
+    );
     assert!(hook.contains("VUZ_MIGRATE_ARGS=--incoming unix:"));
     // No network: the stream is a Unix socket, carried between hosts over SSH.
     assert_eq!(setting(&text, "PrivateNetwork"), None);
@@ -309,7 +314,10 @@ fn libvirt_hook_writes_incoming_for_its_domain_only_and_removes_it_after() {
     let hook = dir.path().join("hook");
     std::fs::write(
         &hook,
-        hook_text.replace("dir=/run/vhost-user-zram-migrate", &format!("dir={}", env_dir.display())),
+        hook_text.replace(
+            "dir=/run/vhost-user-zram-migrate",
+            &format!("dir={}", env_dir.display()),
+        ),
     )
     .unwrap();
     let run = |args: &[&str], xml: &str| {
@@ -320,12 +328,21 @@ fn libvirt_hook_writes_incoming_for_its_domain_only_and_removes_it_after() {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(xml.as_bytes())
+            .unwrap();
         assert!(child.wait().unwrap().success(), "{args:?}");
     };
-    let ours = "<disk type='vhostuser'><source type='unix' path='/run/vhost-user-zram/vm1.sock'/></disk>";
+    let ours =
+        "<disk type='vhostuser'><source type='unix' path='/run/vhost-user-zram/vm1.sock'/></disk>";
     run(&["vm2", "migrate", "begin", "-"], ours);
-    assert!(!env_dir.join("vm2.env").exists(), "vm2 does not use vm1's socket");
+    assert!(
+        !env_dir.join("vm2.env").exists(),
+        "vm2 does not use vm1's socket"
+    );
     run(&["vm1", "migrate", "begin", "-"], ours);
     let env = std::fs::read_to_string(env_dir.join("vm1.env")).unwrap();
     assert_eq!(
@@ -335,7 +352,10 @@ fn libvirt_hook_writes_incoming_for_its_domain_only_and_removes_it_after() {
     run(&["vm1", "started", "begin", "-"], "");
     assert!(env_dir.join("vm1.env").exists(), "kept while the VM runs");
     run(&["vm1", "release", "end", "-"], "");
-    assert!(!env_dir.join("vm1.env").exists(), "removed when the VM ends");
+    assert!(
+        !env_dir.join("vm1.env").exists(),
+        "removed when the VM ends"
+    );
     run(&["../x", "migrate", "begin", "-"], ours);
     assert!(std::fs::read_dir(&env_dir).unwrap().next().is_none());
 }

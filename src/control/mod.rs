@@ -357,12 +357,9 @@ impl FromStr for Command {
                 ))
             }
             ("migrate", to) => {
-                return to
-                    .parse()
-                    .map(Command::Migrate)
-                    .map_err(|e: crate::migrate::MigrateError| {
-                        ControlError::BadArgument(e.to_string())
-                    })
+                return to.parse().map(Command::Migrate).map_err(
+                    |e: crate::migrate::MigrateError| ControlError::BadArgument(e.to_string()),
+                )
             }
             ("writeback-limit", "") => return Ok(Command::WritebackLimit(LimitChange::Show)),
             ("writeback-limit", "off") => return Ok(Command::WritebackLimit(LimitChange::Off)),
@@ -745,11 +742,17 @@ mod tests {
         ));
         let status = Command::MigrateStatus.execute(&with).unwrap();
         assert!(status.starts_with("role source\nstate idle\n"), "{status}");
-        let cancel = Command::MigrateCancel.execute(&with).unwrap_err().to_string();
+        let cancel = Command::MigrateCancel
+            .execute(&with)
+            .unwrap_err()
+            .to_string();
         assert_eq!(cancel, "no migration is running");
         let dir = tempfile::tempdir().unwrap();
         let nobody = Endpoint::Unix(dir.path().join("nobody.sock"));
-        let failed = Command::Migrate(nobody).execute(&with).unwrap_err().to_string();
+        let failed = Command::Migrate(nobody)
+            .execute(&with)
+            .unwrap_err()
+            .to_string();
         assert!(failed.contains("nobody.sock"), "{failed}");
         let status = Command::MigrateStatus.execute(&with).unwrap();
         assert!(status.contains("state failed\n"), "{status}");
