@@ -624,7 +624,8 @@ pub enum UsageError {
 
 /// `--incoming` and `ctl migrate`: `unix:PATH` or `tcp:HOST:PORT`.
 fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
-    text.parse().map_err(|error: MigrateError| error.to_string())
+    text.parse()
+        .map_err(|error: MigrateError| error.to_string())
 }
 
 /// `--state-fdstore NAME`: a name systemd accepts for a stored file descriptor.
@@ -641,7 +642,9 @@ pub const DEFAULT_INCOMING_TIMEOUT: u64 = 60;
 fn parse_incoming_timeout(text: &str) -> Result<u64, String> {
     match text.parse::<u64>() {
         Ok(secs @ 1..=86_400) => Ok(secs),
-        _ => Err(format!("'{text}' is not a number of seconds from 1 to 86400")),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds from 1 to 86400"
+        )),
     }
 }
 

@@ -510,12 +510,14 @@ impl Daemon {
         // The token first: a wrong file is refused before anything is created.
         let token = match &config.migration.token {
             Some(path) => Some(
-                Token::from_file(path).map_err(|error| DaemonError::MigrateToken(error.sentence()))?,
+                Token::from_file(path)
+                    .map_err(|error| DaemonError::MigrateToken(error.sentence()))?,
             ),
             None => None,
         };
         let mut deferred_fdstore = None;
-        let (store, refusal) = match build_store(&config, &stop, dictionary, &mut deferred_fdstore) {
+        let (store, refusal) = match build_store(&config, &stop, dictionary, &mut deferred_fdstore)
+        {
             Ok(store) => (store, None),
             Err(DaemonError::State(error)) if unrecoverable(&error) => {
                 // A frontend coming back for these pages must get I/O errors, not an empty

@@ -357,12 +357,9 @@ impl FromStr for Command {
                 ))
             }
             ("migrate", to) => {
-                return to
-                    .parse()
-                    .map(Command::Migrate)
-                    .map_err(|e: crate::migrate::MigrateError| {
-                        ControlError::BadArgument(e.to_string())
-                    })
+                return to.parse().map(Command::Migrate).map_err(
+                    |e: crate::migrate::MigrateError| ControlError::BadArgument(e.to_string()),
+                )
             }
             ("writeback-limit", "") => return Ok(Command::WritebackLimit(LimitChange::Show)),
             ("writeback-limit", "off") => return Ok(Command::WritebackLimit(LimitChange::Off)),
