@@ -720,6 +720,20 @@ mod tests {
     }
 
     #[test]
+    fn migrate_takes_its_dirty_size_and_runs_alone() {
+        let args = Args::try_parse_from(["b", "--migrate"]).unwrap();
+        assert!(args.migrate);
+        assert_eq!(args.migrate_dirty, 10 << 20);
+        let none = Args::try_parse_from(["b", "--migrate", "--migrate-dirty", "0"]).unwrap();
+        assert_eq!(none.migrate_dirty, 0);
+        assert!(Args::try_parse_from(["b", "--migrate-dirty", "1M"]).is_err());
+        for other in ["--compare", "--compare-state"] {
+            assert!(Args::try_parse_from(["b", "--migrate", other]).is_err());
+        }
+        assert!(Args::try_parse_from(["b", "--migrate", "--socket", "/s"]).is_err());
+    }
+
+    #[test]
     fn json_and_csv_take_a_file_or_stdout_but_not_both_stdout() {
         let bare = Args::try_parse_from(["b", "--json", "--csv", "out.csv"]).unwrap();
         assert_eq!(bare.json.as_deref(), Some("-"));
