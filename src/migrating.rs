@@ -34,6 +34,9 @@ use crate::store::PageStore;
 /// How long `ctl migrate` waits for the stream to connect and authenticate, so that a wrong
 /// endpoint or token is the command's error rather than a status to look up.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
+/// How long a frontend leaving during the switchover waits for the last pages to go (past
+/// the stream's stall timeout, which fails a stuck one).
+const SWITCHOVER_WAIT: Duration = Duration::from_secs(15);
 /// How long stopping waits for each migration thread.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -204,10 +207,21 @@ impl Migrations {
     }
 
     /// The frontend went away: an outgoing migration after `Synced` closes its stream (the
-    /// source QEMU quit after the switchover).
+    /// source QEMU quit after the switchover). One whose switchover has begun (the queues
+    /// stopped, the last dirty pages still going) is waited for, bounded, so that the daemon's
+    /// stop does not cancel it halfway: the destination needs those pages.
     pub fn frontend_gone(&self) {
         if let Some(outgoing) = lock(&self.outgoing).as_ref() {
             outgoing.frontend_gone();
+            if outgoing.switching_over() && !outgoing.status().state.is_final() {
+                info!("the frontend left during the switchover: finishing the stream first");
+                if !outgoing.join(SWITCHOVER_WAIT) {
+                    warn!(
+                        "the switchover's stream did not end within {SWITCHOVER_WAIT:?}; \
+                         cancelling it"
+                    );
+                }
+            }
         }
     }
 

@@ -202,6 +202,13 @@ impl MigrationSource {
         self.shared.wake.notify_all();
     }
 
+    /// Whether the switchover has begun: the queues stopped, and the last dirty pages and
+    /// `Synced` are on their way or sent (no resume since).
+    pub fn switching_over(&self) -> bool {
+        let control = lock(&self.shared.control);
+        control.stopped || control.synced
+    }
+
     /// Cancels the migration (the store keeps every page).
     pub fn cancel(&self) {
         lock(&self.shared.control).cancel = true;

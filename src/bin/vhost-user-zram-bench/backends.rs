@@ -566,6 +566,22 @@ impl Backend {
         } else {
             format!("vhost-user-zram{}", variant.concat())
         };
+        Self::launch_vhost_user_zram(dir, kind, &stem, options, size, queues)
+    }
+
+    /// Launches vhost-user-zram as [`Backend::vhost_user_zram`] does, with its socket, control
+    /// socket and log named after `stem` (two daemons of one kind side by side: `--migrate`).
+    pub fn launch_vhost_user_zram(
+        dir: &RunDir,
+        kind: BackendKind,
+        stem: &str,
+        options: &DaemonOptions,
+        size: u64,
+        queues: usize,
+    ) -> Result<Backend, String> {
+        let variant = kind
+            .daemon_variant_args()
+            .ok_or("not a vhost-user-zram backend")?;
         let socket = dir.join(&format!("{stem}.sock"));
         let control = dir.join(&format!("{stem}.ctl"));
         let mut state_file = None;
@@ -603,7 +619,7 @@ impl Backend {
             binary: options.binary.clone(),
             args: command.get_args().map(ToOwned::to_owned).collect(),
             socket: socket.clone(),
-            log_stem: dir.join(&stem),
+            log_stem: dir.join(stem),
             restarts: 0,
         };
         let mut process =
@@ -739,6 +755,11 @@ impl Backend {
     /// What the backend's process (the latest, after a restart) has logged so far.
     pub fn daemon_log(&self) -> Option<String> {
         self.process.as_ref().map(ChildGuard::log_text)
+    }
+
+    /// vhost-user-zram's control socket, when the backend has one.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control_socket.as_deref()
     }
 
     /// Tells, from any thread, whether the backend's process has exited.

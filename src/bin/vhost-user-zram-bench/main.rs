@@ -7,6 +7,7 @@
 mod backends;
 mod device;
 mod histogram;
+mod migrate;
 mod plot;
 mod progress;
 mod report;
@@ -128,6 +129,20 @@ struct Args {
     #[arg(long, default_value_t = 4096, value_name = "PAGES", value_parser = clap::value_parser!(u64).range(1..))]
     restart_sample_pages: u64,
 
+    /// Benchmark live migration (issue 18): launch a source and a destination vhost-user-zram
+    /// (`--incoming unix:RUNDIR/stream.sock`), fill the source, `ctl migrate` it and measure
+    /// the idle full copy (wire bytes against compr_data_size), then write --migrate-dirty bytes
+    /// at random pages during pre-copy, disconnect from the source (standing in for QEMU's
+    /// GET_VRING_BASE) and measure the time to the first read served by the destination; then
+    /// verify every page on the destination. Only the fill phase runs.
+    #[arg(long, conflicts_with_all = ["socket", "compare", "compare_state"])]
+    migrate: bool,
+
+    /// With --migrate: bytes of new swap-like pages written at random pages during pre-copy,
+    /// before the switchover (K/M/G suffixes; 0 for none).
+    #[arg(long, default_value = "10M", value_name = "SIZE", requires = "migrate", value_parser = parse_dirty_size)]
+    migrate_dirty: u64,
+
     /// The polling window of the extra vhost-user-zram in --compare, `vuz --poll N`
     /// (--poll-max-us N), beside the default that does not poll; 0 leaves it out.
     #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=10_000))]
@@ -186,6 +201,14 @@ fn parse_size(text: &str) -> Result<u64, String> {
         return Err(format!("'{text}' is not a positive multiple of 4 KiB"));
     }
     Ok(bytes)
+}
+
+/// `--migrate-dirty`: a size as `--size` takes it, or 0.
+fn parse_dirty_size(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(text)
 }
 
 fn parse_phase(text: &str) -> Result<Phase, String> {
@@ -389,7 +412,15 @@ fn run(args: &Args) -> Result<Report, String> {
             }),
         },
         backends: Vec::new(),
+        migration: None,
     };
+    if args.migrate {
+        let (entry, migration) = migrate::run(args, &dir, &daemon);
+        eprintln!("{}", entry.progress_line());
+        report.backends.push(entry);
+        report.migration = migration;
+        return Ok(report);
+    }
     let mut all_rounds: Vec<BackendReport> = Vec::new();
     for round in 0..args.rounds {
         for &kind in &plan {
@@ -686,6 +717,20 @@ mod tests {
         assert!(Args::try_parse_from(["b", "--compare-state", "--no-restart-check"]).is_ok());
         assert!(Args::try_parse_from(["b", "--no-restart-check"]).is_err());
         assert!(Args::try_parse_from(["b", "--compare-state", "--socket", "/s"]).is_err());
+    }
+
+    #[test]
+    fn migrate_takes_its_dirty_size_and_runs_alone() {
+        let args = Args::try_parse_from(["b", "--migrate"]).unwrap();
+        assert!(args.migrate);
+        assert_eq!(args.migrate_dirty, 10 << 20);
+        let none = Args::try_parse_from(["b", "--migrate", "--migrate-dirty", "0"]).unwrap();
+        assert_eq!(none.migrate_dirty, 0);
+        assert!(Args::try_parse_from(["b", "--migrate-dirty", "1M"]).is_err());
+        for other in ["--compare", "--compare-state"] {
+            assert!(Args::try_parse_from(["b", "--migrate", other]).is_err());
+        }
+        assert!(Args::try_parse_from(["b", "--migrate", "--socket", "/s"]).is_err());
     }
 
     #[test]

@@ -565,6 +565,7 @@ mod tests {
                     ..BackendReport::new(kind, None)
                 })
                 .collect(),
+            migration: None,
         }
     }
 

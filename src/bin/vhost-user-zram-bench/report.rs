@@ -14,6 +14,9 @@ pub struct Report {
     pub workload: WorkloadDescription,
     /// One entry per backend, in the order they ran.
     pub backends: Vec<BackendReport>,
+    /// The live-migration benchmark (`--migrate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migrate::MigrateReport>,
 }
 
 /// The workload's parameters.
@@ -467,6 +470,9 @@ impl Report {
         if self.backends.len() > 1 {
             out.push_str(&self.render_comparison());
             out.push_str(&self.render_state_comparison());
+        }
+        if let Some(migration) = &self.migration {
+            out.push_str(&crate::migrate::render(migration));
         }
         out
     }
@@ -952,6 +958,7 @@ mod tests {
                 compare_poll_max_us: None,
             },
             backends,
+            migration: None,
         }
     }
 

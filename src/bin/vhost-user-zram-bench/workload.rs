@@ -509,6 +509,98 @@ impl Workload {
         }
     }
 
+    /// Writes the next generation of each of `pages` (device page numbers, distinct) on the
+    /// device's first queue, up to the queue depth in flight, and records it, so that later
+    /// reads expect it. Fails on an I/O error or `io_timeout` without a completion.
+    pub fn write_pages(
+        &mut self,
+        device: &mut Device,
+        pages: &[u64],
+        io_timeout: Duration,
+    ) -> Result<u64, String> {
+        let queues = self.page_states.len() as u64;
+        let lane = device.lanes.first_mut().ok_or("the device has no queue")?;
+        let mut slots: Vec<Option<u64>> = vec![None; self.queue_depth];
+        let mut completions: Vec<MaybeUninit<Completion>> = (0..self.queue_depth)
+            .map(|_| MaybeUninit::uninit())
+            .collect();
+        let mut written = 0u64;
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut last_completion = Instant::now();
+        loop {
+            for (slot, busy) in slots.iter_mut().enumerate() {
+                if busy.is_none() && next < pages.len() {
+                    let page = pages[next];
+                    next += 1;
+                    let state =
+                        &mut self.page_states[to_index(page % queues)][to_index(page / queues)];
+                    let generation = if state.written {
+                        state.generation.wrapping_add(1)
+                    } else {
+                        0
+                    };
+                    *state = PageState {
+                        written: true,
+                        generation,
+                    };
+                    let content = &self.pool.pages[self.pool.index_of(page, generation)];
+                    let buffer = lane.buffer(slot, PAGE_SIZE);
+                    // SAFETY: the slot's buffer is PAGE_SIZE bytes of the lane's mapped region
+                    // with no request in flight; the pool does not overlap the region.
+                    unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), buffer, PAGE_SIZE) };
+                    lane.queue.write(
+                        page * PAGE_SIZE as u64,
+                        buffer,
+                        PAGE_SIZE,
+                        slot,
+                        ReqFlags::empty(),
+                    );
+                    *busy = Some(page);
+                    in_flight += 1;
+                }
+            }
+            if in_flight == 0 {
+                return Ok(written);
+            }
+            let mut slice = WAIT_SLICE;
+            let done = match lane
+                .queue
+                .do_io(&mut completions, 1, Some(&mut slice), None)
+            {
+                Ok(done) => done,
+                Err(e) if e.errno() == blkio::Errno::TIME => 0,
+                Err(e) => return Err(format!("do_io: {e:?}")),
+            };
+            if done == 0 {
+                if last_completion.elapsed() >= io_timeout {
+                    return Err(format!(
+                        "no write completed for {:.1} s with {in_flight} in flight",
+                        io_timeout.as_secs_f64()
+                    ));
+                }
+                continue;
+            }
+            last_completion = Instant::now();
+            for completion in &completions[..done] {
+                // SAFETY: do_io initialized the first `done` entries.
+                let completion = unsafe { completion.assume_init_read() };
+                let page = slots
+                    .get_mut(completion.user_data)
+                    .and_then(Option::take)
+                    .ok_or("a completion for an idle slot")?;
+                in_flight -= 1;
+                if completion.ret != 0 {
+                    return Err(format!(
+                        "write of page {page} failed: {}",
+                        std::io::Error::from_raw_os_error(-completion.ret)
+                    ));
+                }
+                written += 1;
+            }
+        }
+    }
+
     /// Whether the fill ran, so that every page's content is known.
     pub fn filled(&self) -> bool {
         self.filled
