@@ -590,6 +590,28 @@ mod tests {
 
     #[test]
     #[cfg(not(miri))] // Miri cannot mmap files
+    fn test_bitmap_region_marks_only_after_replace() {
+        let mmap_size = 4; // 32 pages
+        let f = tmp_file(mmap_size);
+        let region_len = LOG_PAGE_SIZE * 32;
+        let region: GuestRegionMmap<()> =
+            GuestRegionMmap::from_range(GuestAddress::new(0), region_len, None).unwrap();
+        let logmem = Arc::new(MmapLogReg::from_file(f.as_fd(), 0, mmap_size as u64).unwrap());
+        let bitmap = BitmapMmapRegion::default();
+
+        // Before a bitmap is set, marking (through the region or a slice) does nothing.
+        bitmap.mark_dirty(0, LOG_PAGE_SIZE);
+        bitmap.slice_at(LOG_PAGE_SIZE).mark_dirty(0, LOG_PAGE_SIZE);
+        bitmap.replace(AtomicBitmapMmap::new(&region, logmem).unwrap());
+        assert!(range_is_clean(&bitmap, 0, region_len));
+
+        bitmap.slice_at(LOG_PAGE_SIZE).mark_dirty(0, 1);
+        assert!(range_is_dirty(&bitmap, LOG_PAGE_SIZE, LOG_PAGE_SIZE));
+        assert!(range_is_clean(&bitmap, 0, LOG_PAGE_SIZE));
+    }
+
+    #[test]
+    #[cfg(not(miri))] // Miri cannot mmap files
     fn test_bitmap_region_slice() {
         // A log memory area able to track 32 pages
         let mmap_offset: u64 = 0;
