@@ -13,7 +13,9 @@
 //!
 //! and `one descriptor, inflight`: the first layout with a vhost-user inflight region attached
 //! to the runner, as when the frontend negotiated `INFLIGHT_SHMFD` (a few stores into the
-//! shared region per request).
+//! shared region per request). The `log type` rows run the first two layouts over guest memory
+//! as the daemon maps it (`blk::backend::GuestMap`: every region carries a dirty-log bitmap, none set, as
+//! when no migration runs) instead of memory without a bitmap: what offering `LOG_ALL` costs.
 //!
 //! Prints ns per read (best of `ROUNDS` runs, to keep other processes on a shared machine out
 //! of it) and the request path's cost above the store's read. Built against an older tree the
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_zram::blk::inflight::{create_region, InflightRegion};
 use vhost_user_zram::blk::request::RequestRunner;
 use vhost_user_zram::blk::DeviceConfig;
@@ -36,6 +39,7 @@ use vhost_user_zram::pagegen::{fill_page, SplitMix64};
 use vhost_user_zram::store::{PageStore, StoreConfig};
 use vhost_user_zram::PAGE_SIZE;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::mmap::NewBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const DEFAULT_PAGES: u64 = 16384;
@@ -57,13 +61,13 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
 /// A split queue with its rings placed by hand, and a driver that posts read chains.
-struct Bench {
-    mem: GuestMemoryMmap<()>,
+struct Bench<B: NewBitmap> {
+    mem: GuestMemoryMmap<B>,
     queue: Queue,
     avail_idx: u16,
 }
 
-impl Bench {
+impl<B: NewBitmap> Bench<B> {
     fn new() -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut queue = Queue::new(QUEUE_SIZE).unwrap();
@@ -143,7 +147,8 @@ fn page_sequence(pages: u64) -> Vec<u64> {
         .collect()
 }
 
-fn time_reads(
+/// Times the reads of `sequence` over guest memory whose regions carry bitmap `B`.
+fn time_reads<B: NewBitmap>(
     store: &PageStore,
     pages: u64,
     sequence: &[u64],
@@ -152,7 +157,7 @@ fn time_reads(
 ) -> Duration {
     let mut device = DeviceConfig::new(pages);
     device.queue_size = QUEUE_SIZE;
-    let mut bench = Bench::new();
+    let mut bench = Bench::<B>::new();
     let mut worker = RequestRunner::standalone(&device);
     if inflight {
         let (file, len) = create_region(1, QUEUE_SIZE, 1, QUEUE_SIZE).unwrap();
@@ -226,20 +231,29 @@ fn main() {
     let mut two = Vec::new();
     let mut bare = Vec::new();
     let mut tracked = Vec::new();
+    let mut one_log = Vec::new();
+    let mut two_log = Vec::new();
     for _ in 0..ROUNDS {
         one.push(ns_per_read(|| {
-            time_reads(&store, pages, &sequence, false, false)
+            time_reads::<()>(&store, pages, &sequence, false, false)
+        }));
+        one_log.push(ns_per_read(|| {
+            time_reads::<LogBitmap>(&store, pages, &sequence, false, false)
         }));
         two.push(ns_per_read(|| {
-            time_reads(&store, pages, &sequence, true, false)
+            time_reads::<()>(&store, pages, &sequence, true, false)
+        }));
+        two_log.push(ns_per_read(|| {
+            time_reads::<LogBitmap>(&store, pages, &sequence, true, false)
         }));
         bare.push(ns_per_read(|| time_store_reads(&store, &sequence)));
         tracked.push(ns_per_read(|| {
-            time_reads(&store, pages, &sequence, false, true)
+            time_reads::<()>(&store, pages, &sequence, false, true)
         }));
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (one, two, bare, tracked) = (min(&one), min(&two), min(&bare), min(&tracked));
+    let (one_log, two_log) = (min(&one_log), min(&two_log));
     println!(
         "read path, lz4, {pages} swap-like pages, {READS_PER_ROUND} random 4 KiB reads in batches of {BATCH}, best of {ROUNDS}"
     );
@@ -249,6 +263,8 @@ fn main() {
         ("two descriptors", two),
         ("store only", bare),
         ("one desc, inflight", tracked),
+        ("one desc, log type", one_log),
+        ("two desc, log type", two_log),
     ] {
         println!(
             "{name:<18} {ns:>8.0} {:>8.0}k {:>10.0} ns",
@@ -257,6 +273,9 @@ fn main() {
         );
     }
 }
+
+/// The bitmap of every region of the daemon's guest memory (`blk::backend::GuestMap`).
+type LogBitmap = BitmapMmapRegion;
 
 fn ns_per_read(run: impl FnOnce() -> Duration) -> f64 {
     run().as_nanos() as f64 / READS_PER_ROUND as f64

@@ -301,13 +301,15 @@ fn assert_negotiated_as_expected(negotiated: &Negotiated, num_queues: usize) {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     );
     // With INFLIGHT_SHMFD cloud-hypervisor's `VhostUserCommon::activate` creates an `Inflight`
-    // and sends GET/SET_INFLIGHT_FD; without LOG_SHMFD `update_supports_migration` leaves
-    // migration off, which does not stop activation.
-    assert!(!negotiated
-        .acked_protocol_features
-        .contains(VhostUserProtocolFeatures::LOG_SHMFD));
+    // and sends GET/SET_INFLIGHT_FD; with LOG_SHMFD `update_supports_migration` turns
+    // migration on: it acknowledges `LOG_ALL` and sends `SET_LOG_BASE` only when it migrates.
+    assert_eq!(
+        negotiated.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits(),
+        0
+    );
     assert!(negotiated.backend_num_queues >= num_queues as u64);
     assert_eq!(negotiated.backend_num_queues, num_queues as u64);
 }

@@ -38,6 +38,8 @@ const HEADER: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL`: dirty logging for live migration.
+const LOG_ALL_BIT: u64 = 1 << 26;
 /// How long the daemon gets to return from `run` after the frontend hangs up or a stop.
 const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -72,7 +74,9 @@ fn expected_features() -> u64 {
         VIRTIO_BLK_F_WRITE_ZEROES,
     ]
     .iter()
-    .fold(PROTOCOL_FEATURES_BIT, |acc, bit| acc | 1 << bit)
+    .fold(PROTOCOL_FEATURES_BIT | LOG_ALL_BIT, |acc, bit| {
+        acc | 1 << bit
+    })
 }
 
 fn negotiate(frontend: &mut Frontend) {
@@ -89,6 +93,7 @@ fn negotiate(frontend: &mut Frontend) {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     );
     frontend.set_protocol_features(protocol).unwrap();
 }

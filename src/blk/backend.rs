@@ -192,15 +192,18 @@ impl QueueThread {
 /// ([`BlkBackend::set_queue_hooks`]).
 pub trait QueueHooks: Send + Sync {
     /// Before queue `queue` serves its first request after a start (the frontend's
-    /// `SET_VRING_KICK` / enable, including restarts after `GET_VRING_BASE`). May block
-    /// (bounded by the implementation). `Err(sentence)`: the queue must not serve at all —
+    /// `SET_VRING_KICK` / enable, including restarts after `GET_VRING_BASE`), on the queue's
+    /// thread, at the first kick it serves. May block (bounded by the implementation); a stop
+    /// of this queue waits for it. `Err(sentence)`: the queue must not serve at all —
     /// the start fails: the sentence is logged, and every request on that queue fails
     /// (`VIRTIO_BLK_S_IOERR`) rather than being served; nothing is read from or written to
     /// the store.
     fn before_start(&self, queue: usize) -> Result<(), String>;
-    /// After a queue stopped (`GET_VRING_BASE` answered, `RESET_DEVICE`, disconnect): every
-    /// request taken from it is complete. `all_stopped` is true when no queue is running any
-    /// more.
+    /// After a queue stopped (`GET_VRING_BASE`, just before the answer goes out;
+    /// `RESET_DEVICE`; disconnect): every request taken from it is complete (on the used ring,
+    /// or cancelled when the bounded wait ran out). `all_stopped` is true when no queue is
+    /// running any more; a frontend that stops queues that never ran may make it true more
+    /// than once. Runs on the frontend's message thread: the answer waits for it.
     fn after_stop(&self, queue: usize, all_stopped: bool);
 }
 
@@ -303,9 +306,10 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
 
     /// Tells the hooks that queue `queue` stopped (its requests are complete or cancelled).
     fn stop_hooks(&self, queue: usize) {
-        if let Some(running) = self.running.get(queue) {
-            running.store(false, Ordering::Release);
-        }
+        let Some(running) = self.running.get(queue) else {
+            return;
+        };
+        running.store(false, Ordering::Release);
         if let Some(hooks) = self.queue_hooks() {
             let all_stopped = !self
                 .running

@@ -1544,3 +1544,57 @@ fn resubmitted_chains_are_parsed_like_fresh_ones() {
     h.runner = runner;
     assert_eq!(h.read(0, PAGE_SIZE), data);
 }
+
+#[test]
+fn a_read_into_a_lent_guest_page_marks_it_dirty() {
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    // Guest memory whose region carries a dirty bitmap, as it does while a migration logs it.
+    let mem: GuestMemoryMmap<AtomicBitmap> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    let device = DeviceConfig::new(16);
+    let store = TestStore::new(device.capacity_pages);
+    store
+        .pages
+        .lock()
+        .unwrap()
+        .insert(2, Box::new([0x33; PAGE_SIZE]));
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    header[8..16].copy_from_slice(&16u64.to_le_bytes());
+    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let descs = [
+        SplitDescriptor::new(HEADER, 16, next, 1),
+        SplitDescriptor::new(DATA, PAGE_SIZE as u32, write | next, 2),
+        SplitDescriptor::new(STATUS, 1, write, 0),
+    ];
+    for (index, desc) in (0u16..).zip(descs) {
+        vq.desc_table()
+            .store(index, RawDescriptor::from(desc))
+            .unwrap();
+    }
+    vq.avail().ring().ref_at(0).unwrap().store(0);
+    vq.avail().idx().store(1);
+    let bitmap = mem.find_region(GuestAddress(0)).unwrap().bitmap();
+    let dirty = |addr: u64| bitmap.dirty_at(addr as usize);
+    assert!(!dirty(DATA) && !dirty(STATUS));
+
+    let mut runner = RequestRunner::standalone(&device);
+    let completed = runner
+        .process_queue(&mut queue, &mem, &store, &device)
+        .unwrap();
+
+    assert_eq!(completed, 1);
+    let lent = mem.get_host_address(GuestAddress(DATA)).unwrap() as usize;
+    assert_eq!(
+        *store.read_targets.lock().unwrap(),
+        [lent],
+        "the page was lent"
+    );
+    assert!(dirty(DATA) && dirty(DATA + PAGE_SIZE as u64 - 1));
+    assert!(dirty(STATUS));
+    assert!(!dirty(DATA + PAGE_SIZE as u64));
+}

@@ -4,10 +4,10 @@
 
 use std::ops::Index;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::{io, ptr};
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{Address, GuestMemoryRegion};
 
@@ -58,6 +58,10 @@ impl MemRegionBitmap for () {
 ///
 /// To use this bitmap you need to define the memory as `GuestMemoryMmap<BitmapMmapRegion>`.
 ///
+/// Until a bitmap is set, which only happens during a migration, the cost is one atomic load per
+/// write to guest memory: slices borrow the region's bitmap (`RefSlice`) rather than cloning it,
+/// and marking takes the lock only once a bitmap was set.
+///
 /// Note:
 /// This implementation uses `std::sync::RwLock`, the priority policy of the lock is dependent on
 /// the underlying operating system's implementation and does not guarantee any particular policy,
@@ -67,31 +71,38 @@ pub struct BitmapMmapRegion {
     // TODO: To avoid both reader and writer starvation we can replace the `std::sync::RwLock` with
     // `parking_lot::RwLock`.
     inner: Arc<RwLock<Option<AtomicBitmapMmap>>>,
-    base_address: usize, // The slice's base address
+    // Whether `inner` ever held a bitmap: until then marking skips the lock.
+    logging: Arc<AtomicBool>,
+}
+
+impl BitmapMmapRegion {
+    // The part of `mark_dirty` that runs once a bitmap was set, out of line so that the check
+    // before it inlines into every guest memory write.
+    #[inline(never)]
+    fn mark_dirty_logged(&self, offset: usize, len: usize) {
+        let inner = self.inner.read().unwrap();
+        if let Some(bitmap) = inner.as_ref() {
+            bitmap.mark_dirty(offset, len);
+        }
+    }
 }
 
 impl Bitmap for BitmapMmapRegion {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
-        let inner = self.inner.read().unwrap();
-        if let Some(bitmap) = inner.as_ref() {
-            if let Some(absolute_offset) = self.base_address.checked_add(offset) {
-                bitmap.mark_dirty(absolute_offset, len);
-            }
+        if self.logging.load(Ordering::Acquire) {
+            self.mark_dirty_logged(offset, len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
         let inner = self.inner.read().unwrap();
-        inner
-            .as_ref()
-            .is_some_and(|bitmap| bitmap.dirty_at(self.base_address.saturating_add(offset)))
+        inner.as_ref().is_some_and(|bitmap| bitmap.dirty_at(offset))
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
-        Self {
-            inner: Arc::clone(&self.inner),
-            base_address: self.base_address.saturating_add(offset),
-        }
+        RefSlice::new(self, offset)
     }
 }
 
@@ -101,13 +112,12 @@ impl BitmapReplace for BitmapMmapRegion {
     fn replace(&self, bitmap: AtomicBitmapMmap) {
         let mut inner = self.inner.write().unwrap();
         inner.replace(bitmap);
+        self.logging.store(true, Ordering::Release);
     }
 }
 
-impl BitmapSlice for BitmapMmapRegion {}
-
-impl WithBitmapSlice<'_> for BitmapMmapRegion {
-    type S = Self;
+impl<'a> WithBitmapSlice<'a> for BitmapMmapRegion {
+    type S = RefSlice<'a, Self>;
 }
 
 impl NewBitmap for BitmapMmapRegion {
@@ -348,7 +358,7 @@ mod tests {
         f
     }
 
-    fn test_all(b: &BitmapMmapRegion, len: usize) {
+    fn test_all<B: Bitmap>(b: &B, len: usize) {
         assert!(range_is_clean(b, 0, len), "The bitmap should be clean");
 
         b.mark_dirty(0, len);
@@ -576,6 +586,28 @@ mod tests {
             range_is_clean(&bitmap0, 0, region0_len),
             "The bitmap1 should be clean"
         );
+    }
+
+    #[test]
+    #[cfg(not(miri))] // Miri cannot mmap files
+    fn test_bitmap_region_marks_only_after_replace() {
+        let mmap_size = 4; // 32 pages
+        let f = tmp_file(mmap_size);
+        let region_len = LOG_PAGE_SIZE * 32;
+        let region: GuestRegionMmap<()> =
+            GuestRegionMmap::from_range(GuestAddress::new(0), region_len, None).unwrap();
+        let logmem = Arc::new(MmapLogReg::from_file(f.as_fd(), 0, mmap_size as u64).unwrap());
+        let bitmap = BitmapMmapRegion::default();
+
+        // Before a bitmap is set, marking (through the region or a slice) does nothing.
+        bitmap.mark_dirty(0, LOG_PAGE_SIZE);
+        bitmap.slice_at(LOG_PAGE_SIZE).mark_dirty(0, LOG_PAGE_SIZE);
+        bitmap.replace(AtomicBitmapMmap::new(&region, logmem).unwrap());
+        assert!(range_is_clean(&bitmap, 0, region_len));
+
+        bitmap.slice_at(LOG_PAGE_SIZE).mark_dirty(0, 1);
+        assert!(range_is_dirty(&bitmap, LOG_PAGE_SIZE, LOG_PAGE_SIZE));
+        assert!(range_is_clean(&bitmap, 0, LOG_PAGE_SIZE));
     }
 
     #[test]
