@@ -305,6 +305,9 @@ pub struct RecompressOutcome {
     pub bytes_saved: u64,
     /// Pages newly marked incompressible.
     pub incompressible: u64,
+    /// Pages of memory the pass gave back to the host: the compaction that ends a pass that
+    /// replaced objects (the old objects leave holes in their chunks, the new ones fill others).
+    pub pages_given_back: u64,
     /// Whether the pass stopped early because its pacing callback asked it to.
     pub stopped: bool,
 }
@@ -313,8 +316,13 @@ impl fmt::Display for RecompressOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "tried {} pages, recompressed {}, saved {} bytes, {} incompressible",
-            self.tried, self.recompressed, self.bytes_saved, self.incompressible
+            "tried {} pages, recompressed {}, saved {} bytes, {} incompressible, gave back {} \
+             pages",
+            self.tried,
+            self.recompressed,
+            self.bytes_saved,
+            self.incompressible,
+            self.pages_given_back
         )
     }
 }
@@ -844,7 +852,11 @@ impl PageStore {
             budget = budget.map(|n| n - 1);
         }
         add(&self.counters.local().recompress_passes, 1);
-        self.counters.note_mem_used(self.mem_used_total());
+        // The memory the pass freed goes back to the host before it returns. A pass never
+        // raises mem_used_max: its peak is the guest's data moving, not the guest writing.
+        if outcome.recompressed > 0 {
+            outcome.pages_given_back = self.compact();
+        }
         Ok(outcome)
     }
 

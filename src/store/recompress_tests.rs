@@ -737,3 +737,33 @@ fn training_memory_is_bounded_and_checked_against_the_memory_limit() {
     // The samples are no longer counted; the dictionary is.
     assert_eq!(s.recompression.dictionary_bytes(), trained.bytes as u64);
 }
+
+#[test]
+fn a_recompression_pass_gives_its_memory_back_and_never_raises_mem_used_max() {
+    let s = store(4096, &["zstd:level=9"]);
+    for i in 0..4096 {
+        s.write(i, &swap_page(i)).unwrap();
+    }
+    let before = s.stats().mm;
+    s.mark_idle();
+
+    let outcome = s.recompress(&request("type=idle")).unwrap();
+
+    let after = s.stats().mm;
+    assert!(outcome.recompressed > 1000, "{outcome}");
+    assert!(outcome.pages_given_back > 0, "{outcome}");
+    assert!(
+        after.mem_used_total < before.mem_used_total,
+        "mem_used_total {} after the pass, {} before ({outcome})",
+        after.mem_used_total,
+        before.mem_used_total
+    );
+    assert_eq!(after.mem_used_max, before.mem_used_max, "{outcome}");
+    assert!(outcome
+        .to_string()
+        .ends_with(&format!("gave back {} pages", outcome.pages_given_back)));
+    for i in 0..4096 {
+        assert_eq!(read(&s, i)[..], swap_page(i)[..], "page {i}");
+    }
+    s.check_consistency().unwrap();
+}

@@ -200,6 +200,9 @@ pub struct WritebackOutcome {
     pub superseded: u64,
     /// Pages that stay in RAM because the write failed.
     pub failed: u64,
+    /// Pages of memory given back to the host by the compaction that ends a pass that wrote
+    /// pages back (their objects leave holes in chunks that still hold others).
+    pub pages_given_back: u64,
     /// The pass stopped early (the limit ran out or the caller's pace said stop).
     pub stopped: bool,
 }
@@ -208,11 +211,12 @@ impl fmt::Display for WritebackOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "wrote back {} pages ({} bytes), {} superseded, {} failed{}",
+            "wrote back {} pages ({} bytes), {} superseded, {} failed, gave back {} pages{}",
             self.written,
             self.bytes,
             self.superseded,
             self.failed,
+            self.pages_given_back,
             if self.stopped { ", stopped early" } else { "" }
         )
     }
@@ -510,6 +514,7 @@ impl PageStore {
                 Err(source) => {
                     outcome.failed += batch.len() as u64;
                     add(&self.counters.local().writeback_failed, batch.len() as u64);
+                    self.give_back_after_writeback(&mut outcome);
                     return Err(WritebackError::Write { outcome, source });
                 }
             };
@@ -518,8 +523,17 @@ impl PageStore {
             self.charge_writeback_limit(written);
             budget = budget.map(|b| b.saturating_sub(batch.len() as u64));
         }
-        self.counters.note_mem_used(self.mem_used_total());
+        self.give_back_after_writeback(&mut outcome);
         Ok(outcome)
+    }
+
+    /// Ends a writeback pass: the memory its pages held goes back to the host (compaction)
+    /// before the pass returns. The pass never raises mem_used_max: it only moves the guest's
+    /// data out of memory.
+    fn give_back_after_writeback(&self, outcome: &mut WritebackOutcome) {
+        if outcome.written > 0 {
+            outcome.pages_given_back = self.compact();
+        }
     }
 
     /// Copies slot `slot`'s object into `buffer` if `mode` selects it; returns whether it did.

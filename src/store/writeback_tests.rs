@@ -633,3 +633,34 @@ fn a_partial_write_to_a_page_being_read_from_the_file_is_not_lost() {
     assert!(out == expect, "a partial write was lost");
     store.check_consistency().unwrap();
 }
+
+#[test]
+fn a_writeback_pass_gives_its_memory_back_and_never_raises_mem_used_max() {
+    let (_dir, s) = store_with_file(PAGES);
+    fill(&s, 7);
+    // Every other page idle: the pass leaves half of each chunk's objects behind, so only
+    // compaction can give the memory back.
+    s.mark_idle();
+    let mut out = [0u8; PAGE_SIZE];
+    for index in (0..PAGES).step_by(2) {
+        s.read(index, &mut out).unwrap();
+    }
+    let before = s.stats().mm;
+
+    let outcome = s
+        .writeback(&WritebackRequest::new(WritebackMode::Idle))
+        .unwrap();
+
+    let after = s.stats().mm;
+    assert!(outcome.written > PAGES / 4, "{outcome}");
+    assert!(outcome.pages_given_back > 0, "{outcome}");
+    assert!(
+        before.mem_used_total - after.mem_used_total >= outcome.bytes / 2,
+        "mem_used_total fell by {} for {} bytes written back ({outcome})",
+        before.mem_used_total - after.mem_used_total,
+        outcome.bytes
+    );
+    assert_eq!(after.mem_used_max, before.mem_used_max, "{outcome}");
+    verify(&s, 7);
+    s.check_consistency().unwrap();
+}
