@@ -227,7 +227,7 @@ pub enum CtlCommand {
     #[command(name = "mem-used-max")]
     MemUsedMax {
         /// `reset`.
-        #[arg(value_parser = ["reset"])]
+        #[arg(value_name = "reset", value_parser = ["reset"])]
         action: String,
     },
     /// Train a zstd dictionary on a sample of the stored pages; new and recompressed zstd
