@@ -213,6 +213,23 @@ pub enum CtlCommand {
     /// Cancel the migration; the pages stay with this daemon.
     #[command(name = "migrate-cancel")]
     MigrateCancel,
+    /// Show the memory limit, set it (SIZE, with the suffixes of --mem-limit) or lift it
+    /// (`off`), as zram's mem_limit. A limit below what the store already uses (mem_used_total)
+    /// is refused, where zram would take it and fail every new write; so is one at or below
+    /// --writeback-above.
+    #[command(name = "mem-limit")]
+    MemLimit {
+        /// SIZE, or `off`.
+        #[arg(value_name = "SIZE|off", value_parser = parse_mem_limit_change)]
+        value: Option<LimitChange>,
+    },
+    /// Reset mem_used_max to the current mem_used_total (zram's `echo 0 > mem_used_max`).
+    #[command(name = "mem-used-max")]
+    MemUsedMax {
+        /// `reset`.
+        #[arg(value_name = "reset", value_parser = ["reset"])]
+        action: String,
+    },
     /// Train a zstd dictionary on a sample of the stored pages; new and recompressed zstd
     /// pages use it (pages made with older ones stay readable).
     #[command(name = "train-dict")]
@@ -296,6 +313,8 @@ impl CtlCommand {
             CtlCommand::Migrate { destination } => Command::Migrate(destination.clone()),
             CtlCommand::MigrateStatus => Command::MigrateStatus,
             CtlCommand::MigrateCancel => Command::MigrateCancel,
+            CtlCommand::MemLimit { value } => Command::MemLimit(value.unwrap_or(LimitChange::Show)),
+            CtlCommand::MemUsedMax { .. } => Command::MemUsedMaxReset,
         })
     }
 }
@@ -320,6 +339,17 @@ fn parse_limit_change(text: &str) -> Result<String, String> {
             .parse::<u64>()
             .map(|_| text.to_owned())
             .map_err(|_| format!("'{text}' is not a number of pages or 'off'")),
+    }
+}
+
+/// `ctl mem-limit`: `off`, or a size as `--mem-limit` takes it.
+fn parse_mem_limit_change(text: &str) -> Result<LimitChange, String> {
+    match text {
+        "off" => Ok(LimitChange::Off),
+        _ => match parse_size(text)? {
+            0 => Err("the memory limit must not be zero; 'off' lifts it".into()),
+            limit => Ok(LimitChange::Set(limit)),
+        },
     }
 }
 
@@ -478,14 +508,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_idle_after)]
     pub writeback_idle_after: Option<u64>,
     /// Write back the coldest pages whenever mem_used_total is above SIZE, until it is below
-    /// (same suffixes as --size).
+    /// (same suffixes as --size). Must be below --mem-limit.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub writeback_above: Option<u64>,
     /// The idle clock's tick in seconds: page ages (for `ctl idle --age` and
     /// --writeback-idle-after) count in these, up to 126 ticks.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_idle_tick)]
     pub idle_tick: u64,
-    /// Stop storing new pages once the store uses this much memory (same suffixes as --size).
+    /// Stop storing new pages once the store uses this much memory (same suffixes as --size);
+    /// `ctl mem-limit` changes it at run time.
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true, value_parser = parse_mem_limit)]
     pub mem_limit: Option<u64>,
     /// Present the device read-only.
@@ -622,6 +653,20 @@ pub enum UsageError {
          that proves the token (unix: endpoints go without one)"
     )]
     IncomingTcpWithoutToken(Endpoint),
+    /// `--writeback-above` at or above `--mem-limit`: writes would be refused before writeback
+    /// ever ran.
+    #[error(
+        "--writeback-above {} is at or above --mem-limit {}: writes would be refused before \
+         writeback ever ran; give a --writeback-above below the --mem-limit",
+        daemon::bytes_human(*.above),
+        daemon::bytes_human(*.limit)
+    )]
+    WritebackAboveNotBelowLimit {
+        /// `--writeback-above`, bytes.
+        above: u64,
+        /// `--mem-limit`, bytes.
+        limit: u64,
+    },
 }
 
 /// `--incoming` and `ctl migrate`: `unix:PATH` or `tcp:HOST:PORT`.
@@ -734,6 +779,11 @@ impl ServeArgs {
                 if given {
                     return Err(UsageError::NoBackingFile(flag));
                 }
+            }
+        }
+        if let (Some(above), Some(limit)) = (self.writeback_above, self.mem_limit) {
+            if above >= limit {
+                return Err(UsageError::WritebackAboveNotBelowLimit { above, limit });
             }
         }
         if let (Some(at @ Endpoint::Tcp(_)), None) = (&self.incoming, &self.migrate_token) {

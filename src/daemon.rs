@@ -576,6 +576,7 @@ impl Daemon {
             &Observed::serial_from_bytes(&config.device.serial),
         );
         observed.migrations = Some(Arc::clone(&migrations));
+        observed.writeback_above = config.writeback.above;
         let observed = Arc::new(observed);
         let control_socket_file = match &config.control_socket {
             Some(path) => {

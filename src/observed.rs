@@ -27,6 +27,9 @@ pub struct Observed {
     pub serial: String,
     /// The daemon's migrations (none for a store observed without a daemon).
     pub migrations: Option<Arc<Migrations>>,
+    /// The daemon's `--writeback-above` mark, bytes (none without it, or without a daemon):
+    /// `ctl mem-limit` keeps the memory limit above it.
+    pub writeback_above: Option<u64>,
 }
 
 impl Observed {
@@ -44,6 +47,7 @@ impl Observed {
             started: Instant::now(),
             serial: serial.to_owned(),
             migrations: None,
+            writeback_above: None,
         }
     }
 

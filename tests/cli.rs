@@ -167,6 +167,46 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             &["ctl", "--control-socket", s, "writeback-limit", "lots"],
             "not a number of pages or 'off'",
         ),
+        // Writes would be refused before writeback ever ran.
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--backing-file",
+                "/tmp/b",
+                "--writeback-above",
+                "8M",
+                "--mem-limit",
+                "8M",
+            ],
+            "--writeback-above 8.0 MiB is at or above --mem-limit 8.0 MiB",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--backing-file",
+                "/tmp/b",
+                "--writeback-above",
+                "1G",
+                "--mem-limit",
+                "64M",
+            ],
+            "--writeback-above 1.0 GiB is at or above --mem-limit 64.0 MiB",
+        ),
+        (
+            &["ctl", "--control-socket", s, "mem-limit", "0"],
+            "the memory limit must not be zero; 'off' lifts it",
+        ),
+        (
+            &["ctl", "--control-socket", s, "mem-limit", "12Q"],
+            "unknown suffix",
+        ),
+        (&["ctl", "--control-socket", s, "mem-used-max", "0"], "'0'"),
         // Each word is well formed; together they repeat a key: refused, not run as a
         // recompression of every page.
         (
@@ -484,6 +524,52 @@ fn ctl_round_trip() {
 
     let output = daemon.ctl_output(&["stats"]);
     assert_one_sentence_error(&output, "cannot connect");
+}
+
+#[test]
+fn ctl_mem_limit_sets_shows_lifts_and_refuses_a_limit_at_the_writeback_mark() {
+    // Arrange: a daemon that writes back above 4 MiB, limited to 8 MiB.
+    let files = tempfile::tempdir().unwrap();
+    let backing = files.path().join("backing");
+    let mut daemon = DaemonProcess::options()
+        .size("16M")
+        .args([
+            "--backing-file",
+            backing.to_str().unwrap(),
+            "--writeback-above",
+            "4M",
+            "--mem-limit",
+            "8M",
+        ])
+        .start();
+
+    // Act and assert: the limit as started.
+    assert_eq!(
+        daemon.ctl(&["mem-limit"]),
+        "mem_limit 8388608 bytes (8.0 MiB)\n"
+    );
+    // At the writeback mark: refused, naming both, and the limit stays.
+    let refused = daemon.ctl_output(&["mem-limit", "4M"]);
+    assert_one_sentence_error_exit(
+        &refused,
+        "mem-limit 4194304 bytes (4.0 MiB) is at or below --writeback-above 4194304 bytes",
+        EXIT_FAILURE,
+    );
+    assert_eq!(daemon.mm_stat().mem_limit, 8 << 20);
+    // Raised (suffixes as --mem-limit), then lifted.
+    assert_eq!(
+        daemon.ctl(&["mem-limit", "1GiB"]),
+        "mem_limit 1073741824 bytes (1.0 GiB)\n"
+    );
+    assert_eq!(daemon.mm_stat().mem_limit, 1 << 30);
+    assert_eq!(daemon.ctl(&["mem-limit", "off"]), "mem_limit off\n");
+    assert_eq!(daemon.mm_stat().mem_limit, 0);
+    // mem_used_max comes down to mem_used_total (nothing stored: they are equal already).
+    let reset = daemon.ctl(&["mem-used-max", "reset"]);
+    let mm = daemon.mm_stat();
+    assert_eq!(mm.mem_used_max, mm.mem_used_total);
+    assert!(reset.starts_with("mem_used_max "), "{reset}");
+    assert!(daemon.stop().status.success());
 }
 
 #[test]

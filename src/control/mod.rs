@@ -32,6 +32,8 @@
 //! | `migrate unix:PATH\|tcp:HOST:PORT` | `migrating to ...` once the stream to the destination daemon is connected and authenticated ([`crate::migrating`]) |
 //! | `migrate-status` | `key value` lines: role, state, peer, rounds, pages, wire and stored bytes, dirty pages, elapsed time, error |
 //! | `migrate-cancel` | what was cancelled; the pages stay |
+//! | `mem-limit [BYTES\|off]` | `mem_limit N bytes (…)` or `mem_limit off`, after setting or lifting it (zram's `mem_limit`) |
+//! | `mem-used-max reset` | `mem_used_max N bytes (…)`, reset to `mem_used_total` (zram's `echo 0 > mem_used_max`) |
 //!
 //! One request per connection keeps the server trivial and lets `socat` or `nc -U` drive it.
 //!
@@ -122,23 +124,30 @@ pub enum Command {
     MigrateStatus,
     /// Cancel the migration.
     MigrateCancel,
+    /// Show, set (bytes) or lift (`off`) the memory limit (zram's `mem_limit`). A limit below
+    /// what the store already uses, or at or below `--writeback-above`, is refused: see
+    /// [`ControlError::MemLimitBelowUse`] and [`ControlError::MemLimitNotAboveWriteback`].
+    MemLimit(LimitChange),
+    /// Reset `mem_used_max` to the current `mem_used_total` (zram's `echo 0 > mem_used_max`).
+    MemUsedMaxReset,
 }
 
-/// What `writeback-limit` does.
+/// What a limit command (`writeback-limit`, `mem-limit`) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitChange {
     /// Print the limit.
     Show,
-    /// Allow this many more pages (zram's `writeback_limit` with `writeback_limit_enable` 1).
+    /// Set it: for `writeback-limit` allow this many more pages (zram's `writeback_limit` with
+    /// `writeback_limit_enable` 1), for `mem-limit` this many bytes.
     Set(u64),
-    /// Lift the limit (`writeback_limit_enable` 0).
+    /// Lift the limit (`writeback_limit_enable` 0; `mem_limit` 0).
     Off,
 }
 
 impl Command {
     /// Every command (with default arguments).
     /// (`migrate` is not here: it has no default destination.)
-    pub const ALL: [Command; 15] = [
+    pub const ALL: [Command; 17] = [
         Command::Stats,
         Command::StatsJson,
         Command::MmStat,
@@ -166,6 +175,8 @@ impl Command {
         Command::WritebackLimit(LimitChange::Show),
         Command::MigrateStatus,
         Command::MigrateCancel,
+        Command::MemLimit(LimitChange::Show),
+        Command::MemUsedMaxReset,
     ];
 
     /// The request line's word for this command.
@@ -186,6 +197,8 @@ impl Command {
             Command::Migrate(_) => "migrate",
             Command::MigrateStatus => "migrate-status",
             Command::MigrateCancel => "migrate-cancel",
+            Command::MemLimit(_) => "mem-limit",
+            Command::MemUsedMaxReset => "mem-used-max",
         }
     }
 
@@ -208,7 +221,9 @@ impl Command {
             | Command::WritebackLimit(_)
             | Command::Migrate(_)
             | Command::MigrateStatus
-            | Command::MigrateCancel => false,
+            | Command::MigrateCancel
+            | Command::MemLimit(_)
+            | Command::MemUsedMaxReset => false,
         }
     }
 
@@ -232,7 +247,9 @@ impl Command {
             | Command::WritebackLimit(_)
             | Command::Migrate(_)
             | Command::MigrateStatus
-            | Command::MigrateCancel => None,
+            | Command::MigrateCancel
+            | Command::MemLimit(_)
+            | Command::MemUsedMaxReset => None,
         }
     }
 
@@ -280,8 +297,39 @@ impl Command {
             Command::MigrateCancel => migrations(observed)?
                 .cancel()
                 .map_err(ControlError::Migration)?,
+            Command::MemLimit(change) => {
+                match change {
+                    LimitChange::Show => {}
+                    LimitChange::Set(limit) => {
+                        check_mem_limit(observed, limit)?;
+                        store.set_mem_limit(Some(limit));
+                    }
+                    LimitChange::Off => store.set_mem_limit(None),
+                }
+                render::mem_limit(store.mem_limit())
+            }
+            Command::MemUsedMaxReset => render::mem_used_max(store.reset_mem_used_max()),
         })
     }
+}
+
+/// Refuses a memory limit set at run time that is at or below `--writeback-above` (writes
+/// would be refused before the writeback thread ever made room, the rule the start enforces
+/// between `--writeback-above` and `--mem-limit`) or below what the store already uses. zram
+/// takes any `mem_limit` and fails every new write above it; here, as `--mem-limit` below the
+/// empty store's needs is refused at start, such a limit is refused (a mistyped unit would
+/// otherwise fail the guest's swap-outs at once): free memory first (`writeback`, `compact`).
+/// The check and the setting are not atomic with the guest's writes: the limit is compared
+/// with the memory in use when the command runs.
+fn check_mem_limit(observed: &Observed, limit: u64) -> Result<(), ControlError> {
+    if let Some(above) = observed.writeback_above.filter(|&above| limit <= above) {
+        return Err(ControlError::MemLimitNotAboveWriteback { limit, above });
+    }
+    let used = observed.store.mem_used_total();
+    if limit < used {
+        return Err(ControlError::MemLimitBelowUse { limit, used });
+    }
+    Ok(())
 }
 
 /// The daemon's migrations, which every daemon has (a store observed without a daemon does
@@ -305,7 +353,11 @@ impl fmt::Display for Command {
             }
             Command::WritebackLimit(LimitChange::Off) => write!(f, "{} off", self.name()),
             Command::Migrate(to) => write!(f, "{} {to}", self.name()),
-            Command::WritebackLimit(LimitChange::Show)
+            Command::MemLimit(LimitChange::Set(bytes)) => write!(f, "{} {bytes}", self.name()),
+            Command::MemLimit(LimitChange::Off) => write!(f, "{} off", self.name()),
+            Command::MemUsedMaxReset => write!(f, "{} reset", self.name()),
+            Command::MemLimit(LimitChange::Show)
+            | Command::WritebackLimit(LimitChange::Show)
             | Command::BdStat
             | Command::Stats
             | Command::StatsJson
@@ -374,6 +426,24 @@ impl FromStr for Command {
                         ))
                     })
             }
+            ("mem-limit", "") => return Ok(Command::MemLimit(LimitChange::Show)),
+            ("mem-limit", "off") => return Ok(Command::MemLimit(LimitChange::Off)),
+            ("mem-limit", bytes) => {
+                return match bytes.parse::<u64>() {
+                    Ok(bytes @ 1..) => Ok(Command::MemLimit(LimitChange::Set(bytes))),
+                    Ok(0) | Err(_) => Err(ControlError::BadArgument(format!(
+                        "mem-limit takes a number of bytes above 0, or 'off', not '{}'",
+                        bytes.chars().take(64).collect::<String>()
+                    ))),
+                }
+            }
+            ("mem-used-max", "reset") => return Ok(Command::MemUsedMaxReset),
+            ("mem-used-max", other) => {
+                return Err(ControlError::BadArgument(format!(
+                    "mem-used-max takes 'reset' (zram's echo 0 > mem_used_max), not '{}'",
+                    other.chars().take(64).collect::<String>()
+                )))
+            }
             (_, "") => {}
             (name, _) => {
                 return Err(ControlError::BadArgument(format!(
@@ -396,7 +466,7 @@ pub enum ControlError {
     #[error(
         "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics, \
          compact, idle, recompress, train-dict, writeback, bd_stat, writeback-limit, migrate, \
-         migrate-status and migrate-cancel"
+         migrate-status, migrate-cancel, mem-limit and mem-used-max"
     )]
     UnknownCommand(String),
     /// A command's arguments are wrong.
@@ -411,6 +481,32 @@ pub enum ControlError {
     /// A migration command was refused or failed.
     #[error("{0}")]
     Migration(String),
+    /// `mem-limit` at or below `--writeback-above`.
+    #[error(
+        "mem-limit {} is at or below --writeback-above {}: writes would be refused before \
+         writeback made room; give a limit above the --writeback-above mark, or off",
+        render::bytes(*.limit),
+        render::bytes(*.above)
+    )]
+    MemLimitNotAboveWriteback {
+        /// The limit asked for, bytes.
+        limit: u64,
+        /// The daemon's `--writeback-above`, bytes.
+        above: u64,
+    },
+    /// `mem-limit` below what the store already uses.
+    #[error(
+        "mem-limit {} is below the {} the store already uses (mem_used_total); free memory \
+         first (writeback, compact) or give at least that",
+        render::bytes(*.limit),
+        render::bytes(*.used)
+    )]
+    MemLimitBelowUse {
+        /// The limit asked for, bytes.
+        limit: u64,
+        /// `mem_used_total` when the command ran, bytes.
+        used: u64,
+    },
     /// The request line is too long or not UTF-8.
     #[error("the request is not one line of at most {MAX_REQUEST_LEN} bytes of text")]
     BadRequest,
@@ -764,6 +860,86 @@ mod tests {
         assert!(tcp.contains("needs a token"), "{tcp}");
     }
 
+    #[test]
+    fn mem_limit_at_run_time_is_shown_set_lifted_and_refused_in_sentences() {
+        // Arrange: a daemon's view with --writeback-above 1 MiB, and one without.
+        let plain = observed();
+        let mut with_above = Observed::new(
+            Arc::clone(&plain.store),
+            Arc::new(RequestStats::new(1)),
+            Arc::new(AtomicBool::new(false)),
+            "control-test",
+        );
+        with_above.writeback_above = Some(1 << 20);
+        let set = |observed: &Observed, limit: u64| {
+            Command::MemLimit(LimitChange::Set(limit)).execute(observed)
+        };
+
+        // Act and assert: no limit at first.
+        let shown = Command::MemLimit(LimitChange::Show).execute(&plain);
+        assert_eq!(shown.unwrap(), "mem_limit off\n");
+
+        // At or below the writeback mark: refused, naming both.
+        for limit in [1 << 20, 4096] {
+            let refused = set(&with_above, limit).unwrap_err().to_string();
+            assert!(
+                refused.starts_with("mem-limit ")
+                    && refused.contains("at or below --writeback-above 1048576 bytes (1.0 MiB)"),
+                "{refused}"
+            );
+        }
+        // Below what the store uses: refused, naming the use.
+        let used = plain.store.mem_used_total();
+        let refused = set(&plain, used - 1).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!("is below the {used} bytes")),
+            "{refused}"
+        );
+        assert!(refused.contains("already uses"), "{refused}");
+        assert_eq!(plain.store.mem_limit(), None, "a refusal changes nothing");
+
+        // Above both: set; `off` lifts it.
+        assert_eq!(
+            set(&with_above, 2 << 20).unwrap(),
+            "mem_limit 2097152 bytes (2.0 MiB)\n"
+        );
+        assert_eq!(plain.store.mem_limit(), Some(2 << 20));
+        let at_use = set(&plain, used).unwrap();
+        assert!(
+            at_use.starts_with(&format!("mem_limit {used} bytes")),
+            "{at_use}"
+        );
+        let off = Command::MemLimit(LimitChange::Off).execute(&with_above);
+        assert_eq!(off.unwrap(), "mem_limit off\n");
+        assert_eq!(plain.store.mem_limit(), None);
+    }
+
+    #[test]
+    fn mem_used_max_reset_answers_with_the_new_mark() {
+        // Arrange: fill the store, then free it: the mark stays at the peak.
+        let observed = observed();
+        let store = &observed.store;
+        let mut page = [0u8; crate::PAGE_SIZE];
+        for index in 0..64 {
+            crate::pagegen::fill_page(0x51, index, &mut page);
+            store.write(index, &page).unwrap();
+        }
+        store.discard(0..64).unwrap();
+        let peak = store.stats().mm.mem_used_max;
+        assert!(peak > store.mem_used_total());
+
+        // Act
+        let answer = Command::MemUsedMaxReset.execute(&observed).unwrap();
+
+        // Assert
+        let now = store.stats().mm.mem_used_max;
+        assert_eq!(now, store.mem_used_total());
+        assert!(
+            answer.starts_with(&format!("mem_used_max {now} bytes")),
+            "{answer}"
+        );
+    }
+
     struct Running {
         server: ControlServer,
         path: std::path::PathBuf,
@@ -825,6 +1001,12 @@ mod tests {
                 "migrate tcp:dest.example:4444",
                 Command::Migrate(Endpoint::Tcp("dest.example:4444".into())),
             ),
+            (
+                "mem-limit 8388608",
+                Command::MemLimit(LimitChange::Set(8 << 20)),
+            ),
+            ("mem-limit off", Command::MemLimit(LimitChange::Off)),
+            ("mem-used-max reset", Command::MemUsedMaxReset),
         ] {
             assert_eq!(
                 command.to_string().parse::<Command>().unwrap(),
@@ -843,6 +1025,11 @@ mod tests {
             "migrate ftp:x",
             "migrate tcp:noport",
             "migrate-status now",
+            "mem-limit 0",
+            "mem-limit 8M",
+            "mem-limit -1",
+            "mem-used-max",
+            "mem-used-max 0",
         ] {
             assert!(
                 matches!(bad.parse::<Command>(), Err(ControlError::BadArgument(_))),

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the control socket's statistics commands print: the readable `stats` table, the
-//! `stats-json` object and the `writeback-limit` line. zram's one-line files (`mm_stat`,
-//! `io_stat`, `bd_stat`) are rendered by the store's [`Stats`], byte for byte as the kernel
-//! writes them, so the same lines serve the control socket and any other reader.
+//! `stats-json` object and the `writeback-limit`, `mem-limit` and `mem-used-max` lines. zram's
+//! one-line files (`mm_stat`, `io_stat`, `bd_stat`) are rendered by the store's [`Stats`], byte
+//! for byte as the kernel writes them, so the same lines serve the control socket and any other
+//! reader.
 
 use crate::store::{Stats, WritebackStats};
 
@@ -150,7 +151,7 @@ pub fn stats_table(stats: &Stats) -> String {
 }
 
 /// `1234567 bytes (1.2 MiB)`: the raw figure, and a readable one when it is 1 KiB or more.
-fn bytes(value: u64) -> String {
+pub(crate) fn bytes(value: u64) -> String {
     const UNITS: [(&str, u64); 4] = [
         ("TiB", 1 << 40),
         ("GiB", 1 << 30),
@@ -193,6 +194,19 @@ pub fn writeback_limit(writeback: &WritebackStats) -> String {
     } else {
         "writeback_limit off\n".to_owned()
     }
+}
+
+/// The `mem-limit` line: `mem_limit 8388608 bytes (8.0 MiB)`, or `mem_limit off`.
+pub fn mem_limit(limit: Option<u64>) -> String {
+    match limit {
+        Some(limit) => format!("mem_limit {}\n", bytes(limit)),
+        None => "mem_limit off\n".to_owned(),
+    }
+}
+
+/// The `mem-used-max reset` line: `mem_used_max 1234567 bytes (1.2 MiB)`.
+pub fn mem_used_max(value: u64) -> String {
+    format!("mem_used_max {}\n", bytes(value))
 }
 
 #[cfg(test)]

@@ -620,6 +620,23 @@ impl PageStore {
         self.mem_limit.store(limit.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// The memory limit in bytes, if there is one.
+    pub fn mem_limit(&self) -> Option<u64> {
+        match self.mem_limit.load(Ordering::Relaxed) {
+            0 => None,
+            limit => Some(limit),
+        }
+    }
+
+    /// Resets `mem_used_max` to the current `mem_used_total` and returns it (zram's
+    /// `echo 0 > mem_used_max`). A store growing meanwhile may raise it again at once; one that
+    /// grew between the reading and the reset loses that rise, as in zram.
+    pub fn reset_mem_used_max(&self) -> u64 {
+        let used = self.mem_used_total();
+        self.counters.mem_used_max.store(used, Ordering::Relaxed);
+        used
+    }
+
     /// Bytes held from the OS: slot table, chunks, allocator and same-fill metadata, and the
     /// pending pool's resident buffers.
     pub fn mem_used_total(&self) -> u64 {

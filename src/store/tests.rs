@@ -161,6 +161,41 @@ fn memory_limit_refuses_writes_and_keeps_old_content() {
 }
 
 #[test]
+fn resetting_mem_used_max_brings_it_down_to_mem_used_total() {
+    // Arrange: fill, then free everything: the high-water mark stays up.
+    let s = store(256, Algorithm::Lz4);
+    for i in 0..256 {
+        s.write(i, &page_of(PageKind::Text, i)).unwrap();
+    }
+    let peak = s.stats().mm.mem_used_max;
+    s.discard(0..256).unwrap();
+    assert!(s.stats().mm.mem_used_max == peak && peak > s.mem_used_total());
+
+    // Act
+    let reset = s.reset_mem_used_max();
+
+    // Assert: the mark is what the store holds now, and rises again with new writes.
+    assert_eq!(reset, s.mem_used_total());
+    assert_eq!(s.stats().mm.mem_used_max, reset);
+    for i in 0..64 {
+        s.write(i, &page_of(PageKind::Text, i)).unwrap();
+    }
+    assert_eq!(s.stats().mm.mem_used_max, s.mem_used_total());
+    assert!(s.mem_used_total() > reset);
+}
+
+#[test]
+fn the_memory_limit_reads_back_as_set_and_none_when_lifted() {
+    let s = store(256, Algorithm::Lz4);
+    assert_eq!(s.mem_limit(), None);
+    s.set_mem_limit(Some(8 << 20));
+    assert_eq!(s.mem_limit(), Some(8 << 20));
+    s.set_mem_limit(None);
+    assert_eq!(s.mem_limit(), None);
+    assert_eq!(s.stats().mm.mem_limit, 0);
+}
+
+#[test]
 fn a_limit_below_the_empty_store_is_refused() {
     let e = PageStore::new(StoreConfig {
         capacity_pages: 1 << 20,
