@@ -28,7 +28,7 @@
 //! | `compact`    | `compacted N pages`, after compacting the allocator             |
 //! | `idle [all]` | `marked N pages idle` (zram's `echo all > idle`)                 |
 //! | `train-dict [samples=N] [size=BYTES]` | `trained zstd dictionary ID of N bytes from N pages; ...` |
-//! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible` (zram's `recompress`) |
+//! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible, gave back N pages` (zram's `recompress`, then compaction) |
 //! | `migrate unix:PATH\|tcp:HOST:PORT` | `migrating to ...` once the stream to the destination daemon is connected and authenticated ([`crate::migrating`]) |
 //! | `migrate-status` | `key value` lines: role, state, peer, rounds, pages, wire and stored bytes, dirty pages, elapsed time, error |
 //! | `migrate-cancel` | what was cancelled; the pages stay |
