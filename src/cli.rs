@@ -223,6 +223,17 @@ pub enum CtlCommand {
         #[arg(value_name = "SIZE|off", value_parser = parse_mem_limit_change)]
         value: Option<LimitChange>,
     },
+    /// Free up to SIZE of mem_used_total from pages idle at least SECS, coldest first (write
+    /// back, then recompress, as the device can), and give the memory back before answering:
+    /// e.g. `reclaim 64M min_age=600 mode=writeback`.
+    Reclaim {
+        /// How much to free (the suffixes of --mem-limit).
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        size: u64,
+        /// min_age=SECS (default 0), mode=writeback|recompress|any (default any).
+        #[arg(value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
     /// Reset mem_used_max to the current mem_used_total (zram's `echo 0 > mem_used_max`).
     #[command(name = "mem-used-max")]
     MemUsedMax {
@@ -315,6 +326,13 @@ impl CtlCommand {
             CtlCommand::MigrateCancel => Command::MigrateCancel,
             CtlCommand::MemLimit { value } => Command::MemLimit(value.unwrap_or(LimitChange::Show)),
             CtlCommand::MemUsedMax { .. } => Command::MemUsedMaxReset,
+            CtlCommand::Reclaim { size, params } => Command::Reclaim(
+                std::iter::once(size.to_string())
+                    .chain(params.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .parse()?,
+            ),
         })
     }
 }

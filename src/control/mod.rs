@@ -30,6 +30,7 @@
 //! | `train-dict [samples=N] [size=BYTES]` | `trained zstd dictionary ID of N bytes from N pages; ...` |
 //! | `recompress [type=idle\|huge\|huge_idle] [threshold=BYTES] [max_pages=N] [algo=NAME\|priority=N]` | `tried N pages, recompressed N, saved N bytes, N incompressible, gave back N pages` (zram's `recompress`, then compaction) |
 //! | `migrate unix:PATH\|tcp:HOST:PORT` | `migrating to ...` once the stream to the destination daemon is connected and authenticated ([`crate::migrating`]) |
+//! | `reclaim BYTES [min_age=SECS] [mode=writeback\|recompress\|any]` | `freed N of N bytes asked: N pages written back, N recompressed; mem_used_total A -> B` ([`crate::store::reclaim`]) |
 //! | `migrate-status` | `key value` lines: role, state, peer, rounds, pages, wire and stored bytes, dirty pages, elapsed time, error |
 //! | `migrate-cancel` | what was cancelled; the pages stay |
 //! | `mem-limit [BYTES\|off]` | `mem_limit N bytes (…)` or `mem_limit off`, after setting or lifting it (zram's `mem_limit`) |
@@ -67,6 +68,7 @@ use crate::migrate::Endpoint;
 use crate::observed::Observed;
 use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
 pub use crate::server::{CLIENT_DEADLINE, MAX_CLIENTS, MAX_WAITING};
+use crate::store::reclaim::ReclaimRequest;
 use crate::store::{
     BadWritebackRequest, RecompressError, RecompressRequest, TrainRequest, WritebackError,
     WritebackMode, WritebackRequest,
@@ -130,6 +132,8 @@ pub enum Command {
     MemLimit(LimitChange),
     /// Reset `mem_used_max` to the current `mem_used_total` (zram's `echo 0 > mem_used_max`).
     MemUsedMaxReset,
+    /// Free up to N bytes of mem_used_total from idle pages, and give the memory back.
+    Reclaim(ReclaimRequest),
 }
 
 /// What a limit command (`writeback-limit`, `mem-limit`) does.
@@ -199,6 +203,7 @@ impl Command {
             Command::MigrateCancel => "migrate-cancel",
             Command::MemLimit(_) => "mem-limit",
             Command::MemUsedMaxReset => "mem-used-max",
+            Command::Reclaim(_) => "reclaim",
         }
     }
 
@@ -211,7 +216,8 @@ impl Command {
             | Command::MarkIdleAge(_)
             | Command::Recompress(_)
             | Command::TrainDict(_)
-            | Command::Writeback(_) => true,
+            | Command::Writeback(_)
+            | Command::Reclaim(_) => true,
             Command::Stats
             | Command::StatsJson
             | Command::MmStat
@@ -231,7 +237,7 @@ impl Command {
     fn progress_count(&self, stats: &crate::store::Stats) -> Option<(u64, &'static str)> {
         match self {
             Command::Recompress(_) => Some((stats.recompression.pages_tried, "pages tried")),
-            Command::Writeback(_) => {
+            Command::Writeback(_) | Command::Reclaim(_) => {
                 Some((stats.writeback.pages_written_back, "pages written back"))
             }
             Command::Compact
@@ -309,6 +315,12 @@ impl Command {
                 render::mem_limit(store.mem_limit())
             }
             Command::MemUsedMaxReset => render::mem_used_max(store.reset_mem_used_max()),
+            Command::Reclaim(request) => format!(
+                "{}\n",
+                store
+                    .reclaim(&request)
+                    .map_err(|e| ControlError::BadArgument(e.to_string()))?
+            ),
         })
     }
 }
@@ -356,6 +368,7 @@ impl fmt::Display for Command {
             Command::MemLimit(LimitChange::Set(bytes)) => write!(f, "{} {bytes}", self.name()),
             Command::MemLimit(LimitChange::Off) => write!(f, "{} off", self.name()),
             Command::MemUsedMaxReset => write!(f, "{} reset", self.name()),
+            Command::Reclaim(request) => write!(f, "{} {request}", self.name()),
             Command::MemLimit(LimitChange::Show)
             | Command::WritebackLimit(LimitChange::Show)
             | Command::BdStat
@@ -396,6 +409,12 @@ impl FromStr for Command {
                         other.chars().take(64).collect::<String>()
                     ))),
                 };
+            }
+            ("reclaim", arguments) => {
+                return arguments
+                    .parse()
+                    .map(Command::Reclaim)
+                    .map_err(ControlError::BadArgument)
             }
             ("writeback", arguments) => {
                 return arguments
@@ -465,7 +484,7 @@ pub enum ControlError {
     /// The request names no command.
     #[error(
         "unknown command '{0}'; the commands are stats, stats-json, mm_stat, io_stat, metrics, \
-         compact, idle, recompress, train-dict, writeback, bd_stat, writeback-limit, migrate, \
+         compact, idle, recompress, train-dict, writeback, reclaim, bd_stat, writeback-limit, migrate, \
          migrate-status, migrate-cancel, mem-limit and mem-used-max"
     )]
     UnknownCommand(String),
@@ -1007,6 +1026,10 @@ mod tests {
             ),
             ("mem-limit off", Command::MemLimit(LimitChange::Off)),
             ("mem-used-max reset", Command::MemUsedMaxReset),
+            (
+                "reclaim 67108864 min_age=600 mode=writeback",
+                Command::Reclaim("67108864 min_age=600 mode=writeback".parse().unwrap()),
+            ),
         ] {
             assert_eq!(
                 command.to_string().parse::<Command>().unwrap(),
@@ -1025,6 +1048,9 @@ mod tests {
             "migrate ftp:x",
             "migrate tcp:noport",
             "migrate-status now",
+            "reclaim",
+            "reclaim 64M",
+            "reclaim 4096 mode=cold",
             "mem-limit 0",
             "mem-limit 8M",
             "mem-limit -1",

@@ -17,6 +17,7 @@ pub(crate) mod alloc;
 pub mod backing;
 pub mod migrate;
 pub(crate) mod pending;
+pub mod reclaim;
 pub mod recompress;
 pub mod same_fill;
 pub(crate) mod slot;

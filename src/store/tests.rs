@@ -361,7 +361,7 @@ fn write_deferred(s: &PageStore, index: u64, page: &[u8; PAGE_SIZE]) {
 }
 
 /// A backing file in a fresh temporary directory (kept alive by the returned guard).
-pub(super) fn backing_file() -> (tempfile::TempDir, super::backing::BackingFile) {
+pub(crate) fn backing_file() -> (tempfile::TempDir, super::backing::BackingFile) {
     let dir = tempfile::tempdir().unwrap();
     let file = super::backing::BackingFile::open(&dir.path().join("backing")).unwrap();
     (dir, file)
