@@ -725,6 +725,7 @@ impl PageStore {
             file_disk_bytes: backing.disk_bytes(),
             pages_written_back: c.sum(|c| &c.written_back),
             failed_writebacks: c.sum(|c| &c.writeback_failed),
+            failed_file_writes: file.failed_writes,
             superseded: c.sum(|c| &c.writeback_superseded),
             write_calls: file.write_calls,
             punched_blocks: file.punched_blocks,
