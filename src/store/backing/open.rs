@@ -197,9 +197,9 @@ impl Opened {
                 mib(disk_bytes)
             )),
             EarlierRun::Device { erased } => Some(format!(
-                "backing device {path} holds the blocks of an earlier run, a daemon that was \
-                 killed or exited: released them all (the pages they held went with that \
-                 daemon) and {erased}"
+                "backing device {path} carries the header of an earlier run, a daemon that \
+                 was killed or exited: released whatever of its blocks it left (the pages \
+                 they held went with that daemon), {erased}"
             )),
         }
     }
