@@ -2,7 +2,9 @@
 //! Signals and shutdown, against the real binary: every signal the daemon handles leaves no
 //! socket file behind and exits with the documented status (0 for SIGTERM, 1 for SIGBUS);
 //! SIGHUP and SIGUSR1 do not end it; stopping it under a connected frontend warns that the
-//! guest's data is lost; a frontend's disconnect logs what it negotiated and what was stored.
+//! guest's data is lost; a frontend's disconnect logs what it negotiated and what was stored;
+//! the backing file holds no block of the guest's data after an end that does not keep a
+//! state, and keeps its blocks with a kept state until that state is destroyed.
 
 // Descriptor indexes, flags and lengths here are small constants.
 #![allow(clippy::cast_possible_truncation)]
@@ -271,6 +273,40 @@ fn sigterm_under_a_frontend_keeps_the_backing_files_blocks_with_the_state() {
         "the state's page stays on the file: {stderr}"
     );
     assert!(!stderr.contains("no guest data stays"), "{stderr}");
+}
+
+#[test]
+fn a_kept_states_backing_file_is_erased_once_its_frontend_ends() {
+    let state = std::path::PathBuf::from(format!(
+        "/dev/shm/vuz-signals-destroyed-{}.state",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&state);
+    let state_args = [std::ffi::OsStr::new("--state"), state.as_os_str()];
+    let (mut first, backing, guest) = daemon_with_a_page_on_its_backing_file(&state_args);
+    first.signal(libc::SIGTERM);
+    let Exited { stderr, .. } = first.wait_exit();
+    drop(guest);
+    assert!(disk_bytes(&backing) > 0, "kept with the state: {stderr}");
+    let mut second = DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied)
+        .socket_at(&first.socket)
+        .args([std::ffi::OsStr::new("--backing-file"), backing.as_os_str()])
+        .args(state_args)
+        .start();
+    // The same frontend comes back: its page is given back, then rewritten.
+    let mut guest = Guest::connect(&second.socket);
+    guest.write_text_page();
+
+    drop(guest);
+    let Exited { status, stderr } = second.wait_exit();
+
+    let _ = std::fs::remove_file(&state);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("is destroyed"), "{stderr}");
+    assert_eq!(disk_bytes(&backing), 0, "{stderr}");
+    assert!(stderr.contains("no guest data stays on it"), "{stderr}");
 }
 
 #[test]
