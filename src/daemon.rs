@@ -789,15 +789,23 @@ impl Daemon {
         disarm_sigbus_cleanup();
         session.close();
         migrations.stop();
-        if let Some(source) = &state {
+        let kept = match &state {
             // The workers still run: a page they are compressing is installed or dropped
             // before the state is destroyed, and destroying waits for nothing of theirs.
-            end_state(&store, source, ending);
-        }
+            Some(source) => end_state(&store, source, ending),
+            None => StateEnd::NoState,
+        };
         // The connection's threads have ended. One stop and one bound for every thread the
         // daemon started; those that do not stop in time (a write stuck in a hung backing
         // file) are named in the log and left.
-        let _ = threads.stop_within(EXIT_BOUND);
+        let unjoined = threads.stop_within(EXIT_BOUND);
+        match kept {
+            // The backing file's blocks are the kept state's pages.
+            StateEnd::Kept => {}
+            StateEnd::NoState | StateEnd::Destroyed => {
+                erase_backing_file(&store, &unjoined.stuck);
+            }
+        }
         drop(control_socket_file);
         drop(listener);
         drop(socket_file);
@@ -1338,7 +1346,7 @@ enum Ending {
 /// file, or drops the memfd from systemd's store); a stop with the frontend connected, or a
 /// failure, keeps it for the next daemon. A stop with no frontend connected destroys it unless
 /// the process it belongs to still runs (its QEMU may be about to reconnect).
-fn end_state(store: &PageStore, source: &StateSource, ending: Ending) {
+fn end_state(store: &PageStore, source: &StateSource, ending: Ending) -> StateEnd {
     let pages = store.stats().mm.orig_data_size / PAGE_SIZE as u64;
     let where_ = match source {
         StateSource::Path(path) => path.display().to_string(),
@@ -1356,7 +1364,7 @@ fn end_state(store: &PageStore, source: &StateSource, ending: Ending) {
         info!(
             "the state in {where_} is kept with the guest's {pages} pages: a daemon started on it gives them back when the same frontend reconnects"
         );
-        return;
+        return StateEnd::Kept;
     }
     if let Err(error) = store.destroy_state() {
         warn!("could not destroy the state in {where_}: {error}");
@@ -1377,6 +1385,42 @@ fn end_state(store: &PageStore, source: &StateSource, ending: Ending) {
         }
     }
     info!("the state in {where_} is destroyed ({pages} pages)");
+    StateEnd::Destroyed
+}
+
+/// What became of the store's pages at the end of `run`, which decides whether the backing
+/// file's blocks are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StateEnd {
+    /// No state file: the pages end with the daemon.
+    NoState,
+    /// The state is kept for the next daemon, and with it the backing file's blocks.
+    Kept,
+    /// The state is destroyed.
+    Destroyed,
+}
+
+/// Erases the backing file at the end of a run whose pages are not kept, so no guest data
+/// stays on disk; with a thread of `stuck` still running (it may be writing to the file),
+/// leaves it and says so.
+fn erase_backing_file(store: &PageStore, stuck: &[String]) {
+    let Some(backing) = store.backing_file() else {
+        return;
+    };
+    let path = backing.path().display();
+    if !stuck.is_empty() {
+        warn!(
+            "backing file {path} is not erased: thread `{}` still runs and may be using it; the data on it stays until the next start empties it",
+            stuck.join("`, `")
+        );
+        return;
+    }
+    let erasure = backing.erase();
+    if erasure.erased() {
+        info!("backing file {path}: {erasure}; no guest data stays on it");
+    } else {
+        warn!("backing file {path}: {erasure}");
+    }
 }
 
 /// The decision, made when a frontend first uses the device, of whether the store's pages are

@@ -68,7 +68,7 @@ struct StoreFigure {
 const PREFIX: &str = "vhost_user_zram_";
 
 /// Every mm_stat and io_stat figure, the store facts, and the compression workers.
-const STORE_FIGURES: [StoreFigure; 30] = [
+const STORE_FIGURES: [StoreFigure; 31] = [
     StoreFigure {
         name: "workers",
         help: "Compression worker threads (0: the queue threads compress).",
@@ -242,6 +242,12 @@ const STORE_FIGURES: [StoreFigure; 30] = [
         help: "Pages whose writeback failed; they stayed in RAM.",
         kind: MetricType::Counter,
         value: |s| s.writeback.failed_writebacks,
+    },
+    StoreFigure {
+        name: "writeback_failed_writes_total",
+        help: "Writes to the backing file that failed (one a batch of pages).",
+        kind: MetricType::Counter,
+        value: |s| s.writeback.failed_file_writes,
     },
     StoreFigure {
         name: "backing_file_disk_bytes",

@@ -26,16 +26,24 @@
 //! [`crate::store::writeback::ROOM_WAIT`] for the room it makes), so a burst of writes does not
 //! wait for the next 200 ms check to find memory full.
 //!
+//! A failed pass (the backing file's filesystem full, an I/O error) leaves its pages in RAM;
+//! the thread tries again at its next occasion. Such failures repeat at the rate writes poke
+//! the thread, so they are logged at most [`FAILURE_WARNINGS_PER_SECOND`] a second (the
+//! request path's [`RateLimiter`]; the next line logged says how many were suppressed) and
+//! counted in the statistics (`failed_writebacks` pages, `failed_file_writes` writes).
+//!
 //! A `--writeback-above` round that cannot get below the mark (what is left in RAM is the slot
 //! table, pages still pending for a worker, or nothing at all) is not retried until
 //! `mem_used_total` grows past what it was after that round.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info};
+
+use crate::blk::ratelimit::{warn_limited, RateLimiter};
 
 use crate::stop::{StopSignal, Threads, STOP_BOUND};
 use crate::store::writeback::min_age_for;
@@ -47,6 +55,8 @@ pub const DEFAULT_IDLE_TICK: Duration = Duration::from_secs(60);
 pub const STOP_TIMEOUT: Duration = STOP_BOUND;
 /// How often `--writeback-above` looks at `mem_used_total`.
 pub const ABOVE_CHECK: Duration = Duration::from_millis(200);
+/// At most this many failed passes are logged a second; the others are counted.
+pub const FAILURE_WARNINGS_PER_SECOND: u32 = 1;
 
 /// Writeback settings of a daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +154,7 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
     // memory has grown past what it was then: no table walk every 200 ms for nothing.
     let mut futile_at: Option<u64> = None;
     let mut pokes = 0;
+    let failures = Mutex::new(RateLimiter::new(FAILURE_WARNINGS_PER_SECOND));
     loop {
         let wake = match policy.above {
             Some(_) => next_tick.min(Instant::now() + ABOVE_CHECK),
@@ -158,7 +169,7 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
             debug!("idle clock: {aged} pages aged");
             if let Some(age) = policy.idle_age.filter(|_| store.has_backing_file()) {
                 let request = WritebackRequest::new(WritebackMode::Aged(age));
-                if !write_back(store, signal, &request) {
+                if !write_back(store, signal, &request, &failures) {
                     break;
                 }
             }
@@ -169,7 +180,7 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
             let asked = signal.pokes() != pokes;
             pokes = signal.pokes();
             if used > above && (asked || futile_at.is_none_or(|at| used > at)) {
-                if !write_back_above(store, signal, above) {
+                if !write_back_above(store, signal, above, &failures) {
                     break;
                 }
                 let after = store.mem_used_total();
@@ -180,21 +191,38 @@ fn run(store: &PageStore, signal: &StopSignal, policy: &Policy) {
     debug!("the writeback thread stopped");
 }
 
-/// Runs one pass; returns whether the thread should go on.
-fn write_back(store: &PageStore, signal: &StopSignal, request: &WritebackRequest) -> bool {
+/// Runs one pass, logging a failure unless `failures` says too many came this second;
+/// returns whether the thread should go on.
+fn write_back(
+    store: &PageStore,
+    signal: &StopSignal,
+    request: &WritebackRequest,
+    failures: &Mutex<RateLimiter>,
+) -> bool {
     match store.writeback_paced(request, &mut || !signal.is_stopped()) {
         Ok(outcome) if outcome.written > 0 => {
             debug!("writeback ({}): {outcome}", request.mode.name());
         }
         Ok(_) | Err(WritebackError::LimitReached) => {}
-        Err(error) => warn!("writeback ({}) failed: {error}", request.mode.name()),
+        Err(error) => {
+            let _ = warn_limited(
+                failures,
+                format_args!("writeback ({}) failed: {error}", request.mode.name()),
+            );
+        }
     }
     !signal.is_stopped()
 }
 
 /// Writes back the coldest pages until `mem_used_total` is at most `above`, or nothing more can
-/// go. Returns whether the thread should go on.
-fn write_back_above(store: &PageStore, signal: &StopSignal, above: u64) -> bool {
+/// go, logging a failure unless `failures` says too many came this second. Returns whether
+/// the thread should go on.
+fn write_back_above(
+    store: &PageStore,
+    signal: &StopSignal,
+    above: u64,
+    failures: &Mutex<RateLimiter>,
+) -> bool {
     let mut youngest = usize::from(MAX_AGE) + 1;
     while store.mem_used_total() > above && youngest > 0 {
         let excess = store.mem_used_total() - above;
@@ -222,7 +250,10 @@ fn write_back_above(store: &PageStore, signal: &StopSignal, above: u64) -> bool 
             }
             Err(WritebackError::LimitReached) => true,
             Err(error) => {
-                warn!("writeback above {above} bytes failed: {error}");
+                let _ = warn_limited(
+                    failures,
+                    format_args!("writeback above {above} bytes failed: {error}"),
+                );
                 true
             }
         };
@@ -263,6 +294,59 @@ mod tests {
             store.write(index, &page).unwrap();
         }
         (dir, Arc::new(store))
+    }
+
+    #[test]
+    fn many_failed_passes_log_one_warning_a_second_and_are_all_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handle = None;
+        let backing = BackingFile::open_wrapped(&dir.path().join("backing"), |io| {
+            let faults = Arc::new(crate::store::backing::FaultyIo::new(io));
+            handle = Some(Arc::clone(&faults));
+            Box::new(faults)
+        })
+        .unwrap();
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: 64,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap()
+        .with_backing_file(backing);
+        let mut page = [0u8; crate::PAGE_SIZE];
+        for index in 0..64 {
+            crate::pagegen::fill_page(9, index, &mut page);
+            store.write(index, &page).unwrap();
+        }
+        handle.unwrap().set_write_error(Some(libc::ENOSPC));
+        let signal = StopSignal::new();
+        let failures = Mutex::new(RateLimiter::new(FAILURE_WARNINGS_PER_SECOND));
+        let request = WritebackRequest::new(WritebackMode::Aged(0));
+        let started = Instant::now();
+
+        for _ in 0..50 {
+            assert!(write_back(&store, &signal, &request, &failures));
+        }
+
+        let elapsed = started.elapsed();
+        let wb = store.stats().writeback;
+        assert_eq!(wb.failed_file_writes, 50, "{wb:?}");
+        assert!(wb.failed_writebacks >= 50, "{wb:?}");
+        assert_eq!(wb.pages_on_file, 0);
+        let next = failures
+            .lock()
+            .unwrap()
+            .check(Instant::now() + Duration::from_secs(1));
+        if elapsed < Duration::from_millis(900) {
+            // One window: the first failure was logged, the 49 others were not.
+            assert_eq!(
+                next,
+                crate::blk::ratelimit::Verdict::Log {
+                    suppressed_before: 49
+                }
+            );
+        }
     }
 
     #[test]

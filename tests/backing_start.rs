@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backing file at start, against the real binary: the start log names it (path, kind,
 //! size or free space, O_DIRECT or buffered) and says what an earlier run left and this one
-//! released; a file holding someone else's data is refused, naming what it holds and the flag
+//! released (no block of its data is left); a file holding someone else's data is refused, naming what it holds and the flag
 //! that overrides the refusal, and taken with that flag, with a warning.
 
 mod common;
@@ -57,10 +57,12 @@ fn the_start_log_names_the_backing_file_and_what_an_earlier_run_left() {
     assert!(log.contains("free on its filesystem"), "{log}");
     assert!(log.contains("held 256 blocks (1.0 MiB"), "{log}");
     assert!(log.contains("from an earlier run"), "{log}");
+    let meta = std::fs::metadata(&backing).unwrap();
+    assert_eq!(meta.len(), 0, "it was emptied");
     assert_eq!(
-        std::fs::metadata(&backing).unwrap().len(),
+        std::os::unix::fs::MetadataExt::blocks(&meta),
         0,
-        "it was emptied"
+        "no block of the earlier run's data is left"
     );
     assert!(daemon.stop().status.success());
 }

@@ -2,7 +2,9 @@
 //! Signals and shutdown, against the real binary: every signal the daemon handles leaves no
 //! socket file behind and exits with the documented status (0 for SIGTERM, 1 for SIGBUS);
 //! SIGHUP and SIGUSR1 do not end it; stopping it under a connected frontend warns that the
-//! guest's data is lost; a frontend's disconnect logs what it negotiated and what was stored.
+//! guest's data is lost; a frontend's disconnect logs what it negotiated and what was stored;
+//! the backing file holds no block of the guest's data after an end that does not keep a
+//! state, and keeps its blocks with a kept state until that state is destroyed.
 
 // Descriptor indexes, flags and lengths here are small constants.
 #![allow(clippy::cast_possible_truncation)]
@@ -168,6 +170,143 @@ impl Guest {
             assert_eq!(mem.read_obj::<u8>(GuestAddress(common::STATUS)).unwrap(), 0);
         }
     }
+}
+
+impl Guest {
+    /// Sets up queue 0 and writes one 4 KiB page of text (compressible, not same-filled: a
+    /// page writeback takes) at page 3, waiting for its completion.
+    fn write_text_page(&mut self) {
+        let Guest {
+            frontend,
+            mem,
+            kick,
+            call,
+            ..
+        } = self;
+        let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
+        common::start_queue(frontend, mem, &vq, QUEUE_SIZE, kick, call);
+        common::post_page_write(mem, &vq, QUEUE_SIZE, 0, 3 * 8, 0);
+        let text: Vec<u8> = b"a page of the guest's swap, "
+            .iter()
+            .copied()
+            .cycle()
+            .take(4096)
+            .collect();
+        mem.write_slice(&text, GuestAddress(common::DATA)).unwrap();
+        kick.write(1).unwrap();
+        common::wait_for_used(&vq, call, 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(common::STATUS)).unwrap(), 0);
+    }
+}
+
+/// Bytes the file at `path` occupies on disk (`st_blocks` × 512).
+fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A daemon with a backing file next to its socket and `extra` arguments, the file's path,
+/// and a guest that wrote one page the daemon then wrote back.
+fn daemon_with_a_page_on_its_backing_file(
+    extra: &[&std::ffi::OsStr],
+) -> (DaemonProcess, std::path::PathBuf, Guest) {
+    let options = DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied);
+    let backing = options.socket().with_file_name("backing");
+    let daemon = options
+        .args([std::ffi::OsStr::new("--backing-file"), backing.as_os_str()])
+        .args(extra)
+        .start();
+    let mut guest = Guest::connect(&daemon.socket);
+    guest.write_text_page();
+    daemon.ctl(&["idle", "all"]);
+    let written = daemon.ctl(&["writeback", "idle"]);
+    assert!(written.starts_with("wrote back 1 "), "{written}");
+    assert!(disk_bytes(&backing) > 0, "the page is on the file");
+    (daemon, backing, guest)
+}
+
+#[test]
+fn a_frontend_that_ends_leaves_no_guest_data_on_the_backing_file() {
+    let (mut daemon, backing, guest) = daemon_with_a_page_on_its_backing_file(&[]);
+
+    drop(guest);
+    let Exited { status, stderr } = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(disk_bytes(&backing), 0, "{stderr}");
+    assert!(stderr.contains("no guest data stays on it"), "{stderr}");
+}
+
+#[test]
+fn sigterm_under_a_frontend_without_state_leaves_no_guest_data_on_the_backing_file() {
+    let (mut daemon, backing, _guest) = daemon_with_a_page_on_its_backing_file(&[]);
+
+    daemon.signal(libc::SIGTERM);
+    let Exited { status, stderr } = daemon.wait_exit();
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(disk_bytes(&backing), 0, "{stderr}");
+}
+
+#[test]
+fn sigterm_under_a_frontend_keeps_the_backing_files_blocks_with_the_state() {
+    let state = std::path::PathBuf::from(format!(
+        "/dev/shm/vuz-signals-kept-{}.state",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&state);
+    let (mut daemon, backing, _guest) = daemon_with_a_page_on_its_backing_file(&[
+        std::ffi::OsStr::new("--state"),
+        state.as_os_str(),
+    ]);
+
+    daemon.signal(libc::SIGTERM);
+    let Exited { status, stderr } = daemon.wait_exit();
+
+    let _ = std::fs::remove_file(&state);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("is kept with the guest's"), "{stderr}");
+    assert!(
+        disk_bytes(&backing) > 0,
+        "the state's page stays on the file: {stderr}"
+    );
+    assert!(!stderr.contains("no guest data stays"), "{stderr}");
+}
+
+#[test]
+fn a_kept_states_backing_file_is_erased_once_its_frontend_ends() {
+    let state = std::path::PathBuf::from(format!(
+        "/dev/shm/vuz-signals-destroyed-{}.state",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&state);
+    let state_args = [std::ffi::OsStr::new("--state"), state.as_os_str()];
+    let (mut first, backing, guest) = daemon_with_a_page_on_its_backing_file(&state_args);
+    first.signal(libc::SIGTERM);
+    let Exited { stderr, .. } = first.wait_exit();
+    drop(guest);
+    assert!(disk_bytes(&backing) > 0, "kept with the state: {stderr}");
+    let mut second = DaemonProcess::options()
+        .size("1M")
+        .control_socket(ControlSocket::Implied)
+        .socket_at(&first.socket)
+        .args([std::ffi::OsStr::new("--backing-file"), backing.as_os_str()])
+        .args(state_args)
+        .start();
+    // The same frontend comes back: its page is given back, then rewritten.
+    let mut guest = Guest::connect(&second.socket);
+    guest.write_text_page();
+
+    drop(guest);
+    let Exited { status, stderr } = second.wait_exit();
+
+    let _ = std::fs::remove_file(&state);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("is destroyed"), "{stderr}");
+    assert_eq!(disk_bytes(&backing), 0, "{stderr}");
+    assert!(stderr.contains("no guest data stays on it"), "{stderr}");
 }
 
 #[test]

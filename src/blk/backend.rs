@@ -695,7 +695,7 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     }
 
     fn warn_limited(&self, message: std::fmt::Arguments<'_>) {
-        super::ratelimit::warn_limited(&self.log_limiter, message);
+        let _ = super::ratelimit::warn_limited(&self.log_limiter, message);
     }
 
     /// Logs the new memory map: its totals at info level at most once per

@@ -67,8 +67,9 @@ impl RateLimiter {
 }
 
 /// Logs `message` as a warning unless `limiter` says too many came this second; the first
-/// message of a new window also says how many were dropped before it.
-pub fn warn_limited(limiter: &Mutex<RateLimiter>, message: std::fmt::Arguments<'_>) {
+/// message of a new window also says how many were dropped before it. Returns whether it
+/// logged.
+pub fn warn_limited(limiter: &Mutex<RateLimiter>, message: std::fmt::Arguments<'_>) -> bool {
     let verdict = match limiter.lock() {
         Ok(mut limiter) => limiter.check(Instant::now()),
         Err(_) => Verdict::Log {
@@ -80,7 +81,9 @@ pub fn warn_limited(limiter: &Mutex<RateLimiter>, message: std::fmt::Arguments<'
             warn!("{suppressed_before} similar warnings suppressed");
         }
         warn!("{message}");
+        return true;
     }
+    false
 }
 
 #[cfg(test)]

@@ -130,6 +130,10 @@ pub fn stats_table(stats: &Stats) -> String {
         ("  file on disk", bytes(wb.file_disk_bytes)),
         ("pages written back", pages(wb.pages_written_back)),
         ("  failed", pages(wb.failed_writebacks)),
+        (
+            "  failed writes to the file",
+            wb.failed_file_writes.to_string(),
+        ),
         ("  superseded in flight", pages(wb.superseded)),
         (
             "writeback passes / writes",

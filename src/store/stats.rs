@@ -162,6 +162,9 @@ pub struct WritebackStats {
     pub pages_written_back: u64,
     /// Pages whose writeback failed (they stay in RAM).
     pub failed_writebacks: u64,
+    /// Writes to the backing file that failed (one a batch; their pages are in
+    /// `failed_writebacks`).
+    pub failed_file_writes: u64,
     /// Pages rewritten or discarded while their writeback was in flight (their new content
     /// stays; the file copy is dropped).
     pub superseded: u64,

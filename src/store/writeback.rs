@@ -283,8 +283,17 @@ struct InFlight {
 }
 
 impl PageStore {
-    /// Gives the store a backing file for writeback. Call before sharing the store.
+    /// Gives the store a backing file for writeback. Call before sharing the store. A file
+    /// with less room than the device may need ([`super::backing::low_space_threshold`]) is
+    /// warned about in the log.
     pub fn with_backing_file(mut self, backing: BackingFile) -> PageStore {
+        let device_bytes = self.capacity_pages() * PAGE_SIZE as u64;
+        if let Some(warning) = backing
+            .opened()
+            .and_then(|opened| opened.low_space_warning(device_bytes))
+        {
+            log::warn!("{warning}");
+        }
         self.backing = Some(backing);
         self
     }
@@ -309,6 +318,12 @@ impl PageStore {
             (relief.0)();
             true
         })
+    }
+
+    /// The backing file, if the store has one (its path, statistics, and
+    /// [`BackingFile::erase`] at the end of a run whose pages are not kept).
+    pub fn backing_file(&self) -> Option<&BackingFile> {
+        self.backing.as_ref()
     }
 
     /// Whether the store has a backing file.
@@ -724,6 +739,7 @@ impl PageStore {
             file_disk_bytes: backing.disk_bytes(),
             pages_written_back: c.sum(|c| &c.written_back),
             failed_writebacks: c.sum(|c| &c.writeback_failed),
+            failed_file_writes: file.failed_writes,
             superseded: c.sum(|c| &c.writeback_superseded),
             write_calls: file.write_calls,
             punched_blocks: file.punched_blocks,

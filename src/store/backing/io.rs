@@ -17,6 +17,13 @@ pub trait BackingIo: Send + Sync {
     fn pread(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
     /// Deallocates `len` bytes at `off`, keeping the file size; they read as zeros after.
     fn punch(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Tells the storage that `len` bytes at `off` hold nothing, where [`BackingIo::punch`]
+    /// is refused: `BLKDISCARD` on a block device; a regular file is cut at `off` (for a
+    /// range that reaches its end). Unsupported (`EOPNOTSUPP`) unless implemented.
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
 impl<T: BackingIo + ?Sized> BackingIo for Arc<T> {
@@ -28,6 +35,9 @@ impl<T: BackingIo + ?Sized> BackingIo for Arc<T> {
     }
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         (**self).punch(off, len)
+    }
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).discard(off, len)
     }
 }
 
@@ -42,7 +52,12 @@ pub(super) struct FileIo {
     /// Where the backing file's byte 0 is in `file`: after the device header on a block
     /// device, 0 in a regular file.
     pub(super) base: u64,
+    /// Whether `file` is a block device.
+    pub(super) device: bool,
 }
+
+/// `BLKDISCARD`, `_IO(0x12, 119)`.
+const BLKDISCARD: u64 = (0x12 << 8) | 119;
 
 impl FileIo {
     /// The offset in `file` of the backing file's byte `off`.
@@ -102,6 +117,24 @@ impl BackingIo for FileIo {
                 off_t(len)?,
             )
         };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        let start = self.at(off)?;
+        if !self.device {
+            return self.file.set_len(start);
+        }
+        let range: [u64; 2] = [start, len];
+        // BLKDISCARD fits every libc's ioctl request type (u32 bits).
+        #[allow(clippy::cast_possible_truncation)]
+        let request = BLKDISCARD as libc::Ioctl;
+        // SAFETY: BLKDISCARD reads two u64 (start, length) through the pointer, which points
+        // at a live local array of two u64; the fd is open.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

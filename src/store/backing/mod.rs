@@ -5,10 +5,13 @@
 //! block device. It stores *objects*: compressed pages (1..=3632 bytes) or raw pages (4096
 //! bytes), named by their byte offset in the file and their length, which the slot table
 //! keeps. The file holds no index: its contents mean nothing without the slot table, and a
-//! file left by an earlier run is emptied when it is opened (a block device keeps its bytes,
-//! which this run never reads as its own, below) — unless a store recovered from a state file
-//! holds that slot table: then [`BackingFile::reopen`] keeps it, with the recorded key, and
-//! [`BackingFile::rebuild`] rebuilds the free space from the recovered slots.
+//! file left by an earlier run is emptied when it is opened (a regular file truncated, a block
+//! device's blocks after its header erased; whatever of them stays, this run never reads as
+//! its own, below) — unless a store recovered from a state file holds that slot table: then
+//! [`BackingFile::reopen`] keeps it, with the recorded key, and [`BackingFile::rebuild`]
+//! rebuilds the free space from the recovered slots. At the end of a run whose pages are not
+//! kept, [`BackingFile::erase`] releases every block (`erase.rs`): no guest data stays on
+//! disk.
 //!
 //! # Records: what proves an object is the slot's
 //! Each object is stored in a *record*: a 16-byte header (a magic, the page index, the length,
@@ -98,11 +101,14 @@
 //! - `space.rs`: the block allocator (per-block counts, free extents);
 //! - `io.rs`: the [`BackingIo`] system-call trait and the real file's implementation;
 //! - `record.rs`: the record header (magic, page, length, checksum);
+//! - `erase.rs`: releasing every block (punch, else discard) at the end and for a device at
+//!   the start;
 //! - `open.rs`: opening a path: what it may name (checked before any open that could block),
 //!   the device header and the foreign-data rule, `O_DIRECT` probing, `flock`, the owner mark;
 //! - `testing.rs` (tests and the `testing` feature only): `MemIo` and `FaultyIo`;
 //! - `tests.rs`: the unit and property tests.
 
+mod erase;
 mod io;
 mod open;
 mod record;
@@ -114,8 +120,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+pub use self::erase::Erasure;
 pub use self::io::BackingIo;
-pub use self::open::{BackingKind, EarlierRun, ForeignData, Opened, DEVICE_HEADER_BYTES};
+pub use self::open::{
+    low_space_threshold, BackingKind, EarlierRun, ForeignData, Opened, DEVICE_HEADER_BYTES,
+    LOW_SPACE_FLOOR,
+};
 use self::record::record_len;
 pub use self::record::{Mismatch, MAX_RECORD, RECORD_HEADER, RECORD_MAGIC};
 use self::space::Space;

@@ -23,6 +23,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::erase::Erasure;
 use super::io::FileIo;
 use super::{as_bytes_mut, BackingError, BackingFile, BackingIo, Block, BLOCK_SIZE, ZERO_BLOCK};
 
@@ -73,9 +74,13 @@ pub enum EarlierRun {
         /// Its allocated bytes (`st_blocks` × 512).
         disk_bytes: u64,
     },
-    /// A block device with our header: its blocks are all reused; their old records never
-    /// verify in this run (their checksums are keyed to the earlier run).
-    Device,
+    /// A block device with our header: its blocks after the header were erased (punched,
+    /// or discarded) as `erased` says, and are all reused; whatever of the old records
+    /// stays never verifies in this run (their checksums are keyed to the earlier run).
+    Device {
+        /// What erasing its blocks did.
+        erased: Erasure,
+    },
 }
 
 /// How [`BackingFile::open`] found and opened a path: the daemon's start log.
@@ -135,11 +140,55 @@ impl std::fmt::Display for Opened {
     }
 }
 
+/// Room for pages below which a backing file is warned about at start, unless the device is
+/// smaller: [`low_space_threshold`].
+pub const LOW_SPACE_FLOOR: u64 = 64 << 20;
+
+/// The room a backing file should have for a device of `device_bytes`: the smaller of the
+/// device's size and [`LOW_SPACE_FLOOR`]. Less than that is worth a warning at start.
+pub fn low_space_threshold(device_bytes: u64) -> u64 {
+    device_bytes.min(LOW_SPACE_FLOOR)
+}
+
 impl Opened {
+    /// The room for pages: the free bytes of a regular file's filesystem, or the part of a
+    /// block device after its header (`None` if the system did not say).
+    pub fn room(&self) -> Option<u64> {
+        match self.kind {
+            BackingKind::RegularFile => self.free_bytes,
+            BackingKind::BlockDevice(size) => Some(size.saturating_sub(DEVICE_HEADER_BYTES)),
+        }
+    }
+
+    /// A warning, for a device of `device_bytes`, if the file has less room than
+    /// [`low_space_threshold`]: it names the file, the room and what writeback will do.
+    pub fn low_space_warning(&self, device_bytes: u64) -> Option<String> {
+        let room = self.room()?;
+        let threshold = low_space_threshold(device_bytes);
+        if room >= threshold {
+            return None;
+        }
+        let where_ = match self.kind {
+            BackingKind::RegularFile => "free on its filesystem",
+            BackingKind::BlockDevice(_) => "of room for pages",
+        };
+        Some(format!(
+            "backing file {} has only {} {where_}, less than {} (the smaller of the device's \
+             size and {}): writeback will write what fits, then refuse the pages it cannot \
+             write, which stay in RAM",
+            self.path.display(),
+            mib(room),
+            mib(threshold),
+            mib(LOW_SPACE_FLOOR)
+        ))
+    }
+
     /// A sentence on what an earlier run left and this one released, if anything.
     pub fn earlier_run_message(&self) -> Option<String> {
         let path = self.path.display();
         match self.earlier_run? {
+            // Punched out at the end of that run: nothing was left.
+            EarlierRun::File { disk_bytes: 0, .. } => None,
             EarlierRun::File { size, disk_bytes } => Some(format!(
                 "backing file {path} held {} blocks ({}, {size} bytes long) from an earlier \
                  run, a daemon that was killed or exited: released them (the pages they held \
@@ -147,10 +196,10 @@ impl Opened {
                 disk_bytes.div_ceil(BLOCK_SIZE as u64),
                 mib(disk_bytes)
             )),
-            EarlierRun::Device => Some(format!(
-                "backing device {path} holds the blocks of an earlier run, a daemon that was \
-                 killed or exited: released them all (the pages they held went with that \
-                 daemon)"
+            EarlierRun::Device { erased } => Some(format!(
+                "backing device {path} carries the header of an earlier run, a daemon that \
+                 was killed or exited: released whatever of its blocks it left (the pages \
+                 they held went with that daemon), {erased}"
             )),
         }
     }
@@ -406,7 +455,10 @@ impl BackingFile {
                     });
                 }
                 if ours {
-                    opened.earlier_run = keep.is_none().then_some(EarlierRun::Device);
+                    // Erased once the I/O is set up, below.
+                    opened.earlier_run = keep.is_none().then_some(EarlierRun::Device {
+                        erased: Erasure::Nothing,
+                    });
                 } else if let Some(found) = identify(&head) {
                     if foreign == ForeignData::Refuse {
                         return Err(BackingError::ForeignDevice {
@@ -432,8 +484,17 @@ impl BackingFile {
                 (Some(size - DEVICE_HEADER_BYTES), DEVICE_HEADER_BYTES)
             }
         };
-        let io = FileIo { file, direct, base };
+        let io = FileIo {
+            file,
+            direct,
+            base,
+            device: kind == PathKind::BlockDevice,
+        };
         let mut backing = BackingFile::with_io(wrap(Box::new(io)), capacity);
+        if let Some(EarlierRun::Device { erased }) = &mut opened.earlier_run {
+            // The earlier run's records are its guest's pages: none stays on the device.
+            *erased = backing.erase_range(capacity.unwrap_or(0));
+        }
         backing.path = path.to_owned();
         backing.direct = direct;
         backing.opened = Some(opened);

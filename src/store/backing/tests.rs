@@ -1337,7 +1337,10 @@ fn a_block_device_holding_data_is_refused_unless_overwriting() {
         drop(file);
         // Ours now: the next start takes it without being told.
         let file = BackingFile::open(&link).unwrap();
-        assert_eq!(file.opened().unwrap().earlier_run, Some(EarlierRun::Device));
+        assert!(matches!(
+            file.opened().unwrap().earlier_run,
+            Some(EarlierRun::Device { .. })
+        ));
     }
 }
 
@@ -1377,7 +1380,10 @@ fn an_empty_device_gets_our_header_and_records_start_after_it() {
     );
     // A second start on it: ours, and an earlier run's records never read as this run's.
     let file = BackingFile::open(&device.0).unwrap();
-    assert_eq!(file.opened().unwrap().earlier_run, Some(EarlierRun::Device));
+    assert!(matches!(
+        file.opened().unwrap().earlier_run,
+        Some(EarlierRun::Device { .. })
+    ));
     assert!(file
         .opened()
         .unwrap()
@@ -1408,4 +1414,215 @@ fn an_earlier_runs_file_is_emptied_and_reported() {
         "{message}"
     );
     assert!(opened.to_string().contains("a regular file"), "{opened}");
+    assert!(
+        !holds_data(&path),
+        "the earlier run's blocks are released at start"
+    );
+}
+
+/// Whether the regular file at `path` holds a data block anywhere (`SEEK_DATA` finds one).
+fn holds_data(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek takes an open fd and plain integers; no memory is passed.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    at >= 0
+}
+
+#[test]
+fn erasing_releases_every_block_and_the_file_takes_batches_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backing");
+    let file = BackingFile::open(&path).unwrap();
+    let mut model = Model::default();
+    let mut rng = Rng(73);
+    for _ in 0..6 {
+        model.write(&file, &rng.batch(16)).unwrap();
+    }
+    let forgotten = model.nth(3).unwrap();
+    let forgotten_len = model.0[&forgotten].len();
+    assert!(holds_data(&path));
+
+    let erasure = file.erase();
+
+    assert!(
+        matches!(erasure, Erasure::Punched { bytes } if bytes > 0),
+        "{erasure}"
+    );
+    assert!(!holds_data(&path), "a data block is left after {erasure}");
+    assert_eq!(std::fs::metadata(&path).unwrap().blocks(), 0);
+    let stats = file.stats();
+    assert_eq!(
+        (stats.blocks_used, stats.objects, stats.file_blocks),
+        (0, 0, 0)
+    );
+    file.check_consistency(&mut std::iter::empty()).unwrap();
+    let mut out = [0u8; BLOCK_SIZE];
+    assert!(
+        file.read(forgotten, forgotten_len, 0, &mut out).is_err(),
+        "an object erased is never read"
+    );
+    assert!(file.release(forgotten, forgotten_len).is_err());
+    let mut model = Model::default();
+    model.write(&file, &rng.batch(8)).unwrap();
+    model.check(&file);
+}
+
+#[test]
+fn a_file_erased_at_the_end_is_not_reported_as_left_by_an_earlier_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backing");
+    let file = BackingFile::open(&path).unwrap();
+    Model::default().write(&file, &Rng(79).batch(8)).unwrap();
+    file.erase();
+    drop(file);
+
+    let file = BackingFile::open(&path).unwrap();
+
+    let opened = file.opened().unwrap();
+    assert!(
+        matches!(
+            opened.earlier_run,
+            Some(EarlierRun::File { disk_bytes: 0, .. })
+        ),
+        "{opened:?}"
+    );
+    assert_eq!(opened.earlier_run_message(), None);
+}
+
+#[test]
+fn erasing_a_file_whose_punch_and_discard_fail_says_why() {
+    let (file, faults, _mem) = memory_file(None);
+    Model::default().write(&file, &Rng(83).batch(8)).unwrap();
+    faults.set_punch_error(Some(libc::EIO));
+
+    let erasure = file.erase();
+
+    assert_eq!(
+        erasure,
+        Erasure::Failed {
+            bytes: erasure_bytes(erasure),
+            punch: libc::EIO,
+            discard: libc::EOPNOTSUPP
+        }
+    );
+    assert!(!erasure.erased());
+    let sentence = erasure.to_string();
+    assert!(
+        sentence.contains("could not erase") && sentence.contains("stays there"),
+        "{sentence}"
+    );
+    assert_eq!(
+        BackingFile::with_io(Box::new(MemIo::new()), None).erase(),
+        Erasure::Nothing
+    );
+}
+
+fn erasure_bytes(erasure: Erasure) -> u64 {
+    match erasure {
+        Erasure::Nothing => 0,
+        Erasure::Punched { bytes }
+        | Erasure::Discarded { bytes }
+        | Erasure::Failed { bytes, .. } => bytes,
+    }
+}
+
+#[test]
+fn a_device_an_earlier_run_wrote_is_erased_at_start_and_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(device) = prepared_device(dir.path(), 64, &|_| {}) else {
+        return;
+    };
+    let after_header = |device: &LoopDevice| first_mib(&device.0)[BLOCK_SIZE..].to_vec();
+    let file = BackingFile::open(&device.0).unwrap();
+    Model::default().write(&file, &Rng(89).batch(16)).unwrap();
+    drop(file);
+    assert!(after_header(&device).iter().any(|&b| b != 0));
+
+    let file = BackingFile::open(&device.0).unwrap();
+
+    let opened = file.opened().unwrap().clone();
+    let Some(EarlierRun::Device { erased }) = opened.earlier_run else {
+        panic!("{opened:?}");
+    };
+    let message = opened.earlier_run_message().unwrap();
+    assert!(message.contains(&erased.to_string()), "{message}");
+    if !erased.erased() {
+        println!("SKIPPED: the loop device could not be erased: {erased}");
+        return;
+    }
+    assert!(
+        matches!(erased, Erasure::Discarded { .. })
+            || after_header(&device).iter().all(|&b| b == 0),
+        "{erased} left data"
+    );
+    assert_eq!(
+        &first_mib(&device.0)[..16],
+        b"vhost-user-zram\0",
+        "the header stays"
+    );
+    Model::default().write(&file, &Rng(97).batch(16)).unwrap();
+    let erased = file.erase();
+    assert!(erased.erased(), "{erased}");
+    if matches!(erased, Erasure::Punched { .. }) {
+        assert!(
+            after_header(&device).iter().all(|&b| b == 0),
+            "{erased} left data"
+        );
+    }
+}
+
+#[test]
+fn the_low_space_threshold_is_the_smaller_of_the_device_and_the_floor() {
+    assert_eq!(low_space_threshold(16 << 20), 16 << 20);
+    assert_eq!(low_space_threshold(LOW_SPACE_FLOOR), LOW_SPACE_FLOOR);
+    assert_eq!(low_space_threshold(1 << 40), LOW_SPACE_FLOOR);
+}
+
+#[test]
+fn a_backing_file_with_little_room_is_warned_about_in_one_sentence() {
+    let opened = Opened {
+        path: PathBuf::from("/srv/zram/backing"),
+        resolved: PathBuf::from("/srv/zram/backing"),
+        kind: BackingKind::RegularFile,
+        direct: true,
+        free_bytes: Some(3 << 20),
+        earlier_run: None,
+        overwritten: None,
+    };
+
+    let warning = opened.low_space_warning(1 << 30).unwrap();
+
+    for part in [
+        "/srv/zram/backing",
+        "3.0 MiB free",
+        "64.0 MiB",
+        "stay in RAM",
+    ] {
+        assert!(warning.contains(part), "{part:?} not in {warning}");
+    }
+    assert_eq!(warning.matches(". ").count(), 0, "one sentence: {warning}");
+    assert_eq!(
+        opened.low_space_warning(2 << 20),
+        None,
+        "a 2 MiB device fits"
+    );
+    let roomy = Opened {
+        free_bytes: Some(1 << 30),
+        ..opened.clone()
+    };
+    assert_eq!(roomy.low_space_warning(1 << 40), None);
+    let unknown = Opened {
+        free_bytes: None,
+        ..opened.clone()
+    };
+    assert_eq!(unknown.low_space_warning(1 << 40), None);
+    let small_device = Opened {
+        kind: BackingKind::BlockDevice(1 << 20),
+        ..opened
+    };
+    assert!(small_device
+        .low_space_warning(1 << 30)
+        .unwrap()
+        .contains("of room for pages"));
 }
