@@ -328,12 +328,9 @@ fn libvirt_hook_writes_incoming_for_its_domain_only_and_removes_it_after() {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(xml.as_bytes())
-            .unwrap();
+        // A hook that has nothing to do exits without reading the XML: a broken pipe here is
+        // not a failure.
+        let _ = child.stdin.take().unwrap().write_all(xml.as_bytes());
         assert!(child.wait().unwrap().success(), "{args:?}");
     };
     let ours =
