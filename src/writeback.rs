@@ -257,7 +257,7 @@ fn write_back_above(
                 true
             }
         };
-        store.compact();
+        // The pass compacted before it returned: its memory is back with the host.
         if signal.is_stopped() {
             return false;
         }

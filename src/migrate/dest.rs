@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, Conn, Endpoint, FrameReader, FrameWriter, Kind, Token};
 use super::{
-    lock, MigrateError, MigrationOptions, MigrationRole, MigrationState, MigrationStatus, Progress,
+    join_within, lock, MigrateError, MigrationOptions, MigrationRole, MigrationState,
+    MigrationStatus, Progress,
 };
 use crate::store::migrate::StoreShape;
 use crate::store::PageStore;
@@ -273,23 +274,7 @@ impl Incoming {
 
     /// Waits up to `timeout` for the receiving thread to end; returns whether it did.
     pub fn join(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut thread = lock(&self.thread);
-        let Some(handle) = thread.as_ref() else {
-            return true;
-        };
-        while !handle.is_finished() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if let Some(handle) = thread.take() {
-            if handle.join().is_err() {
-                log::error!("the migration thread panicked");
-            }
-        }
-        true
+        join_within(&self.thread, timeout)
     }
 
     fn fail(&self, error: &str) {

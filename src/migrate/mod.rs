@@ -309,3 +309,28 @@ impl Progress {
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Waits up to `timeout` for a side's thread to end and reaps it; returns whether it ended
+/// (also when it was reaped before).
+pub(crate) fn join_within(
+    thread: &std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut thread = lock(thread);
+    let Some(handle) = thread.as_ref() else {
+        return true;
+    };
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(handle) = thread.take() {
+        if handle.join().is_err() {
+            log::error!("the migration thread panicked");
+        }
+    }
+    true
+}
