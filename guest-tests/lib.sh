@@ -215,8 +215,15 @@ start_device() {
             [[ "$mode" == RO ]] && args+=(--read-only)
             # @DIR@ in a --daemon-arg is this device's own directory (e.g. its backing file).
             args+=(${DAEMON_ARGS[@]+"${DAEMON_ARGS[@]//@DIR@/$dir}"})
-            log "starting vhost-user-zram $name: ${args[*]}"
-            "$VUZ_BIN" "${args[@]}" >"$logf" 2>&1 &
+            # DEVICE_ARGS (this device only) and DEVICE_CGROUP (a memory cgroup it runs in).
+            args+=(${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]//@DIR@/$dir}"})
+            local launch=("$VUZ_BIN")
+            # sh joins the cgroup, then execs the daemon: same pid, every page charged there.
+            # shellcheck disable=SC2016 # $$ and $0 are the inner shell's
+            [[ -z "${DEVICE_CGROUP:-}" ]] ||
+                launch=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$DEVICE_CGROUP" "$VUZ_BIN")
+            log "starting vhost-user-zram $name${DEVICE_CGROUP:+ in $DEVICE_CGROUP}: ${args[*]}"
+            "${launch[@]}" "${args[@]}" >"$logf" 2>&1 &
             pid=$!
             ;;
         qsd)
@@ -293,6 +300,8 @@ now_ms() { echo $((${EPOCHREALTIME//[!0-9]/} / 1000)); }
 # Boots the guest with vuz.test=TEST in the background; the console goes to
 # OUT_PREFIX.console.log. Env: ACCEL, SMP (1), REBOOT (no: -no-reboot), APPEND (extra cmdline;
 # VUZ_GUEST_APPEND from the user is added too, e.g. vuz.klog=1 for kernel messages).
+# PREALLOC=on allocates the guest's RAM when QEMU starts, so that QEMU's cgroup, not a
+# device's that happens to touch a guest page first, is charged for it.
 # For live migration: ROOT_IMG (a writable copy of the root image both QEMUs share, instead of
 # snapshot=on, whose private overlay would not migrate) and INCOMING (QEMU's -incoming URI:
 # the destination).
@@ -324,7 +333,7 @@ run_guest_bg() {
     local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -nographic
         -monitor "unix:$MONITOR_SOCK,server=on,wait=off"
         -accel "$ACCEL" -cpu "$cpu" -smp "$smp_arg" -m "${GUEST_RAM_MIB}M"
-        -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on"
+        -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on,prealloc=${PREALLOC:-off}"
         -numa node,memdev=mem
         -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz"
         -append "console=ttyS0 quiet loglevel=3 panic=-1 zswap.enabled=0 vuz.test=$test ${APPEND:-} ${VUZ_GUEST_APPEND:-}"

@@ -22,6 +22,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/libvirt.sh"
 # shellcheck source-path=SCRIPTDIR source=migrate.sh
 source "$(dirname "${BASH_SOURCE[0]}")/migrate.sh"
+# shellcheck source-path=SCRIPTDIR source=memcg.sh
+source "$(dirname "${BASH_SOURCE[0]}")/memcg.sh"
 
 RESULTS_DIR="${VUZ_RESULTS_DIR:-$REPO_DIR/results}/guest"
 # Extra vhost-user-zram arguments (--daemon-arg), used by start_device.
@@ -272,20 +274,80 @@ ctl_line() {
     echo "$line"
 }
 
-# suite multiqueue: two queues on the daemon and the QEMU device, two vCPUs.
+# suite multiqueue: two queues on the daemon and the QEMU device, two vCPUs. The guest writes
+# 192 MiB of fio's incompressible verify data; vhost-user-zram runs in a memory cgroup of its
+# own limited to MQ_MEMCG_MIB with a backing file and no memory flags, as an operator puts it
+# under systemd's MemoryMax=: it must find the limit itself and write pages back to stay under
+# it, with no I/O error and no OOM kill (multi-queue/memcg-*). The guest's RAM is preallocated
+# so that QEMU, not the daemon, is charged for it.
+MQ_MEMCG_MIB="${VUZ_MQ_MEMCG_MIB:-64}"
 suite_multiqueue() {
-    local out="$RESULTS_DIR/multiqueue"
+    local out="$RESULTS_DIR/multiqueue" memcg="" why="" dir
+    local DEVICE_ARGS=() DEVICE_CGROUP=""
+    if [[ "$DEVICE_KIND" != vuz ]]; then
+        why="the device is qemu-storage-daemon"
+    elif ! memcg_filesystem_ok "${TMPDIR:-/tmp}"; then
+        why="${TMPDIR:-/tmp} is tmpfs: a backing file there is charged to the daemon's cgroup"
+    elif ! memcg_create vuz-mq "$MQ_MEMCG_MIB"; then
+        why="$MEMCG_WHY"
+    else
+        memcg="$MEMCG_DIR"
+        DEVICE_CGROUP="$memcg"
+        DEVICE_ARGS=(--backing-file=@DIR@/backing)
+    fi
     start_device MQ "$DEVICE_KIND" multiqueue 256M 2 vuz-mq RW "$RESULTS_DIR" || {
         record_fail multi-queue/device "the device did not start"
         return
     }
+    [[ -z "$memcg" ]] || memcg_watch_bd_stat "$MQ_CTL" "$out.bd_stat.log" &
     local qargs
     mapfile -t qargs < <(vhost_user_args vuz0 "$MQ_SOCK" 2)
-    APPEND="vuz.mq=$MQ_SERIAL" SMP=2 \
+    APPEND="vuz.mq=$MQ_SERIAL" SMP=2 PREALLOC=on \
         run_guest_bg "$GUEST" "$out" multiqueue "${VUZ_MQ_TIMEOUT:-300}" "${qargs[@]}"
     qemu_finish multiqueue "${VUZ_MQ_TIMEOUT:-300}"
     collect_results "$out" multiqueue multi-queue/{hw-queues,fio-verify-4k,fio-verify-64k}
+    if [[ -z "$memcg" ]]; then
+        record_skip multi-queue/memcg-limit "$why"
+        record_skip multi-queue/memcg-writeback "$why"
+    else
+        # shellcheck disable=SC2153 # set by start_device
+        wait_exit "$MQ_PID" 30 || stop_pid "$MQ_PID"
+        check_memcg multi-queue "$out"
+        memcg_remove "$memcg"
+    fi
     suite_done
+}
+
+# memcg_watch_bd_stat CTL LOG: while the daemon answers, appends its bd_stat to LOG each second
+# (the daemon exits with QEMU, so what it wrote back is read while it runs).
+memcg_watch_bd_stat() {
+    local ctl="$1" log="$2"
+    while timeout 10 "$VUZ_BIN" ctl --control-socket "$ctl" bd_stat >>"$log" 2>/dev/null; do
+        sleep 1
+    done
+}
+
+# check_memcg SUITE OUT: the daemon stayed under its cgroup's limit, was never OOM-killed, and
+# got there by writing pages back (bd_count > 0 at some point, none failed).
+check_memcg() {
+    local suite="$1" out="$2" peak kills most
+    peak="$(memcg_peak)" kills="$(memcg_oom_kills)"
+    log "$suite: cgroup peak $((peak >> 20)) MiB of $((MEMCG_LIMIT >> 20)) MiB, oom_kill $kills"
+    if ((kills != 0)); then
+        record_fail "$suite/memcg-limit" "the kernel OOM-killed $kills process(es) in the cgroup"
+    elif ((peak > MEMCG_LIMIT)); then
+        record_fail "$suite/memcg-limit" "peak usage $peak is above the limit $MEMCG_LIMIT"
+    else
+        record_pass "$suite/memcg-limit"
+    fi
+    most="$(awk 'NF == 3 && $1 > m { m = $1 } END { print m + 0 }' "$out.bd_stat.log" 2>/dev/null)"
+    if ((most > 0)); then
+        log "$suite: at most $most pages on the backing file"
+        record_pass "$suite/memcg-writeback"
+    else
+        record_fail "$suite/memcg-writeback" \
+            "no page went to the backing file (bd_stat log: $out.bd_stat.log)"
+    fi
 }
 
 # suite lifecycle: data survives a guest reboot; the daemon exits 0 when QEMU goes away.
