@@ -417,3 +417,86 @@ fn migrate_copies_an_idle_device_near_its_compressed_size_and_the_destination_ve
         "{migration}"
     );
 }
+
+#[test]
+fn a_corpus_of_this_process_memory_is_captured_and_written_in_64k_requests() {
+    // Arrange: capture this test process's own resident anonymous memory (issue 21's corpus
+    // tool; CI captures a small one).
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    let capture = Command::new(BENCH)
+        .arg("--capture-corpus")
+        .arg(&corpus)
+        .args(["--capture-pid", &std::process::id().to_string()])
+        .args(["--capture-max", "8M"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&capture.stdout);
+    assert!(
+        capture.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&capture.stderr)
+    );
+    assert!(said.contains(") of bench_tool"), "{said}");
+    let pages = std::fs::metadata(&corpus).unwrap().len() / 4096 - 1;
+    assert!((16..=2048).contains(&pages), "{pages} pages captured");
+
+    // Act: the corpus, in order, in 64 KiB requests, every read verified.
+    let json_path = dir.path().join("out.json");
+    let output = Command::new(BENCH)
+        .args(["--daemon-bin", DAEMON, "--size", "16M", "--duration", "1"])
+        .args([
+            "--phases",
+            "fill,randwrite,randread",
+            "--request-size",
+            "64K",
+        ])
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--json")
+        .arg(&json_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+
+    // Assert
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "stderr: {stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(json["workload"]["block_size"].as_u64(), Some(65536));
+    let described = json["workload"]["corpus"].as_str().unwrap();
+    assert!(described.contains("bench_tool"), "{described}");
+    let phases = json["backends"][0]["phases"].as_array().unwrap();
+    let fill = phases.iter().find(|p| p["phase"] == "fill").unwrap();
+    assert_eq!(
+        fill["requests"].as_u64(),
+        Some(256),
+        "16 MiB in 64 KiB requests"
+    );
+    let read = phases.iter().find(|p| p["phase"] == "randread").unwrap();
+    assert!(read["verified_reads"].as_u64().unwrap() > 0, "{read}");
+    assert_eq!(read["verified_reads"], read["reads"], "{read}");
+}
+
+#[test]
+fn a_bad_corpus_or_request_size_is_refused_with_a_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bogus");
+    std::fs::write(&bogus, b"not pages").unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let output = Command::new(BENCH)
+            .args(["--daemon-bin", DAEMON, "--size", "16M"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let said = run(&["--corpus".as_ref(), bogus.as_os_str()]);
+    assert!(said.contains("is not a corpus"), "{said}");
+    let said = run(&["--request-size".as_ref(), "6K".as_ref()]);
+    assert!(said.contains("not a positive multiple of 4 KiB"), "{said}");
+    let said = run(&["--request-size".as_ref(), "2M".as_ref()]);
+    assert!(said.contains("more than 1M"), "{said}");
+}

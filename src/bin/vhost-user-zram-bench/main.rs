@@ -5,6 +5,7 @@
 //! qemu-storage-daemon null-co and a /dev/shm file, and prints them side by side.
 
 mod backends;
+mod corpus;
 mod device;
 mod histogram;
 mod migrate;
@@ -26,7 +27,7 @@ use crate::backends::{
 use crate::device::Device;
 use crate::progress::ProgressReporter;
 use crate::report::{BackendReport, PhaseReport, Report, RestartReport, WorkloadDescription};
-use crate::workload::{Phase, RunControl, Workload};
+use crate::workload::{PagePool, Phase, RunControl, Workload};
 
 /// Benchmark a vhost-user-blk device (vhost-user-zram by default) with a swap-like workload.
 ///
@@ -102,6 +103,33 @@ struct Args {
     /// default); see the workload's documentation for why it does not generate every page.
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     pool_pages: u32,
+
+    /// Write the pages of this corpus of real memory (made by --capture-corpus) instead of the
+    /// swap-like mix, in order: the fill writes the corpus as it was captured, so pages that
+    /// were neighbours in a process are neighbours on the device (see --request-size). Every
+    /// backend of the run, kernel zram in --compare too, gets the same pages.
+    #[arg(long, value_name = "FILE", conflicts_with = "capture_corpus")]
+    corpus: Option<PathBuf>,
+
+    /// Bytes each request moves: 4K (the default, one page, as a guest swaps a page) up to
+    /// 1M, a multiple of 4K; 64K writes and reads whole 16-page blocks, as a guest swapping
+    /// out 64 KiB folios does. The device's pages past its last whole block are not used.
+    #[arg(long, default_value = "4K", value_name = "SIZE", value_parser = parse_request_size)]
+    request_size: u64,
+
+    /// Capture a corpus of real memory into FILE and exit: the resident anonymous pages of the
+    /// processes --capture-pid names, in address order (needs the right to read their memory,
+    /// e.g. root). Nothing is benchmarked.
+    #[arg(long, value_name = "FILE")]
+    capture_corpus: Option<PathBuf>,
+
+    /// With --capture-corpus: a process to capture (repeatable; in the order given).
+    #[arg(long = "capture-pid", value_name = "PID", requires = "capture_corpus")]
+    capture_pids: Vec<u32>,
+
+    /// With --capture-corpus: the most memory to capture, over all processes.
+    #[arg(long, default_value = "1G", value_name = "SIZE", requires = "capture_corpus", value_parser = parse_size)]
+    capture_max: u64,
 
     /// Do not verify read data (verification hashes each page read; it costs bench CPU).
     #[arg(long)]
@@ -203,6 +231,15 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// `--request-size`: a size as `--size` takes it, at most 1 MiB.
+fn parse_request_size(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if bytes > 1 << 20 {
+        return Err(format!("'{text}' is more than 1M"));
+    }
+    Ok(bytes)
+}
+
 /// `--migrate-dirty`: a size as `--size` takes it, or 0.
 fn parse_dirty_size(text: &str) -> Result<u64, String> {
     if text.trim() == "0" {
@@ -243,6 +280,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     install_signal_handlers();
+    if let Some(path) = &args.capture_corpus {
+        return capture_corpus(&args, path);
+    }
     let result = check_outputs(&args).and_then(|()| run(&args));
     match result {
         Ok(report) => {
@@ -272,6 +312,69 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--capture-corpus`: captures and says what it took.
+fn capture_corpus(args: &Args, path: &std::path::Path) -> ExitCode {
+    if args.capture_pids.is_empty() {
+        eprintln!("error: --capture-corpus needs at least one --capture-pid");
+        return ExitCode::FAILURE;
+    }
+    let max_pages = args.capture_max / vhost_user_zram::PAGE_SIZE as u64;
+    match corpus::capture(path, &args.capture_pids, max_pages) {
+        Ok(sources) => {
+            for source in &sources {
+                println!(
+                    "captured {} pages ({} MiB) of {} (pid {})",
+                    source.pages,
+                    source.pages >> 8,
+                    source.comm,
+                    source.pid
+                );
+            }
+            let total: u64 = sources.iter().map(|s| s.pages).sum();
+            println!("{}: {total} pages", path.display());
+            if total == 0 {
+                eprintln!("error: nothing was captured");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: capture: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const PAGE_BYTES: u64 = vhost_user_zram::PAGE_SIZE as u64;
+
+/// Pages a request moves (`--request-size`).
+fn block_pages(args: &Args) -> u64 {
+    args.request_size / PAGE_BYTES
+}
+
+/// Bytes a request moves.
+fn request_bytes(args: &Args) -> usize {
+    usize::try_from(args.request_size).unwrap_or(vhost_user_zram::PAGE_SIZE)
+}
+
+/// The pages the workload writes: the corpus, or the swap-like mix.
+fn page_pool(args: &Args) -> Result<(std::sync::Arc<PagePool>, Option<String>), String> {
+    match &args.corpus {
+        Some(path) => {
+            let corpus = corpus::Corpus::load(path).map_err(|e| e.to_string())?;
+            let described = format!("{}: {}", path.display(), corpus.describe());
+            Ok((
+                std::sync::Arc::new(PagePool::from_corpus(corpus.pages)),
+                Some(described),
+            ))
+        }
+        None => Ok((
+            std::sync::Arc::new(PagePool::new(args.seed, args.pool_pages as usize)),
+            None,
+        )),
     }
 }
 
@@ -362,6 +465,13 @@ fn run(args: &Args) -> Result<Report, String> {
         queue_size: args.queue_size as usize,
         extra_args: args.daemon_args.clone(),
     };
+    if args.migrate && (args.corpus.is_some() || args.request_size != PAGE_BYTES) {
+        return Err(
+            "--migrate writes the swap-like mix in 4K requests; drop --corpus and --request-size"
+                .into(),
+        );
+    }
+    let (pool, corpus) = page_pool(args)?;
     let dir = RunDir::create()?;
     let queues = args.queues as usize;
     let mut plan = vec![if args.socket.is_some() {
@@ -398,11 +508,12 @@ fn run(args: &Args) -> Result<Report, String> {
             queues: args.queues,
             queue_depth: args.queue_depth,
             queue_size: args.queue_size,
-            block_size: vhost_user_zram::PAGE_SIZE,
+            block_size: request_bytes(args),
             seconds_per_phase: args.duration,
             rounds: args.rounds,
             seed: args.seed,
             pool_pages: args.pool_pages,
+            corpus,
             algorithm: args.algorithm.clone(),
             algorithm_level: args.algorithm_level,
             verify: !args.no_verify,
@@ -471,7 +582,7 @@ fn run(args: &Args) -> Result<Report, String> {
                 }
             };
             let entry = match started {
-                Ok(backend) => run_backend(args, backend),
+                Ok(backend) => run_backend(args, backend, &pool),
                 Err(e) => BackendReport::failed(kind, e),
             };
             eprintln!("{}", entry.progress_line());
@@ -493,7 +604,11 @@ fn run(args: &Args) -> Result<Report, String> {
 }
 
 /// Runs every phase against one backend and tears it down.
-fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
+fn run_backend(
+    args: &Args,
+    mut backend: Backend,
+    pool: &std::sync::Arc<PagePool>,
+) -> BackendReport {
     let kind = backend.kind;
     let mut entry = BackendReport::new(kind, backend.kernel_zram.as_ref().map(|z| z.name()));
     let queues = args.queues as usize;
@@ -504,7 +619,7 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
             &backend.transport,
             queues,
             args.queue_size as usize,
-            Workload::buffer_bytes_per_lane(queue_depth),
+            Workload::buffer_bytes_per_lane(queue_depth, block_pages(args)),
             Duration::from_secs(10),
         )?;
         if device.lanes.len() != queues {
@@ -528,7 +643,8 @@ fn run_backend(args: &Args, mut backend: Backend) -> BackendReport {
         }
         let mut workload = Workload::new(
             args.seed,
-            args.pool_pages as usize,
+            std::sync::Arc::clone(pool),
+            block_pages(args),
             queues,
             queue_depth,
             pages,
@@ -650,7 +766,7 @@ fn restart_check(
         &backend.transport,
         queues,
         args.queue_size as usize,
-        Workload::buffer_bytes_per_lane(args.queue_depth as usize),
+        Workload::buffer_bytes_per_lane(args.queue_depth as usize, block_pages(args)),
         Duration::from_secs(10),
     )?;
     let first_read = workload.read_back(&mut device, std::slice::from_ref(first), io_timeout)?;

@@ -27,7 +27,7 @@ use crate::backends::{Backend, BackendKind, DaemonOptions, RunDir};
 use crate::device::Device;
 use crate::progress::ProgressReporter;
 use crate::report::{BackendReport, PhaseReport};
-use crate::workload::{Phase, RunControl, Workload};
+use crate::workload::{PagePool, Phase, RunControl, Workload};
 use crate::{Args, STOP};
 
 /// Issue 18's bound on wire bytes per byte of `compr_data_size` for an idle guest.
@@ -256,7 +256,7 @@ fn open(backend: &Backend, args: &Args) -> Result<Device, String> {
         &backend.transport,
         queues,
         args.queue_size as usize,
-        Workload::buffer_bytes_per_lane(args.queue_depth as usize),
+        Workload::buffer_bytes_per_lane(args.queue_depth as usize, 1),
         Duration::from_secs(10),
     )?;
     if device.lanes.len() != queues {
@@ -290,7 +290,8 @@ fn measure(
     let pages = device.capacity.min(args.size) / PAGE_SIZE as u64;
     let mut workload = Workload::new(
         args.seed,
-        args.pool_pages as usize,
+        std::sync::Arc::new(PagePool::new(args.seed, args.pool_pages as usize)),
+        1,
         args.queues as usize,
         args.queue_depth as usize,
         pages,

@@ -552,6 +552,7 @@ mod tests {
                 rounds: 3,
                 seed: 1,
                 pool_pages: 1024,
+                corpus: None,
                 algorithm: "lz4".into(),
                 algorithm_level: None,
                 verify: true,

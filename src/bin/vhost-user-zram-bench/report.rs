@@ -42,6 +42,9 @@ pub struct WorkloadDescription {
     pub seed: u64,
     /// Distinct pages the contents are drawn from.
     pub pool_pages: u32,
+    /// The corpus of real memory written instead of the swap-like mix (`--corpus`): its
+    /// file, pages and sources.
+    pub corpus: Option<String>,
     /// Compression algorithm.
     pub algorithm: String,
     /// Compression level given to vhost-user-zram.
@@ -384,14 +387,17 @@ impl Report {
         let w = &self.workload;
         let _ = writeln!(
             out,
-            "workload: {} device ({} pages), 4 KiB requests, {} queue(s) x depth {}, {} s per timed phase, swap-like pages (seed {}, pool of {}), algorithm {}{}{}{}",
+            "workload: {} device ({} pages), {} KiB requests, {} queue(s) x depth {}, {} s per timed phase, {}, algorithm {}{}{}{}",
             mib(w.size_bytes),
             w.pages,
+            w.block_size / 1024,
             w.queues,
             w.queue_depth,
             w.seconds_per_phase,
-            w.seed,
-            w.pool_pages,
+            match &w.corpus {
+                Some(corpus) => format!("real memory in order (corpus {corpus})"),
+                None => format!("swap-like pages (seed {}, pool of {})", w.seed, w.pool_pages),
+            },
             w.algorithm,
             w.algorithm_level.map(|l| format!(" level {l}")).unwrap_or_default(),
             if w.verify { ", reads verified" } else { "" },
@@ -952,6 +958,7 @@ mod tests {
                 rounds: 1,
                 seed: 1,
                 pool_pages: 1,
+                corpus: None,
                 algorithm: "lz4".into(),
                 algorithm_level: None,
                 verify: true,

@@ -1,18 +1,23 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The workload: 4 KiB requests kept `queue_depth` deep on every queue, one thread per queue.
+//! The workload: requests of one *block* (`--request-size`, one 4 KiB page by default) kept
+//! `queue_depth` deep on every queue, one thread per queue.
 //!
-//! Each queue owns the pages `q, q + queues, q + 2 * queues, ...`, so no two threads ever touch
-//! the same page, and a queue never has two requests for one page in flight; what a read must
-//! return is therefore always known. The fill writes generation 0 of every page, every later write
-//! of a page the next generation, and a read is verified by comparing a hash of what came back
-//! with the hash of what was written last.
+//! Each queue owns the blocks `q, q + queues, q + 2 * queues, ...`, so no two threads ever touch
+//! the same block, and a queue never has two requests for one block in flight; what a read must
+//! return is therefore always known. The fill writes generation 0 of every block, every later
+//! write of a block the next generation, and a read is verified by comparing a hash of each page
+//! that came back with the hash of what was written last.
 //!
-//! Contents come from a pool of pages made once with `pagegen::fill_page` (the swap-like mix):
-//! generation `g` of page `p` is pool page `mix(p, g) % pool_size`. Generating every page on the
-//! fly costs the bench more CPU than the backend it measures (the generator runs at about
-//! 160k pages/s per core); copying a pool page costs a memcpy. The pool is far larger than the
-//! CPU caches, and zram-like stores do not deduplicate, so the repetition changes nothing for the
-//! backend: every backend of a run sees exactly the same data.
+//! Contents come from a pool of pages: by default made once with `pagegen::fill_page` (the
+//! swap-like mix), where generation `g` of block `b` starts at pool page `mix(b, g) % pool_size`;
+//! or a corpus of real memory (`--corpus`), written *in order*: generation 0 of block `b` is
+//! corpus pages `b * block_pages ..`, so the fill writes the corpus as it was captured and
+//! neighbouring pages stay neighbours, and each later generation shifts by
+//! [`GENERATION_SHIFT`] pages. Generating every page on the fly costs the bench more CPU than
+//! the backend it measures (the generator runs at about 160k pages/s per core); copying a pool
+//! page costs a memcpy. The pool is far larger than the CPU caches, and zram-like stores do not
+//! deduplicate, so the repetition changes nothing for the backend: every backend of a run sees
+//! exactly the same data.
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -87,6 +92,10 @@ const WAIT_SLICE: Duration = Duration::from_millis(200);
 /// How often the progress callback runs.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How far each generation of a block moves through a corpus, in pages: a prime, so rewrites
+/// of a block walk the whole corpus before they repeat.
+const GENERATION_SHIFT: u64 = 7919;
+
 /// A phase's progress, as the progress callback sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -133,6 +142,8 @@ pub struct PhaseResult {
     pub elapsed: Duration,
     /// Submission-to-completion latency of every request.
     pub latency: LatencyHistogram,
+    /// Bytes a request moves.
+    pub request_bytes: usize,
 }
 
 impl PhaseResult {
@@ -143,40 +154,101 @@ impl PhaseResult {
 
     /// Payload MiB (2^20 bytes) per second.
     pub fn mib_per_second(&self) -> f64 {
-        self.iops() * PAGE_SIZE as f64 / (1 << 20) as f64
+        self.iops() * self.request_bytes as f64 / (1 << 20) as f64
     }
 }
 
-/// The per-page state one queue keeps: whether it was written, and the generation last written.
+/// The per-block state one queue keeps: whether it was written, and the generation last written.
 #[derive(Clone, Copy, Default)]
 struct PageState {
     written: bool,
     generation: u32,
 }
 
-/// Swap-like pages made once, and their hashes.
+/// The pages the workload writes, made once, and their hashes.
 pub struct PagePool {
     pages: Vec<[u8; PAGE_SIZE]>,
     hashes: Vec<u64>,
+    /// A corpus, written in order; else the synthetic mix, spread by a hash.
+    in_order: bool,
 }
 
 impl PagePool {
-    /// `size` pages: `fill_page(seed, 0..size)`.
+    /// `size` swap-like pages: `fill_page(seed, 0..size)`.
     pub fn new(seed: u64, size: usize) -> PagePool {
         let mut pages = vec![[0u8; PAGE_SIZE]; size.max(1)];
         for (index, page) in pages.iter_mut().enumerate() {
             fill_page(seed, index as u64, page);
         }
         let hashes = pages.iter().map(|page| page_hash(page)).collect();
-        PagePool { pages, hashes }
+        PagePool {
+            pages,
+            hashes,
+            in_order: false,
+        }
     }
 
-    /// The pool index of generation `generation` of device page `page`.
-    fn index_of(&self, page: u64, generation: u32) -> usize {
-        let mut mixed = page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(generation);
-        mixed = (mixed ^ (mixed >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        mixed ^= mixed >> 29;
-        to_index(mixed % self.pages.len() as u64)
+    /// A corpus of real memory (at least one page), written in order.
+    pub fn from_corpus(pages: Vec<[u8; PAGE_SIZE]>) -> PagePool {
+        assert!(!pages.is_empty(), "a corpus holds at least one page");
+        let hashes = pages.iter().map(|page| page_hash(page)).collect();
+        PagePool {
+            pages,
+            hashes,
+            in_order: true,
+        }
+    }
+
+    /// The pool index of page `page` (0-based, below `block_pages`) of generation
+    /// `generation` of device block `block`.
+    fn index_of(&self, block: u64, block_pages: u64, page: u64, generation: u32) -> usize {
+        let len = self.pages.len() as u64;
+        let start = if self.in_order {
+            (block * block_pages + u64::from(generation) * GENERATION_SHIFT) % len
+        } else {
+            let mut mixed = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(generation);
+            mixed = (mixed ^ (mixed >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            mixed ^= mixed >> 29;
+            mixed % len
+        };
+        to_index((start + page) % len)
+    }
+
+    /// Copies generation `generation` of `block` into `buffer` (`block_pages` pages).
+    ///
+    /// # Safety
+    /// `buffer` must be valid for writes of `block_pages` pages and not overlap the pool.
+    unsafe fn copy_block(&self, block: u64, block_pages: u64, generation: u32, buffer: *mut u8) {
+        for page in 0..block_pages {
+            let content = &self.pages[self.index_of(block, block_pages, page, generation)];
+            // SAFETY: by the contract, page `page` (< block_pages) of the buffer is writable
+            // and does not overlap the pool's page.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    content.as_ptr(),
+                    buffer.add(to_index(page) * PAGE_SIZE),
+                    PAGE_SIZE,
+                );
+            }
+        }
+    }
+
+    /// Whether `data` (`block_pages` pages) is generation `generation` of `block`; `Err`
+    /// names the first page that is not.
+    fn verify_block(
+        &self,
+        block: u64,
+        block_pages: u64,
+        generation: u32,
+        data: &[u8],
+    ) -> Result<(), u64> {
+        for (page, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let expected = self.index_of(block, block_pages, page as u64, generation);
+            if page_hash(bytes) != self.hashes[expected] {
+                return Err(page as u64);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -188,15 +260,17 @@ fn to_index(page: u64) -> usize {
 /// The state of the whole workload across phases.
 pub struct Workload {
     seed: u64,
-    pool: PagePool,
+    pool: std::sync::Arc<PagePool>,
+    /// Pages a request moves.
+    block_pages: u64,
     queue_depth: usize,
     /// Whether reads are checked. Off for backends that do not keep data (null-co).
     verify: bool,
-    /// Per queue, per owned page (index `page / queues`).
+    /// Per queue, per owned block (index `block / queues`).
     page_states: Vec<Vec<PageState>>,
     /// Whether the fill ran, i.e. whether the page states describe the device.
     filled: bool,
-    /// Pages a burst writes, over all queues.
+    /// Blocks a burst writes, over all queues.
     burst_pages: u64,
 }
 
@@ -217,26 +291,32 @@ pub fn page_hash(page: &[u8]) -> u64 {
 }
 
 impl Workload {
-    /// A workload over the first `pages` pages of a device with `queues` queues.
+    /// A workload over the first `pages` pages of a device with `queues` queues, in requests
+    /// of `block_pages` pages (whole blocks only: a tail shorter than a block is not used),
+    /// writing pages of `pool`.
     pub fn new(
         seed: u64,
-        pool_pages: usize,
+        pool: std::sync::Arc<PagePool>,
+        block_pages: u64,
         queues: usize,
         queue_depth: usize,
         pages: u64,
         verify: bool,
     ) -> Self {
+        let block_pages = block_pages.max(1);
+        let blocks = pages / block_pages;
         let page_states = (0..queues as u64)
             .map(|q| {
                 vec![
                     PageState::default();
-                    to_index(pages.saturating_sub(q).div_ceil(queues as u64))
+                    to_index(blocks.saturating_sub(q).div_ceil(queues as u64))
                 ]
             })
             .collect();
         Workload {
             seed,
-            pool: PagePool::new(seed, pool_pages),
+            pool,
+            block_pages,
             queue_depth,
             verify,
             page_states,
@@ -245,14 +325,19 @@ impl Workload {
         }
     }
 
-    /// Sets how many pages a burst writes (over all queues).
+    /// Sets how many pages a burst writes (over all queues), in whole blocks.
     pub fn set_burst_pages(&mut self, pages: u64) {
-        self.burst_pages = pages;
+        self.burst_pages = pages.div_ceil(self.block_pages);
     }
 
-    /// The bytes of buffer each queue needs.
-    pub fn buffer_bytes_per_lane(queue_depth: usize) -> usize {
-        queue_depth * PAGE_SIZE
+    /// The bytes of buffer each queue needs for requests of `block_pages` pages.
+    pub fn buffer_bytes_per_lane(queue_depth: usize, block_pages: u64) -> usize {
+        queue_depth * PAGE_SIZE * to_index(block_pages.max(1))
+    }
+
+    /// Bytes a request moves.
+    fn block_bytes(&self) -> usize {
+        to_index(self.block_pages) * PAGE_SIZE
     }
 
     /// Runs `phase` on every queue of `device` until `duration` passes (the fill: until every page
@@ -319,10 +404,11 @@ impl Workload {
                     let worker = QueueWorker {
                         lane,
                         states,
-                        first_page: queue as u64,
-                        page_stride: queues,
+                        first_block: queue as u64,
+                        block_stride: queues,
+                        block_pages: self.block_pages,
                         burst_pages: self.burst_pages.div_ceil(queues),
-                        pool: &self.pool,
+                        pool: &*self.pool,
                         queue_depth: self.queue_depth,
                         verify,
                         rng: vhost_user_zram::pagegen::SplitMix64::new(
@@ -359,6 +445,7 @@ impl Workload {
             verified_reads: 0,
             elapsed,
             latency: LatencyHistogram::default(),
+            request_bytes: self.block_bytes(),
         };
         for result in results {
             let result = result?;
@@ -385,8 +472,9 @@ pub struct ReadBack {
 }
 
 impl Workload {
-    /// Up to `count` distinct device pages that have been written, drawn at random with
-    /// `seed` (every written page when there are fewer).
+    /// Up to `count` distinct device blocks (pages, with the default one-page requests) that
+    /// have been written, drawn at random with `seed` (every written block when there are
+    /// fewer).
     pub fn written_page_sample(&self, count: usize, seed: u64) -> Vec<u64> {
         let queues = self.page_states.len() as u64;
         let written: Vec<u64> = self
@@ -418,9 +506,10 @@ impl Workload {
         sample
     }
 
-    /// Reads `pages` (device page numbers) on the device's first queue, up to the queue depth
-    /// in flight, and checks each against what was last written. Fails on an I/O error, a
-    /// wrong page, or `io_timeout` without a completion.
+    /// Reads `pages` (device block numbers: pages with the default one-page requests) on the
+    /// device's first queue, up to the queue depth in flight, and checks each against what was
+    /// last written. Fails on an I/O error, a wrong page, or `io_timeout` without a
+    /// completion.
     pub fn read_back(
         &self,
         device: &mut Device,
@@ -428,6 +517,7 @@ impl Workload {
         io_timeout: Duration,
     ) -> Result<ReadBack, String> {
         let queues = self.page_states.len() as u64;
+        let bytes = self.block_bytes();
         let lane = device.lanes.first_mut().ok_or("the device has no queue")?;
         let mut slots: Vec<Option<u64>> = vec![None; self.queue_depth];
         let mut completions: Vec<MaybeUninit<Completion>> = (0..self.queue_depth)
@@ -442,14 +532,9 @@ impl Workload {
                 if busy.is_none() && next < pages.len() {
                     let page = pages[next];
                     next += 1;
-                    let buffer = lane.buffer(slot, PAGE_SIZE);
-                    lane.queue.read(
-                        page * PAGE_SIZE as u64,
-                        buffer,
-                        PAGE_SIZE,
-                        slot,
-                        ReqFlags::empty(),
-                    );
+                    let buffer = lane.buffer(slot, bytes);
+                    lane.queue
+                        .read(page * bytes as u64, buffer, bytes, slot, ReqFlags::empty());
                     *busy = Some(page);
                     in_flight += 1;
                 }
@@ -495,12 +580,13 @@ impl Workload {
                 let state = self.page_states[to_index(page % queues)][to_index(page / queues)];
                 // SAFETY: the read into this slot's buffer has completed, and the slot is not
                 // reused until after this check.
-                let data =
-                    unsafe { std::slice::from_raw_parts(lane.buffer(slot, PAGE_SIZE), PAGE_SIZE) };
-                let expected = self.pool.index_of(page, state.generation);
-                if !state.written || page_hash(data) != self.pool.hashes[expected] {
+                let data = unsafe { std::slice::from_raw_parts(lane.buffer(slot, bytes), bytes) };
+                let checked =
+                    self.pool
+                        .verify_block(page, self.block_pages, state.generation, data);
+                if !state.written || checked.is_err() {
                     return Err(format!(
-                        "data mismatch: page {page} does not hold generation {} of the swap-like content",
+                        "data mismatch: block {page} does not hold generation {} of its content",
                         state.generation
                     ));
                 }
@@ -509,8 +595,8 @@ impl Workload {
         }
     }
 
-    /// Writes the next generation of each of `pages` (device page numbers, distinct) on the
-    /// device's first queue, up to the queue depth in flight, and records it, so that later
+    /// Writes the next generation of each of `pages` (device block numbers, distinct: pages
+    /// with the default one-page requests) on the device's first queue, up to the queue depth in flight, and records it, so that later
     /// reads expect it. Fails on an I/O error or `io_timeout` without a completion.
     pub fn write_pages(
         &mut self,
@@ -519,6 +605,7 @@ impl Workload {
         io_timeout: Duration,
     ) -> Result<u64, String> {
         let queues = self.page_states.len() as u64;
+        let bytes = self.block_bytes();
         let lane = device.lanes.first_mut().ok_or("the device has no queue")?;
         let mut slots: Vec<Option<u64>> = vec![None; self.queue_depth];
         let mut completions: Vec<MaybeUninit<Completion>> = (0..self.queue_depth)
@@ -544,18 +631,15 @@ impl Workload {
                         written: true,
                         generation,
                     };
-                    let content = &self.pool.pages[self.pool.index_of(page, generation)];
-                    let buffer = lane.buffer(slot, PAGE_SIZE);
-                    // SAFETY: the slot's buffer is PAGE_SIZE bytes of the lane's mapped region
-                    // with no request in flight; the pool does not overlap the region.
-                    unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), buffer, PAGE_SIZE) };
-                    lane.queue.write(
-                        page * PAGE_SIZE as u64,
-                        buffer,
-                        PAGE_SIZE,
-                        slot,
-                        ReqFlags::empty(),
-                    );
+                    let buffer = lane.buffer(slot, bytes);
+                    // SAFETY: the slot's buffer is a block of the lane's mapped region with no
+                    // request in flight; the pool does not overlap the region.
+                    unsafe {
+                        self.pool
+                            .copy_block(page, self.block_pages, generation, buffer);
+                    }
+                    lane.queue
+                        .write(page * bytes as u64, buffer, bytes, slot, ReqFlags::empty());
                     *busy = Some(page);
                     in_flight += 1;
                 }
@@ -618,10 +702,12 @@ struct InFlight {
 struct QueueWorker<'a> {
     lane: &'a mut Lane,
     states: &'a mut Vec<PageState>,
-    first_page: u64,
-    page_stride: u64,
+    first_block: u64,
+    block_stride: u64,
+    /// Pages a request moves.
+    block_pages: u64,
     pool: &'a PagePool,
-    /// Pages this queue writes in a burst.
+    /// Blocks this queue writes in a burst.
     burst_pages: u64,
     queue_depth: usize,
     verify: bool,
@@ -645,6 +731,7 @@ impl QueueWorker<'_> {
             verified_reads: 0,
             elapsed: Duration::ZERO,
             latency: LatencyHistogram::default(),
+            request_bytes: self.block_bytes(),
         };
         let owned_pages = self.states.len() as u64;
         if owned_pages == 0 {
@@ -712,9 +799,9 @@ impl QueueWorker<'_> {
                 in_flight -= 1;
                 if completion.ret != 0 {
                     return Err(format!(
-                        "{} of page {} failed: {}",
+                        "{} of block {} failed: {}",
                         if request.is_read { "read" } else { "write" },
-                        request.page,
+                        self.device_block(request.page),
                         std::io::Error::from_raw_os_error(-completion.ret)
                     ));
                 }
@@ -771,17 +858,23 @@ impl QueueWorker<'_> {
         None
     }
 
-    fn device_page(&self, page: u64) -> u64 {
-        self.first_page + page * self.page_stride
+    /// The device block of this queue's `page`-th own block.
+    fn device_block(&self, page: u64) -> u64 {
+        self.first_block + page * self.block_stride
+    }
+
+    fn block_bytes(&self) -> usize {
+        to_index(self.block_pages) * PAGE_SIZE
     }
 
     fn submit(&mut self, slot: usize, page: u64, is_read: bool) -> InFlight {
-        let buffer = self.lane.buffer(slot, PAGE_SIZE);
-        let offset = self.device_page(page) * PAGE_SIZE as u64;
+        let bytes = self.block_bytes();
+        let buffer = self.lane.buffer(slot, bytes);
+        let offset = self.device_block(page) * bytes as u64;
         if is_read {
             self.lane
                 .queue
-                .read(offset, buffer, PAGE_SIZE, slot, ReqFlags::empty());
+                .read(offset, buffer, bytes, slot, ReqFlags::empty());
         } else {
             let state = &mut self.states[to_index(page)];
             // The fill writes generation 0; later writes the next one.
@@ -794,15 +887,17 @@ impl QueueWorker<'_> {
                 written: true,
                 generation,
             };
-            let device_page = self.first_page + page * self.page_stride;
-            let content = &self.pool.pages[self.pool.index_of(device_page, generation)];
-            // SAFETY: the slot's buffer is PAGE_SIZE bytes of the lane's mapped region and has no
+            let block = self.device_block(page);
+            // SAFETY: the slot's buffer is a block of the lane's mapped region and has no
             // request in flight (the slot is free), so nothing else reads or writes it now; the
             // pool is ordinary memory that does not overlap the region.
-            unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), buffer, PAGE_SIZE) };
+            unsafe {
+                self.pool
+                    .copy_block(block, self.block_pages, generation, buffer);
+            }
             self.lane
                 .queue
-                .write(offset, buffer, PAGE_SIZE, slot, ReqFlags::empty());
+                .write(offset, buffer, bytes, slot, ReqFlags::empty());
         }
         InFlight {
             page,
@@ -812,16 +907,24 @@ impl QueueWorker<'_> {
     }
 
     fn check(&self, slot: usize, page: u64) -> Result<(), String> {
-        let buffer = self.lane.buffer(slot, PAGE_SIZE);
+        let bytes = self.block_bytes();
+        let buffer = self.lane.buffer(slot, bytes);
         // SAFETY: the read into this slot's buffer has completed and the slot is not reused
         // until after this check.
-        let data = unsafe { std::slice::from_raw_parts(buffer, PAGE_SIZE) };
+        let data = unsafe { std::slice::from_raw_parts(buffer, bytes) };
         let state = self.states[to_index(page)];
-        let expected = self.pool.index_of(self.device_page(page), state.generation);
-        if !state.written || page_hash(data) != self.pool.hashes[expected] {
+        let block = self.device_block(page);
+        let checked = self
+            .pool
+            .verify_block(block, self.block_pages, state.generation, data);
+        if !state.written {
+            return Err(format!("block {block} was read before it was written"));
+        }
+        if let Err(bad) = checked {
             return Err(format!(
-                "data mismatch: page {} does not hold generation {} of the swap-like content",
-                self.device_page(page),
+                "data mismatch: page {} (page {bad} of block {block}) does not hold generation \
+                 {} of its content",
+                block * self.block_pages + bad,
                 state.generation
             ));
         }
@@ -854,13 +957,39 @@ mod tests {
     fn generations_of_a_page_map_to_varied_pool_pages() {
         let pool = PagePool::new(3, 1024);
         let indexes: std::collections::HashSet<usize> = (0..64)
-            .map(|generation| pool.index_of(77, generation))
+            .map(|generation| pool.index_of(77, 1, 0, generation))
             .collect();
         assert!(
             indexes.len() > 48,
             "only {} distinct contents",
             indexes.len()
         );
-        assert_eq!(pool.index_of(77, 5), pool.index_of(77, 5), "deterministic");
+        assert_eq!(
+            pool.index_of(77, 1, 0, 5),
+            pool.index_of(77, 1, 0, 5),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn a_corpus_is_written_in_order_and_later_generations_stay_contiguous() {
+        let pages: Vec<[u8; PAGE_SIZE]> = (0..100u8).map(|i| [i; PAGE_SIZE]).collect();
+        let pool = PagePool::from_corpus(pages);
+        // Generation 0 of block 3 of 16-page blocks: corpus pages 48..64.
+        for page in 0..16 {
+            assert_eq!(pool.index_of(3, 16, page, 0), 48 + page as usize);
+        }
+        // A later generation: still contiguous (modulo the corpus), elsewhere.
+        let start = pool.index_of(3, 16, 0, 1);
+        assert_ne!(start, 48);
+        for page in 0..16 {
+            assert_eq!(pool.index_of(3, 16, page, 1), (start + page as usize) % 100);
+        }
+        let mut block = vec![0u8; 16 * PAGE_SIZE];
+        // SAFETY: the buffer holds 16 pages and is not the pool's.
+        unsafe { pool.copy_block(3, 16, 1, block.as_mut_ptr()) };
+        assert_eq!(pool.verify_block(3, 16, 1, &block), Ok(()));
+        block[5 * PAGE_SIZE + 7] ^= 1;
+        assert_eq!(pool.verify_block(3, 16, 1, &block), Err(5));
     }
 }
