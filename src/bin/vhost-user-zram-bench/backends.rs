@@ -92,6 +92,13 @@ impl ChildGuard {
             .map(|child| process_cpu_time(child.id()))
     }
 
+    /// The CPU time of the child's live threads, by kind.
+    pub fn thread_cpu(&self) -> Option<Result<ThreadCpu, String>> {
+        self.child
+            .as_ref()
+            .map(|child| thread_cpu_times(child.id()))
+    }
+
     /// The last lines the child printed.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -262,6 +269,67 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(
         ticks as f64 / ticks_per_second as f64,
     ))
+}
+
+/// CPU time of a process's threads by what they do, for CPU per request per thread kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ThreadCpu {
+    /// The queue threads (vhost-user-backend's `vring_worker`s): parse, copy, publish.
+    pub queue: Duration,
+    /// The compression workers (`kcompressd-N`).
+    pub worker: Duration,
+    /// Every other thread (the control socket, writeback, the main thread, ...).
+    pub other: Duration,
+}
+
+impl ThreadCpu {
+    /// What was spent between `earlier` and `self`, kind by kind.
+    pub fn since(self, earlier: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            queue: self.queue.saturating_sub(earlier.queue),
+            worker: self.worker.saturating_sub(earlier.worker),
+            other: self.other.saturating_sub(earlier.other),
+        }
+    }
+}
+
+/// The thread kind of a thread named `comm`.
+fn thread_kind<'a>(cpu: &'a mut ThreadCpu, comm: &str) -> &'a mut Duration {
+    if comm == "vring_worker" {
+        &mut cpu.queue
+    } else if comm.starts_with("kcompressd-") {
+        &mut cpu.worker
+    } else {
+        &mut cpu.other
+    }
+}
+
+/// utime + stime of every live thread of `pid` (`/proc/PID/task/TID/stat`), by kind. A thread
+/// that exits between listing and reading is skipped; threads that exited earlier are not
+/// counted (the kinds measured live as long as the device).
+pub fn thread_cpu_times(pid: u32) -> Result<ThreadCpu, String> {
+    let dir = format!("/proc/{pid}/task");
+    // SAFETY: sysconf takes no pointers and only reads configuration.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_second <= 0 {
+        return Err("sysconf(_SC_CLK_TCK) failed".into());
+    }
+    let mut cpu = ThreadCpu::default();
+    for entry in fs::read_dir(&dir).map_err(|e| format!("read {dir}: {e}"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(text) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
+            continue;
+        };
+        let Some(ticks) = stat_cpu_ticks(&text) else {
+            continue;
+        };
+        *thread_kind(&mut cpu, &text[open + 1..close]) +=
+            Duration::from_secs_f64(ticks as f64 / ticks_per_second as f64);
+    }
+    Ok(cpu)
 }
 
 /// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`: fields 14 and 15,
@@ -752,6 +820,12 @@ impl Backend {
         self.process.as_ref().and_then(ChildGuard::cpu_time)
     }
 
+    /// The CPU time of the backend's process's live threads by kind, when the bench launched
+    /// the process.
+    pub fn thread_cpu(&self) -> Option<Result<ThreadCpu, String>> {
+        self.process.as_ref().and_then(ChildGuard::thread_cpu)
+    }
+
     /// What the backend's process (the latest, after a restart) has logged so far.
     pub fn daemon_log(&self) -> Option<String> {
         self.process.as_ref().map(ChildGuard::log_text)
@@ -910,5 +984,48 @@ mod tests {
     fn this_process_has_used_some_cpu_time() {
         let spent = process_cpu_time(std::process::id()).expect("own /proc stat");
         assert!(spent < Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod thread_cpu_tests {
+    use super::*;
+
+    #[test]
+    fn threads_are_counted_by_kind_and_this_process_has_some_cpu() {
+        let mut cpu = ThreadCpu::default();
+        *thread_kind(&mut cpu, "vring_worker") += Duration::from_millis(3);
+        *thread_kind(&mut cpu, "kcompressd-0") += Duration::from_millis(2);
+        *thread_kind(&mut cpu, "kcompressd-12") += Duration::from_millis(2);
+        *thread_kind(&mut cpu, "writeback") += Duration::from_millis(1);
+        assert_eq!(
+            cpu,
+            ThreadCpu {
+                queue: Duration::from_millis(3),
+                worker: Duration::from_millis(4),
+                other: Duration::from_millis(1),
+            }
+        );
+        // Burn a little CPU on a named thread and find it under "other".
+        let spun = std::thread::Builder::new()
+            .name("spinner".into())
+            .spawn(|| {
+                let started = std::time::Instant::now();
+                let mut x = 0u64;
+                while started.elapsed() < Duration::from_millis(50) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                thread_cpu_times(std::process::id()).unwrap()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(spun.other > Duration::ZERO, "{spun:?}");
+        assert_eq!((spun.queue, spun.worker), (Duration::ZERO, Duration::ZERO));
+        let later = ThreadCpu {
+            queue: Duration::from_millis(5),
+            ..cpu
+        };
+        assert_eq!(later.since(cpu).queue, Duration::from_millis(2));
     }
 }

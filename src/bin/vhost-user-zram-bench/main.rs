@@ -662,6 +662,7 @@ fn run_backend(
             }
             let reporter = ProgressReporter::new(kind.label(), phase);
             let cpu_before = backend.cpu_time().transpose()?;
+            let threads_before = backend.thread_cpu().transpose()?;
             let control = RunControl {
                 stop: &STOP,
                 io_timeout: Duration::from_secs_f64(args.io_timeout),
@@ -679,6 +680,10 @@ fn run_backend(
             let mut report = PhaseReport::from(&result);
             if let (Some(before), Some(after)) = (cpu_before, backend.cpu_time().transpose()?) {
                 report.set_daemon_cpu(after.saturating_sub(before));
+            }
+            if let (Some(before), Some(after)) = (threads_before, backend.thread_cpu().transpose()?)
+            {
+                report.set_thread_cpu(after.since(before));
             }
             entry.phases.push(report);
             if phase == Phase::Fill {

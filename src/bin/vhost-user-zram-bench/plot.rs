@@ -534,8 +534,11 @@ mod tests {
             mib_per_second: iops * 4096.0 / 1048576.0,
             p50_us: 88.8 + slot as f64,
             p99_us: 1234.0 + 10.0 * slot as f64,
+            p999_us: 2345.0 + 10.0 * slot as f64,
             daemon_cpu_seconds: None,
             daemon_cpu_us_per_request: None,
+            queue_cpu_us_per_request: None,
+            worker_cpu_us_per_request: None,
         }
     }
 

@@ -127,11 +127,17 @@ pub struct PhaseReport {
     pub p50_us: f64,
     /// 99th-percentile latency in microseconds.
     pub p99_us: f64,
+    /// 99.9th-percentile latency in microseconds.
+    pub p999_us: f64,
     /// CPU time the backend's process (every thread) used during the phase, in seconds; `None`
     /// for a backend that is not a process the bench launched (kernel zram, `--socket`).
     pub daemon_cpu_seconds: Option<f64>,
     /// `daemon_cpu_seconds` per request, in microseconds.
     pub daemon_cpu_us_per_request: Option<f64>,
+    /// CPU per request of the daemon's queue threads, in microseconds.
+    pub queue_cpu_us_per_request: Option<f64>,
+    /// CPU per request of the daemon's compression workers, in microseconds.
+    pub worker_cpu_us_per_request: Option<f64>,
 }
 
 impl PhaseReport {
@@ -141,6 +147,15 @@ impl PhaseReport {
         self.daemon_cpu_seconds = Some(seconds);
         self.daemon_cpu_us_per_request =
             (self.requests > 0).then(|| seconds * 1e6 / self.requests as f64);
+    }
+
+    /// Records the CPU time the daemon's queue threads and workers used during the phase.
+    pub fn set_thread_cpu(&mut self, spent: crate::backends::ThreadCpu) {
+        let per_request = |d: std::time::Duration| {
+            (self.requests > 0).then(|| d.as_secs_f64() * 1e6 / self.requests as f64)
+        };
+        self.queue_cpu_us_per_request = per_request(spent.queue);
+        self.worker_cpu_us_per_request = per_request(spent.worker);
     }
 }
 
@@ -156,8 +171,11 @@ impl From<&PhaseResult> for PhaseReport {
             mib_per_second: result.mib_per_second(),
             p50_us: result.latency.percentile(50.0).as_secs_f64() * 1e6,
             p99_us: result.latency.percentile(99.0).as_secs_f64() * 1e6,
+            p999_us: result.latency.percentile(99.9).as_secs_f64() * 1e6,
             daemon_cpu_seconds: None,
             daemon_cpu_us_per_request: None,
+            queue_cpu_us_per_request: None,
+            worker_cpu_us_per_request: None,
         }
     }
 }
@@ -317,9 +335,12 @@ fn mm_stat_line(snapshot: &MemorySnapshot) -> String {
 /// The daemon's CPU time per request, or `-` when the backend is not a process the bench
 /// launched.
 fn cpu_per_request(phase: &PhaseReport) -> String {
-    phase
-        .daemon_cpu_us_per_request
-        .map_or_else(|| "-".into(), |us| format!("{us:.2}"))
+    micros_or_dash(phase.daemon_cpu_us_per_request)
+}
+
+/// A figure in µs with two decimals, or `-` when it was not measured.
+fn micros_or_dash(us: Option<f64>) -> String {
+    us.map_or_else(|| "-".into(), |us| format!("{us:.2}"))
 }
 
 /// Quotes a CSV field when it needs it (RFC 4180).
@@ -332,7 +353,7 @@ fn csv_field(text: &str) -> String {
 }
 
 /// The CSV header; units are in the column names.
-pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,message";
+pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,p999_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,queue_cpu_us_per_request,worker_cpu_us_per_request,message";
 
 impl Report {
     /// One CSV row per backend and phase; a backend that was skipped or failed before any phase
@@ -353,17 +374,18 @@ impl Report {
                 csv_field(device)
             );
             if backend.phases.is_empty() {
-                let _ = writeln!(out, "{head},{status},,,,,,,,,,,,{}", csv_field(message));
+                let _ = writeln!(out, "{head},{status},,,,,,,,,,,,,,,{}", csv_field(message));
             }
             for p in &backend.phases {
                 let _ = writeln!(
                     out,
-                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{},{},{},{:.3},{},{},{}",
+                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{:.1},{},{},{},{:.3},{},{},{},{},{}",
                     p.phase.name(),
                     p.iops,
                     p.mib_per_second,
                     p.p50_us,
                     p.p99_us,
+                    p.p999_us,
                     p.requests,
                     p.reads,
                     p.verified_reads,
@@ -372,6 +394,12 @@ impl Report {
                         .map(|s| format!("{s:.3}"))
                         .unwrap_or_default(),
                     p.daemon_cpu_us_per_request
+                        .map(|us| format!("{us:.2}"))
+                        .unwrap_or_default(),
+                    p.queue_cpu_us_per_request
+                        .map(|us| format!("{us:.2}"))
+                        .unwrap_or_default(),
+                    p.worker_cpu_us_per_request
                         .map(|us| format!("{us:.2}"))
                         .unwrap_or_default(),
                     csv_field(message)
@@ -421,28 +449,34 @@ impl Report {
             if !backend.phases.is_empty() {
                 let _ = writeln!(
                     out,
-                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12}",
+                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12} {:>9} {:>9}",
                     "phase",
                     "IOPS",
                     "MiB/s",
                     "p50 µs",
                     "p99 µs",
+                    "p99.9 µs",
                     "requests",
                     "verified",
-                    "CPU µs/req"
+                    "CPU µs/req",
+                    "queue µs",
+                    "worker µs"
                 );
                 for p in &backend.phases {
                     let _ = writeln!(
                         out,
-                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12}",
+                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12} {:>9} {:>9}",
                         p.phase.name(),
                         iops(p.iops),
                         p.mib_per_second,
                         p.p50_us,
                         p.p99_us,
+                        p.p999_us,
                         p.requests,
                         p.verified_reads,
-                        cpu_per_request(p)
+                        cpu_per_request(p),
+                        micros_or_dash(p.queue_cpu_us_per_request),
+                        micros_or_dash(p.worker_cpu_us_per_request)
                     );
                 }
             }
@@ -928,8 +962,11 @@ mod tests {
             mib_per_second: iops * 4096.0 / 1048576.0,
             p50_us: 12.5,
             p99_us: 80.0,
+            p999_us: 150.0,
             daemon_cpu_seconds: None,
             daemon_cpu_us_per_request: None,
+            queue_cpu_us_per_request: None,
+            worker_cpu_us_per_request: None,
         }
     }
 
@@ -973,6 +1010,11 @@ mod tests {
     fn csv_has_a_row_per_phase_and_one_per_backend_without_phases() {
         let mut fill = phase(Phase::Fill, 1000.0);
         fill.set_daemon_cpu(std::time::Duration::from_millis(5));
+        fill.set_thread_cpu(crate::backends::ThreadCpu {
+            queue: std::time::Duration::from_millis(3),
+            worker: std::time::Duration::from_millis(1),
+            other: std::time::Duration::from_millis(1),
+        });
         let ours = backend(
             BackendKind::VhostUserZram,
             vec![fill, phase(Phase::RandRead, 2000.0)],
@@ -985,15 +1027,15 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert_eq!(
             lines[1],
-            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,10,0,0,1.000,0.005,500.00,"
+            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,150.0,10,0,0,1.000,0.005,500.00,300.00,100.00,"
         );
         assert_eq!(
             lines[2],
-            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,10,0,0,1.000,,,"
+            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,150.0,10,0,0,1.000,,,,,"
         );
         assert_eq!(
             lines[3],
-            "kernel-zram,,skipped,,,,,,,,,,,,\"no zram, \"\"really\"\"\""
+            "kernel-zram,,skipped,,,,,,,,,,,,,,,\"no zram, \"\"really\"\"\""
         );
         let columns = CSV_HEADER.split(',').count();
         assert_eq!(lines[1].split(',').count(), columns);
