@@ -1147,8 +1147,14 @@ fn log_configuration(config: &DaemonConfig) {
         .position(|&byte| byte == 0)
         .unwrap_or(device.serial.len());
     let serial = String::from_utf8_lossy(&device.serial[..serial_len]);
+    let implementation = match store.algorithm {
+        crate::codec::Algorithm::Lz4 => format!(" ({})", crate::codec::lz4::IMPLEMENTATION),
+        crate::codec::Algorithm::Zstd
+        | crate::codec::Algorithm::Deflate
+        | crate::codec::Algorithm::DeflateIaa(_) => String::new(),
+    };
     info!(
-        "device: {} ({} pages), {}{level}, {limit}, {} queue(s) of up to {} descriptors, {}, serial '{serial}'",
+        "device: {} ({} pages), {}{implementation}{level}, {limit}, {} queue(s) of up to {} descriptors, {}, serial '{serial}'",
         bytes_human(store.capacity_pages.saturating_mul(PAGE_SIZE as u64)),
         store.capacity_pages,
         store.algorithm,

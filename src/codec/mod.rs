@@ -10,7 +10,7 @@
 
 mod deflate;
 mod deflate_iaa;
-mod lz4;
+pub mod lz4;
 mod zstd;
 
 use std::fmt;
@@ -77,7 +77,7 @@ pub trait Codec: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
-    /// LZ4 (block format), via `lz4_flex`. zram's fast default.
+    /// LZ4 (block format), via C liblz4 or `lz4_flex` (see `codec::lz4`). zram's fast default.
     Lz4,
     /// Zstandard, with a level (default 1).
     Zstd,

@@ -408,7 +408,7 @@ impl Workload {
                         block_stride: queues,
                         block_pages: self.block_pages,
                         burst_pages: self.burst_pages.div_ceil(queues),
-                        pool: &*self.pool,
+                        pool: &self.pool,
                         queue_depth: self.queue_depth,
                         verify,
                         rng: vhost_user_zram::pagegen::SplitMix64::new(
@@ -977,13 +977,16 @@ mod tests {
         let pool = PagePool::from_corpus(pages);
         // Generation 0 of block 3 of 16-page blocks: corpus pages 48..64.
         for page in 0..16 {
-            assert_eq!(pool.index_of(3, 16, page, 0), 48 + page as usize);
+            assert_eq!(pool.index_of(3, 16, page, 0), 48 + to_index(page));
         }
         // A later generation: still contiguous (modulo the corpus), elsewhere.
         let start = pool.index_of(3, 16, 0, 1);
         assert_ne!(start, 48);
         for page in 0..16 {
-            assert_eq!(pool.index_of(3, 16, page, 1), (start + page as usize) % 100);
+            assert_eq!(
+                pool.index_of(3, 16, page, 1),
+                (start + to_index(page)) % 100
+            );
         }
         let mut block = vec![0u8; 16 * PAGE_SIZE];
         // SAFETY: the buffer holds 16 pages and is not the pool's.
