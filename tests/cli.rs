@@ -133,8 +133,8 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             "--writeback-limit needs a --backing-file",
         ),
         (
-            &["--socket-path", s, "--size", "128G"],
-            "more than the largest device, 64 GiB",
+            &["--socket-path", s, "--size", "1025G"],
+            "more than the largest device, 1024 GiB",
         ),
         (
             &["--socket-path", s, "--size", "1M", "--idle-tick", "0"],

@@ -63,10 +63,16 @@ use crate::PAGE_SIZE;
 /// time finding the slot changed when it locks it again, before it reads under the lock.
 const UNLOCKED_FILE_READS: usize = 3;
 
-/// The largest device (64 GiB): object numbers must fit a slot's 37-bit handle even when every
-/// chunk of a class holds a single object (at most 4096 objects a chunk), with room to spare
-/// for objects in flight.
-pub const MAX_CAPACITY_PAGES: u64 = (MAX_HANDLE + 1) / 4096 / 2;
+/// The largest device (1 TiB, 2^28 pages). A slot's 37-bit handle is an object number,
+/// `chunk × objects per chunk + index`, with at most [`alloc::MAX_OBJECTS_PER_CHUNK`] (2^8)
+/// objects a chunk, so it names 2^29 chunks of a class. Chunk ids are reused, so a class
+/// never has more chunks than it once had live or reserved at the same time: at worst one
+/// object each, that is the device's pages plus the objects in flight (a page's new object
+/// before its old one is freed, compaction's and recompression's copies) plus the reserve,
+/// well within twice the device (DESIGN.md, "The object number").
+pub const MAX_CAPACITY_PAGES: u64 = (MAX_HANDLE + 1) / alloc::MAX_OBJECTS_PER_CHUNK as u64 / 2;
+
+const _: () = assert!(MAX_CAPACITY_PAGES == 1 << 28, "1 TiB of 4 KiB pages");
 
 /// How to build a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
