@@ -384,6 +384,8 @@ const EXTENT_USED: u64 = 1 << 63;
 pub(crate) struct Extents {
     state: std::sync::Arc<super::state::StateFile>,
     directory: Segment,
+    /// The directory's offset in the file.
+    directory_offset: u64,
     slab: u64,
     max: u64,
     /// The next unused extent.
@@ -402,6 +404,7 @@ impl Extents {
         Ok(Extents {
             state,
             directory,
+            directory_offset: layout.directory.0,
             slab: layout.slab,
             max: layout.max_extents,
             next: Mutex::new(0),
@@ -917,7 +920,15 @@ impl SlabAllocator {
         };
         let mut found: Vec<Vec<Option<u64>>> = vec![Vec::new(); self.classes.len()];
         let mut used = 0;
-        for extent in 0..extents.max {
+        // Only the directory's populated pages can hold entries; reading its holes through
+        // the shared mapping would allocate them (64 MiB for a 1 TiB device).
+        let populated = extents
+            .state
+            .data_ranges(extents.directory_offset, extents.directory.len() as u64)?;
+        let entries = populated
+            .into_iter()
+            .flat_map(|r| r.start / 8..r.end.div_ceil(8).min(extents.max));
+        for extent in entries {
             let e = extents.entry(extent).load(Ordering::Acquire);
             if e == 0 {
                 continue;

@@ -459,6 +459,11 @@ impl PageStore {
     /// path") and stays on the file.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
+        if !self.slots.is_touched(slot) {
+            // Empty (SlotTable's invariant): no lock, so the table page stays untouched.
+            page.fill(0);
+            return Ok(());
+        }
         match self.read_locked(index, slot, page) {
             Ok(mut guard) => {
                 let entry = guard.entry();
@@ -564,8 +569,12 @@ impl PageStore {
                 capacity: self.capacity_pages(),
             });
         }
-        for index in pages {
-            let slot = self.slot_index(index)?;
+        // Both bounds are at most the capacity, which fits a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let slots = pages.start as usize..pages.end as usize;
+        // Only touched table pages can hold data: discarding a whole large device costs what
+        // it stores.
+        for slot in self.slots.touched_slots(slots) {
             if self.slots.peek(slot) == Some(SlotEntry::EMPTY) {
                 continue;
             }
@@ -586,7 +595,7 @@ impl PageStore {
         let _one_at_a_time = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
         let mut pages = 0;
         if self.alloc.begin_compaction() {
-            for slot in 0..self.slots.len() {
+            for slot in self.slots.touched_slots(0..self.slots.len()) {
                 let Some(entry) = self.slots.peek(slot) else {
                     break;
                 };
@@ -616,8 +625,10 @@ impl PageStore {
                 }
             }
         }
-        // The allocator's reserve of empty chunks goes back too.
+        // The allocator's reserve of empty chunks goes back too, and the slot table's pages
+        // that hold no entry any more.
         pages += self.alloc.end_compaction();
+        pages += self.slots.give_back_empty_pages();
         add(&self.counters.local().pages_compacted, pages);
         pages
     }
@@ -794,7 +805,8 @@ impl PageStore {
         let mut pending_buffers = Vec::new();
         let mut written_back = Vec::new();
         let mut table_words = Vec::new();
-        for slot in 0..self.slots.len() {
+        self.slots.check_untouched_empty()?;
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
             self.check_priority(slot, entry)?;
             if entry.state() == SlotState::Compressed {
