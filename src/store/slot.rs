@@ -38,7 +38,8 @@
 //!
 //! Locking: a thread takes a slot's lock bit with a compare-and-swap, spinning briefly and then
 //! yielding. Different slots proceed in parallel; the same slot is serialised. A thread holds at
-//! most one slot lock at a time, and takes the allocator's class locks only inside a slot lock
+//! most one slot lock at a time (but for [`SlotTable::give_back_empty_pages`], which takes a
+//! table page's 512 locks without ever waiting for one, and nothing else meanwhile), and takes the allocator's class locks only inside a slot lock
 //! (never the other way round), so the lock order is slot, then class: no deadlock.
 
 use std::ops::Range;
