@@ -402,7 +402,7 @@ fn a_state_file_of_another_size_is_refused_untouched() {
 #[test]
 fn recovery_reads_only_the_populated_parts_of_a_large_table() {
     let tmp = shm_file();
-    let pages = 1u64 << 24; // 64 GiB: a 128 MiB table region, sparse
+    let pages = super::MAX_CAPACITY_PAGES; // 1 TiB: a 2 GiB table region, sparse
     let blocks = || std::fs::metadata(tmp.path()).unwrap().blocks() * 512;
     let (store, _) = open(tmp.path(), pages);
     let at = [0, 1, pages / 2, pages / 2 + 700, pages - 1];
