@@ -137,27 +137,27 @@ fn main() {
         tick
     );
     drop(empty);
-    let gib = count * PAGE_SIZE as u64 >> 20;
+    let mib = (count * PAGE_SIZE as u64) >> 20;
     measure(
-        &format!("{gib} MiB on a dense {gib} MiB device"),
+        &format!("{mib} MiB on a dense {mib} MiB device"),
         count,
         count,
         Placement::Dense,
     );
     measure(
-        &format!("{gib} MiB in runs of {RUN} on 64 GiB"),
+        &format!("{mib} MiB in runs of {RUN} on 64 GiB"),
         GIB64_PAGES,
         count,
         Placement::Clustered,
     );
     measure(
-        &format!("{gib} MiB in runs of {RUN} on 1 TiB"),
+        &format!("{mib} MiB in runs of {RUN} on 1 TiB"),
         TIB_PAGES,
         count,
         Placement::Clustered,
     );
     measure(
-        &format!("{gib} MiB scattered page by page on 1 TiB"),
+        &format!("{mib} MiB scattered page by page on 1 TiB"),
         TIB_PAGES,
         count,
         Placement::Scattered,
