@@ -322,7 +322,7 @@ impl PageStore {
         let pages = usize::try_from(config.capacity_pages)
             .map_err(|_| StoreError::Config("the capacity does not fit in memory".into()))?;
         let slots = match slot_memory {
-            None => SlotTable::new(pages),
+            None => SlotTable::reserve(pages).map_err(StoreError::OutOfMemory)?,
             Some(memory) => SlotTable::in_memory(pages, memory).ok_or_else(|| {
                 StoreError::Config("the state file's slot table is too small".into())
             })?,

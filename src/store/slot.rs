@@ -408,14 +408,23 @@ impl SlotTable {
         }
     }
 
-    /// A table of `pages` empty slots.
+    /// A table of `pages` empty slots; panics if the address space cannot be reserved.
+    #[cfg(test)]
     pub fn new(pages: usize) -> SlotTable {
-        let bytes = (pages.max(1) * 8).next_multiple_of(crate::PAGE_SIZE);
+        SlotTable::reserve(pages).expect("the slot table's address space")
+    }
+
+    /// A table of `pages` empty slots, or the error the OS gave for its reservation.
+    pub(crate) fn reserve(pages: usize) -> Result<SlotTable, super::alloc::AllocError> {
+        let bytes = pages
+            .max(1)
+            .checked_mul(8)
+            .and_then(|b| b.checked_next_multiple_of(crate::PAGE_SIZE))
+            .ok_or(super::alloc::AllocError::OutOfMemory { bytes: usize::MAX })?;
         // A reservation, not memory: the kernel supplies each page of the table when a slot
         // on it is first written, and takes it back when `give_back_empty_pages` does.
-        let memory = super::alloc::Segment::map(bytes)
-            .unwrap_or_else(|_| panic!("cannot reserve {bytes} bytes for the slot table"));
-        SlotTable::on(memory, pages)
+        let memory = super::alloc::Segment::map(bytes)?;
+        Ok(SlotTable::on(memory, pages))
     }
 
     /// Marks the table page of slot `index` touched (the slot is about to hold a non-Empty
@@ -524,10 +533,9 @@ impl SlotTable {
     pub fn give_back_empty_pages(&self) -> u64 {
         let slots = self.slots();
         let mut given = 0;
-        let pages: Vec<usize> = self
+        let pages = self
             .touched_ranges(0..self.len)
-            .map(|r| r.start / SLOTS_PER_TABLE_PAGE)
-            .collect();
+            .map(|r| r.start / SLOTS_PER_TABLE_PAGE);
         for page in pages {
             let first = page * SLOTS_PER_TABLE_PAGE;
             // Only whole pages of the mapping: the last one may be partly past `len`, and
