@@ -553,6 +553,9 @@ impl PageStore {
                 Ok(result)
             }
             Err(e) => {
+                // Taking the lock wrote to the table: if that populated an untouched page,
+                // mark it, so the next compaction gives it back.
+                guard.touch_page();
                 drop(guard);
                 add(&self.counters.local().failed_writes, 1);
                 Err(e)

@@ -937,3 +937,34 @@ fn the_pool_gives_its_memory_back_after_draining() {
     assert_eq!(s.stats().workers.pool_resident_bytes, 0);
     workers.stop();
 }
+
+#[test]
+fn a_failed_partial_write_to_an_unwritten_table_page_leaves_it_to_compaction() {
+    let probe = store(4 * 512, Algorithm::Lz4);
+    let empty = probe.mem_used_total();
+    drop(probe);
+    // Room for nothing but the table page the failed write's lock populates.
+    let s = PageStore::new(StoreConfig {
+        capacity_pages: 4 * 512,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: Some(empty + 4096),
+    })
+    .unwrap();
+    let table = s.stats().info.slot_table_bytes;
+    let noise = page_of(PageKind::Random, 1);
+    let result = s.modify(1500, |page| page.copy_from_slice(&noise[..]));
+    assert!(
+        matches!(result, Err(StoreError::MemoryLimit { .. })),
+        "{result:?}"
+    );
+    let mut out = [1u8; PAGE_SIZE];
+    s.read(1500, &mut out).unwrap();
+    assert_eq!(out, [0; PAGE_SIZE], "the slot kept its (empty) content");
+    // The lock wrote to the table page: it is counted and compaction gives it back.
+    assert_eq!(s.stats().info.slot_table_bytes, table + 4096);
+    s.check_consistency().unwrap();
+    assert!(s.compact() >= 1);
+    assert_eq!(s.stats().info.slot_table_bytes, table);
+    s.check_consistency().unwrap();
+}
