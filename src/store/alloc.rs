@@ -46,7 +46,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
-use super::slot::StaleObject;
+use super::slot::{StaleObject, MAX_HANDLE};
 use crate::PAGE_SIZE;
 
 /// Object sizes are rounded up to a multiple of this.
@@ -77,6 +77,12 @@ pub const RESERVE_MAX_BYTES: u64 = 8 << 20;
 /// A chunk is reserved only while the reserves stay within 1/this of the bytes of live chunks
 /// (so a small store keeps next to nothing in reserve).
 pub const RESERVE_FRACTION: u64 = 64;
+
+/// The most objects a chunk of any class holds: the 16-byte class's one-page chunk (256), and
+/// every odd multiple of 16 bytes gets a chunk of as many pages, so 256 again (checked where
+/// the classes are built and by a test). It bounds object numbers, and so the largest device
+/// (see `MAX_CAPACITY_PAGES` in the store and DESIGN.md, "The object number").
+pub const MAX_OBJECTS_PER_CHUNK: usize = 256;
 
 /// Linux's `MADV_POPULATE_WRITE` (5.14).
 const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -274,6 +280,21 @@ impl Segment {
         unsafe { libc::madvise(ptr.cast(), len, advice) };
     }
 
+    /// [`discard`](Self::discard), saying whether the OS took the range back (hugetlbfs
+    /// refuses ranges smaller than its page; the bytes then stay as they were).
+    ///
+    /// # Safety
+    /// As for [`discard`](Self::discard).
+    pub(crate) unsafe fn discard_checked(&self, ptr: *mut u8, len: usize) -> bool {
+        let advice = if self.shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: by this function's contract the range is inside our mapping and unused.
+        unsafe { libc::madvise(ptr.cast(), len, advice) == 0 }
+    }
+
     /// The mapping's length.
     pub(crate) fn len(&self) -> usize {
         self.bytes
@@ -348,6 +369,9 @@ pub struct SlabAllocator {
     meta_bytes: AtomicU64,
     /// Where segments come from with a state file (`None`: anonymous memory).
     extents: Option<Extents>,
+    /// The largest object number a slot can name ([`MAX_HANDLE`]; lower in tests of the
+    /// guard that refuses a chunk past it).
+    max_object: u64,
 }
 
 /// A directory entry names a used extent: this bit, the class (bits 32-47) and the segment's
@@ -360,6 +384,8 @@ const EXTENT_USED: u64 = 1 << 63;
 pub(crate) struct Extents {
     state: std::sync::Arc<super::state::StateFile>,
     directory: Segment,
+    /// The directory's offset in the file.
+    directory_offset: u64,
     slab: u64,
     max: u64,
     /// The next unused extent.
@@ -378,6 +404,7 @@ impl Extents {
         Ok(Extents {
             state,
             directory,
+            directory_offset: layout.directory.0,
             slab: layout.slab,
             max: layout.max_extents,
             next: Mutex::new(0),
@@ -451,6 +478,10 @@ impl SlabAllocator {
                     chunk_pages_for(size)
                 };
                 let chunk_bytes = chunk_pages * PAGE_SIZE;
+                assert!(
+                    chunk_bytes / size <= MAX_OBJECTS_PER_CHUNK,
+                    "class {class} would hold more than MAX_OBJECTS_PER_CHUNK objects a chunk"
+                );
                 SizeClass {
                     size,
                     chunk_bytes,
@@ -471,6 +502,17 @@ impl SlabAllocator {
             discards: AtomicU64::new(0),
             meta_bytes: AtomicU64::new(fixed),
             extents,
+            max_object: MAX_HANDLE,
+        }
+    }
+
+    /// An anonymous allocator whose object numbers stop at `max_object` (tests of the guard
+    /// in `take_from_new_chunk`).
+    #[cfg(test)]
+    fn with_max_object(max_object: u64) -> SlabAllocator {
+        SlabAllocator {
+            max_object,
+            ..SlabAllocator::new()
         }
     }
 
@@ -650,6 +692,21 @@ impl SlabAllocator {
             Some(chunk) => chunk as usize,
             None => {
                 let chunk = inner.chunks.len();
+                // Unreachable within MAX_CAPACITY_PAGES (DESIGN.md, "The object number"), but
+                // a slot must never be handed an object number it cannot hold: refuse the
+                // chunk (the write fails, its slot keeps its old content) rather than wrap.
+                let last = ((chunk + 1) * c.objects_per_chunk - 1) as u64;
+                if last > self.max_object {
+                    log::error!(
+                        "size class {} has no object number left for chunk {chunk} (the \
+                         largest a slot holds is {})",
+                        c.size,
+                        self.max_object
+                    );
+                    return Err(AllocError::OutOfMemory {
+                        bytes: c.chunk_bytes,
+                    });
+                }
                 let index = chunk / c.chunks_per_segment;
                 if index >= read(&c.segments).len() {
                     let bytes = c.chunk_bytes * c.chunks_per_segment;
@@ -863,7 +920,15 @@ impl SlabAllocator {
         };
         let mut found: Vec<Vec<Option<u64>>> = vec![Vec::new(); self.classes.len()];
         let mut used = 0;
-        for extent in 0..extents.max {
+        // Only the directory's populated pages can hold entries; reading its holes through
+        // the shared mapping would allocate them (64 MiB for a 1 TiB device).
+        let populated = extents
+            .state
+            .data_ranges(extents.directory_offset, extents.directory.len() as u64)?;
+        let entries = populated
+            .into_iter()
+            .flat_map(|r| r.start / 8..r.end.div_ceil(8).min(extents.max));
+        for extent in entries {
             let e = extents.entry(extent).load(Ordering::Acquire);
             if e == 0 {
                 continue;
@@ -1184,7 +1249,7 @@ impl SlabAllocator {
 
 fn split(c: &SizeClass, object: u64) -> (usize, u16) {
     let object = usize::try_from(object).unwrap_or(usize::MAX);
-    // An index is below objects_per_chunk ≤ 4096, so it fits u16.
+    // An index is below objects_per_chunk ≤ MAX_OBJECTS_PER_CHUNK, so it fits u16.
     #[allow(clippy::cast_possible_truncation)]
     let index = (object % c.objects_per_chunk) as u16;
     (object / c.objects_per_chunk, index)
@@ -1289,6 +1354,55 @@ mod tests {
         assert_eq!(class_of(3632), COMPRESSED_CLASSES - 1);
         assert_eq!(class_of(3633), HUGE_CLASS);
         assert_eq!(class_size(HUGE_CLASS), PAGE_SIZE);
+    }
+
+    #[test]
+    fn no_class_holds_more_than_max_objects_per_chunk() {
+        let mut most = 0;
+        for class in 0..=HUGE_CLASS {
+            let pages = if class == HUGE_CLASS {
+                1
+            } else {
+                chunk_pages_for(class_size(class))
+            };
+            most = most.max(pages * PAGE_SIZE / class_size(class));
+        }
+        assert_eq!(most, MAX_OBJECTS_PER_CHUNK, "the bound is tight");
+        let stats = SlabAllocator::new().class_stats();
+        assert!(stats
+            .iter()
+            .all(|c| c.objects_per_chunk <= MAX_OBJECTS_PER_CHUNK));
+    }
+
+    #[test]
+    fn a_chunk_past_the_largest_object_number_is_refused() {
+        // Two chunks of the 16-byte class (256 objects each) fit below 512.
+        let a = SlabAllocator::with_max_object(2 * MAX_OBJECTS_PER_CHUNK as u64 - 1);
+        let class = class_of(16);
+        let mut objects = Vec::new();
+        for _ in 0..2 * MAX_OBJECTS_PER_CHUNK {
+            let handle = a.store(class, &[7; 16], None).unwrap();
+            assert!(handle < 2 * MAX_OBJECTS_PER_CHUNK as u64);
+            objects.push((class, handle));
+        }
+        let refused = a.store(class, &[7; 16], None);
+        assert!(
+            matches!(refused, Err(AllocError::OutOfMemory { .. })),
+            "a third chunk would pass the ceiling: {refused:?}"
+        );
+        a.check_consistency(&referenced(&objects)).unwrap();
+        // A freed object's number is reused, so the class goes on working below the ceiling.
+        let (_, first) = objects.swap_remove(0);
+        // SAFETY: `first` was stored above and nothing else refers to it.
+        unsafe { a.free(class, first) };
+        let again = a.store(class, &[8; 16], None).unwrap();
+        assert_eq!(again, first);
+        objects.push((class, again));
+        a.check_consistency(&referenced(&objects)).unwrap();
+        for (class, handle) in objects {
+            // SAFETY: each was stored above and is freed once.
+            unsafe { a.free(class, handle) };
+        }
     }
 
     #[test]

@@ -272,6 +272,10 @@ impl PageStore {
         scratch: &'s mut ExportScratch,
     ) -> Result<StoredPage<'s>, StoreError> {
         let slot = self.slot_index(index)?;
+        if !self.slots.is_touched(slot) {
+            // Empty, and left untouched (no lock written).
+            return Ok(StoredPage::Empty);
+        }
         let guard = self.lock(slot);
         let entry = guard.entry();
         match entry.state() {
@@ -382,6 +386,10 @@ impl PageStore {
             }
             StoredPage::Damaged => SlotEntry::new(SlotState::Invalid, 0),
         };
+        if new == SlotEntry::EMPTY && !self.slots.is_touched(slot) {
+            // Already Empty; the table page stays untouched.
+            return Ok(());
+        }
         self.counters.note_mem_used(self.mem_used_total());
         let swapped = self.lock(slot).swap(new);
         self.account_swap(swapped, new);

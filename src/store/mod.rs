@@ -63,10 +63,16 @@ use crate::PAGE_SIZE;
 /// time finding the slot changed when it locks it again, before it reads under the lock.
 const UNLOCKED_FILE_READS: usize = 3;
 
-/// The largest device (64 GiB): object numbers must fit a slot's 37-bit handle even when every
-/// chunk of a class holds a single object (at most 4096 objects a chunk), with room to spare
-/// for objects in flight.
-pub const MAX_CAPACITY_PAGES: u64 = (MAX_HANDLE + 1) / 4096 / 2;
+/// The largest device (1 TiB, 2^28 pages). A slot's 37-bit handle is an object number,
+/// `chunk × objects per chunk + index`, with at most [`alloc::MAX_OBJECTS_PER_CHUNK`] (2^8)
+/// objects a chunk, so it names 2^29 chunks of a class. Chunk ids are reused, so a class
+/// never has more chunks than it once had live or reserved at the same time: at worst one
+/// object each, that is the device's pages plus the objects in flight (a page's new object
+/// before its old one is freed, compaction's and recompression's copies) plus the reserve,
+/// well within twice the device (DESIGN.md, "The object number").
+pub const MAX_CAPACITY_PAGES: u64 = (MAX_HANDLE + 1) / alloc::MAX_OBJECTS_PER_CHUNK as u64 / 2;
+
+const _: () = assert!(MAX_CAPACITY_PAGES == 1 << 28, "1 TiB of 4 KiB pages");
 
 /// How to build a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,7 +322,7 @@ impl PageStore {
         let pages = usize::try_from(config.capacity_pages)
             .map_err(|_| StoreError::Config("the capacity does not fit in memory".into()))?;
         let slots = match slot_memory {
-            None => SlotTable::new(pages),
+            None => SlotTable::reserve(pages).map_err(StoreError::OutOfMemory)?,
             Some(memory) => SlotTable::in_memory(pages, memory).ok_or_else(|| {
                 StoreError::Config("the state file's slot table is too small".into())
             })?,
@@ -453,6 +459,11 @@ impl PageStore {
     /// path") and stays on the file.
     pub fn read(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
         let slot = self.slot_index(index)?;
+        if !self.slots.is_touched(slot) {
+            // Empty (SlotTable's invariant): no lock, so the table page stays untouched.
+            page.fill(0);
+            return Ok(());
+        }
         match self.read_locked(index, slot, page) {
             Ok(mut guard) => {
                 let entry = guard.entry();
@@ -542,6 +553,9 @@ impl PageStore {
                 Ok(result)
             }
             Err(e) => {
+                // Taking the lock wrote to the table: if that populated an untouched page,
+                // mark it, so the next compaction gives it back.
+                guard.touch_page();
                 drop(guard);
                 add(&self.counters.local().failed_writes, 1);
                 Err(e)
@@ -558,8 +572,12 @@ impl PageStore {
                 capacity: self.capacity_pages(),
             });
         }
-        for index in pages {
-            let slot = self.slot_index(index)?;
+        // Both bounds are at most the capacity, which fits a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let slots = pages.start as usize..pages.end as usize;
+        // Only touched table pages can hold data: discarding a whole large device costs what
+        // it stores.
+        for slot in self.slots.touched_slots(slots) {
             if self.slots.peek(slot) == Some(SlotEntry::EMPTY) {
                 continue;
             }
@@ -580,7 +598,7 @@ impl PageStore {
         let _one_at_a_time = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
         let mut pages = 0;
         if self.alloc.begin_compaction() {
-            for slot in 0..self.slots.len() {
+            for slot in self.slots.touched_slots(0..self.slots.len()) {
                 let Some(entry) = self.slots.peek(slot) else {
                     break;
                 };
@@ -610,8 +628,10 @@ impl PageStore {
                 }
             }
         }
-        // The allocator's reserve of empty chunks goes back too.
+        // The allocator's reserve of empty chunks goes back too, and the slot table's pages
+        // that hold no entry any more.
         pages += self.alloc.end_compaction();
+        pages += self.slots.give_back_empty_pages();
         add(&self.counters.local().pages_compacted, pages);
         pages
     }
@@ -788,7 +808,8 @@ impl PageStore {
         let mut pending_buffers = Vec::new();
         let mut written_back = Vec::new();
         let mut table_words = Vec::new();
-        for slot in 0..self.slots.len() {
+        self.slots.check_untouched_empty()?;
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
             self.check_priority(slot, entry)?;
             if entry.state() == SlotState::Compressed {

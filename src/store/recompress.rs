@@ -697,7 +697,7 @@ impl PageStore {
         let mut taken = 0;
         let mut seen = 0usize;
         let mut page = [0u8; PAGE_SIZE];
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             if taken >= wanted {
                 break;
             }
@@ -754,7 +754,7 @@ impl PageStore {
     /// the pages newly marked. A read or write of a page clears its flag.
     pub fn mark_idle(&self) -> u64 {
         let mut marked = 0;
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let Some(entry) = self.slots.peek(slot) else {
                 break;
             };
@@ -774,7 +774,8 @@ impl PageStore {
 
     /// The number of pages whose idle flag is set (walks the slot table).
     pub fn idle_pages(&self) -> u64 {
-        (0..self.slots.len())
+        self.slots
+            .touched_slots(0..self.slots.len())
             .filter_map(|slot| self.slots.peek(slot))
             .filter(|entry| entry.is_idle())
             .count() as u64
@@ -818,7 +819,7 @@ impl PageStore {
         };
         let mut outcome = RecompressOutcome::default();
         let mut budget = request.max_pages;
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             if budget == Some(0) {
                 break;
             }

@@ -261,6 +261,19 @@ impl PageStore {
                 action: "mapped",
                 source,
             })?;
+        // Only the table's pages that hold data can hold entries: mark them touched, and
+        // scan only them (a 1 TiB table is 2 GiB of mostly holes).
+        if let Some(header) = state.header() {
+            let (offset, len) = header.layout.slots;
+            let populated = state
+                .data_ranges(offset, len)
+                .map_err(|source| StateError::Io {
+                    path: state.name().to_owned(),
+                    action: "read",
+                    source,
+                })?;
+            self.slots.mark_populated(&populated);
+        }
         let scan = self.scan_slots(&fresh);
         for &slot in &scan.damaged {
             self.slots
@@ -299,7 +312,7 @@ impl PageStore {
             }
         }
         let mut pages = 0;
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
             pages += u64::from(super::holds_page(entry));
             let swapped = Swapped {
@@ -310,6 +323,9 @@ impl PageStore {
                 unreachable!("a swap from an empty entry orphans nothing");
             }
         }
+        // Table pages the file held that are all Empty now (discarded before the crash, or
+        // data all zeros) go back.
+        self.slots.give_back_empty_pages();
         self.counters.note_mem_used(self.mem_used_total());
         if let Err(reason) = self.check_consistency() {
             return Err(StoreError::Recovery {
@@ -403,7 +419,7 @@ impl PageStore {
         let mut scan = Scan::default();
         let secondaries = self.recompression.specs.len();
         let pool = self.deferred.as_ref().map_or(0, |d| d.pool.capacity());
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let Some(entry) = self.slots.recover_entry(slot) else {
                 break;
             };

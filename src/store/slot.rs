@@ -38,15 +38,18 @@
 //!
 //! Locking: a thread takes a slot's lock bit with a compare-and-swap, spinning briefly and then
 //! yielding. Different slots proceed in parallel; the same slot is serialised. A thread holds at
-//! most one slot lock at a time, and takes the allocator's class locks only inside a slot lock
+//! most one slot lock at a time (but for [`SlotTable::give_back_empty_pages`], which takes a
+//! table page's 512 locks without ever waiting for one, and nothing else meanwhile), and takes the allocator's class locks only inside a slot lock
 //! (never the other way round), so the lock order is slot, then class: no deadlock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 const _: () = assert!(
     std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>(),
     "the slot table reinterprets zeroed u64s as AtomicU64s"
 );
+const _: () = assert!(SLOTS_PER_TABLE_PAGE == 512);
 
 const LOCK: u64 = 1;
 const STATE_SHIFT: u32 = 1;
@@ -314,40 +317,61 @@ impl SlotEntry {
     }
 }
 
-/// The table of slots, one per page.
+/// Slots on one page of the table (4096 / 8).
+pub const SLOTS_PER_TABLE_PAGE: usize = crate::PAGE_SIZE / 8;
+
+/// The table of slots, one per page of the device.
+///
+/// The table is reserved address space (an anonymous `MAP_NORESERVE` mapping, or a state
+/// file's sparse slot-table region) whose pages the kernel supplies only when first written,
+/// and a *touched* bitmap with one bit per table page. Invariant: every slot holding a
+/// non-Empty entry lies on a touched page. A page becomes touched when a slot on it is given a
+/// non-Empty entry, under that slot's lock and before the lock is released
+/// ([`SlotGuard::swap`], and recovery); it stops being touched only in
+/// [`SlotTable::give_back_empty_pages`], which holds all the page's slot locks while it clears
+/// the bit and gives the page back. Scans visit touched pages only
+/// ([`SlotTable::touched_slots`]), so an idle clock tick or a compaction on a large, mostly
+/// empty device costs what is stored, not the device's size; a read of a slot on an untouched
+/// page reads zeros without touching the table at all.
 #[derive(Debug)]
 pub struct SlotTable {
-    slots: Box<[AtomicU64]>,
-    /// With a state file: the mapping the slots live in (`slots` is then empty, and
-    /// `mapped` points into it).
-    mapped: Option<(super::alloc::Segment, usize)>,
+    /// The mapping the entries live in, at least `len` eight-byte entries long.
+    memory: super::alloc::Segment,
+    len: usize,
+    /// One bit per table page: set while a slot on the page may be non-Empty.
+    touched: Box<[AtomicU64]>,
+    /// Table pages whose touched bit is set.
+    touched_pages: AtomicUsize,
 }
 
 impl SlotTable {
     /// A table of `pages` slots in `memory`, a state file's slot-table region (its entries
-    /// kept as they are: recovery reads them).
+    /// kept as they are: recovery reads them, after marking the populated parts touched with
+    /// [`SlotTable::mark_populated`]).
     pub(crate) fn in_memory(pages: usize, memory: super::alloc::Segment) -> Option<SlotTable> {
-        (memory.len() >= pages * 8).then_some(SlotTable {
-            slots: Box::new([]),
-            mapped: Some((memory, pages)),
-        })
+        (memory.len() >= pages * 8).then(|| SlotTable::on(memory, pages))
     }
 
-    fn slots(&self) -> &[AtomicU64] {
-        match &self.mapped {
-            None => &self.slots,
-            // SAFETY: the mapping is page-aligned, at least `pages` eight-byte entries long,
-            // and lives as long as `self`; AtomicU64 has u64's size and alignment and every
-            // bit pattern is valid; the file's other users are only other mappings of the
-            // same state, which reach these bytes atomically too.
-            Some((memory, pages)) => unsafe {
-                std::slice::from_raw_parts(memory.base().cast::<AtomicU64>(), *pages)
-            },
+    fn on(memory: super::alloc::Segment, len: usize) -> SlotTable {
+        let words = len.div_ceil(SLOTS_PER_TABLE_PAGE).div_ceil(64);
+        SlotTable {
+            memory,
+            len,
+            touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            touched_pages: AtomicUsize::new(0),
         }
     }
 
+    fn slots(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is page-aligned, at least `len` eight-byte entries long, and
+        // lives as long as `self`; AtomicU64 has u64's size and alignment and every bit
+        // pattern is valid; the mapping's other users (the kernel zeroing a page we give back,
+        // other mappings of the same state file) never tear an aligned eight-byte word.
+        unsafe { std::slice::from_raw_parts(self.memory.base().cast::<AtomicU64>(), self.len) }
+    }
+
     /// Recovery: clears the lock bit a killed process left in slot `index` and returns the
-    /// entry. Only for a table no other thread uses yet.
+    /// entry. Only for a table no other thread uses yet, on a touched page.
     pub(crate) fn recover_entry(&self, index: usize) -> Option<SlotEntry> {
         let slot = self.slots().get(index)?;
         let bits = slot.load(Ordering::Relaxed);
@@ -360,42 +384,231 @@ impl SlotTable {
     /// Recovery: replaces slot `index`'s entry (no other thread uses the table yet).
     pub(crate) fn recover_set(&self, index: usize, entry: SlotEntry) {
         if let Some(slot) = self.slots().get(index) {
+            if entry != SlotEntry::EMPTY {
+                self.touch(index);
+            }
             slot.store(entry.0, Ordering::Release);
         }
     }
 
-    /// A table of `pages` empty slots.
-    pub fn new(pages: usize) -> SlotTable {
-        // `vec![0; n]` comes from calloc, which for a large table maps fresh zero pages: the
-        // kernel supplies each page of the table only when a slot on it is first written, so a
-        // large, mostly unused device costs little until the guest fills it.
-        let zeroed: Box<[u64]> = vec![0u64; pages].into_boxed_slice();
-        // SAFETY: AtomicU64 has the same size and bit validity as u64 and, as the assertion
-        // above the type checks, the same alignment; zero is a valid AtomicU64. The pointer
-        // comes from a Box of exactly this length, so the new Box owns the same allocation
-        // with the same layout.
-        let slots = unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) };
-        SlotTable {
-            slots,
-            mapped: None,
+    /// Recovery: marks touched every table page overlapping the byte ranges of the table
+    /// (offsets from its start) that hold data, as `SEEK_DATA` finds them in the state file.
+    /// Only for a table no other thread uses yet.
+    pub(crate) fn mark_populated(&self, ranges: &[Range<u64>]) {
+        let page_bytes = (SLOTS_PER_TABLE_PAGE * 8) as u64;
+        let pages = self.len.div_ceil(SLOTS_PER_TABLE_PAGE) as u64;
+        for range in ranges {
+            let first = range.start / page_bytes;
+            let end = range.end.div_ceil(page_bytes).min(pages);
+            for page in first..end {
+                // Below `pages`, which fits a usize.
+                #[allow(clippy::cast_possible_truncation)]
+                self.touch(page as usize * SLOTS_PER_TABLE_PAGE);
+            }
         }
+    }
+
+    /// A table of `pages` empty slots; panics if the address space cannot be reserved.
+    #[cfg(test)]
+    pub fn new(pages: usize) -> SlotTable {
+        SlotTable::reserve(pages).expect("the slot table's address space")
+    }
+
+    /// A table of `pages` empty slots, or the error the OS gave for its reservation.
+    pub(crate) fn reserve(pages: usize) -> Result<SlotTable, super::alloc::AllocError> {
+        let bytes = pages
+            .max(1)
+            .checked_mul(8)
+            .and_then(|b| b.checked_next_multiple_of(crate::PAGE_SIZE))
+            .ok_or(super::alloc::AllocError::OutOfMemory { bytes: usize::MAX })?;
+        // A reservation, not memory: the kernel supplies each page of the table when a slot
+        // on it is first written, and takes it back when `give_back_empty_pages` does.
+        let memory = super::alloc::Segment::map(bytes)?;
+        Ok(SlotTable::on(memory, pages))
+    }
+
+    /// Marks the table page of slot `index` touched (the slot is about to hold a non-Empty
+    /// entry). Reads the bit first: the shared word is written once per page, not per write.
+    fn touch(&self, index: usize) {
+        let page = index / SLOTS_PER_TABLE_PAGE;
+        let (word, bit) = (&self.touched[page / 64], 1u64 << (page % 64));
+        // Acquire: see "Giving back" in `give_back_empty_pages` for why a stale set bit is
+        // never read here.
+        if word.load(Ordering::Acquire) & bit == 0
+            && word.fetch_or(bit, Ordering::AcqRel) & bit == 0
+        {
+            self.touched_pages.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether slot `index`'s table page is touched (if not, the slot is Empty).
+    pub fn is_touched(&self, index: usize) -> bool {
+        let page = index / SLOTS_PER_TABLE_PAGE;
+        self.touched
+            .get(page / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    /// The slots of `range` that lie on touched table pages, in order, as one range per page:
+    /// every slot of `range` that holds a non-Empty entry is in one (a slot filled while the
+    /// iteration runs may be missed, as any scan may miss a concurrent write).
+    pub fn touched_ranges(&self, range: Range<usize>) -> TouchedRanges<'_> {
+        let end = range.end.min(self.len);
+        TouchedRanges {
+            table: self,
+            page: range.start / SLOTS_PER_TABLE_PAGE,
+            end_page: end.div_ceil(SLOTS_PER_TABLE_PAGE),
+            range: range.start..end,
+        }
+    }
+
+    /// Every slot index of `range` on a touched table page, in order (see
+    /// [`SlotTable::touched_ranges`]).
+    pub fn touched_slots(&self, range: Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        self.touched_ranges(range).flatten()
+    }
+
+    /// Checks the table's invariant where it can be broken unseen: every resident page that
+    /// is not touched holds only Empty, unlocked entries. (Pages that are not resident read
+    /// as zeros; `mincore` finds the resident ones, so a state file's holes are not read.)
+    pub fn check_untouched_empty(&self) -> Result<(), String> {
+        const BATCH: usize = 1 << 16;
+        let slots = self.slots();
+        let pages = self.len.div_ceil(SLOTS_PER_TABLE_PAGE);
+        let mut resident = vec![0u8; BATCH.min(pages)];
+        for first in (0..pages).step_by(BATCH) {
+            let count = BATCH.min(pages - first);
+            // SAFETY: the range is `count` whole pages inside the mapping (rounded up to a
+            // page), page-aligned; `resident` has a byte for each.
+            let ok = unsafe {
+                libc::mincore(
+                    slots
+                        .as_ptr()
+                        .add(first * SLOTS_PER_TABLE_PAGE)
+                        .cast_mut()
+                        .cast(),
+                    count * crate::PAGE_SIZE,
+                    resident.as_mut_ptr(),
+                )
+            } == 0;
+            if !ok {
+                return Err(format!(
+                    "mincore failed on the slot table: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            for (i, &r) in resident[..count].iter().enumerate() {
+                let page = first + i;
+                if r & 1 == 0 || self.is_touched(page * SLOTS_PER_TABLE_PAGE) {
+                    continue;
+                }
+                let start = page * SLOTS_PER_TABLE_PAGE;
+                let end = (start + SLOTS_PER_TABLE_PAGE).min(self.len);
+                if let Some(slot) = (start..end).find(|&s| slots[s].load(Ordering::Relaxed) != 0) {
+                    return Err(format!(
+                        "slot {slot} holds {:#x} on table page {page}, which is not touched",
+                        slots[slot].load(Ordering::Relaxed)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back every touched table page whose entries are all Empty and unlocked: clears
+    /// its touched bit and returns its memory to the OS (`MADV_DONTNEED`; out of the state
+    /// file with `MADV_REMOVE`). A page with a locked or non-Empty slot is kept. Returns the
+    /// pages given back. Runs concurrently with every other use of the table.
+    ///
+    /// Giving back: the page's 512 slot locks are taken (compare-and-swap 0 → LOCK, so only
+    /// Empty unlocked slots; one failure releases those taken and skips the page), then the
+    /// touched bit is cleared, then the page is zapped. Zapping zeroes the entries, which
+    /// also releases the locks we hold: a thread spinning for one of them next reads 0 (Empty,
+    /// unlocked) and takes it, which is correct, since the slot is Empty. Such a thread reaches
+    /// the zeroed word only through a page fault on the page table entry the zap removed; the
+    /// kernel installs the new page under the page-table lock the zap took after our
+    /// `fetch_and`, so the thread's later Acquire load of the touched bit in `touch` sees it
+    /// clear, and sets it again before it publishes a non-Empty entry. A page that could not be
+    /// zapped (hugetlbfs refuses 4 KiB) keeps its touched bit and is unlocked by hand.
+    pub fn give_back_empty_pages(&self) -> u64 {
+        let slots = self.slots();
+        let mut given = 0;
+        let pages = self
+            .touched_ranges(0..self.len)
+            .map(|r| r.start / SLOTS_PER_TABLE_PAGE);
+        for page in pages {
+            let first = page * SLOTS_PER_TABLE_PAGE;
+            // Only whole pages of the mapping: the last one may be partly past `len`, and
+            // the bytes past `len` are never written, so they are zero too.
+            let entries = &slots[first..(first + SLOTS_PER_TABLE_PAGE).min(self.len)];
+            if entries.iter().any(|e| e.load(Ordering::Relaxed) != 0) {
+                continue;
+            }
+            let locked = entries
+                .iter()
+                .take_while(|e| {
+                    e.compare_exchange(0, LOCK, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                })
+                .count();
+            if locked < entries.len() {
+                for e in &entries[..locked] {
+                    e.store(0, Ordering::Release);
+                }
+                continue;
+            }
+            let (word, bit) = (&self.touched[page / 64], 1u64 << (page % 64));
+            word.fetch_and(!bit, Ordering::SeqCst);
+            // SAFETY: the page lies inside the mapping (pages are whole: the mapping is
+            // rounded up to a page, and a state file's region to 2 MiB), and every entry on it
+            // is ours: we hold all its locks and each is Empty, so zeroing it loses nothing.
+            let zapped = unsafe {
+                self.memory.discard_checked(
+                    slots.as_ptr().add(first).cast_mut().cast(),
+                    crate::PAGE_SIZE,
+                )
+            };
+            if zapped {
+                self.touched_pages.fetch_sub(1, Ordering::Relaxed);
+                given += 1;
+            } else {
+                word.fetch_or(bit, Ordering::SeqCst);
+                for e in entries {
+                    e.store(0, Ordering::Release);
+                }
+            }
+        }
+        given
     }
 
     /// The number of slots.
     pub fn len(&self) -> usize {
-        self.slots().len()
+        self.len
     }
 
-    /// The bytes the table occupies.
+    /// The bytes the table holds from the OS: its touched pages and the bitmap. (A page can
+    /// be resident and untouched only while its touch is in flight, or after a read of a
+    /// state file's hole; a touched page is always resident.)
     pub fn bytes(&self) -> usize {
-        std::mem::size_of_val(self.slots())
+        self.touched_pages.load(Ordering::Relaxed) * crate::PAGE_SIZE
+            + std::mem::size_of_val(&*self.touched)
     }
 
-    /// Reads slot `index` without locking it (a snapshot that may change at once).
+    /// The bytes reserved for the table (8 a slot): what it holds when every page is used.
+    #[cfg(test)]
+    pub fn reserved_bytes(&self) -> usize {
+        self.len * 8
+    }
+
+    /// Reads slot `index` without locking it (a snapshot that may change at once). A slot on
+    /// an untouched page is Empty and is not read (reading a state file's hole would
+    /// allocate it).
     pub fn peek(&self, index: usize) -> Option<SlotEntry> {
-        self.slots()
-            .get(index)
-            .map(|s| SlotEntry(s.load(Ordering::Relaxed) & !LOCK))
+        let slot = self.slots().get(index)?;
+        if !self.is_touched(index) {
+            return Some(SlotEntry::EMPTY);
+        }
+        Some(SlotEntry(slot.load(Ordering::Relaxed) & !LOCK))
     }
 
     /// One tick of the idle clock for slot `index`: adds one to the age of a Compressed or
@@ -404,6 +617,9 @@ impl SlotTable {
     /// so it is not getting older). Returns the new age, if it aged.
     pub fn age(&self, index: usize) -> Option<u8> {
         let slot = self.slots().get(index)?;
+        if !self.is_touched(index) {
+            return None;
+        }
         let current = slot.load(Ordering::Relaxed);
         if current & LOCK != 0 {
             return None;
@@ -437,6 +653,8 @@ impl SlotTable {
                     .is_ok()
             {
                 return Some(SlotGuard {
+                    table: self,
+                    index,
                     slot,
                     entry: SlotEntry(current),
                 });
@@ -454,6 +672,8 @@ impl SlotTable {
 /// A locked slot; dropping it stores the (possibly changed) entry and releases the lock.
 #[derive(Debug)]
 pub struct SlotGuard<'a> {
+    table: &'a SlotTable,
+    index: usize,
     slot: &'a AtomicU64,
     entry: SlotEntry,
 }
@@ -475,10 +695,22 @@ impl SlotGuard<'_> {
         self.entry = entry;
     }
 
+    /// Marks the slot's table page touched although the slot may stay Empty: taking the lock
+    /// wrote to the page, so it may be resident now, and a touched page is one compaction
+    /// looks at and gives back once it is all Empty (the invariant only needs non-Empty slots
+    /// on touched pages, so marking more is always allowed).
+    pub fn touch_page(&self) {
+        self.table.touch(self.index);
+    }
+
     /// Swaps in `new` (published when the guard drops) and returns the old entry, with the
     /// allocator object it referenced as a [`StaleObject`] when `new` does not reference the
     /// same one: the only place a safely made `StaleObject` comes from.
     pub fn swap(&mut self, new: SlotEntry) -> Swapped {
+        if new != SlotEntry::EMPTY {
+            // Under the lock, before the unlock publishes `new` (SlotTable's invariant).
+            self.table.touch(self.index);
+        }
         let old = std::mem::replace(&mut self.entry, new);
         let stale = super::object_class(old)
             .filter(|&class| {
@@ -556,6 +788,42 @@ impl Drop for StaleObject {
                 self.class
             );
         }
+    }
+}
+
+/// The touched table pages of a range, as ranges of slot indices (see
+/// [`SlotTable::touched_ranges`]).
+#[derive(Debug)]
+pub struct TouchedRanges<'a> {
+    table: &'a SlotTable,
+    /// The next table page to look at.
+    page: usize,
+    end_page: usize,
+    range: Range<usize>,
+}
+
+impl Iterator for TouchedRanges<'_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        while self.page < self.end_page {
+            let word = self.page / 64;
+            let bits = self.table.touched[word].load(Ordering::Acquire) >> (self.page % 64);
+            if bits == 0 {
+                self.page = (word + 1) * 64;
+                continue;
+            }
+            let page = self.page + bits.trailing_zeros() as usize;
+            if page >= self.end_page {
+                break;
+            }
+            self.page = page + 1;
+            let start = (page * SLOTS_PER_TABLE_PAGE).max(self.range.start);
+            let end = ((page + 1) * SLOTS_PER_TABLE_PAGE).min(self.range.end);
+            return Some(start..end);
+        }
+        self.page = self.end_page;
+        None
     }
 }
 
@@ -767,22 +1035,204 @@ mod tests {
         assert!(!SlotEntry::pending(0, u32::MAX).same_content(e));
     }
 
+    fn resident_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
     #[test]
-    fn a_large_table_costs_memory_only_where_used() {
-        fn resident_bytes() -> u64 {
-            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-            let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-            pages * 4096
-        }
+    fn a_1_tib_table_costs_memory_only_where_used() {
         let before = resident_bytes();
-        let table = SlotTable::new(1 << 24); // a 64 GiB device: a 128 MiB table
-        assert_eq!(table.bytes(), 128 << 20);
-        drop(table.lock(12345).unwrap());
-        let grown = resident_bytes().saturating_sub(before);
-        assert!(
-            grown < 32 << 20,
-            "creating the table made {grown} bytes resident"
+        let pages = 1usize << 28; // a 1 TiB device: a 2 GiB table
+        let table = SlotTable::new(pages);
+        assert_eq!(table.reserved_bytes(), 2 << 30);
+        assert_eq!(
+            table.bytes(),
+            64 << 10,
+            "the bitmap only: 1 bit a table page"
         );
+        for index in [0, pages / 2, pages - 1] {
+            put(&table, index, SlotEntry::new(SlotState::SameFilled, 1));
+        }
+        assert_eq!(table.bytes(), (64 << 10) + 3 * 4096);
+        let ranges: Vec<_> = table.touched_ranges(0..pages).collect();
+        assert_eq!(
+            ranges,
+            [0..512, pages / 2..pages / 2 + 512, pages - 512..pages]
+        );
+        // The idle clock's whole walk visits the three pages only.
+        let started = std::time::Instant::now();
+        let visited = table
+            .touched_slots(0..pages)
+            .filter(|&s| table.age(s).is_some())
+            .count();
+        assert_eq!(visited, 0, "same-filled pages have no age");
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        table.check_untouched_empty().unwrap();
+        let grown = resident_bytes().saturating_sub(before);
+        assert!(grown < 4 << 20, "a 1 TiB table made {grown} bytes resident");
+    }
+
+    #[test]
+    // Test data: the generator's values are reduced below a usize bound.
+    #[allow(clippy::cast_possible_truncation, clippy::needless_range_loop)]
+    fn touched_ranges_cover_every_stored_slot_and_skip_the_rest() {
+        // A deterministic sweep against a model: slots filled at pseudo-random places, ranges
+        // of every alignment.
+        let len = 512 * 300 + 77;
+        let table = SlotTable::new(len);
+        let mut model = vec![false; len];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |below: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % below as u64) as usize
+        };
+        for _ in 0..200 {
+            // Clustered: a run of a few slots, as swap writes come.
+            let start = next(len);
+            for index in start..(start + next(8)).min(len) {
+                if !model[index] {
+                    put(&table, index, SlotEntry::new(SlotState::SameFilled, 1));
+                    model[index] = true;
+                }
+            }
+        }
+        put(&table, len - 1, SlotEntry::huge(3));
+        model[len - 1] = true;
+        for _ in 0..500 {
+            let a = next(len + 1);
+            let b = next(len + 1);
+            let range = a.min(b)..a.max(b);
+            let visited: Vec<usize> = table.touched_slots(range.clone()).collect();
+            assert!(
+                visited.windows(2).all(|w| w[0] < w[1]),
+                "in order, once each"
+            );
+            assert!(visited.iter().all(|s| range.contains(s)));
+            let stored: Vec<usize> = range.clone().filter(|&s| model[s]).collect();
+            for s in &stored {
+                assert!(
+                    visited.binary_search(s).is_ok(),
+                    "stored slot {s} missed in {range:?}"
+                );
+            }
+            // Untouched pages are skipped: what is visited lies on pages that hold data.
+            for &s in &visited {
+                let page = s / SLOTS_PER_TABLE_PAGE;
+                let on_page =
+                    page * SLOTS_PER_TABLE_PAGE..((page + 1) * SLOTS_PER_TABLE_PAGE).min(len);
+                assert!(
+                    on_page.clone().any(|p| model[p]),
+                    "slot {s} on an empty page"
+                );
+            }
+        }
+        let touched = model
+            .chunks(SLOTS_PER_TABLE_PAGE)
+            .filter(|c| c.contains(&true))
+            .count();
+        assert_eq!(table.touched_ranges(0..len).count(), touched);
+        assert_eq!(
+            table.bytes(),
+            touched * 4096 + 8 * len.div_ceil(512).div_ceil(64)
+        );
+        table.check_untouched_empty().unwrap();
+    }
+
+    #[test]
+    fn an_emptied_table_page_is_given_back_and_its_slots_still_work() {
+        let table = SlotTable::new(3 * SLOTS_PER_TABLE_PAGE);
+        let page_of = |i: usize| i / SLOTS_PER_TABLE_PAGE;
+        let entry = SlotEntry::new(SlotState::SameFilled, 9);
+        for index in [5, 700, 701, 1100] {
+            put(&table, index, entry);
+        }
+        assert_eq!(
+            table.give_back_empty_pages(),
+            0,
+            "every touched page holds an entry"
+        );
+        // Empty page 1; keep page 0 and 2.
+        for index in [700, 701] {
+            assert_eq!(table.lock(index).unwrap().swap(SlotEntry::EMPTY).old, entry);
+        }
+        assert!(table.is_touched(700), "emptied, not yet given back");
+        let bytes = table.bytes();
+        assert_eq!(table.give_back_empty_pages(), 1);
+        assert_eq!(table.bytes(), bytes - 4096);
+        assert!(!table.is_touched(700) && table.is_touched(5) && table.is_touched(1100));
+        assert_eq!(
+            table
+                .touched_ranges(0..table.len())
+                .map(|r| page_of(r.start))
+                .collect::<Vec<_>>(),
+            [0, 2]
+        );
+        table.check_untouched_empty().unwrap();
+        // The given-back page reads as Empty, unlocked, and takes new entries.
+        for index in 512..1024 {
+            assert_eq!(table.peek(index), Some(SlotEntry::EMPTY));
+        }
+        put(&table, 900, entry);
+        assert!(table.is_touched(900));
+        assert_eq!(table.peek(900), Some(entry));
+        assert_eq!(table.peek(5), Some(entry), "other pages keep their entries");
+        table.check_untouched_empty().unwrap();
+    }
+
+    #[test]
+    fn a_table_page_with_a_locked_slot_is_not_given_back() {
+        let table = SlotTable::new(2 * SLOTS_PER_TABLE_PAGE);
+        put(&table, 600, SlotEntry::new(SlotState::SameFilled, 9));
+        drop(table.lock(600).unwrap().swap(SlotEntry::EMPTY));
+        let guard = table.lock(1000).unwrap();
+        assert_eq!(table.give_back_empty_pages(), 0, "slot 1000 is locked");
+        assert!(table.is_touched(600));
+        // The locks the attempt took on the page's other slots were released.
+        for index in (512..1024).filter(|&i| i != 1000) {
+            drop(table.lock(index).unwrap());
+        }
+        drop(guard);
+        assert_eq!(table.give_back_empty_pages(), 1);
+        assert!(!table.is_touched(600));
+    }
+
+    #[test]
+    fn a_slot_locked_while_its_page_is_given_back_comes_out_empty_and_unlocked() {
+        let table = Arc::new(SlotTable::new(SLOTS_PER_TABLE_PAGE));
+        let entry = SlotEntry::new(SlotState::SameFilled, 1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (table, stop) = (Arc::clone(&table), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut rounds = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let index = (rounds * 7) % SLOTS_PER_TABLE_PAGE;
+                    let swapped = table.lock(index).unwrap().swap(entry);
+                    assert_eq!(swapped.old, SlotEntry::EMPTY, "slot {index}");
+                    let swapped = table.lock(index).unwrap().swap(SlotEntry::EMPTY);
+                    assert_eq!(swapped.old, entry, "slot {index} lost its entry");
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        let mut given = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        while std::time::Instant::now() < deadline {
+            given += table.give_back_empty_pages();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rounds = writer.join().unwrap();
+        assert!(
+            rounds > 0 && given > 0,
+            "{rounds} rounds, {given} give-backs"
+        );
+        table.check_untouched_empty().unwrap();
+        eprintln!("{rounds} rounds, the page given back {given} times");
     }
 
     #[test]
@@ -806,6 +1256,11 @@ mod tests {
         }
         assert_eq!(table.peek(2).unwrap().payload(), 40_000);
         assert!(table.lock(4).is_none());
-        assert_eq!(table.bytes(), 32);
+        assert_eq!(table.reserved_bytes(), 32);
+        assert_eq!(
+            table.bytes(),
+            4096 + 8,
+            "one touched page and the bitmap's word"
+        );
     }
 }

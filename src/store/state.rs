@@ -531,6 +531,45 @@ impl StateFile {
         }
     }
 
+    /// The parts of the `len` bytes at `offset` that hold data (not holes), as byte ranges
+    /// relative to `offset`, found with `lseek(SEEK_DATA/SEEK_HOLE)`: recovery reads only
+    /// these parts of the slot table, since reading a hole through a shared mapping of tmpfs
+    /// allocates it. A file system without holes reports everything as data.
+    pub(crate) fn data_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<std::ops::Range<u64>>> {
+        let fd = self.file.as_raw_fd();
+        let end = offset.saturating_add(len);
+        let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+            let from = libc::off_t::try_from(from)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: lseek on our own descriptor moves its offset (nothing reads through it:
+            // every access is through mappings or positioned calls).
+            let at = unsafe { libc::lseek(fd, from, whence) };
+            match at {
+                -1 => match io::Error::last_os_error() {
+                    // No data past `from`.
+                    e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                    e => Err(e),
+                },
+                at => Ok(u64::try_from(at).ok()),
+            }
+        };
+        let mut ranges = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+                break;
+            };
+            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            ranges.push(data - offset..hole - offset);
+            at = hole;
+        }
+        Ok(ranges)
+    }
+
     /// Reads `buf.len()` bytes at `offset` (inside the file).
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StateError> {
         self.with_mapping(offset, buf.len(), |bytes| buf.copy_from_slice(bytes))

@@ -400,6 +400,51 @@ fn a_state_file_of_another_size_is_refused_untouched() {
 }
 
 #[test]
+fn recovery_reads_only_the_populated_parts_of_a_large_table() {
+    let tmp = shm_file();
+    let pages = super::MAX_CAPACITY_PAGES; // 1 TiB: a 2 GiB table region, sparse
+    let blocks = || std::fs::metadata(tmp.path()).unwrap().blocks() * 512;
+    let (store, _) = open(tmp.path(), pages);
+    let at = [0, 1, pages / 2, pages / 2 + 700, pages - 1];
+    for &i in &at {
+        store.write(i, &content(3, i)).unwrap();
+    }
+    // A table page that held an entry, emptied without compaction: recovery gives it back.
+    store.write(pages / 4, &content(3, 9)).unwrap();
+    store.discard(pages / 4..pages / 4 + 1).unwrap();
+    assert!(store.wait_drained(Duration::from_secs(10)));
+    drop(store);
+    let written = blocks();
+    assert!(written < 16 << 20, "{written} bytes allocated");
+
+    let (store, start) = open(tmp.path(), pages);
+    let StateStart::Recovered(recovered) = start else {
+        panic!("{start:?}");
+    };
+    assert_eq!(recovered.pages, at.len() as u64);
+    assert!(
+        recovered.elapsed < Duration::from_secs(1),
+        "the scan skipped the holes: {:?}",
+        recovered.elapsed
+    );
+    assert!(
+        blocks() <= written,
+        "recovery read no hole: {written} -> {}",
+        blocks()
+    );
+    // Four table pages hold entries (0 and 1 share one).
+    assert_eq!(store.slots.touched_ranges(0..pages as usize).count(), 4);
+    for &i in &at {
+        assert_eq!(read(&store, i).unwrap(), content(3, i), "page {i}");
+    }
+    assert_eq!(read(&store, pages / 4).unwrap(), [0; PAGE_SIZE]);
+    assert_eq!(read(&store, pages / 2 + 1).unwrap(), [0; PAGE_SIZE]);
+    store.check_consistency().unwrap();
+    store.destroy_state().unwrap();
+    assert_eq!(store.slots.touched_ranges(0..pages as usize).count(), 0);
+}
+
+#[test]
 fn freed_memory_leaves_the_state_file() {
     let tmp = shm_file();
     let (store, _) = open(tmp.path(), 4096);

@@ -78,7 +78,9 @@ fn same_filled_pages_take_no_memory() {
         same_fill::fill(&mut page, word);
         s.write(i, &page).unwrap();
     }
-    assert_eq!(s.mem_used_total(), before);
+    // Only the slot table's two pages (512 entries each) that now hold entries.
+    assert_eq!(s.mem_used_total(), before + 2 * 4096);
+    assert_eq!(s.stats().info.slot_table_bytes, s.slots.bytes() as u64);
     assert_eq!(s.stats().mm.same_pages, 1024);
 }
 
@@ -95,11 +97,79 @@ fn overwrite_and_discard_free_memory() {
     assert_eq!(st.io.notify_free, 256);
     assert_eq!((st.mm.orig_data_size, st.mm.compr_data_size), (0, 0));
     assert!(st.mm.mem_used_max > empty);
+    // The slot table's page holds no entry any more; compaction gives it back.
     assert!(
-        s.mem_used_total() < empty + 16 * 1024,
+        s.mem_used_total() < empty + 4096 + 16 * 1024,
         "chunks went back: {}",
         s.mem_used_total()
     );
+    s.check_consistency().unwrap();
+    assert!(s.compact() >= 1);
+    assert!(!s.slots.is_touched(0));
+    assert!(
+        s.mem_used_total() < empty + 16 * 1024,
+        "the table page went back: {}",
+        s.mem_used_total()
+    );
+    s.check_consistency().unwrap();
+}
+
+#[test]
+fn compaction_gives_back_emptied_table_pages_and_they_serve_again() {
+    let s = store(4 * 512, Algorithm::Lz4);
+    let empty = s.mem_used_total();
+    for i in [3, 700, 1500, 1501] {
+        s.write(i, &page_of(PageKind::Text, i)).unwrap();
+    }
+    let table = s.stats().info.slot_table_bytes;
+    s.discard(512..1024).unwrap();
+    s.discard(1500..1501).unwrap();
+    let compacted_before = s.stats().mm.pages_compacted;
+    let given = s.compact();
+    assert!(given >= 1, "table page 1 is empty");
+    assert_eq!(s.stats().mm.pages_compacted, compacted_before + given);
+    assert_eq!(
+        s.stats().info.slot_table_bytes,
+        table - 4096,
+        "only page 1 went back"
+    );
+    s.check_consistency().unwrap();
+    // Its slots read as zeros and take writes again; the other pages kept theirs.
+    let mut out = [0u8; PAGE_SIZE];
+    s.read(700, &mut out).unwrap();
+    assert_eq!(out, [0; PAGE_SIZE]);
+    s.write(701, &page_of(PageKind::Text, 9)).unwrap();
+    s.read(701, &mut out).unwrap();
+    assert_eq!(out[..], page_of(PageKind::Text, 9)[..]);
+    for i in [3, 1501] {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out[..], page_of(PageKind::Text, i)[..]);
+    }
+    assert_eq!(s.stats().info.slot_table_bytes, table);
+    s.check_consistency().unwrap();
+    s.discard(0..4 * 512).unwrap();
+    s.compact();
+    assert_eq!(
+        s.stats().info.slot_table_bytes,
+        8,
+        "every table page went back"
+    );
+    assert!(s.mem_used_total() < empty + 16 * 1024, "and the chunks");
+    s.check_consistency().unwrap();
+}
+
+#[test]
+fn reading_an_unwritten_page_leaves_the_table_untouched() {
+    let s = store(4 * 512, Algorithm::Lz4);
+    let empty = s.mem_used_total();
+    let mut out = [1u8; PAGE_SIZE];
+    for i in (0..4 * 512).step_by(97) {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, [0; PAGE_SIZE]);
+    }
+    s.discard(0..4 * 512).unwrap();
+    assert_eq!(s.mem_used_total(), empty);
+    assert_eq!(s.slots.touched_ranges(0..4 * 512).count(), 0);
     s.check_consistency().unwrap();
 }
 
@@ -866,4 +936,35 @@ fn the_pool_gives_its_memory_back_after_draining() {
     }
     assert_eq!(s.stats().workers.pool_resident_bytes, 0);
     workers.stop();
+}
+
+#[test]
+fn a_failed_partial_write_to_an_unwritten_table_page_leaves_it_to_compaction() {
+    let probe = store(4 * 512, Algorithm::Lz4);
+    let empty = probe.mem_used_total();
+    drop(probe);
+    // Room for nothing but the table page the failed write's lock populates.
+    let s = PageStore::new(StoreConfig {
+        capacity_pages: 4 * 512,
+        algorithm: Algorithm::Lz4,
+        level: None,
+        mem_limit: Some(empty + 4096),
+    })
+    .unwrap();
+    let table = s.stats().info.slot_table_bytes;
+    let noise = page_of(PageKind::Random, 1);
+    let result = s.modify(1500, |page| page.copy_from_slice(&noise[..]));
+    assert!(
+        matches!(result, Err(StoreError::MemoryLimit { .. })),
+        "{result:?}"
+    );
+    let mut out = [1u8; PAGE_SIZE];
+    s.read(1500, &mut out).unwrap();
+    assert_eq!(out, [0; PAGE_SIZE], "the slot kept its (empty) content");
+    // The lock wrote to the table page: it is counted and compaction gives it back.
+    assert_eq!(s.stats().info.slot_table_bytes, table + 4096);
+    s.check_consistency().unwrap();
+    assert!(s.compact() >= 1);
+    assert_eq!(s.stats().info.slot_table_bytes, table);
+    s.check_consistency().unwrap();
 }

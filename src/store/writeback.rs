@@ -408,7 +408,8 @@ impl PageStore {
     /// tick older (up to [`MAX_AGE`]). One walk of the slot table without locks, a
     /// compare-and-swap per stored page. Returns the pages that aged.
     pub fn tick_idle_clock(&self) -> u64 {
-        (0..self.slots.len())
+        self.slots
+            .touched_slots(0..self.slots.len())
             .filter(|&slot| self.slots.age(slot).is_some())
             .count() as u64
     }
@@ -418,7 +419,7 @@ impl PageStore {
     pub fn mark_idle_aged(&self, min_age: u8) -> u64 {
         let min_age = min_age.max(1);
         let mut marked = 0;
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let Some(entry) = self.slots.peek(slot) else {
                 break;
             };
@@ -440,7 +441,7 @@ impl PageStore {
     /// age would take out of the allocator. Pending and same-filled pages are not counted.
     pub fn bytes_by_age(&self) -> [u64; MAX_AGE as usize + 1] {
         let mut bytes = [0u64; MAX_AGE as usize + 1];
-        for slot in 0..self.slots.len() {
+        for slot in self.slots.touched_slots(0..self.slots.len()) {
             let Some(entry) = self.slots.peek(slot) else {
                 break;
             };
@@ -489,7 +490,9 @@ impl PageStore {
         let mut batch: Vec<InFlight> = Vec::with_capacity(batch_pages);
         // Both bounds are at most the capacity, which fits a usize.
         #[allow(clippy::cast_possible_truncation)]
-        let mut slots = (range.start as usize)..(range.end as usize);
+        let mut slots = self
+            .slots
+            .touched_slots((range.start as usize)..(range.end as usize));
         loop {
             if !pace() {
                 outcome.stopped = true;
