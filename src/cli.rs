@@ -533,14 +533,15 @@ pub struct ServeArgs {
     /// Shed memory when the host (or the daemon's v2 cgroup) is under memory pressure: on each
     /// PSI trigger event, an eighth of mem_used_total, coldest pages first (write back, then
     /// recompress, then compact), at most once a second. THRESHOLD is `some|full STALL/WINDOW`
-    /// (a space or a colon after the kind; window 500ms to 10s), by default `some 150ms/1s`.
+    /// (a space or a colon after the kind; window 500ms to 10s, a multiple of 2s without
+    /// CAP_SYS_RESOURCE), by default `some 300ms/2s`.
     /// The memory cgroup's limit is honoured with or without it.
     #[arg(
         long,
         value_name = "THRESHOLD",
         num_args = 0..=1,
         require_equals = true,
-        default_missing_value = "some 150ms/1s",
+        default_missing_value = "some 300ms/2s",
         value_parser = parse_psi_threshold
     )]
     pub reclaim_on_pressure: Option<PsiThreshold>,

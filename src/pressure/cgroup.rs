@@ -185,7 +185,7 @@ fn cgroup_dir(mount: &CgroupMount, path: &str) -> Option<PathBuf> {
 
 /// A limit file's value: bytes, or `None` for no limit (`max`, or a v1 value from 2^62 up).
 /// Unreadable text is no limit too: a limit the daemon cannot read is not one it can honour.
-pub(crate) fn parse_limit(text: &str) -> Option<u64> {
+pub fn parse_limit(text: &str) -> Option<u64> {
     match text.trim() {
         "max" => None,
         value => value.parse().ok().filter(|&bytes| bytes < UNLIMITED_FROM),
@@ -193,7 +193,7 @@ pub(crate) fn parse_limit(text: &str) -> Option<u64> {
 }
 
 /// The value of `key` in a `memory.stat` text.
-pub(crate) fn stat_value(text: &str, key: &str) -> Option<u64> {
+pub fn stat_value(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (name, value) = line.split_once(' ')?;
         (name == key).then(|| value.trim().parse().ok()).flatten()

@@ -578,6 +578,8 @@ impl Watch {
         // After a round that could not get below the mark, wait for memory to grow past what
         // it was then, or for a write to meet the limit, before the next.
         let mut futile_at: Option<u64> = None;
+        // The budget binds from the start, not from the first check.
+        self.check_cgroup(&failures, &mut futile_at);
         loop {
             let wake = match self.wait(stop.as_raw_fd(), Instant::now() + CHECK) {
                 Ok(wake) => wake,
@@ -720,8 +722,9 @@ impl Watch {
             &self.state,
         );
         debug!(
-            "cgroup limit {}: shed mem_used_total {} -> {} (mark {}, store limit {})",
+            "cgroup limit {}, {} in use: shed mem_used_total {} -> {} (mark {}, store limit {})",
             sample.limit.unwrap_or(0),
+            sample.used,
             done.before,
             done.after,
             budget.shed_above,

@@ -9,7 +9,7 @@
 //! 500 ms to 10 s; a process without `CAP_SYS_RESOURCE` only multiples of 2 s.
 //!
 //! On the command line a threshold is `KIND STALL/WINDOW`, written with a space or a colon:
-//! `some 150ms/1s`, `full:100ms/2s` ([`PsiThreshold`]).
+//! `some 300ms/2s` (the default), `full:100ms/2s` ([`PsiThreshold`]).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -40,13 +40,15 @@ pub struct PsiThreshold {
 }
 
 impl PsiThreshold {
-    /// `some 150ms/1s`: at least one task stalled on memory 15% of a second. The kernel's
-    /// documentation example; high enough that a host serving a page fault now and then does
-    /// not fire it, low enough that a host starting to thrash does within a second.
+    /// `some 300ms/2s`: at least one task stalled on memory 15% of the time, the proportion
+    /// of the kernel's documentation example (150ms/1s): high enough that a host serving a
+    /// page fault now and then does not fire it, low enough that a host starting to thrash
+    /// does within seconds. The window is 2 s because a daemon without `CAP_SYS_RESOURCE`
+    /// (containers, systemd units that drop it) may only register multiples of 2 s.
     pub const DEFAULT: PsiThreshold = PsiThreshold {
         full: false,
-        stall: Duration::from_millis(150),
-        window: Duration::from_secs(1),
+        stall: Duration::from_millis(300),
+        window: Duration::from_secs(2),
     };
 
     /// The line the kernel takes: `some 150000 1000000` (microseconds).
@@ -108,7 +110,7 @@ impl FromStr for PsiThreshold {
         let usage = || {
             format!(
                 "'{text}' is not a pressure threshold: give some|full STALL/WINDOW, such as \
-                 'some 150ms/1s' or 'full:100ms/2s' (units us, ms, s)"
+                 'some 300ms/2s' or 'full:100ms/2s' (units us, ms, s)"
             )
         };
         let (kind, times) = text
@@ -154,12 +156,14 @@ pub enum PsiError {
         source: io::Error,
     },
     /// The kernel refused the trigger.
-    #[error("{path} refused the PSI trigger '{line}'")]
+    #[error("{path} refused the PSI trigger '{line}'{hint}")]
     Register {
         /// The pressure file.
         path: PathBuf,
         /// The trigger line written.
         line: String,
+        /// What may be wrong.
+        hint: &'static str,
         /// Why (`EINVAL`: a window the kernel does not take; `EPERM`: unprivileged and not a
         /// multiple of 2 s; `EOPNOTSUPP`: PSI disabled).
         #[source]
@@ -191,12 +195,21 @@ impl PsiTrigger {
         // The kernel overwrites the last byte written with a NUL: send one, as its example.
         let mut bytes = line.clone().into_bytes();
         bytes.push(0);
-        file.write_all(&bytes)
-            .map_err(|source| PsiError::Register {
+        file.write_all(&bytes).map_err(|source| {
+            let unprivileged = source.raw_os_error() == Some(libc::EINVAL)
+                && threshold.window.as_micros() % 2_000_000 != 0;
+            PsiError::Register {
                 path: path.to_path_buf(),
                 line,
+                hint: if unprivileged {
+                    " (without CAP_SYS_RESOURCE the kernel takes only windows that are \
+                     multiples of 2 s)"
+                } else {
+                    ""
+                },
                 source,
-            })?;
+            }
+        })?;
         Ok(PsiTrigger {
             file,
             path: path.to_path_buf(),
@@ -227,10 +240,10 @@ mod tests {
 
     #[test]
     fn thresholds_parse_with_a_space_or_a_colon_and_print_back() {
-        let some: PsiThreshold = "some 150ms/1s".parse().unwrap();
+        let some: PsiThreshold = "some 300ms/2s".parse().unwrap();
         assert_eq!(some, PsiThreshold::DEFAULT);
-        assert_eq!(some.to_string(), "some 150ms/1s");
-        assert_eq!(some.trigger_line(), "some 150000 1000000");
+        assert_eq!(some.to_string(), "some 300ms/2s");
+        assert_eq!(some.trigger_line(), "some 300000 2000000");
         let full: PsiThreshold = "full:1ms/500ms".parse().unwrap();
         assert!(full.full);
         assert_eq!(full.trigger_line(), "full 1000 500000");
