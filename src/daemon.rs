@@ -576,16 +576,7 @@ impl Daemon {
                 .map_err(DaemonError::Writeback)?
                 .into_threads(),
         );
-        // After the writeback thread: a write that meets a limit the cgroup set wakes the
-        // pressure thread, which sheds down to the cgroup's budget.
         let pressure = Arc::new(PressureState::new(config.store.mem_limit));
-        let findings = Findings::look(&store, &config.pressure);
-        findings.log();
-        if let Some(daemon) = PressureDaemon::start(store.clone(), findings, Arc::clone(&pressure))
-            .map_err(DaemonError::Pressure)?
-        {
-            threads.adopt(daemon.into_threads());
-        }
         let mut observed = Observed::new(
             store.clone(),
             Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
@@ -594,7 +585,7 @@ impl Daemon {
         );
         observed.migrations = Some(Arc::clone(&migrations));
         observed.writeback_above = config.writeback.above;
-        observed.pressure = pressure;
+        observed.pressure = Arc::clone(&pressure);
         let observed = Arc::new(observed);
         let control_socket_file = match &config.control_socket {
             Some(path) => {
@@ -608,6 +599,15 @@ impl Daemon {
             None => None,
         };
         log_configuration(&config);
+        // After the writeback thread: a write that meets a limit the cgroup set wakes the
+        // pressure thread, which sheds down to the cgroup's budget.
+        let findings = Findings::look(&store, &config.pressure);
+        findings.log();
+        if let Some(daemon) = PressureDaemon::start(store.clone(), findings, pressure)
+            .map_err(DaemonError::Pressure)?
+        {
+            threads.adopt(daemon.into_threads());
+        }
         not_stopped(&stop)?;
         let metrics_address = match config.metrics_listen {
             Some(address) => {
