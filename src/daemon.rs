@@ -571,11 +571,10 @@ impl Daemon {
                     .into_threads(),
             );
         }
-        threads.adopt(
-            WritebackDaemon::start(store.clone(), &config.writeback)
-                .map_err(DaemonError::Writeback)?
-                .into_threads(),
-        );
+        let writeback = WritebackDaemon::start(store.clone(), &config.writeback)
+            .map_err(DaemonError::Writeback)?;
+        let writeback_signal = writeback.signal();
+        threads.adopt(writeback.into_threads());
         let pressure = Arc::new(PressureState::new(config.store.mem_limit));
         let mut observed = Observed::new(
             store.clone(),
@@ -603,7 +602,8 @@ impl Daemon {
         // pressure thread, which sheds down to the cgroup's budget.
         let findings = Findings::look(&store, &config.pressure);
         findings.log();
-        if let Some(daemon) = PressureDaemon::start(store.clone(), findings, pressure)
+        let also_poke = config.writeback.above.map(|_| writeback_signal);
+        if let Some(daemon) = PressureDaemon::start(store.clone(), findings, pressure, also_poke)
             .map_err(DaemonError::Pressure)?
         {
             threads.adopt(daemon.into_threads());

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A good host citizen, with the real daemon in a real v1 memory cgroup:
 //!
-//! - with a backing file, a guest writing 256 MiB of swap-like pages into a daemon whose cgroup
-//!   is limited to 96 MiB sees no write error, the cgroup never hits its limit, the daemon is
+//! - with a backing file, a guest writing 512 MiB of swap-like pages into a daemon whose cgroup
+//!   is limited to 96 MiB (where the daemon of issue 19 was OOM-killed) sees no write error, the cgroup never hits its limit, the daemon is
 //!   never OOM-killed, and every page reads back;
 //! - without one, writes are refused at the limit with an I/O error, as with `--mem-limit`, the
 //!   daemon lives, and every page written before reads back;
@@ -27,6 +27,8 @@ use vhost_user_zram::pressure::MemoryCgroup;
 const MIB: u64 = 1 << 20;
 /// Pages in 256 MiB.
 const PAGES_256M: u64 = 65536;
+/// Pages in 512 MiB.
+const PAGES_512M: u64 = 131072;
 
 /// A v1 memory cgroup made for one test, under the test process's own; removed on drop once
 /// its processes are gone.
@@ -128,24 +130,24 @@ fn metric(metrics: &str, name: &str, label: &str) -> u64 {
 }
 
 #[test]
-fn with_a_backing_file_256m_of_writes_fit_a_96m_cgroup_and_every_page_verifies() {
+fn with_a_backing_file_512m_of_writes_fit_a_96m_cgroup_and_every_page_verifies() {
     let Some(cgroup) = cgroup_or_skip("backing", 96 * MIB) else {
         return;
     };
     let files = disk_dir();
     let backing = files.path().join("backing");
     let mut daemon = DaemonProcess::options()
-        .size(PAGES_256M * 4096)
+        .size(PAGES_512M * 4096)
         .args(["--backing-file", backing.to_str().unwrap()])
         .in_cgroup(&cgroup.file("cgroup.procs"))
         .start();
     daemon.wait_for_log("keeping the store within the limit");
     let mut frontend = Frontend::connect(&daemon.socket);
 
-    let failed = frontend.try_write_pages(0..PAGES_256M, 11);
+    let failed = frontend.try_write_pages(0..PAGES_512M, 11);
 
     assert_eq!(failed, None, "a write failed; stderr:\n{}", daemon.stderr());
-    frontend.assert_holds(0..PAGES_256M, 11);
+    frontend.assert_holds(0..PAGES_512M, 11);
     assert!(daemon.try_exit().is_none(), "the daemon died");
     let max_usage = cgroup.number("memory.max_usage_in_bytes");
     let failcnt = cgroup.number("memory.failcnt");

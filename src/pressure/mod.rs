@@ -107,6 +107,16 @@ impl Budget {
     }
 }
 
+impl Budget {
+    /// The bytes to shed with the store at `used`: down to [`Budget::shed_to`] once above
+    /// [`Budget::shed_above`]; nothing at or below the mark, nor while memory has not grown
+    /// past `futile_at`, where the last round that could not get below the mark ended.
+    pub fn to_shed(&self, used: u64, futile_at: Option<u64>) -> Option<u64> {
+        let futile = futile_at.is_some_and(|at| used <= at);
+        (used > self.shed_above && !futile).then(|| used - self.shed_to)
+    }
+}
+
 /// What shedding may do on a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedMeans {
@@ -501,11 +511,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 impl PressureDaemon {
     /// Starts the thread on `store` with what `findings` found; `None` when there is nothing
-    /// to watch (no memory cgroup, no PSI trigger). The user's limit is in `state`.
+    /// to watch (no memory cgroup, no PSI trigger). The user's limit is in `state`. A write
+    /// that meets the store's limit wakes this thread, and pokes `also_poke` (the writeback
+    /// thread of `--writeback-above`, whose relief this one replaces).
     pub fn start(
         store: Arc<PageStore>,
         findings: Findings,
         state: Arc<PressureState>,
+        also_poke: Option<StopSignal>,
     ) -> io::Result<Option<PressureDaemon>> {
         let cgroup = findings.cgroup.ok().filter(|_| findings.sample.is_some());
         let trigger = findings.trigger.and_then(Result::ok);
@@ -518,6 +531,9 @@ impl PressureDaemon {
             // A write that meets the limit wakes the thread, and waits a little for the room.
             store.set_pressure_relief(Arc::new(move || {
                 let _ = poke.write(1);
+                if let Some(writeback) = &also_poke {
+                    writeback.poke();
+                }
             }));
         }
         let mut threads = Threads::new();
@@ -711,13 +727,13 @@ impl Watch {
         let Some(budget) = budget else {
             return;
         };
-        if used <= budget.shed_above || futile_at.is_some_and(|at| used <= at) {
+        let Some(bytes) = budget.to_shed(used, *futile_at) else {
             return;
-        }
+        };
         let done = shed(
             &self.store,
             self.means,
-            used - budget.shed_to,
+            bytes,
             ShedCause::CgroupLimit,
             &self.state,
         );
@@ -757,6 +773,17 @@ mod tests {
             Budget::under(limit, 200 * MIB, MIB).store_limit,
             crate::PAGE_BYTES
         );
+    }
+
+    #[test]
+    fn shedding_starts_above_the_mark_goes_below_it_and_skips_a_futile_repeat() {
+        let budget = Budget::under(96 * MIB, 0, 0);
+        assert_eq!(budget.to_shed(budget.shed_above, None), None);
+        let above = budget.shed_above + 1;
+        assert_eq!(above - budget.to_shed(above, None).unwrap(), budget.shed_to);
+        // The last round ended above the mark at `above`: not again until memory grows.
+        assert_eq!(budget.to_shed(above, Some(above)), None);
+        assert!(budget.to_shed(above + 1, Some(above)).is_some());
     }
 
     fn store(pages: u64) -> PageStore {
