@@ -81,7 +81,7 @@ impl fmt::Display for PsiThreshold {
 }
 
 fn duration_text(duration: Duration) -> String {
-    if duration.subsec_micros() % 1000 != 0 {
+    if !duration.subsec_micros().is_multiple_of(1000) {
         format!("{}us", duration.as_micros())
     } else if duration.subsec_millis() != 0 {
         format!("{}ms", duration.as_millis())
@@ -113,9 +113,7 @@ impl FromStr for PsiThreshold {
                  'some 300ms/2s' or 'full:100ms/2s' (units us, ms, s)"
             )
         };
-        let (kind, times) = text
-            .split_once(|c: char| c == ' ' || c == ':')
-            .ok_or_else(usage)?;
+        let (kind, times) = text.split_once([' ', ':']).ok_or_else(usage)?;
         let full = match kind {
             "some" => false,
             "full" => true,
@@ -197,7 +195,7 @@ impl PsiTrigger {
         bytes.push(0);
         file.write_all(&bytes).map_err(|source| {
             let unprivileged = source.raw_os_error() == Some(libc::EINVAL)
-                && threshold.window.as_micros() % 2_000_000 != 0;
+                && !threshold.window.as_micros().is_multiple_of(2_000_000);
             PsiError::Register {
                 path: path.to_path_buf(),
                 line,
