@@ -71,8 +71,12 @@ pub struct PressureConfig {
 /// before the thread sees them is bounded by the store's limit itself, so what remains is the
 /// daemon's own allocations (request buffers, a migration's stream, a new queue thread's stack),
 /// the kernel's per-CPU charge batching (v1 charges in batches of 64 pages per CPU) and page
-/// tables. Measured: in a 96 MiB v1 cgroup with 256 MiB written (tests/pressure.rs), the
-/// peak usage stays within the 8 MiB headroom below the limit.
+/// tables. Measured: in a 96 MiB v1 cgroup with 512 MiB written (tests/pressure.rs), the
+/// peak usage was 89 MiB, 7 MiB below the limit (1 MiB into the 8 MiB headroom: what the
+/// rest of the cgroup grew by between checks), `failcnt` 0. A smaller headroom
+/// would leave the kernel's reclaim (and, with no file cache to drop, the OOM killer) the
+/// daemon's own allocations between two checks; a larger one wastes memory on large limits,
+/// hence a sixteenth above 128 MiB.
 pub fn headroom(limit: u64) -> u64 {
     (limit / 16).max(MIN_HEADROOM)
 }
@@ -618,9 +622,17 @@ impl Watch {
                             ShedCause::Pressure,
                             &self.state,
                         );
-                        info!(
+                        // The first round is news; the next ones are in the statistics
+                        // (sustained pressure would log a line a second).
+                        let level = if self.state.rounds_pressure.load(Ordering::Relaxed) == 1 {
+                            log::Level::Info
+                        } else {
+                            log::Level::Debug
+                        };
+                        log::log!(
+                            level,
                             "memory pressure: shed {} of {bytes} bytes asked (mem_used_total {} \
-                             -> {})",
+                             -> {}); later rounds are counted in ctl stats",
                             done.before.saturating_sub(done.after),
                             done.before,
                             done.after
