@@ -27,6 +27,7 @@ use crate::daemon::{
     self, Daemon, DaemonConfig, DaemonError, ListenOn, MigrationConfig, StateSource,
 };
 use crate::migrate::{Endpoint, MigrateError};
+use crate::pressure::{PressureConfig, PsiThreshold};
 use crate::recompress::{RecompressConfig, DEFAULT_RATE};
 use crate::store::writeback::min_age_for;
 use crate::store::{
@@ -529,6 +530,21 @@ pub struct ServeArgs {
     /// (same suffixes as --size). Must be below --mem-limit.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub writeback_above: Option<u64>,
+    /// Shed memory when the host (or the daemon's v2 cgroup) is under memory pressure: on each
+    /// PSI trigger event, an eighth of mem_used_total, coldest pages first (write back, then
+    /// recompress, then compact), at most once a second. THRESHOLD is `some|full STALL/WINDOW`
+    /// (a space or a colon after the kind; window 500ms to 10s, a multiple of 2s without
+    /// CAP_SYS_RESOURCE), by default `some 300ms/2s`.
+    /// The memory cgroup's limit is honoured with or without it.
+    #[arg(
+        long,
+        value_name = "THRESHOLD",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "some 300ms/2s",
+        value_parser = parse_psi_threshold
+    )]
+    pub reclaim_on_pressure: Option<PsiThreshold>,
     /// The idle clock's tick in seconds: page ages (for `ctl idle --age` and
     /// --writeback-idle-after) count in these, up to 126 ticks.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_idle_tick)]
@@ -858,6 +874,9 @@ impl ServeArgs {
                 (None, Some(name)) => Some(StateSource::FdStore(name.clone())),
                 (None, None) => None,
             },
+            pressure: PressureConfig {
+                reclaim_on_pressure: self.reclaim_on_pressure,
+            },
             writeback: WritebackConfig {
                 backing_file: self.backing_file.clone(),
                 backing_file_overwrite: self.backing_file_overwrite,
@@ -1060,6 +1079,10 @@ fn parse_device_size(text: &str) -> Result<u64, String> {
         ));
     }
     Ok(size)
+}
+
+fn parse_psi_threshold(text: &str) -> Result<PsiThreshold, String> {
+    text.parse()
 }
 
 fn parse_mem_limit(text: &str) -> Result<u64, String> {

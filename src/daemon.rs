@@ -62,6 +62,7 @@ use crate::metrics::MetricsServer;
 use crate::migrate::{Endpoint, Token};
 use crate::migrating::Migrations;
 use crate::observed::Observed;
+use crate::pressure::{Findings, PressureConfig, PressureDaemon, PressureState};
 use crate::recompress::{BackgroundRecompressor, RecompressConfig};
 use crate::stop::{Readiness, StopSignal, Threads, STOP_BOUND};
 use crate::store::backing::{BackingFile, ForeignData};
@@ -115,6 +116,9 @@ pub struct DaemonConfig {
     pub recompress: RecompressConfig,
     /// The backing file, writeback policies and the idle clock.
     pub writeback: WritebackConfig,
+    /// Memory pressure (`--reclaim-on-pressure`); the memory cgroup's limit is honoured
+    /// whatever it says.
+    pub pressure: PressureConfig,
     /// Where the store's state lives so that it outlives the process (`--state`,
     /// `--state-fdstore`); `None`: anonymous memory, gone with the process.
     pub state: Option<StateSource>,
@@ -284,6 +288,9 @@ pub enum DaemonError {
     /// The writeback thread could not start.
     #[error("cannot start the writeback thread")]
     Writeback(#[source] io::Error),
+    /// The pressure thread could not start.
+    #[error("cannot start the memory pressure thread")]
+    Pressure(#[source] io::Error),
     /// The background recompressor could not start.
     #[error("cannot start the background recompressor")]
     Recompressor(#[source] io::Error),
@@ -564,11 +571,11 @@ impl Daemon {
                     .into_threads(),
             );
         }
-        threads.adopt(
-            WritebackDaemon::start(store.clone(), &config.writeback)
-                .map_err(DaemonError::Writeback)?
-                .into_threads(),
-        );
+        let writeback = WritebackDaemon::start(store.clone(), &config.writeback)
+            .map_err(DaemonError::Writeback)?;
+        let writeback_signal = writeback.signal();
+        threads.adopt(writeback.into_threads());
+        let pressure = Arc::new(PressureState::new(config.store.mem_limit));
         let mut observed = Observed::new(
             store.clone(),
             Arc::new(RequestStats::new(usize::from(config.device.num_queues))),
@@ -577,6 +584,7 @@ impl Daemon {
         );
         observed.migrations = Some(Arc::clone(&migrations));
         observed.writeback_above = config.writeback.above;
+        observed.pressure = Arc::clone(&pressure);
         let observed = Arc::new(observed);
         let control_socket_file = match &config.control_socket {
             Some(path) => {
@@ -590,6 +598,16 @@ impl Daemon {
             None => None,
         };
         log_configuration(&config);
+        // After the writeback thread: a write that meets a limit the cgroup set wakes the
+        // pressure thread, which sheds down to the cgroup's budget.
+        let findings = Findings::look(&store, &config.pressure);
+        findings.log();
+        let also_poke = config.writeback.above.map(|_| writeback_signal);
+        if let Some(daemon) = PressureDaemon::start(store.clone(), findings, pressure, also_poke)
+            .map_err(DaemonError::Pressure)?
+        {
+            threads.adopt(daemon.into_threads());
+        }
         not_stopped(&stop)?;
         let metrics_address = match config.metrics_listen {
             Some(address) => {

@@ -15,6 +15,7 @@
 //! - [`blk`]: the virtio-blk request path and the vhost-user backend.
 //! - [`workers`]: the compression workers (kcompressd) that compress queued writes.
 //! - [`writeback`]: the idle clock and the automatic writeback policies.
+//! - [`pressure`]: the memory cgroup's limit and host memory pressure, honoured by shedding.
 //! - [`recompress`]: the background recompressor that moves idle pages to a stronger algorithm.
 //! - [`migrating`]: the daemon's migrations: `--incoming`, `ctl migrate`, the queue hooks.
 //! - [`migrate`]: live migration of the pages, daemon to daemon.
@@ -34,6 +35,7 @@ pub mod migrate;
 pub mod migrating;
 pub mod observed;
 pub mod pagegen;
+pub mod pressure;
 pub mod recompress;
 pub mod server;
 pub mod stop;

@@ -30,6 +30,7 @@ use log::debug;
 use crate::blk::request_stats::{bucket_bound_us, RequestKind, LATENCY_BUCKETS};
 use crate::migrate::{MigrationRole, MigrationStatus};
 use crate::observed::Observed;
+use crate::pressure::{PressureStats, ShedMode};
 use crate::server::{BoundedServer, Client, Handler, ReadError, ServerLimits};
 use crate::store::Stats;
 
@@ -382,6 +383,7 @@ pub fn render(observed: &Observed) -> String {
     if let Some(migrations) = &observed.migrations {
         render_migration(&mut out, &migrations.status());
     }
+    render_pressure(&mut out, &observed.pressure.stats());
     out.text
 }
 
@@ -434,6 +436,54 @@ fn render_migration(out: &mut Exposition, status: &MigrationStatus) {
     for (name, help, kind, value) in figures {
         out.header(name, help, kind);
         out.sample(name, "", value);
+    }
+}
+
+/// The memory cgroup's limit and what memory pressure and the limit shed
+/// ([`crate::pressure`]).
+fn render_pressure(out: &mut Exposition, stats: &PressureStats) {
+    out.header(
+        "cgroup_memory_limit_bytes",
+        "The daemon's memory cgroup limit (the lowest on its path), bytes; 0 when none.",
+        MetricType::Gauge,
+    );
+    out.sample("cgroup_memory_limit_bytes", "", stats.cgroup_limit);
+    out.header(
+        "memory_pressure_events_total",
+        "PSI memory pressure trigger events (--reclaim-on-pressure).",
+        MetricType::Counter,
+    );
+    out.sample("memory_pressure_events_total", "", stats.pressure_events);
+    out.header(
+        "reclaim_requests_total",
+        "Reclaim requests, by source: ctl reclaim, the cgroup limit, memory pressure.",
+        MetricType::Counter,
+    );
+    for (source, value) in [
+        ("ctl", stats.reclaim_requests_ctl),
+        ("cgroup_limit", stats.reclaim_rounds_cgroup),
+        ("pressure", stats.reclaim_rounds_pressure),
+    ] {
+        let label = format!("source=\"{source}\"");
+        out.sample("reclaim_requests_total", &label, value);
+    }
+    out.header(
+        "shed_pages_total",
+        "Pages shed for the cgroup limit or memory pressure, by mode (compact: pages given back).",
+        MetricType::Counter,
+    );
+    for mode in ShedMode::ALL {
+        let label = format!("mode=\"{}\"", mode.name());
+        out.sample("shed_pages_total", &label, stats.pages(mode));
+    }
+    out.header(
+        "shed_bytes_total",
+        "Bytes of mem_used_total shed for the cgroup limit or memory pressure, by mode.",
+        MetricType::Counter,
+    );
+    for mode in ShedMode::ALL {
+        let label = format!("mode=\"{}\"", mode.name());
+        out.sample("shed_bytes_total", &label, stats.bytes(mode));
     }
 }
 

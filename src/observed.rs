@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::blk::request_stats::RequestStats;
 use crate::migrating::Migrations;
+use crate::pressure::PressureState;
 use crate::store::PageStore;
 
 /// What the control socket and the metrics report on: the device's store and request counters,
@@ -30,6 +31,9 @@ pub struct Observed {
     /// The daemon's `--writeback-above` mark, bytes (none without it, or without a daemon):
     /// `ctl mem-limit` keeps the memory limit above it.
     pub writeback_above: Option<u64>,
+    /// The cgroup limit and memory pressure figures, and the user's memory limit
+    /// (`ctl mem-limit` sets it there, so that the cgroup's budget and it both bind).
+    pub pressure: Arc<PressureState>,
 }
 
 impl Observed {
@@ -48,6 +52,7 @@ impl Observed {
             serial: serial.to_owned(),
             migrations: None,
             writeback_above: None,
+            pressure: Arc::new(PressureState::default()),
         }
     }
 

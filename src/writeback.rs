@@ -123,6 +123,12 @@ impl WritebackDaemon {
         let _ = self.threads.stop_within(STOP_TIMEOUT);
     }
 
+    /// The thread's signal: a poke wakes it for a `--writeback-above` check at once (the
+    /// pressure thread, which takes over the store's relief, passes a write's call on).
+    pub fn signal(&self) -> StopSignal {
+        self.threads.signal().clone()
+    }
+
     /// The thread, for an owner that stops it with others.
     pub fn into_threads(self) -> Threads {
         self.threads

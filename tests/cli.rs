@@ -199,6 +199,36 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             "--writeback-above 1.0 GiB is at or above --mem-limit 64.0 MiB",
         ),
         (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--reclaim-on-pressure=most 1s/2s",
+            ],
+            "'most 1s/2s' is not a pressure threshold: give some|full STALL/WINDOW",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--reclaim-on-pressure=some 1ms/20s",
+            ],
+            "the window must be from 500ms to 10s",
+        ),
+        (
+            &[
+                "--socket-path",
+                s,
+                "--size",
+                "1M",
+                "--reclaim-on-pressure=full:3s/2s",
+            ],
+            "the stall must be above 0 and at most the window",
+        ),
+        (
             &["ctl", "--control-socket", s, "mem-limit", "0"],
             "the memory limit must not be zero; 'off' lifts it",
         ),
@@ -524,6 +554,30 @@ fn ctl_round_trip() {
 
     let output = daemon.ctl_output(&["stats"]);
     assert_one_sentence_error(&output, "cannot connect");
+}
+
+#[test]
+fn reclaim_on_pressure_alone_takes_the_default_threshold_and_stats_show_the_pressure_rows() {
+    let mut daemon = DaemonProcess::options()
+        .size("1M")
+        .args(["--reclaim-on-pressure"])
+        .start();
+
+    let stats = daemon.ctl(&["stats"]);
+
+    // Registered, or refused with the reason: either way the log says which, with the default.
+    daemon.wait_for_log("some 300ms/2s");
+    for row in [
+        "cgroup memory limit",
+        "pressure events",
+        "reclaim requests",
+        "shed by writeback",
+        "shed by recompression",
+        "shed by compaction",
+    ] {
+        assert!(stats.contains(row), "no {row:?} in:\n{stats}");
+    }
+    assert!(daemon.stop().status.success());
 }
 
 #[test]

@@ -263,7 +263,11 @@ impl Command {
     pub fn execute(self, observed: &Observed) -> Result<String, ControlError> {
         let store = &observed.store;
         Ok(match self {
-            Command::Stats => render::stats_table(&store.stats()),
+            Command::Stats => {
+                let mut table = render::stats_table(&store.stats());
+                table.push_str(&render::pressure_rows(&observed.pressure.stats()));
+                table
+            }
             Command::StatsJson => render::stats_json(&store.stats()).map_err(ControlError::Json)?,
             Command::MmStat => store.stats().mm_stat_line(),
             Command::IoStat => store.stats().io_stat_line(),
@@ -308,19 +312,22 @@ impl Command {
                     LimitChange::Show => {}
                     LimitChange::Set(limit) => {
                         check_mem_limit(observed, limit)?;
-                        store.set_mem_limit(Some(limit));
+                        observed.pressure.set_user_limit(store, Some(limit));
                     }
-                    LimitChange::Off => store.set_mem_limit(None),
+                    LimitChange::Off => observed.pressure.set_user_limit(store, None),
                 }
                 render::mem_limit(store.mem_limit())
             }
             Command::MemUsedMaxReset => render::mem_used_max(store.reset_mem_used_max()),
-            Command::Reclaim(request) => format!(
-                "{}\n",
-                store
-                    .reclaim(&request)
-                    .map_err(|e| ControlError::BadArgument(e.to_string()))?
-            ),
+            Command::Reclaim(request) => {
+                observed.pressure.count_ctl_reclaim();
+                format!(
+                    "{}\n",
+                    store
+                        .reclaim(&request)
+                        .map_err(|e| ControlError::BadArgument(e.to_string()))?
+                )
+            }
         })
     }
 }

@@ -5,6 +5,7 @@
 //! for byte as the kernel writes them, so the same lines serve the control socket and any other
 //! reader.
 
+use crate::pressure::{PressureStats, ShedMode};
 use crate::store::{Stats, WritebackStats};
 
 /// The readable `stats` table: every figure with its unit, byte figures also in KiB/MiB/GiB.
@@ -149,6 +150,49 @@ pub fn stats_table(stats: &Stats) -> String {
         ),
     ];
     for (name, value) in writeback_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    out
+}
+
+/// The `stats` table's rows on the memory cgroup and memory pressure
+/// ([`crate::pressure`]).
+pub fn pressure_rows(stats: &PressureStats) -> String {
+    let limit = |value: u64| {
+        if value == 0 {
+            "none".to_owned()
+        } else {
+            bytes(value)
+        }
+    };
+    let mut rows = vec![
+        ("cgroup memory limit", limit(stats.cgroup_limit)),
+        ("  store's share of it", limit(stats.cgroup_budget)),
+        ("pressure events", stats.pressure_events.to_string()),
+        (
+            "reclaim requests",
+            format!(
+                "{} ({} ctl reclaim, {} for the cgroup limit, {} for pressure)",
+                stats.reclaim_requests(),
+                stats.reclaim_requests_ctl,
+                stats.reclaim_rounds_cgroup,
+                stats.reclaim_rounds_pressure
+            ),
+        ),
+    ];
+    for mode in ShedMode::ALL {
+        let name = match mode {
+            ShedMode::Writeback => "shed by writeback",
+            ShedMode::Recompress => "shed by recompression",
+            ShedMode::Compact => "shed by compaction",
+        };
+        rows.push((
+            name,
+            format!("{}, {}", pages(stats.pages(mode)), bytes(stats.bytes(mode))),
+        ));
+    }
+    let mut out = String::new();
+    for (name, value) in rows {
         out.push_str(&format!("{name:<26} {value}\n"));
     }
     out

@@ -235,7 +235,12 @@ impl PageStore {
         };
         if write_back {
             // Oldest first: each age down to min_age, as long as memory is above the target.
+            // One walk of the table finds the ages that hold pages; the others cost nothing.
+            let by_age = self.bytes_by_age();
             for age in (min_age..=MAX_AGE).rev() {
+                if by_age[usize::from(age)] == 0 {
+                    continue;
+                }
                 while self.mem_used_total() > target {
                     let Some(pages) = self.pages_for(self.mem_used_total() - target) else {
                         break;

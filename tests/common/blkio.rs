@@ -74,6 +74,13 @@ impl Frontend {
     /// Writes swap-like pages `pages` seeded by `seed`, [`DEPTH`] at a time; asserts each
     /// write succeeded.
     pub fn write_pages(&mut self, pages: Range<u64>, seed: u64) {
+        assert_eq!(self.try_write_pages(pages, seed), None, "a write failed");
+    }
+
+    /// Writes swap-like pages `pages` seeded by `seed`, [`DEPTH`] at a time, until a batch
+    /// has a failed write; returns the first page of that batch (`None`: every write
+    /// succeeded). Every page before it was written.
+    pub fn try_write_pages(&mut self, pages: Range<u64>, seed: u64) -> Option<u64> {
         for batch in pages.collect::<Vec<_>>().chunks(DEPTH) {
             for (slot, &page) in batch.iter().enumerate() {
                 fill_page(seed, page, self.buffer(slot));
@@ -86,8 +93,11 @@ impl Frontend {
                     ReqFlags::empty(),
                 );
             }
-            assert_eq!(self.complete(batch.len()), 0, "a write failed");
+            if self.complete(batch.len()) > 0 {
+                return Some(batch[0]);
+            }
         }
+        None
     }
 
     /// Reads pages `pages`, calling `check(page, data)` on each page of a batch that fully

@@ -87,6 +87,7 @@ pub struct DaemonOptions {
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     passed: Option<(std::os::fd::OwnedFd, String)>,
+    cgroup_procs: Option<PathBuf>,
 }
 
 impl DaemonOptions {
@@ -134,6 +135,13 @@ impl DaemonOptions {
         self
     }
 
+    /// Starts the daemon in the cgroup whose `cgroup.procs` is `procs`: the child moves itself
+    /// there before it execs, so everything the daemon allocates is charged to that cgroup.
+    pub fn in_cgroup(mut self, procs: &Path) -> Self {
+        self.cgroup_procs = Some(procs.to_owned());
+        self
+    }
+
     /// The socket path the daemon will be given, for a test that puts something there first.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -169,6 +177,29 @@ impl DaemonOptions {
                 command
             }
         };
+        if let Some(procs) = &self.cgroup_procs {
+            use std::os::unix::ffi::OsStrExt;
+            use std::os::unix::process::CommandExt;
+            let procs = std::ffi::CString::new(procs.as_os_str().as_bytes()).expect("no NUL");
+            // SAFETY: between fork and exec the closure only calls open, write and close,
+            // which are async-signal-safe, on a path allocated before the fork (`procs`, moved
+            // into the closure). Writing "0" to cgroup.procs moves the writing process.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    let error = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 2 {
+                        return Err(error);
+                    }
+                    Ok(())
+                });
+            }
+        }
         command.envs(self.envs.iter().map(|(k, v)| (k, v)));
         command
             .arg("--socket-path")
@@ -268,6 +299,7 @@ impl DaemonProcess {
             args: Vec::new(),
             envs: Vec::new(),
             passed: None,
+            cgroup_procs: None,
         }
     }
 

@@ -199,6 +199,7 @@ pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) 
         metrics_listen: None,
         recompress: Default::default(),
         writeback: Default::default(),
+        pressure: Default::default(),
         state: None,
         migration: Default::default(),
     }

@@ -480,6 +480,9 @@ pub enum BackendKind {
     /// vhost-user-zram with `--state` on a file in /dev/shm (`--compare-state`), beside the
     /// default that keeps its store in anonymous memory.
     VhostUserZramState,
+    /// vhost-user-zram with `--reclaim-on-pressure` (`--compare-pressure`), beside the
+    /// default without it: what watching memory pressure costs when there is none.
+    VhostUserZramPressure,
     /// A vhost-user-blk backend that was already running (`--socket`).
     External,
     /// The kernel's zram, through io_uring with O_DIRECT.
@@ -497,6 +500,7 @@ impl BackendKind {
             BackendKind::VhostUserZramInline => "vuz --workers 0".into(),
             BackendKind::VhostUserZramOneWorker => "vuz --workers 1".into(),
             BackendKind::VhostUserZramState => "vuz --state".into(),
+            BackendKind::VhostUserZramPressure => "vuz --reclaim-on-pressure".into(),
             BackendKind::VhostUserZram => "vhost-user-zram".into(),
             BackendKind::VhostUserZramPolling(max_us) => format!("vuz --poll {max_us}"),
             BackendKind::External => "socket".into(),
@@ -515,6 +519,7 @@ impl BackendKind {
             BackendKind::VhostUserZramInline => "vhost-user-zram-inline",
             BackendKind::VhostUserZramOneWorker => "vhost-user-zram-one-worker",
             BackendKind::VhostUserZramState => "vhost-user-zram-state",
+            BackendKind::VhostUserZramPressure => "vhost-user-zram-pressure",
             BackendKind::External => "external",
             BackendKind::KernelZram => "kernel-zram",
             BackendKind::QsdNull => "qsd-null",
@@ -532,6 +537,7 @@ impl BackendKind {
             }
             BackendKind::VhostUserZramInline => &["--workers", "0"],
             BackendKind::VhostUserZramOneWorker => &["--workers", "1"],
+            BackendKind::VhostUserZramPressure => &["--reclaim-on-pressure"],
             BackendKind::External
             | BackendKind::KernelZram
             | BackendKind::QsdNull

@@ -10,6 +10,7 @@ mod device;
 mod histogram;
 mod migrate;
 mod plot;
+mod pressure;
 mod progress;
 mod report;
 mod workload;
@@ -147,6 +148,12 @@ struct Args {
     /// time to its socket accepting and to the first read served, and verify a sample of pages.
     #[arg(long, conflicts_with = "socket")]
     compare_state: bool,
+
+    /// Run vhost-user-zram a second time with `--reclaim-on-pressure`, beside the one without,
+    /// on a host under no memory pressure, and compare IOPS per phase (held to a ratio
+    /// on / off >= 0.98); with --rounds 3 the two alternate and the medians are compared.
+    #[arg(long, conflicts_with = "socket")]
+    compare_pressure: bool,
 
     /// With --compare-state: skip the kill-and-restart measurement.
     #[arg(long, requires = "compare_state")]
@@ -482,6 +489,9 @@ fn run(args: &Args) -> Result<Report, String> {
     if args.compare_state {
         plan.push(BackendKind::VhostUserZramState);
     }
+    if args.compare_pressure {
+        plan.push(BackendKind::VhostUserZramPressure);
+    }
     if args.compare {
         // Polling off (the default) against on, the compression workers against the queue
         // thread compressing (`--workers 0`), and against one worker when the default is
@@ -551,7 +561,8 @@ fn run(args: &Args) -> Result<Report, String> {
                 | BackendKind::VhostUserZramPolling(_)
                 | BackendKind::VhostUserZramInline
                 | BackendKind::VhostUserZramOneWorker
-                | BackendKind::VhostUserZramState => {
+                | BackendKind::VhostUserZramState
+                | BackendKind::VhostUserZramPressure => {
                     Backend::vhost_user_zram(&dir, kind, &daemon, args.size, queues)
                 }
                 BackendKind::QsdNull | BackendKind::QsdShmFile => {
@@ -717,7 +728,9 @@ fn run_backend(
     if let Some(process) = backend.process.as_mut() {
         let exits_by_itself = matches!(
             kind,
-            BackendKind::VhostUserZram | BackendKind::VhostUserZramState
+            BackendKind::VhostUserZram
+                | BackendKind::VhostUserZramState
+                | BackendKind::VhostUserZramPressure
         );
         let wait = if exits_by_itself {
             Duration::from_secs(10)

@@ -257,7 +257,7 @@ impl BackendReport {
         }
     }
 
-    fn phase(&self, phase: Phase) -> Option<&PhaseReport> {
+    pub(crate) fn phase(&self, phase: Phase) -> Option<&PhaseReport> {
         self.phases.iter().find(|p| p.phase == phase)
     }
 }
@@ -510,6 +510,7 @@ impl Report {
         if self.backends.len() > 1 {
             out.push_str(&self.render_comparison());
             out.push_str(&self.render_state_comparison());
+            out.push_str(&crate::pressure::render(self));
         }
         if let Some(migration) = &self.migration {
             out.push_str(&crate::migrate::render(migration));
@@ -688,7 +689,7 @@ impl Report {
     }
 
     /// The phases any backend ran, in the order of [`Phase::ALL`].
-    fn phases_run(&self) -> Vec<Phase> {
+    pub(crate) fn phases_run(&self) -> Vec<Phase> {
         Phase::ALL
             .into_iter()
             .filter(|&phase| self.backends.iter().any(|b| b.phase(phase).is_some()))
