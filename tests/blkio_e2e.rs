@@ -815,6 +815,37 @@ fn idle_pages_written_back_read_back_intact_and_leave_ram() {
     expect_clean_exit_after_disconnect(daemon, client);
 }
 
+/// Reads of written-back pages run on the read-back threads and come back through the
+/// mailbox of the queue that took them; on every queue, not only the first (queue 1's mailbox
+/// event used to end its thread, and its guest waited for ever).
+#[test]
+fn written_back_pages_read_back_on_every_queue() {
+    let pages = 2048u64;
+    let (_dir, backing) = backing_dir();
+    let daemon = DaemonProcess::start(64 * MIB, &["--num-queues", "2", "--backing-file", &backing]);
+    let mut client = connect(&daemon, 2);
+    client.lanes[0].write_swap_pages((0..pages).step_by(2));
+    client.lanes[1].write_swap_pages((1..pages).step_by(2));
+    daemon.ctl(&["idle", "all"]);
+    let written = daemon.ctl(&["writeback", "idle"]);
+    assert!(written.starts_with("wrote back "), "{written}");
+
+    // Each queue reads the pages the other wrote, then its own, all from the file.
+    std::thread::scope(|scope| {
+        for (q, lane) in client.lanes.iter_mut().enumerate() {
+            scope.spawn(move || {
+                lane.verify_pages((((q + 1) % 2) as u64..pages).step_by(2), |p| swap_page(p).1);
+                lane.verify_pages((q as u64..pages).step_by(2), |p| swap_page(p).1);
+            });
+        }
+    });
+
+    let [count, reads, _] = bd_stat(&daemon);
+    assert!(count > 0 && reads >= count, "bd_stat {count} {reads}");
+    assert_eq!(daemon.stats().io.failed_reads, 0);
+    expect_clean_exit_after_disconnect(daemon, client);
+}
+
 #[test]
 fn writeback_above_keeps_ram_below_the_mark_and_every_page_reads_back() {
     let pages = 8192u64;

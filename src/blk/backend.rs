@@ -719,6 +719,13 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
     }
 }
 
+/// Where queue `queue` is among the vrings of thread `thread_id`, as vhost-user-backend hands
+/// them to `handle_event`: with one queue a thread ([`BlkBackend::queues_per_thread`]) queue
+/// `q` is the first (and only) vring of thread `q`; `None` for another thread's queue.
+fn local_index(queue: usize, thread_id: usize) -> Option<usize> {
+    (queue == thread_id).then_some(0)
+}
+
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1089,24 +1096,28 @@ impl<S: BlockBackend + 'static> VhostUserBackend for BlkBackend<S> {
         }
         let queues = usize::from(self.device.num_queues);
         let event = usize::from(device_event);
-        let (queue, mailbox) = if event < queues {
-            (event, false)
+        // `vrings` are this thread's queues only, and vhost-user-backend numbers a kick event
+        // by its queue's place among them; a mailbox event names the queue (of the device:
+        // its read-back threads serve every queue), whose place here follows from
+        // `queues_per_thread`: queue q is thread q's only queue.
+        let (local, mailbox_queue) = if event < queues {
+            (Some(event), None)
         } else if event > queues {
-            (event - queues - 1, true)
+            let queue = event - queues - 1;
+            (local_index(queue, thread_id), Some(queue))
         } else {
             // The exit event: vhost-user-backend handles it and never passes it on.
             return Ok(());
         };
-        let Some(vring) = vrings.get(queue) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("event {device_event} names no queue of thread {thread_id}"),
-            ));
+        let Some(vring) = local.and_then(|local| vrings.get(local)) else {
+            // A bug, not the guest: say so, and keep the thread (an error would end it, and
+            // with it the service of its queue).
+            error!("event {device_event} names no queue of thread {thread_id}; ignored");
+            return Ok(());
         };
-        let served = if mailbox {
-            self.land_finished_reads(vring, queue)
-        } else {
-            self.serve_queue(vring, thread_id)
+        let served = match mailbox_queue {
+            Some(queue) => self.land_finished_reads(vring, queue),
+            None => self.serve_queue(vring, thread_id),
         };
         if let Err(serve_error) = served {
             // Keep the worker alive: a guest that broke its queue can still reset it. The
