@@ -86,8 +86,9 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 lint() {
     cargo fmt --all -- --check && cargo clippy --all-targets --locked -- -D warnings &&
-        # The daemon built without the default features (lz4 through lz4_flex, no bench tool).
-        cargo clippy --lib --bins --locked --no-default-features -- -D warnings
+        # The daemon with C liblz4 (`lz4-c`): linted, and its codec held against lz4_flex.
+        cargo clippy --all-targets --locked --features lz4-c -- -D warnings &&
+        cargo test --locked --features lz4-c --lib codec::lz4
 }
 
 unit_and_e2e() {
