@@ -544,7 +544,14 @@ fn run(args: &Args) -> Result<Report, String> {
     }
     let mut all_rounds: Vec<BackendReport> = Vec::new();
     for round in 0..args.rounds {
-        for &kind in &plan {
+        // Every other round runs the plan backwards, so that no backend always runs first
+        // (on a fresh machine) or last.
+        let order: Vec<BackendKind> = if round % 2 == 0 {
+            plan.clone()
+        } else {
+            plan.iter().rev().copied().collect()
+        };
+        for &kind in &order {
             if STOP.load(Ordering::Relaxed) {
                 break;
             }
