@@ -170,6 +170,19 @@ fn with_a_backing_file_512m_of_writes_fit_a_96m_cgroup_and_every_page_verifies()
             "source=\"cgroup_limit\""
         ) > 0
     );
+    // The JSON statistics carry the same figures, and `mem-limit` says the cgroup's budget
+    // binds though the user set no limit.
+    let json: serde_json::Value = serde_json::from_str(&daemon.ctl(&["stats", "--json"])).unwrap();
+    assert_eq!(json["pressure"]["cgroup_limit"].as_u64(), Some(96 * MIB));
+    assert!(
+        json["pressure"]["shed_pages"][0].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    let limit = daemon.ctl(&["mem-limit"]);
+    assert!(
+        limit.starts_with("mem_limit off\nstore_limit ") && limit.contains("memory cgroup"),
+        "{limit}"
+    );
     drop(frontend);
     daemon.stop();
 }

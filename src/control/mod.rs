@@ -268,7 +268,8 @@ impl Command {
                 table.push_str(&render::pressure_rows(&observed.pressure.stats()));
                 table
             }
-            Command::StatsJson => render::stats_json(&store.stats()).map_err(ControlError::Json)?,
+            Command::StatsJson => render::stats_json(&store.stats(), &observed.pressure.stats())
+                .map_err(ControlError::Json)?,
             Command::MmStat => store.stats().mm_stat_line(),
             Command::IoStat => store.stats().io_stat_line(),
             Command::Metrics => metrics::render(observed),
@@ -316,7 +317,13 @@ impl Command {
                     }
                     LimitChange::Off => observed.pressure.set_user_limit(store, None),
                 }
-                render::mem_limit(store.mem_limit())
+                // The user's limit, and the store's when a memory cgroup makes it lower.
+                let user = observed.pressure.user_limit();
+                let mut answer = render::mem_limit(user);
+                if let Some(effective) = store.mem_limit().filter(|&e| Some(e) != user) {
+                    answer.push_str(&render::store_limit(effective));
+                }
+                answer
             }
             Command::MemUsedMaxReset => render::mem_used_max(store.reset_mem_used_max()),
             Command::Reclaim(request) => {

@@ -229,8 +229,15 @@ fn requests(value: u64) -> String {
 }
 
 /// The `stats-json` body: every statistic as one JSON object, on one line.
-pub fn stats_json(stats: &Stats) -> Result<String, serde_json::Error> {
-    let mut json = serde_json::to_string(stats)?;
+pub fn stats_json(
+    stats: &Stats,
+    pressure: &crate::pressure::PressureStats,
+) -> Result<String, serde_json::Error> {
+    let mut value = serde_json::to_value(stats)?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("pressure".into(), serde_json::to_value(pressure)?);
+    }
+    let mut json = serde_json::to_string(&value)?;
     json.push('\n');
     Ok(json)
 }
@@ -250,6 +257,15 @@ pub fn mem_limit(limit: Option<u64>) -> String {
         Some(limit) => format!("mem_limit {}\n", bytes(limit)),
         None => "mem_limit off\n".to_owned(),
     }
+}
+
+/// The second `mem-limit` line when the memory cgroup's budget is below the user's limit:
+/// `store_limit 8388608 bytes (8.0 MiB) under the memory cgroup's limit`.
+pub fn store_limit(limit: u64) -> String {
+    format!(
+        "store_limit {} under the memory cgroup's limit\n",
+        bytes(limit)
+    )
 }
 
 /// The `mem-used-max reset` line: `mem_used_max 1234567 bytes (1.2 MiB)`.
