@@ -36,6 +36,7 @@ fn ask_fraction(mode: ReclaimMode) -> u64 {
         ReclaimMode::Any => unreachable!("the benchmark measures one mode at a time"),
     }
 }
+
 /// Requests a round.
 const REQUESTS: usize = 4;
 const ROUNDS: usize = 3;

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use iaa::{Backend, Engine, HuffmanMode};
 
 use super::{Algorithm, Codec, CodecError, UnknownCodec, MAX_BATCH};
+use crate::blk::request::ErrorChain;
 use crate::PAGE_SIZE;
 
 /// Where `deflate-iaa` does its work (`--iaa`).
@@ -127,7 +128,7 @@ impl DeflateIaa {
     /// Opens the work queue `options` asks for: see [`iaa::open`].
     pub fn open(options: IaaOptions) -> Result<DeflateIaa, UnknownCodec> {
         let opened = iaa::open(options.backend.iaa(), options.mode.iaa())
-            .map_err(|error| UnknownCodec::Unavailable(error_chain(&error)))?;
+            .map_err(|error| UnknownCodec::Unavailable(ErrorChain(&error).to_string()))?;
         if let Some(why) = &opened.fallback {
             log::warn!(
                 "{why}; deflate-iaa compresses on its software work queue instead (the same \
@@ -150,17 +151,6 @@ impl DeflateIaa {
     pub fn stats(&self) -> iaa::EngineStats {
         self.engine.stats()
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl Codec for DeflateIaa {

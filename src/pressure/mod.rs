@@ -39,6 +39,7 @@ use log::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::ratelimit::{warn_limited, RateLimiter};
+use crate::blk::request::ErrorChain;
 use crate::stop::{StopSignal, Threads, STOP_BOUND};
 use crate::store::reclaim::{ReclaimMode, ReclaimRequest};
 use crate::store::PageStore;
@@ -438,7 +439,7 @@ pub struct Findings {
 impl Findings {
     /// Looks at the process's memory cgroup and registers the PSI trigger `config` asks for.
     pub fn look(store: &PageStore, config: &PressureConfig) -> Findings {
-        let cgroup = MemoryCgroup::discover().map_err(|e| error_chain(&e));
+        let cgroup = MemoryCgroup::discover().map_err(|e| ErrorChain(&e).to_string());
         let sample = cgroup.as_ref().ok().and_then(|c| c.sample().ok());
         let trigger = config.reclaim_on_pressure.map(|threshold| {
             let path = cgroup
@@ -446,7 +447,7 @@ impl Findings {
                 .ok()
                 .and_then(MemoryCgroup::pressure_file)
                 .unwrap_or_else(|| psi::HOST_PRESSURE.into());
-            PsiTrigger::register(&path, threshold).map_err(|e| error_chain(&e))
+            PsiTrigger::register(&path, threshold).map_err(|e| ErrorChain(&e).to_string())
         });
         Findings {
             cgroup,
@@ -499,18 +500,6 @@ impl Findings {
             Some(Err(why)) => warn!("--reclaim-on-pressure: {why}; memory pressure is not watched"),
         }
     }
-}
-
-/// An error and its sources as one sentence.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl PressureDaemon {
