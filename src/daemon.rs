@@ -199,7 +199,7 @@ pub enum DaemonError {
     },
     /// `--mem-limit` is below what the empty store needs.
     #[error(
-        "--mem-limit {} is below the {} the empty store of this device needs (its slot table and pending pool); give at least that, or leave --mem-limit out",
+        "--mem-limit {} is below the {} the empty store of this device needs (its pending pool and the slot table's bitmap of used pages); give at least that, or leave --mem-limit out",
         bytes_human(*.limit),
         bytes_human(*.needed)
     )]
