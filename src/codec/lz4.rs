@@ -92,8 +92,9 @@ pub mod rust {
     }
 }
 
-/// C liblz4 through `lz4-sys`.
-#[cfg(feature = "lz4-c")]
+/// C liblz4 through `lz4-sys` (also built for the unit tests, which hold it against
+/// `lz4_flex` in every build).
+#[cfg(any(feature = "lz4-c", test))]
 pub mod c {
     use std::os::raw::{c_char, c_int};
 
@@ -183,7 +184,6 @@ mod tests {
     fn implementations() -> Vec<Pair> {
         vec![
             ("lz4_flex", rust::compress, rust::decompress),
-            #[cfg(feature = "lz4-c")]
             ("liblz4", c::compress, c::decompress),
         ]
     }
