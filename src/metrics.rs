@@ -69,7 +69,7 @@ struct StoreFigure {
 const PREFIX: &str = "vhost_user_zram_";
 
 /// Every mm_stat and io_stat figure, the store facts, and the compression workers.
-const STORE_FIGURES: [StoreFigure; 31] = [
+const STORE_FIGURES: [StoreFigure; 32] = [
     StoreFigure {
         name: "workers",
         help: "Compression worker threads (0: the queue threads compress).",
@@ -99,6 +99,12 @@ const STORE_FIGURES: [StoreFigure; 31] = [
         help: "Writes compressed on the queue thread because the pending pool was full.",
         kind: MetricType::Counter,
         value: |s| s.workers.inline_fallbacks,
+    },
+    StoreFigure {
+        name: "inline_busy_total",
+        help: "Writes compressed on the queue thread because the pending pool was filling and every CPU was busy.",
+        kind: MetricType::Counter,
+        value: |s| s.workers.inline_busy,
     },
     StoreFigure {
         name: "stalled_pages",

@@ -53,7 +53,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,10 @@ pub struct BlkBackend<S: BlockBackend> {
     connected: Mutex<Option<Arc<AtomicBool>>>,
     /// The longest a queue thread polls its ring after serving, nanoseconds (0: never).
     poll_max_ns: AtomicU64,
+    /// Queue threads in a round of requests now.
+    serving: AtomicUsize,
+    /// The CPUs the daemon may run on.
+    cpus: usize,
     log_limiter: Arc<Mutex<RateLimiter>>,
     queues: Vec<Mutex<QueueThread>>,
     /// Threads that serve reads of written-back pages off the queue threads (only when the
@@ -242,6 +246,8 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             stopping: AtomicBool::new(false),
             connected: Mutex::new(None),
             poll_max_ns: AtomicU64::new(0),
+            serving: AtomicUsize::new(0),
+            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             log_limiter,
             queues,
             stop_timeout_ms: AtomicU64::new(duration_ms(STOP_TIMEOUT)),
@@ -587,7 +593,11 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
             // Suppressed while we serve and poll: the used flags without EVENT_IDX, the avail
             // event with it.
             state.disable_notification().map_err(ServeError::Queue)?;
-            let mut completed = 0usize;
+            // Completed and not yet signalled.
+            let mut unsignalled = 0usize;
+            // Ends (waking the workers for what the round queued) after the guest is signalled,
+            // or on any early return.
+            let round = Round::begin(&*self.store, &self.serving, self.cpus);
             loop {
                 if self.stopping.load(Ordering::Acquire) {
                     return Ok(());
@@ -620,15 +630,27 @@ impl<S: BlockBackend + 'static> BlkBackend<S> {
                 .map_err(ServeError::Queue)?;
                 match next {
                     Next::Empty => break,
-                    Next::Completed => completed += 1,
+                    Next::Completed => {
+                        unsignalled += 1;
+                        // Signal early in a long round when the guest has a CPU to act on it
+                        // while we go on (DESIGN.md, "Signalling the guest").
+                        if unsignalled >= EARLY_SIGNAL_AFTER
+                            && round.spare_cpu()
+                            && state.needs_notification().map_err(ServeError::Queue)?
+                        {
+                            signal_without_blocking(&state)?;
+                            unsignalled = 0;
+                        }
+                    }
                     // Comes back through the mailbox; completed and signalled then.
                     Next::Deferred => {}
                 }
             }
-            // One interrupt for everything this round completed.
-            if completed > 0 && state.needs_notification().map_err(ServeError::Queue)? {
+            // One interrupt for everything this round completed since the last.
+            if unsignalled > 0 && state.needs_notification().map_err(ServeError::Queue)? {
                 signal_without_blocking(&state)?;
             }
+            drop(round);
             if poll.window_ns > 0 {
                 let mem = self.mem.memory();
                 let queue = state.get_queue();
@@ -728,6 +750,49 @@ fn local_index(queue: usize, thread_id: usize) -> Option<usize> {
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Completions in one round after which a queue thread signals the guest without waiting for
+/// the round's end, when a CPU is spare. Measured with the bench tool (1 GiB swap-like, random
+/// 4 KiB reads, queue depth 32, 2 CPUs): one queue went from 163-193k IOPS signalling only at
+/// the end of a round to 261-307k signalling every 8 (4 and 16 did as well; 1 cost CPU), p50
+/// from 156-188 µs to 102-115 µs; with two queues busy on two CPUs, signalling early every 16
+/// cost 8-17 % of the IOPS, hence the spare-CPU condition.
+const EARLY_SIGNAL_AFTER: usize = 8;
+
+/// A round of requests on a queue thread: [`BlockBackend::begin_round`] and one more queue
+/// thread serving when made, [`BlockBackend::end_round`] and one fewer when dropped, however
+/// the round ends.
+struct Round<'a, S: BlockBackend> {
+    store: &'a S,
+    serving: &'a AtomicUsize,
+    cpus: usize,
+}
+
+impl<'a, S: BlockBackend> Round<'a, S> {
+    fn begin(store: &'a S, serving: &'a AtomicUsize, cpus: usize) -> Self {
+        store.begin_round();
+        serving.fetch_add(1, Ordering::Relaxed);
+        Round {
+            store,
+            serving,
+            cpus,
+        }
+    }
+
+    /// Whether a CPU is left for the guest to act on an interrupt while this thread goes on
+    /// serving: fewer queue threads are serving, and the backend's own threads busy, than the
+    /// daemon may run on.
+    fn spare_cpu(&self) -> bool {
+        self.serving.load(Ordering::Relaxed) + self.store.busy_threads() < self.cpus
+    }
+}
+
+impl<S: BlockBackend> Drop for Round<'_, S> {
+    fn drop(&mut self) {
+        self.serving.fetch_sub(1, Ordering::Relaxed);
+        self.store.end_round();
+    }
 }
 
 /// Adaptive polling of one queue, as QEMU's iothreads (`poll-max-ns`) do it: after serving,

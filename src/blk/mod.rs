@@ -110,6 +110,22 @@ pub unsafe trait BlockBackend: Send + Sync {
     fn may_read_slowly(&self) -> bool {
         false
     }
+
+    /// The calling thread starts a round of requests: it drains its ring before it signals
+    /// the guest, and work the round hands to other threads may wait for the round's end
+    /// ([`end_round`](Self::end_round)) to be announced. Nothing by default.
+    fn begin_round(&self) {}
+
+    /// The calling thread's round ends: work it handed to other threads must start now.
+    /// Nothing by default.
+    fn end_round(&self) {}
+
+    /// Threads of the backend's own (not queue threads) busy on the CPU now, e.g. compressing
+    /// what writes queued: the queue threads count them when they judge whether a CPU is
+    /// spare. None by default.
+    fn busy_threads(&self) -> usize {
+        0
+    }
 }
 
 #[cfg(test)]

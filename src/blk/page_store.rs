@@ -58,4 +58,16 @@ unsafe impl BlockBackend for PageStore {
     fn may_read_slowly(&self) -> bool {
         self.has_backing_file()
     }
+
+    fn begin_round(&self) {
+        PageStore::begin_round(self);
+    }
+
+    fn end_round(&self) {
+        PageStore::end_round(self);
+    }
+
+    fn busy_threads(&self) -> usize {
+        self.busy_workers()
+    }
 }

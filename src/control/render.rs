@@ -70,6 +70,7 @@ pub fn stats_table(stats: &Stats) -> String {
         ("  pending bytes", bytes(w.pending_bytes)),
         ("  pool memory", bytes(w.pool_resident_bytes)),
         ("  inline fallbacks", pages(w.inline_fallbacks)),
+        ("  inline, CPUs busy", pages(w.inline_busy)),
         ("  stalled at the limit", pages(w.stalled_pages)),
     ];
     for (name, value) in worker_rows {

@@ -27,7 +27,7 @@ pub mod writeback;
 
 mod recovery;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,6 +158,11 @@ thread_local! {
         RefCell::new(Box::new([0; COMPRESS_BUFFER]));
     /// Each thread's page for writes that do not go through the pending pool.
     static INLINE_PAGE: RefCell<Box<[u8; PAGE_SIZE]>> = RefCell::new(Box::new([0; PAGE_SIZE]));
+    /// Whether this thread is serving a round of requests ([`PageStore::begin_round`]): its
+    /// writes then wake the workers a batch at a time.
+    static IN_ROUND: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread's round queued jobs a sleeping worker has not been woken for.
+    static WAKE_OWED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// How writes reach the compressor.
@@ -183,6 +188,29 @@ struct Deferred {
     pool: PendingPool,
     queue: JobQueue,
     per_worker: Box<[WorkerCounters]>,
+    /// Workers compressing a batch now.
+    busy: AtomicUsize,
+    /// Queue threads in a round of requests now ([`PageStore::begin_round`]).
+    in_rounds: AtomicUsize,
+    /// The CPUs the daemon may run on (tests set it).
+    cpus: AtomicUsize,
+}
+
+/// A write compresses on its queue thread, not in the pending pool, once the pool is at least
+/// 1/this full and no CPU is spare for a worker (DESIGN.md, "Where a write is compressed").
+const INLINE_FILL_SHARE: usize = 8;
+
+impl Deferred {
+    /// Whether a write should be compressed on the calling thread rather than queued: the
+    /// pool is filling (a worker is behind) and every CPU is already busy with a queue thread
+    /// serving or a worker compressing, so a queued page would only wait for a CPU the queue
+    /// threads hold. Below the fill level the pool absorbs bursts whatever the CPUs do.
+    fn compress_here(&self) -> bool {
+        let in_use = usize::try_from(self.pool.in_use()).unwrap_or(usize::MAX);
+        in_use.saturating_mul(INLINE_FILL_SHARE) >= self.pool.capacity()
+            && self.in_rounds.load(Ordering::Relaxed) + self.busy.load(Ordering::Relaxed)
+                >= self.cpus.load(Ordering::Relaxed)
+    }
 }
 
 /// One worker's counters, on a cache line of its own.
@@ -304,6 +332,11 @@ impl PageStore {
                     queue: JobQueue::new(pool.capacity()),
                     pool,
                     per_worker: (0..workers).map(|_| WorkerCounters::default()).collect(),
+                    busy: AtomicUsize::new(0),
+                    in_rounds: AtomicUsize::new(0),
+                    cpus: AtomicUsize::new(
+                        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                    ),
                 })
             }
         };
@@ -399,6 +432,10 @@ impl PageStore {
         let Some(deferred) = &self.deferred else {
             return self.write_inline(index, fill);
         };
+        if deferred.compress_here() {
+            add(&self.counters.local().inline_busy, 1);
+            return self.write_inline(index, fill);
+        }
         let Some(mut buffer) = deferred.pool.take(|grow| self.may_grow(grow)) else {
             add(&self.counters.local().inline_fallbacks, 1);
             return self.write_inline(index, fill);
@@ -423,13 +460,61 @@ impl PageStore {
         // The object the write replaced is freed by the worker, off the request path (freeing
         // can empty a chunk, whose return to the OS costs a TLB shootdown).
         let stale = self.account_swap_keeping_object(swapped, new);
-        deferred.queue.push(Job {
+        let job = Job {
             slot,
             buffer,
             generation,
             stale,
-        });
+        };
+        if IN_ROUND.get() {
+            if deferred.queue.push_in_round(job) {
+                WAKE_OWED.set(true);
+            }
+        } else {
+            deferred.queue.push(job);
+        }
         Ok(Ok(()))
+    }
+
+    /// The calling thread starts serving a round of requests (a queue thread draining its
+    /// ring): until [`end_round`](Self::end_round), its writes wake a sleeping worker once a
+    /// batch is queued rather than at every write.
+    pub fn begin_round(&self) {
+        if !IN_ROUND.replace(true) {
+            if let Some(deferred) = &self.deferred {
+                deferred.in_rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Makes the store judge spare CPUs as if the daemon had `cpus` (tests).
+    #[cfg(test)]
+    pub(crate) fn set_cpus(&self, cpus: usize) {
+        if let Some(deferred) = &self.deferred {
+            deferred.cpus.store(cpus, Ordering::Relaxed);
+        }
+    }
+
+    /// Compression workers busy with a batch now.
+    pub fn busy_workers(&self) -> usize {
+        self.deferred
+            .as_ref()
+            .map_or(0, |deferred| deferred.busy.load(Ordering::Relaxed))
+    }
+
+    /// The calling thread's round ends: a worker still asleep with jobs of the round waiting
+    /// is woken now.
+    pub fn end_round(&self) {
+        let Some(deferred) = &self.deferred else {
+            IN_ROUND.set(false);
+            return;
+        };
+        if IN_ROUND.replace(false) {
+            deferred.in_rounds.fetch_sub(1, Ordering::Relaxed);
+        }
+        if WAKE_OWED.replace(false) {
+            deferred.queue.kick();
+        }
     }
 
     fn write_inline<E>(
@@ -778,6 +863,7 @@ impl PageStore {
             pending_bytes: pending_pages * PAGE_SIZE as u64,
             pool_resident_bytes: deferred.pool.resident_bytes(),
             inline_fallbacks: self.counters.sum(|c| &c.inline_fallbacks),
+            inline_busy: self.counters.sum(|c| &c.inline_busy),
             stalled_pages: deferred.queue.len().1 as u64,
             per_worker: deferred
                 .per_worker
@@ -941,7 +1027,9 @@ impl PageStore {
             Batch::Jobs(n) => n,
         };
         let started = std::time::Instant::now();
+        deferred.busy.fetch_add(1, Ordering::Relaxed);
         self.compress_jobs(deferred, &mut scratch.jobs[..n], &mut scratch.outputs[..n]);
+        deferred.busy.fetch_sub(1, Ordering::Relaxed);
         if let Some(counters) = deferred.per_worker.get(worker) {
             add(&counters.pages, n as u64);
             add(&counters.batches, 1);

@@ -309,6 +309,8 @@ struct QueueState {
     /// Jobs whose object could not be allocated (memory limit): retried later.
     stalled: Vec<Job>,
     sleepers: usize,
+    /// Wake-ups sent to sleeping workers (tests count them).
+    wakes: u64,
     stopping: bool,
     hooks: WorkerHooks,
 }
@@ -345,6 +347,7 @@ impl JobQueue {
                 jobs: VecDeque::with_capacity(capacity),
                 stalled: Vec::with_capacity(capacity),
                 sleepers: 0,
+                wakes: 0,
                 stopping: false,
                 hooks: WorkerHooks::default(),
             }),
@@ -357,8 +360,40 @@ impl JobQueue {
         let mut state = self.lock();
         state.jobs.push_back(job);
         let wake = state.sleepers > 0;
+        state.wakes += u64::from(wake);
         drop(state);
         if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Queues a job from a queue thread in the middle of a round of requests: a sleeping
+    /// worker is woken only once a whole batch ([`WORKER_BATCH`] jobs) waits, so that a round
+    /// of writes costs one wake-up a batch, not one a write. Returns whether a worker may still
+    /// be asleep with jobs waiting: the caller then owes a [`kick`](Self::kick) when its round
+    /// ends.
+    pub(crate) fn push_in_round(&self, job: Job) -> bool {
+        let mut state = self.lock();
+        state.jobs.push_back(job);
+        let sleeping = state.sleepers > 0;
+        let wake = sleeping && state.jobs.len() >= WORKER_BATCH;
+        state.wakes += u64::from(wake);
+        drop(state);
+        if wake {
+            self.ready.notify_one();
+        }
+        sleeping && !wake
+    }
+
+    /// Wakes a sleeping worker when jobs wait: the end of a round that queued jobs with
+    /// [`push_in_round`](Self::push_in_round).
+    pub(crate) fn kick(&self) {
+        let mut state = self.lock();
+        // One worker a batch waiting, as many as sleep.
+        let wake = state.sleepers.min(state.jobs.len().div_ceil(WORKER_BATCH));
+        state.wakes += wake as u64;
+        drop(state);
+        for _ in 0..wake {
             self.ready.notify_one();
         }
     }
@@ -446,6 +481,13 @@ impl JobQueue {
     pub(crate) fn len(&self) -> (usize, usize) {
         let state = self.lock();
         (state.jobs.len(), state.stalled.len())
+    }
+
+    /// Workers asleep, and the wake-ups sent so far.
+    #[cfg(test)]
+    fn sleepers_and_wakes(&self) -> (usize, u64) {
+        let state = self.lock();
+        (state.sleepers, state.wakes)
     }
 
     /// Sets the test hooks and wakes every worker.
@@ -545,5 +587,86 @@ mod tests {
         queue.stop();
         let mut out = [job];
         assert_eq!(queue.next_batch(&mut out, || {}), Batch::Stop);
+    }
+
+    fn job(slot: usize) -> Job {
+        Job {
+            slot,
+            buffer: 0,
+            generation: 1,
+            stale: None,
+        }
+    }
+
+    /// Waits until `n` workers sleep in `next_batch`.
+    fn wait_for_sleepers(queue: &JobQueue, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while queue.sleepers_and_wakes().0 != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no worker went to sleep"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_round_wakes_a_sleeping_worker_once_a_batch_not_once_a_job() {
+        // Arrange: one worker asleep on an empty queue.
+        let queue = std::sync::Arc::new(JobQueue::new(64));
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+        let worker = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                let mut out: [Job; WORKER_BATCH] = std::array::from_fn(job);
+                while let Batch::Jobs(n) = queue.next_batch(&mut out, || {}) {
+                    taken_tx.send(n).unwrap();
+                }
+            })
+        };
+        wait_for_sleepers(&queue, 1);
+
+        // Act and assert: jobs short of a batch wake nobody, and are owed a kick.
+        for slot in 0..WORKER_BATCH - 1 {
+            assert!(queue.push_in_round(job(slot)), "a kick is owed");
+        }
+        assert_eq!(queue.sleepers_and_wakes(), (1, 0));
+        assert_eq!(queue.len().0, WORKER_BATCH - 1);
+        // The batch's last job wakes the worker, which takes the whole batch.
+        assert!(!queue.push_in_round(job(WORKER_BATCH)), "woken already");
+        assert_eq!(queue.sleepers_and_wakes().1, 1);
+        assert_eq!(
+            taken_rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            WORKER_BATCH
+        );
+        // A round's remainder waits for the kick at the round's end.
+        wait_for_sleepers(&queue, 1);
+        for slot in 0..3 {
+            assert!(queue.push_in_round(job(slot)));
+        }
+        assert_eq!(queue.sleepers_and_wakes().1, 1);
+        queue.kick();
+        assert_eq!(queue.sleepers_and_wakes().1, 2);
+        assert_eq!(taken_rx.recv_timeout(Duration::from_secs(10)).unwrap(), 3);
+        // Outside a round every job wakes a sleeping worker at once, as before.
+        wait_for_sleepers(&queue, 1);
+        queue.push(job(9));
+        assert_eq!(queue.sleepers_and_wakes().1, 3);
+        assert_eq!(taken_rx.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+        // A kick with nothing queued wakes nobody.
+        wait_for_sleepers(&queue, 1);
+        queue.kick();
+        assert_eq!(queue.sleepers_and_wakes().1, 3);
+        queue.stop();
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn with_no_worker_asleep_a_round_owes_no_kick() {
+        let queue = JobQueue::new(4);
+        assert!(!queue.push_in_round(job(1)));
+        queue.kick();
+        assert_eq!(queue.sleepers_and_wakes(), (0, 0));
+        assert_eq!(queue.len().0, 1);
     }
 }

@@ -82,6 +82,9 @@ pub struct WorkerStats {
     pub pool_resident_bytes: u64,
     /// Writes compressed on the queue thread because the pool was full.
     pub inline_fallbacks: u64,
+    /// Writes compressed on the queue thread because the pool was filling and every CPU was
+    /// busy (queue threads serving, workers compressing).
+    pub inline_busy: u64,
     /// Pages waiting because the memory limit refused their compressed object.
     pub stalled_pages: u64,
     /// Per worker: pages compressed, batches and busy time.
@@ -298,6 +301,7 @@ pub(crate) struct CounterShard {
     pub notify_free: AtomicU64,
     pub pending_pages: AtomicU64,
     pub inline_fallbacks: AtomicU64,
+    pub inline_busy: AtomicU64,
     /// Compressed pages and their bytes, by the priority of the algorithm holding them.
     pub algorithm_pages: [AtomicU64; MAX_SECONDARY + 1],
     pub algorithm_bytes: [AtomicU64; MAX_SECONDARY + 1],

@@ -790,6 +790,56 @@ fn concurrent_writers_and_workers_lose_nothing() {
 }
 
 #[test]
+fn a_filling_pool_with_every_cpu_busy_makes_the_queue_thread_compress() {
+    // Arrange: a pool of 64 pages no worker drains, on a one-CPU daemon.
+    let (s, workers) = store_with_workers(256, Algorithm::Lz4, 1, 64, None);
+    s.set_worker_hooks(WorkerHooks {
+        paused: true,
+        delay: Duration::ZERO,
+    });
+    s.set_cpus(1);
+    let pending = |s: &PageStore| s.stats().workers.pending_pages;
+    let inline_busy = |s: &PageStore| s.stats().workers.inline_busy;
+
+    // Act and assert: outside a round (no queue thread holds the CPU) writes queue.
+    for i in 0..7 {
+        write_deferred(&s, i, &signed_page(3, i));
+    }
+    assert_eq!((pending(&s), inline_busy(&s)), (7, 0));
+    // In a round on the only CPU, writes queue until the pool is an eighth full...
+    s.begin_round();
+    write_deferred(&s, 7, &signed_page(3, 7));
+    assert_eq!((pending(&s), inline_busy(&s)), (8, 0));
+    // ...and are compressed here from then on.
+    write_deferred(&s, 8, &signed_page(3, 8));
+    write_deferred(&s, 9, &signed_page(3, 9));
+    assert_eq!((pending(&s), inline_busy(&s)), (8, 2));
+    s.end_round();
+    write_deferred(&s, 10, &signed_page(3, 10));
+    assert_eq!((pending(&s), inline_busy(&s)), (9, 2));
+    // With a CPU spare the round queues again.
+    s.set_cpus(2);
+    s.begin_round();
+    write_deferred(&s, 11, &signed_page(3, 11));
+    s.end_round();
+    assert_eq!((pending(&s), inline_busy(&s)), (10, 2));
+    // Every page reads back, pending or compressed, and again once the workers ran.
+    let mut out = [0u8; PAGE_SIZE];
+    for i in 0..12 {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, signed_page(3, i), "page {i}");
+    }
+    s.set_worker_hooks(WorkerHooks::default());
+    assert!(s.wait_drained(Duration::from_secs(10)));
+    s.check_consistency().unwrap();
+    for i in 0..12 {
+        s.read(i, &mut out).unwrap();
+        assert_eq!(out, signed_page(3, i), "page {i} after the workers");
+    }
+    workers.stop();
+}
+
+#[test]
 fn writes_complete_while_the_workers_are_paused_and_the_pool_limit_holds() {
     let (s, workers) = store_with_workers(256, Algorithm::Lz4, 1, 16, None);
     s.set_worker_hooks(WorkerHooks {
