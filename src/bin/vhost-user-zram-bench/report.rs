@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::backends::{BackendKind, MemorySnapshot};
+use crate::codec_floor::CodecFloor;
 use crate::workload::{Phase, PhaseResult};
 
 /// Everything one run measured.
@@ -12,6 +13,11 @@ use crate::workload::{Phase, PhaseResult};
 pub struct Report {
     /// The workload.
     pub workload: WorkloadDescription,
+    /// The codec floor: the run's algorithm on the workload's pages, in this process.
+    pub codec_floor: Option<CodecFloor>,
+    /// Why the codec floor was not measured, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec_floor_error: Option<String>,
     /// One entry per backend, in the order they ran.
     pub backends: Vec<BackendReport>,
     /// The live-migration benchmark (`--migrate`).
@@ -138,6 +144,12 @@ pub struct PhaseReport {
     pub queue_cpu_us_per_request: Option<f64>,
     /// CPU per request of the daemon's compression workers, in microseconds.
     pub worker_cpu_us_per_request: Option<f64>,
+    /// The codec floor of one request of this phase, in microseconds (vhost-user-zram
+    /// backends): compression for writes, decompression for reads, 70/30 for mixed.
+    pub codec_floor_us_per_request: Option<f64>,
+    /// `daemon_cpu_us_per_request` minus `codec_floor_us_per_request`: what the daemon spends
+    /// on a request besides the codec.
+    pub cpu_us_above_floor: Option<f64>,
 }
 
 impl PhaseReport {
@@ -156,6 +168,14 @@ impl PhaseReport {
         };
         self.queue_cpu_us_per_request = per_request(spent.queue);
         self.worker_cpu_us_per_request = per_request(spent.worker);
+    }
+
+    /// Records the codec floor of one request of this phase, and the CPU above it when the
+    /// daemon's CPU was measured.
+    pub fn set_codec_floor(&mut self, floor: &CodecFloor, pages_per_request: u64) {
+        let floor_us = floor.us_per_request(self.phase, pages_per_request);
+        self.codec_floor_us_per_request = Some(floor_us);
+        self.cpu_us_above_floor = self.daemon_cpu_us_per_request.map(|cpu| cpu - floor_us);
     }
 }
 
@@ -176,6 +196,8 @@ impl From<&PhaseResult> for PhaseReport {
             daemon_cpu_us_per_request: None,
             queue_cpu_us_per_request: None,
             worker_cpu_us_per_request: None,
+            codec_floor_us_per_request: None,
+            cpu_us_above_floor: None,
         }
     }
 }
@@ -353,14 +375,36 @@ fn csv_field(text: &str) -> String {
 }
 
 /// The CSV header; units are in the column names.
-pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,p999_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,queue_cpu_us_per_request,worker_cpu_us_per_request,message";
+pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,p999_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,queue_cpu_us_per_request,worker_cpu_us_per_request,codec_floor_compress_us_per_page,codec_floor_decompress_us_per_page,codec_floor_us_per_request,cpu_us_above_floor,message";
 
 impl Report {
+    /// Puts the codec floor of each phase, and the CPU above it, into the phases of every
+    /// vhost-user-zram backend the bench launched (requests of `block_size` bytes).
+    pub fn apply_codec_floor(&mut self) {
+        let Some(floor) = &self.codec_floor else {
+            return;
+        };
+        let pages_per_request = (self.workload.block_size / vhost_user_zram::PAGE_SIZE) as u64;
+        for backend in &mut self.backends {
+            if backend.backend.runs_the_codec() {
+                for phase in &mut backend.phases {
+                    phase.set_codec_floor(floor, pages_per_request);
+                }
+            }
+        }
+    }
+
     /// One CSV row per backend and phase; a backend that was skipped or failed before any phase
     /// gets one row with its status and the reason.
     pub fn render_csv(&self) -> String {
         let mut out = String::from(CSV_HEADER);
         out.push('\n');
+        let two_decimals = |us: Option<f64>| us.map(|us| format!("{us:.2}")).unwrap_or_default();
+        let floor = format!(
+            "{},{}",
+            two_decimals(self.codec_floor.as_ref().map(|f| f.compress_us_per_page)),
+            two_decimals(self.codec_floor.as_ref().map(|f| f.decompress_us_per_page)),
+        );
         for backend in &self.backends {
             let device = backend.device.as_deref().unwrap_or("");
             let (status, message) = match (&backend.skipped, &backend.error) {
@@ -374,12 +418,16 @@ impl Report {
                 csv_field(device)
             );
             if backend.phases.is_empty() {
-                let _ = writeln!(out, "{head},{status},,,,,,,,,,,,,,,{}", csv_field(message));
+                let _ = writeln!(
+                    out,
+                    "{head},{status},,,,,,,,,,,,,,,{floor},,,{}",
+                    csv_field(message)
+                );
             }
             for p in &backend.phases {
                 let _ = writeln!(
                     out,
-                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{:.1},{},{},{},{:.3},{},{},{},{},{}",
+                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{:.1},{},{},{},{:.3},{},{},{},{},{floor},{},{},{}",
                     p.phase.name(),
                     p.iops,
                     p.mib_per_second,
@@ -402,6 +450,8 @@ impl Report {
                     p.worker_cpu_us_per_request
                         .map(|us| format!("{us:.2}"))
                         .unwrap_or_default(),
+                    two_decimals(p.codec_floor_us_per_request),
+                    two_decimals(p.cpu_us_above_floor),
                     csv_field(message)
                 );
             }
@@ -435,6 +485,20 @@ impl Report {
                 String::new()
             },
         );
+        match (&self.codec_floor, &self.codec_floor_error) {
+            (Some(floor), _) => {
+                let _ = writeln!(out, "{}", floor.line());
+                let _ = writeln!(
+                    out,
+                    "(over floor: the daemon's CPU µs/req less the codec floor of a request: \
+                     compression for writes, decompression for random reads, 70/30 for mixed)"
+                );
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(out, "codec floor: not measured: {why}");
+            }
+            (None, None) => {}
+        }
         for backend in &self.backends {
             let device = backend
                 .device
@@ -449,7 +513,7 @@ impl Report {
             if !backend.phases.is_empty() {
                 let _ = writeln!(
                     out,
-                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12} {:>9} {:>9}",
+                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12} {:>9} {:>9} {:>11}",
                     "phase",
                     "IOPS",
                     "MiB/s",
@@ -460,12 +524,13 @@ impl Report {
                     "verified",
                     "CPU µs/req",
                     "queue µs",
-                    "worker µs"
+                    "worker µs",
+                    "over floor"
                 );
                 for p in &backend.phases {
                     let _ = writeln!(
                         out,
-                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12} {:>9} {:>9}",
+                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12} {:>9} {:>9} {:>11}",
                         p.phase.name(),
                         iops(p.iops),
                         p.mib_per_second,
@@ -476,7 +541,8 @@ impl Report {
                         p.verified_reads,
                         cpu_per_request(p),
                         micros_or_dash(p.queue_cpu_us_per_request),
-                        micros_or_dash(p.worker_cpu_us_per_request)
+                        micros_or_dash(p.worker_cpu_us_per_request),
+                        micros_or_dash(p.cpu_us_above_floor)
                     );
                 }
             }
@@ -968,12 +1034,32 @@ mod tests {
             daemon_cpu_us_per_request: None,
             queue_cpu_us_per_request: None,
             worker_cpu_us_per_request: None,
+            codec_floor_us_per_request: None,
+            cpu_us_above_floor: None,
         }
     }
 
     fn with_p99(mut report: PhaseReport, p99_us: f64) -> PhaseReport {
         report.p99_us = p99_us;
         report
+    }
+
+    fn with_cpu(mut report: PhaseReport, us_per_request: f64) -> PhaseReport {
+        report.daemon_cpu_us_per_request = Some(us_per_request);
+        report
+    }
+
+    fn floor(compress_us_per_page: f64, decompress_us_per_page: f64) -> CodecFloor {
+        CodecFloor {
+            algorithm: "lz4".into(),
+            algorithm_level: None,
+            pages: 3,
+            passes: 3,
+            compress_us_per_page,
+            decompress_us_per_page,
+            same_filled_percent: 33.3,
+            raw_percent: 33.3,
+        }
     }
 
     fn backend(kind: BackendKind, phases: Vec<PhaseReport>) -> BackendReport {
@@ -1003,6 +1089,8 @@ mod tests {
                 compare_poll_max_us: None,
             },
             backends,
+            codec_floor: None,
+            codec_floor_error: None,
             migration: None,
         }
     }
@@ -1021,22 +1109,24 @@ mod tests {
             vec![fill, phase(Phase::RandRead, 2000.0)],
         );
         let skipped = BackendReport::skipped(BackendKind::KernelZram, "no zram, \"really\"".into());
-        let report = report_of(vec![ours, skipped]);
+        let mut report = report_of(vec![ours, skipped]);
+        report.codec_floor = Some(floor(2.0, 1.0));
+        report.apply_codec_floor();
         let csv = report.render_csv();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 4);
         assert_eq!(
             lines[1],
-            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,150.0,10,0,0,1.000,0.005,500.00,300.00,100.00,"
+            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,150.0,10,0,0,1.000,0.005,500.00,300.00,100.00,2.00,1.00,2.00,498.00,"
         );
         assert_eq!(
             lines[2],
-            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,150.0,10,0,0,1.000,,,,,"
+            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,150.0,10,0,0,1.000,,,,,2.00,1.00,1.00,,"
         );
         assert_eq!(
             lines[3],
-            "kernel-zram,,skipped,,,,,,,,,,,,,,,\"no zram, \"\"really\"\"\""
+            "kernel-zram,,skipped,,,,,,,,,,,,,,,2.00,1.00,,,\"no zram, \"\"really\"\"\""
         );
         let columns = CSV_HEADER.split(',').count();
         assert_eq!(lines[1].split(',').count(), columns);
@@ -1204,5 +1294,53 @@ mod tests {
             "{block}"
         );
         assert!(block.contains("recovered 256 pages in 1.5 ms"), "{block}");
+    }
+
+    #[test]
+    fn the_floor_opens_the_tables_and_each_vuz_phase_shows_its_cpu_over_the_floor() {
+        // Arrange: 64 KiB requests, 16 pages each.
+        let mut report = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![
+                    with_cpu(phase(Phase::RandWrite, 1000.0), 40.0),
+                    with_cpu(phase(Phase::RandRead, 1000.0), 20.0),
+                    with_cpu(phase(Phase::Mixed, 1000.0), 30.0),
+                ],
+            ),
+            backend(
+                BackendKind::QsdNull,
+                vec![with_cpu(phase(Phase::RandRead, 1000.0), 5.0)],
+            ),
+        ]);
+        report.workload.block_size = 65536;
+        report.codec_floor = Some(floor(2.0, 1.0));
+
+        // Act
+        report.apply_codec_floor();
+        let text = report.render();
+
+        // Assert
+        let ours = &report.backends[0];
+        let above = |p| ours.phase(p).unwrap().cpu_us_above_floor.unwrap();
+        assert!((above(Phase::RandWrite) - (40.0 - 32.0)).abs() < 1e-9);
+        assert!((above(Phase::RandRead) - (20.0 - 16.0)).abs() < 1e-9);
+        assert!((above(Phase::Mixed) - (30.0 - 16.0 * 1.3)).abs() < 1e-9);
+        let null = report.backends[1].phase(Phase::RandRead).unwrap();
+        assert_eq!(null.cpu_us_above_floor, None, "null-co runs no codec");
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            "codec floor (lz4, this page mix): compress 2.00 µs/page, decompress 1.00 µs/page \
+             (same-filled 33.3 %, raw 33.3 %; best of 3 passes over 3 pages)"
+        );
+        let row = text.lines().find(|l| l.starts_with("randread")).unwrap();
+        assert!(row.ends_with(" 4.00"), "{row}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["codec_floor"]["compress_us_per_page"], 2.0);
+        assert_eq!(json["codec_floor"]["decompress_us_per_page"], 1.0);
+        assert_eq!(
+            json["backends"][0]["phases"][1]["codec_floor_us_per_request"],
+            16.0
+        );
     }
 }
