@@ -1622,6 +1622,17 @@ mod tests {
         let text = without_randwrite.render();
         assert_eq!(goal_cells(&text, "randwrite p99 latency"), ["n/a"]);
         assert!(text.contains("kernel-zram: no randwrite phase"), "{text}");
+        let kernel_skipped = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![phase(Phase::RandRead, 1.0)],
+            ),
+            BackendReport::skipped(BackendKind::KernelZram, "no zram".into()),
+        ]);
+        assert_eq!(
+            goal_cells(&kernel_skipped.render(), "randread p99.9 latency"),
+            ["n/a"]
+        );
     }
 
     #[test]
