@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The bench tool against a daemon that dies mid-run: it must fail with a message within a
 //! bound, never hang (issue 8, hostile item 6); and `--compare`'s tables for issue 9: polling
-//! off against on, the daemon's CPU time per request, the targets block.
+//! off against on, the daemon's CPU time per request, the targets block; the codec floor (issue
+//! 22).
 #![cfg(feature = "bench-tool")]
 
 mod common;
@@ -499,4 +500,62 @@ fn a_bad_corpus_or_request_size_is_refused_with_a_sentence() {
     assert!(said.contains("not a positive multiple of 4 KiB"), "{said}");
     let said = run(&["--request-size".as_ref(), "2M".as_ref()]);
     assert!(said.contains("more than 1M"), "{said}");
+}
+
+#[test]
+fn a_run_measures_the_codec_floor_and_reports_each_phase_above_it() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+
+    // Act: tables on stdout and JSON in a file, from one tiny run.
+    let output = Command::new(BENCH)
+        .args(["--daemon-bin", DAEMON, "--size", "16M", "--duration", "0.3"])
+        .args(["--phases", "fill,randread", "--pool-pages", "256", "--json"])
+        .arg(&json_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Assert: the floor line, with positive figures, and the same figures in the JSON.
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("codec floor (lz4, this page mix): compress "))
+        .unwrap_or_else(|| panic!("no floor line; stdout: {stdout}"));
+    assert!(line.contains(" µs/page, decompress "), "{line}");
+    assert!(
+        line.contains("same-filled ") && line.contains("raw "),
+        "{line}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let floor = &json["codec_floor"];
+    for field in ["compress_us_per_page", "decompress_us_per_page"] {
+        let us = floor[field].as_f64().unwrap_or_else(|| panic!("{floor}"));
+        assert!(us > 0.0 && us.is_finite(), "{field}: {floor}");
+    }
+    assert_eq!(floor["pages"], 256, "{floor}");
+    let same = floor["same_filled_percent"].as_f64().unwrap();
+    let raw = floor["raw_percent"].as_f64().unwrap();
+    assert!(same > 0.0 && raw > 0.0 && same + raw < 100.0, "{floor}");
+    let read = json["backends"][0]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "randread")
+        .unwrap();
+    let floor_per_request = read["codec_floor_us_per_request"].as_f64().unwrap();
+    assert_eq!(
+        floor_per_request,
+        floor["decompress_us_per_page"].as_f64().unwrap()
+    );
+    let cpu = read["daemon_cpu_us_per_request"].as_f64().unwrap();
+    let above = read["cpu_us_above_floor"].as_f64().unwrap();
+    assert!((cpu - floor_per_request - above).abs() < 1e-6, "{read}");
 }

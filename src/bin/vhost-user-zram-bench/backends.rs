@@ -546,6 +546,23 @@ impl BackendKind {
         Some(args.iter().map(|&arg| arg.to_owned()).collect())
     }
 
+    /// Whether the backend is a vhost-user-zram the bench launched, whose CPU time goes to the
+    /// crate's codec: its CPU per request is measured against the codec floor.
+    pub fn runs_the_codec(self) -> bool {
+        match self {
+            BackendKind::VhostUserZram
+            | BackendKind::VhostUserZramPolling(_)
+            | BackendKind::VhostUserZramInline
+            | BackendKind::VhostUserZramOneWorker
+            | BackendKind::VhostUserZramState
+            | BackendKind::VhostUserZramPressure => true,
+            BackendKind::External
+            | BackendKind::KernelZram
+            | BackendKind::QsdNull
+            | BackendKind::QsdShmFile => false,
+        }
+    }
+
     /// Whether the backend keeps what is written, so reads can be verified.
     pub fn keeps_data(self) -> bool {
         self != BackendKind::QsdNull

@@ -5,6 +5,7 @@
 //! qemu-storage-daemon null-co and a /dev/shm file, and prints them side by side.
 
 mod backends;
+mod codec_floor;
 mod corpus;
 mod device;
 mod histogram;
@@ -532,6 +533,8 @@ fn run(args: &Args) -> Result<Report, String> {
                 _ => None,
             }),
         },
+        codec_floor: None,
+        codec_floor_error: None,
         backends: Vec::new(),
         migration: None,
     };
@@ -541,6 +544,19 @@ fn run(args: &Args) -> Result<Report, String> {
         report.backends.push(entry);
         report.migration = migration;
         return Ok(report);
+    }
+    // Once, whatever the rounds: it does not depend on the backend.
+    match codec_floor::CodecFloor::measure(
+        &args.algorithm,
+        args.algorithm_level,
+        pool.pages(),
+        codec_floor::TARGET_CPU,
+    ) {
+        Ok(floor) => {
+            eprintln!("{}", floor.line());
+            report.codec_floor = Some(floor);
+        }
+        Err(e) => report.codec_floor_error = Some(e),
     }
     let mut all_rounds: Vec<BackendReport> = Vec::new();
     for round in 0..args.rounds {
@@ -618,6 +634,7 @@ fn run(args: &Args) -> Result<Report, String> {
             )
         })
         .collect();
+    report.apply_codec_floor();
     Ok(report)
 }
 

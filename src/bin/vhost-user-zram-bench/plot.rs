@@ -539,6 +539,8 @@ mod tests {
             daemon_cpu_us_per_request: None,
             queue_cpu_us_per_request: None,
             worker_cpu_us_per_request: None,
+            codec_floor_us_per_request: None,
+            cpu_us_above_floor: None,
         }
     }
 
@@ -569,6 +571,8 @@ mod tests {
                     ..BackendReport::new(kind, None)
                 })
                 .collect(),
+            codec_floor: None,
+            codec_floor_error: None,
             migration: None,
         }
     }

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::backends::{BackendKind, MemorySnapshot};
+use crate::codec_floor::CodecFloor;
 use crate::workload::{Phase, PhaseResult};
 
 /// Everything one run measured.
@@ -12,6 +13,11 @@ use crate::workload::{Phase, PhaseResult};
 pub struct Report {
     /// The workload.
     pub workload: WorkloadDescription,
+    /// The codec floor: the run's algorithm on the workload's pages, in this process.
+    pub codec_floor: Option<CodecFloor>,
+    /// Why the codec floor was not measured, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec_floor_error: Option<String>,
     /// One entry per backend, in the order they ran.
     pub backends: Vec<BackendReport>,
     /// The live-migration benchmark (`--migrate`).
@@ -138,6 +144,12 @@ pub struct PhaseReport {
     pub queue_cpu_us_per_request: Option<f64>,
     /// CPU per request of the daemon's compression workers, in microseconds.
     pub worker_cpu_us_per_request: Option<f64>,
+    /// The codec floor of one request of this phase, in microseconds (vhost-user-zram
+    /// backends): compression for writes, decompression for reads, 70/30 for mixed.
+    pub codec_floor_us_per_request: Option<f64>,
+    /// `daemon_cpu_us_per_request` minus `codec_floor_us_per_request`: what the daemon spends
+    /// on a request besides the codec.
+    pub cpu_us_above_floor: Option<f64>,
 }
 
 impl PhaseReport {
@@ -156,6 +168,14 @@ impl PhaseReport {
         };
         self.queue_cpu_us_per_request = per_request(spent.queue);
         self.worker_cpu_us_per_request = per_request(spent.worker);
+    }
+
+    /// Records the codec floor of one request of this phase, and the CPU above it when the
+    /// daemon's CPU was measured.
+    pub fn set_codec_floor(&mut self, floor: &CodecFloor, pages_per_request: u64) {
+        let floor_us = floor.us_per_request(self.phase, pages_per_request);
+        self.codec_floor_us_per_request = Some(floor_us);
+        self.cpu_us_above_floor = self.daemon_cpu_us_per_request.map(|cpu| cpu - floor_us);
     }
 }
 
@@ -176,6 +196,8 @@ impl From<&PhaseResult> for PhaseReport {
             daemon_cpu_us_per_request: None,
             queue_cpu_us_per_request: None,
             worker_cpu_us_per_request: None,
+            codec_floor_us_per_request: None,
+            cpu_us_above_floor: None,
         }
     }
 }
@@ -353,14 +375,36 @@ fn csv_field(text: &str) -> String {
 }
 
 /// The CSV header; units are in the column names.
-pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,p999_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,queue_cpu_us_per_request,worker_cpu_us_per_request,message";
+pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p50_us,p99_us,p999_us,requests,reads,verified_reads,seconds,daemon_cpu_seconds,daemon_cpu_us_per_request,queue_cpu_us_per_request,worker_cpu_us_per_request,codec_floor_compress_us_per_page,codec_floor_decompress_us_per_page,codec_floor_us_per_request,cpu_us_above_floor,message";
 
 impl Report {
+    /// Puts the codec floor of each phase, and the CPU above it, into the phases of every
+    /// vhost-user-zram backend the bench launched (requests of `block_size` bytes).
+    pub fn apply_codec_floor(&mut self) {
+        let Some(floor) = &self.codec_floor else {
+            return;
+        };
+        let pages_per_request = (self.workload.block_size / vhost_user_zram::PAGE_SIZE) as u64;
+        for backend in &mut self.backends {
+            if backend.backend.runs_the_codec() {
+                for phase in &mut backend.phases {
+                    phase.set_codec_floor(floor, pages_per_request);
+                }
+            }
+        }
+    }
+
     /// One CSV row per backend and phase; a backend that was skipped or failed before any phase
     /// gets one row with its status and the reason.
     pub fn render_csv(&self) -> String {
         let mut out = String::from(CSV_HEADER);
         out.push('\n');
+        let two_decimals = |us: Option<f64>| us.map(|us| format!("{us:.2}")).unwrap_or_default();
+        let floor = format!(
+            "{},{}",
+            two_decimals(self.codec_floor.as_ref().map(|f| f.compress_us_per_page)),
+            two_decimals(self.codec_floor.as_ref().map(|f| f.decompress_us_per_page)),
+        );
         for backend in &self.backends {
             let device = backend.device.as_deref().unwrap_or("");
             let (status, message) = match (&backend.skipped, &backend.error) {
@@ -374,12 +418,16 @@ impl Report {
                 csv_field(device)
             );
             if backend.phases.is_empty() {
-                let _ = writeln!(out, "{head},{status},,,,,,,,,,,,,,,{}", csv_field(message));
+                let _ = writeln!(
+                    out,
+                    "{head},{status},,,,,,,,,,,,,,,{floor},,,{}",
+                    csv_field(message)
+                );
             }
             for p in &backend.phases {
                 let _ = writeln!(
                     out,
-                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{:.1},{},{},{},{:.3},{},{},{},{},{}",
+                    "{head},{status},{},{:.0},{:.2},{:.1},{:.1},{:.1},{},{},{},{:.3},{},{},{},{},{floor},{},{},{}",
                     p.phase.name(),
                     p.iops,
                     p.mib_per_second,
@@ -402,6 +450,8 @@ impl Report {
                     p.worker_cpu_us_per_request
                         .map(|us| format!("{us:.2}"))
                         .unwrap_or_default(),
+                    two_decimals(p.codec_floor_us_per_request),
+                    two_decimals(p.cpu_us_above_floor),
                     csv_field(message)
                 );
             }
@@ -435,6 +485,20 @@ impl Report {
                 String::new()
             },
         );
+        match (&self.codec_floor, &self.codec_floor_error) {
+            (Some(floor), _) => {
+                let _ = writeln!(out, "{}", floor.line());
+                let _ = writeln!(
+                    out,
+                    "(over floor: the daemon's CPU µs/req less the codec floor of a request: \
+                     compression for writes, decompression for random reads, 70/30 for mixed)"
+                );
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(out, "codec floor: not measured: {why}");
+            }
+            (None, None) => {}
+        }
         for backend in &self.backends {
             let device = backend
                 .device
@@ -449,7 +513,7 @@ impl Report {
             if !backend.phases.is_empty() {
                 let _ = writeln!(
                     out,
-                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12} {:>9} {:>9}",
+                    "{:<15} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>12} {:>9} {:>9} {:>11}",
                     "phase",
                     "IOPS",
                     "MiB/s",
@@ -460,12 +524,13 @@ impl Report {
                     "verified",
                     "CPU µs/req",
                     "queue µs",
-                    "worker µs"
+                    "worker µs",
+                    "over floor"
                 );
                 for p in &backend.phases {
                     let _ = writeln!(
                         out,
-                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12} {:>9} {:>9}",
+                        "{:<15} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>8} {:>12} {:>9} {:>9} {:>11}",
                         p.phase.name(),
                         iops(p.iops),
                         p.mib_per_second,
@@ -476,7 +541,8 @@ impl Report {
                         p.verified_reads,
                         cpu_per_request(p),
                         micros_or_dash(p.queue_cpu_us_per_request),
-                        micros_or_dash(p.worker_cpu_us_per_request)
+                        micros_or_dash(p.worker_cpu_us_per_request),
+                        micros_or_dash(p.cpu_us_above_floor)
                     );
                 }
             }
@@ -748,14 +814,17 @@ impl Report {
             out,
             "\n== vhost-user-zram against kernel zram and null-co: measured, and the goal =="
         );
-        let mut header = format!("{:<44}", "measured (goal)");
+        let mut header = format!("{:<48}", "measured (goal)");
         for variant in &variants {
             let _ = write!(header, " {:>24}", variant.backend.label());
         }
         let _ = writeln!(out, "{header}");
         for goal in GOALS {
-            let reference = self.backends.iter().find(|b| b.backend == goal.reference);
-            let mut line = format!("{:<44}", goal.description);
+            let reference = match goal.reference {
+                Reference::Backend(kind) => self.backends.iter().find(|b| b.backend == kind),
+                Reference::CodecFloor => None,
+            };
+            let mut line = format!("{:<48}", goal.description);
             for variant in &variants {
                 let _ = write!(line, " {:>24}", goal.judge(variant, reference));
             }
@@ -764,9 +833,13 @@ impl Report {
         for (kind, phases) in [
             (
                 BackendKind::KernelZram,
-                [Phase::RandRead, Phase::Mixed].as_slice(),
+                [Phase::RandWrite, Phase::RandRead, Phase::Mixed].as_slice(),
             ),
             (BackendKind::QsdNull, [Phase::RandRead].as_slice()),
+            (
+                BackendKind::VhostUserZramInline,
+                [Phase::RandWrite].as_slice(),
+            ),
         ] {
             let label = kind.label();
             match self.backends.iter().find(|b| b.backend == kind) {
@@ -797,6 +870,18 @@ impl Report {
                 }
             }
         }
+        if self.codec_floor.is_none() {
+            let _ = writeln!(
+                out,
+                "codec floor: not measured (the comparison with it is n/a)"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "(CPU: the daemon's CPU µs/req of the phase, against the codec floor of a request or \
+             the --workers 0 variant's; mem_used_total after the fill, against the default \
+             variant's)"
+        );
         out
     }
 
@@ -870,12 +955,21 @@ impl Report {
 }
 
 /// A goal vhost-user-zram is held to: a figure of one phase measured against the same figure
-/// of a reference backend.
+/// of a reference.
 struct Goal {
     description: &'static str,
     phase: Phase,
-    reference: BackendKind,
+    reference: Reference,
     test: GoalTest,
+}
+
+/// What a goal measures a variant against.
+#[derive(Clone, Copy)]
+enum Reference {
+    /// Another backend of the run; a variant is never held against itself (`n/a`).
+    Backend(BackendKind),
+    /// The codec floor of the phase's requests.
+    CodecFloor,
 }
 
 /// How a goal compares the two.
@@ -886,64 +980,154 @@ enum GoalTest {
     IopsShare(f64),
     /// p99 latency no higher than the reference's.
     P99NotAbove,
+    /// p99.9 latency no higher than the reference's.
+    P999NotAbove,
+    /// The daemon's CPU per request at most the reference's plus this many microseconds.
+    CpuAtMostPlus(f64),
+    /// The daemon's CPU per request at most the codec floor plus this many microseconds.
+    CpuAtMostFloorPlus(f64),
+    /// mem_used_total after the fill at most this percentage above the reference's.
+    MemoryAtMostPercentAbove(f64),
 }
 
 /// The goals: random reads faster than kernel zram and at least half what the transport
 /// allows (null-co stores nothing), mixed I/O faster than kernel zram, and a random-read tail
-/// latency no worse than kernel zram's.
-const GOALS: [Goal; 4] = [
+/// latency no worse than kernel zram's; per-core efficiency: random reads within a microsecond
+/// of the codec, the compression workers within 0.3 µs of the queue thread compressing
+/// (`--workers 0`), twice and two and a half times kernel zram's random reads and writes, tails
+/// no worse than its, and no variant costing memory.
+const GOALS: [Goal; 11] = [
     Goal {
         description: "randread IOPS / kernel-zram's (>= 1.3x)",
         phase: Phase::RandRead,
-        reference: BackendKind::KernelZram,
+        reference: Reference::Backend(BackendKind::KernelZram),
         test: GoalTest::IopsRatio(1.3),
     },
     Goal {
         description: "randread IOPS / qsd-null-co's (>= 50 %)",
         phase: Phase::RandRead,
-        reference: BackendKind::QsdNull,
+        reference: Reference::Backend(BackendKind::QsdNull),
         test: GoalTest::IopsShare(50.0),
     },
     Goal {
         description: "mixed IOPS / kernel-zram's (>= 1.2x)",
         phase: Phase::Mixed,
-        reference: BackendKind::KernelZram,
+        reference: Reference::Backend(BackendKind::KernelZram),
         test: GoalTest::IopsRatio(1.2),
     },
     Goal {
         description: "randread p99 latency vs kernel-zram's (<=)",
         phase: Phase::RandRead,
-        reference: BackendKind::KernelZram,
+        reference: Reference::Backend(BackendKind::KernelZram),
         test: GoalTest::P99NotAbove,
+    },
+    Goal {
+        description: "randread CPU µs/req vs codec floor (<= +1.0)",
+        phase: Phase::RandRead,
+        reference: Reference::CodecFloor,
+        test: GoalTest::CpuAtMostFloorPlus(1.0),
+    },
+    Goal {
+        description: "randwrite CPU µs/req vs --workers 0 (<= +0.3)",
+        phase: Phase::RandWrite,
+        reference: Reference::Backend(BackendKind::VhostUserZramInline),
+        test: GoalTest::CpuAtMostPlus(0.3),
+    },
+    Goal {
+        description: "randread IOPS / kernel-zram's (>= 2.0x)",
+        phase: Phase::RandRead,
+        reference: Reference::Backend(BackendKind::KernelZram),
+        test: GoalTest::IopsRatio(2.0),
+    },
+    Goal {
+        description: "randwrite IOPS / kernel-zram's (>= 2.5x)",
+        phase: Phase::RandWrite,
+        reference: Reference::Backend(BackendKind::KernelZram),
+        test: GoalTest::IopsRatio(2.5),
+    },
+    Goal {
+        description: "randread p99.9 latency vs kernel-zram's (<=)",
+        phase: Phase::RandRead,
+        reference: Reference::Backend(BackendKind::KernelZram),
+        test: GoalTest::P999NotAbove,
+    },
+    Goal {
+        description: "randwrite p99 latency vs kernel-zram's (<=)",
+        phase: Phase::RandWrite,
+        reference: Reference::Backend(BackendKind::KernelZram),
+        test: GoalTest::P99NotAbove,
+    },
+    Goal {
+        description: "mem_used_total vs vhost-user-zram's (<= +1 %)",
+        phase: Phase::Fill,
+        reference: Reference::Backend(BackendKind::VhostUserZram),
+        test: GoalTest::MemoryAtMostPercentAbove(1.0),
     },
 ];
 
 impl Goal {
-    /// The measured figure and `met` or `missed`; `n/a` when either side lacks the phase.
+    /// The measured figure and `met` or `missed`; `n/a` when either side lacks the phase or
+    /// the figure, or when the variant is the reference itself.
     fn judge(&self, ours: &BackendReport, reference: Option<&BackendReport>) -> String {
-        let (Some(a), Some(b)) = (
-            ours.phase(self.phase),
-            reference.and_then(|r| r.phase(self.phase)),
-        ) else {
+        let verdict = |met: bool| if met { "met" } else { "missed" };
+        let Some(a) = ours.phase(self.phase) else {
             return "n/a".into();
         };
-        let verdict = |met: bool| if met { "met" } else { "missed" };
-        match self.test {
-            GoalTest::IopsRatio(_) | GoalTest::IopsShare(_) if b.iops <= 0.0 => "n/a".into(),
-            GoalTest::IopsRatio(minimum) => {
+        let reference = reference.filter(|r| r.backend != ours.backend);
+        let b = reference.and_then(|r| r.phase(self.phase));
+        match (&self.test, b) {
+            (GoalTest::CpuAtMostFloorPlus(margin), _) => {
+                match (a.daemon_cpu_us_per_request, a.codec_floor_us_per_request) {
+                    (Some(cpu), Some(floor)) => format!(
+                        "{cpu:.2} vs {floor:.2} µs {}",
+                        verdict(cpu <= floor + margin)
+                    ),
+                    _ => "n/a".into(),
+                }
+            }
+            (_, None) => "n/a".into(),
+            (GoalTest::IopsRatio(_) | GoalTest::IopsShare(_), Some(b)) if b.iops <= 0.0 => {
+                "n/a".into()
+            }
+            (GoalTest::IopsRatio(minimum), Some(b)) => {
                 let ratio = a.iops / b.iops;
-                format!("{ratio:.2}x {}", verdict(ratio >= minimum))
+                format!("{ratio:.2}x {}", verdict(ratio >= *minimum))
             }
-            GoalTest::IopsShare(minimum) => {
+            (GoalTest::IopsShare(minimum), Some(b)) => {
                 let share = a.iops / b.iops * 100.0;
-                format!("{share:.0} % {}", verdict(share >= minimum))
+                format!("{share:.0} % {}", verdict(share >= *minimum))
             }
-            GoalTest::P99NotAbove => format!(
+            (GoalTest::P99NotAbove, Some(b)) => format!(
                 "{:.0} vs {:.0} µs {}",
                 a.p99_us,
                 b.p99_us,
                 verdict(a.p99_us <= b.p99_us)
             ),
+            (GoalTest::P999NotAbove, Some(b)) => format!(
+                "{:.0} vs {:.0} µs {}",
+                a.p999_us,
+                b.p999_us,
+                verdict(a.p999_us <= b.p999_us)
+            ),
+            (GoalTest::CpuAtMostPlus(margin), Some(b)) => {
+                match (a.daemon_cpu_us_per_request, b.daemon_cpu_us_per_request) {
+                    (Some(ours), Some(theirs)) => format!(
+                        "{ours:.2} vs {theirs:.2} µs {}",
+                        verdict(ours <= theirs + margin)
+                    ),
+                    _ => "n/a".into(),
+                }
+            }
+            (GoalTest::MemoryAtMostPercentAbove(percent), Some(_)) => {
+                let used = |r: &BackendReport| r.mm_stat_after_fill.map(|m| m.mm.mem_used_total);
+                match (used(ours), reference.and_then(used)) {
+                    (Some(ours), Some(theirs)) if theirs > 0 => {
+                        let above = (ours as f64 - theirs as f64) * 100.0 / theirs as f64;
+                        format!("{above:+.2} % {}", verdict(above <= *percent))
+                    }
+                    _ => "n/a".into(),
+                }
+            }
         }
     }
 }
@@ -968,12 +1152,66 @@ mod tests {
             daemon_cpu_us_per_request: None,
             queue_cpu_us_per_request: None,
             worker_cpu_us_per_request: None,
+            codec_floor_us_per_request: None,
+            cpu_us_above_floor: None,
         }
     }
 
     fn with_p99(mut report: PhaseReport, p99_us: f64) -> PhaseReport {
         report.p99_us = p99_us;
         report
+    }
+
+    fn with_cpu(mut report: PhaseReport, us_per_request: f64) -> PhaseReport {
+        report.daemon_cpu_us_per_request = Some(us_per_request);
+        report
+    }
+
+    fn floor(compress_us_per_page: f64, decompress_us_per_page: f64) -> CodecFloor {
+        CodecFloor {
+            algorithm: "lz4".into(),
+            algorithm_level: None,
+            pages: 3,
+            passes: 3,
+            compress_us_per_page,
+            decompress_us_per_page,
+            same_filled_percent: 33.3,
+            raw_percent: 33.3,
+        }
+    }
+
+    fn with_memory(mut report: BackendReport, mem_used_total: u64) -> BackendReport {
+        report.mm_stat_after_fill = Some(MemorySnapshot {
+            mm: vhost_user_zram::store::MmStat {
+                mem_used_total,
+                ..Default::default()
+            },
+            slot_table_bytes: None,
+        });
+        report
+    }
+
+    /// The verdict cells of the goal row that starts with `start`, one per variant column.
+    fn goal_cells(text: &str, start: &str) -> Vec<String> {
+        let block = &text[text
+            .find("== vhost-user-zram against kernel zram and null-co")
+            .unwrap()..];
+        let row = block
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} row in {block}"));
+        let cells: Vec<char> = row.chars().skip(48).collect();
+        cells
+            .chunks(25)
+            .map(|cell| cell.iter().collect::<String>().trim().to_owned())
+            .collect()
+    }
+
+    fn goal(description: &str) -> &'static Goal {
+        GOALS
+            .iter()
+            .find(|g| g.description.starts_with(description))
+            .unwrap()
     }
 
     fn backend(kind: BackendKind, phases: Vec<PhaseReport>) -> BackendReport {
@@ -1003,6 +1241,8 @@ mod tests {
                 compare_poll_max_us: None,
             },
             backends,
+            codec_floor: None,
+            codec_floor_error: None,
             migration: None,
         }
     }
@@ -1021,22 +1261,24 @@ mod tests {
             vec![fill, phase(Phase::RandRead, 2000.0)],
         );
         let skipped = BackendReport::skipped(BackendKind::KernelZram, "no zram, \"really\"".into());
-        let report = report_of(vec![ours, skipped]);
+        let mut report = report_of(vec![ours, skipped]);
+        report.codec_floor = Some(floor(2.0, 1.0));
+        report.apply_codec_floor();
         let csv = report.render_csv();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 4);
         assert_eq!(
             lines[1],
-            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,150.0,10,0,0,1.000,0.005,500.00,300.00,100.00,"
+            "vhost-user-zram,,ok,fill,1000,3.91,12.5,80.0,150.0,10,0,0,1.000,0.005,500.00,300.00,100.00,2.00,1.00,2.00,498.00,"
         );
         assert_eq!(
             lines[2],
-            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,150.0,10,0,0,1.000,,,,,"
+            "vhost-user-zram,,ok,randread,2000,7.81,12.5,80.0,150.0,10,0,0,1.000,,,,,2.00,1.00,1.00,,"
         );
         assert_eq!(
             lines[3],
-            "kernel-zram,,skipped,,,,,,,,,,,,,,,\"no zram, \"\"really\"\"\""
+            "kernel-zram,,skipped,,,,,,,,,,,,,,,2.00,1.00,,,\"no zram, \"\"really\"\"\""
         );
         let columns = CSV_HEADER.split(',').count();
         assert_eq!(lines[1].split(',').count(), columns);
@@ -1122,7 +1364,14 @@ mod tests {
         assert!(row("mixed IOPS").contains("1.30x met"));
         assert!(row("randread p99 latency").contains("100 vs 150 µs met"));
         assert!(row("randread p99 latency").contains("200 vs 150 µs missed"));
-        assert!(!block.contains("n/a"));
+        for goal in [
+            "randread IOPS / kernel",
+            "randread IOPS / qsd",
+            "mixed IOPS",
+            "randread p99 ",
+        ] {
+            assert!(!row(goal).contains("n/a"), "{}", row(goal));
+        }
         // The report says what it measured, not where a goal came from.
         assert!(!text.to_lowercase().contains("issue"), "{text}");
     }
@@ -1204,5 +1453,216 @@ mod tests {
             "{block}"
         );
         assert!(block.contains("recovered 256 pages in 1.5 ms"), "{block}");
+    }
+
+    #[test]
+    fn the_floor_opens_the_tables_and_each_vuz_phase_shows_its_cpu_over_the_floor() {
+        // Arrange: 64 KiB requests, 16 pages each.
+        let mut report = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![
+                    with_cpu(phase(Phase::RandWrite, 1000.0), 40.0),
+                    with_cpu(phase(Phase::RandRead, 1000.0), 20.0),
+                    with_cpu(phase(Phase::Mixed, 1000.0), 30.0),
+                ],
+            ),
+            backend(
+                BackendKind::QsdNull,
+                vec![with_cpu(phase(Phase::RandRead, 1000.0), 5.0)],
+            ),
+        ]);
+        report.workload.block_size = 65536;
+        report.codec_floor = Some(floor(2.0, 1.0));
+
+        // Act
+        report.apply_codec_floor();
+        let text = report.render();
+
+        // Assert
+        let ours = &report.backends[0];
+        let above = |p| ours.phase(p).unwrap().cpu_us_above_floor.unwrap();
+        assert!((above(Phase::RandWrite) - (40.0 - 32.0)).abs() < 1e-9);
+        assert!((above(Phase::RandRead) - (20.0 - 16.0)).abs() < 1e-9);
+        assert!((above(Phase::Mixed) - (30.0 - 16.0 * 1.3)).abs() < 1e-9);
+        let null = report.backends[1].phase(Phase::RandRead).unwrap();
+        assert_eq!(null.cpu_us_above_floor, None, "null-co runs no codec");
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            "codec floor (lz4, this page mix): compress 2.00 µs/page, decompress 1.00 µs/page \
+             (same-filled 33.3 %, raw 33.3 %; best of 3 passes over 3 pages)"
+        );
+        let row = text.lines().find(|l| l.starts_with("randread")).unwrap();
+        assert!(row.ends_with(" 4.00"), "{row}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["codec_floor"]["compress_us_per_page"], 2.0);
+        assert_eq!(json["codec_floor"]["decompress_us_per_page"], 1.0);
+        assert_eq!(
+            json["backends"][0]["phases"][1]["codec_floor_us_per_request"],
+            16.0
+        );
+    }
+
+    #[test]
+    fn randread_cpu_is_held_to_the_decompress_floor_plus_a_microsecond() {
+        let ours = |kind, cpu| backend(kind, vec![with_cpu(phase(Phase::RandRead, 1000.0), cpu)]);
+        let mut report = report_of(vec![
+            ours(BackendKind::VhostUserZram, 1.9),
+            ours(BackendKind::VhostUserZramPolling(50), 2.5),
+            backend(
+                BackendKind::KernelZram,
+                vec![phase(Phase::RandRead, 1000.0)],
+            ),
+        ]);
+        let start = "randread CPU µs/req vs codec floor";
+        assert_eq!(
+            goal_cells(&report.render(), start),
+            ["n/a", "n/a"],
+            "no floor"
+        );
+        assert!(report.render().contains("codec floor: not measured"));
+
+        report.codec_floor = Some(floor(3.0, 1.0));
+        report.apply_codec_floor();
+
+        assert_eq!(
+            goal_cells(&report.render(), start),
+            ["1.90 vs 1.00 µs met", "2.50 vs 1.00 µs missed"]
+        );
+    }
+
+    #[test]
+    fn randwrite_cpu_with_workers_is_held_to_the_inline_variants_plus_0_3_us() {
+        let ours = |kind, cpu| backend(kind, vec![with_cpu(phase(Phase::RandWrite, 1000.0), cpu)]);
+        let inline = ours(BackendKind::VhostUserZramInline, 3.0);
+        let kernel = backend(BackendKind::KernelZram, vec![]);
+        let start = "randwrite CPU µs/req vs --workers 0";
+        let report = report_of(vec![
+            ours(BackendKind::VhostUserZram, 3.2),
+            ours(BackendKind::VhostUserZramPolling(50), 3.5),
+            inline.clone(),
+            kernel.clone(),
+        ]);
+        assert_eq!(
+            goal_cells(&report.render(), start),
+            ["3.20 vs 3.00 µs met", "3.50 vs 3.00 µs missed"]
+        );
+        assert_eq!(
+            goal(start).judge(&inline, Some(&inline)),
+            "n/a",
+            "not itself"
+        );
+        let without_inline = report_of(vec![ours(BackendKind::VhostUserZram, 3.2), kernel]);
+        let text = without_inline.render();
+        assert_eq!(goal_cells(&text, start), ["n/a"]);
+        assert!(text.contains("vuz --workers 0: not in this run"), "{text}");
+    }
+
+    #[test]
+    fn random_iops_are_held_to_two_and_two_and_a_half_times_kernel_zrams() {
+        let ours = |kind, read, write| {
+            backend(
+                kind,
+                vec![phase(Phase::RandRead, read), phase(Phase::RandWrite, write)],
+            )
+        };
+        let report = report_of(vec![
+            ours(BackendKind::VhostUserZram, 200_000.0, 250_000.0),
+            ours(BackendKind::VhostUserZramPolling(50), 150_000.0, 200_000.0),
+            ours(BackendKind::KernelZram, 100_000.0, 100_000.0),
+        ]);
+        let text = report.render();
+        assert_eq!(
+            goal_cells(&text, "randread IOPS / kernel-zram's (>= 2.0x)"),
+            ["2.00x met", "1.50x missed"]
+        );
+        assert_eq!(
+            goal_cells(&text, "randwrite IOPS / kernel-zram's (>= 2.5x)"),
+            ["2.50x met", "2.00x missed"]
+        );
+        let skipped = report_of(vec![
+            ours(BackendKind::VhostUserZram, 200_000.0, 250_000.0),
+            BackendReport::skipped(BackendKind::KernelZram, "no zram".into()),
+        ]);
+        let text = skipped.render();
+        assert_eq!(goal_cells(&text, "randwrite IOPS / kernel"), ["n/a"]);
+    }
+
+    #[test]
+    fn tails_are_held_to_kernel_zrams_p99_9_for_reads_and_p99_for_writes() {
+        let ours = |kind, p999, p99| {
+            let mut read = phase(Phase::RandRead, 1000.0);
+            read.p999_us = p999;
+            backend(
+                kind,
+                vec![read, with_p99(phase(Phase::RandWrite, 1000.0), p99)],
+            )
+        };
+        let report = report_of(vec![
+            ours(BackendKind::VhostUserZram, 200.0, 90.0),
+            ours(BackendKind::VhostUserZramPolling(50), 301.0, 121.0),
+            ours(BackendKind::KernelZram, 300.0, 120.0),
+        ]);
+        let text = report.render();
+        assert_eq!(
+            goal_cells(&text, "randread p99.9 latency"),
+            ["200 vs 300 µs met", "301 vs 300 µs missed"]
+        );
+        assert_eq!(
+            goal_cells(&text, "randwrite p99 latency"),
+            ["90 vs 120 µs met", "121 vs 120 µs missed"]
+        );
+        let without_randwrite = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![phase(Phase::RandRead, 1.0)],
+            ),
+            backend(BackendKind::KernelZram, vec![phase(Phase::RandRead, 1.0)]),
+        ]);
+        let text = without_randwrite.render();
+        assert_eq!(goal_cells(&text, "randwrite p99 latency"), ["n/a"]);
+        assert!(text.contains("kernel-zram: no randwrite phase"), "{text}");
+        let kernel_skipped = report_of(vec![
+            backend(
+                BackendKind::VhostUserZram,
+                vec![phase(Phase::RandRead, 1.0)],
+            ),
+            BackendReport::skipped(BackendKind::KernelZram, "no zram".into()),
+        ]);
+        assert_eq!(
+            goal_cells(&kernel_skipped.render(), "randread p99.9 latency"),
+            ["n/a"]
+        );
+    }
+
+    #[test]
+    fn a_variant_may_use_at_most_1_percent_more_memory_than_the_default() {
+        let filled = |kind, used| with_memory(backend(kind, vec![phase(Phase::Fill, 1.0)]), used);
+        let start = "mem_used_total vs vhost-user-zram's";
+        let report = report_of(vec![
+            filled(BackendKind::VhostUserZram, 1_000_000),
+            filled(BackendKind::VhostUserZramPolling(50), 1_005_000),
+            backend(BackendKind::KernelZram, vec![]),
+        ]);
+        assert_eq!(
+            goal_cells(&report.render(), start),
+            ["n/a", "+0.50 % met"],
+            "the default is not held against itself"
+        );
+        let costly = report_of(vec![
+            filled(BackendKind::VhostUserZram, 1_000_000),
+            filled(BackendKind::VhostUserZramPolling(50), 1_020_000),
+            backend(BackendKind::KernelZram, vec![]),
+        ]);
+        assert_eq!(
+            goal_cells(&costly.render(), start),
+            ["n/a", "+2.00 % missed"]
+        );
+        let unmeasured = backend(
+            BackendKind::VhostUserZramPolling(50),
+            vec![phase(Phase::Fill, 1.0)],
+        );
+        let default = filled(BackendKind::VhostUserZram, 1_000_000);
+        assert_eq!(goal(start).judge(&unmeasured, Some(&default)), "n/a");
     }
 }

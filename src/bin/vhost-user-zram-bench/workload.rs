@@ -199,6 +199,11 @@ impl PagePool {
         }
     }
 
+    /// Every page of the pool (or corpus), in pool order.
+    pub fn pages(&self) -> &[[u8; PAGE_SIZE]] {
+        &self.pages
+    }
+
     /// The pool index of page `page` (0-based, below `block_pages`) of generation
     /// `generation` of device block `block`.
     fn index_of(&self, block: u64, block_pages: u64, page: u64, generation: u32) -> usize {
