@@ -452,8 +452,14 @@ impl PageStore {
             self.publish(slot, entry);
             return Ok(Ok(()));
         }
+        let grew = buffer.grew;
         let (buffer, generation) = deferred.pool.publish(buffer);
-        self.counters.note_mem_used(self.mem_used_total());
+        if grew {
+            // Only a buffer new to memory can raise the peak; the rest of mem_used_total is
+            // the workers' to note (reading it here would pull their counters' cache lines
+            // to this CPU at every write).
+            self.counters.note_mem_used(self.mem_used_total());
+        }
         let new = SlotEntry::pending(buffer, generation);
         let swapped = self.lock(slot).swap(new);
         self.dirty.mark(slot);

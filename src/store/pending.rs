@@ -47,6 +47,8 @@ pub const WORKER_BATCH: usize = crate::codec::MAX_BATCH;
 pub(crate) struct TakenBuffer {
     pub(crate) index: u32,
     pub(crate) generation: u32,
+    /// Whether taking it made the pool's memory grow (a cold buffer became resident).
+    pub(crate) grew: bool,
 }
 
 /// A page waiting for a worker: slot `slot` was made `Pending(buffer, generation)`. Not
@@ -148,8 +150,8 @@ impl PendingPool {
     /// memory is left and `may_grow` refuses `PAGE_SIZE` more bytes.
     pub(crate) fn take(&self, may_grow: impl FnOnce(u64) -> bool) -> Option<TakenBuffer> {
         let mut free = self.lock_free();
-        let index = match free.resident.pop() {
-            Some(index) => index,
+        let (index, grew) = match free.resident.pop() {
+            Some(index) => (index, false),
             None => {
                 let index = *free.cold.last()?;
                 if !may_grow(PAGE_SIZE as u64) {
@@ -157,7 +159,7 @@ impl PendingPool {
                 }
                 free.cold.pop();
                 self.resident.fetch_add(1, Ordering::Relaxed);
-                index
+                (index, true)
             }
         };
         drop(free);
@@ -165,7 +167,11 @@ impl PendingPool {
         let generation = self.generations[index as usize]
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        Some(TakenBuffer { index, generation })
+        Some(TakenBuffer {
+            index,
+            generation,
+            grew,
+        })
     }
 
     /// The page of a buffer the caller has taken and not yet published; the borrow of
