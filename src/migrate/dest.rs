@@ -218,13 +218,29 @@ impl Incoming {
                     Some(writer) => writer.send_frame(Kind::Started, &[]),
                     None => Err(MigrateError::Protocol("no source is connected".into())),
                 };
-                if let Err(e) = sent {
-                    let error = format!(
-                        "the source could not be told that the device starts: {}",
-                        e.sentence()
-                    );
-                    self.fail(&error);
-                    return Err(error);
+                match sent {
+                    Ok(()) => {}
+                    Err(e) if e.peer_hung_up() => {
+                        // The source may have given the device up already: its frontend
+                        // left after Synced, it sent Close and shut its stream down, and
+                        // that Close is still to be read here. What it sent decides, not
+                        // this write: Close completes the store, and a stream that ends
+                        // without it fails (the receiver's check).
+                        log::info!(
+                            "migration from {}: the source hung up before Started reached it \
+                             ({}); waiting for what it sent last",
+                            self.shared.at,
+                            e.sentence()
+                        );
+                    }
+                    Err(e) => {
+                        let error = format!(
+                            "the source could not be told that the device starts: {}",
+                            e.sentence()
+                        );
+                        self.fail(&error);
+                        return Err(error);
+                    }
                 }
                 stream = lock(&self.shared.stream);
                 continue;
@@ -601,7 +617,12 @@ fn receive_pages(shared: &Arc<Shared>, mut reader: FrameReader) -> Result<(), Mi
             }
             Kind::Alive => {
                 if let Some(writer) = lock(&shared.writer).as_mut() {
-                    writer.send_frame(Kind::Alive, &[])?;
+                    match writer.send_frame(Kind::Alive, &[]) {
+                        // A source that hung up may have sent Close before it did: read on,
+                        // the stream's end decides (as for Started in `wait_ready`).
+                        Err(e) if !e.peer_hung_up() => return Err(e),
+                        Ok(()) | Err(_) => {}
+                    }
                 }
             }
             Kind::Granted => {

@@ -61,6 +61,22 @@ impl MigrateError {
         }
         text
     }
+
+    /// Whether this is a write that failed because the peer hung up (closed or shut down its
+    /// side). What the peer sent before it hung up may still be waiting to be read.
+    pub(crate) fn peer_hung_up(&self) -> bool {
+        use std::io::ErrorKind;
+        matches!(
+            self,
+            MigrateError::Io { source, .. } if matches!(
+                source.kind(),
+                ErrorKind::BrokenPipe
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::NotConnected
+            )
+        )
+    }
 }
 
 /// Where a migration stands.

@@ -274,3 +274,87 @@ fn a_token_file_loses_its_trailing_newline_and_a_short_one_is_refused() {
         "{missing}"
     );
 }
+
+/// A destination driven by a scripted source speaking the stream by hand.
+mod scripted_source {
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::super::wire::{self, Conn, FrameReader, FrameWriter, Kind};
+    use super::super::{Incoming, MigrationState};
+    use crate::codec::Algorithm;
+    use crate::migrate::Endpoint;
+    use crate::store::{PageStore, StoreConfig};
+
+    /// A connected source that said hello and sent the destination's own shape.
+    fn connect(dest: &PageStore, path: &std::path::Path) -> (UnixStream, FrameWriter) {
+        let stream = UnixStream::connect(path).unwrap();
+        let mut reader = FrameReader::new(Conn::Unix(stream.try_clone().unwrap()));
+        let mut writer = FrameWriter::new(Conn::Unix(stream.try_clone().unwrap()));
+        writer
+            .send_frame(
+                Kind::Hello,
+                &wire::hello(wire::ROLE_SOURCE, false, &[7; wire::NONCE_BYTES]),
+            )
+            .unwrap();
+        let (kind, _) = reader.next().unwrap().unwrap();
+        assert_eq!(kind, Kind::Hello);
+        let shape = dest.store_shape();
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&shape.capacity_pages.to_le_bytes());
+        payload.extend_from_slice(&shape.page_size.to_le_bytes());
+        for name in &shape.algorithms {
+            let len = u16::try_from(name.len()).unwrap();
+            payload.extend_from_slice(&len.to_le_bytes());
+            payload.extend_from_slice(name.as_bytes());
+        }
+        writer.send_frame(Kind::Shape, &payload).unwrap();
+        (stream, writer)
+    }
+
+    fn wait_for(incoming: &Incoming, state: MigrationState) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while incoming.status().state != state {
+            assert!(Instant::now() < deadline, "{:?}", incoming.status());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_started_the_source_cannot_take_still_lets_its_close_complete_the_store() {
+        // Arrange: the source sent every page and Synced, then stopped reading, as a source
+        // whose frontend left does once it has sent Close and shut its stream down.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("migrate.sock");
+        let dest = Arc::new(
+            PageStore::new(StoreConfig {
+                capacity_pages: 16,
+                algorithm: Algorithm::Lz4,
+                level: None,
+                mem_limit: None,
+            })
+            .unwrap(),
+        );
+        let incoming =
+            Incoming::listen(Arc::clone(&dest), Endpoint::Unix(path.clone()), None).unwrap();
+        let (stream, mut writer) = connect(&dest, &path);
+        writer.send_frame(Kind::Synced, &[]).unwrap();
+        wait_for(&incoming, MigrationState::Synced);
+        stream.shutdown(Shutdown::Read).unwrap();
+
+        // Act: the destination's queues start (its Started cannot be written), then the
+        // source's Close arrives.
+        let before_close = incoming.wait_ready(Duration::from_millis(200));
+        let close = writer.send_frame(Kind::Close, &[]);
+        let after_close = incoming.wait_ready(Duration::from_secs(10));
+
+        // Assert: not complete before the Close, complete after it.
+        let early = before_close.unwrap_err();
+        assert!(early.contains("is not complete after"), "{early}");
+        close.unwrap();
+        after_close.unwrap();
+        assert_eq!(incoming.status().state, MigrationState::Completed);
+    }
+}
