@@ -587,6 +587,34 @@ fn a_close_after_synced_lets_the_destination_start_without_the_source() {
     assert_same_pages(&source, &dest);
 }
 
+/// QEMU stops the source's queues and leaves at once: both notices reach the sender before it
+/// wakes. The Synced the stop sends must still be followed by the Close the departure owes, so
+/// that the destination starts without waiting for a grant the source can no longer give.
+#[test]
+fn a_frontend_that_leaves_as_it_stops_the_queues_still_closes_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _w1) = store(256);
+    let (dest, _w2) = store(256);
+    fill(&source, 13);
+    let (_path, at) = socket(&dir);
+    let incoming = Incoming::listen_with(Arc::clone(&dest), at.clone(), None, quick()).unwrap();
+    let migration = MigrationSource::start_with(Arc::clone(&source), at, None, quick()).unwrap();
+    assert!(eventually(Duration::from_secs(10), || migration
+        .status()
+        .state
+        == MigrationState::Precopy));
+    migration.queues_stopped();
+    migration.frontend_gone();
+    assert!(
+        migration.join(Duration::from_secs(5)),
+        "the source never ended"
+    );
+    assert_eq!(migration.status().state, MigrationState::Completed);
+    drop(migration);
+    incoming.wait_ready(Duration::from_secs(5)).unwrap();
+    assert_same_pages(&source, &dest);
+}
+
 #[test]
 fn a_stale_socket_is_replaced_and_a_regular_file_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();

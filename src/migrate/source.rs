@@ -559,6 +559,10 @@ impl Sender<'_> {
             let stop = std::mem::take(&mut control.stopped) && phase == Phase::Precopy;
             if stop {
                 control.synced = true;
+                // The frontend may have left right after it stopped the queues, both before
+                // this thread woke: the Close its departure owes follows the Synced this stop
+                // sends, on the next turn.
+                control.frontend_gone |= gone;
             }
             drop(control);
             if stop {
