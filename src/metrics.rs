@@ -69,7 +69,19 @@ struct StoreFigure {
 const PREFIX: &str = "vhost_user_zram_";
 
 /// Every mm_stat and io_stat figure, the store facts, and the compression workers.
-const STORE_FIGURES: [StoreFigure; 32] = [
+const STORE_FIGURES: [StoreFigure; 34] = [
+    StoreFigure {
+        name: "state_file_bytes",
+        help: "Bytes the state file (--state) occupies in memory; 0 without one.",
+        kind: MetricType::Gauge,
+        value: |s| s.info.state_file_bytes,
+    },
+    StoreFigure {
+        name: "damaged_pages",
+        help: "Pages whose slot entry recovery found damaged: they read as I/O errors until written or discarded.",
+        kind: MetricType::Gauge,
+        value: |s| s.info.damaged_pages,
+    },
     StoreFigure {
         name: "workers",
         help: "Compression worker threads (0: the queue threads compress).",
@@ -865,6 +877,8 @@ mod tests {
             ("io_invalid_io_total", io.invalid_io),
             ("io_notify_free_total", io.notify_free),
             ("disksize_bytes", stats.info.disksize),
+            ("state_file_bytes", stats.info.state_file_bytes),
+            ("damaged_pages", stats.info.damaged_pages),
         ];
         for (name, value) in expected {
             let full = format!("{PREFIX}{name}");
