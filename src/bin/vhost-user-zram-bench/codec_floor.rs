@@ -14,10 +14,12 @@
 //! - *compressed*: detection and compression; the read decompresses.
 //!
 //! A compress pass runs detection and, where the store would, the codec over every page; a
-//! decompress pass regenerates every page from what the store would keep. Each pass is timed
+//! decompress pass regenerates every page from what the store would keep. Passes are timed
 //! with this thread's CPU clock (so time the scheduler gives other processes does not count),
-//! passes alternate until together they take [`TARGET_CPU`] (at least [`MIN_PASSES`] each),
-//! and the best pass of each kind is the floor: the least the codec needed for this page mix.
+//! as many in a row as make a sample of at least a millisecond (the clock may not move over
+//! one short pass); samples alternate until together they take [`TARGET_CPU`] (at least
+//! [`MIN_PASSES`] passes each), and the best sample of each kind, per pass, is the floor: the
+//! least the codec needed for this page mix.
 
 use std::hint::black_box;
 use std::str::FromStr;
@@ -91,19 +93,35 @@ impl CodecFloor {
         let stored: Vec<Stored> = sample.iter().map(|page| store(&*codec, page)).collect();
         let mut scratch = vec![0u8; COMPRESS_BUFFER];
         let mut out = [0u8; PAGE_SIZE];
+        // A timed sample repeats a pass until it lasts MIN_SAMPLE: the thread CPU clock may
+        // not move over a pass of a few pages (seen: a best pass of 0 ns over 3 pages).
+        let mut compress_sample = |reps: u32| {
+            thread_cpu(|| {
+                for _ in 0..reps {
+                    compress_pass(&*codec, &sample, &mut scratch);
+                }
+            })
+            .map(|((), spent)| spent)
+        };
+        let compress_reps = calibrate(&mut compress_sample)?;
+        let mut decompress_sample = |reps: u32| {
+            let (decoded, spent) = thread_cpu(|| {
+                (0..reps).try_for_each(|_| decompress_pass(&*codec, &sample, &stored, &mut out))
+            })?;
+            decoded.map(|()| spent)
+        };
+        let decompress_reps = calibrate(&mut decompress_sample)?;
         let mut best_compress = Duration::MAX;
         let mut best_decompress = Duration::MAX;
         let mut spent = Duration::ZERO;
         let mut passes = 0;
         while passes < MIN_PASSES || (spent < target && passes < MAX_PASSES) {
-            let ((), compress) = thread_cpu(|| compress_pass(&*codec, &sample, &mut scratch))?;
-            let (decoded, decompress) =
-                thread_cpu(|| decompress_pass(&*codec, &sample, &stored, &mut out))?;
-            decoded?;
-            best_compress = best_compress.min(compress);
-            best_decompress = best_decompress.min(decompress);
+            let compress = compress_sample(compress_reps)?;
+            let decompress = decompress_sample(decompress_reps)?;
+            best_compress = best_compress.min(compress / compress_reps);
+            best_decompress = best_decompress.min(decompress / decompress_reps);
             spent += compress + decompress;
-            passes += 1;
+            passes += compress_reps.min(decompress_reps);
         }
         let count = sample.len() as f64;
         let share =
@@ -207,6 +225,19 @@ fn thread_cpu<T>(work: impl FnOnce() -> T) -> Result<(T, Duration), String> {
     let result = work();
     let after = thread_cpu_now()?;
     Ok((result, after.saturating_sub(before)))
+}
+
+/// The shortest timed sample: long enough for the thread CPU clock to measure.
+const MIN_SAMPLE: Duration = Duration::from_millis(1);
+
+/// How many passes a timed sample repeats so that it lasts [`MIN_SAMPLE`] (doubling from one;
+/// at most [`MAX_PASSES`]).
+fn calibrate(sample: &mut impl FnMut(u32) -> Result<Duration, String>) -> Result<u32, String> {
+    let mut reps = 1;
+    while reps < MAX_PASSES && sample(reps)? < MIN_SAMPLE {
+        reps *= 2;
+    }
+    Ok(reps)
 }
 
 /// This thread's CPU clock.
