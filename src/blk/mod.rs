@@ -84,6 +84,31 @@ pub unsafe trait BlockBackend: Send + Sync {
         self.write_page(index, &page).map(Ok)
     }
 
+    /// Replaces pages `first..first + count` with what `fill` writes: `fill(i, page)` fills the
+    /// i-th page, called in order, once per page, until it fails. A backend may store the pages
+    /// together (a multi-page unit). When `fill` fails at page i, pages before i hold their old or
+    /// their new content, page i and after are unchanged, and the error comes back inside `Ok`;
+    /// a store error names the page it failed on.
+    ///
+    /// By default the pages are written one by one through
+    /// [`write_page_with`](Self::write_page_with), so pages before a failure hold their new
+    /// content.
+    fn write_pages_with<R>(
+        &self,
+        first: u64,
+        count: usize,
+        mut fill: impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), R>,
+    ) -> Result<Result<(), R>, (u64, Self::Error)> {
+        for (i, index) in (first..).take(count).enumerate() {
+            match self.write_page_with(index, |page| fill(i, page)) {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Ok(Err(error)),
+                Err(error) => return Err((index, error)),
+            }
+        }
+        Ok(Ok(()))
+    }
+
     /// Reads page `index`, lets `f` change it and stores the result, atomically with respect to
     /// other operations on the same page. Used for writes that cover part of a page.
     fn modify_page<R>(
