@@ -15,7 +15,8 @@
 //!    rest of the readable bytes (writes) or the writable bytes before the status byte (reads).
 //!    A request carrying data in the direction its type does not use is refused. The runner
 //!    tracks the request as in flight from here on.
-//! 2. **Execute** ([`RequestRunner::execute`]) against a [`BlockBackend`], page by page,
+//! 2. **Execute** ([`RequestRunner::execute`]) against a [`BlockBackend`], page by page (a
+//!    write hands each run of whole pages to the store in one call, a multi-page unit),
 //!    through one per-thread page buffer; on the queue thread a read of a whole page whose
 //!    destination is one contiguous piece of one guest memory region is decompressed straight
 //!    into guest memory instead ([`lend_guest_page`]). A read of written-back pages may run on
@@ -1262,8 +1263,10 @@ impl Command {
         })
     }
 
-    /// Stores the device-readable data: whole pages are copied once, straight into a buffer
-    /// the store provides; partial pages are merged with the stored page under its lock.
+    /// Stores the device-readable data: each run of whole pages goes to the store in one call
+    /// (which may compress them together), every page copied once, straight into a buffer the
+    /// store provides; a partial page at either end is merged with the stored page under its
+    /// lock.
     fn write<M, B>(
         self,
         data: &mut RequestData<'_>,
@@ -1275,17 +1278,26 @@ impl Command {
         B: BlockBackend,
     {
         let readable = &mut data.readable;
-        for_each_page(self.sector, readable.remaining, |index, in_page| {
-            let copied = if in_page.len() == PAGE_SIZE {
-                backend.write_page_with(index, |page| readable.read_into(mem, page))
-            } else {
-                backend.modify_page(index, |stored| {
-                    readable.read_into(mem, &mut stored[in_page.clone()])
+        for_each_piece(self.sector, readable.remaining, |piece| match piece {
+            PagePiece::Whole { first, count } => {
+                let mut next = 0;
+                backend
+                    .write_pages_with(first, count, |i, page| {
+                        // The guest's bytes come off the cursor in order: page i is the next
+                        // page of it only when the pages are filled in order.
+                        debug_assert_eq!(i, next, "write_pages_with filled a page out of order");
+                        next += 1;
+                        readable.read_into(mem, page)
+                    })
+                    .map_err(|(index, source)| RequestError::WriteFailed { index, source })?
+                    .map_err(RequestError::Copy)
+            }
+            PagePiece::Partial { index, in_page } => backend
+                .modify_page(index, |stored| {
+                    readable.read_into(mem, &mut stored[in_page])
                 })
-            };
-            copied
                 .map_err(|source| RequestError::WriteFailed { index, source })?
-                .map_err(RequestError::Copy)
+                .map_err(RequestError::Copy),
         })
     }
 }
@@ -1370,6 +1382,44 @@ fn for_each_page<E>(
         position += n;
     }
     Ok(())
+}
+
+/// What [`for_each_piece`] hands on: part of one page, or a run of whole pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PagePiece {
+    /// Bytes `in_page` of page `index`, less than the whole page.
+    Partial { index: u64, in_page: Range<usize> },
+    /// Pages `first..first + count`, whole; `count` is at least 1.
+    Whole { first: u64, count: usize },
+}
+
+/// Calls `f` for the pieces of the byte range `[sector * 512, sector * 512 + len)`, in order:
+/// each maximal run of whole pages as one [`PagePiece::Whole`], and each page the range covers
+/// only in part (at most one at either end) as a [`PagePiece::Partial`]. The range must have
+/// been checked.
+fn for_each_piece<E>(
+    sector: u64,
+    len: u64,
+    mut f: impl FnMut(PagePiece) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut run: Option<(u64, usize)> = None;
+    for_each_page(sector, len, |index, in_page| {
+        if in_page.len() == PAGE_SIZE {
+            match &mut run {
+                Some((_, count)) => *count += 1,
+                None => run = Some((index, 1)),
+            }
+            return Ok(());
+        }
+        if let Some((first, count)) = run.take() {
+            f(PagePiece::Whole { first, count })?;
+        }
+        f(PagePiece::Partial { index, in_page })
+    })?;
+    match run {
+        Some((first, count)) => f(PagePiece::Whole { first, count }),
+        None => Ok(()),
+    }
 }
 
 /// One segment of a discard or write-zeroes request.
