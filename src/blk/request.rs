@@ -536,6 +536,15 @@ impl<E: std::error::Error + 'static> Request<E> {
             Stage::Done(_) => true,
         }
     }
+
+    /// Why the executed request failed, if it did: what the guest only sees as a status byte.
+    #[cfg(test)]
+    pub(super) fn error(&self) -> Option<&RequestError<E>> {
+        match &self.stage {
+            Stage::Done(Err(error)) => Some(error),
+            Stage::Parsed { .. } | Stage::Done(Ok(())) => None,
+        }
+    }
 }
 
 /// Where [`RequestRunner::process_next`] offers a slow read: it takes the request (`Ok`) or

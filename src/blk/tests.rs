@@ -26,7 +26,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::request::{Next, OnQueueThread, Request, RequestRunner};
+use super::request::{Next, OnQueueThread, Request, RequestError, RequestRunner};
 use super::{BlockBackend, DeviceConfig};
 use crate::PAGE_SIZE;
 
@@ -45,17 +45,32 @@ const QUEUE_SIZE: u16 = 256;
 #[error("injected store failure")]
 struct InjectedFailure;
 
-/// A plain in-memory page store with zram's counters and failure injection.
+/// A call the request path made to the store's write operations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoreCall {
+    /// `modify_page(index)`: part of a page.
+    Modify(u64),
+    /// `write_pages_with(first, count)`: a run of whole pages.
+    Pages { first: u64, count: usize },
+}
+
+/// A plain in-memory page store with zram's counters and failure injection. It stores a run
+/// of whole pages as a multi-page unit would: it fills every page first and stores nothing
+/// when a fill fails.
 #[derive(Default)]
 struct TestStore {
     capacity: u64,
     pages: Mutex<HashMap<u64, Box<[u8; PAGE_SIZE]>>>,
     discarded: Mutex<Vec<Range<u64>>>,
+    /// The write calls, in order.
+    calls: Mutex<Vec<StoreCall>>,
     /// Where each `read_page` was asked to put its page: guest memory (zero-copy) or the
     /// worker's page buffer.
     read_targets: Mutex<Vec<usize>>,
     fail_reads: bool,
     fail_writes: bool,
+    /// Writing this page fails, alone or in a run.
+    fail_write_at: Option<u64>,
     /// Pages below this index read slowly (as if written back to a file).
     slow_below: u64,
     failed_reads: AtomicU64,
@@ -81,6 +96,11 @@ impl TestStore {
 
     fn stored(&self, index: u64) -> bool {
         self.pages.lock().unwrap().contains_key(&index)
+    }
+
+    /// The write calls since the last call.
+    fn take_calls(&self) -> Vec<StoreCall> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
     }
 }
 
@@ -121,13 +141,40 @@ unsafe impl BlockBackend for TestStore {
             index < self.capacity,
             "write past capacity reached the store"
         );
-        if self.fail_writes {
+        if self.fail_writes || self.fail_write_at == Some(index) {
             // Like the page store, the test store counts its own failures.
             self.failed_writes.fetch_add(1, Ordering::Relaxed);
             return Err(InjectedFailure);
         }
         self.pages.lock().unwrap().insert(index, Box::new(*page));
         Ok(())
+    }
+
+    fn write_pages_with<R>(
+        &self,
+        first: u64,
+        count: usize,
+        mut fill: impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), R>,
+    ) -> Result<Result<(), R>, (u64, InjectedFailure)> {
+        assert!(
+            first + count as u64 <= self.capacity,
+            "write past capacity reached the store"
+        );
+        self.calls
+            .lock()
+            .unwrap()
+            .push(StoreCall::Pages { first, count });
+        let mut unit = vec![[0u8; PAGE_SIZE]; count];
+        for (i, page) in unit.iter_mut().enumerate() {
+            if let Err(error) = fill(i, page) {
+                return Ok(Err(error));
+            }
+        }
+        for (index, page) in (first..).zip(&unit) {
+            self.write_page(index, page)
+                .map_err(|error| (index, error))?;
+        }
+        Ok(Ok(()))
     }
 
     fn modify_page<R>(
@@ -139,7 +186,8 @@ unsafe impl BlockBackend for TestStore {
             index < self.capacity,
             "modify past capacity reached the store"
         );
-        if self.fail_writes {
+        self.calls.lock().unwrap().push(StoreCall::Modify(index));
+        if self.fail_writes || self.fail_write_at == Some(index) {
             // Like the page store, the test store counts its own failures.
             self.failed_writes.fetch_add(1, Ordering::Relaxed);
             return Err(InjectedFailure);
@@ -1597,4 +1645,341 @@ fn a_read_into_a_lent_guest_page_marks_it_dirty() {
     assert!(dirty(DATA) && dirty(DATA + PAGE_SIZE as u64 - 1));
     assert!(dirty(STATUS));
     assert!(!dirty(DATA + PAGE_SIZE as u64));
+}
+
+// Multi-page units: a write hands each run of whole pages to the store in one
+// `write_pages_with` call, and partial pages at either end to `modify_page`. `TestStore` takes a
+// run as a multi-page unit would (everything filled, then stored); `PageByPage` takes the
+// trait's default, page by page through `write_page_with`.
+
+/// The test store without its own `write_pages_with`: runs go through the trait's default.
+struct PageByPage(TestStore);
+
+// SAFETY: every method hands on to `TestStore`, whose `read_page` keeps the rules.
+unsafe impl BlockBackend for PageByPage {
+    type Error = InjectedFailure;
+
+    fn capacity_pages(&self) -> u64 {
+        self.0.capacity_pages()
+    }
+
+    fn read_page(&self, index: u64, page: &mut [u8; PAGE_SIZE]) -> Result<(), InjectedFailure> {
+        self.0.read_page(index, page)
+    }
+
+    fn write_page(&self, index: u64, page: &[u8; PAGE_SIZE]) -> Result<(), InjectedFailure> {
+        self.0.write_page(index, page)
+    }
+
+    fn modify_page<R>(
+        &self,
+        index: u64,
+        f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R,
+    ) -> Result<R, InjectedFailure> {
+        self.0.modify_page(index, f)
+    }
+
+    fn discard_pages(&self, pages: Range<u64>) -> Result<(), InjectedFailure> {
+        self.0.discard_pages(pages)
+    }
+
+    fn count_invalid_io(&self) {
+        self.0.count_invalid_io();
+    }
+}
+
+/// Page `index` as the store holds it (zeros when never written).
+fn stored_page(store: &TestStore, index: u64) -> Vec<u8> {
+    store
+        .pages
+        .lock()
+        .unwrap()
+        .get(&index)
+        .map_or_else(|| vec![0; PAGE_SIZE], |page| page.to_vec())
+}
+
+#[test]
+fn a_64k_write_reaches_the_store_as_one_run_of_16_pages() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 64);
+    let data = pattern(64 * 1024, 11);
+
+    assert_eq!(h.write(8 * 8, &data), (1, OK));
+
+    assert_eq!(
+        h.store.take_calls(),
+        [StoreCall::Pages {
+            first: 8,
+            count: 16
+        }]
+    );
+    assert_eq!(h.read(8 * 8, data.len()), data);
+    assert_eq!(h.store.counters(), (0, 0, 0));
+}
+
+#[test]
+fn a_write_with_partial_end_pages_is_modify_then_one_run_then_modify() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let old = pattern(6 * PAGE_SIZE, 12);
+    assert_eq!(h.write(0, &old), (1, OK));
+    h.store.take_calls();
+    // From sector 3 (inside page 0) to 3 sectors into page 4: pages 1..4 are whole.
+    let data = pattern(4 * PAGE_SIZE, 13);
+
+    assert_eq!(h.write(3, &data), (1, OK));
+
+    assert_eq!(
+        h.store.take_calls(),
+        [
+            StoreCall::Modify(0),
+            StoreCall::Pages { first: 1, count: 3 },
+            StoreCall::Modify(4),
+        ]
+    );
+    let mut expected = old;
+    expected[3 * 512..3 * 512 + data.len()].copy_from_slice(&data);
+    assert_eq!(h.read(0, 6 * PAGE_SIZE), expected);
+}
+
+#[test]
+fn a_write_inside_one_page_or_across_one_boundary_makes_no_run() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+
+    assert_eq!(h.write(1, &[0x21; 3 * 512]), (1, OK));
+    assert_eq!(h.store.take_calls(), [StoreCall::Modify(0)]);
+    assert_eq!(h.write(7, &[0x22; 2 * 512]), (1, OK));
+    assert_eq!(
+        h.store.take_calls(),
+        [StoreCall::Modify(0), StoreCall::Modify(1)]
+    );
+}
+
+#[test]
+fn a_run_from_several_descriptors_fills_its_pages_in_order() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let data = pattern(6 * PAGE_SIZE, 14);
+    // Cuts inside pages and on a page boundary, pieces spread over guest memory.
+    let pieces = [
+        (DATA, 1000u32),
+        (DATA + 0x2_0000, 7000),
+        (DATA + 0x5_0000 + 8, 4 * PAGE_SIZE as u32 - 8000),
+        (DATA + 0x8_0000, 2 * PAGE_SIZE as u32),
+    ];
+    let mut descs = vec![header()];
+    let mut at = 0;
+    for (addr, len) in pieces {
+        mem.write_slice(&data[at..at + len as usize], GuestAddress(addr))
+            .unwrap();
+        descs.push(readable(addr, len));
+        at += len as usize;
+    }
+    assert_eq!(at, data.len());
+    descs.push(status_desc());
+
+    assert_eq!(h.request(VIRTIO_BLK_T_OUT, 8, &descs), (1, OK));
+
+    assert_eq!(
+        h.store.take_calls(),
+        [StoreCall::Pages { first: 1, count: 6 }]
+    );
+    for (index, expected) in (1..).zip(data.chunks(PAGE_SIZE)) {
+        assert_eq!(stored_page(&h.store, index), expected, "page {index}");
+    }
+}
+
+/// Posts a write of `new` (8 pages) at page 0 from two descriptors, the first 3 pages in the
+/// first memory region of `mem` and the rest in the second, takes it with all of `mem` and
+/// executes and completes it with the second region gone: the fill fails at page 3. Returns
+/// the status byte and the request's used length.
+fn write_losing_memory_at_page_3<S: BlockBackend>(
+    h: &mut Harness<'_, S>,
+    mem: &GuestMemoryMmap<()>,
+    new: &[u8],
+) -> (u32, u8) {
+    let second = REGION_SPLIT + 0x1_0000;
+    mem.write_slice(&new[..3 * PAGE_SIZE], GuestAddress(DATA))
+        .unwrap();
+    mem.write_slice(&new[3 * PAGE_SIZE..], GuestAddress(second))
+        .unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.write_header(VIRTIO_BLK_T_OUT, 0);
+    let head = h.add_chain(&[
+        header(),
+        readable(DATA, 3 * PAGE_SIZE as u32),
+        readable(second, 5 * PAGE_SIZE as u32),
+        status_desc(),
+    ]);
+    let chain = h.queue.pop_descriptor_chain(mem).unwrap();
+    let mut request = h.runner.take(chain, mem, &h.device);
+    let (shrunk, _) = mem
+        .remove_region(GuestAddress(REGION_SPLIT), MEM_SIZE as u64 / 2)
+        .unwrap();
+
+    h.runner
+        .execute(&mut request, &shrunk, &h.store, &h.device, &OnQueueThread);
+    assert!(
+        matches!(request.error(), Some(RequestError::Copy(_))),
+        "{:?}",
+        request.error()
+    );
+    h.runner
+        .complete(&mut h.queue, &shrunk, &h.store, request)
+        .unwrap();
+
+    let elem =
+        h.vq.used()
+            .ring()
+            .ref_at(usize::from(
+                h.queue.next_used().wrapping_sub(1) % QUEUE_SIZE,
+            ))
+            .unwrap()
+            .load();
+    assert_eq!(elem.id(), u32::from(head));
+    (elem.len(), mem.read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+#[test]
+fn a_fill_failure_mid_run_returns_ioerr_and_leaves_later_pages_alone() {
+    let mem = two_region_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let old = pattern(8 * PAGE_SIZE, 15);
+    assert_eq!(h.write(0, &old), (1, OK));
+    h.store.take_calls();
+    let new = pattern(8 * PAGE_SIZE, 16);
+
+    let (used, status) = write_losing_memory_at_page_3(&mut h, &mem, &new);
+
+    // What the guest got when pages went to the store one by one: an I/O error, counted as
+    // the guest's (invalid_io), not the store's.
+    assert_eq!((used, status), (1, IOERR));
+    assert_eq!(h.store.counters(), (0, 0, 1));
+    assert_eq!(
+        h.store.take_calls(),
+        [StoreCall::Pages { first: 0, count: 8 }]
+    );
+    // This store stores the unit only once every page is filled: nothing changed.
+    for (index, page) in (0..).zip(old.chunks(PAGE_SIZE)) {
+        assert_eq!(stored_page(&h.store, index), page, "page {index}");
+    }
+    h.assert_still_works();
+}
+
+#[test]
+fn a_fill_failure_mid_run_page_by_page_keeps_the_pages_before_it() {
+    let mem = two_region_memory();
+    let device = DeviceConfig::new(16);
+    let store = PageByPage(TestStore::new(device.capacity_pages));
+    let mut h = Harness::with_store(&mem, device, store);
+    let old = pattern(8 * PAGE_SIZE, 17);
+    assert_eq!(h.write(0, &old), (1, OK));
+    let new = pattern(8 * PAGE_SIZE, 18);
+
+    let (used, status) = write_losing_memory_at_page_3(&mut h, &mem, &new);
+
+    assert_eq!((used, status), (1, IOERR));
+    assert_eq!(h.store.0.counters(), (0, 0, 1));
+    for (index, page) in (0..3).zip(new.chunks(PAGE_SIZE)) {
+        assert_eq!(stored_page(&h.store.0, index), page, "page {index} is new");
+    }
+    for (index, page) in (3..8).zip(old.chunks(PAGE_SIZE).skip(3)) {
+        assert_eq!(stored_page(&h.store.0, index), page, "page {index} is old");
+    }
+    h.assert_still_works();
+}
+
+/// Writes 8 pages at page 0 whose page 5 the store refuses; returns the request's error.
+fn write_refused_at_page_5<S: BlockBackend>(
+    h: &mut Harness<'_, S>,
+    mem: &GuestMemoryMmap<()>,
+    new: &[u8],
+) -> String {
+    mem.write_slice(new, GuestAddress(DATA)).unwrap();
+    h.write_header(VIRTIO_BLK_T_OUT, 0);
+    h.add_chain(&[header(), readable(DATA, new.len() as u32), status_desc()]);
+    let chain = h.queue.pop_descriptor_chain(mem).unwrap();
+    let mut request = h.runner.take(chain, mem, &h.device);
+    h.runner
+        .execute(&mut request, mem, &h.store, &h.device, &OnQueueThread);
+    let error = match request.error() {
+        Some(error @ RequestError::WriteFailed { index: 5, .. }) => error.to_string(),
+        other => panic!("expected page 5 to fail, got {other:?}"),
+    };
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.runner
+        .complete(&mut h.queue, mem, &h.store, request)
+        .unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), IOERR);
+    error
+}
+
+#[test]
+fn a_store_error_inside_a_run_names_the_page_it_failed_on() {
+    let mem = guest_memory();
+    let mut h = Harness::with_pages(&mem, 16);
+    let old = pattern(8 * PAGE_SIZE, 19);
+    assert_eq!(h.write(0, &old), (1, OK));
+    h.store.fail_write_at = Some(5);
+
+    let error = write_refused_at_page_5(&mut h, &mem, &pattern(8 * PAGE_SIZE, 20));
+
+    assert_eq!(error, "writing page 5 failed");
+    assert_eq!(h.store.counters(), (0, 1, 0), "the store's failure, once");
+    for (index, page) in (5..8).zip(old.chunks(PAGE_SIZE).skip(5)) {
+        assert_eq!(stored_page(&h.store, index), page, "page {index} is old");
+    }
+    h.store.fail_write_at = None;
+    h.assert_still_works();
+}
+
+#[test]
+fn a_store_error_page_by_page_names_the_page_it_failed_on() {
+    let mem = guest_memory();
+    let device = DeviceConfig::new(16);
+    let mut store = TestStore::new(device.capacity_pages);
+    store.fail_write_at = Some(5);
+    let mut h = Harness::with_store(&mem, device, PageByPage(store));
+
+    write_refused_at_page_5(&mut h, &mem, &pattern(8 * PAGE_SIZE, 21));
+
+    assert_eq!(h.store.0.counters(), (0, 1, 0));
+    assert!((0..5).all(|index| h.store.0.stored(index)));
+    assert!((5..8).all(|index| !h.store.0.stored(index)));
+}
+
+#[test]
+fn the_default_write_pages_with_fills_each_page_once_in_order() {
+    let store = PageByPage(TestStore::new(16));
+    let mut filled = Vec::new();
+
+    let result = store.write_pages_with(4, 3, |i, page| {
+        filled.push(i);
+        page.fill(i as u8 + 1);
+        Ok::<(), ()>(())
+    });
+
+    assert!(matches!(result, Ok(Ok(()))));
+    assert_eq!(filled, [0, 1, 2]);
+    for index in 4..7u64 {
+        assert_eq!(
+            stored_page(&store.0, index),
+            vec![index as u8 - 3; PAGE_SIZE]
+        );
+    }
+
+    // A fill that fails at page 1 comes back inside Ok; page 1 and after are unchanged.
+    let result = store.write_pages_with(4, 3, |i, page| match i {
+        0 => {
+            page.fill(0x77);
+            Ok(())
+        }
+        _ => Err(i),
+    });
+
+    assert!(matches!(result, Ok(Err(1))));
+    assert_eq!(stored_page(&store.0, 4), vec![0x77; PAGE_SIZE]);
+    assert_eq!(stored_page(&store.0, 5), vec![2; PAGE_SIZE]);
+    assert_eq!(stored_page(&store.0, 6), vec![3; PAGE_SIZE]);
 }
