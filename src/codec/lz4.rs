@@ -13,6 +13,8 @@
 //! decoder never read or write outside the buffers they are given (both are fuzzed upstream,
 //! and so are we: `fuzz/`), and a block that does not decode to exactly one page is an error.
 
+pub mod prefix;
+
 use super::{Algorithm, Codec, CodecError};
 use crate::PAGE_SIZE;
 
