@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use libdeflater::{CompressionLvl, Compressor, Decompressor};
 
-use super::{Algorithm, Codec, CodecError};
+use super::{debug_check_unit, debug_check_unit_decode, full_unit, Algorithm, Codec, CodecError};
 use crate::PAGE_SIZE;
 
 /// The raw DEFLATE codec at one level.
@@ -66,6 +66,26 @@ impl Codec for Deflate {
             Ok(n) => Err(CodecError::Corrupt(format!(
                 "deflate decoded {n} bytes, not a page"
             ))),
+            Err(e) => Err(CodecError::Corrupt(e.to_string())),
+        }
+    }
+
+    fn compress_unit(&self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+        debug_check_unit(src);
+        self.with_contexts(|c| c.compressor.deflate_compress(src, dst))
+            .map_err(|_| CodecError::Incompressible { limit: dst.len() })
+    }
+
+    /// Always decodes the whole unit: libdeflate decodes a buffer whole, it cannot stop early.
+    fn decompress_unit(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        needed: usize,
+    ) -> Result<usize, CodecError> {
+        debug_check_unit_decode(dst, needed);
+        match self.with_contexts(|c| c.decompressor.deflate_decompress(src, dst)) {
+            Ok(n) => full_unit("deflate", n, dst.len()),
             Err(e) => Err(CodecError::Corrupt(e.to_string())),
         }
     }

@@ -5,13 +5,19 @@
 //! Pages compressed here are plain raw DEFLATE with a 4 KiB history: the software inflater
 //! reads them back whether or not the device is there, and the device reads back pages the
 //! software fallback compressed, so a store never depends on the accelerator being present.
+//!
+//! Units (see `codec`) are compressed and decoded in software, by libdeflate (the plain
+//! [`Deflate`] codec at [`UNIT_LEVEL`]): the accelerator's page path works on single 4 KiB pages
+//! with a 4 KiB history, and a unit needs its own 64 KiB history. A unit is the same raw
+//! DEFLATE either way, so the accelerator could decode one and libdeflate decodes what the
+//! accelerator makes; the page path is unchanged.
 
 use std::fmt;
 use std::str::FromStr;
 
 use iaa::{Backend, Engine, HuffmanMode};
 
-use super::{Algorithm, Codec, CodecError, UnknownCodec, MAX_BATCH};
+use super::{Algorithm, Codec, CodecError, Deflate, UnknownCodec, MAX_BATCH};
 use crate::blk::request::ErrorChain;
 use crate::PAGE_SIZE;
 
@@ -108,6 +114,10 @@ impl FromStr for IaaMode {
     }
 }
 
+/// The libdeflate level `deflate-iaa` compresses units at: the fastest, closest to the
+/// accelerator's speed and ratio.
+const UNIT_LEVEL: i32 = 1;
+
 /// The `deflate-iaa` codec: one engine (one work queue), shared by every thread.
 pub struct DeflateIaa {
     engine: Engine,
@@ -190,6 +200,21 @@ impl Codec for DeflateIaa {
             start = end;
         }
     }
+
+    /// In software, through libdeflate: see the module's comment.
+    fn compress_unit(&self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+        Deflate::new(UNIT_LEVEL).compress_unit(src, dst)
+    }
+
+    /// In software, through libdeflate, always whole: see the module's comment.
+    fn decompress_unit(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        needed: usize,
+    ) -> Result<usize, CodecError> {
+        Deflate::new(UNIT_LEVEL).decompress_unit(src, dst, needed)
+    }
 }
 
 #[cfg(test)]
@@ -262,5 +287,29 @@ mod tests {
             .unwrap_err()
             .contains("auto, hardware, software"));
         assert!("static".parse::<IaaMode>().is_err());
+    }
+
+    #[test]
+    fn units_are_plain_deflate_both_ways() {
+        let codec = software(IaaMode::Dynamic);
+        let plain = super::super::Deflate::new(6);
+        let mut gen = PageGen::new(21);
+        let unit: Vec<u8> = (0..8).flat_map(|_| gen.next_page().1.into_iter()).collect();
+        let mut dst = vec![0u8; crate::codec::UNIT_COMPRESS_BUFFER];
+        let mut out = vec![0u8; unit.len()];
+        for (writer, reader) in [
+            (&codec as &dyn Codec, &plain as &dyn Codec),
+            (&plain, &codec),
+        ] {
+            let n = writer.compress_unit(&unit, &mut dst).unwrap();
+            out.fill(0);
+            assert_eq!(
+                reader.decompress_unit(&dst[..n], &mut out, PAGE_SIZE),
+                Ok(unit.len())
+            );
+            assert!(out == unit);
+        }
+        // Units never reach the work queue.
+        assert_eq!(codec.stats().device_compressed, 0);
     }
 }

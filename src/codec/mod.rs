@@ -7,6 +7,11 @@
 //!
 //! The batch call exists for accelerators (Intel IAA compresses up to 8 pages in one submission);
 //! the software codecs loop, `deflate-iaa` submits the batch whole.
+//!
+//! A *unit* is 2 to [`MAX_UNIT_PAGES`] contiguous pages that a guest wrote together, compressed
+//! as one object: the pages share one history, so the object is smaller than the pages'
+//! separate objects. Reading one page of a unit decodes the unit's start up to that page; lz4,
+//! the codec that can stop there, does (`lz4::prefix`), the others decode the whole unit.
 
 mod deflate;
 mod deflate_iaa;
@@ -32,6 +37,26 @@ pub const MAX_BATCH: usize = 8;
 /// [`CodecError::Incompressible`]: zram, too, compresses into a two-page buffer.
 pub const COMPRESS_BUFFER: usize = 2 * PAGE_SIZE;
 
+/// The most pages one unit holds (64 KiB).
+pub const MAX_UNIT_PAGES: usize = 16;
+
+/// The largest object a software codec makes of `pages` pages: a destination buffer this large
+/// never makes one report [`CodecError::Incompressible`] for a unit of that many pages.
+///
+/// It is `lz4_flex`'s bound (the input plus 10 % and 20 bytes), the loosest of the four and the
+/// size `lz4_flex` compresses into without a scratch buffer; the true worst cases are below it:
+/// liblz4's `n + n/255 + 16`, zstd's `n + n/256` plus up to 64 bytes, libdeflate's 5 bytes per
+/// 5000-byte block (a test holds them against it).
+pub const fn unit_compress_bound(pages: usize) -> usize {
+    let bytes = pages * PAGE_SIZE;
+    bytes + bytes / 10 + 20
+}
+
+/// A destination buffer of this size never makes a software codec report
+/// [`CodecError::Incompressible`] for a unit of [`MAX_UNIT_PAGES`] pages (the unit's
+/// [`COMPRESS_BUFFER`]).
+pub const UNIT_COMPRESS_BUFFER: usize = unit_compress_bound(MAX_UNIT_PAGES);
+
 /// Errors a codec reports.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -41,7 +66,8 @@ pub enum CodecError {
         /// The size of the destination buffer that was too small.
         limit: usize,
     },
-    /// The compressed object is corrupt or does not decode to exactly one page.
+    /// The compressed object is corrupt or does not decode to exactly one page (for a unit:
+    /// to exactly its pages).
     #[error("the compressed object is corrupt: {0}")]
     Corrupt(String),
 }
@@ -70,6 +96,57 @@ pub trait Codec: Send + Sync + fmt::Debug {
         for ((page, dst), result) in pages.iter().zip(dsts.iter_mut()).zip(results.iter_mut()) {
             *result = self.compress(page, dst);
         }
+    }
+
+    /// Compresses `src` — 2 to [`MAX_UNIT_PAGES`] whole pages — as one object into `dst` and
+    /// returns the compressed length; [`CodecError::Incompressible`] when it does not fit in
+    /// `dst` (whose content is then unspecified). [`unit_compress_bound`] gives a `dst` that
+    /// always fits.
+    fn compress_unit(&self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError>;
+
+    /// Decodes `src`, which must decode to exactly `dst.len()` bytes (whole pages), into `dst`.
+    /// A codec that can stop early stops once at least `needed` bytes (`1..=dst.len()`) are
+    /// decoded; returns how many bytes it decoded (`needed..=dst.len()`). Only a full decode
+    /// (returned `== dst.len()`) checks the object's length; a partial one guarantees
+    /// `dst[..returned]` equals what a full decode gives, and leaves the rest unspecified.
+    fn decompress_unit(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        needed: usize,
+    ) -> Result<usize, CodecError>;
+}
+
+/// Checks, in debug builds, that `unit` is 2 to [`MAX_UNIT_PAGES`] whole pages: a caller's
+/// bug, not the data's. (Every codec handles other lengths as well, so release builds go on.)
+fn debug_check_unit(unit: &[u8]) {
+    debug_assert!(
+        unit.len().is_multiple_of(PAGE_SIZE)
+            && (2..=MAX_UNIT_PAGES).contains(&(unit.len() / PAGE_SIZE)),
+        "a unit of {} bytes is not 2 to {MAX_UNIT_PAGES} pages",
+        unit.len()
+    );
+}
+
+/// Checks, in debug builds, a unit decode's arguments (see [`debug_check_unit`]) and that
+/// `needed` is in `1..=dst.len()`.
+fn debug_check_unit_decode(dst: &[u8], needed: usize) {
+    debug_check_unit(dst);
+    debug_assert!(
+        (1..=dst.len()).contains(&needed),
+        "{needed} bytes needed of a {}-byte unit",
+        dst.len()
+    );
+}
+
+/// The result of a codec's full decode of a unit of `expected` bytes that produced `decoded`.
+fn full_unit(algorithm: &str, decoded: usize, expected: usize) -> Result<usize, CodecError> {
+    if decoded == expected {
+        Ok(decoded)
+    } else {
+        Err(CodecError::Corrupt(format!(
+            "{algorithm} decoded {decoded} bytes, not the unit's {expected}"
+        )))
     }
 }
 
@@ -295,6 +372,198 @@ mod tests {
                     codec.decompress(junk, &mut out).is_err(),
                     "{alg} accepted junk"
                 );
+            }
+        }
+    }
+
+    /// Every codec this build has, with the levels and modes worth holding apart.
+    fn every_codec() -> Vec<Box<dyn Codec>> {
+        let mut codecs: Vec<Box<dyn Codec>> = Algorithm::ALL
+            .into_iter()
+            .map(|alg| alg.codec(None).unwrap())
+            .collect();
+        codecs.push(Algorithm::Zstd.codec(Some(9)).unwrap());
+        codecs.push(Algorithm::Deflate.codec(Some(6)).unwrap());
+        codecs.push(
+            Algorithm::DeflateIaa(IaaOptions {
+                backend: IaaBackend::Software,
+                mode: IaaMode::Dynamic,
+            })
+            .codec(None)
+            .unwrap(),
+        );
+        codecs
+    }
+
+    /// `count` units of `pages` swap-like pages each.
+    fn units(seed: u64, pages: usize, count: usize) -> Vec<Vec<u8>> {
+        let mut gen = PageGen::new(seed);
+        (0..count)
+            .map(|_| {
+                (0..pages)
+                    .flat_map(|_| gen.next_page().1.into_iter())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A unit of `pages` pages of random bytes.
+    fn random_unit(pages: usize) -> Vec<u8> {
+        let mut gen = PageGen::new(pages as u64);
+        (0..pages)
+            .flat_map(|_| gen.page_of(PageKind::Random).into_iter())
+            .collect()
+    }
+
+    /// A byte the decoders never write in these tests' checks: what is left of it in a
+    /// destination shows where a partial decode stopped.
+    const POISON: u8 = 0xa5;
+
+    #[test]
+    fn every_codec_roundtrips_units_of_swap_like_pages() {
+        let mut dst = vec![0u8; UNIT_COMPRESS_BUFFER];
+        for codec in every_codec() {
+            for pages in [2, 4, 8, 16] {
+                for unit in units(pages as u64, pages, 8) {
+                    let n = codec.compress_unit(&unit, &mut dst).unwrap();
+                    let mut out = vec![POISON; unit.len()];
+                    assert_eq!(
+                        codec.decompress_unit(&dst[..n], &mut out, unit.len()),
+                        Ok(unit.len()),
+                        "{:?}, {pages} pages",
+                        codec.algorithm()
+                    );
+                    assert!(out == unit, "{:?}, {pages} pages", codec.algorithm());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_decode_at_every_page_equals_the_full_decode_prefix() {
+        let mut dst = vec![0u8; UNIT_COMPRESS_BUFFER];
+        for codec in every_codec() {
+            for pages in [2, 4, 8, 16] {
+                for unit in units(100 + pages as u64, pages, 4) {
+                    let n = codec.compress_unit(&unit, &mut dst).unwrap();
+                    for page in 1..=pages {
+                        let needed = page * PAGE_SIZE;
+                        let mut out = vec![POISON; unit.len()];
+                        let decoded = codec.decompress_unit(&dst[..n], &mut out, needed).unwrap();
+                        assert!(
+                            (needed..=unit.len()).contains(&decoded),
+                            "{:?}: {decoded} decoded for {needed} needed",
+                            codec.algorithm()
+                        );
+                        assert!(
+                            out[..decoded] == unit[..decoded],
+                            "{:?}, {pages} pages, {needed} needed",
+                            codec.algorithm()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_unit_bound_covers_every_software_codecs_worst_case() {
+        for pages in 2..=MAX_UNIT_PAGES {
+            let bytes = pages * PAGE_SIZE;
+            let bound = unit_compress_bound(pages);
+            assert!(bound >= bytes + bytes / 255 + 16, "liblz4");
+            assert!(bound >= lz4_flex::block::get_maximum_output_size(bytes));
+            assert!(bound >= ::zstd::zstd_safe::compress_bound(bytes), "zstd");
+            let mut deflate = libdeflater::Compressor::new(libdeflater::CompressionLvl::best());
+            assert!(bound >= deflate.deflate_compress_bound(bytes), "libdeflate");
+        }
+        // And random bytes, the worst input, fit in it.
+        for codec in every_codec() {
+            for pages in [2, 16] {
+                let unit = random_unit(pages);
+                let mut dst = vec![0u8; unit_compress_bound(pages)];
+                let n = codec.compress_unit(&unit, &mut dst).unwrap();
+                let mut out = vec![0u8; unit.len()];
+                codec
+                    .decompress_unit(&dst[..n], &mut out, unit.len())
+                    .unwrap();
+                assert!(out == unit, "{:?}", codec.algorithm());
+            }
+        }
+        assert_eq!(UNIT_COMPRESS_BUFFER, unit_compress_bound(MAX_UNIT_PAGES));
+    }
+
+    #[test]
+    fn a_random_unit_into_a_small_buffer_is_incompressible() {
+        for codec in every_codec() {
+            for pages in [2, 16] {
+                let unit = random_unit(pages);
+                let mut dst = vec![0u8; unit.len() / 2];
+                assert_eq!(
+                    codec.compress_unit(&unit, &mut dst),
+                    Err(CodecError::Incompressible { limit: dst.len() }),
+                    "{:?}",
+                    codec.algorithm()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_or_truncated_units_are_errors_not_panics() {
+        let mut dst = vec![0u8; UNIT_COMPRESS_BUFFER];
+        for codec in every_codec() {
+            let name = codec.algorithm();
+            let mut out = vec![0u8; 4 * PAGE_SIZE];
+            for junk in [
+                &b""[..],
+                &b"\xff\xff\xff\xff\x00\x01"[..],
+                &[0x1fu8; 64][..],
+            ] {
+                for needed in [PAGE_SIZE, out.len()] {
+                    assert!(
+                        codec.decompress_unit(junk, &mut out, needed).is_err(),
+                        "{name:?} accepted junk for {needed} bytes"
+                    );
+                }
+            }
+            for unit in units(5, 4, 8) {
+                let n = codec.compress_unit(&unit, &mut dst).unwrap();
+                // Cut short: a full decode fails; a partial one fails or gives the true prefix
+                // (what it needs may all be before the cut).
+                for cut in [0, 1, n / 2, n - 1] {
+                    let src = &dst[..cut];
+                    assert!(
+                        codec.decompress_unit(src, &mut out, unit.len()).is_err(),
+                        "{name:?}: a unit cut to {cut} of {n} decoded"
+                    );
+                    for page in 1..4 {
+                        if let Ok(decoded) = codec.decompress_unit(src, &mut out, page * PAGE_SIZE)
+                        {
+                            assert!(out[..decoded] == unit[..decoded], "{name:?}");
+                        }
+                    }
+                }
+                // Bytes flipped: no panic, and a full decode that succeeds has the unit's length.
+                let mut flipped = dst[..n].to_vec();
+                for at in (0..n).step_by(7) {
+                    flipped[at] ^= 0x5a;
+                    for needed in [PAGE_SIZE, unit.len()] {
+                        if let Ok(decoded) = codec.decompress_unit(&flipped, &mut out, needed) {
+                            assert!((needed..=unit.len()).contains(&decoded), "{name:?}");
+                        }
+                    }
+                    flipped[at] ^= 0x5a;
+                }
+                // A destination a page too small or too large is refused by a full decode.
+                for len in [unit.len() - PAGE_SIZE, unit.len() + PAGE_SIZE] {
+                    let mut wrong = vec![0u8; len];
+                    assert!(
+                        codec.decompress_unit(&dst[..n], &mut wrong, len).is_err(),
+                        "{name:?}: a {}-byte unit decoded into {len} bytes",
+                        unit.len()
+                    );
+                }
             }
         }
     }

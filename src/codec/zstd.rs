@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::{Algorithm, Codec, CodecError};
+use super::{debug_check_unit, debug_check_unit_decode, full_unit, Algorithm, Codec, CodecError};
 use crate::PAGE_SIZE;
 
 /// The most dictionaries a store keeps.
@@ -289,6 +289,27 @@ impl Codec for Zstd {
             Err(e) => Err(e),
         }
     }
+
+    fn compress_unit(&self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+        debug_check_unit(src);
+        self.compress_with(src, dst)
+            .map_err(|_| CodecError::Incompressible { limit: dst.len() })
+    }
+
+    /// Always decodes the whole unit. zstd cuts its input into blocks of up to 128 KiB, so a
+    /// unit (at most 64 KiB) is one block, and a block decodes whole: a streaming decoder
+    /// asked to stop after `needed` bytes would still decode the unit, into its own window,
+    /// and copy. (Smaller blocks, `ZSTD_c_blockSizeMax`, would allow it at a cost in ratio.)
+    fn decompress_unit(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        needed: usize,
+    ) -> Result<usize, CodecError> {
+        debug_check_unit_decode(dst, needed);
+        let decoded = self.decompress_with(src, dst)?;
+        full_unit("zstd", decoded, dst.len())
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +377,38 @@ mod tests {
         let without = Zstd::new(3);
         assert!(without
             .decompress(&under_first[..first_len], &mut out)
+            .is_err());
+    }
+
+    #[test]
+    fn units_use_the_dictionaries_as_pages_do() {
+        let dictionaries = Arc::new(ZstdDictionaries::default());
+        let codec = Zstd::with_dictionaries(3, Arc::clone(&dictionaries));
+        let mut unit = vec![0u8; 4 * PAGE_SIZE];
+        for (i, page) in unit.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            fill_page(99, i as u64, page.try_into().unwrap());
+        }
+        let mut plain = vec![0u8; crate::codec::UNIT_COMPRESS_BUFFER];
+        let plain_len = codec.compress_unit(&unit, &mut plain).unwrap();
+        let dictionary = zstd::dict::from_samples(&samples(1, 2000), 16 << 10).unwrap();
+        let id = dictionaries.add(&dictionary).unwrap();
+        let mut with = vec![0u8; crate::codec::UNIT_COMPRESS_BUFFER];
+        let with_len = codec.compress_unit(&unit, &mut with).unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_dict_id_from_frame(&with[..with_len]).map(|id| id.get()),
+            Some(id)
+        );
+        let mut out = vec![0u8; unit.len()];
+        for src in [&plain[..plain_len], &with[..with_len]] {
+            out.fill(0);
+            assert_eq!(
+                codec.decompress_unit(src, &mut out, PAGE_SIZE),
+                Ok(unit.len())
+            );
+            assert!(out == unit);
+        }
+        assert!(Zstd::new(3)
+            .decompress_unit(&with[..with_len], &mut out, PAGE_SIZE)
             .is_err());
     }
 }
