@@ -35,6 +35,15 @@ unsafe impl BlockBackend for PageStore {
         self.write_with(index, fill)
     }
 
+    fn write_pages_with<R>(
+        &self,
+        first: u64,
+        count: usize,
+        fill: impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), R>,
+    ) -> Result<Result<(), R>, (u64, StoreError)> {
+        PageStore::write_pages_with(self, first, count, fill)
+    }
+
     fn modify_page<R>(
         &self,
         index: u64,

@@ -879,6 +879,49 @@ impl SlabAllocator {
         Some(moved)
     }
 
+    /// [`relocate`](Self::relocate) for an object whose bytes the caller supplies: when
+    /// `object` lies in a victim chunk, takes a new object of its class from a partial chunk
+    /// (never a new chunk), copies `data` (at most the class size) into it and returns it;
+    /// `None` otherwise. The old object stays live. Used for a unit's head, whose shared
+    /// header other threads may update with atomics while it is copied.
+    ///
+    /// # Safety
+    /// `object` must be live in `class` (see [`object`](Self::object)) for the duration of
+    /// the call.
+    pub(crate) unsafe fn relocate_from(
+        &self,
+        class: usize,
+        object: u64,
+        data: &[u8],
+    ) -> Option<u64> {
+        let c = &self.classes[class];
+        assert!(data.len() <= c.size, "a relocated object fits its class");
+        let mut inner = lock(&c.inner);
+        let (chunk, _) = split(c, object);
+        if !inner
+            .chunks
+            .get(chunk)
+            .is_some_and(|m| m.is_live() && m.victim)
+        {
+            return None;
+        }
+        let moved = take_from_partial(c, &mut inner)?;
+        // SAFETY: `moved` was just handed out to us, live and at least `c.size` bytes long;
+        // `data` is a distinct slice of at most that many bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), object_ptr(c, moved), data.len()) };
+        Some(moved)
+    }
+
+    /// The first byte of `object` in `class`, for the unit heads' header, which several
+    /// threads read and update (with atomics) at once.
+    ///
+    /// # Safety
+    /// `object` must be live in `class` while the pointer is used (see
+    /// [`object`](Self::object)).
+    pub(crate) unsafe fn object_start(&self, class: usize, object: u64) -> *mut u8 {
+        object_ptr(&self.classes[class], object)
+    }
+
     /// Frees the object a slot swap orphaned, consuming its token. Returns the pages given
     /// back to the OS (a chunk that emptied).
     pub fn free_stale(&self, stale: StaleObject) -> u64 {

@@ -25,7 +25,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::alloc::{class_of, AllocError, HUGE_CLASS};
+use super::alloc::{class_of, HUGE_CLASS};
 use super::slot::SlotEntry;
 use super::{same_fill, PageStore, SlotState, StoreError, HUGE_THRESHOLD, MAX_SECONDARY};
 use crate::codec::COMPRESS_BUFFER;
@@ -323,7 +323,9 @@ impl PageStore {
                     compressed(entry.priority(), &scratch.object[..len])
                 })
             }
-            SlotState::Pending => {
+            // A pending page goes compressed; a unit's member goes as a page of its own
+            // (the destination stores it page by page).
+            SlotState::Pending | SlotState::Unit => {
                 self.decode(index, entry, &mut scratch.page)?;
                 drop(guard);
                 let len = self
@@ -394,13 +396,6 @@ impl PageStore {
         let swapped = self.lock(slot).swap(new);
         self.account_swap(swapped, new);
         Ok(())
-    }
-
-    fn alloc_error(&self, e: AllocError) -> StoreError {
-        match (e, self.mem_limit.load(Ordering::Relaxed)) {
-            (AllocError::MemoryLimit { .. }, limit @ 1..) => StoreError::MemoryLimit { limit },
-            (e, _) => StoreError::OutOfMemory(e),
-        }
     }
 }
 

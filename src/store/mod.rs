@@ -23,6 +23,7 @@ pub mod same_fill;
 pub(crate) mod slot;
 pub mod state;
 pub mod stats;
+pub(crate) mod unit;
 pub mod writeback;
 
 mod recovery;
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use self::alloc::{class_of, AllocError, SlabAllocator, HUGE_CLASS};
 pub use self::alloc::{ClassStats, HUGE_THRESHOLD};
-use self::pending::{Batch, Job, JobQueue, PendingPool};
+use self::pending::{Batch, Job, JobQueue, PendingPool, MAX_TAKEN};
 pub use self::pending::{WorkerHooks, WORKER_BATCH};
 pub use self::recompress::{
     AlgorithmSpec, RecompressError, RecompressMode, RecompressOutcome, RecompressRequest,
@@ -44,19 +45,22 @@ pub use self::recompress::{
 pub use self::recovery::{Recovered, StateStart, StoreMemory};
 use self::same_fill::FillWords;
 pub use self::slot::MAX_AGE;
+pub use self::slot::MAX_UNIT_MEMBERS;
 use self::slot::{SlotEntry, SlotTable, StaleObject, Swapped, MAX_HANDLE};
 pub use self::slot::{SlotState, MAX_PENDING_BUFFERS, MAX_SECONDARY};
 pub use self::state::{FrontendIdentity, StateError, StateFile};
 use self::stats::{add, get, sub, CounterShard, Counters};
 pub use self::stats::{
-    AlgorithmStat, IoStat, MmStat, RecompressStats, Stats, StoreInfo, WorkerStat, WorkerStats,
-    WritebackStats,
+    AlgorithmStat, IoStat, MmStat, RecompressStats, Stats, StoreInfo, UnitStats, WorkerStat,
+    WorkerStats, WritebackStats,
 };
 pub use self::writeback::{
     BadWritebackRequest, WritebackError, WritebackMode, WritebackOutcome, WritebackRequest,
     DEFAULT_BATCH_PAGES,
 };
-use crate::codec::{Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH};
+use crate::codec::{
+    Algorithm, Codec, CodecError, UnknownCodec, COMPRESS_BUFFER, MAX_BATCH, UNIT_COMPRESS_BUFFER,
+};
 use crate::PAGE_SIZE;
 
 /// How many times a read of a written-back page reads the file with the slot unlocked, each
@@ -222,23 +226,22 @@ struct WorkerCounters {
     busy_ns: AtomicU64,
 }
 
-/// A worker's reusable buffers: the compressed output of one batch.
+/// A worker's reusable buffers: the compressed output of one batch, and a unit's pages and
+/// compressed stream.
 pub struct WorkerScratch {
     outputs: Box<[[u8; COMPRESS_BUFFER]; MAX_BATCH]>,
-    jobs: [Job; MAX_BATCH],
+    jobs: [Job; MAX_TAKEN],
+    unit_input: Box<[u8; MAX_UNIT_MEMBERS * PAGE_SIZE]>,
+    unit_output: Box<[u8; UNIT_COMPRESS_BUFFER]>,
 }
 
 impl Default for WorkerScratch {
     fn default() -> Self {
-        const NO_JOB: Job = Job {
-            slot: 0,
-            buffer: 0,
-            generation: 0,
-            stale: None,
-        };
         WorkerScratch {
             outputs: Box::new([[0; COMPRESS_BUFFER]; MAX_BATCH]),
-            jobs: [NO_JOB; MAX_BATCH],
+            jobs: std::array::from_fn(|_| Job::single(0, 0, 0, None)),
+            unit_input: Box::new([0; MAX_UNIT_MEMBERS * PAGE_SIZE]),
+            unit_output: Box::new([0; UNIT_COMPRESS_BUFFER]),
         }
     }
 }
@@ -280,6 +283,8 @@ pub struct PageStore {
     recovered: bool,
     /// A migration's dirty log (DESIGN.md, "Live migration").
     dirty: migrate::DirtyLog,
+    /// Multi-page units (`unit.rs`).
+    units: unit::Units,
 }
 
 impl PageStore {
@@ -379,6 +384,7 @@ impl PageStore {
             state_created,
             recovered: false,
             dirty: migrate::DirtyLog::default(),
+            units: unit::Units::default(),
         };
         if let Some(limit) = config.mem_limit {
             if store.mem_used_total() > limit {
@@ -466,12 +472,7 @@ impl PageStore {
         // The object the write replaced is freed by the worker, off the request path (freeing
         // can empty a chunk, whose return to the OS costs a TLB shootdown).
         let stale = self.account_swap_keeping_object(swapped, new);
-        let job = Job {
-            slot,
-            buffer,
-            generation,
-            stale,
-        };
+        let job = Job::single(slot, buffer, generation, stale);
         if IN_ROUND.get() {
             if deferred.queue.push_in_round(job) {
                 WAKE_OWED.set(true);
@@ -480,6 +481,218 @@ impl PageStore {
             deferred.queue.push(job);
         }
         Ok(Ok(()))
+    }
+
+    /// Sets the largest multi-page unit, in pages: a power of two from 1 (units off) to
+    /// [`MAX_UNIT_MEMBERS`] (`--unit-max`). Units already stored stay as they are.
+    pub fn set_unit_max_pages(&self, pages: usize) -> Result<(), StoreError> {
+        if !pages.is_power_of_two() || pages > MAX_UNIT_MEMBERS {
+            return Err(StoreError::Config(format!(
+                "a unit is a power of two from 1 to {MAX_UNIT_MEMBERS} pages, not {pages}"
+            )));
+        }
+        self.units.set_max_pages(pages);
+        Ok(())
+    }
+
+    /// The largest multi-page unit, in pages (1: units are off).
+    pub fn unit_max_pages(&self) -> usize {
+        self.units.max_pages()
+    }
+
+    /// Stores pages `first..first + count` from what `fill(i, page)` writes into buffers the
+    /// store provides, called in order, once per page, until it fails. Each aligned run that
+    /// makes a unit ([`unit::Units::split`]) is compressed as one object; the other pages are
+    /// stored one by one, as [`write_with`](Self::write_with) does. When `fill` fails at page
+    /// `i`, pages before `i` hold their old or their new content, page `i` and after are
+    /// unchanged, and the error comes back inside `Ok`; a store error names its page.
+    pub fn write_pages_with<E>(
+        &self,
+        first: u64,
+        count: usize,
+        mut fill: impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, (u64, StoreError)> {
+        let end = first.saturating_add(count as u64);
+        if end > self.capacity_pages() {
+            let index = first.max(self.capacity_pages());
+            return Err((
+                index,
+                StoreError::OutOfRange {
+                    index,
+                    capacity: self.capacity_pages(),
+                },
+            ));
+        }
+        for (at, pages) in self.units.split(first, count) {
+            // Below `count`.
+            #[allow(clippy::cast_possible_truncation)]
+            let offset = (at - first) as usize;
+            let written = if pages == 1 {
+                self.write_with(at, |page| fill(offset, page))
+            } else {
+                self.write_unit(at, pages, |i, page| fill(offset + i, page))
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Ok(Err(error)),
+                Err(error) => return Err((at, error)),
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Stores the unit of `pages` pages at `first` (aligned to `pages`, inside the device):
+    /// through the pending pool to the workers, or compressed here as
+    /// [`write_with`](Self::write_with) decides for a page.
+    fn write_unit<E>(
+        &self,
+        first: u64,
+        pages: usize,
+        mut fill: impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
+        let slot = self.slot_index(first)?;
+        if let Some(deferred) = &self.deferred {
+            if deferred.compress_here() {
+                add(&self.counters.local().inline_busy, pages as u64);
+            } else {
+                match self.queue_unit(deferred, slot, pages, &mut fill) {
+                    Some(done) => return Ok(done),
+                    None => add(&self.counters.local().inline_fallbacks, pages as u64),
+                }
+            }
+        }
+        UNIT_INPUT.with(|input| {
+            let mut input = input.borrow_mut();
+            let input = &mut input[..pages * PAGE_SIZE];
+            for (i, page) in input.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                if let Err(error) = fill(i, as_page_mut(page)) {
+                    return Ok(Err(error));
+                }
+            }
+            let result = self.store_unit_here(slot, input);
+            if result.is_err() {
+                add(&self.counters.local().failed_writes, 1);
+            }
+            result.map(Ok)
+        })
+    }
+
+    /// Stores the unit `pages` (whole pages) at `slot`, compressing it on this thread: its
+    /// same-filled pages as today, the rest as one object, or page by page when fewer than two
+    /// are left or they do not compress as a unit.
+    fn store_unit_here(&self, slot: usize, pages: &[u8]) -> Result<(), StoreError> {
+        let count = pages.len() / PAGE_SIZE;
+        let mut members = 0u32;
+        for (i, page) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+            match same_fill::detect(as_page(page)).and_then(|word| self.same_filled(word)) {
+                Some(entry) => self.publish(slot + i, entry),
+                None => members |= 1 << i,
+            }
+        }
+        let stored = (members.count_ones() >= 2)
+            .then(|| {
+                UNIT_OUTPUT.with(|output| {
+                    let mut output = output.borrow_mut();
+                    let len = self.codec.compress_unit(pages, &mut output[..]).ok()?;
+                    unit::worth_a_unit(len, members.count_ones() as usize).then(|| {
+                        self.store_unit(slot, &output[..len], count, members, None)
+                            .map(|h| (h, len))
+                    })
+                })
+            })
+            .flatten();
+        match stored {
+            Some(Ok((head, len))) => {
+                self.counters.note_mem_used(self.mem_used_total());
+                self.count_new_unit(len, 0);
+                let span = self.lock_span(slot, count);
+                self.publish_unit(span, head, members, 0, |_, _| false);
+                Ok(())
+            }
+            Some(Err(error)) => Err(self.alloc_error(error)),
+            None => {
+                for (i, page) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+                    if members & (1 << i) != 0 {
+                        let entry = self.encode(as_page(page))?;
+                        self.publish(slot + i, entry);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues the unit of `pages` pages at `slot` for the workers: each page that is not
+    /// same-filled waits in a buffer of the pending pool, and one group of jobs carries them
+    /// to a worker together. `None` (nothing filled, nothing stored) when the pool has not
+    /// that many buffers free.
+    fn queue_unit<E>(
+        &self,
+        deferred: &Deferred,
+        slot: usize,
+        pages: usize,
+        fill: &mut impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        let mut buffers = Vec::with_capacity(pages);
+        for _ in 0..pages {
+            match deferred.pool.take(|grow| self.may_grow(grow)) {
+                Some(buffer) => buffers.push(buffer),
+                None => {
+                    for buffer in buffers {
+                        deferred.pool.give_back(buffer);
+                    }
+                    return None;
+                }
+            }
+        }
+        for i in 0..pages {
+            // SAFETY: the buffer was taken from this pool.
+            let page = unsafe { deferred.pool.page_mut(&mut buffers[i]) };
+            if let Err(error) = fill(i, page) {
+                for buffer in buffers {
+                    deferred.pool.give_back(buffer);
+                }
+                return Some(Err(error));
+            }
+        }
+        let mut jobs = Vec::with_capacity(pages);
+        let mut grew = false;
+        for (i, mut buffer) in buffers.into_iter().enumerate() {
+            // SAFETY: the buffer was taken from this pool.
+            let page = unsafe { deferred.pool.page_mut(&mut buffer) };
+            if let Some(entry) = same_fill::detect(page).and_then(|word| self.same_filled(word)) {
+                deferred.pool.give_back(buffer);
+                self.publish(slot + i, entry);
+                continue;
+            }
+            grew |= buffer.grew;
+            let (buffer, generation) = deferred.pool.publish(buffer);
+            let new = SlotEntry::pending(buffer, generation);
+            let swapped = self.lock(slot + i).swap(new);
+            self.dirty.mark(slot + i);
+            let stale = self.account_swap_keeping_object(swapped, new);
+            jobs.push(Job::single(slot + i, buffer, generation, stale));
+        }
+        if grew {
+            self.counters.note_mem_used(self.mem_used_total());
+        }
+        let count = jobs.len();
+        if count >= 2 {
+            // Pages and jobs are at most MAX_UNIT_MEMBERS.
+            #[allow(clippy::cast_possible_truncation)]
+            for (i, job) in jobs.iter_mut().enumerate() {
+                job.unit_pages = pages as u8;
+                job.group = if i == 0 { count as u8 } else { 0 };
+            }
+        }
+        if IN_ROUND.get() {
+            if deferred.queue.push_group_in_round(jobs) {
+                WAKE_OWED.set(true);
+            }
+        } else {
+            deferred.queue.push_group(jobs);
+        }
+        Some(Ok(()))
     }
 
     /// The calling thread starts serving a round of requests (a queue thread draining its
@@ -693,6 +906,12 @@ impl PageStore {
                 let Some(entry) = self.slots.peek(slot) else {
                     break;
                 };
+                if entry.state() == SlotState::Unit {
+                    if self.alloc.class_has_victims(entry.unit_class()) {
+                        pages += self.move_unit_head(slot, entry);
+                    }
+                    continue;
+                }
                 let Some(class) = object_class(entry) else {
                     continue;
                 };
@@ -851,6 +1070,16 @@ impl PageStore {
             workers: self.worker_stats(),
             recompression: self.recompress_stats(),
             writeback: self.writeback_stats(),
+            units: UnitStats {
+                unit_max_bytes: (self.units.max_pages() * PAGE_SIZE) as u64,
+                units_stored: get(|c| &c.units_stored),
+                unit_members: get(|c| &c.unit_members),
+                unit_bytes: get(|c| &c.unit_bytes),
+                partial_rewrites: get(|c| &c.unit_rewrites),
+                read_bytes: get(|c| &c.unit_read_bytes),
+                decompressed_bytes: get(|c| &c.unit_decompressed_bytes),
+                cache_hits: get(|c| &c.unit_cache_hits),
+            },
         }
     }
 
@@ -900,6 +1129,8 @@ impl PageStore {
         let mut pending_buffers = Vec::new();
         let mut written_back = Vec::new();
         let mut table_words = Vec::new();
+        let mut units: std::collections::BTreeMap<(usize, u64), Vec<(usize, SlotEntry)>> =
+            std::collections::BTreeMap::new();
         self.slots.check_untouched_empty()?;
         for slot in self.slots.touched_slots(0..self.slots.len()) {
             let entry = self.slots.peek(slot).unwrap_or(SlotEntry::EMPTY);
@@ -922,12 +1153,31 @@ impl PageStore {
                 SlotState::Huge => huge += 1,
                 SlotState::Pending => pending_buffers.push((slot, entry.pending_buffer())),
                 SlotState::WrittenBack => written_back.push(entry.backing_object()),
+                SlotState::Unit => {
+                    by_priority[entry.priority()].0 += 1;
+                    units
+                        .entry((entry.unit_class(), entry.handle()))
+                        .or_default()
+                        .push((slot, entry));
+                }
                 // Only recovery makes Invalid entries (damaged ones), and counts them.
                 SlotState::Invalid => damaged += 1,
             }
             if let Some(class) = object_class(entry) {
                 by_class[class].push(entry.handle());
             }
+        }
+        let (unit_count, unit_members) = (
+            units.len() as u64,
+            units.values().map(Vec::len).sum::<usize>() as u64,
+        );
+        let mut unit_bytes = 0;
+        for ((class, handle), members) in &units {
+            let (stream_len, priority) =
+                self.check_unit(*class, *handle, members, &mut by_class)?;
+            compr += stream_len;
+            unit_bytes += stream_len;
+            by_priority[priority].1 += stream_len;
         }
         self.check_pending(&pending_buffers)?;
         self.check_backing(&written_back)?;
@@ -949,6 +1199,9 @@ impl PageStore {
                 c.sum(|c| &c.pages_on_file),
             ),
             ("damaged_pages", damaged, c.sum(|c| &c.damaged_pages)),
+            ("units_stored", unit_count, c.sum(|c| &c.units_stored)),
+            ("unit_members", unit_members, c.sum(|c| &c.unit_members)),
+            ("unit_bytes", unit_bytes, c.sum(|c| &c.unit_bytes)),
         ];
         for (name, walked, counted) in expect {
             if walked != counted {
@@ -972,6 +1225,53 @@ impl PageStore {
         }
         self.alloc
             .check_consistency(&|class| by_class[class].clone())
+    }
+
+    /// One unit's head and members agree: the head is sound and not superseded, its members
+    /// lie in one aligned span at their own indices with one priority, and its live mask is
+    /// exactly them. Adds the head and its pieces to the referenced objects; returns the
+    /// stream's length and the members' priority.
+    fn check_unit(
+        &self,
+        class: usize,
+        handle: u64,
+        members: &[(usize, SlotEntry)],
+        by_class: &mut [Vec<u64>],
+    ) -> Result<(u64, usize), String> {
+        let (slot, entry) = members[0];
+        // SAFETY: the checker runs with no other thread changing the store (its contract),
+        // and a slot names the head, so it is live.
+        let head = unsafe { self.unit_head(entry) }
+            .ok_or_else(|| format!("slot {slot} names a damaged unit head ({class}, {handle})"))?;
+        let first = slot - entry.unit_index();
+        let mut expect = 0u32;
+        for &(slot, member) in members {
+            if slot - member.unit_index() != first || member.priority() != entry.priority() {
+                return Err(format!(
+                    "slot {slot} is member {} of the unit at slot {first}, which does not match                      its other members",
+                    member.unit_index()
+                ));
+            }
+            expect |= 1 << member.unit_index();
+        }
+        if first != head.first {
+            return Err(format!(
+                "the unit at slot {first} says it starts at {}",
+                head.first
+            ));
+        }
+        // SAFETY: as above.
+        let (mask, flags) = unsafe { self.unit_live(entry) };
+        if mask != expect || flags != 0 {
+            return Err(format!(
+                "the unit at slot {first} has live mask {mask:#x} and flags {flags}, but its                  members are {expect:#x}"
+            ));
+        }
+        by_class[class].push(handle);
+        // SAFETY: as above.
+        let pieces = unsafe { self.unit_pieces(entry, &head) };
+        by_class[HUGE_CLASS].extend_from_slice(&pieces[..head.pieces]);
+        Ok((head.stream_len as u64, entry.priority()))
     }
 
     /// Each pending slot names a live buffer of the pool, with its current generation, that no
@@ -1030,11 +1330,23 @@ impl PageStore {
             }
         }) {
             Batch::Stop => return false,
+            Batch::Rewrite(rewrite) => {
+                deferred.busy.fetch_add(1, Ordering::Relaxed);
+                self.rewrite_unit(rewrite);
+                deferred.busy.fetch_sub(1, Ordering::Relaxed);
+                return true;
+            }
             Batch::Jobs(n) => n,
         };
         let started = std::time::Instant::now();
         deferred.busy.fetch_add(1, Ordering::Relaxed);
-        self.compress_jobs(deferred, &mut scratch.jobs[..n], &mut scratch.outputs[..n]);
+        self.compress_jobs(
+            deferred,
+            &mut scratch.jobs[..n],
+            &mut scratch.outputs,
+            &mut scratch.unit_input,
+            &mut scratch.unit_output,
+        );
         deferred.busy.fetch_sub(1, Ordering::Relaxed);
         if let Some(counters) = deferred.per_worker.get(worker) {
             add(&counters.pages, n as u64);
@@ -1045,24 +1357,140 @@ impl PageStore {
         true
     }
 
-    /// Compresses the pages of `jobs` as one batch and installs each result in its slot if
-    /// the slot still holds that job's pending entry; a later write, discard or write-zeroes
-    /// superseded it otherwise, and the result is dropped.
+    /// Compresses what `jobs` carry: each unit's group as one object, the other pages in
+    /// batches of up to [`MAX_BATCH`].
     fn compress_jobs(
         &self,
         deferred: &Deferred,
         jobs: &mut [Job],
-        outputs: &mut [[u8; COMPRESS_BUFFER]],
+        outputs: &mut [[u8; COMPRESS_BUFFER]; MAX_BATCH],
+        unit_input: &mut [u8; MAX_UNIT_MEMBERS * PAGE_SIZE],
+        unit_output: &mut [u8; UNIT_COMPRESS_BUFFER],
     ) {
-        let mut live = [false; MAX_BATCH];
-        let mut pages: [&[u8; PAGE_SIZE]; MAX_BATCH] = [&ZERO_PAGE; MAX_BATCH];
-        let mut count = 0;
         for job in jobs.iter_mut() {
             // The object the job's write replaced (a stalled job comes back without one).
             if let Some(stale) = job.stale.take() {
                 self.alloc.free_stale(stale);
             }
         }
+        let mut at = 0;
+        while at < jobs.len() {
+            let group = usize::from(jobs[at].group);
+            if group >= 2 && at + group <= jobs.len() {
+                let group = &mut jobs[at..at + group];
+                if !self.compress_unit_group(deferred, group, unit_input, unit_output) {
+                    for singles in group.chunks_mut(MAX_BATCH) {
+                        self.compress_singles(deferred, singles, outputs);
+                    }
+                }
+                at += group.len();
+            } else {
+                let start = at;
+                at += 1;
+                while at < jobs.len() && at - start < MAX_BATCH && jobs[at].group < 2 {
+                    at += 1;
+                }
+                self.compress_singles(deferred, &mut jobs[start..at], outputs);
+            }
+        }
+    }
+
+    /// Compresses the pages of a unit's group of jobs as one object and installs it in the
+    /// slots that still hold their job's pending entry, each slot of the unit's span locked.
+    /// Returns `false`, having done nothing, when fewer than two pages are still wanted or
+    /// they do not compress as a unit: the caller compresses them page by page. A unit the
+    /// memory limit refuses stalls its jobs as pages on their own.
+    fn compress_unit_group(
+        &self,
+        deferred: &Deferred,
+        group: &mut [Job],
+        input: &mut [u8; MAX_UNIT_MEMBERS * PAGE_SIZE],
+        output: &mut [u8; UNIT_COMPRESS_BUFFER],
+    ) -> bool {
+        let pages = usize::from(group[0].unit_pages);
+        let first = group[0].slot - group[0].slot % pages.max(1);
+        let in_span = |job: &Job| job.slot >= first && job.slot - first < pages;
+        if !(2..=MAX_UNIT_MEMBERS).contains(&pages) || !group.iter().all(in_span) {
+            return false;
+        }
+        let input = &mut input[..pages * PAGE_SIZE];
+        input.fill(0);
+        let mut wanted = 0u32;
+        for job in group.iter() {
+            let still_wanted = self.slots.peek(job.slot).is_some_and(|entry| {
+                entry.same_content(SlotEntry::pending(job.buffer, job.generation))
+            });
+            if still_wanted {
+                let at = (job.slot - first) * PAGE_SIZE;
+                // SAFETY: the job holds the buffer until its release below.
+                input[at..at + PAGE_SIZE]
+                    .copy_from_slice(unsafe { deferred.pool.page(job.buffer) });
+                wanted |= 1 << (job.slot - first);
+            }
+        }
+        if wanted.count_ones() < 2 {
+            return false;
+        }
+        let Some(len) = self
+            .codec
+            .compress_unit(input, &mut output[..])
+            .ok()
+            .filter(|&len| unit::worth_a_unit(len, wanted.count_ones() as usize))
+        else {
+            return false;
+        };
+        let mut stored = self.store_unit(first, &output[..len], pages, 0, None);
+        if stored.is_err() && deferred.pool.trim() > 0 {
+            stored = self.store_unit(first, &output[..len], pages, 0, None);
+        }
+        let Ok(head) = stored else {
+            self.ask_for_room();
+            for job in group.iter() {
+                deferred
+                    .queue
+                    .stall(Job::single(job.slot, job.buffer, job.generation, None));
+            }
+            return true;
+        };
+        self.counters.note_mem_used(self.mem_used_total());
+        self.count_new_unit(len, 0);
+        let span = self.lock_span(first, pages);
+        let mut members = 0u32;
+        for job in group.iter() {
+            let current = span.guards[job.slot - first].entry();
+            if current.same_content(SlotEntry::pending(job.buffer, job.generation)) {
+                members |= 1 << (job.slot - first);
+            }
+        }
+        let key = SlotEntry::unit_member(head.0, head.1, 0);
+        // SAFETY: the unit is ours (no slot names it yet), so its head is live.
+        unsafe { self.set_unit_members(key, members) };
+        if members == 0 {
+            drop(span);
+            // SAFETY: every page was superseded: no slot names the unit, which we own.
+            unsafe { self.free_unit(key) };
+        } else {
+            // A page marked idle while pending stays idle: the worker is not an access.
+            self.publish_unit(span, head, members, 0, |_, current| current.is_idle());
+        }
+        for job in group.iter() {
+            deferred.pool.release(job.buffer);
+        }
+        true
+    }
+
+    /// Compresses the pages of `jobs` (at most [`MAX_BATCH`]) as one batch and installs each
+    /// result in its slot if the slot still holds that job's pending entry; a later write,
+    /// discard or write-zeroes superseded it otherwise, and the result is dropped.
+    fn compress_singles(
+        &self,
+        deferred: &Deferred,
+        jobs: &mut [Job],
+        outputs: &mut [[u8; COMPRESS_BUFFER]; MAX_BATCH],
+    ) {
+        let mut live = [false; MAX_BATCH];
+        let mut pages: [&[u8; PAGE_SIZE]; MAX_BATCH] = [&ZERO_PAGE; MAX_BATCH];
+        let mut count = 0;
         for (i, job) in jobs.iter().enumerate() {
             let still_wanted = self.slots.peek(job.slot).is_some_and(|entry| {
                 entry.same_content(SlotEntry::pending(job.buffer, job.generation))
@@ -1092,12 +1520,9 @@ impl PageStore {
                 if !self.install(deferred, job, page, output, len.copied()) {
                     // Keep the job (and its hold on the buffer) for a retry; its old object
                     // was freed above.
-                    deferred.queue.stall(Job {
-                        slot: job.slot,
-                        buffer: job.buffer,
-                        generation: job.generation,
-                        stale: None,
-                    });
+                    deferred
+                        .queue
+                        .stall(Job::single(job.slot, job.buffer, job.generation, None));
                     continue;
                 }
             }
@@ -1185,12 +1610,17 @@ impl PageStore {
             }
             stored
         });
-        let entry = stored.map_err(|e| match (e, self.mem_limit.load(Ordering::Relaxed)) {
-            (AllocError::MemoryLimit { .. }, limit @ 1..) => StoreError::MemoryLimit { limit },
-            (e, _) => StoreError::OutOfMemory(e),
-        })?;
+        let entry = stored.map_err(|e| self.alloc_error(e))?;
         self.counters.note_mem_used(self.mem_used_total());
         Ok(entry)
+    }
+
+    /// The store error a write reports for an allocation the allocator refused.
+    fn alloc_error(&self, error: AllocError) -> StoreError {
+        match (error, self.mem_limit.load(Ordering::Relaxed)) {
+            (AllocError::MemoryLimit { .. }, limit @ 1..) => StoreError::MemoryLimit { limit },
+            (error, _) => StoreError::OutOfMemory(error),
+        }
     }
 
     /// The entry of a page filled with `word`, or `None` when the word needs a new entry in
@@ -1282,6 +1712,7 @@ impl PageStore {
                 page.copy_from_slice(unsafe { deferred.pool.page(buffer) });
             }
             SlotState::WrittenBack => self.read_back(index, entry, page)?,
+            SlotState::Unit => self.read_unit_member(index, entry, page)?,
             SlotState::Invalid => {
                 return Err(StoreError::UnsupportedState {
                     index,
@@ -1315,10 +1746,21 @@ impl PageStore {
             change(&c.pending_pages, u64::from(state == SlotState::Pending));
             change(&c.pages_on_file, u64::from(state == SlotState::WrittenBack));
             change(&c.damaged_pages, u64::from(state == SlotState::Invalid));
-            if state == SlotState::Compressed {
-                let priority = entry.priority();
-                change(&c.algorithm_pages[priority], 1);
-                change(&c.algorithm_bytes[priority], entry.compressed_size() as u64);
+            change(&c.unit_members, u64::from(state == SlotState::Unit));
+            match state {
+                SlotState::Compressed => {
+                    let priority = entry.priority();
+                    change(&c.algorithm_pages[priority], 1);
+                    change(&c.algorithm_bytes[priority], entry.compressed_size() as u64);
+                }
+                // A unit's bytes are counted with the unit (`count_new_unit`, `free_unit`).
+                SlotState::Unit => change(&c.algorithm_pages[entry.priority()], 1),
+                SlotState::Empty
+                | SlotState::SameFilled
+                | SlotState::Huge
+                | SlotState::WrittenBack
+                | SlotState::Pending
+                | SlotState::Invalid => {}
             }
         }
         add(
@@ -1335,6 +1777,7 @@ impl PageStore {
                 }
             }
             SlotState::WrittenBack => self.release_written_back(old),
+            SlotState::Unit => self.leave_unit(old),
             SlotState::Empty | SlotState::Invalid => {}
         }
         stale
@@ -1364,11 +1807,13 @@ fn holds_page(entry: SlotEntry) -> bool {
         | SlotState::Compressed
         | SlotState::Huge
         | SlotState::WrittenBack
-        | SlotState::Pending => true,
+        | SlotState::Pending
+        | SlotState::Unit => true,
     }
 }
 
-/// The allocator class of the object an entry references, if any.
+/// The allocator class of the object an entry references and owns alone, if any (a Unit
+/// entry shares its unit's objects with the other members: `unit.rs` frees them).
 fn object_class(entry: SlotEntry) -> Option<usize> {
     match entry.state() {
         SlotState::Compressed => Some(class_of(entry.compressed_size())),
@@ -1377,6 +1822,7 @@ fn object_class(entry: SlotEntry) -> Option<usize> {
         | SlotState::SameFilled
         | SlotState::WrittenBack
         | SlotState::Pending
+        | SlotState::Unit
         | SlotState::Invalid => None,
     }
 }
@@ -1390,19 +1836,47 @@ fn object_len(entry: SlotEntry) -> usize {
         | SlotState::SameFilled
         | SlotState::WrittenBack
         | SlotState::Pending
+        | SlotState::Unit
         | SlotState::Invalid => 0,
     }
 }
 
 /// What an entry adds to `compr_data_size`: zram counts a huge page as a full page, and a
 /// pending page is held uncompressed, so it counts a full page too until a worker compresses
-/// it.
+/// it. A unit's stream is counted once, with the unit, not per member.
 fn compressed_bytes(entry: SlotEntry) -> u64 {
     match entry.state() {
         SlotState::Compressed => entry.compressed_size() as u64,
         SlotState::Huge | SlotState::Pending => PAGE_SIZE as u64,
-        SlotState::Empty | SlotState::SameFilled | SlotState::WrittenBack | SlotState::Invalid => 0,
+        SlotState::Empty
+        | SlotState::SameFilled
+        | SlotState::WrittenBack
+        | SlotState::Unit
+        | SlotState::Invalid => 0,
     }
+}
+
+thread_local! {
+    /// A unit's pages, filled by the guest's write, on a thread that compresses it inline.
+    static UNIT_INPUT: RefCell<Box<[u8; MAX_UNIT_MEMBERS * PAGE_SIZE]>> =
+        RefCell::new(Box::new([0; MAX_UNIT_MEMBERS * PAGE_SIZE]));
+    /// Its compressed stream.
+    static UNIT_OUTPUT: RefCell<Box<[u8; UNIT_COMPRESS_BUFFER]>> =
+        RefCell::new(Box::new([0; UNIT_COMPRESS_BUFFER]));
+}
+
+/// A page-long slice as a page.
+fn as_page(bytes: &[u8]) -> &[u8; PAGE_SIZE] {
+    bytes
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("chunks of PAGE_SIZE"))
+}
+
+/// A page-long slice as a mutable page.
+fn as_page_mut(bytes: &mut [u8]) -> &mut [u8; PAGE_SIZE] {
+    bytes
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("chunks of PAGE_SIZE"))
 }
 
 #[cfg(test)]
@@ -1410,6 +1884,9 @@ fn compressed_bytes(entry: SlotEntry) -> u64 {
 mod state_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+#[path = "unit_tests.rs"]
+mod unit_tests;
 #[cfg(test)]
 #[path = "writeback_tests.rs"]
 mod writeback_tests;

@@ -60,7 +60,35 @@ pub(crate) struct Job {
     pub(crate) generation: u32,
     /// The allocator object the write replaced, for the worker to free off the request path.
     pub(crate) stale: Option<StaleObject>,
+    /// The pages of the unit the page was written in (1: a page on its own). The unit starts
+    /// at `slot` rounded down to a multiple of it.
+    pub(crate) unit_pages: u8,
+    /// On the first job of a unit's group: the jobs in the group, which follow it in the
+    /// queue and go to one worker together; 0 on the others; 1 on a page on its own.
+    pub(crate) group: u8,
 }
+
+impl Job {
+    /// A job for a page on its own.
+    pub(crate) fn single(
+        slot: usize,
+        buffer: u32,
+        generation: u32,
+        stale: Option<StaleObject>,
+    ) -> Job {
+        Job {
+            slot,
+            buffer,
+            generation,
+            stale,
+            unit_pages: 1,
+            group: 1,
+        }
+    }
+}
+
+/// The most jobs [`JobQueue::next_batch`] hands out at once: a batch and a whole unit's group.
+pub(crate) const MAX_TAKEN: usize = WORKER_BATCH + crate::store::MAX_UNIT_MEMBERS;
 
 #[derive(Debug)]
 struct FreeLists {
@@ -312,6 +340,8 @@ pub struct WorkerHooks {
 #[derive(Debug)]
 struct QueueState {
     jobs: VecDeque<Job>,
+    /// Units whose live members fell below the rewrite share, to rewrite page by page.
+    rewrites: Vec<UnitRewrite>,
     /// Jobs whose object could not be allocated (memory limit): retried later.
     stalled: Vec<Job>,
     sleepers: usize,
@@ -328,9 +358,23 @@ pub(crate) struct JobQueue {
     ready: Condvar,
 }
 
+/// A unit for a worker to rewrite page by page (`unit.rs`, "partial units"): the unit of
+/// `pages` pages at slot `first` whose head is object `handle` of class `class`, as long as it
+/// still holds the content `nonce` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnitRewrite {
+    pub(crate) first: usize,
+    pub(crate) pages: usize,
+    pub(crate) class: usize,
+    pub(crate) handle: u64,
+    pub(crate) nonce: u64,
+}
+
 /// What a worker got from [`JobQueue::next_batch`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Batch {
+    /// Rewrite this unit page by page (there were no jobs).
+    Rewrite(UnitRewrite),
     /// Compress these jobs (fresh ones, or stalled ones to retry).
     Jobs(usize),
     /// The queue is stopping.
@@ -351,6 +395,7 @@ impl JobQueue {
         JobQueue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::with_capacity(capacity),
+                rewrites: Vec::new(),
                 stalled: Vec::with_capacity(capacity),
                 sleepers: 0,
                 wakes: 0,
@@ -363,14 +408,7 @@ impl JobQueue {
 
     /// Queues a job and wakes a sleeping worker, if any.
     pub(crate) fn push(&self, job: Job) {
-        let mut state = self.lock();
-        state.jobs.push_back(job);
-        let wake = state.sleepers > 0;
-        state.wakes += u64::from(wake);
-        drop(state);
-        if wake {
-            self.ready.notify_one();
-        }
+        self.push_group(std::iter::once(job));
     }
 
     /// Queues a job from a queue thread in the middle of a round of requests: a sleeping
@@ -379,8 +417,26 @@ impl JobQueue {
     /// be asleep with jobs waiting: the caller then owes a [`kick`](Self::kick) when its round
     /// ends.
     pub(crate) fn push_in_round(&self, job: Job) -> bool {
+        self.push_group_in_round(std::iter::once(job))
+    }
+
+    /// [`push`](Self::push) for the jobs of one write, queued together (a unit's group stays
+    /// in one piece).
+    pub(crate) fn push_group(&self, jobs: impl IntoIterator<Item = Job>) {
         let mut state = self.lock();
-        state.jobs.push_back(job);
+        state.jobs.extend(jobs);
+        let wake = state.sleepers > 0;
+        state.wakes += u64::from(wake);
+        drop(state);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// [`push_in_round`](Self::push_in_round) for the jobs of one write, queued together.
+    pub(crate) fn push_group_in_round(&self, jobs: impl IntoIterator<Item = Job>) -> bool {
+        let mut state = self.lock();
+        state.jobs.extend(jobs);
         let sleeping = state.sleepers > 0;
         let wake = sleeping && state.jobs.len() >= WORKER_BATCH;
         state.wakes += u64::from(wake);
@@ -416,11 +472,16 @@ impl JobQueue {
             }
             let delay = state.hooks.delay;
             if !state.hooks.paused && !state.jobs.is_empty() {
-                let n = out.len().min(state.jobs.len());
-                for slot in out.iter_mut().take(n) {
-                    // n ≤ jobs.len()
+                // A batch of WORKER_BATCH jobs, never splitting a unit's group.
+                let mut n = 0;
+                while let Some(front) = state.jobs.front() {
+                    let group = usize::from(front.group);
+                    if group != 0 && (n >= WORKER_BATCH.min(out.len()) || n + group > out.len()) {
+                        break;
+                    }
                     if let Some(job) = state.jobs.pop_front() {
-                        *slot = job;
+                        out[n] = job;
+                        n += 1;
                     }
                 }
                 drop(state);
@@ -428,6 +489,11 @@ impl JobQueue {
                     std::thread::sleep(delay);
                 }
                 return Batch::Jobs(n);
+            }
+            if !state.hooks.paused {
+                if let Some(rewrite) = state.rewrites.pop() {
+                    return Batch::Rewrite(rewrite);
+                }
             }
             state.sleepers += 1;
             let paused = state.hooks.paused;
@@ -470,8 +536,23 @@ impl JobQueue {
         }
     }
 
-    /// Parks a job that could not be installed (memory limit) for a later retry.
-    pub(crate) fn stall(&self, job: Job) {
+    /// Asks the workers to rewrite a unit page by page; wakes one.
+    pub(crate) fn push_rewrite(&self, rewrite: UnitRewrite) {
+        let mut state = self.lock();
+        state.rewrites.push(rewrite);
+        let wake = state.sleepers > 0;
+        state.wakes += u64::from(wake);
+        drop(state);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Parks a job that could not be installed (memory limit) for a later retry, as a page
+    /// on its own.
+    pub(crate) fn stall(&self, mut job: Job) {
+        job.unit_pages = 1;
+        job.group = 1;
         self.lock().stalled.push(job);
     }
 
@@ -564,21 +645,11 @@ mod tests {
             paused: true,
             delay: Duration::ZERO,
         });
-        queue.push(Job {
-            slot: 1,
-            buffer: 0,
-            generation: 1,
-            stale: None,
-        });
+        queue.push(job(1));
         let worker = {
             let queue = queue.clone();
             std::thread::spawn(move || {
-                let mut out: [Job; 8] = std::array::from_fn(|_| Job {
-                    slot: 0,
-                    buffer: 0,
-                    generation: 0,
-                    stale: None,
-                });
+                let mut out: [Job; 8] = std::array::from_fn(|_| Job::single(0, 0, 0, None));
                 let batch = queue.next_batch(&mut out, || {});
                 let [first, ..] = out;
                 (batch, first)
@@ -596,12 +667,26 @@ mod tests {
     }
 
     fn job(slot: usize) -> Job {
-        Job {
-            slot,
-            buffer: 0,
-            generation: 1,
-            stale: None,
+        Job::single(slot, 0, 1, None)
+    }
+
+    #[test]
+    fn a_batch_never_splits_a_units_group() {
+        let queue = JobQueue::new(64);
+        queue.push_group((0..6).map(job));
+        let mut group: Vec<Job> = (16..32).map(job).collect();
+        for (i, job) in group.iter_mut().enumerate() {
+            job.unit_pages = 16;
+            job.group = if i == 0 { 16 } else { 0 };
         }
+        queue.push_group(group);
+        queue.push(job(40));
+        let mut out: [Job; MAX_TAKEN] = std::array::from_fn(|_| Job::single(0, 0, 0, None));
+        // Six singles, then the whole group of sixteen: under a batch when it starts.
+        assert_eq!(queue.next_batch(&mut out, || {}), Batch::Jobs(22));
+        assert_eq!((out[6].slot, out[6].group, out[21].slot), (16, 16, 31));
+        assert_eq!(queue.next_batch(&mut out, || {}), Batch::Jobs(1));
+        assert_eq!(out[0].slot, 40);
     }
 
     /// Waits until `n` workers sleep in `next_batch`.

@@ -702,7 +702,7 @@ impl PageStore {
                 break;
             }
             let wanted_state = |entry: SlotEntry| match entry.state() {
-                SlotState::Compressed | SlotState::Pending => true,
+                SlotState::Compressed | SlotState::Pending | SlotState::Unit => true,
                 SlotState::Empty
                 | SlotState::SameFilled
                 | SlotState::Huge
@@ -965,7 +965,7 @@ impl PageStore {
     pub(super) fn check_priority(&self, slot: usize, entry: SlotEntry) -> Result<(), String> {
         let priority = entry.priority();
         let valid = match entry.state() {
-            SlotState::Compressed => priority <= self.recompression.codecs.len(),
+            SlotState::Compressed | SlotState::Unit => priority <= self.recompression.codecs.len(),
             // A raw page written back has priority 0; a compressed object keeps its algorithm.
             SlotState::WrittenBack => match entry.backing_object().1 {
                 crate::PAGE_SIZE => priority == 0,
@@ -997,10 +997,12 @@ fn selected(entry: SlotEntry, request: &RecompressRequest, hi: usize) -> bool {
     let state = entry.state();
     let stored = match state {
         SlotState::Compressed | SlotState::Huge => true,
+        // A unit is recompressed whole (`recompress_units`), not page by page.
         SlotState::Empty
         | SlotState::SameFilled
         | SlotState::WrittenBack
         | SlotState::Pending
+        | SlotState::Unit
         | SlotState::Invalid => false,
     };
     stored

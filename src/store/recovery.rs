@@ -292,6 +292,13 @@ impl PageStore {
             by_class[class].push(handle);
         }
         self.alloc.rebuild(&by_class);
+        for unit in &scan.units {
+            // SAFETY: the unit was found sound, its objects are allocated again, and no other
+            // thread uses the store yet.
+            unsafe { self.recover_unit(unit.key, unit.mask) };
+            self.count_new_unit(unit.head.stream_len, unit.key.priority());
+            self.units.nonces_after(unit.head.nonce);
+        }
         if let Some(backing) = &self.backing {
             let live: Vec<(u64, usize)> = scan.on_file.iter().map(|&(o, l, _)| (o, l)).collect();
             backing.rebuild(&live).map_err(|e| StoreError::Recovery {
@@ -303,12 +310,9 @@ impl PageStore {
             let held: Vec<(u32, u32)> = scan.pending.iter().map(|&(_, b, g)| (b, g)).collect();
             deferred.pool.recover(&held);
             for &(slot, buffer, generation) in &scan.pending {
-                deferred.queue.push(Job {
-                    slot,
-                    buffer,
-                    generation,
-                    stale: None,
-                });
+                deferred
+                    .queue
+                    .push(Job::single(slot, buffer, generation, None));
             }
         }
         let mut pages = 0;
@@ -479,12 +483,19 @@ impl PageStore {
                     }
                     ok
                 }
+                SlotState::Unit => {
+                    // Checked with the unit's other members below.
+                    scan.unit_members
+                        .push((entry.unit_class(), entry.handle(), slot));
+                    true
+                }
                 SlotState::Invalid => false,
             };
             if !valid {
                 scan.damaged.push(slot);
             }
         }
+        self.scan_units(&mut scan, fresh);
         // Table-encoded same-filled pages: the table is rebuilt from the indices they name;
         // an index past the region, or whose word is not a table word, is damaged.
         let named: Vec<u64> = scan.table.iter().map(|&(index, _)| index).collect();
@@ -526,6 +537,17 @@ impl PageStore {
             }
         }
         if !twice.is_empty() {
+            // A unit's objects are recorded under its first member: distrust all its members.
+            twice.sort_unstable();
+            let mut members = Vec::new();
+            for unit in &scan.units {
+                if twice.binary_search(&unit.members[0]).is_ok() {
+                    members.extend_from_slice(&unit.members);
+                }
+            }
+            twice.extend(members);
+            scan.units
+                .retain(|u| twice.binary_search(&u.members[0]).is_err());
             twice.sort_unstable();
             twice.dedup();
             scan.objects.retain(|o| twice.binary_search(&o.2).is_err());
@@ -535,6 +557,118 @@ impl PageStore {
             scan.damaged.sort_unstable();
         }
         scan
+    }
+
+    /// Checks the units the scan's Unit entries name: each head lies in a segment the file
+    /// holds and is sound, its pieces too, and its members lie in one aligned span at their
+    /// own indices with one priority. A head copied by a compaction the kill interrupted (the
+    /// same nonce, pieces and span) is merged with its original. Every member of a unit that
+    /// fails is damaged.
+    fn scan_units(&self, scan: &mut Scan, fresh: &[(usize, usize)]) {
+        let secondaries = self.recompression.specs.len();
+        scan.unit_members.sort_unstable();
+        let mut found: Vec<FoundUnit> = Vec::new();
+        for group in scan.unit_members.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (class, handle, slot) = group[0];
+            let Some(key) = self.slots.peek(slot) else {
+                continue;
+            };
+            let members: Vec<usize> = group.iter().map(|m| m.2).collect();
+            let sound = self.sound_unit(key, &members, secondaries, fresh);
+            match sound {
+                Some((head, mask)) => found.push(FoundUnit {
+                    key,
+                    head,
+                    members,
+                    mask,
+                }),
+                None => {
+                    log::warn!("recovery: the unit whose head is object {handle} of class {class} is damaged");
+                    scan.damaged.extend(members);
+                }
+            }
+        }
+        // Merge a head's interrupted copy into the original: same content, same pieces.
+        found.sort_by_key(|u| (u.head.nonce, u.members[0]));
+        let mut merged: Vec<FoundUnit> = Vec::new();
+        for unit in found {
+            let first = unit.members[0] - unit.key.unit_index();
+            if let Some(last) = merged.last_mut().filter(|last| {
+                last.head == unit.head
+                    && last.members[0] - last.key.unit_index() == first
+                    && last.mask & unit.mask == 0
+                    && last.key.priority() == unit.key.priority()
+                    // SAFETY: both heads were found sound (live in the file's segments).
+                    && unsafe { self.unit_pieces(last.key, &last.head) == self.unit_pieces(unit.key, &unit.head) }
+            }) {
+                for &slot in &unit.members {
+                    if let Some(entry) = self.slots.peek(slot) {
+                        let moved = SlotEntry::unit_member(last.key.unit_class(), last.key.handle(), entry.unit_index())
+                            .with_priority(entry.priority())
+                            .with_idle(entry.is_idle())
+                            .with_incompressible(entry.is_incompressible())
+                            .with_age(entry.age());
+                        self.slots.recover_set(slot, moved);
+                    }
+                }
+                last.mask |= unit.mask;
+                last.members.extend(unit.members);
+                last.members.sort_unstable();
+                continue;
+            }
+            merged.push(unit);
+        }
+        for unit in &merged {
+            let owner = unit.members[0];
+            scan.objects
+                .push((unit.key.unit_class(), unit.key.handle(), owner));
+            // SAFETY: the head was found sound.
+            let pieces = unsafe { self.unit_pieces(unit.key, &unit.head) };
+            for &piece in &pieces[..unit.head.pieces] {
+                scan.objects.push((HUGE_CLASS, piece, owner));
+            }
+        }
+        scan.units = merged;
+    }
+
+    /// Whether the unit `key` (a member's entry) names is sound with `members` (its members'
+    /// slots, sorted): its head and mask if so.
+    fn sound_unit(
+        &self,
+        key: SlotEntry,
+        members: &[usize],
+        secondaries: usize,
+        fresh: &[(usize, usize)],
+    ) -> Option<(super::unit::Head, u32)> {
+        let class = key.unit_class();
+        if class > HUGE_CLASS || !self.alloc.object_in_range(class, key.handle(), fresh) {
+            return None;
+        }
+        // SAFETY: the head lies in a segment the file holds (mapped); a damaged one reads as
+        // bytes that fail the checks.
+        let head = unsafe { self.unit_head(key) }?;
+        let first = members[0].checked_sub(key.unit_index())?;
+        if first != head.first {
+            return None;
+        }
+        let mut mask = 0u32;
+        for &slot in members {
+            let entry = self.slots.peek(slot)?;
+            if slot - first != entry.unit_index()
+                || entry.unit_index() >= head.pages
+                || entry.priority() != key.priority()
+                || entry.priority() > secondaries
+            {
+                return None;
+            }
+            mask |= 1 << entry.unit_index();
+        }
+        // SAFETY: as above.
+        let pieces = unsafe { self.unit_pieces(key, &head) };
+        pieces[..head.pieces]
+            .iter()
+            .all(|&piece| self.alloc.object_in_range(HUGE_CLASS, piece, fresh))
+            .then_some((head, mask))
     }
 
     /// The frontend the state file records, if any.
@@ -588,9 +722,25 @@ impl PageStore {
     }
 }
 
+/// A unit the scan found sound.
+#[derive(Debug)]
+struct FoundUnit {
+    /// A member's entry (names the head).
+    key: SlotEntry,
+    head: super::unit::Head,
+    /// Its members' slots, the first one first.
+    members: Vec<usize>,
+    /// Their bits.
+    mask: u32,
+}
+
 /// What the slot scan found.
 #[derive(Debug, Default)]
 struct Scan {
+    /// (head class, head handle, slot) of every Unit entry.
+    unit_members: Vec<(usize, u64, usize)>,
+    /// The sound units (their head and pieces are in `objects`, under their first member).
+    units: Vec<FoundUnit>,
     /// (class, handle, slot) of every object a valid entry names.
     objects: Vec<(usize, u64, usize)>,
     /// (slot, buffer, generation) of every valid Pending entry.

@@ -10,7 +10,7 @@
 //! |                  payload (56 bits)            | P |I|D| state |L|
 //! +-----------------------------------------------+-+-+-+-+-------+-+
 //! L  lock bit (bit 0): held while a thread reads or changes the slot
-//! state (bits 1-3): Empty, SameFilled, Compressed, Huge, WrittenBack, Pending
+//! state (bits 1-3): Empty, SameFilled, Compressed, Huge, WrittenBack, Pending, Unit
 //! D  idle (bit 4): set by `idle all` or `idle --age`, cleared when the page is read or written
 //! I  incompressible (bit 5): no secondary algorithm shrank the page; recompression skips it
 //! P  priority (bits 6-7): the algorithm holding a Compressed page, 0 the primary, 1-3 a
@@ -26,15 +26,17 @@
 //!                (bits 20-63, 44 bits); 4096 bytes is a raw page, fewer a compressed object
 //!                of the algorithm P names
 //!   Pending      pool buffer (bits 8-31, 24 bits) | buffer generation << 24 (bits 32-63)
+//!   Unit         head class (bits 8-15) | member index (bits 16-19) | age (bits 20-26) |
+//!                head handle (bits 27-63): a member of a multi-page unit (see unit.rs)
 //! ```
 //!
-//! The *age* (7 bits, Compressed and Huge only) counts ticks of the idle clock since the page
+//! The *age* (7 bits, Compressed, Huge and Unit only) counts ticks of the idle clock since the page
 //! was last read or written, saturating at [`MAX_AGE`]: the idle clock adds one to every stored
 //! page each tick and an access sets it back to 0. It is how `idle --age SECS` and the
 //! automatic writeback find cold pages without an access time in the slot.
 //!
-//! State values 6 and 7 are not used; an entry holding one reads as [`SlotState::Invalid`] and
-//! every operation refuses it rather than guessing.
+//! State value 7 is not used; an entry holding it reads as [`SlotState::Invalid`] and every
+//! operation refuses it rather than guessing.
 //!
 //! Locking: a thread takes a slot's lock bit with a compare-and-swap, spinning briefly and then
 //! yielding. Different slots proceed in parallel; the same slot is serialised. A thread holds at
@@ -69,6 +71,12 @@ const AGE_SHIFT: u32 = SIZE_BITS;
 /// Where a Compressed or Huge payload keeps its handle.
 const HANDLE_SHIFT: u32 = SIZE_BITS + AGE_BITS;
 
+/// Bits of a Unit payload that name the head's size class (the 12 bits a Compressed entry
+/// keeps its size in hold the class, then the member index).
+const UNIT_CLASS_BITS: u32 = 8;
+/// The most members a unit can have: a Unit entry names its index in 4 bits.
+pub const MAX_UNIT_MEMBERS: usize = 1 << (SIZE_BITS - UNIT_CLASS_BITS);
+
 /// The largest handle a slot can hold (37 bits).
 pub const MAX_HANDLE: u64 = (1 << (64 - PAYLOAD_SHIFT - HANDLE_SHIFT)) - 1;
 /// The oldest age a slot records, in ticks of the idle clock.
@@ -94,8 +102,11 @@ pub enum SlotState {
     /// Written by the guest and waiting for a compression worker: the page is held
     /// uncompressed in a buffer of the pending pool.
     Pending = 5,
-    /// A state value no version of the store writes (6 or 7): corruption or a bug. Never
-    /// created on purpose; refused by every operation.
+    /// A member of a multi-page unit: the page is one of the pages a single compressed
+    /// object (the unit's head and its pieces) holds.
+    Unit = 6,
+    /// A state value no version of the store writes (7): corruption, or a damaged entry
+    /// recovery found. Never created on purpose but by recovery; refused by every read.
     Invalid = 7,
 }
 
@@ -108,6 +119,7 @@ impl SlotState {
             3 => SlotState::Huge,
             4 => SlotState::WrittenBack,
             5 => SlotState::Pending,
+            6 => SlotState::Unit,
             _ => SlotState::Invalid,
         }
     }
@@ -166,10 +178,10 @@ impl SlotEntry {
         (self.payload() >> SIZE_BITS, len)
     }
 
-    /// The age of a Compressed or Huge entry in idle-clock ticks (0 in other states).
+    /// The age of a Compressed, Huge or Unit entry in idle-clock ticks (0 in other states).
     pub fn age(self) -> u8 {
         match self.state() {
-            SlotState::Compressed | SlotState::Huge => {
+            SlotState::Compressed | SlotState::Huge | SlotState::Unit => {
                 // The mask keeps 7 bits.
                 #[allow(clippy::cast_possible_truncation)]
                 let age = ((self.payload() >> AGE_SHIFT) & u64::from(MAX_AGE)) as u8;
@@ -187,7 +199,7 @@ impl SlotEntry {
     /// back unchanged.
     pub fn with_age(self, age: u8) -> SlotEntry {
         match self.state() {
-            SlotState::Compressed | SlotState::Huge => {
+            SlotState::Compressed | SlotState::Huge | SlotState::Unit => {
                 let mask = u64::from(MAX_AGE) << (AGE_SHIFT + PAYLOAD_SHIFT);
                 let age = u64::from(age.min(MAX_AGE)) << (AGE_SHIFT + PAYLOAD_SHIFT);
                 SlotEntry((self.0 & !mask) | age)
@@ -251,12 +263,13 @@ impl SlotEntry {
         self.0 >> PAYLOAD_SHIFT
     }
 
-    /// The allocator handle of a Compressed or Huge entry.
+    /// The allocator handle of a Compressed or Huge entry, or of a Unit entry's head.
     pub fn handle(self) -> u64 {
         self.payload() >> HANDLE_SHIFT
     }
 
-    /// This Compressed or Huge entry pointing at `handle` instead, its size and flags kept.
+    /// This Compressed or Huge entry pointing at `handle` instead, its size and flags kept (a
+    /// Unit entry: its head moved, its class and index kept).
     pub fn with_handle(self, handle: u64) -> SlotEntry {
         debug_assert!(handle <= MAX_HANDLE);
         let keep = (1u64 << (PAYLOAD_SHIFT + HANDLE_SHIFT)) - 1;
@@ -308,6 +321,34 @@ impl SlotEntry {
     pub fn with_priority(self, priority: usize) -> SlotEntry {
         debug_assert!(priority <= MAX_SECONDARY);
         SlotEntry((self.0 & !PRIORITY_MASK) | ((priority as u64 & 0b11) << PRIORITY_SHIFT))
+    }
+
+    /// Member `member` (below [`MAX_UNIT_MEMBERS`]) of the unit whose head is object
+    /// `handle` of size class `class` (below 256).
+    pub fn unit_member(class: usize, handle: u64, member: usize) -> SlotEntry {
+        debug_assert!(handle <= MAX_HANDLE && class < 1 << UNIT_CLASS_BITS);
+        debug_assert!(member < MAX_UNIT_MEMBERS);
+        SlotEntry::new(
+            SlotState::Unit,
+            (handle << HANDLE_SHIFT) | ((member as u64) << UNIT_CLASS_BITS) | class as u64,
+        )
+    }
+
+    /// The size class of a Unit entry's head object.
+    pub fn unit_class(self) -> usize {
+        // Eight bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let class = (self.payload() & ((1 << UNIT_CLASS_BITS) - 1)) as usize;
+        class
+    }
+
+    /// The index of a Unit entry's page in its unit.
+    pub fn unit_index(self) -> usize {
+        // Four bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let member = ((self.payload() >> UNIT_CLASS_BITS)
+            & ((1 << (SIZE_BITS - UNIT_CLASS_BITS)) - 1)) as usize;
+        member
     }
 
     /// The raw bits (lock bit clear).
@@ -626,7 +667,10 @@ impl SlotTable {
         }
         let entry = SlotEntry(current);
         let age = entry.age();
-        let ages = matches!(entry.state(), SlotState::Compressed | SlotState::Huge);
+        let ages = matches!(
+            entry.state(),
+            SlotState::Compressed | SlotState::Huge | SlotState::Unit
+        );
         if !ages || age == MAX_AGE {
             return None;
         }
@@ -763,6 +807,16 @@ impl StaleObject {
             class,
             handle: entry.handle(),
         })
+    }
+
+    /// The token for object `handle` of `class`, a part (head or piece) of a multi-page unit
+    /// whose last member has left it.
+    ///
+    /// # Safety
+    /// The object must be owned by the caller: no slot names the unit any more, and no other
+    /// token for it exists or will be made.
+    pub unsafe fn unit_part(class: usize, handle: u64) -> StaleObject {
+        StaleObject { class, handle }
     }
 
     /// The object's size class and handle, giving the token up (its consumer frees it).
@@ -1007,6 +1061,7 @@ mod tests {
             SlotState::Huge,
             SlotState::WrittenBack,
             SlotState::Pending,
+            SlotState::Unit,
             SlotState::Invalid,
         ] {
             let e = SlotEntry::new(state, MAX_PAYLOAD);
@@ -1017,11 +1072,32 @@ mod tests {
     }
 
     #[test]
-    fn unknown_state_values_read_as_invalid_never_as_empty() {
-        for bits in [6u64, 7] {
-            let e = SlotEntry(bits << STATE_SHIFT);
-            assert_eq!(e.state(), SlotState::Invalid);
-        }
+    fn the_unknown_state_value_reads_as_invalid_never_as_empty() {
+        let e = SlotEntry(7 << STATE_SHIFT);
+        assert_eq!(e.state(), SlotState::Invalid);
+    }
+
+    #[test]
+    fn unit_member_entry_roundtrips_head_index_and_age() {
+        let e = SlotEntry::unit_member(227, MAX_HANDLE, MAX_UNIT_MEMBERS - 1)
+            .with_priority(2)
+            .with_idle(true);
+        assert_eq!(e.state(), SlotState::Unit);
+        assert_eq!(
+            (e.unit_class(), e.handle(), e.unit_index(), e.priority()),
+            (227, MAX_HANDLE, MAX_UNIT_MEMBERS - 1, 2)
+        );
+        let older = e.with_age(MAX_AGE);
+        assert_eq!(
+            (older.age(), older.unit_index(), older.unit_class()),
+            (MAX_AGE, 15, 227)
+        );
+        let moved = older.with_handle(5);
+        assert_eq!(
+            (moved.handle(), moved.age(), moved.unit_index()),
+            (5, MAX_AGE, 15)
+        );
+        assert!(moved.is_idle());
     }
 
     #[test]

@@ -36,8 +36,13 @@ use crate::PAGE_SIZE;
 /// The format this build writes and reads.
 ///
 /// Format 2 added the fill-word region (and the header bytes that place it); a file of
-/// format 1 is refused untouched like any other format.
-pub const FORMAT_VERSION: u32 = 2;
+/// format 1 is refused untouched like any other format. Format 3 added the Unit slot state
+/// (multi-page units, `store/unit.rs`): a format-2 file is a format-3 file without units, so
+/// this build opens it and rewrites its header as format 3 at once, before any unit can be
+/// stored (a build of format 2 then refuses it, rather than reading units as damaged pages).
+pub const FORMAT_VERSION: u32 = 3;
+/// The older format this build opens and upgrades in place.
+pub const UPGRADABLE_FORMAT: u32 = 2;
 /// The first bytes of each header copy.
 pub const MAGIC: [u8; 8] = *b"VUZSTATE";
 /// Every region starts at a multiple of this (a huge page).
@@ -323,7 +328,19 @@ impl StateFile {
             header: std::sync::Mutex::new(None),
         };
         let header = state.read_header()?;
+        let upgrade = match &header {
+            Some((header, copy)) => {
+                let mut version = [0u8; 4];
+                state.read_at(&mut version, COPY_OFFSET[*copy] + 8)?;
+                (u32::from_le_bytes(version) == UPGRADABLE_FORMAT).then(|| header.clone())
+            }
+            None => None,
+        };
         *state.lock_header() = header;
+        if let Some(header) = upgrade {
+            // The older copy becomes the newest, in this build's format.
+            state.write_header(header)?;
+        }
         Ok(state)
     }
 
@@ -668,7 +685,7 @@ impl StateFile {
             }
             any_magic = true;
             let version = u32_at(page, 8);
-            if version != FORMAT_VERSION {
+            if version != FORMAT_VERSION && version != UPGRADABLE_FORMAT {
                 return Err(StateError::Format {
                     path: self.name.clone(),
                     found: version,
@@ -827,7 +844,11 @@ fn encode(h: &Header) -> Vec<u8> {
 }
 
 fn decode(b: &[u8]) -> Option<Header> {
-    if b.len() < PAGE_SIZE || b[..8] != MAGIC || u32_at(b, 8) != FORMAT_VERSION {
+    let version = u32_at(b, 8);
+    if b.len() < PAGE_SIZE
+        || b[..8] != MAGIC
+        || (version != FORMAT_VERSION && version != UPGRADABLE_FORMAT)
+    {
         return None;
     }
     if u32_at(b, 12) as usize != HEADER_BYTES {
@@ -1016,6 +1037,26 @@ mod tests {
         f.write_all_at(&torn, PAGE_SIZE as u64).unwrap();
         let state = StateFile::open(tmp.path()).unwrap();
         assert_eq!(state.header().unwrap().identity, Some(id));
+    }
+
+    #[test]
+    fn a_format_2_file_opens_and_its_header_becomes_format_3() {
+        let tmp = shm_file();
+        let mut page = encode(&header(64));
+        page[8..12].copy_from_slice(&UPGRADABLE_FORMAT.to_le_bytes());
+        let crc = crc32fast::hash(&page[..HEADER_BYTES]);
+        page[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(tmp.path(), [page, vec![0; PAGE_SIZE]].concat()).unwrap();
+        let state = StateFile::open(tmp.path()).unwrap();
+        assert_eq!(state.header().unwrap().capacity_pages, 64);
+        drop(state);
+        let bytes = std::fs::read(tmp.path()).unwrap();
+        assert_eq!(
+            u32_at(&bytes[PAGE_SIZE..], 8),
+            FORMAT_VERSION,
+            "copy B is the newest"
+        );
+        assert!(StateFile::open(tmp.path()).is_ok());
     }
 
     #[test]

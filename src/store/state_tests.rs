@@ -313,8 +313,8 @@ fn damaged_entries_fail_only_their_own_pages() {
         file.write_all_at(&v.to_le_bytes(), layout.slots.0 + i * 8)
             .unwrap();
     };
-    // Page 3: state 6, which no build writes. Page 5: a handle far past the slab.
-    put(3, (entry(3) & !0b1110) | (6 << 1));
+    // Page 3: state 7, which no build writes. Page 5: a handle far past the slab.
+    put(3, (entry(3) & !0b1110) | (7 << 1));
     let big = SlotEntry::huge(slot::MAX_HANDLE).bits();
     put(5, big);
     // Pages 7 and 8 name one object. Page 9 holds a stale lock bit.
@@ -610,4 +610,110 @@ fn a_recorded_backing_file_opened_anew_is_refused() {
             .contains("is not the backing file the state file records"),
         "{error}"
     );
+}
+
+/// `pages` pages of text-like content for a unit at `first`.
+fn unit_content(seed: u64, first: u64, pages: u64) -> Vec<[u8; PAGE_SIZE]> {
+    (first..first + pages)
+        .map(|i| {
+            let mut page = [0u8; PAGE_SIZE];
+            let mut n = seed;
+            while fill_page(n, i, &mut page) != crate::pagegen::PageKind::Text {
+                n += 1;
+            }
+            page
+        })
+        .collect()
+}
+
+fn write_unit(s: &PageStore, first: u64, pages: &[[u8; PAGE_SIZE]]) {
+    s.write_pages_with(first, pages.len(), |i, p| {
+        *p = pages[i];
+        Ok::<(), ()>(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn units_survive_a_restart_and_a_damaged_head_fails_only_its_members() {
+    let tmp = shm_file();
+    let (store, _) = open(tmp.path(), PAGES);
+    store.set_unit_max_pages(16).unwrap();
+    let store = Arc::new(store);
+    let workers = TestWorkers::start(&store);
+    for k in 0..8u64 {
+        write_unit(&store, k * 16, &unit_content(k, k * 16, 16));
+    }
+    assert!(store.wait_drained(Duration::from_secs(10)));
+    // Partial units, a compaction that moves heads, a rewrite below half live.
+    store.discard(3..5).unwrap();
+    store.write(20, &content(9, 20)).unwrap();
+    store.discard(32..42).unwrap();
+    for k in 4..8u64 {
+        store.discard(k * 16 + 1..k * 16 + 2).unwrap();
+    }
+    store.compact();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().units.partial_rewrites == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(store.wait_drained(Duration::from_secs(10)));
+    let expect = model_of(&store);
+    let stats = store.stats();
+    assert_eq!(stats.units.units_stored, 7, "{:?}", stats.units);
+    store.check_consistency().unwrap();
+    drop(workers);
+    drop(Arc::into_inner(store).unwrap());
+
+    let (store, start) = open(tmp.path(), PAGES);
+    let StateStart::Recovered(recovered) = start else {
+        panic!("recovered, not {start:?}");
+    };
+    assert_eq!(recovered.damaged_pages, 0);
+    let after = store.stats();
+    assert_eq!(after.units.units_stored, stats.units.units_stored);
+    assert_eq!(after.units.unit_members, stats.units.unit_members);
+    assert_eq!(after.mm.compr_data_size, stats.mm.compr_data_size);
+    assert_eq!(model_of(&store), expect, "every page reads back");
+    store.check_consistency().unwrap();
+    // A unit written after the restart never takes a recovered unit's nonce (the readers'
+    // caches name units by it).
+    write_unit(&store, 128, &unit_content(20, 128, 16));
+    let mut expect = expect;
+    expect[128..144].copy_from_slice(&unit_content(20, 128, 16));
+    assert_eq!(model_of(&store), expect);
+
+    // Damage the head of the unit at 96: its pages count byte says 3.
+    let entry96 = store.slots.peek(96).unwrap();
+    assert_eq!(entry96.state(), SlotState::Unit);
+    // SAFETY: we hold nothing, but no other thread uses the store: the head is live.
+    let head = unsafe {
+        store
+            .alloc
+            .object_start(entry96.unit_class(), entry96.handle())
+    };
+    // SAFETY: as above; byte 4 of the head is its page count.
+    unsafe { head.add(4).write(3) };
+    drop(store);
+    let (store, start) = open(tmp.path(), PAGES);
+    let StateStart::Recovered(recovered) = start else {
+        panic!("recovered, not {start:?}");
+    };
+    assert_eq!(
+        recovered.damaged_pages, 15,
+        "the unit at 96 lost page 97 before"
+    );
+    for i in 0..PAGES {
+        let got = read(&store, i);
+        if (96..112).contains(&i) && i != 97 {
+            assert!(
+                matches!(got, Err(StoreError::UnsupportedState { .. })),
+                "page {i}"
+            );
+        } else {
+            assert!(got.unwrap() == expect[i as usize], "page {i}");
+        }
+    }
+    store.check_consistency().unwrap();
 }

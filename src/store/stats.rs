@@ -203,6 +203,46 @@ pub struct Stats {
     /// Writeback to the backing file.
     #[serde(default)]
     pub writeback: WritebackStats,
+    /// Multi-page units.
+    #[serde(default)]
+    pub units: UnitStats,
+}
+
+/// Multi-page units: writes of several aligned pages compressed as one object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct UnitStats {
+    /// The largest unit, bytes (`--unit-max`; 4096: units are off).
+    pub unit_max_bytes: u64,
+    /// Units stored (each one compressed object).
+    pub units_stored: u64,
+    /// Pages stored as members of a unit.
+    pub unit_members: u64,
+    /// Bytes of the units' compressed streams (part of `compr_data_size`).
+    pub unit_bytes: u64,
+    /// Units the workers rewrote page by page because too few of their members were left.
+    pub partial_rewrites: u64,
+    /// Bytes read from members of units.
+    pub read_bytes: u64,
+    /// Bytes decompressed to serve those reads (a reading thread keeps its last units
+    /// decoded, so neighbouring reads decompress nothing).
+    pub decompressed_bytes: u64,
+    /// Reads of a member served from a reading thread's decoded units.
+    pub cache_hits: u64,
+}
+
+impl UnitStats {
+    /// Bytes decompressed per byte read from units (1.0: no amplification; 0 before any read).
+    pub fn read_amplification(&self) -> f64 {
+        if self.read_bytes == 0 {
+            0.0
+        } else {
+            // Display only.
+            #[allow(clippy::cast_precision_loss)]
+            let ratio = self.decompressed_bytes as f64 / self.read_bytes as f64;
+            ratio
+        }
+    }
 }
 
 /// An `mm_stat` line that is not nine numbers.
@@ -319,6 +359,13 @@ pub(crate) struct CounterShard {
     pub writeback_passes: AtomicU64,
     /// Slots in the Invalid state (damaged entries recovery found).
     pub damaged_pages: AtomicU64,
+    pub units_stored: AtomicU64,
+    pub unit_members: AtomicU64,
+    pub unit_bytes: AtomicU64,
+    pub unit_rewrites: AtomicU64,
+    pub unit_read_bytes: AtomicU64,
+    pub unit_decompressed_bytes: AtomicU64,
+    pub unit_cache_hits: AtomicU64,
 }
 
 /// The store's live counters.

@@ -352,6 +352,14 @@ enum Op {
         index: u64,
         word: u64,
     },
+    /// A write of several pages in one request (a unit where the store makes one); pages
+    /// whose bit is set in `same` are filled with `seed` as a word.
+    WriteRun {
+        start: u64,
+        len: u64,
+        seed: u64,
+        same: u16,
+    },
     Patch {
         index: u64,
         offset: usize,
@@ -404,6 +412,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0..MODEL_PAGES, any::<u64>()).prop_map(|(index, seed)| Op::Write { index, seed }),
         2 => (0..MODEL_PAGES, prop_oneof![Just(0u64), any::<u64>()])
             .prop_map(|(index, word)| Op::WriteSame { index, word }),
+        4 => (prop_oneof![(0..MODEL_PAGES / 4).prop_map(|k| k * 4), 0..MODEL_PAGES], 1..=33u64, any::<u64>(), prop_oneof![Just(0u16), any::<u16>()])
+            .prop_map(|(start, len, seed, same)| Op::WriteRun { start, len, seed, same }),
         2 => (0..MODEL_PAGES, 0..PAGE_SIZE, 1..512usize, any::<u8>())
             .prop_map(|(index, offset, len, byte)| Op::Patch { index, offset, len, byte }),
         4 => (0..MODEL_PAGES).prop_map(|index| Op::Read { index }),
@@ -438,16 +448,24 @@ pub(crate) fn backing_file() -> (tempfile::TempDir, super::backing::BackingFile)
 }
 
 fn run_model(algorithm: Algorithm, ops: &[Op]) {
+    run_model_with_units(algorithm, 1, ops);
+}
+
+/// The model test with multi-page units of up to `unit_pages` pages.
+fn run_model_with_units(algorithm: Algorithm, unit_pages: usize, ops: &[Op]) {
     let (_dir, backing) = backing_file();
-    run_model_on(
-        &store(MODEL_PAGES, algorithm).with_backing_file(backing),
-        ops,
-    );
+    let s = store(MODEL_PAGES, algorithm).with_backing_file(backing);
+    s.set_unit_max_pages(unit_pages).unwrap();
+    run_model_on(&s, ops);
 }
 
 /// The model test with compression workers running while the ops go on: reads of pages
 /// still pending come from the pool, later writes and discards supersede queued ones.
 fn run_model_with_workers(algorithm: Algorithm, ops: &[Op]) {
+    run_model_with_workers_and_units(algorithm, 1, ops);
+}
+
+fn run_model_with_workers_and_units(algorithm: Algorithm, unit_pages: usize, ops: &[Op]) {
     let (_dir, backing) = backing_file();
     let s = Arc::new(
         PageStore::with_pending(
@@ -460,6 +478,7 @@ fn run_model_with_workers(algorithm: Algorithm, ops: &[Op]) {
         .unwrap()
         .with_backing_file(backing),
     );
+    s.set_unit_max_pages(unit_pages).unwrap();
     let workers = TestWorkers::start(&s);
     run_model_on(&s, ops);
     workers.stop();
@@ -528,6 +547,32 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
                 write_deferred(s, index, &page);
                 model[index as usize] = page;
             }
+            Op::WriteRun {
+                start,
+                len,
+                seed,
+                same,
+            } => {
+                let end = (start + len).min(MODEL_PAGES);
+                let pages: Vec<[u8; PAGE_SIZE]> = (start..end)
+                    .map(|index| {
+                        let mut page = [0u8; PAGE_SIZE];
+                        if same & (1 << ((index - start) % 16)) != 0 {
+                            same_fill::fill(&mut page, seed);
+                        } else {
+                            fill_page(seed, index, &mut page);
+                        }
+                        page
+                    })
+                    .collect();
+                s.write_pages_with(start, pages.len(), |i, buffer| {
+                    buffer.copy_from_slice(&pages[i]);
+                    Ok::<(), ()>(())
+                })
+                .unwrap()
+                .unwrap();
+                model[start as usize..end as usize].copy_from_slice(&pages);
+            }
             Op::Patch {
                 index,
                 offset,
@@ -540,7 +585,11 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
             }
             Op::Read { index } => {
                 s.read(index, &mut out).unwrap();
-                assert_eq!(out, model[index as usize], "read of page {index}");
+                assert!(
+                    out == model[index as usize],
+                    "read of page {index}: {:?}",
+                    s.slots.peek(index as usize)
+                );
             }
             Op::Discard { start, len } => {
                 let end = (start + len).min(MODEL_PAGES);
@@ -570,14 +619,22 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
     s.check_consistency().unwrap();
     for (index, expect) in model.iter().enumerate() {
         s.read(index as u64, &mut out).unwrap();
-        assert_eq!(&out, expect, "final read of page {index}");
+        assert!(
+            &out == expect,
+            "final read of page {index}: {:?}",
+            s.slots.peek(index)
+        );
     }
     // Everything left goes to the file, and still reads back.
     s.writeback(&writeback_request(5, None)).unwrap();
     s.check_consistency().unwrap();
     for (index, expect) in model.iter().enumerate() {
         s.read(index as u64, &mut out).unwrap();
-        assert_eq!(&out, expect, "read back of page {index}");
+        assert!(
+            &out == expect,
+            "read back of page {index}: {:?}",
+            s.slots.peek(index)
+        );
     }
     let stored = model.iter().filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
     assert!(s.stats().mm.orig_data_size >= stored * PAGE_SIZE as u64);
@@ -613,6 +670,31 @@ proptest! {
     #[test]
     fn zstd_store_with_workers_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
         run_model_with_workers(Algorithm::Zstd, &ops);
+    }
+
+    #[test]
+    fn lz4_store_with_units_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_units(Algorithm::Lz4, MAX_UNIT_MEMBERS, &ops);
+    }
+
+    #[test]
+    fn zstd_store_with_small_units_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_units(Algorithm::Zstd, 4, &ops);
+    }
+
+    #[test]
+    fn deflate_store_with_units_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_units(Algorithm::Deflate, 8, &ops);
+    }
+
+    #[test]
+    fn lz4_store_with_workers_and_units_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_workers_and_units(Algorithm::Lz4, MAX_UNIT_MEMBERS, &ops);
+    }
+
+    #[test]
+    fn zstd_store_with_workers_and_units_matches_a_plain_model(ops in prop::collection::vec(op(), 1..300)) {
+        run_model_with_workers_and_units(Algorithm::Zstd, 8, &ops);
     }
 
     #[test]

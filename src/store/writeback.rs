@@ -31,7 +31,8 @@ use std::str::FromStr;
 use super::backing::{BackingError, BackingFile, PinnedObject};
 use super::slot::{SlotEntry, SlotState, MAX_AGE, MAX_BACKING_OFFSET};
 use super::stats::{add, WritebackStats};
-use super::{object_class, object_len, PageStore, StoreError};
+use super::{object_class, object_len, PageStore, StoreError, HUGE_THRESHOLD};
+use crate::codec::COMPRESS_BUFFER;
 use crate::PAGE_SIZE;
 
 /// How long a write that meets the memory limit waits for the writeback thread to make room
@@ -280,6 +281,9 @@ struct InFlight {
     slot: usize,
     entry: SlotEntry,
     range: Range<usize>,
+    /// For a member of a unit: the unit's nonce (the page was compressed on its own for the
+    /// file, so its bytes cannot be compared with the unit's).
+    unit_nonce: Option<u64>,
 }
 
 impl PageStore {
@@ -415,7 +419,7 @@ impl PageStore {
     }
 
     /// Marks idle every stored page at least `min_age` ticks old (`idle --age`; at least 1,
-    /// since only Compressed and Huge pages have an age). Returns the pages newly marked.
+    /// since only Compressed, Huge and Unit pages have an age). Returns the pages newly marked.
     pub fn mark_idle_aged(&self, min_age: u8) -> u64 {
         let min_age = min_age.max(1);
         let mut marked = 0;
@@ -441,12 +445,18 @@ impl PageStore {
     /// age would take out of the allocator. Pending and same-filled pages are not counted.
     pub fn bytes_by_age(&self) -> [u64; MAX_AGE as usize + 1] {
         let mut bytes = [0u64; MAX_AGE as usize + 1];
+        let unit_share =
+            self.counters.sum(|c| &c.unit_bytes) / self.counters.sum(|c| &c.unit_members).max(1);
         for slot in self.slots.touched_slots(0..self.slots.len()) {
             let Some(entry) = self.slots.peek(slot) else {
                 break;
             };
             if object_class(entry).is_some() {
                 bytes[usize::from(entry.age())] += object_len(entry) as u64;
+            } else if entry.state() == SlotState::Unit {
+                // A member's share of its unit's stream: what writing it back frees, once
+                // its unit's other members go too.
+                bytes[usize::from(entry.age())] += unit_share;
             }
         }
         bytes
@@ -562,13 +572,19 @@ impl PageStore {
         buffer: &mut Vec<u8>,
         batch: &mut Vec<InFlight>,
     ) -> bool {
-        let wanted = |entry: SlotEntry| object_class(entry).is_some() && mode.selects(entry);
+        let wanted = |entry: SlotEntry| {
+            (object_class(entry).is_some() || entry.state() == SlotState::Unit)
+                && mode.selects(entry)
+        };
         // A peek first, so a pass over a mostly unselected table takes no locks.
         if !self.slots.peek(slot).is_some_and(wanted) {
             return false;
         }
         let guard = self.lock(slot);
         let entry = guard.entry();
+        if entry.state() == SlotState::Unit && wanted(entry) {
+            return self.gather_unit_member(slot, guard, buffer, batch);
+        }
         let Some(class) = object_class(entry).filter(|_| wanted(entry)) else {
             return false;
         };
@@ -583,6 +599,49 @@ impl PageStore {
             slot,
             entry,
             range: start..start + len,
+            unit_nonce: None,
+        });
+        true
+    }
+
+    /// [`copy_for_writeback`](Self::copy_for_writeback) for a member of a unit: the page leaves its unit for the
+    /// file, compressed on its own with the primary algorithm (raw when it does not shrink),
+    /// so that reading it back needs nothing but its record.
+    fn gather_unit_member(
+        &self,
+        slot: usize,
+        guard: super::slot::SlotGuard<'_>,
+        buffer: &mut Vec<u8>,
+        batch: &mut Vec<InFlight>,
+    ) -> bool {
+        let entry = guard.entry();
+        let mut page = [0u8; PAGE_SIZE];
+        if self
+            .read_unit_member(slot as u64, entry, &mut page)
+            .is_err()
+        {
+            return false;
+        }
+        // SAFETY: we hold the lock of a slot naming the head.
+        let Some(nonce) = (unsafe { self.unit_head(entry) }).map(|head| head.nonce) else {
+            return false;
+        };
+        drop(guard);
+        let start = buffer.len();
+        buffer.resize(start + COMPRESS_BUFFER, 0);
+        let len = match self.codec.compress(&page, &mut buffer[start..]) {
+            Ok(len @ 1..=HUGE_THRESHOLD) => len,
+            Ok(_) | Err(_) => {
+                buffer[start..start + PAGE_SIZE].copy_from_slice(&page);
+                PAGE_SIZE
+            }
+        };
+        buffer.truncate(start + len);
+        batch.push(InFlight {
+            slot,
+            entry,
+            range: start..start + len,
+            unit_nonce: Some(nonce),
         });
         true
     }
@@ -605,11 +664,19 @@ impl PageStore {
             let current = guard.entry();
             let unchanged = current.same_object(page.entry)
                 && offset <= MAX_BACKING_OFFSET
-                && object_class(current).is_some_and(|class| {
-                    // SAFETY: we hold the slot lock of the slot referencing the object.
-                    let object = unsafe { self.alloc.object(class, current.handle(), len) };
-                    object == &buffer[page.range.clone()]
-                });
+                && match page.unit_nonce {
+                    // The same head holding the same unit (a nonce names one unit's content).
+                    Some(nonce) => {
+                        // SAFETY: we hold the lock of a slot naming the head.
+                        let head = unsafe { self.unit_head(current) };
+                        head.is_some_and(|head| head.nonce == nonce)
+                    }
+                    None => object_class(current).is_some_and(|class| {
+                        // SAFETY: we hold the slot lock of the slot referencing the object.
+                        let object = unsafe { self.alloc.object(class, current.handle(), len) };
+                        object == &buffer[page.range.clone()]
+                    }),
+                };
             if !unchanged {
                 drop(guard);
                 release(backing, offset, len);
@@ -619,7 +686,9 @@ impl PageStore {
             }
             let priority = match current.state() {
                 SlotState::Compressed => current.priority(),
-                SlotState::Empty
+                // A unit's member went compressed by the primary algorithm, or raw.
+                SlotState::Unit
+                | SlotState::Empty
                 | SlotState::SameFilled
                 | SlotState::Huge
                 | SlotState::WrittenBack
