@@ -426,7 +426,7 @@ pub(crate) struct Recompression {
     /// The primary algorithm (priority 0).
     primary: AlgorithmSpec,
     /// `codecs[p - 1]` holds the pages of priority `p`.
-    codecs: Box<[Box<dyn Codec>]>,
+    pub(super) codecs: Box<[Box<dyn Codec>]>,
     /// Names by priority, the primary's first.
     names: Box<[String]>,
     /// The secondary algorithms, by priority (the first is 1).
@@ -826,6 +826,16 @@ impl PageStore {
             let Some(entry) = self.slots.peek(slot) else {
                 break;
             };
+            if selected_unit(entry, request, hi) {
+                if !pace() {
+                    outcome.stopped = true;
+                    break;
+                }
+                // A unit is recompressed whole, from its first member.
+                self.recompress_unit(slot, request, lo, hi, &mut outcome);
+                budget = budget.map(|n| n.saturating_sub(1));
+                continue;
+            }
             if !selected(entry, request, hi) {
                 continue;
             }
@@ -988,6 +998,17 @@ impl PageStore {
             ))
         }
     }
+}
+
+/// Whether a pass looks at the unit of this member: not flagged incompressible, idle if the
+/// mode asks, held by an algorithm below priority `hi - 1`; huge modes take no units (a unit
+/// is never raw). The whole unit must pass under its locks (`recompress_unit`).
+pub(super) fn selected_unit(entry: SlotEntry, request: &RecompressRequest, hi: usize) -> bool {
+    entry.state() == SlotState::Unit
+        && !entry.is_incompressible()
+        && (!request.mode.wants_idle() || entry.is_idle())
+        && !request.mode.wants_huge()
+        && entry.priority() + 1 < hi
 }
 
 /// Whether a pass selects this entry (zram's filters in `recompress_store`): compressed or huge,

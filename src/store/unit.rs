@@ -60,6 +60,12 @@ const _: () = assert!(
 
 const FLAG_SUPERSEDED: u8 = 1;
 
+/// The memory a unit's stream of `len` bytes takes: its pieces and its head's class.
+fn unit_cost(len: usize) -> usize {
+    let pieces = pieces_for(len);
+    pieces * PAGE_SIZE + super::alloc::class_size(class_of(head_len(len, pieces)))
+}
+
 /// A unit is rewritten page by page once fewer than 1/this of its pages are live members.
 pub(crate) const REWRITE_SHARE: usize = 2;
 
@@ -695,30 +701,145 @@ impl PageStore {
         }
     }
 
-    /// Compaction: moves the head of the unit slot `slot` is a member of (`entry`) out of a
-    /// victim chunk, with every member locked. Returns the pages the move gave back.
-    pub(crate) fn move_unit_head(&self, slot: usize, entry: SlotEntry) -> u64 {
-        let first = slot - entry.unit_index();
+    /// Recompression of the unit slot `slot` is the first live member of, whole: with its
+    /// span locked, every member must still pass the pass's filter; the stream is decoded and
+    /// compressed with each secondary algorithm above its priority (`lo..hi`), and the first
+    /// result that takes less memory (pieces and head) replaces it, every member moving to
+    /// the new head at once. When every secondary failed, the members are marked
+    /// incompressible. Counts in `outcome` page by page.
+    pub(crate) fn recompress_unit(
+        &self,
+        slot: usize,
+        request: &super::RecompressRequest,
+        lo: usize,
+        hi: usize,
+        outcome: &mut super::RecompressOutcome,
+    ) {
+        let Some((entry, head)) = self.locked_head(slot) else {
+            return;
+        };
+        let mut span = self.lock_span(head.first, head.pages);
         let names = |e: SlotEntry| {
             e.state() == SlotState::Unit
                 && e.unit_class() == entry.unit_class()
                 && e.handle() == entry.handle()
         };
-        let pages = {
-            let guard = self.lock(slot);
-            if !names(guard.entry()) {
-                return 0;
-            }
-            // SAFETY: we hold the lock of a slot naming the head.
-            match unsafe { self.unit_head(guard.entry()) } {
-                Some(head) => head.pages,
-                None => return 0,
-            }
-        };
-        if first + pages > self.slots.len() {
-            return 0;
+        let members: u32 = span
+            .guards
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| names(g.entry()))
+            .fold(0, |m, (i, _)| m | 1 << i);
+        // Only from the first member, and only when every member passes the filter.
+        if members.trailing_zeros() as usize != slot - head.first
+            || !span
+                .guards
+                .iter()
+                .map(|g| g.entry())
+                .filter(|&e| names(e))
+                .all(|e| super::recompress::selected_unit(e, request, hi))
+        {
+            return;
         }
-        let mut span = self.lock_span(first, pages);
+        let count = u64::from(members.count_ones());
+        let old_priority = entry.priority();
+        let old_cost = unit_cost(head.stream_len);
+        let unit = &mut [0u8; MAX_UNIT_MEMBERS * PAGE_SIZE][..head.pages * PAGE_SIZE];
+        let mut stream = vec![0u8; crate::codec::UNIT_COMPRESS_BUFFER];
+        // SAFETY: we hold the locks of the slots naming the head.
+        unsafe { self.gather_stream(entry, &head, &mut stream[..head.stream_len]) };
+        let decoded = self
+            .codec_of(old_priority)
+            .ok()
+            .and_then(|codec| codec.decompress_unit(&stream[..head.stream_len], unit, unit.len()).ok());
+        if decoded != Some(unit.len()) {
+            log::warn!("recompression skipped the unit at page {} it cannot read", head.first);
+            return;
+        }
+        let c = self.counters.local();
+        outcome.tried += count;
+        add(&c.recompress_tried, count);
+        let mut tried = 0;
+        for priority in lo.max(old_priority + 1)..hi {
+            let codec = &self.recompression.codecs[priority - 1];
+            tried += 1;
+            let Ok(len) = codec.compress_unit(unit, &mut stream) else {
+                continue;
+            };
+            if !worth_a_unit(len, members.count_ones() as usize) || unit_cost(len) >= old_cost {
+                continue;
+            }
+            let Ok(new_head) = self.store_unit(head.first, &stream[..len], head.pages, members, Some(head.nonce)) else {
+                return;
+            };
+            self.count_new_unit(len, priority);
+            for (i, guard) in span.guards.iter_mut().enumerate() {
+                if members & (1 << i) != 0 {
+                    let old = guard.entry();
+                    // Recompression is not an access: idle bits and ages stay.
+                    let new = SlotEntry::unit_member(new_head.0, new_head.1, i)
+                        .with_priority(priority)
+                        .with_idle(old.is_idle())
+                        .with_age(old.age());
+                    let swapped = guard.swap(new);
+                    debug_assert!(swapped.stale.is_none());
+                    drop(swapped.stale);
+                    sub(&c.algorithm_pages[old_priority], 1);
+                    add(&c.algorithm_pages[priority], 1);
+                }
+            }
+            // SAFETY: the old head is live: its mask still holds our members' bits.
+            let before = unsafe { self.unit_mask(entry) }.fetch_and(!members, Ordering::AcqRel);
+            drop(span);
+            if before & !members == 0 {
+                // SAFETY: we cleared the last bit and no slot names the old unit.
+                unsafe { self.free_unit(entry) };
+            }
+            let saved = head.stream_len.saturating_sub(len) as u64;
+            outcome.recompressed += count;
+            outcome.bytes_saved += saved;
+            add(&c.recompressed, count);
+            add(&c.recompress_saved, saved);
+            return;
+        }
+        // zram marks a page only when every secondary algorithm failed on it.
+        if tried == self.recompression.codecs.len() && tried > 0 {
+            for (i, guard) in span.guards.iter_mut().enumerate() {
+                if members & (1 << i) != 0 {
+                    let current = guard.entry();
+                    guard.set_flags(current.with_incompressible(true));
+                }
+            }
+            outcome.incompressible += count;
+            add(&c.recompress_incompressible, count);
+        }
+    }
+
+    /// Locks slot `slot` and reads the head of the unit it is a member of; `None` when it is
+    /// not (any more) a member or its head is damaged.
+    fn locked_head(&self, slot: usize) -> Option<(SlotEntry, Head)> {
+        let guard = self.slots.lock(slot)?;
+        let entry = guard.entry();
+        if entry.state() != SlotState::Unit {
+            return None;
+        }
+        // SAFETY: we hold the lock of a slot naming the head.
+        let head = unsafe { self.unit_head(entry) }?;
+        (head.first + head.pages <= self.slots.len()).then_some((entry, head))
+    }
+
+    /// Compaction: moves the head of the unit slot `slot` is a member of (`entry`) out of a
+    /// victim chunk, with every member locked. Returns the pages the move gave back.
+    pub(crate) fn move_unit_head(&self, slot: usize, entry: SlotEntry) -> u64 {
+        let names = |e: SlotEntry| {
+            e.state() == SlotState::Unit
+                && e.unit_class() == entry.unit_class()
+                && e.handle() == entry.handle()
+        };
+        let Some((_, head)) = self.locked_head(slot).filter(|(e, _)| names(*e)) else {
+            return 0;
+        };
+        let mut span = self.lock_span(head.first, head.pages);
         let members: u32 = span
             .guards
             .iter()

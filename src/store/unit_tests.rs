@@ -279,3 +279,31 @@ fn writeback_takes_members_out_of_their_unit_to_the_file() {
     s.check_consistency().unwrap();
     assert_reads(&s, 0, &pages);
 }
+
+#[test]
+fn recompression_moves_a_whole_unit_to_the_secondary_algorithm() {
+    let s = store_with_units(256, 16)
+        .with_secondary_algorithms(&[AlgorithmSpec {
+            algorithm: Algorithm::Zstd,
+            level: Some(9),
+        }])
+        .unwrap();
+    let runs: Vec<Vec<[u8; PAGE_SIZE]>> = (0..4u64).map(|k| text_pages(k, k * 16, 16)).collect();
+    for (k, run) in runs.iter().enumerate() {
+        write_run(&s, k as u64 * 16, run);
+    }
+    s.discard(18..19).unwrap();
+    let before = s.stats();
+    let outcome = s.recompress(&RecompressRequest::default()).unwrap();
+    assert_eq!(outcome.recompressed, 63, "{outcome:?}");
+    let after = s.stats();
+    assert_eq!(after.units.units_stored, 4);
+    assert!(after.units.unit_bytes < before.units.unit_bytes, "zstd:9 is smaller");
+    assert_eq!(after.recompression.algorithms[1].pages, 63);
+    s.check_consistency().unwrap();
+    let mut expect = runs.concat();
+    expect[18] = [0; PAGE_SIZE];
+    assert_reads(&s, 0, &expect);
+    // Nothing left above the units' priority: a second pass tries nothing.
+    assert_eq!(s.recompress(&RecompressRequest::default()).unwrap().tried, 0);
+}
