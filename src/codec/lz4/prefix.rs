@@ -4,7 +4,8 @@
 //!
 //! Neither of the decoders we ship can stop early: `lz4_flex` 0.14 always decodes the whole
 //! block, and `lz4-sys` 1.11 does not bind `LZ4_decompress_safe_partial`. This one is used only
-//! for partial decodes; a full decode still goes through `lz4_flex` or liblz4, which are faster.
+//! for partial decodes (see `lz4::PREFIX_LIMIT` for which); a full decode still goes through
+//! the build's library decoder, as a page's does.
 //!
 //! It has no `unsafe` and indexes only through checked slices, so no input can make it read or
 //! write outside the buffers it is given; a malformed sequence before the stop point is an
