@@ -4,7 +4,8 @@
 //!
 //! Neither of the decoders we ship can stop early: `lz4_flex` 0.14 always decodes the whole
 //! block, and `lz4-sys` 1.11 does not bind `LZ4_decompress_safe_partial`. This one is used only
-//! for partial decodes; a full decode still goes through `lz4_flex` or liblz4, which are faster.
+//! for partial decodes (see `lz4::PREFIX_LIMIT` for which); a full decode still goes through
+//! the build's library decoder, as a page's does.
 //!
 //! It has no `unsafe` and indexes only through checked slices, so no input can make it read or
 //! write outside the buffers it is given; a malformed sequence before the stop point is an
@@ -23,6 +24,19 @@ use std::fmt;
 
 /// The shortest match the format encodes.
 const MIN_MATCH: usize = 4;
+
+/// A sequence whose token holds both lengths (at most 14 literals, a match of at most 18) is
+/// decoded with fixed-size copies when at least this many input bytes follow the token: 16
+/// of literals copied whole whatever their length, then the 2-byte offset. Such a sequence is
+/// never the last, which ends the input with its literals.
+const FAST_INPUT: usize = 16 + 2;
+
+/// ... and this many output bytes are free: 16 literal bytes copied whole, then an 18-byte
+/// match copied whole from at most 14 bytes further. What lies past a sequence's true end is
+/// overwritten by the next sequence, or left past the prefix returned. Because the fast path
+/// stops short of the end of the output, reaching it (`out == dst.len()`) is always the slow
+/// path's.
+const FAST_OUTPUT: usize = 16 + 18;
 
 /// Why a block does not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +70,7 @@ impl std::error::Error for PrefixError {}
 
 /// Decodes the LZ4 block `src` into `dst` until at least `needed` bytes are out, and returns how
 /// many are (at least `needed`, at most `dst.len()`: the sequence that crosses `needed` is
-/// finished).
+/// finished). Bytes of `dst` past the returned length may have been written.
 ///
 /// When the decoded length reaches `dst.len()`, it decodes to the end of the block as a full
 /// decoder does and fails unless the block ends there. A prefix shorter than `dst.len()` says
@@ -68,6 +82,37 @@ pub fn decompress(src: &[u8], dst: &mut [u8], needed: usize) -> Result<usize, Pr
     let mut out = 0;
     loop {
         let token = input.byte()?;
+        if token & 0xf0 != 0xf0
+            && token & 0x0f != 0x0f
+            && input.pos + FAST_INPUT <= src.len()
+            && out + FAST_OUTPUT <= dst.len()
+        {
+            // The common short sequence, far from both ends: see FAST_INPUT.
+            let literals = usize::from(token >> 4);
+            dst[out..out + 16].copy_from_slice(&src[input.pos..input.pos + 16]);
+            out += literals;
+            input.pos += literals;
+            if out >= needed {
+                return Ok(out);
+            }
+            let offset = usize::from(u16::from_le_bytes([src[input.pos], src[input.pos + 1]]));
+            input.pos += 2;
+            let length = usize::from(token & 0xf) + MIN_MATCH;
+            if offset == 0 || offset > out {
+                return Err(PrefixError::BadOffset);
+            }
+            if offset >= length {
+                // Bytes past `length` are overwritten by what follows.
+                dst.copy_within(out - offset..out - offset + 18, out);
+            } else {
+                copy_match(dst, out, offset, length);
+            }
+            out += length;
+            if out >= needed {
+                return Ok(out);
+            }
+            continue;
+        }
         let literals = input.length(usize::from(token >> 4))?;
         if literals > 0 {
             let from = input.take(literals)?;
@@ -191,13 +236,20 @@ mod tests {
 
     #[test]
     fn it_stops_at_the_first_sequence_past_the_prefix() {
-        let data: Vec<u8> = (0..65_536u32).map(|i| (i / 7 % 251) as u8).collect();
+        let mut gen = crate::pagegen::PageGen::new(4);
+        let data: Vec<u8> = (0..16)
+            .flat_map(|_| gen.page_of(crate::pagegen::PageKind::Text).into_iter())
+            .collect();
         let block = compress(&data);
         let mut out = vec![0u8; data.len()];
         let n = decompress(&block, &mut out, 4096).unwrap();
-        assert!((4096..data.len()).contains(&n), "{n}");
+        // Text makes short sequences: the one that crosses the first page ends soon after it.
+        assert!((4096..4096 + 1024).contains(&n), "{n}");
         assert_eq!(out[..n], data[..n]);
-        assert!(out[n..].iter().all(|&b| b == 0), "nothing past the stop");
+        assert!(
+            out[n + FAST_OUTPUT..].iter().all(|&b| b == 0),
+            "nothing written past the last sequence's copies"
+        );
     }
 
     #[test]
