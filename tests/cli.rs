@@ -326,6 +326,18 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             ],
             "is not a number of seconds from 1 to 86400",
         ),
+        (
+            &["--socket-path", s, "--size", "1M", "--unit-max", "12K"],
+            "'12K' is not a unit size; give 4K, 8K, 16K, 32K or 64K (4K: units off)",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--unit-max", "128K"],
+            "'128K' is not a unit size; give 4K, 8K, 16K, 32K or 64K",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--unit-max", "0"],
+            "'0' is not a unit size; give 4K, 8K, 16K, 32K or 64K",
+        ),
     ];
     for (args, needle) in cases {
         assert_one_sentence_error_exit(&run(args), needle, EXIT_USAGE);
