@@ -593,6 +593,27 @@ fn reclaim_on_pressure_alone_takes_the_default_threshold_and_stats_show_the_pres
 }
 
 #[test]
+fn unit_max_is_logged_at_start_and_stats_show_the_units_rows() {
+    let mut daemon = DaemonProcess::options()
+        .size("1M")
+        .args(["--unit-max", "16KiB"])
+        .start();
+
+    let stats = daemon.ctl(&["stats"]);
+
+    daemon.wait_for_log("multi-page units of up to 16.0 KiB (4 pages)");
+    for row in [
+        "multi-page units           16384 bytes (16.0 KiB)\n",
+        "  units stored             0\n",
+        "  member pages             0 pages\n",
+        "  read amplification       — (nothing read from units)\n",
+    ] {
+        assert!(stats.contains(row), "no {row:?} in:\n{stats}");
+    }
+    assert!(daemon.stop().status.success());
+}
+
+#[test]
 fn ctl_mem_limit_sets_shows_lifts_and_refuses_a_limit_at_the_writeback_mark() {
     // Arrange: a daemon that writes back above 4 MiB, limited to 8 MiB.
     let files = tempfile::tempdir().unwrap();
