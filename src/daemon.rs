@@ -102,6 +102,9 @@ pub struct DaemonConfig {
     pub store: StoreConfig,
     /// Compression workers and their pending pool.
     pub pending: PendingConfig,
+    /// The largest multi-page unit, in pages (`--unit-max`): a power of two from 1 (units off)
+    /// to [`MAX_UNIT_MEMBERS`](crate::store::MAX_UNIT_MEMBERS).
+    pub unit_max_pages: usize,
     /// CPUs to pin the compression workers to (none: not pinned).
     pub worker_cpus: Vec<usize>,
     /// How long a queue thread may poll its ring after serving (zero: it never polls).
@@ -1193,6 +1196,13 @@ fn log_configuration(config: &DaemonConfig) {
             config.pending.max_pending_pages
         ),
     }
+    match config.unit_max_pages {
+        ..=1 => info!("multi-page units off: every page is compressed alone (--unit-max 4K)"),
+        pages => info!(
+            "multi-page units of up to {} ({pages} pages): a write of aligned pages is compressed as one object",
+            bytes_human(pages as u64 * PAGE_SIZE as u64)
+        ),
+    }
     if !config.poll_max.is_zero() {
         info!(
             "queues poll for up to {} µs after serving",
@@ -1651,6 +1661,9 @@ fn build_store(
     }
     store.set_writeback_limit(config.writeback.limit);
     store.set_writeback_batch(config.writeback.batch_pages);
+    store
+        .set_unit_max_pages(config.unit_max_pages)
+        .map_err(DaemonError::Store)?;
     store.set_idle_tick(config.writeback.idle_tick);
     if let Some((path, raw)) = dictionary {
         let id =

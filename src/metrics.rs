@@ -11,6 +11,8 @@
 //!   `vhost_user_zram_info`);
 //! - request counts, failures and a latency histogram by request type (`type` label), from
 //!   [`RequestStats`](crate::blk::request_stats::RequestStats);
+//! - the multi-page units (`vhost_user_zram_units_stored`, `…_unit_members`, `…_unit_bytes`,
+//!   and counters of partial rewrites, bytes read and decompressed, and cache hits);
 //! - the daemon's uptime and whether a frontend is connected.
 //!
 //! The HTTP side ([`MetricsServer`]) is a few lines of HTTP/1.x over `std::net`: one `GET
@@ -68,8 +70,9 @@ struct StoreFigure {
 
 const PREFIX: &str = "vhost_user_zram_";
 
-/// Every mm_stat and io_stat figure, the store facts, and the compression workers.
-const STORE_FIGURES: [StoreFigure; 34] = [
+/// Every mm_stat and io_stat figure, the store facts, the compression workers, the
+/// multi-page units and the writeback.
+const STORE_FIGURES: [StoreFigure; 42] = [
     StoreFigure {
         name: "state_file_bytes",
         help: "Bytes the state file (--state) occupies in memory; 0 without one.",
@@ -225,6 +228,54 @@ const STORE_FIGURES: [StoreFigure; 34] = [
         help: "Allocator and same-fill metadata's part of mem_used_total.",
         kind: MetricType::Gauge,
         value: |s| s.info.metadata_bytes,
+    },
+    StoreFigure {
+        name: "unit_max_bytes",
+        help: "The largest multi-page unit (--unit-max); 4096: units are off.",
+        kind: MetricType::Gauge,
+        value: |s| s.units.unit_max_bytes,
+    },
+    StoreFigure {
+        name: "units_stored",
+        help: "Multi-page units stored, each one compressed object.",
+        kind: MetricType::Gauge,
+        value: |s| s.units.units_stored,
+    },
+    StoreFigure {
+        name: "unit_members",
+        help: "Pages stored as members of a multi-page unit.",
+        kind: MetricType::Gauge,
+        value: |s| s.units.unit_members,
+    },
+    StoreFigure {
+        name: "unit_bytes",
+        help: "Compressed bytes of the multi-page units (part of mm_compr_data_size_bytes).",
+        kind: MetricType::Gauge,
+        value: |s| s.units.unit_bytes,
+    },
+    StoreFigure {
+        name: "unit_partial_rewrites_total",
+        help: "Units rewritten page by page because too few of their members were left.",
+        kind: MetricType::Counter,
+        value: |s| s.units.partial_rewrites,
+    },
+    StoreFigure {
+        name: "unit_read_bytes_total",
+        help: "Bytes read from members of multi-page units.",
+        kind: MetricType::Counter,
+        value: |s| s.units.read_bytes,
+    },
+    StoreFigure {
+        name: "unit_decompressed_bytes_total",
+        help: "Bytes decompressed to serve reads of unit members (divided by unit_read_bytes_total: the read amplification).",
+        kind: MetricType::Counter,
+        value: |s| s.units.decompressed_bytes,
+    },
+    StoreFigure {
+        name: "unit_cache_hits_total",
+        help: "Reads of a unit member served from a reading thread's decoded units, decompressing nothing.",
+        kind: MetricType::Counter,
+        value: |s| s.units.cache_hits,
     },
     StoreFigure {
         name: "bd_count",
@@ -900,6 +951,67 @@ mod tests {
             types["vhost_user_zram_request_duration_seconds"],
             "histogram"
         );
+    }
+
+    #[test]
+    fn the_unit_figures_are_the_stores() {
+        // Arrange: a 64 KiB unit, one of its pages read twice.
+        let store = PageStore::new(StoreConfig {
+            capacity_pages: 64,
+            algorithm: Algorithm::Lz4,
+            level: None,
+            mem_limit: None,
+        })
+        .unwrap();
+        store.set_unit_max_pages(16).unwrap();
+        store
+            .write_pages_with(16, 16, |i, page| {
+                crate::pagegen::fill_page(3, i as u64, page);
+                Ok::<(), ()>(())
+            })
+            .unwrap()
+            .unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        store.read(20, &mut page).unwrap();
+        store.read(21, &mut page).unwrap();
+        let observed = Observed::new(
+            Arc::new(store),
+            Arc::new(RequestStats::new(1)),
+            Arc::new(AtomicBool::new(false)),
+            "units",
+        );
+        let units = observed.store.stats().units;
+
+        // Act
+        let (samples, types) = parse_exposition(&render(&observed));
+
+        // Assert
+        assert_eq!(units.units_stored, 1, "the write made a unit: {units:?}");
+        let expected = [
+            ("unit_max_bytes", units.unit_max_bytes, "gauge"),
+            ("units_stored", units.units_stored, "gauge"),
+            ("unit_members", units.unit_members, "gauge"),
+            ("unit_bytes", units.unit_bytes, "gauge"),
+            (
+                "unit_partial_rewrites_total",
+                units.partial_rewrites,
+                "counter",
+            ),
+            ("unit_read_bytes_total", units.read_bytes, "counter"),
+            (
+                "unit_decompressed_bytes_total",
+                units.decompressed_bytes,
+                "counter",
+            ),
+            ("unit_cache_hits_total", units.cache_hits, "counter"),
+        ];
+        for (name, value, kind) in expected {
+            let full = format!("{PREFIX}{name}");
+            assert_eq!(value_of(&samples, &full), value as f64, "{name}");
+            assert_eq!(types[&full], kind, "{name}");
+        }
+        assert_eq!(units.unit_max_bytes, 64 << 10);
+        assert_eq!(units.read_bytes, 2 * PAGE_SIZE as u64);
     }
 
     #[test]

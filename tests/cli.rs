@@ -326,6 +326,18 @@ fn wrong_values_give_one_sentence_and_exit_2() {
             ],
             "is not a number of seconds from 1 to 86400",
         ),
+        (
+            &["--socket-path", s, "--size", "1M", "--unit-max", "12K"],
+            "'12K' is not a unit size; give 4K, 8K, 16K, 32K or 64K (4K: units off)",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--unit-max", "128K"],
+            "'128K' is not a unit size; give 4K, 8K, 16K, 32K or 64K",
+        ),
+        (
+            &["--socket-path", s, "--size", "1M", "--unit-max", "0"],
+            "'0' is not a unit size; give 4K, 8K, 16K, 32K or 64K",
+        ),
     ];
     for (args, needle) in cases {
         assert_one_sentence_error_exit(&run(args), needle, EXIT_USAGE);
@@ -574,6 +586,27 @@ fn reclaim_on_pressure_alone_takes_the_default_threshold_and_stats_show_the_pres
         "shed by writeback",
         "shed by recompression",
         "shed by compaction",
+    ] {
+        assert!(stats.contains(row), "no {row:?} in:\n{stats}");
+    }
+    assert!(daemon.stop().status.success());
+}
+
+#[test]
+fn unit_max_is_logged_at_start_and_stats_show_the_units_rows() {
+    let mut daemon = DaemonProcess::options()
+        .size("1M")
+        .args(["--unit-max", "16KiB"])
+        .start();
+
+    let stats = daemon.ctl(&["stats"]);
+
+    daemon.wait_for_log("multi-page units of up to 16.0 KiB (4 pages)");
+    for row in [
+        "multi-page units           16384 bytes (16.0 KiB)\n",
+        "  units stored             0\n",
+        "  member pages             0 pages\n",
+        "  read amplification       — (nothing read from units)\n",
     ] {
         assert!(stats.contains(row), "no {row:?} in:\n{stats}");
     }

@@ -70,6 +70,20 @@ fn ctl_metrics_and_http_serve_the_same_series_with_the_serial() {
     );
     assert!(ctl_text.contains("vhost_user_zram_disksize_bytes{serial=\"metrics-test\"} 8388608\n"));
     assert!(ctl_text.contains("vhost_user_zram_frontend_connected{serial=\"metrics-test\"} 0\n"));
+    for (family, kind) in [
+        ("units_stored", "gauge"),
+        ("unit_members", "gauge"),
+        ("unit_bytes", "gauge"),
+        ("unit_partial_rewrites_total", "counter"),
+        ("unit_read_bytes_total", "counter"),
+        ("unit_decompressed_bytes_total", "counter"),
+        ("unit_cache_hits_total", "counter"),
+    ] {
+        let declared = format!("# TYPE vhost_user_zram_{family} {kind}\n");
+        let sample = format!("vhost_user_zram_{family}{{serial=\"metrics-test\"}} 0\n");
+        assert!(ctl_text.contains(&declared), "no {declared:?}");
+        assert!(ctl_text.contains(&sample), "no {sample:?}");
+    }
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! reader.
 
 use crate::pressure::{PressureStats, ShedMode};
-use crate::store::{Stats, WritebackStats};
+use crate::store::{Stats, UnitStats, WritebackStats};
+use crate::PAGE_SIZE;
 
 /// The readable `stats` table: every figure with its unit, byte figures also in KiB/MiB/GiB.
 pub fn stats_table(stats: &Stats) -> String {
@@ -114,6 +115,7 @@ pub fn stats_table(stats: &Stats) -> String {
     for (name, value) in recompress_rows {
         out.push_str(&format!("{name:<26} {value}\n"));
     }
+    out.push_str(&unit_rows(&stats.units));
     let wb = &stats.writeback;
     if !wb.enabled {
         out.push_str(&format!("{:<26} none\n", "backing file"));
@@ -151,6 +153,39 @@ pub fn stats_table(stats: &Stats) -> String {
         ),
     ];
     for (name, value) in writeback_rows {
+        out.push_str(&format!("{name:<26} {value}\n"));
+    }
+    out
+}
+
+/// The `stats` table's rows on multi-page units: one line while they are off and none is
+/// stored.
+fn unit_rows(u: &UnitStats) -> String {
+    let off = u.unit_max_bytes <= PAGE_SIZE as u64;
+    if off && u.units_stored == 0 && u.read_bytes == 0 {
+        return format!("{:<26} off (--unit-max 4K)\n", "multi-page units");
+    }
+    let max = if off {
+        "off (--unit-max 4K; the units stored stay)".to_owned()
+    } else {
+        bytes(u.unit_max_bytes)
+    };
+    let amplification = if u.read_bytes == 0 {
+        "— (nothing read from units)".to_owned()
+    } else {
+        format!("{:.1}× (decompressed / read)", u.read_amplification())
+    };
+    let rows = [
+        ("multi-page units", max),
+        ("  units stored", u.units_stored.to_string()),
+        ("  member pages", pages(u.unit_members)),
+        ("  compressed", bytes(u.unit_bytes)),
+        ("  partial rewrites", u.partial_rewrites.to_string()),
+        ("  read amplification", amplification),
+        ("  cache hits", reads(u.cache_hits)),
+    ];
+    let mut out = String::new();
+    for (name, value) in rows {
         out.push_str(&format!("{name:<26} {value}\n"));
     }
     out
@@ -218,6 +253,14 @@ fn pages(value: u64) -> String {
         "1 page".to_owned()
     } else {
         format!("{value} pages")
+    }
+}
+
+fn reads(value: u64) -> String {
+    if value == 1 {
+        "1 read".to_owned()
+    } else {
+        format!("{value} reads")
     }
 }
 
@@ -298,6 +341,92 @@ mod tests {
         assert!(table.contains("1 page\n"), "{table}");
         assert_eq!(bytes(1023), "1023 bytes");
         assert_eq!(bytes(1536), "1536 bytes (1.5 KiB)");
+    }
+
+    #[test]
+    fn the_stats_table_gives_one_units_line_while_units_are_off() {
+        let mut stats = Stats::default();
+        stats.units.unit_max_bytes = 4096;
+
+        let table = stats_table(&stats);
+
+        assert!(
+            table.contains("multi-page units           off (--unit-max 4K)\n"),
+            "{table}"
+        );
+        assert!(!table.contains("units stored"), "{table}");
+    }
+
+    #[test]
+    fn the_stats_table_has_the_units_rows_with_the_read_amplification() {
+        let stats = Stats {
+            units: UnitStats {
+                unit_max_bytes: 64 << 10,
+                units_stored: 3,
+                unit_members: 40,
+                unit_bytes: 50_000,
+                partial_rewrites: 2,
+                read_bytes: 10 * 4096,
+                decompressed_bytes: 18 * 4096,
+                cache_hits: 7,
+            },
+            ..Stats::default()
+        };
+
+        let table = stats_table(&stats);
+
+        for row in [
+            "multi-page units           65536 bytes (64.0 KiB)\n",
+            "  units stored             3\n",
+            "  member pages             40 pages\n",
+            "  compressed               50000 bytes (48.8 KiB)\n",
+            "  partial rewrites         2\n",
+            "  read amplification       1.8× (decompressed / read)\n",
+            "  cache hits               7 reads\n",
+        ] {
+            assert!(table.contains(row), "no {row:?} in:\n{table}");
+        }
+    }
+
+    #[test]
+    fn the_units_read_amplification_is_a_dash_before_any_read_and_units_kept_show_when_off() {
+        let mut stats = Stats::default();
+        stats.units.unit_max_bytes = 4096;
+        stats.units.units_stored = 1;
+        stats.units.unit_members = 2;
+
+        let table = stats_table(&stats);
+
+        assert!(
+            table.contains("multi-page units           off (--unit-max 4K; the units stored stay)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("  read amplification       — (nothing read from units)\n"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn stats_json_has_the_units_object() {
+        let mut stats = Stats::default();
+        stats.units.units_stored = 5;
+
+        let json: serde_json::Value =
+            serde_json::from_str(&stats_json(&stats, &PressureStats::default()).unwrap()).unwrap();
+
+        assert_eq!(json["units"]["units_stored"], 5);
+        for key in [
+            "unit_max_bytes",
+            "unit_members",
+            "unit_bytes",
+            "partial_rewrites",
+            "read_bytes",
+            "decompressed_bytes",
+            "cache_hits",
+        ] {
+            assert!(json["units"].get(key).is_some(), "no units.{key} in {json}");
+        }
     }
 
     #[test]

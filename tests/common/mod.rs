@@ -176,7 +176,8 @@ pub fn wait_for_used(vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>, call: &EventF
 
 /// The configuration the in-process daemon tests run: `device` on a socket at `socket`, lz4,
 /// one compression worker with a pending pool of `pending_pages` (so writes go through the pool
-/// and the worker), no polling, no control socket, no metrics, no recompression or writeback.
+/// and the worker), no multi-page units, no polling, no control socket, no metrics, no
+/// recompression or writeback.
 pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) -> DaemonConfig {
     DaemonConfig {
         listen: ListenOn::Path(socket.to_owned()),
@@ -192,6 +193,7 @@ pub fn daemon_config(socket: &Path, device: DeviceConfig, pending_pages: usize) 
             workers: 1,
             max_pending_pages: pending_pages,
         },
+        unit_max_pages: 1,
         worker_cpus: Vec::new(),
         poll_max: Duration::ZERO,
         device,
