@@ -116,6 +116,17 @@ kernel_package() {
         awk '{print $1}' | sort -V | tail -n 1
 }
 
+# units_kernel_package: the kernel of the units suite, which swaps out 64 KiB folios (mTHP
+# swap-out came in 6.10): the newest Debian 12 6.12 image apt offers (bookworm-security).
+units_kernel_package() {
+    if [[ -n "${VUZ_UNITS_KERNEL_PKG:-}" ]]; then
+        echo "$VUZ_UNITS_KERNEL_PKG"
+        return
+    fi
+    apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' 2>/dev/null |
+        awk '{print $1}' | sort -V | tail -n 1
+}
+
 # inputs_hash: a hash of every file that shapes the guest image.
 inputs_hash() {
     (
@@ -304,7 +315,8 @@ now_ms() { echo $((${EPOCHREALTIME//[!0-9]/} / 1000)); }
 # device's that happens to touch a guest page first, is charged for it.
 # For live migration: ROOT_IMG (a writable copy of the root image both QEMUs share, instead of
 # snapshot=on, whose private overlay would not migrate) and INCOMING (QEMU's -incoming URI:
-# the destination).
+# the destination). KERNEL_DIR: another kernel and initramfs (the units suite's 6.12) for
+# the same root fs.
 # Sets QEMU_PID and CONSOLE_IN (a FIFO that feeds the guest's serial console) and returns at
 # once when called as `run_guest_bg`; `run_guest` waits for QEMU to exit (bounded by TIMEOUT).
 run_guest_bg() {
@@ -335,7 +347,7 @@ run_guest_bg() {
         -accel "$ACCEL" -cpu "$cpu" -smp "$smp_arg" -m "${GUEST_RAM_MIB}M"
         -object "memory-backend-memfd,id=mem,size=${GUEST_RAM_MIB}M,share=on,prealloc=${PREALLOC:-off}"
         -numa node,memdev=mem
-        -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz"
+        -kernel "${KERNEL_DIR:-$guest}/vmlinuz" -initrd "${KERNEL_DIR:-$guest}/initramfs.cpio.gz"
         -append "console=ttyS0 quiet loglevel=3 panic=-1 zswap.enabled=0 vuz.test=$test ${APPEND:-} ${VUZ_GUEST_APPEND:-}"
         -drive "file=${ROOT_IMG:-$guest/rootfs.img},format=raw,if=none,id=root,snapshot=$([[ -n "${ROOT_IMG:-}" ]] && echo off || echo on)"
         -device "virtio-blk-pci,drive=root,serial=$ROOT_SERIAL"

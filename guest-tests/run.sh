@@ -6,11 +6,12 @@
 # Prints `PASS name` / `FAIL name: reason` per check and ends with `N passed, M failed`.
 #
 # Usage: guest-tests/run.sh [--accel auto|kvm|tcg] [--device auto|vuz|qsd]
-#                           [--suites main,multiqueue,lifecycle,survive,migrate,libvirt]
+#                           [--suites main,multiqueue,lifecycle,survive,migrate,units,libvirt]
 #                           [--no-bench] [--bench-only] [--daemon-arg ARG]...
 # The default suites are main, multiqueue, lifecycle, survive (the daemon killed and
-# restarted under a swapping guest) and migrate (the swapping guest live-migrated); libvirt (the guest started by libvirtd, as an operator
-# runs it) is asked for by name and SKIPs where libvirt cannot run.
+# restarted under a swapping guest), migrate (the swapping guest live-migrated) and units (a 6.12
+# guest's 64 KiB swap-outs stored as multi-page units); libvirt (the guest started by libvirtd,
+# as an operator runs it) is asked for by name and SKIPs where libvirt cannot run.
 # --daemon-arg passes ARG to every vhost-user-zram the suites start (e.g. --workers=0); @DIR@
 # in ARG becomes the device's own temporary directory (--backing-file=@DIR@/backing).
 # VUZ_EXPECT_WRITEBACK=1 makes the swap suite check that pages went to the backing file.
@@ -943,10 +944,162 @@ vuz.rw=$LV_SERIAL vuz.seed=$SEED vuz.pressure_mib=$pressure_mib vuz.tmpfs_mib=$t
     suite_done
 }
 
+# suite units: multi-page units. A Debian 6.12 guest (setup.sh's units/ kernel, the same root
+# fs) swaps out 64 KiB folios (mTHP), which reach the disk as 64 KiB writes of contiguous,
+# aligned pages (the guest turns the block layer's merges off, which would join neighbouring
+# swap-outs into longer writes; VUZ_UNITS_NOMERGES=0 keeps them): the daemon started with
+# --unit-max 64K (VUZ_UNIT_MAX) must store them as units (units.units_stored > 0 in stats-json
+# while the pages are out), and every page must verify.
+# The same workload then swaps to a second disk whose daemon stores page by page
+# (--unit-max 4K; VUZ_UNITS_COMPARE=0 leaves it out), and the two daemons' mem_used_total go to
+# the log and to results/guest/units.figures. A daemon without --unit-max fails
+# units/unit-max-flag and units/units-stored and runs without it, so that the rest still runs;
+# VUZ_UNIT_MAX= (empty) runs both daemons without it and skips units/units-stored.
+suite_units() {
+    local out="$RESULTS_DIR/units" ram="$GUEST_RAM_MIB" timeout="${VUZ_UNITS_TIMEOUT:-600}"
+    local pressure_mib=$((ram * 3 / 2)) unit_max="${VUZ_UNIT_MAX-64K}" compare="${VUZ_UNITS_COMPARE:-1}"
+    local kernel="$GUEST/units"
+    if [[ "$DEVICE_KIND" != vuz ]]; then
+        record_skip units/suite "the device is qemu-storage-daemon, and the suite checks the daemon's units"
+        return
+    fi
+    if [[ ! -f "$kernel/ready" ]]; then
+        record_fail units/kernel "no 6.12 kernel in the guest cache ($kernel): setup.sh found no linux-image-6.12.N+deb12-amd64-unsigned (VUZ_UNITS_KERNEL_PKG names one)"
+        return
+    fi
+    local units_args=() page_args=()
+    if [[ -z "$unit_max" ]]; then
+        record_skip units/unit-max-flag "VUZ_UNIT_MAX is empty: both daemons run without --unit-max"
+    elif ! "$VUZ_BIN" --help 2>&1 | grep -q -- '--unit-max'; then
+        record_fail units/unit-max-flag "$VUZ_BIN has no --unit-max: both daemons run without it"
+    else
+        record_pass units/unit-max-flag
+        units_args=("--unit-max=$unit_max")
+        page_args=(--unit-max=4K)
+    fi
+    local DEVICE_ARGS=(${units_args[@]+"${units_args[@]}"})
+    start_device UN vuz units 512M 1 vuz-units RW "$RESULTS_DIR" || {
+        record_fail units/device "the daemon with units did not start (log: $RESULTS_DIR/units.daemon.log)"
+        return
+    }
+    local qargs pp_append=""
+    mapfile -t qargs < <(vhost_user_args vuz0 "$UN_SOCK" 1)
+    if [[ "$compare" == 1 ]]; then
+        DEVICE_ARGS=(${page_args[@]+"${page_args[@]}"})
+        start_device PP vuz units-per-page 512M 1 vuz-per-page RW "$RESULTS_DIR" || {
+            record_fail units/device "the per-page daemon did not start (log: $RESULTS_DIR/units-per-page.daemon.log)"
+            return
+        }
+        mapfile -t -O "${#qargs[@]}" qargs < <(vhost_user_args vuz1 "$PP_SOCK" 1)
+        pp_append="vuz.pp=$PP_SERIAL"
+    fi
+    log "units: ${pressure_mib} MiB anonymous in ${ram} MiB RAM$([[ "$compare" == 1 ]] && echo ", twice (units, then page by page)"), seed $SEED," \
+        "kernel $(sed -n 's/^kernel_package=//p' "$kernel/manifest")"
+    KERNEL_DIR="$kernel" APPEND="vuz.un=$UN_SERIAL $pp_append vuz.seed=$SEED vuz.pressure_mib=$pressure_mib \
+vuz.nomerges=${VUZ_UNITS_NOMERGES:-2}" SMP=2 run_guest_bg "$GUEST" "$out" units "$timeout" "${qargs[@]}"
+
+    local -A fig=()
+    if wait_console 'VUZ-HOSTCHECK-UNITS .* ready' "$timeout"; then
+        units_figures "$UN_CTL" "$out" units 'VUZ-HOSTCHECK-UNITS'
+        check_multi_page_writes
+        check_units_stored "$unit_max" "${#units_args[@]}" "$out"
+        console_send "go"
+    else
+        record_fail units/multi-page-writes "the guest never reached the point to check it"
+        record_fail units/units-stored "the guest never reached the point to check it"
+    fi
+    local checks=(units/{mthp-enabled,swapon,checksums,mthp-swpout,swapoff,no-io-errors})
+    if [[ "$compare" == 1 ]]; then
+        if wait_console 'VUZ-HOSTCHECK-PER-PAGE .* ready' "$timeout"; then
+            units_figures "$PP_CTL" "$out.per-page" per-page 'VUZ-HOSTCHECK-PER-PAGE'
+            console_send "go"
+        fi
+        checks+=(units/per-page/{swapon,checksums,mthp-swpout,swapoff})
+    fi
+    qemu_finish units "$timeout"
+    collect_results "$out" units "${checks[@]}"
+    units_report "$out.figures" "$unit_max"
+    suite_done
+}
+
+# units_figures CTL OUT KEY MARKER: while the guest holds its pages on swap, the daemon's
+# stats-json (kept in OUT.stats.json) and mm_stat, and what the guest said on its MARKER line,
+# into fig[KEY.*].
+units_figures() {
+    local ctl="$1" out="$2" key="$3" marker="$4" mm line word
+    timeout 10 "$VUZ_BIN" ctl --control-socket "$ctl" stats --json >"$out.stats.json" 2>&1 || true
+    fig[$key.units_stored]="$(jq -r '.units.units_stored // "absent"' "$out.stats.json" 2>/dev/null || echo absent)"
+    fig[$key.unit_members]="$(jq -r '.units.unit_members // "absent"' "$out.stats.json" 2>/dev/null || echo absent)"
+    # Write requests against pages swapped out: with 64 KiB swap-outs, fewer requests than pages.
+    fig[$key.write_requests]="$(timeout 10 "$VUZ_BIN" ctl --control-socket "$ctl" metrics 2>/dev/null |
+        awk '/^vhost_user_zram_requests_total\{.*type="write"/ { print $NF }')"
+    if read -r -a mm < <(ctl_line "$ctl" mm_stat "$out") && ((${#mm[@]} == 9)); then
+        fig[$key.orig_data_size]="${mm[0]}" fig[$key.compr_data_size]="${mm[1]}"
+        fig[$key.mem_used_total]="${mm[2]}" fig[$key.same_pages]="${mm[5]}"
+    fi
+    line="$(tr -d '\r' <"$CONSOLE_LOG" | grep -m1 -- "$marker")"
+    for word in $line; do
+        [[ "$word" != *=* ]] || fig[$key.${word%%=*}]="${word#*=}"
+    done
+    log "units ($key): mm_stat ${mm[*]:-?}; units_stored ${fig[$key.units_stored]}," \
+        "unit_members ${fig[$key.unit_members]}, write requests ${fig[$key.write_requests]:-?};" \
+        "guest: ${line#*"$marker" }"
+}
+
+# check_multi_page_writes: the guest's 64 KiB swap-outs reached the daemon as writes of several
+# pages: it served fewer write requests than the guest swapped out pages (with merges off,
+# exactly pswpout - 15 x swpout_64k, and mkswap's).
+check_multi_page_writes() {
+    local name=units/multi-page-writes writes="${fig[units.write_requests]:-}" pages="${fig[units.pswpout]:-}"
+    if [[ ! "$writes" =~ ^[0-9]+$ || ! "$pages" =~ ^[0-9]+$ ]]; then
+        record_fail "$name" "no figures: write requests '$writes', pswpout '$pages'"
+    elif ((writes < pages)); then
+        record_pass "$name"
+    else
+        record_fail "$name" "$writes write requests for $pages pages swapped out (${fig[units.swpout_64k]:-?} as 64 KiB folios)"
+    fi
+}
+
+# check_units_stored UNIT_MAX FLAG_GIVEN OUT: the daemon with units stored some of the guest's
+# 64 KiB writes as units.
+check_units_stored() {
+    local unit_max="$1" given="$2" out="$3" name=units/units-stored stored="${fig[units.units_stored]}"
+    local why="(guest: ${fig[units.swpout_64k]:-?} 64 KiB folios swapped out whole; stats: $out.stats.json)"
+    if [[ -z "$unit_max" ]]; then
+        record_skip "$name" "VUZ_UNIT_MAX is empty: the daemon runs without --unit-max"
+    elif ((given == 0)); then
+        record_fail "$name" "not tried: the daemon has no --unit-max"
+    elif [[ "$stored" == absent ]]; then
+        record_fail "$name" "stats-json has no units.units_stored $why"
+    elif [[ "$stored" =~ ^[0-9]+$ ]] && ((stored > 0)); then
+        record_pass "$name"
+    else
+        record_fail "$name" "units.units_stored is '$stored' with --unit-max $unit_max $why"
+    fi
+}
+
+# units_report FILE UNIT_MAX: the figures of both daemons, in the log and in FILE.
+units_report() {
+    local file="$1" unit_max="$2" key
+    for key in "${!fig[@]}"; do
+        echo "$key=${fig[$key]}"
+    done | sort >"$file"
+    log "units: with --unit-max ${unit_max:-(none)}: mem_used_total ${fig[units.mem_used_total]:-?}" \
+        "for orig_data_size ${fig[units.orig_data_size]:-?}, units_stored ${fig[units.units_stored]:-?}," \
+        "unit_members ${fig[units.unit_members]:-?}; the guest swapped out ${fig[units.pswpout]:-?} pages," \
+        "${fig[units.swpout_64k]:-?} of them as 64 KiB folios, in ${fig[units.write_requests]:-?} write requests"
+    [[ -z "${fig[per-page.mem_used_total]:-}" ]] ||
+        log "units: page by page: mem_used_total ${fig[per-page.mem_used_total]}" \
+            "for orig_data_size ${fig[per-page.orig_data_size]:-?}; the guest swapped out" \
+            "${fig[per-page.pswpout]:-?} pages, ${fig[per-page.swpout_64k]:-?} of them as 64 KiB folios," \
+            "in ${fig[per-page.write_requests]:-?} write requests"
+    log "units: figures in $file"
+}
+
 usage() { sed -n '/^# Usage:/,/^[^#]/s/^# \{0,1\}//p' "$0"; }
 
 main() {
-    local accel=auto device=auto suites=main,multiqueue,lifecycle,survive,migrate bench=yes
+    local accel=auto device=auto suites=main,multiqueue,lifecycle,survive,migrate,units bench=yes
     while (($#)); do
         case "$1" in
             --accel) accel="$2" && shift ;;

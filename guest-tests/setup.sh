@@ -3,7 +3,9 @@
 # Prepares the host for the guest tests: installs the Debian packages they need if missing, and
 # builds the guest (Debian kernel, an initramfs that loads the virtio/ext4 modules, and an ext4
 # root fs image holding busybox, fio and its libraries, the pressure program and the test
-# scripts) into the cache, keyed on the kernel version and a hash of these scripts.
+# scripts) into the cache, keyed on the kernel version and a hash of these scripts. The units
+# suite's second kernel (Debian 12's 6.12, which swaps out 64 KiB folios) goes with its own
+# initramfs into units/ of the same directory and boots the same root fs.
 # Prints the cache directory of the guest on stdout.
 #
 # Usage: guest-tests/setup.sh [--force]
@@ -14,6 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Modules to load, in the order the issue lists them; their dependencies are added from
 # modules.dep. crc32c_generic is a soft (crypto API) dependency of ext4/jbd2, so it is named.
+# A kernel that has one of them built in (6.12: virtio and virtio_pci) loads the rest.
 GUEST_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     virtio_blk crc16 mbcache jbd2 crc32c_generic ext4)
 
@@ -53,6 +56,7 @@ resolve_modules() {
     local -A seen=()
     local order=()
     for name in "${GUEST_MODULES[@]}"; do
+        grep -qE "(^|/)${name}\.ko\$" "$moddir/modules.builtin" 2>/dev/null && continue
         line="$(grep -E "(^|/)${name}\.ko(\.xz)?:" "$moddir/modules.dep")" ||
             die "module $name not found in modules.dep"
         path="${line%%:*}"
@@ -145,10 +149,77 @@ build_rootfs() {
     mke2fs -q -t ext4 -L vuzroot -E root_owner=0:0 -d "$work" -F "$out" >&2
 }
 
+# extract_kernel DEB WORK OUT: the kernel of the package DEB (vmlinuz) and an initramfs that
+# loads its modules, into OUT; WORK is scratch space. Sets KVER to the kernel's version.
+KVER=""
+extract_kernel() {
+    local deb="$1" work="$2" out="$3" kroot="$2/kernel"
+    dpkg-deb -x "$deb" "$kroot"
+    KVER="$(basename "$(compgen -G "$kroot/lib/modules/*" | head -n 1)")"
+    mkdir -p "$out"
+    cp "$kroot/boot/vmlinuz-$KVER" "$out/vmlinuz"
+    build_initramfs "$kroot" "$KVER" "$out/initramfs.cpio.gz" "$work"
+    rm -rf "$kroot"
+}
+
+# build_guest PKG DIR: the guest for the kernel package PKG into DIR.
+build_guest() {
+    local pkg="$1" dir="$2" deb work
+    log "building the guest for $pkg into $dir"
+    deb="$(download_kernel "$pkg")"
+    work="$(mktemp -d "${TMPDIR:-/tmp}/vuz-setup.XXXXXX")"
+    track_path "$work"
+    extract_kernel "$deb" "$work" "$work/out"
+    build_pressure "$work/out/pressure"
+    build_rootfs "$work/out/rootfs.img" "$work/out/pressure" "$work"
+    printf 'kernel_package=%s\nkernel_version=%s\ninputs_hash=%s\n' \
+        "$pkg" "$KVER" "$(inputs_hash)" >"$work/out/manifest"
+    touch "$work/out/ready"
+
+    # Replace this key's directory, and drop guests built from older inputs.
+    mkdir -p "$GUEST_CACHE_ROOT"
+    find "$GUEST_CACHE_ROOT" -mindepth 1 -maxdepth 1 -type d -name '6.1.0-*' ! -path "$dir" \
+        -exec rm -rf {} +
+    rm -rf "$dir"
+    mv "$work/out" "$dir"
+    log "guest ready: $dir ($(du -sh "$dir" | cut -f1))"
+}
+
+# build_units_kernel DIR FORCE: the units suite's kernel and its initramfs into DIR/units, unless
+# they are there for the package apt offers now. Without such a package it warns and builds
+# nothing: the units suite then fails, the others run.
+build_units_kernel() {
+    local dir="$1" force="$2" pkg deb work
+    pkg="$(units_kernel_package)"
+    if [[ -z "$pkg" ]]; then
+        apt_update_once
+        pkg="$(units_kernel_package)"
+    fi
+    if [[ -z "$pkg" ]]; then
+        warn "apt offers no linux-image-6.12.N+deb12-amd64-unsigned (bookworm-security): the units suite will fail"
+        return
+    fi
+    if [[ -f "$dir/units/ready" && "$force" == no ]] &&
+        grep -qxF "kernel_package=$pkg" "$dir/units/manifest"; then
+        return
+    fi
+    log "building the units kernel $pkg into $dir/units"
+    deb="$(download_kernel "$pkg")"
+    work="$(mktemp -d "${TMPDIR:-/tmp}/vuz-setup.XXXXXX")"
+    track_path "$work"
+    extract_kernel "$deb" "$work" "$work/out"
+    printf 'kernel_package=%s\nkernel_version=%s\n' "$pkg" "$KVER" >"$work/out/manifest"
+    touch "$work/out/ready"
+    rm -rf "$dir/units"
+    mv "$work/out" "$dir/units"
+    log "units kernel ready: $dir/units ($(du -sh "$dir/units" | cut -f1))"
+}
+
 main() {
     local force=no
     [[ "${1:-}" == --force ]] && force=yes
     ensure_packages
+    install_cleanup_trap
     local pkg
     pkg="$(kernel_package)"
     if [[ -z "$pkg" ]]; then
@@ -160,35 +231,10 @@ main() {
     dir="$(guest_dir "$pkg")"
     if [[ -f "$dir/ready" && "$force" == no ]]; then
         log "guest image is cached: $dir"
-        echo "$dir"
-        return
+    else
+        build_guest "$pkg" "$dir"
     fi
-
-    log "building the guest for $pkg into $dir"
-    local deb work kroot kver
-    deb="$(download_kernel "$pkg")"
-    work="$(mktemp -d "${TMPDIR:-/tmp}/vuz-setup.XXXXXX")"
-    track_path "$work"
-    install_cleanup_trap
-    kroot="$work/kernel"
-    dpkg-deb -x "$deb" "$kroot"
-    kver="$(basename "$(compgen -G "$kroot/lib/modules/*" | head -n 1)")"
-    mkdir -p "$work/out"
-    cp "$kroot/boot/vmlinuz-$kver" "$work/out/vmlinuz"
-    build_initramfs "$kroot" "$kver" "$work/out/initramfs.cpio.gz" "$work"
-    build_pressure "$work/out/pressure"
-    build_rootfs "$work/out/rootfs.img" "$work/out/pressure" "$work"
-    printf 'kernel_package=%s\nkernel_version=%s\ninputs_hash=%s\n' \
-        "$pkg" "$kver" "$(inputs_hash)" >"$work/out/manifest"
-    touch "$work/out/ready"
-
-    # Replace this key's directory, and drop guests built from older inputs.
-    mkdir -p "$GUEST_CACHE_ROOT"
-    find "$GUEST_CACHE_ROOT" -mindepth 1 -maxdepth 1 -type d -name '6.1.0-*' ! -path "$dir" \
-        -exec rm -rf {} +
-    rm -rf "$dir"
-    mv "$work/out" "$dir"
-    log "guest ready: $dir ($(du -sh "$dir" | cut -f1))"
+    build_units_kernel "$dir" "$force"
     echo "$dir"
 }
 

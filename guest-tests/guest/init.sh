@@ -38,6 +38,7 @@ case "$suite" in
     survive) suite_survive ;;
     migrate) suite_survive migrate ;;
     survive-new) suite_survive_new ;;
+    units) suite_units ;;
     bench) suite_bench ;;
     *) fail "guest" "unknown suite '$suite'" ;;
 esac

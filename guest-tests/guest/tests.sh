@@ -474,6 +474,122 @@ suite_survive_new() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# units: a 6.12 guest swaps out 64 KiB folios (mTHP), so its swap writes are 64 KiB of
+# contiguous, aligned pages (with merges off): the daemon with --unit-max 64K stores each as one
+# object. The same workload then goes to a second disk whose daemon stores page by page, when
+# the host gives one (vuz.pp=), so that the host can set the two daemons' memory side by side.
+# Every page is verified; the host reads each daemon while the pages are out.
+
+MTHP=/sys/kernel/mm/transparent_hugepage
+
+# mthp_stat NAME: a counter of the 64 KiB size (hugepages-64kB/stats/NAME; 0 if absent).
+mthp_stat() { cat "$MTHP/hugepages-64kB/stats/$1" 2>/dev/null || echo 0; }
+
+# mthp_stats: every counter of the 64 KiB size, NAME=VALUE on one line.
+mthp_stats() {
+    for f in "$MTHP"/hugepages-64kB/stats/*; do
+        [ -e "$f" ] && printf '%s=%s ' "${f##*/}" "$(cat "$f")"
+    done
+}
+
+# mthp_setup: anonymous faults get 64 KiB folios, never 2 MiB ones (whose swap-out would be
+# 2 MiB writes). A size set to `always` applies whatever the global `enabled` says.
+mthp_setup() {
+    name=units/mthp-enabled
+    if [ ! -w "$MTHP/hugepages-64kB/enabled" ]; then
+        fail "$name" "kernel $(uname -r) has no $MTHP/hugepages-64kB/enabled (mTHP needs 6.8, its swap-out 6.10)"
+        return 1
+    fi
+    echo always >"$MTHP/hugepages-64kB/enabled"
+    echo never >"$MTHP/hugepages-2048kB/enabled"
+    echo "VUZ-NOTE THP enabled: $(cat "$MTHP/enabled"); 64kB: $(cat "$MTHP/hugepages-64kB/enabled"); 2048kB: $(cat "$MTHP/hugepages-2048kB/enabled"); defrag: $(cat "$MTHP/defrag")"
+    if ! grep -q '\[always\]' "$MTHP/hugepages-64kB/enabled"; then
+        fail "$name" "hugepages-64kB/enabled is '$(cat "$MTHP/hugepages-64kB/enabled")' after echo always"
+        return 1
+    fi
+    pass "$name"
+}
+
+# units_swap DEV NAME MARKER: swap on DEV (non-rotational, as mTHP swap-out needs: the swap
+# allocator hands out aligned runs of slots only from a solid-state device's clusters), the
+# pressure program's pages out and back, every one verified; at the hold, MARKER on the console
+# for the host, with how many 64 KiB folios went out whole. Checks NAME/swapon, NAME/checksums,
+# NAME/mthp-swpout and NAME/swapoff.
+units_swap() {
+    dev="$1" t="$2" marker="$3" anon_mib="$(param pressure_mib)" seed="$(param seed)"
+    echo 0 >"/sys/block/$dev/queue/rotational"
+    # The block layer merges neighbouring swap-outs into longer writes (about 170 KiB on
+    # average here); with nomerges=2 each 64 KiB folio is one 64 KiB write, the write a unit is
+    # made of (vuz.nomerges=0 on the command line keeps the merges).
+    nomerges="$(param nomerges)"
+    echo "${nomerges:-2}" >"/sys/block/$dev/queue/nomerges"
+    if ! mkswap "/dev/$dev" >/tmp/mkswap.log 2>&1 ||
+        ! swapon -dpages "/dev/$dev" 2>>/tmp/mkswap.log; then
+        fail "$t/swapon" "mkswap/swapon -dpages /dev/$dev failed: $(tail -n 1 /tmp/mkswap.log)"
+        return
+    fi
+    q="/sys/block/$dev/queue"
+    echo "VUZ-NOTE $t: /dev/$dev nomerges=$(cat "$q/nomerges") max_sectors_kb=$(cat "$q/max_sectors_kb") max_segments=$(cat "$q/max_segments") max_segment_size=$(cat "$q/max_segment_size")"
+    check "$t/swapon" "/dev/$dev is rotational ($(cat "/sys/block/$dev/queue/rotational"))" \
+        [ "$(cat "/sys/block/$dev/queue/rotational")" = 0 ]
+    out0="$(mthp_stat swpout)" fb0="$(mthp_stat swpout_fallback)"
+    fault0="$(mthp_stat anon_fault_alloc)" ffb0="$(mthp_stat anon_fault_fallback)"
+    pages0="$(vmstat_get pswpout)"
+    echo "pressure ($t on /dev/$dev): ${anon_mib} MiB anonymous, seed $seed"
+    # A log of the previous run would end the wait below before this one has begun.
+    rm -f /tmp/pressure.log
+    /vuz/pressure --mib "$anon_mib" --seed "$seed" --passes 2 --hold-marker PRESSURE-HOLD \
+        </dev/console >/tmp/pressure.log 2>&1 &
+    ppid=$!
+    n=0
+    while ! grep -q -E 'PRESSURE-HOLD|PRESSURE-RESULT' /tmp/pressure.log && kill -0 "$ppid" 2>/dev/null; do
+        n=$((n + 1))
+        [ "$n" -gt 6000 ] && break # 600 s
+        usleep 100000
+    done
+    swpout=$(($(mthp_stat swpout) - out0)) fallback=$(($(mthp_stat swpout_fallback) - fb0))
+    faulted=$(($(mthp_stat anon_fault_alloc) - fault0))
+    fault_fallback=$(($(mthp_stat anon_fault_fallback) - ffb0))
+    pages=$(($(vmstat_get pswpout) - pages0))
+    used_kib="$(awk 'NR > 1 { s += $4 } END { print s + 0 }' /proc/swaps)"
+    echo "VUZ-NOTE $t: hugepages-64kB/stats: $(mthp_stats)"
+    echo "VUZ-NOTE $t: vmstat: $(grep -E '^(thp_|compact_(stall|fail|success)|pgmigrate|pswp)' /proc/vmstat | tr ' \n' '= ')"
+    echo "VUZ-NOTE $t: 64 KiB folios faulted $faulted (fallbacks to 4 KiB $fault_fallback), swapped out whole $swpout (split first $fallback); pswpout $pages pages; swap in use ${used_kib} KiB"
+    # The host answers (after reading its daemon) with a line, which lets the pressure
+    # program's next pass start. It waits for the line's last word.
+    echo "$marker swpout_64k=$swpout swpout_fallback_64k=$fallback pswpout=$pages swap_used_kib=$used_kib ready"
+    wait "$ppid"
+    prc=$?
+    cat /tmp/pressure.log
+    if [ "$prc" = 0 ] && grep -q 'PRESSURE-RESULT ok' /tmp/pressure.log; then
+        pass "$t/checksums"
+    else
+        fail "$t/checksums" "$(grep -m1 -E 'PRESSURE-(RESULT|BAD)' /tmp/pressure.log || echo "exit $prc")"
+    fi
+    check "$t/mthp-swpout" "no 64 KiB folio was swapped out whole (hugepages-64kB/stats: swpout +$swpout, swpout_fallback +$fallback, anon_fault_alloc +$faulted)" \
+        [ "$swpout" -gt 0 ]
+    check "$t/swapoff" "swapoff /dev/$dev failed" swapoff "/dev/$dev"
+}
+
+suite_units() {
+    un=""
+    need_dev un un || return
+    mthp_setup || return
+    units_swap "$un" units VUZ-HOSTCHECK-UNITS
+    if [ -n "$(param pp)" ]; then
+        pp=""
+        need_dev pp pp && units_swap "$pp" units/per-page VUZ-HOSTCHECK-PER-PAGE
+    fi
+    errs="$(io_errors)"
+    if [ -z "$errs" ]; then
+        pass units/no-io-errors
+    else
+        fail units/no-io-errors "$(echo "$errs" | head -n 2 | tr '\n' ' ')"
+        echo "$errs" | head -n 20 | sed 's/^/    | /'
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
 # bench: the fio suite of ci/fio-bench.sh, on each device in turn; JSON out on the console.
 
 # bench_jobfile DEV SIZE RUNTIME: the measured fio suite, after a fill of the whole region.

@@ -21,7 +21,7 @@
 //! The last line is `PRESSURE-RESULT ok ...` or `PRESSURE-RESULT FAIL ...`; the exit status is 0
 //! only when every page of every pass verified.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ffi::c_void;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -81,33 +81,66 @@ fn expected_word(seed: u64, index: u64, kind: PageKind, w: usize) -> u64 {
     }
 }
 
-/// Page-aligned anonymous memory, freed on drop.
+// mmap(2) and munmap(2) from the C library std links anyway (the program has no dependencies).
+extern "C" {
+    fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64)
+        -> *mut c_void;
+    fn munmap(addr: *mut c_void, len: usize) -> i32;
+}
+const PROT_READ: i32 = 0x1;
+const PROT_WRITE: i32 = 0x2;
+const MAP_PRIVATE: i32 = 0x02;
+const MAP_ANONYMOUS: i32 = 0x20;
+const MAP_FAILED: *mut c_void = !0usize as *mut c_void;
+
+/// Page-aligned anonymous memory straight from mmap, unmapped on drop.
+///
+/// Not `alloc_zeroed`: for a page-aligned layout it is `malloc` and a `memset`, which faults
+/// every page in before the fill does and swaps the zeroed pages out as such. A kernel that
+/// keeps zero-filled pages out of swap I/O (6.12's zeromap) then swaps the pattern back in a
+/// page at a time, and the large folios (mTHP) the first faults made never reach the disk.
 struct PageBuffer {
     ptr: *mut u64,
-    layout: Layout,
+    len: usize,
     pages: usize,
 }
 
 impl PageBuffer {
     fn new(pages: usize) -> Result<PageBuffer, String> {
-        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE)
-            .map_err(|e| format!("bad layout for {pages} pages: {e}"))?;
-        if layout.size() == 0 {
-            return Err("zero-sized buffer".to_string());
+        let len = pages
+            .checked_mul(PAGE_SIZE)
+            .filter(|&len| len > 0)
+            .ok_or_else(|| format!("bad buffer size for {pages} pages"))?;
+        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing
+        // touches no existing memory; the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == MAP_FAILED {
+            return Err(format!(
+                "cannot map {len} bytes: {}",
+                std::io::Error::last_os_error()
+            ));
         }
-        // SAFETY: the layout has a non-zero size (checked above).
-        let ptr = unsafe { alloc_zeroed(layout) }.cast::<u64>();
-        if ptr.is_null() {
-            return Err(format!("cannot allocate {} bytes", layout.size()));
-        }
-        Ok(PageBuffer { ptr, layout, pages })
+        Ok(PageBuffer {
+            ptr: ptr.cast::<u64>(),
+            len,
+            pages,
+        })
     }
 
     /// The words of page `index`.
     fn page_mut(&mut self, index: usize) -> &mut [u64] {
         assert!(index < self.pages);
-        // SAFETY: `ptr` points to `pages * WORDS_PER_PAGE` initialised (zeroed) u64s owned by
-        // `self`, `index < pages` so the range is in bounds, and `&mut self` makes it unique.
+        // SAFETY: `ptr` points to `pages * WORDS_PER_PAGE` u64s of a mapping owned by `self`
+        // (anonymous memory reads as zeros until written, so they are initialised), `index < pages` so the range is in bounds, and `&mut self` makes it unique.
         unsafe {
             std::slice::from_raw_parts_mut(self.ptr.add(index * WORDS_PER_PAGE), WORDS_PER_PAGE)
         }
@@ -116,8 +149,9 @@ impl PageBuffer {
 
 impl Drop for PageBuffer {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed only here.
-        unsafe { dealloc(self.ptr.cast::<u8>(), self.layout) }
+        // SAFETY: `ptr` and `len` are the mapping `new` made, unmapped only here; no reference
+        // into it outlives `self`.
+        unsafe { munmap(self.ptr.cast::<c_void>(), self.len) };
     }
 }
 
