@@ -109,6 +109,9 @@ fn content(seed: u64, index: u64) -> [u8; PAGE_SIZE] {
 enum Op {
     /// Page `.0` now holds `content(.1, .0)`.
     Write(u64, u64),
+    /// Pages `.0 .. .0 + .1` now hold `content(.2, page)`: one request, a multi-page unit
+    /// where it is aligned.
+    WriteRun(u64, u64, u64),
     Discard(u64),
     Compact,
     Recompress,
@@ -119,6 +122,7 @@ enum Op {
 fn encode(op: Op) -> String {
     match op {
         Op::Write(p, s) => format!("W {p} {s}"),
+        Op::WriteRun(p, n, s) => format!("U {p} {n} {s}"),
         Op::Discard(p) => format!("D {p}"),
         Op::Compact => "C".into(),
         Op::Recompress => "R".into(),
@@ -133,6 +137,7 @@ fn decode(text: &str) -> Op {
     let mut num = || words.next().unwrap().parse::<u64>().unwrap();
     match kind {
         "W" => Op::Write(num(), num()),
+        "U" => Op::WriteRun(num(), num(), num()),
         "D" => Op::Discard(num()),
         "C" => Op::Compact,
         "R" => Op::Recompress,
@@ -158,6 +163,7 @@ fn child(spec: &str) {
         log.write_all(format!("{line}\n").as_bytes()).unwrap();
     };
     let (store, _) = open(&state, &backing);
+    store.set_unit_max_pages(16).unwrap();
     let store = Arc::new(store);
     let workers = CompressWorkers::start(Arc::clone(&store), &[]).unwrap();
     let mut rng = SplitMix64::new(seed);
@@ -165,7 +171,14 @@ fn child(spec: &str) {
     while started.elapsed() < Duration::from_secs(20) {
         let page = rng.below(PAGES);
         let op = match rng.below(100) {
-            0..=59 => Op::Write(page, rng.next_u64() | 1 << 40),
+            0..=19 => {
+                // Mostly aligned runs: units of 2 to 16 pages.
+                let len = 1 + rng.below(24);
+                let first = if rng.below(4) == 0 { page } else { page & !15 };
+                let len = len.min(PAGES - first);
+                Op::WriteRun(first, len, rng.next_u64() | 1 << 40)
+            }
+            20..=59 => Op::Write(page, rng.next_u64() | 1 << 40),
             60..=74 => Op::Write(page, (rng.next_u64() | 1 << 40) & !7 | 3),
             75..=89 => Op::Discard(page),
             90..=93 => Op::Compact,
@@ -186,6 +199,13 @@ fn child(spec: &str) {
                 .unwrap()
                 .unwrap(),
             Op::Write(p, s) => store.write(p, &content(s, p)).unwrap(),
+            Op::WriteRun(p, n, s) => store
+                .write_pages_with(p, n as usize, |i, buf| {
+                    *buf = content(s, p + i as u64);
+                    Ok::<(), ()>(())
+                })
+                .unwrap()
+                .unwrap(),
             Op::Discard(p) => store.discard(p..p + 1).unwrap(),
             Op::Compact => {
                 store.compact();
@@ -245,6 +265,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
     let started = Instant::now();
     let mut ops_done = 0usize;
     let mut on_file = 0;
+    let mut units = 0;
     let exe = std::env::current_exe().unwrap();
     for round in 0..kills {
         let mut child = Command::new(&exe)
@@ -303,6 +324,11 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
                         Op::Write(p, s) => {
                             model.insert(p, s);
                         }
+                        Op::WriteRun(p, n, s) => {
+                            for page in p..p + n {
+                                model.insert(page, s);
+                            }
+                        }
                         Op::Discard(p) => {
                             model.remove(&p);
                         }
@@ -316,6 +342,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
         let kind = match in_flight {
             None => "between operations",
             Some(Op::Write(..)) => "write",
+            Some(Op::WriteRun(..)) => "multi-page write",
             Some(Op::Discard(_)) => "discard",
             Some(Op::Compact) => "compaction",
             Some(Op::Recompress) => "recompression",
@@ -327,22 +354,25 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
         // Recover (recover runs check_consistency) and check every page.
         let (store, _) = open(&state, &backing);
         let changing = match in_flight {
-            Some(Op::Write(p, s)) => Some((p, s)),
-            Some(Op::Discard(p)) => Some((p, 0)),
+            Some(Op::Write(p, s)) => Some((p..p + 1, s)),
+            Some(Op::WriteRun(p, n, s)) => Some((p..p + n, s)),
+            Some(Op::Discard(p)) => Some((p..p + 1, 0)),
             _ => None,
         };
         let mut page = [0u8; PAGE_SIZE];
         for index in 0..PAGES {
             let result = store.read(index, &mut page);
             let old = content(model.get(&index).copied().unwrap_or(0), index);
-            match (result, changing) {
+            match (result, changing.clone()) {
                 (Ok(()), _) if page == old => {}
-                (Ok(()), Some((p, s))) if p == index && page == content(s, p) => {
-                    // The operation in flight had committed: the page is the new one.
+                (Ok(()), Some((pages, s)))
+                    if pages.contains(&index) && page == content(s, index) =>
+                {
+                    // The operation in flight had committed for this page: it is the new one.
                     if s == 0 {
-                        model.remove(&p);
+                        model.remove(&index);
                     } else {
-                        model.insert(p, s);
+                        model.insert(index, s);
                     }
                 }
                 (Ok(()), _) => panic!(
@@ -356,6 +386,7 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
         }
         assert_eq!(store.stats().info.damaged_pages, 0, "round {round}");
         on_file = on_file.max(store.stats().writeback.pages_on_file);
+        units = units.max(store.stats().units.units_stored);
         drop(store);
     }
     let elapsed = started.elapsed();
@@ -368,4 +399,5 @@ fn a_store_on_a_state_file_survives_sigkill_at_random_moments() {
     );
     assert!(ops_done > kills, "the children got work done between kills");
     assert!(on_file > 0, "pages were on the backing file at some kill");
+    assert!(units > 0, "multi-page units were stored at some kill");
 }
