@@ -633,31 +633,32 @@ impl PageStore {
         pages: usize,
         fill: &mut impl FnMut(usize, &mut [u8; PAGE_SIZE]) -> Result<(), E>,
     ) -> Option<Result<(), E>> {
-        let mut buffers = Vec::with_capacity(pages);
-        for _ in 0..pages {
-            match deferred.pool.take(|grow| self.may_grow(grow)) {
-                Some(buffer) => buffers.push(buffer),
-                None => {
-                    for buffer in buffers {
-                        deferred.pool.give_back(buffer);
-                    }
-                    return None;
-                }
+        let mut buffers: [Option<pending::TakenBuffer>; MAX_UNIT_MEMBERS] =
+            std::array::from_fn(|_| None);
+        let give_back = |buffers: [Option<pending::TakenBuffer>; MAX_UNIT_MEMBERS]| {
+            for buffer in buffers.into_iter().flatten() {
+                deferred.pool.give_back(buffer);
+            }
+        };
+        for taken in buffers.iter_mut().take(pages) {
+            *taken = deferred.pool.take(|grow| self.may_grow(grow));
+            if taken.is_none() {
+                give_back(buffers);
+                return None;
             }
         }
-        for i in 0..pages {
+        for (i, buffer) in buffers.iter_mut().flatten().enumerate() {
             // SAFETY: the buffer was taken from this pool.
-            let page = unsafe { deferred.pool.page_mut(&mut buffers[i]) };
+            let page = unsafe { deferred.pool.page_mut(buffer) };
             if let Err(error) = fill(i, page) {
-                for buffer in buffers {
-                    deferred.pool.give_back(buffer);
-                }
+                give_back(buffers);
                 return Some(Err(error));
             }
         }
-        let mut jobs = Vec::with_capacity(pages);
+        let mut jobs: [Option<Job>; MAX_UNIT_MEMBERS] = std::array::from_fn(|_| None);
+        let mut count = 0;
         let mut grew = false;
-        for (i, mut buffer) in buffers.into_iter().enumerate() {
+        for (i, mut buffer) in buffers.into_iter().flatten().enumerate() {
             // SAFETY: the buffer was taken from this pool.
             let page = unsafe { deferred.pool.page_mut(&mut buffer) };
             if let Some(entry) = same_fill::detect(page).and_then(|word| self.same_filled(word)) {
@@ -671,20 +672,21 @@ impl PageStore {
             let swapped = self.lock(slot + i).swap(new);
             self.dirty.mark(slot + i);
             let stale = self.account_swap_keeping_object(swapped, new);
-            jobs.push(Job::single(slot + i, buffer, generation, stale));
+            jobs[count] = Some(Job::single(slot + i, buffer, generation, stale));
+            count += 1;
         }
         if grew {
             self.counters.note_mem_used(self.mem_used_total());
         }
-        let count = jobs.len();
         if count >= 2 {
             // Pages and jobs are at most MAX_UNIT_MEMBERS.
             #[allow(clippy::cast_possible_truncation)]
-            for (i, job) in jobs.iter_mut().enumerate() {
+            for (i, job) in jobs.iter_mut().flatten().enumerate() {
                 job.unit_pages = pages as u8;
                 job.group = if i == 0 { count as u8 } else { 0 };
             }
         }
+        let jobs = jobs.into_iter().flatten();
         if IN_ROUND.get() {
             if deferred.queue.push_group_in_round(jobs) {
                 WAKE_OWED.set(true);
@@ -1457,8 +1459,10 @@ impl PageStore {
         let span = self.lock_span(first, pages);
         let mut members = 0u32;
         for job in group.iter() {
-            let current = span.guards[job.slot - first].entry();
-            if current.same_content(SlotEntry::pending(job.buffer, job.generation)) {
+            let current = span.entry(job.slot - first);
+            if current
+                .is_some_and(|c| c.same_content(SlotEntry::pending(job.buffer, job.generation)))
+            {
                 members |= 1 << (job.slot - first);
             }
         }

@@ -223,7 +223,24 @@ thread_local! {
 /// moving it.
 pub(crate) struct LockedSpan<'a> {
     pub(crate) first: usize,
-    pub(crate) guards: Vec<SlotGuard<'a>>,
+    guards: [Option<SlotGuard<'a>>; MAX_UNIT_MEMBERS],
+}
+
+impl<'a> LockedSpan<'a> {
+    /// The span's guards, in slot order.
+    pub(crate) fn guards(&self) -> impl Iterator<Item = &SlotGuard<'a>> {
+        self.guards.iter().flatten()
+    }
+
+    /// The span's guards, in slot order, to change.
+    pub(crate) fn guards_mut(&mut self) -> impl Iterator<Item = &mut SlotGuard<'a>> {
+        self.guards.iter_mut().flatten()
+    }
+
+    /// The entry of the span's `i`-th slot.
+    pub(crate) fn entry(&self, i: usize) -> Option<SlotEntry> {
+        self.guards.get(i)?.as_ref().map(SlotGuard::entry)
+    }
 }
 
 impl PageStore {
@@ -231,7 +248,7 @@ impl PageStore {
     pub(crate) fn lock_span(&self, first: usize, pages: usize) -> LockedSpan<'_> {
         LockedSpan {
             first,
-            guards: (first..first + pages).map(|slot| self.lock(slot)).collect(),
+            guards: std::array::from_fn(|i| (i < pages).then(|| self.lock(first + i))),
         }
     }
 
@@ -683,8 +700,9 @@ impl PageStore {
         priority: usize,
         idle: impl Fn(usize, SlotEntry) -> bool,
     ) {
-        let mut swapped = Vec::with_capacity(span.guards.len());
-        for (i, guard) in span.guards.iter_mut().enumerate() {
+        let mut swapped: [Option<_>; MAX_UNIT_MEMBERS] = std::array::from_fn(|_| None);
+        let first = span.first;
+        for (i, guard) in span.guards_mut().enumerate() {
             if members & (1 << i) == 0 {
                 continue;
             }
@@ -692,10 +710,10 @@ impl PageStore {
             let new = SlotEntry::unit_member(head.0, head.1, i)
                 .with_priority(priority)
                 .with_idle(idle(i, current));
-            swapped.push((guard.swap(new), new, span.first + i));
+            swapped[i] = Some((guard.swap(new), new, first + i));
         }
         drop(span);
-        for (swapped, new, slot) in swapped {
+        for (swapped, new, slot) in swapped.into_iter().flatten() {
             self.dirty.mark(slot);
             self.account_swap(swapped, new);
         }
@@ -725,16 +743,14 @@ impl PageStore {
                 && e.handle() == entry.handle()
         };
         let members: u32 = span
-            .guards
-            .iter()
+            .guards()
             .enumerate()
             .filter(|(_, g)| names(g.entry()))
             .fold(0, |m, (i, _)| m | 1 << i);
         // Only from the first member, and only when every member passes the filter.
         if members.trailing_zeros() as usize != slot - head.first
             || !span
-                .guards
-                .iter()
+                .guards()
                 .map(|g| g.entry())
                 .filter(|&e| names(e))
                 .all(|e| super::recompress::selected_unit(e, request, hi))
@@ -748,12 +764,16 @@ impl PageStore {
         let mut stream = vec![0u8; crate::codec::UNIT_COMPRESS_BUFFER];
         // SAFETY: we hold the locks of the slots naming the head.
         unsafe { self.gather_stream(entry, &head, &mut stream[..head.stream_len]) };
-        let decoded = self
-            .codec_of(old_priority)
-            .ok()
-            .and_then(|codec| codec.decompress_unit(&stream[..head.stream_len], unit, unit.len()).ok());
+        let decoded = self.codec_of(old_priority).ok().and_then(|codec| {
+            codec
+                .decompress_unit(&stream[..head.stream_len], unit, unit.len())
+                .ok()
+        });
         if decoded != Some(unit.len()) {
-            log::warn!("recompression skipped the unit at page {} it cannot read", head.first);
+            log::warn!(
+                "recompression skipped the unit at page {} it cannot read",
+                head.first
+            );
             return;
         }
         let c = self.counters.local();
@@ -769,11 +789,17 @@ impl PageStore {
             if !worth_a_unit(len, members.count_ones() as usize) || unit_cost(len) >= old_cost {
                 continue;
             }
-            let Ok(new_head) = self.store_unit(head.first, &stream[..len], head.pages, members, Some(head.nonce)) else {
+            let Ok(new_head) = self.store_unit(
+                head.first,
+                &stream[..len],
+                head.pages,
+                members,
+                Some(head.nonce),
+            ) else {
                 return;
             };
             self.count_new_unit(len, priority);
-            for (i, guard) in span.guards.iter_mut().enumerate() {
+            for (i, guard) in span.guards_mut().enumerate() {
                 if members & (1 << i) != 0 {
                     let old = guard.entry();
                     // Recompression is not an access: idle bits and ages stay.
@@ -804,7 +830,7 @@ impl PageStore {
         }
         // zram marks a page only when every secondary algorithm failed on it.
         if tried == self.recompression.codecs.len() && tried > 0 {
-            for (i, guard) in span.guards.iter_mut().enumerate() {
+            for (i, guard) in span.guards_mut().enumerate() {
                 if members & (1 << i) != 0 {
                     let current = guard.entry();
                     guard.set_flags(current.with_incompressible(true));
@@ -841,12 +867,11 @@ impl PageStore {
         };
         let mut span = self.lock_span(head.first, head.pages);
         let members: u32 = span
-            .guards
-            .iter()
+            .guards()
             .enumerate()
             .filter(|(_, g)| names(g.entry()))
             .fold(0, |m, (i, _)| m | 1 << i);
-        let Some(named) = span.guards.iter().map(|g| g.entry()).find(|&e| names(e)) else {
+        let Some(named) = span.guards().map(|g| g.entry()).find(|&e| names(e)) else {
             return 0;
         };
         // SAFETY: we hold the locks of the slots naming the head.
@@ -883,7 +908,7 @@ impl PageStore {
         let Some(moved) = (unsafe { self.alloc.relocate_from(class, named.handle(), copy) }) else {
             return 0;
         };
-        for (i, guard) in span.guards.iter_mut().enumerate() {
+        for (i, guard) in span.guards_mut().enumerate() {
             if members & (1 << i) != 0 {
                 let current = guard.entry();
                 let swapped = guard.swap(current.with_handle(moved));

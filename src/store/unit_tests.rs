@@ -298,12 +298,18 @@ fn recompression_moves_a_whole_unit_to_the_secondary_algorithm() {
     assert_eq!(outcome.recompressed, 63, "{outcome:?}");
     let after = s.stats();
     assert_eq!(after.units.units_stored, 4);
-    assert!(after.units.unit_bytes < before.units.unit_bytes, "zstd:9 is smaller");
+    assert!(
+        after.units.unit_bytes < before.units.unit_bytes,
+        "zstd:9 is smaller"
+    );
     assert_eq!(after.recompression.algorithms[1].pages, 63);
     s.check_consistency().unwrap();
     let mut expect = runs.concat();
     expect[18] = [0; PAGE_SIZE];
     assert_reads(&s, 0, &expect);
     // Nothing left above the units' priority: a second pass tries nothing.
-    assert_eq!(s.recompress(&RecompressRequest::default()).unwrap().tried, 0);
+    assert_eq!(
+        s.recompress(&RecompressRequest::default()).unwrap().tried,
+        0
+    );
 }
