@@ -200,7 +200,7 @@ fn child(spec: &str) {
                 .unwrap(),
             Op::Write(p, s) => store.write(p, &content(s, p)).unwrap(),
             Op::WriteRun(p, n, s) => store
-                .write_pages_with(p, n as usize, |i, buf| {
+                .write_pages_with(p, usize::try_from(n).unwrap(), |i, buf| {
                     *buf = content(s, p + i as u64);
                     Ok::<(), ()>(())
                 })

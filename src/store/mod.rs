@@ -198,6 +198,8 @@ struct Deferred {
     in_rounds: AtomicUsize,
     /// The CPUs the daemon may run on (tests set it).
     cpus: AtomicUsize,
+    /// Unit rewrites queued or running (`unit.rs`, partial units).
+    rewrites: AtomicUsize,
 }
 
 /// A write compresses on its queue thread, not in the pending pool, once the pool is at least
@@ -342,6 +344,7 @@ impl PageStore {
                     cpus: AtomicUsize::new(
                         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
                     ),
+                    rewrites: AtomicUsize::new(0),
                 })
             }
         };
@@ -1005,11 +1008,15 @@ impl PageStore {
     }
 
     /// Waits until the pending pool is empty — no page pending, no job in a worker's hands —
-    /// or `timeout` passes; returns whether it is.
+    /// and no unit rewrite is queued or running, or `timeout` passes; returns whether it is.
     pub fn wait_drained(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            if self.deferred.as_ref().is_none_or(|d| d.pool.in_use() == 0) {
+            if self
+                .deferred
+                .as_ref()
+                .is_none_or(|d| d.pool.in_use() == 0 && d.rewrites.load(Ordering::Acquire) == 0)
+            {
                 return true;
             }
             if std::time::Instant::now() >= deadline {
@@ -1336,6 +1343,7 @@ impl PageStore {
                 deferred.busy.fetch_add(1, Ordering::Relaxed);
                 self.rewrite_unit(rewrite);
                 deferred.busy.fetch_sub(1, Ordering::Relaxed);
+                deferred.rewrites.fetch_sub(1, Ordering::Release);
                 return true;
             }
             Batch::Jobs(n) => n,

@@ -450,15 +450,41 @@ impl PageStore {
     /// As for [`unit_head`](Self::unit_head); `head` is what it returned.
     unsafe fn gather_stream(&self, entry: SlotEntry, head: &Head, stream: &mut [u8]) {
         // SAFETY: contract.
+        unsafe { self.gather_stream_range(entry, head, stream, 0..head.stream_len) };
+    }
+
+    /// Copies bytes `range` of the stream of the unit `entry` names into the same range of
+    /// `stream`.
+    ///
+    /// # Safety
+    /// As for [`gather_stream`](Self::gather_stream).
+    unsafe fn gather_stream_range(
+        &self,
+        entry: SlotEntry,
+        head: &Head,
+        stream: &mut [u8],
+        range: std::ops::Range<usize>,
+    ) {
+        // SAFETY: contract.
         let pieces = unsafe { self.unit_pieces(entry, head) };
+        let clip = |r: std::ops::Range<usize>| r.start.max(range.start)..r.end.min(range.end);
         for (j, &piece) in pieces[..head.pieces].iter().enumerate() {
-            let range = piece_range(head.stream_len, j);
+            let whole = piece_range(head.stream_len, j);
+            let wanted = clip(whole.clone());
+            if wanted.is_empty() {
+                continue;
+            }
             // SAFETY: the unit owns its pieces, live while the head is (contract), and no
             // one writes them after `store_unit`.
-            let bytes = unsafe { self.alloc.object(HUGE_CLASS, piece, range.len()) };
-            stream[range].copy_from_slice(bytes);
+            let bytes = unsafe { self.alloc.object(HUGE_CLASS, piece, whole.len()) };
+            stream[wanted.clone()]
+                .copy_from_slice(&bytes[wanted.start - whole.start..wanted.end - whole.start]);
         }
         let tail = head_tail(head.stream_len, head.pieces);
+        let wanted = clip(head.stream_len - tail..head.stream_len);
+        if wanted.is_empty() {
+            return;
+        }
         // SAFETY: the head holds `tail` stream bytes after its handles (its length was checked
         // against its class); they are written once before any slot names the head.
         let bytes = unsafe {
@@ -469,7 +495,8 @@ impl PageStore {
                 tail,
             )
         };
-        stream[head.stream_len - tail..head.stream_len].copy_from_slice(bytes);
+        let start = head.stream_len - tail;
+        stream[wanted.clone()].copy_from_slice(&bytes[wanted.start - start..wanted.end - start]);
     }
 
     /// Regenerates member page `entry` of its unit into `page`. The caller holds the slot's
@@ -538,13 +565,33 @@ impl PageStore {
                         }
                     };
                     cache.tags[at] = (0, 0);
-                    let stream = &mut cache.stream[..head.stream_len];
+                    let UnitCache {
+                        stream, buffers, ..
+                    } = &mut *cache;
+                    let stream = &mut stream[..head.stream_len];
+                    let out = &mut buffers[at][..head.pages * PAGE_SIZE];
+                    // A codec that stops early needs the stream only up to about the page's
+                    // share of it: gather that much first, and the rest only if it was short.
+                    let total = out.len();
+                    let guess =
+                        if needed < total && codec.algorithm() == crate::codec::Algorithm::Lz4 {
+                            (head.stream_len * needed / total + head.stream_len / 4 + 256)
+                                .min(head.stream_len)
+                        } else {
+                            head.stream_len
+                        };
                     // SAFETY: the caller holds the lock of the slot naming the head.
-                    unsafe { self.gather_stream(entry, &head, stream) };
-                    let out = &mut cache.buffers[at][..head.pages * PAGE_SIZE];
-                    let decoded = codec
-                        .decompress_unit(stream, out, needed)
-                        .map_err(|source| StoreError::Corrupt { index, source })?;
+                    unsafe { self.gather_stream_range(entry, &head, stream, 0..guess) };
+                    let mut decoded = codec.decompress_unit(&stream[..guess], out, needed);
+                    if guess < head.stream_len && decoded.as_ref().map_or(true, |&d| d < needed) {
+                        // SAFETY: as above.
+                        unsafe {
+                            self.gather_stream_range(entry, &head, stream, guess..head.stream_len)
+                        };
+                        decoded = codec.decompress_unit(stream, out, needed);
+                    }
+                    let decoded =
+                        decoded.map_err(|source| StoreError::Corrupt { index, source })?;
                     if decoded < needed || decoded > out.len() {
                         return Err(corrupt(format!(
                             "the unit decoded {decoded} bytes, short of {needed}"
@@ -598,7 +645,10 @@ impl PageStore {
                 nonce: head.nonce,
             };
             match &self.deferred {
-                Some(deferred) => deferred.queue.push_rewrite(rewrite),
+                Some(deferred) => {
+                    deferred.rewrites.fetch_add(1, Ordering::AcqRel);
+                    deferred.queue.push_rewrite(rewrite);
+                }
                 None => self.rewrite_unit(rewrite),
             }
         }

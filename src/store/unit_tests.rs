@@ -313,3 +313,27 @@ fn recompression_moves_a_whole_unit_to_the_secondary_algorithm() {
         0
     );
 }
+
+#[test]
+fn a_member_past_its_share_of_the_stream_still_reads_right() {
+    // Random pages first: the text pages' bytes sit far past their share of the stream,
+    // so the first, partial gather is short and the read gathers the rest.
+    let s = store_with_units(64, 16);
+    let mut pages = text_pages(8, 0, 16);
+    for (i, page) in pages.iter_mut().enumerate().take(8) {
+        fill_page_of(crate::pagegen::PageKind::Random, i as u64, page);
+    }
+    write_run(&s, 0, &pages);
+    assert_eq!(s.stats().units.units_stored, 1);
+    let mut out = [0u8; PAGE_SIZE];
+    for member in [8, 9, 12, 3] {
+        // A fresh store per read: no decoded unit in this thread's cache helps.
+        let s = store_with_units(64, 16);
+        write_run(&s, 0, &pages);
+        s.read(member, &mut out).unwrap();
+        assert!(
+            out == pages[usize::try_from(member).unwrap()],
+            "member {member}"
+        );
+    }
+}
