@@ -149,6 +149,30 @@ pub struct Zstd {
     dictionaries: Option<Arc<ZstdDictionaries>>,
 }
 
+/// The parameters a unit is compressed with beyond its level's. zstd picks a level's
+/// parameters by the source's size: a 32 or 64 KiB unit falls in the "up to 128 KiB" tier,
+/// whose fast levels search less than the "up to 16 KiB" tier a page (and a 16 KiB unit)
+/// gets — level 1 there has a hash table of 2^13 and a minimum match of 6, against 2^15 and
+/// 5 (zstd's `clevels.h`) — and so compress a unit of independent pages worse than the pages
+/// one by one. A unit keeps the small tier's search for levels 1 and 2 (its window stays the
+/// large tier's, which covers the whole unit); higher levels search enough as they are.
+fn unit_parameters(level: i32) -> Vec<zstd::zstd_safe::CParameter> {
+    use zstd::zstd_safe::CParameter;
+    match level {
+        1 => vec![
+            CParameter::HashLog(15),
+            CParameter::ChainLog(14),
+            CParameter::MinMatch(5),
+        ],
+        2 => vec![
+            CParameter::HashLog(15),
+            CParameter::ChainLog(14),
+            CParameter::MinMatch(4),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// A compression context for (level, store serial, dictionary ID).
 struct CompressContext {
     key: (i32, u64, u32),
@@ -163,6 +187,8 @@ struct DecompressContexts {
 
 thread_local! {
     static COMPRESS: RefCell<Option<CompressContext>> = const { RefCell::new(None) };
+    /// The context for units, whose parameters are set apart ([`unit_parameters`]).
+    static COMPRESS_UNIT: RefCell<Option<CompressContext>> = const { RefCell::new(None) };
     static DECOMPRESS: RefCell<Option<DecompressContexts>> = const { RefCell::new(None) };
 }
 
@@ -171,6 +197,7 @@ impl Zstd {
     /// thread that compressed for one command and should not keep them.
     pub fn release_thread_contexts() {
         COMPRESS.with(|cell| cell.borrow_mut().take());
+        COMPRESS_UNIT.with(|cell| cell.borrow_mut().take());
         DECOMPRESS.with(|cell| cell.borrow_mut().take());
     }
 
@@ -192,20 +219,37 @@ impl Zstd {
     }
 
     fn compress_with(&self, page: &[u8], dst: &mut [u8]) -> std::io::Result<usize> {
+        self.compress_in(&COMPRESS, page, dst)
+    }
+
+    /// Compresses `src` with the calling thread's context in `contexts`, made anew (with the
+    /// unit parameters for [`COMPRESS_UNIT`]) when the level, store or dictionary changed.
+    fn compress_in(
+        &self,
+        contexts: &'static std::thread::LocalKey<RefCell<Option<CompressContext>>>,
+        page: &[u8],
+        dst: &mut [u8],
+    ) -> std::io::Result<usize> {
         let (serial, id) = match &self.dictionaries {
             Some(d) => (d.serial, d.current.load(Ordering::Acquire)),
             None => (0, 0),
         };
         let key = (self.level, serial, id);
-        COMPRESS.with(|cell| {
+        let for_units = std::ptr::eq(contexts, &COMPRESS_UNIT);
+        contexts.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|c| c.key != key) {
                 // Only a change of level, store or dictionary gets here.
                 let dictionary = self.dictionaries.as_ref().and_then(|d| d.get(id));
-                let compressor = match &dictionary {
+                let mut compressor = match &dictionary {
                     Some(d) => zstd::bulk::Compressor::with_dictionary(self.level, &d.raw)?,
                     None => zstd::bulk::Compressor::new(self.level)?,
                 };
+                if for_units {
+                    for parameter in unit_parameters(self.level) {
+                        compressor.set_parameter(parameter)?;
+                    }
+                }
                 *slot = Some(CompressContext { key, compressor });
             }
             match slot.as_mut() {
@@ -292,7 +336,7 @@ impl Codec for Zstd {
 
     fn compress_unit(&self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
         debug_check_unit(src);
-        self.compress_with(src, dst)
+        self.compress_in(&COMPRESS_UNIT, src, dst)
             .map_err(|_| CodecError::Incompressible { limit: dst.len() })
     }
 
