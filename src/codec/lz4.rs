@@ -15,8 +15,9 @@
 //! and so are we: `fuzz/`), and a block that does not decode to exactly one page is an error.
 //!
 //! A partial decode of a unit (the pages up to the one a read wants) goes through [`prefix`],
-//! our own safe decoder that stops there; neither library can. A full decode goes through the
-//! library, and so may a decode that needs most of the unit: see [`PREFIX_LIMIT`].
+//! our own safe decoder that stops there; neither library can. With `lz4_flex` a full decode
+//! goes through [`prefix`] too (it is faster); with liblz4 a decode that needs most of the unit
+//! goes through the library: see [`PREFIX_LIMIT`].
 
 pub mod prefix;
 
@@ -30,9 +31,11 @@ use crate::PAGE_SIZE;
 /// The lz4 codec's test `prefix_decoder_speed` (run with `--ignored`; optimised, on 64 16-page
 /// swap-like units, the best of 5 runs on a loaded 2-core machine) measured a whole unit in
 /// 38 us with `lz4_flex` and 14.5 us with liblz4, and [`prefix`] at 0.9 us for 1 page, 2.0 us
-/// for 2, 9.1 us for 8 and 20 us for all 16. So with `lz4_flex` every partial decode goes
-/// through [`prefix`], and with liblz4 those of up to 11 pages of 16.
-pub const PREFIX_LIMIT: usize = if cfg!(feature = "lz4-c") { 11 } else { 16 };
+/// for 2, 9.1 us for 8 and 20 us for all 16. So with `lz4_flex` every decode goes through
+/// [`prefix`], a full one too (which checks the unit's length as a library does: a later run
+/// on a quieter machine gave `lz4_flex` 27 us, liblz4 11.6 us and [`prefix`] 18.2 us for a
+/// whole unit), and with liblz4 those of up to 11 pages of 16.
+pub const PREFIX_LIMIT: usize = if cfg!(feature = "lz4-c") { 11 } else { 17 };
 
 /// The LZ4 codec. It is stateless: both implementations keep their hash table on the stack.
 #[derive(Debug, Default, Clone, Copy)]
@@ -84,7 +87,8 @@ impl Codec for Lz4 {
         needed: usize,
     ) -> Result<usize, CodecError> {
         debug_check_unit_decode(dst, needed);
-        if needed.saturating_mul(16) <= dst.len().saturating_mul(PREFIX_LIMIT) && needed < dst.len()
+        if needed.saturating_mul(16) <= dst.len().saturating_mul(PREFIX_LIMIT)
+            && (needed < dst.len() || PREFIX_LIMIT > 16)
         {
             return prefix::decompress(src, dst, needed)
                 .map_err(|e| CodecError::Corrupt(e.to_string()));
