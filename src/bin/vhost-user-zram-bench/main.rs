@@ -86,9 +86,10 @@ struct Args {
     #[arg(long)]
     algorithm_level: Option<i32>,
 
-    /// Phases to run, comma-separated, from fill, randwrite, randread, mixed, burst. Reads are
-    /// verified only when fill ran first. burst writes --burst-pages pages as fast as the queue
-    /// depth allows, after the daemon's workers have caught up.
+    /// Phases to run, comma-separated, from fill, randwrite, randread, seqread, mixed, burst.
+    /// Reads are verified only when fill ran first. burst writes --burst-pages pages as fast as
+    /// the queue depth allows, after the daemon's workers have caught up. seqread reads the
+    /// device in order (--seqread-size each), starting over at its end, for --duration.
     #[arg(long, value_delimiter = ',', default_value = "fill,randwrite,burst,randread,mixed", value_parser = parse_phase)]
     phases: Vec<Phase>,
 
@@ -118,6 +119,17 @@ struct Args {
     /// out 64 KiB folios does. The device's pages past its last whole block are not used.
     #[arg(long, default_value = "4K", value_name = "SIZE", value_parser = parse_request_size)]
     request_size: u64,
+
+    /// Bytes each random read (randread, mixed) moves, a divisor of --request-size (default:
+    /// --request-size): `--request-size 64K --read-size 4K` writes 64 KiB blocks and reads
+    /// single pages of them at random.
+    #[arg(long, value_name = "SIZE", value_parser = parse_request_size)]
+    read_size: Option<u64>,
+
+    /// Bytes each read of the seqread phase moves, a divisor of --request-size (default:
+    /// --request-size): 32K reads as the guest's readahead does.
+    #[arg(long, value_name = "SIZE", value_parser = parse_request_size)]
+    seqread_size: Option<u64>,
 
     /// Capture a corpus of real memory into FILE and exit: the resident anonymous pages of the
     /// processes --capture-pid names, in address order (needs the right to read their memory,
@@ -263,8 +275,9 @@ fn parse_phase(text: &str) -> Result<Phase, String> {
         "randread" => Ok(Phase::RandRead),
         "mixed" => Ok(Phase::Mixed),
         "burst" => Ok(Phase::Burst),
+        "seqread" => Ok(Phase::SeqRead),
         _ => Err(format!(
-            "unknown phase '{text}' (fill, randwrite, randread, mixed, burst)"
+            "unknown phase '{text}' (fill, randwrite, randread, seqread, mixed, burst)"
         )),
     }
 }
@@ -363,6 +376,14 @@ fn block_pages(args: &Args) -> u64 {
     args.request_size / PAGE_BYTES
 }
 
+/// Pages a random read and a sequential read move (`--read-size`, `--seqread-size`).
+fn read_pages(args: &Args) -> (u64, u64) {
+    (
+        args.read_size.unwrap_or(args.request_size) / PAGE_BYTES,
+        args.seqread_size.unwrap_or(args.request_size) / PAGE_BYTES,
+    )
+}
+
 /// Bytes a request moves.
 fn request_bytes(args: &Args) -> usize {
     usize::try_from(args.request_size).unwrap_or(vhost_user_zram::PAGE_SIZE)
@@ -394,6 +415,12 @@ fn check_outputs(args: &Args) -> Result<(), String> {
         .count();
     if to_stdout > 1 {
         return Err("--json and --csv cannot both write to stdout (-); give one a file".into());
+    }
+    let (random_read, seq_read) = read_pages(args);
+    for (flag, pages) in [("--read-size", random_read), ("--seqread-size", seq_read)] {
+        if block_pages(args) % pages != 0 {
+            return Err(format!("{flag} must divide --request-size"));
+        }
     }
     if args
         .plot
@@ -686,6 +713,8 @@ fn run_backend(
             verify,
         );
         workload.set_burst_pages(args.burst_pages.unwrap_or_else(default_burst_pages));
+        let (random_read, seq_read) = read_pages(args);
+        workload.set_read_pages(random_read, seq_read)?;
         for &phase in &args.phases {
             if STOP.load(Ordering::Relaxed) {
                 entry.notes.push("interrupted".into());
@@ -720,12 +749,12 @@ fn run_backend(
             {
                 report.set_thread_cpu(after.since(before));
             }
-            entry.phases.push(report);
             if phase == Phase::Fill {
                 // Memory once the workers have caught up and the pool has drained.
                 backend.wait_drained(Duration::from_secs(10))?;
                 entry.mm_stat_after_fill = backend.mm_stat().transpose()?;
             }
+            entry.phases.push(report);
         }
         entry.mm_stat_at_end = backend.mm_stat().transpose()?;
         if kind == BackendKind::VhostUserZramState && !args.no_restart_check {

@@ -129,6 +129,8 @@ pub struct PhaseReport {
     pub iops: f64,
     /// Payload MiB/s (2^20 bytes, the unit of every byte figure the bench prints).
     pub mib_per_second: f64,
+    /// Pages a request of the phase moves (its reads' for a phase that only reads).
+    pub request_pages: u64,
     /// Median latency in microseconds.
     pub p50_us: f64,
     /// 99th-percentile latency in microseconds.
@@ -189,6 +191,7 @@ impl From<&PhaseResult> for PhaseReport {
             seconds: result.elapsed.as_secs_f64(),
             iops: result.iops(),
             mib_per_second: result.mib_per_second(),
+            request_pages: result.request_pages,
             p50_us: result.latency.percentile(50.0).as_secs_f64() * 1e6,
             p99_us: result.latency.percentile(99.0).as_secs_f64() * 1e6,
             p999_us: result.latency.percentile(99.9).as_secs_f64() * 1e6,
@@ -379,16 +382,16 @@ pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p5
 
 impl Report {
     /// Puts the codec floor of each phase, and the CPU above it, into the phases of every
-    /// vhost-user-zram backend the bench launched (requests of `block_size` bytes).
+    /// vhost-user-zram backend the bench launched (requests of each phase's `request_pages`).
     pub fn apply_codec_floor(&mut self) {
         let Some(floor) = &self.codec_floor else {
             return;
         };
-        let pages_per_request = (self.workload.block_size / vhost_user_zram::PAGE_SIZE) as u64;
         for backend in &mut self.backends {
             if backend.backend.runs_the_codec() {
                 for phase in &mut backend.phases {
-                    phase.set_codec_floor(floor, pages_per_request);
+                    let pages = phase.request_pages;
+                    phase.set_codec_floor(floor, pages);
                 }
             }
         }
@@ -1145,6 +1148,7 @@ mod tests {
             seconds: 1.0,
             iops,
             mib_per_second: iops * 4096.0 / 1048576.0,
+            request_pages: 1,
             p50_us: 12.5,
             p99_us: 80.0,
             p999_us: 150.0,
@@ -1473,6 +1477,9 @@ mod tests {
             ),
         ]);
         report.workload.block_size = 65536;
+        for phase in report.backends.iter_mut().flat_map(|b| b.phases.iter_mut()) {
+            phase.request_pages = 16;
+        }
         report.codec_floor = Some(floor(2.0, 1.0));
 
         // Act
