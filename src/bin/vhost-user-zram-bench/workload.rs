@@ -1132,4 +1132,44 @@ mod tests {
         block[5 * PAGE_SIZE + 7] ^= 1;
         assert_eq!(pool.verify_block(3, 16, 1, &block), Err(5));
     }
+
+    #[test]
+    fn a_read_of_part_of_a_block_is_verified_against_that_part() {
+        let pages: Vec<[u8; PAGE_SIZE]> = (0..100u8).map(|i| [i; PAGE_SIZE]).collect();
+        let pool = PagePool::from_corpus(pages);
+        let mut block = vec![0u8; 16 * PAGE_SIZE];
+        // SAFETY: the buffer holds 16 pages and is not the pool's.
+        unsafe { pool.copy_block(3, 16, 0, block.as_mut_ptr()) };
+        // Pages 8..16 (a 32 KiB read of the second half), and page 5 alone.
+        let second_half = &block[8 * PAGE_SIZE..];
+        assert_eq!(pool.verify_pages(3, 16, 8, 0, second_half), Ok(()));
+        assert_eq!(
+            pool.verify_pages(3, 16, 0, 0, second_half),
+            Err(0),
+            "the wrong half"
+        );
+        let page_5 = &block[5 * PAGE_SIZE..6 * PAGE_SIZE];
+        assert_eq!(pool.verify_pages(3, 16, 5, 0, page_5), Ok(()));
+        assert_eq!(pool.verify_pages(3, 16, 6, 0, page_5), Err(6));
+    }
+
+    #[test]
+    fn reads_must_be_a_divisor_of_the_block() {
+        let pool = std::sync::Arc::new(PagePool::new(1, 4));
+        let mut workload = Workload::new(1, pool, 16, 1, 4, 64, true);
+        assert_eq!(workload.set_read_pages(1, 8), Ok(()));
+        assert_eq!(workload.request_pages(Phase::RandRead), 1);
+        assert_eq!(workload.request_pages(Phase::SeqRead), 8);
+        assert_eq!(
+            workload.request_pages(Phase::Mixed),
+            16,
+            "mixed writes whole blocks"
+        );
+        assert!(workload.set_read_pages(3, 8).is_err());
+        assert!(workload.set_read_pages(1, 0).is_err());
+        assert!(
+            workload.set_read_pages(32, 16).is_err(),
+            "more than a block"
+        );
+    }
 }
