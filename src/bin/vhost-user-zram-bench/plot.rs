@@ -542,6 +542,8 @@ mod tests {
             worker_cpu_us_per_request: None,
             codec_floor_us_per_request: None,
             cpu_us_above_floor: None,
+            drained_cpu_us_per_page: None,
+            unit_reads: None,
         }
     }
 

@@ -4,6 +4,8 @@
 
 use std::fmt::Write as _;
 
+use vhost_user_zram::store::UnitStats;
+
 use crate::backends::{BackendKind, MemorySnapshot};
 use crate::codec_floor::CodecFloor;
 use crate::workload::{Phase, PhaseResult};
@@ -152,6 +154,42 @@ pub struct PhaseReport {
     /// `daemon_cpu_us_per_request` minus `codec_floor_us_per_request`: what the daemon spends
     /// on a request besides the codec.
     pub cpu_us_above_floor: Option<f64>,
+    /// The fill: the daemon's CPU time (every thread) from the phase's start until its
+    /// compression workers drained, per page written, in microseconds: what storing a page
+    /// costs, wherever and whenever the daemon compresses it.
+    pub drained_cpu_us_per_page: Option<f64>,
+    /// What vhost-user-zram's unit counters moved by during the phase (a daemon with units).
+    pub unit_reads: Option<UnitReads>,
+}
+
+/// Reads from members of multi-page units during one phase: `ctl stats --json`'s `units`
+/// counters after the phase less before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct UnitReads {
+    /// Bytes read from members of units.
+    pub read_bytes: u64,
+    /// Bytes decompressed to serve them.
+    pub decompressed_bytes: u64,
+    /// Reads served from a reading thread's decoded units.
+    pub cache_hits: u64,
+}
+
+impl UnitReads {
+    /// The counters' growth from `before` to `after`.
+    pub fn between(before: &UnitStats, after: &UnitStats) -> UnitReads {
+        UnitReads {
+            read_bytes: after.read_bytes.saturating_sub(before.read_bytes),
+            decompressed_bytes: after
+                .decompressed_bytes
+                .saturating_sub(before.decompressed_bytes),
+            cache_hits: after.cache_hits.saturating_sub(before.cache_hits),
+        }
+    }
+
+    /// Bytes decompressed per byte read; `None` when nothing was read from units.
+    pub fn amplification(&self) -> Option<f64> {
+        (self.read_bytes > 0).then(|| self.decompressed_bytes as f64 / self.read_bytes as f64)
+    }
 }
 
 impl PhaseReport {
@@ -201,6 +239,8 @@ impl From<&PhaseResult> for PhaseReport {
             worker_cpu_us_per_request: None,
             codec_floor_us_per_request: None,
             cpu_us_above_floor: None,
+            drained_cpu_us_per_page: None,
+            unit_reads: None,
         }
     }
 }
@@ -580,6 +620,7 @@ impl Report {
             out.push_str(&self.render_comparison());
             out.push_str(&self.render_state_comparison());
             out.push_str(&crate::pressure::render(self));
+            out.push_str(&crate::units::render_text(self));
         }
         if let Some(migration) = &self.migration {
             out.push_str(&crate::migrate::render(migration));
@@ -1158,6 +1199,8 @@ mod tests {
             worker_cpu_us_per_request: None,
             codec_floor_us_per_request: None,
             cpu_us_above_floor: None,
+            drained_cpu_us_per_page: None,
+            unit_reads: None,
         }
     }
 
@@ -1191,6 +1234,7 @@ mod tests {
                 ..Default::default()
             },
             slot_table_bytes: None,
+            units: None,
         });
         report
     }
@@ -1410,6 +1454,7 @@ mod tests {
                 ..Default::default()
             },
             slot_table_bytes: None,
+            units: None,
         };
         let mut anonymous = backend(
             BackendKind::VhostUserZram,

@@ -363,7 +363,7 @@ impl Workload {
     /// Each must divide the block.
     pub fn set_read_pages(&mut self, random: u64, sequential: u64) -> Result<(), String> {
         for (what, pages) in [("random", random), ("sequential", sequential)] {
-            if pages == 0 || self.block_pages % pages != 0 {
+            if pages == 0 || !self.block_pages.is_multiple_of(pages) {
                 return Err(format!(
                     "a {what} read of {pages} page(s) does not divide a request of {} page(s)",
                     self.block_pages
