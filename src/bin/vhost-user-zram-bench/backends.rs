@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost_user_zram::store::{MmStat, Stats};
+use vhost_user_zram::store::{MmStat, Stats, UnitStats};
 
 use crate::device::Transport;
 
@@ -483,6 +483,9 @@ pub enum BackendKind {
     /// vhost-user-zram with `--reclaim-on-pressure` (`--compare-pressure`), beside the
     /// default without it: what watching memory pressure costs when there is none.
     VhostUserZramPressure,
+    /// vhost-user-zram with `--unit-max` of this many pages (`--compare-units`; 1 is
+    /// per-page, units off).
+    VhostUserZramUnits(u32),
     /// A vhost-user-blk backend that was already running (`--socket`).
     External,
     /// The kernel's zram, through io_uring with O_DIRECT.
@@ -501,6 +504,8 @@ impl BackendKind {
             BackendKind::VhostUserZramOneWorker => "vuz --workers 1".into(),
             BackendKind::VhostUserZramState => "vuz --state".into(),
             BackendKind::VhostUserZramPressure => "vuz --reclaim-on-pressure".into(),
+            BackendKind::VhostUserZramUnits(1) => "per-page".into(),
+            BackendKind::VhostUserZramUnits(pages) => format!("units {}K", pages * 4),
             BackendKind::VhostUserZram => "vhost-user-zram".into(),
             BackendKind::VhostUserZramPolling(max_us) => format!("vuz --poll {max_us}"),
             BackendKind::External => "socket".into(),
@@ -520,6 +525,7 @@ impl BackendKind {
             BackendKind::VhostUserZramOneWorker => "vhost-user-zram-one-worker",
             BackendKind::VhostUserZramState => "vhost-user-zram-state",
             BackendKind::VhostUserZramPressure => "vhost-user-zram-pressure",
+            BackendKind::VhostUserZramUnits(_) => "vhost-user-zram-units",
             BackendKind::External => "external",
             BackendKind::KernelZram => "kernel-zram",
             BackendKind::QsdNull => "qsd-null",
@@ -538,6 +544,9 @@ impl BackendKind {
             BackendKind::VhostUserZramInline => &["--workers", "0"],
             BackendKind::VhostUserZramOneWorker => &["--workers", "1"],
             BackendKind::VhostUserZramPressure => &["--reclaim-on-pressure"],
+            BackendKind::VhostUserZramUnits(pages) => {
+                return Some(vec![format!("--unit-max={}K", pages * 4)]);
+            }
             BackendKind::External
             | BackendKind::KernelZram
             | BackendKind::QsdNull
@@ -555,7 +564,8 @@ impl BackendKind {
             | BackendKind::VhostUserZramInline
             | BackendKind::VhostUserZramOneWorker
             | BackendKind::VhostUserZramState
-            | BackendKind::VhostUserZramPressure => true,
+            | BackendKind::VhostUserZramPressure
+            | BackendKind::VhostUserZramUnits(_) => true,
             BackendKind::External
             | BackendKind::KernelZram
             | BackendKind::QsdNull
@@ -872,6 +882,7 @@ impl Backend {
             return Some(device.mm_stat().map(|mm| MemorySnapshot {
                 mm,
                 slot_table_bytes: None,
+                units: None,
             }));
         }
         let (binary, control) = (self.daemon_binary.as_ref()?, self.control_socket.as_ref()?);
@@ -939,17 +950,21 @@ pub struct MemorySnapshot {
     /// vhost-user-zram's slot table, which its mem_used_total includes; kernel zram's
     /// mem_used_total counts only zsmalloc's pages, not its table.
     pub slot_table_bytes: Option<u64>,
+    /// vhost-user-zram's multi-page units (`None`: kernel zram, or a daemon without units).
+    pub units: Option<UnitStats>,
 }
 
 impl MemorySnapshot {
     /// Reads vhost-user-zram's `ctl stats --json`: `{"mm": {mm_stat fields}, "info":
-    /// {"slot_table_bytes": N, ...}, ...}`.
+    /// {"slot_table_bytes": N, ...}, "units": {...}, ...}`.
     fn from_stats_json(text: &str) -> Result<MemorySnapshot, String> {
         let stats: Stats = serde_json::from_str(text)
             .map_err(|e| format!("stats --json: {e}: '{}'", text.trim()))?;
         Ok(MemorySnapshot {
             mm: stats.mm,
             slot_table_bytes: Some(stats.info.slot_table_bytes),
+            // A daemon from before units reports none: its `units` are all zero.
+            units: (stats.units.unit_max_bytes > 0).then_some(stats.units),
         })
     }
 }

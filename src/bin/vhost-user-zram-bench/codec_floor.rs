@@ -139,12 +139,12 @@ impl CodecFloor {
     }
 
     /// The floor of one request of `pages_per_request` pages in `phase`: compression for the
-    /// write phases, decompression for random reads, 70 % / 30 % of the two for the mixed
+    /// write phases, decompression for reads, 70 % / 30 % of the two for the mixed
     /// phase (its read share).
     pub fn us_per_request(&self, phase: Phase, pages_per_request: u64) -> f64 {
         let per_page = match phase {
             Phase::Fill | Phase::RandWrite | Phase::Burst => self.compress_us_per_page,
-            Phase::RandRead => self.decompress_us_per_page,
+            Phase::RandRead | Phase::SeqRead => self.decompress_us_per_page,
             Phase::Mixed => 0.7 * self.decompress_us_per_page + 0.3 * self.compress_us_per_page,
         };
         per_page * pages_per_request as f64

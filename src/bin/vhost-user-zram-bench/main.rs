@@ -14,6 +14,7 @@ mod plot;
 mod pressure;
 mod progress;
 mod report;
+mod units;
 mod workload;
 
 use std::path::PathBuf;
@@ -22,13 +23,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use vhost_user_zram::store::UnitStats;
 
 use crate::backends::{
     parse_recovered, Backend, BackendKind, DaemonOptions, KernelZram, KernelZramError, RunDir,
 };
 use crate::device::Device;
 use crate::progress::ProgressReporter;
-use crate::report::{BackendReport, PhaseReport, Report, RestartReport, WorkloadDescription};
+use crate::report::{
+    BackendReport, PhaseReport, Report, RestartReport, UnitReads, WorkloadDescription,
+};
 use crate::workload::{PagePool, Phase, RunControl, Workload};
 
 /// Benchmark a vhost-user-blk device (vhost-user-zram by default) with a swap-like workload.
@@ -86,9 +90,10 @@ struct Args {
     #[arg(long)]
     algorithm_level: Option<i32>,
 
-    /// Phases to run, comma-separated, from fill, randwrite, randread, mixed, burst. Reads are
-    /// verified only when fill ran first. burst writes --burst-pages pages as fast as the queue
-    /// depth allows, after the daemon's workers have caught up.
+    /// Phases to run, comma-separated, from fill, randwrite, randread, seqread, mixed, burst.
+    /// Reads are verified only when fill ran first. burst writes --burst-pages pages as fast as
+    /// the queue depth allows, after the daemon's workers have caught up. seqread reads the
+    /// device in order (--seqread-size each), starting over at its end, for --duration.
     #[arg(long, value_delimiter = ',', default_value = "fill,randwrite,burst,randread,mixed", value_parser = parse_phase)]
     phases: Vec<Phase>,
 
@@ -118,6 +123,17 @@ struct Args {
     /// out 64 KiB folios does. The device's pages past its last whole block are not used.
     #[arg(long, default_value = "4K", value_name = "SIZE", value_parser = parse_request_size)]
     request_size: u64,
+
+    /// Bytes each random read (randread, mixed) moves, a divisor of --request-size (default:
+    /// --request-size): `--request-size 64K --read-size 4K` writes 64 KiB blocks and reads
+    /// single pages of them at random.
+    #[arg(long, value_name = "SIZE", value_parser = parse_request_size)]
+    read_size: Option<u64>,
+
+    /// Bytes each read of the seqread phase moves, a divisor of --request-size (default:
+    /// --request-size): 32K reads as the guest's readahead does.
+    #[arg(long, value_name = "SIZE", value_parser = parse_request_size)]
+    seqread_size: Option<u64>,
 
     /// Capture a corpus of real memory into FILE and exit: the resident anonymous pages of the
     /// processes --capture-pid names, in address order (needs the right to read their memory,
@@ -155,6 +171,19 @@ struct Args {
     /// on / off >= 0.98); with --rounds 3 the two alternate and the medians are compared.
     #[arg(long, conflicts_with = "socket")]
     compare_pressure: bool,
+
+    /// Compare multi-page units (comma-separated unit sizes, e.g. 16K,64K): vhost-user-zram
+    /// per page (`--unit-max=4K`), with `--unit-max=SIZE` for each size, and kernel zram (same
+    /// algorithm, same pages), back to back (alternating with --rounds); then a markdown table
+    /// with each one's ratio to per-page and the units' targets (see --units-table). With a
+    /// daemon that has no --unit-max, per-page runs without it and the unit sizes are skipped.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',', value_parser = parse_unit_size, conflicts_with_all = ["socket", "compare", "compare_state", "compare_pressure"])]
+    compare_units: Vec<u64>,
+
+    /// With --compare-units: also write the markdown table alone to FILE (`-`: stdout, instead
+    /// of the tables).
+    #[arg(long, value_name = "FILE|-", requires = "compare_units")]
+    units_table: Option<String>,
 
     /// With --compare-state: skip the kill-and-restart measurement.
     #[arg(long, requires = "compare_state")]
@@ -248,6 +277,15 @@ fn parse_request_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// `--compare-units`: a unit size as `--size` takes it, more than a page, at most 1 MiB.
+fn parse_unit_size(text: &str) -> Result<u64, String> {
+    let bytes = parse_request_size(text)?;
+    if bytes == PAGE_BYTES {
+        return Err("4K is per-page, which --compare-units always runs; give larger sizes".into());
+    }
+    Ok(bytes)
+}
+
 /// `--migrate-dirty`: a size as `--size` takes it, or 0.
 fn parse_dirty_size(text: &str) -> Result<u64, String> {
     if text.trim() == "0" {
@@ -263,8 +301,9 @@ fn parse_phase(text: &str) -> Result<Phase, String> {
         "randread" => Ok(Phase::RandRead),
         "mixed" => Ok(Phase::Mixed),
         "burst" => Ok(Phase::Burst),
+        "seqread" => Ok(Phase::SeqRead),
         _ => Err(format!(
-            "unknown phase '{text}' (fill, randwrite, randread, mixed, burst)"
+            "unknown phase '{text}' (fill, randwrite, randread, seqread, mixed, burst)"
         )),
     }
 }
@@ -363,6 +402,14 @@ fn block_pages(args: &Args) -> u64 {
     args.request_size / PAGE_BYTES
 }
 
+/// Pages a random read and a sequential read move (`--read-size`, `--seqread-size`).
+fn read_pages(args: &Args) -> (u64, u64) {
+    (
+        args.read_size.unwrap_or(args.request_size) / PAGE_BYTES,
+        args.seqread_size.unwrap_or(args.request_size) / PAGE_BYTES,
+    )
+}
+
 /// Bytes a request moves.
 fn request_bytes(args: &Args) -> usize {
     usize::try_from(args.request_size).unwrap_or(vhost_user_zram::PAGE_SIZE)
@@ -388,12 +435,21 @@ fn page_pool(args: &Args) -> Result<(std::sync::Arc<PagePool>, Option<String>), 
 
 /// Refuses output flags that cannot all be honoured, before anything runs.
 fn check_outputs(args: &Args) -> Result<(), String> {
-    let to_stdout = [&args.json, &args.csv]
+    let to_stdout = [&args.json, &args.csv, &args.units_table]
         .into_iter()
         .filter(|target| target.as_deref() == Some("-"))
         .count();
     if to_stdout > 1 {
-        return Err("--json and --csv cannot both write to stdout (-); give one a file".into());
+        return Err(
+            "two of --json, --csv and --units-table cannot both write to stdout (-); give one a file"
+                .into(),
+        );
+    }
+    let (random_read, seq_read) = read_pages(args);
+    for (flag, pages) in [("--read-size", random_read), ("--seqread-size", seq_read)] {
+        if !block_pages(args).is_multiple_of(pages) {
+            return Err(format!("{flag} must divide --request-size"));
+        }
     }
     if args
         .plot
@@ -424,7 +480,7 @@ fn write_to(target: &str, text: &str) -> Result<(), String> {
 
 /// The tables on stdout unless JSON or CSV go there, then every requested file.
 fn write_outputs(args: &Args, report: &Report) -> Result<(), String> {
-    let stdout_taken = [&args.json, &args.csv]
+    let stdout_taken = [&args.json, &args.csv, &args.units_table]
         .into_iter()
         .any(|target| target.as_deref() == Some("-"));
     if !stdout_taken {
@@ -437,6 +493,9 @@ fn write_outputs(args: &Args, report: &Report) -> Result<(), String> {
     }
     if let Some(target) = &args.csv {
         write_to(target, &report.render_csv())?;
+    }
+    if let Some(target) = &args.units_table {
+        write_to(target, &units::render_markdown(report))?;
     }
     if let Some(path) = &args.plot {
         std::fs::write(path, plot::render_svg(report))
@@ -493,6 +552,25 @@ fn run(args: &Args) -> Result<Report, String> {
     if args.compare_pressure {
         plan.push(BackendKind::VhostUserZramPressure);
     }
+    // Whether the daemon takes --unit-max; `None` unless units are compared.
+    let units_supported = if args.compare_units.is_empty() {
+        None
+    } else {
+        let supported = units::daemon_has_unit_max(&daemon.binary)?;
+        if supported {
+            // Per-page, said explicitly: the daemon's default may change.
+            plan[0] = BackendKind::VhostUserZramUnits(1);
+        } else {
+            eprintln!("{}", units::no_unit_max_warning(&daemon.binary));
+        }
+        for &size in &args.compare_units {
+            plan.push(BackendKind::VhostUserZramUnits(
+                u32::try_from(size / PAGE_BYTES).unwrap_or(u32::MAX),
+            ));
+        }
+        plan.push(BackendKind::KernelZram);
+        Some(supported)
+    };
     if args.compare {
         // Polling off (the default) against on, the compression workers against the queue
         // thread compressing (`--workers 0`), and against one worker when the default is
@@ -586,6 +664,16 @@ fn run(args: &Args) -> Result<Report, String> {
                 | BackendKind::VhostUserZramOneWorker
                 | BackendKind::VhostUserZramState
                 | BackendKind::VhostUserZramPressure => {
+                    Backend::vhost_user_zram(&dir, kind, &daemon, args.size, queues)
+                }
+                BackendKind::VhostUserZramUnits(_) if units_supported == Some(false) => {
+                    all_rounds.push(BackendReport::skipped(
+                        kind,
+                        units::no_unit_max_warning(&daemon.binary),
+                    ));
+                    continue;
+                }
+                BackendKind::VhostUserZramUnits(_) => {
                     Backend::vhost_user_zram(&dir, kind, &daemon, args.size, queues)
                 }
                 BackendKind::QsdNull | BackendKind::QsdShmFile => {
@@ -686,6 +774,8 @@ fn run_backend(
             verify,
         );
         workload.set_burst_pages(args.burst_pages.unwrap_or_else(default_burst_pages));
+        let (random_read, seq_read) = read_pages(args);
+        workload.set_read_pages(random_read, seq_read)?;
         for &phase in &args.phases {
             if STOP.load(Ordering::Relaxed) {
                 entry.notes.push("interrupted".into());
@@ -696,6 +786,7 @@ fn run_backend(
                 backend.wait_drained(Duration::from_secs(10))?;
             }
             let reporter = ProgressReporter::new(kind.label(), phase);
+            let units_before = unit_stats(&backend)?;
             let cpu_before = backend.cpu_time().transpose()?;
             let threads_before = backend.thread_cpu().transpose()?;
             let control = RunControl {
@@ -720,12 +811,20 @@ fn run_backend(
             {
                 report.set_thread_cpu(after.since(before));
             }
-            entry.phases.push(report);
+            if let (Some(before), Some(after)) = (units_before, unit_stats(&backend)?) {
+                report.unit_reads = Some(UnitReads::between(&before, &after));
+            }
             if phase == Phase::Fill {
                 // Memory once the workers have caught up and the pool has drained.
                 backend.wait_drained(Duration::from_secs(10))?;
+                if let (Some(before), Some(after)) = (cpu_before, backend.cpu_time().transpose()?) {
+                    let pages = result.requests * block_pages(args);
+                    report.drained_cpu_us_per_page = (pages > 0)
+                        .then(|| after.saturating_sub(before).as_secs_f64() * 1e6 / pages as f64);
+                }
                 entry.mm_stat_after_fill = backend.mm_stat().transpose()?;
             }
+            entry.phases.push(report);
         }
         entry.mm_stat_at_end = backend.mm_stat().transpose()?;
         if kind == BackendKind::VhostUserZramState && !args.no_restart_check {
@@ -755,6 +854,7 @@ fn run_backend(
             BackendKind::VhostUserZram
                 | BackendKind::VhostUserZramState
                 | BackendKind::VhostUserZramPressure
+                | BackendKind::VhostUserZramUnits(_)
         );
         let wait = if exits_by_itself {
             Duration::from_secs(10)
@@ -778,6 +878,15 @@ fn run_backend(
         }
     }
     entry
+}
+
+/// The unit counters of a vhost-user-zram with units, from `ctl stats --json`; `None` for any
+/// other backend.
+fn unit_stats(backend: &Backend) -> Result<Option<UnitStats>, String> {
+    if !matches!(backend.kind, BackendKind::VhostUserZramUnits(_)) {
+        return Ok(None);
+    }
+    Ok(backend.mm_stat().transpose()?.and_then(|m| m.units))
 }
 
 /// Kills the state daemon with SIGKILL while `device` is connected (a crash: the state keeps
@@ -875,6 +984,48 @@ mod tests {
         assert!(Args::try_parse_from(["b", "--compare-state", "--no-restart-check"]).is_ok());
         assert!(Args::try_parse_from(["b", "--no-restart-check"]).is_err());
         assert!(Args::try_parse_from(["b", "--compare-state", "--socket", "/s"]).is_err());
+    }
+
+    #[test]
+    fn compare_units_takes_unit_sizes_above_a_page_and_runs_without_the_other_comparisons() {
+        let args = Args::try_parse_from(["b", "--compare-units", "16K,64K"]).unwrap();
+        assert_eq!(args.compare_units, [16 << 10, 64 << 10]);
+        assert!(Args::try_parse_from(["b", "--compare-units", "4K,16K"]).is_err());
+        assert!(Args::try_parse_from(["b", "--compare-units", "2M"]).is_err());
+        assert!(Args::try_parse_from(["b", "--compare-units", "16K", "--compare"]).is_err());
+        assert!(Args::try_parse_from(["b", "--units-table", "t.md"]).is_err());
+        let both = [
+            "b",
+            "--compare-units",
+            "16K",
+            "--units-table",
+            "-",
+            "--json",
+            "-",
+        ];
+        let both = Args::try_parse_from(both).unwrap();
+        assert!(check_outputs(&both).unwrap_err().contains("stdout"));
+    }
+
+    #[test]
+    fn reads_must_divide_the_request() {
+        let ok = [
+            "b",
+            "--request-size",
+            "64K",
+            "--read-size",
+            "4K",
+            "--seqread-size",
+            "32K",
+        ];
+        let ok = Args::try_parse_from(ok).unwrap();
+        assert!(check_outputs(&ok).is_ok());
+        assert_eq!(read_pages(&ok), (1, 8));
+        let bad = ["b", "--request-size", "64K", "--seqread-size", "24K"];
+        let bad = Args::try_parse_from(bad).unwrap();
+        assert!(check_outputs(&bad).unwrap_err().contains("--seqread-size"));
+        let default = Args::try_parse_from(["b", "--request-size", "16K"]).unwrap();
+        assert_eq!(read_pages(&default), (4, 4), "whole requests by default");
     }
 
     #[test]

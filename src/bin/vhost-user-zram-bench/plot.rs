@@ -532,6 +532,7 @@ mod tests {
             seconds: 1.0,
             iops,
             mib_per_second: iops * 4096.0 / 1048576.0,
+            request_pages: 1,
             p50_us: 88.8 + slot as f64,
             p99_us: 1234.0 + 10.0 * slot as f64,
             p999_us: 2345.0 + 10.0 * slot as f64,
@@ -541,6 +542,8 @@ mod tests {
             worker_cpu_us_per_request: None,
             codec_floor_us_per_request: None,
             cpu_us_above_floor: None,
+            drained_cpu_us_per_page: None,
+            unit_reads: None,
         }
     }
 

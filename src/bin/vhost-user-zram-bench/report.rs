@@ -4,6 +4,8 @@
 
 use std::fmt::Write as _;
 
+use vhost_user_zram::store::UnitStats;
+
 use crate::backends::{BackendKind, MemorySnapshot};
 use crate::codec_floor::CodecFloor;
 use crate::workload::{Phase, PhaseResult};
@@ -129,6 +131,8 @@ pub struct PhaseReport {
     pub iops: f64,
     /// Payload MiB/s (2^20 bytes, the unit of every byte figure the bench prints).
     pub mib_per_second: f64,
+    /// Pages a request of the phase moves (its reads' for a phase that only reads).
+    pub request_pages: u64,
     /// Median latency in microseconds.
     pub p50_us: f64,
     /// 99th-percentile latency in microseconds.
@@ -150,6 +154,42 @@ pub struct PhaseReport {
     /// `daemon_cpu_us_per_request` minus `codec_floor_us_per_request`: what the daemon spends
     /// on a request besides the codec.
     pub cpu_us_above_floor: Option<f64>,
+    /// The fill: the daemon's CPU time (every thread) from the phase's start until its
+    /// compression workers drained, per page written, in microseconds: what storing a page
+    /// costs, wherever and whenever the daemon compresses it.
+    pub drained_cpu_us_per_page: Option<f64>,
+    /// What vhost-user-zram's unit counters moved by during the phase (a daemon with units).
+    pub unit_reads: Option<UnitReads>,
+}
+
+/// Reads from members of multi-page units during one phase: `ctl stats --json`'s `units`
+/// counters after the phase less before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct UnitReads {
+    /// Bytes read from members of units.
+    pub read_bytes: u64,
+    /// Bytes decompressed to serve them.
+    pub decompressed_bytes: u64,
+    /// Reads served from a reading thread's decoded units.
+    pub cache_hits: u64,
+}
+
+impl UnitReads {
+    /// The counters' growth from `before` to `after`.
+    pub fn between(before: &UnitStats, after: &UnitStats) -> UnitReads {
+        UnitReads {
+            read_bytes: after.read_bytes.saturating_sub(before.read_bytes),
+            decompressed_bytes: after
+                .decompressed_bytes
+                .saturating_sub(before.decompressed_bytes),
+            cache_hits: after.cache_hits.saturating_sub(before.cache_hits),
+        }
+    }
+
+    /// Bytes decompressed per byte read; `None` when nothing was read from units.
+    pub fn amplification(&self) -> Option<f64> {
+        (self.read_bytes > 0).then(|| self.decompressed_bytes as f64 / self.read_bytes as f64)
+    }
 }
 
 impl PhaseReport {
@@ -189,6 +229,7 @@ impl From<&PhaseResult> for PhaseReport {
             seconds: result.elapsed.as_secs_f64(),
             iops: result.iops(),
             mib_per_second: result.mib_per_second(),
+            request_pages: result.request_pages,
             p50_us: result.latency.percentile(50.0).as_secs_f64() * 1e6,
             p99_us: result.latency.percentile(99.0).as_secs_f64() * 1e6,
             p999_us: result.latency.percentile(99.9).as_secs_f64() * 1e6,
@@ -198,6 +239,8 @@ impl From<&PhaseResult> for PhaseReport {
             worker_cpu_us_per_request: None,
             codec_floor_us_per_request: None,
             cpu_us_above_floor: None,
+            drained_cpu_us_per_page: None,
+            unit_reads: None,
         }
     }
 }
@@ -379,16 +422,16 @@ pub const CSV_HEADER: &str = "backend,device,status,phase,iops,mib_per_second,p5
 
 impl Report {
     /// Puts the codec floor of each phase, and the CPU above it, into the phases of every
-    /// vhost-user-zram backend the bench launched (requests of `block_size` bytes).
+    /// vhost-user-zram backend the bench launched (requests of each phase's `request_pages`).
     pub fn apply_codec_floor(&mut self) {
         let Some(floor) = &self.codec_floor else {
             return;
         };
-        let pages_per_request = (self.workload.block_size / vhost_user_zram::PAGE_SIZE) as u64;
         for backend in &mut self.backends {
             if backend.backend.runs_the_codec() {
                 for phase in &mut backend.phases {
-                    phase.set_codec_floor(floor, pages_per_request);
+                    let pages = phase.request_pages;
+                    phase.set_codec_floor(floor, pages);
                 }
             }
         }
@@ -577,6 +620,7 @@ impl Report {
             out.push_str(&self.render_comparison());
             out.push_str(&self.render_state_comparison());
             out.push_str(&crate::pressure::render(self));
+            out.push_str(&crate::units::render_text(self));
         }
         if let Some(migration) = &self.migration {
             out.push_str(&crate::migrate::render(migration));
@@ -1145,6 +1189,7 @@ mod tests {
             seconds: 1.0,
             iops,
             mib_per_second: iops * 4096.0 / 1048576.0,
+            request_pages: 1,
             p50_us: 12.5,
             p99_us: 80.0,
             p999_us: 150.0,
@@ -1154,6 +1199,8 @@ mod tests {
             worker_cpu_us_per_request: None,
             codec_floor_us_per_request: None,
             cpu_us_above_floor: None,
+            drained_cpu_us_per_page: None,
+            unit_reads: None,
         }
     }
 
@@ -1187,6 +1234,7 @@ mod tests {
                 ..Default::default()
             },
             slot_table_bytes: None,
+            units: None,
         });
         report
     }
@@ -1406,6 +1454,7 @@ mod tests {
                 ..Default::default()
             },
             slot_table_bytes: None,
+            units: None,
         };
         let mut anonymous = backend(
             BackendKind::VhostUserZram,
@@ -1473,6 +1522,9 @@ mod tests {
             ),
         ]);
         report.workload.block_size = 65536;
+        for phase in report.backends.iter_mut().flat_map(|b| b.phases.iter_mut()) {
+            phase.request_pages = 16;
+        }
         report.codec_floor = Some(floor(2.0, 1.0));
 
         // Act

@@ -45,15 +45,19 @@ pub enum Phase {
     /// A burst: `--burst-pages` sequential page writes as fast as the queue depth allows,
     /// after the device has gone quiet; no time limit, its elapsed time is the figure.
     Burst,
+    /// Reads of the device in order (`--seqread-size` each, from the first block on; at the
+    /// end it starts over), verified: what readahead asks of a swap device.
+    SeqRead,
 }
 
 impl Phase {
     /// Every phase, in the order tables list them.
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Fill,
         Phase::RandWrite,
         Phase::Burst,
         Phase::RandRead,
+        Phase::SeqRead,
         Phase::Mixed,
     ];
 
@@ -61,7 +65,7 @@ impl Phase {
     pub fn is_counted(self) -> bool {
         match self {
             Phase::Fill | Phase::Burst => true,
-            Phase::RandWrite | Phase::RandRead | Phase::Mixed => false,
+            Phase::RandWrite | Phase::RandRead | Phase::SeqRead | Phase::Mixed => false,
         }
     }
 
@@ -73,6 +77,7 @@ impl Phase {
             Phase::RandRead => "randread",
             Phase::Mixed => "mixed-70r/30w",
             Phase::Burst => "burst",
+            Phase::SeqRead => "seqread",
         }
     }
 
@@ -80,7 +85,7 @@ impl Phase {
     fn read_percent(self) -> u64 {
         match self {
             Phase::Fill | Phase::RandWrite | Phase::Burst => 0,
-            Phase::RandRead => 100,
+            Phase::RandRead | Phase::SeqRead => 100,
             Phase::Mixed => 70,
         }
     }
@@ -142,8 +147,11 @@ pub struct PhaseResult {
     pub elapsed: Duration,
     /// Submission-to-completion latency of every request.
     pub latency: LatencyHistogram,
-    /// Bytes a request moves.
-    pub request_bytes: usize,
+    /// Pages a request of the phase moves: its reads' for a phase that only reads, else a
+    /// whole block.
+    pub request_pages: u64,
+    /// Payload bytes moved, reads and writes.
+    pub bytes: u64,
 }
 
 impl PhaseResult {
@@ -154,7 +162,7 @@ impl PhaseResult {
 
     /// Payload MiB (2^20 bytes) per second.
     pub fn mib_per_second(&self) -> f64 {
-        self.iops() * self.request_bytes as f64 / (1 << 20) as f64
+        self.bytes as f64 / self.elapsed.as_secs_f64() / (1 << 20) as f64
     }
 }
 
@@ -247,10 +255,24 @@ impl PagePool {
         generation: u32,
         data: &[u8],
     ) -> Result<(), u64> {
-        for (page, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let expected = self.index_of(block, block_pages, page as u64, generation);
+        self.verify_pages(block, block_pages, 0, generation, data)
+    }
+
+    /// Whether `data` is pages `first_page..` of generation `generation` of `block`; `Err`
+    /// names the first page (of the block) that is not.
+    fn verify_pages(
+        &self,
+        block: u64,
+        block_pages: u64,
+        first_page: u64,
+        generation: u32,
+        data: &[u8],
+    ) -> Result<(), u64> {
+        for (offset, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let page = first_page + offset as u64;
+            let expected = self.index_of(block, block_pages, page, generation);
             if page_hash(bytes) != self.hashes[expected] {
-                return Err(page as u64);
+                return Err(page);
             }
         }
         Ok(())
@@ -268,6 +290,10 @@ pub struct Workload {
     pool: std::sync::Arc<PagePool>,
     /// Pages a request moves.
     block_pages: u64,
+    /// Pages a random read moves (a divisor of `block_pages`).
+    random_read_pages: u64,
+    /// Pages a sequential read moves (a divisor of `block_pages`).
+    seq_read_pages: u64,
     queue_depth: usize,
     /// Whether reads are checked. Off for backends that do not keep data (null-co).
     verify: bool,
@@ -327,7 +353,26 @@ impl Workload {
             page_states,
             filled: false,
             burst_pages: 0,
+            random_read_pages: block_pages,
+            seq_read_pages: block_pages,
         }
+    }
+
+    /// Sets the pages of a random read (randread, mixed) and of a sequential read (seqread):
+    /// part of a block, from its first page, its middle or its end (whole blocks by default).
+    /// Each must divide the block.
+    pub fn set_read_pages(&mut self, random: u64, sequential: u64) -> Result<(), String> {
+        for (what, pages) in [("random", random), ("sequential", sequential)] {
+            if pages == 0 || !self.block_pages.is_multiple_of(pages) {
+                return Err(format!(
+                    "a {what} read of {pages} page(s) does not divide a request of {} page(s)",
+                    self.block_pages
+                ));
+            }
+        }
+        self.random_read_pages = random;
+        self.seq_read_pages = sequential;
+        Ok(())
     }
 
     /// Sets how many pages a burst writes (over all queues), in whole blocks.
@@ -343,6 +388,15 @@ impl Workload {
     /// Bytes a request moves.
     fn block_bytes(&self) -> usize {
         to_index(self.block_pages) * PAGE_SIZE
+    }
+
+    /// Pages a request of `phase` moves: what its reads move when it only reads, else a block.
+    fn request_pages(&self, phase: Phase) -> u64 {
+        match phase {
+            Phase::RandRead => self.random_read_pages,
+            Phase::SeqRead => self.seq_read_pages,
+            Phase::Fill | Phase::RandWrite | Phase::Burst | Phase::Mixed => self.block_pages,
+        }
     }
 
     /// Runs `phase` on every queue of `device` until `duration` passes (the fill: until every page
@@ -369,7 +423,7 @@ impl Workload {
             let counted = match phase {
                 Phase::Fill => Some(total_pages),
                 Phase::Burst => Some(self.burst_pages.min(total_pages)),
-                Phase::RandWrite | Phase::RandRead | Phase::Mixed => None,
+                Phase::RandWrite | Phase::RandRead | Phase::SeqRead | Phase::Mixed => None,
             };
             let fraction = if let Some(count) = counted {
                 requests as f64 / count.max(1) as f64
@@ -412,6 +466,8 @@ impl Workload {
                         first_block: queue as u64,
                         block_stride: queues,
                         block_pages: self.block_pages,
+                        random_read_pages: self.random_read_pages,
+                        seq_read_pages: self.seq_read_pages,
                         burst_pages: self.burst_pages.div_ceil(queues),
                         pool: &self.pool,
                         queue_depth: self.queue_depth,
@@ -450,10 +506,12 @@ impl Workload {
             verified_reads: 0,
             elapsed,
             latency: LatencyHistogram::default(),
-            request_bytes: self.block_bytes(),
+            request_pages: self.request_pages(phase),
+            bytes: 0,
         };
         for result in results {
             let result = result?;
+            total.bytes += result.bytes;
             total.requests += result.requests;
             total.reads += result.reads;
             total.verified_reads += result.verified_reads;
@@ -699,9 +757,27 @@ impl Workload {
 /// What a buffer slot is doing.
 #[derive(Clone, Copy)]
 struct InFlight {
+    /// The queue's own block (an index into its states).
     page: u64,
+    /// The request's first page in the block, and its pages.
+    span: Span,
     is_read: bool,
     submitted: Instant,
+}
+
+/// Pages `first..first + pages` of a block.
+#[derive(Clone, Copy)]
+struct Span {
+    first: u64,
+    pages: u64,
+}
+
+/// One request to make: which of the queue's blocks, which of its pages, read or write.
+#[derive(Clone, Copy)]
+struct Request {
+    page: u64,
+    span: Span,
+    is_read: bool,
 }
 
 struct QueueWorker<'a> {
@@ -711,6 +787,10 @@ struct QueueWorker<'a> {
     block_stride: u64,
     /// Pages a request moves.
     block_pages: u64,
+    /// Pages a random read moves.
+    random_read_pages: u64,
+    /// Pages a sequential read moves.
+    seq_read_pages: u64,
     pool: &'a PagePool,
     /// Blocks this queue writes in a burst.
     burst_pages: u64,
@@ -736,7 +816,8 @@ impl QueueWorker<'_> {
             verified_reads: 0,
             elapsed: Duration::ZERO,
             latency: LatencyHistogram::default(),
-            request_bytes: self.block_bytes(),
+            request_pages: self.block_pages,
+            bytes: 0,
         };
         let owned_pages = self.states.len() as u64;
         if owned_pages == 0 {
@@ -753,8 +834,8 @@ impl QueueWorker<'_> {
         // Prime every slot.
         for slot in 0..self.queue_depth {
             match self.next_request(phase, &slots, &mut next_fill_page, owned_pages) {
-                Some((page, is_read)) => {
-                    slots[slot] = Some(self.submit(slot, page, is_read));
+                Some(request) => {
+                    slots[slot] = Some(self.submit(slot, request));
                     in_flight += 1;
                 }
                 None => break,
@@ -812,18 +893,19 @@ impl QueueWorker<'_> {
                 }
                 result.latency.record(now - request.submitted);
                 result.requests += 1;
+                result.bytes += request.span.pages * PAGE_SIZE as u64;
                 if request.is_read {
                     result.reads += 1;
                     if self.verify {
-                        self.check(slot, request.page)?;
+                        self.check(slot, request.page, request.span)?;
                         result.verified_reads += 1;
                     }
                 }
                 if issuing {
-                    if let Some((page, is_read)) =
+                    if let Some(next) =
                         self.next_request(phase, &slots, &mut next_fill_page, owned_pages)
                     {
-                        slots[slot] = Some(self.submit(slot, page, is_read));
+                        slots[slot] = Some(self.submit(slot, next));
                         in_flight += 1;
                     }
                 }
@@ -833,31 +915,71 @@ impl QueueWorker<'_> {
         Ok(result)
     }
 
-    /// The next request: a page (an index into `states`) and whether it is a read. `None` when the
-    /// fill is complete.
+    /// The next request: a page (an index into `states`), the span of it, and whether it is a
+    /// read. `None` when the fill is complete.
     fn next_request(
         &mut self,
         phase: Phase,
         slots: &[Option<InFlight>],
         next_fill_page: &mut u64,
         owned_pages: u64,
-    ) -> Option<(u64, bool)> {
+    ) -> Option<Request> {
+        let whole = Span {
+            first: 0,
+            pages: self.block_pages,
+        };
         if phase.is_counted() {
             let limit = match phase {
                 Phase::Burst => self.burst_pages.min(owned_pages),
-                Phase::Fill | Phase::RandWrite | Phase::RandRead | Phase::Mixed => owned_pages,
+                Phase::Fill
+                | Phase::RandWrite
+                | Phase::RandRead
+                | Phase::SeqRead
+                | Phase::Mixed => owned_pages,
             };
             let page = *next_fill_page;
             *next_fill_page += 1;
-            return (page < limit).then_some((page, false));
+            return (page < limit).then_some(Request {
+                page,
+                span: whole,
+                is_read: false,
+            });
+        }
+        if phase == Phase::SeqRead {
+            // Reads only: two reads of one block may be in flight. The counter walks the
+            // queue's blocks read by read, and starts over at the end.
+            let per_block = self.block_pages / self.seq_read_pages;
+            let read = *next_fill_page % (owned_pages * per_block);
+            *next_fill_page += 1;
+            return Some(Request {
+                page: read / per_block,
+                span: Span {
+                    first: read % per_block * self.seq_read_pages,
+                    pages: self.seq_read_pages,
+                },
+                is_read: true,
+            });
         }
         let is_read = self.rng.below(100) < phase.read_percent();
+        let span = if is_read {
+            let per_block = self.block_pages / self.random_read_pages;
+            Span {
+                first: self.rng.below(per_block) * self.random_read_pages,
+                pages: self.random_read_pages,
+            }
+        } else {
+            whole
+        };
         // A queue never has two requests for one page in flight; with at most queue_depth busy
         // pages this loop ends quickly unless the device is tiny.
         for _ in 0..1000 {
             let page = self.rng.below(owned_pages);
             if !slots.iter().flatten().any(|r| r.page == page) {
-                return Some((page, is_read));
+                return Some(Request {
+                    page,
+                    span,
+                    is_read,
+                });
             }
         }
         None
@@ -872,15 +994,25 @@ impl QueueWorker<'_> {
         to_index(self.block_pages) * PAGE_SIZE
     }
 
-    fn submit(&mut self, slot: usize, page: u64, is_read: bool) -> InFlight {
-        let bytes = self.block_bytes();
-        let buffer = self.lane.buffer(slot, bytes);
-        let offset = self.device_block(page) * bytes as u64;
+    fn submit(&mut self, slot: usize, request: Request) -> InFlight {
+        let Request {
+            page,
+            span,
+            is_read,
+        } = request;
+        let block_bytes = self.block_bytes();
+        let offset = self.device_block(page) * block_bytes as u64 + span.first * PAGE_SIZE as u64;
         if is_read {
+            let bytes = to_index(span.pages) * PAGE_SIZE;
+            // Slots of a whole block each, whatever the read: a slot is at the same place
+            // for every request size.
+            let buffer = self.lane.buffer(slot, block_bytes);
             self.lane
                 .queue
                 .read(offset, buffer, bytes, slot, ReqFlags::empty());
         } else {
+            let bytes = block_bytes;
+            let buffer = self.lane.buffer(slot, bytes);
             let state = &mut self.states[to_index(page)];
             // The fill writes generation 0; later writes the next one.
             let generation = if state.written {
@@ -906,22 +1038,22 @@ impl QueueWorker<'_> {
         }
         InFlight {
             page,
+            span,
             is_read,
             submitted: Instant::now(),
         }
     }
 
-    fn check(&self, slot: usize, page: u64) -> Result<(), String> {
-        let bytes = self.block_bytes();
-        let buffer = self.lane.buffer(slot, bytes);
-        // SAFETY: the read into this slot's buffer has completed and the slot is not reused
-        // until after this check.
-        let data = unsafe { std::slice::from_raw_parts(buffer, bytes) };
+    fn check(&self, slot: usize, page: u64, span: Span) -> Result<(), String> {
+        let buffer = self.lane.buffer(slot, self.block_bytes());
+        // SAFETY: the read of `span` into this slot's buffer has completed and the slot is not
+        // reused until after this check.
+        let data = unsafe { std::slice::from_raw_parts(buffer, to_index(span.pages) * PAGE_SIZE) };
         let state = self.states[to_index(page)];
         let block = self.device_block(page);
-        let checked = self
-            .pool
-            .verify_block(block, self.block_pages, state.generation, data);
+        let checked =
+            self.pool
+                .verify_pages(block, self.block_pages, span.first, state.generation, data);
         if !state.written {
             return Err(format!("block {block} was read before it was written"));
         }
@@ -999,5 +1131,45 @@ mod tests {
         assert_eq!(pool.verify_block(3, 16, 1, &block), Ok(()));
         block[5 * PAGE_SIZE + 7] ^= 1;
         assert_eq!(pool.verify_block(3, 16, 1, &block), Err(5));
+    }
+
+    #[test]
+    fn a_read_of_part_of_a_block_is_verified_against_that_part() {
+        let pages: Vec<[u8; PAGE_SIZE]> = (0..100u8).map(|i| [i; PAGE_SIZE]).collect();
+        let pool = PagePool::from_corpus(pages);
+        let mut block = vec![0u8; 16 * PAGE_SIZE];
+        // SAFETY: the buffer holds 16 pages and is not the pool's.
+        unsafe { pool.copy_block(3, 16, 0, block.as_mut_ptr()) };
+        // Pages 8..16 (a 32 KiB read of the second half), and page 5 alone.
+        let second_half = &block[8 * PAGE_SIZE..];
+        assert_eq!(pool.verify_pages(3, 16, 8, 0, second_half), Ok(()));
+        assert_eq!(
+            pool.verify_pages(3, 16, 0, 0, second_half),
+            Err(0),
+            "the wrong half"
+        );
+        let page_5 = &block[5 * PAGE_SIZE..6 * PAGE_SIZE];
+        assert_eq!(pool.verify_pages(3, 16, 5, 0, page_5), Ok(()));
+        assert_eq!(pool.verify_pages(3, 16, 6, 0, page_5), Err(6));
+    }
+
+    #[test]
+    fn reads_must_be_a_divisor_of_the_block() {
+        let pool = std::sync::Arc::new(PagePool::new(1, 4));
+        let mut workload = Workload::new(1, pool, 16, 1, 4, 64, true);
+        assert_eq!(workload.set_read_pages(1, 8), Ok(()));
+        assert_eq!(workload.request_pages(Phase::RandRead), 1);
+        assert_eq!(workload.request_pages(Phase::SeqRead), 8);
+        assert_eq!(
+            workload.request_pages(Phase::Mixed),
+            16,
+            "mixed writes whole blocks"
+        );
+        assert!(workload.set_read_pages(3, 8).is_err());
+        assert!(workload.set_read_pages(1, 0).is_err());
+        assert!(
+            workload.set_read_pages(32, 16).is_err(),
+            "more than a block"
+        );
     }
 }
