@@ -442,10 +442,12 @@ fn a_corpus_of_this_process_memory_is_captured_and_written_in_64k_requests() {
     let pages = std::fs::metadata(&corpus).unwrap().len() / 4096 - 1;
     assert!((16..=2048).contains(&pages), "{pages} pages captured");
 
-    // Act: the corpus, in order, in 64 KiB requests, every read verified.
+    // Act: the corpus, in order, in 64 KiB requests, every read verified, through a daemon
+    // that stores them as multi-page units.
     let json_path = dir.path().join("out.json");
     let output = Command::new(BENCH)
         .args(["--daemon-bin", DAEMON, "--size", "16M", "--duration", "1"])
+        .arg("--daemon-arg=--unit-max=64K")
         .args([
             "--phases",
             "fill,randwrite,randread",
@@ -478,6 +480,9 @@ fn a_corpus_of_this_process_memory_is_captured_and_written_in_64k_requests() {
     let read = phases.iter().find(|p| p["phase"] == "randread").unwrap();
     assert!(read["verified_reads"].as_u64().unwrap() > 0, "{read}");
     assert_eq!(read["verified_reads"], read["reads"], "{read}");
+    let units = &json["backends"][0]["mm_stat_after_fill"]["units"];
+    assert!(units["units_stored"].as_u64().unwrap() > 0, "{units}");
+    assert_eq!(units["unit_max_bytes"].as_u64(), Some(65536), "{units}");
 }
 
 #[test]

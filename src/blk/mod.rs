@@ -117,6 +117,13 @@ pub unsafe trait BlockBackend: Send + Sync {
         f: impl FnOnce(&mut [u8; PAGE_SIZE]) -> R,
     ) -> Result<R, Self::Error>;
 
+    /// A read request of `pages` starts on the calling thread: its pages are read next, in
+    /// order (`read_page`), so a backend that decodes several pages at once may decode as far
+    /// as they go. A hint only; nothing by default.
+    fn read_ahead(&self, pages: Range<u64>) {
+        let _ = pages;
+    }
+
     /// Frees the pages in `pages`; they then read as zeros.
     fn discard_pages(&self, pages: Range<u64>) -> Result<(), Self::Error>;
 

@@ -52,6 +52,10 @@ unsafe impl BlockBackend for PageStore {
         self.modify(index, f)
     }
 
+    fn read_ahead(&self, pages: Range<u64>) {
+        PageStore::read_ahead(self, pages);
+    }
+
     fn discard_pages(&self, pages: Range<u64>) -> Result<(), StoreError> {
         self.discard(pages)
     }

@@ -1240,6 +1240,9 @@ impl Command {
         B: BlockBackend,
         G: GuestGate,
     {
+        let start = self.sector * SECTOR_BYTES;
+        let end = start + data.writable.remaining;
+        backend.read_ahead(start / PAGE_BYTES..end.div_ceil(PAGE_BYTES));
         for_each_page(self.sector, data.writable.remaining, |index, in_page| {
             let direct = if G::LENDS_GUEST_MEMORY && in_page.len() == PAGE_SIZE {
                 data.writable.contiguous(mem, PAGE_SIZE)

@@ -700,6 +700,14 @@ impl PageStore {
         Some(Ok(()))
     }
 
+    /// A read request of `pages` starts on the calling thread (a hint): a read of a unit's
+    /// member inside it decodes the unit as far as the request goes, and a request that
+    /// starts at or before a unit's first page and goes past it decodes that unit whole, so
+    /// its next pages are served from the decoded unit.
+    pub fn read_ahead(&self, pages: Range<u64>) {
+        unit::READ_AHEAD.set(Some((pages.start, pages.end)));
+    }
+
     /// The calling thread starts serving a round of requests (a queue thread draining its
     /// ring): until [`end_round`](Self::end_round), its writes wake a sleeping worker once a
     /// batch is queued rather than at every write.

@@ -383,7 +383,17 @@ enum Op {
         mode: u8,
         range: Option<(u64, u64)>,
     },
+    /// A recompression pass with the zstd:9 secondary (of idle pages only, or of all).
+    Recompress {
+        idle: bool,
+    },
 }
+
+/// The model stores' secondary algorithm.
+const MODEL_SECONDARY: AlgorithmSpec = AlgorithmSpec {
+    algorithm: Algorithm::Zstd,
+    level: Some(9),
+};
 
 const MODEL_PAGES: u64 = 48;
 
@@ -420,6 +430,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..MODEL_PAGES, 1..8u64).prop_map(|(start, len)| Op::Discard { start, len }),
         1 => Just(Op::Compact),
         1 => Just(Op::MarkIdle),
+        1 => any::<bool>().prop_map(|idle| Op::Recompress { idle }),
         1 => Just(Op::Tick),
         2 => (0..6u8, prop::option::of((0..MODEL_PAGES, 1..MODEL_PAGES)))
             .prop_map(|(mode, range)| Op::Writeback {
@@ -454,7 +465,10 @@ fn run_model(algorithm: Algorithm, ops: &[Op]) {
 /// The model test with multi-page units of up to `unit_pages` pages.
 fn run_model_with_units(algorithm: Algorithm, unit_pages: usize, ops: &[Op]) {
     let (_dir, backing) = backing_file();
-    let s = store(MODEL_PAGES, algorithm).with_backing_file(backing);
+    let s = store(MODEL_PAGES, algorithm)
+        .with_secondary_algorithms(&[MODEL_SECONDARY])
+        .unwrap()
+        .with_backing_file(backing);
     s.set_unit_max_pages(unit_pages).unwrap();
     run_model_on(&s, ops);
 }
@@ -475,6 +489,8 @@ fn run_model_with_workers_and_units(algorithm: Algorithm, unit_pages: usize, ops
                 max_pending_pages: 8,
             },
         )
+        .unwrap()
+        .with_secondary_algorithms(&[MODEL_SECONDARY])
         .unwrap()
         .with_backing_file(backing),
     );
@@ -609,6 +625,18 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
             }
             Op::Writeback { mode, range } => {
                 s.writeback(&writeback_request(mode, range)).unwrap();
+            }
+            Op::Recompress { idle } => {
+                let mode = if idle {
+                    RecompressMode::Idle
+                } else {
+                    RecompressMode::All
+                };
+                s.recompress(&RecompressRequest {
+                    mode,
+                    ..RecompressRequest::default()
+                })
+                .unwrap();
             }
         }
     }

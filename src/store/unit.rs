@@ -217,6 +217,9 @@ struct UnitCache {
 
 thread_local! {
     static UNIT_CACHE: RefCell<Option<UnitCache>> = const { RefCell::new(None) };
+    /// The pages of the read request this thread serves ([`PageStore::read_ahead`]).
+    pub(crate) static READ_AHEAD: std::cell::Cell<Option<(u64, u64)>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// The span of slots a unit covers, locked (in ascending order) by the thread creating or
@@ -524,7 +527,7 @@ impl PageStore {
                 index.saturating_sub(member as u64)
             )));
         }
-        let needed = (member + 1) * PAGE_SIZE;
+        let needed = self.pages_to_decode(index, member, &head) * PAGE_SIZE;
         let codec = self
             .codec_of(entry.priority())
             .map_err(|source| StoreError::Corrupt { index, source })?;
@@ -605,6 +608,26 @@ impl PageStore {
             page.copy_from_slice(&cache.buffers[at][member * PAGE_SIZE..(member + 1) * PAGE_SIZE]);
             Ok(())
         })
+    }
+
+    /// How many pages of the unit `head` a read of its member `member` (page `index`) decodes:
+    /// through the member, or as far as the thread's read request goes
+    /// ([`PageStore::read_ahead`]), the whole unit when the request starts at or before it.
+    fn pages_to_decode(&self, index: u64, member: usize, head: &Head) -> usize {
+        let through = member + 1;
+        let Some(request) = READ_AHEAD
+            .get()
+            .map(|(start, end)| start..end)
+            .filter(|r| r.contains(&index))
+        else {
+            return through;
+        };
+        let first = head.first as u64;
+        if request.start <= first && request.end > first + 1 {
+            return head.pages;
+        }
+        let end = usize::try_from(request.end.saturating_sub(first)).unwrap_or(usize::MAX);
+        through.max(end.min(head.pages))
     }
 
     /// The slot that held `old`, a Unit entry, names something else now: `old`'s member
@@ -808,6 +831,11 @@ impl PageStore {
             return;
         }
         let count = u64::from(members.count_ones());
+        // zram's threshold is per page: a unit's is its stream's share per member.
+        let share = |len: usize| len / members.count_ones().max(1) as usize;
+        if request.threshold != 0 && share(head.stream_len) < request.threshold {
+            return;
+        }
         let old_priority = entry.priority();
         let old_cost = unit_cost(head.stream_len);
         let unit = &mut [0u8; MAX_UNIT_MEMBERS * PAGE_SIZE][..head.pages * PAGE_SIZE];
@@ -836,7 +864,10 @@ impl PageStore {
             let Ok(len) = codec.compress_unit(unit, &mut stream) else {
                 continue;
             };
-            if !worth_a_unit(len, members.count_ones() as usize) || unit_cost(len) >= old_cost {
+            if !worth_a_unit(len, members.count_ones() as usize)
+                || unit_cost(len) >= old_cost
+                || (request.threshold != 0 && share(len) >= request.threshold)
+            {
                 continue;
             }
             let Ok(new_head) = self.store_unit(

@@ -337,3 +337,52 @@ fn a_member_past_its_share_of_the_stream_still_reads_right() {
         );
     }
 }
+
+#[test]
+fn a_member_migrates_as_a_page_of_its_own() {
+    let source = store_with_units(64, 16);
+    let pages = text_pages(9, 16, 16);
+    write_run(&source, 16, &pages);
+    source.discard(20..21).unwrap();
+    let destination = store_with_units(64, 1);
+    let mut scratch = super::migrate::ExportScratch::default();
+    for index in 0..64 {
+        let page = source.export_slot(index, &mut scratch).unwrap();
+        assert!(
+            !matches!(page, super::migrate::StoredPage::Damaged),
+            "page {index}"
+        );
+        destination.import_slot(index, page).unwrap();
+    }
+    let mut expect = pages.clone();
+    expect[4] = [0; PAGE_SIZE];
+    assert_reads(&destination, 16, &expect);
+    assert_eq!(destination.stats().units.units_stored, 0);
+    destination.check_consistency().unwrap();
+    source.check_consistency().unwrap();
+}
+
+#[test]
+fn a_read_request_over_a_unit_decodes_it_once() {
+    let s = store_with_units(64, 16);
+    let pages = text_pages(10, 16, 16);
+    write_run(&s, 16, &pages);
+    // Two 32 KiB requests over the unit, in order, as readahead sends them.
+    let mut out = [0u8; PAGE_SIZE];
+    for request in [16..24u64, 24..32] {
+        s.read_ahead(request.clone());
+        for index in request {
+            s.read(index, &mut out).unwrap();
+            assert!(out == pages[usize::try_from(index - 16).unwrap()]);
+        }
+    }
+    let units = s.stats().units;
+    assert_eq!(units.decompressed_bytes, 16 * PAGE_SIZE as u64, "{units:?}");
+    assert_eq!(units.cache_hits, 15, "{units:?}");
+    // A request of one page in the middle decodes through that page only.
+    let s = store_with_units(64, 16);
+    write_run(&s, 16, &pages);
+    s.read_ahead(20..21);
+    s.read(20, &mut out).unwrap();
+    assert!(s.stats().units.decompressed_bytes < 8 * PAGE_SIZE as u64);
+}
