@@ -863,6 +863,18 @@ impl SlabAllocator {
     /// caller (see [`object`](Self::object)) for the duration of the call.
     pub unsafe fn relocate(&self, class: usize, object: u64, len: usize) -> Option<u64> {
         let c = &self.classes[class];
+        self.relocate_into(class, object, |moved| {
+            // SAFETY: the old object is owned by the caller (by contract), the new one was
+            // just handed out; they are distinct, live and at least `len` bytes long.
+            unsafe { std::ptr::copy_nonoverlapping(object_ptr(c, object), moved, len) };
+        })
+    }
+
+    /// Takes a new object of `class` from a partial chunk when `object` lies in a victim
+    /// chunk, lets `fill` write it (given its first byte; the class size long) and returns
+    /// it; `None` otherwise.
+    fn relocate_into(&self, class: usize, object: u64, fill: impl FnOnce(*mut u8)) -> Option<u64> {
+        let c = &self.classes[class];
         let mut inner = lock(&c.inner);
         let (chunk, _) = split(c, object);
         if !inner
@@ -873,9 +885,7 @@ impl SlabAllocator {
             return None;
         }
         let moved = take_from_partial(c, &mut inner)?;
-        // SAFETY: the old object is owned by the caller (by contract), the new one was just
-        // handed out; they are distinct, live and at least `len` bytes long.
-        unsafe { std::ptr::copy_nonoverlapping(object_ptr(c, object), object_ptr(c, moved), len) };
+        fill(object_ptr(c, moved));
         Some(moved)
     }
 
@@ -894,22 +904,15 @@ impl SlabAllocator {
         object: u64,
         data: &[u8],
     ) -> Option<u64> {
-        let c = &self.classes[class];
-        assert!(data.len() <= c.size, "a relocated object fits its class");
-        let mut inner = lock(&c.inner);
-        let (chunk, _) = split(c, object);
-        if !inner
-            .chunks
-            .get(chunk)
-            .is_some_and(|m| m.is_live() && m.victim)
-        {
-            return None;
-        }
-        let moved = take_from_partial(c, &mut inner)?;
-        // SAFETY: `moved` was just handed out to us, live and at least `c.size` bytes long;
-        // `data` is a distinct slice of at most that many bytes.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), object_ptr(c, moved), data.len()) };
-        Some(moved)
+        assert!(
+            data.len() <= self.classes[class].size,
+            "a relocated object fits its class"
+        );
+        self.relocate_into(class, object, |moved| {
+            // SAFETY: `moved` was just handed out to us, live and at least the class size
+            // long; `data` is a distinct slice of at most that many bytes.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), moved, data.len()) };
+        })
     }
 
     /// The first byte of `object` in `class`, for the unit heads' header, which several
