@@ -810,16 +810,14 @@ impl PageStore {
             return;
         };
         let mut span = self.lock_span(head.first, head.pages);
+        let Some((members, entry, head)) = self.unit_in_span(&span, entry) else {
+            return;
+        };
         let names = |e: SlotEntry| {
             e.state() == SlotState::Unit
                 && e.unit_class() == entry.unit_class()
                 && e.handle() == entry.handle()
         };
-        let members: u32 = span
-            .guards()
-            .enumerate()
-            .filter(|(_, g)| names(g.entry()))
-            .fold(0, |m, (i, _)| m | 1 << i);
         // Only from the first member, and only when every member passes the filter.
         if members.trailing_zeros() as usize != slot - head.first
             || !span
@@ -922,6 +920,33 @@ impl PageStore {
         }
     }
 
+    /// The unit whose head `key` names, as `span` (locked) holds it: its members' bits, a
+    /// member's entry and its head, read under the span's locks. `None` when no slot of the
+    /// span names the head any more, or the head names another span: between the caller's
+    /// first look and the span's locks the unit may have been freed and its head's object
+    /// reused by another unit.
+    fn unit_in_span(
+        &self,
+        span: &LockedSpan<'_>,
+        key: SlotEntry,
+    ) -> Option<(u32, SlotEntry, Head)> {
+        let names = |e: SlotEntry| {
+            e.state() == SlotState::Unit
+                && e.unit_class() == key.unit_class()
+                && e.handle() == key.handle()
+        };
+        let members: u32 = span
+            .guards()
+            .enumerate()
+            .filter(|(_, g)| names(g.entry()))
+            .fold(0, |m, (i, _)| m | 1 << i);
+        let member = span.guards().map(SlotGuard::entry).find(|&e| names(e))?;
+        // SAFETY: we hold the locks of the span, and a slot of it names the head.
+        let head = unsafe { self.unit_head(member) }?;
+        (head.first == span.first && head.pages == span.guards().count())
+            .then_some((members, member, head))
+    }
+
     /// Locks slot `slot` and reads the head of the unit it is a member of; `None` when it is
     /// not (any more) a member or its head is damaged.
     fn locked_head(&self, slot: usize) -> Option<(SlotEntry, Head)> {
@@ -947,16 +972,7 @@ impl PageStore {
             return 0;
         };
         let mut span = self.lock_span(head.first, head.pages);
-        let members: u32 = span
-            .guards()
-            .enumerate()
-            .filter(|(_, g)| names(g.entry()))
-            .fold(0, |m, (i, _)| m | 1 << i);
-        let Some(named) = span.guards().map(|g| g.entry()).find(|&e| names(e)) else {
-            return 0;
-        };
-        // SAFETY: we hold the locks of the slots naming the head.
-        let Some(head) = (unsafe { self.unit_head(named) }) else {
+        let Some((members, named, head)) = self.unit_in_span(&span, entry) else {
             return 0;
         };
         let len = head_len(head.stream_len, head.pieces);
