@@ -220,6 +220,8 @@ fn daemon_with_a_page_on_its_backing_file(
         .start();
     let mut guest = Guest::connect(&daemon.socket);
     guest.write_text_page();
+    // A page still pending in the pool is not written back: let the worker compress it.
+    daemon.mm_stat();
     daemon.ctl(&["idle", "all"]);
     let written = daemon.ctl(&["writeback", "idle"]);
     assert!(written.starts_with("wrote back 1 "), "{written}");
