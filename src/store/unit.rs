@@ -60,6 +60,13 @@ const _: () = assert!(
 
 const FLAG_SUPERSEDED: u8 = 1;
 
+/// Whether `entry` is a member of the unit whose head the Unit entry `key` names.
+fn same_head(entry: SlotEntry, key: SlotEntry) -> bool {
+    entry.state() == SlotState::Unit
+        && entry.unit_class() == key.unit_class()
+        && entry.handle() == key.handle()
+}
+
 /// The memory a unit's stream of `len` bytes takes: its pieces and its head's class.
 fn unit_cost(len: usize) -> usize {
     let pieces = pieces_for(len);
@@ -813,17 +820,12 @@ impl PageStore {
         let Some((members, entry, head)) = self.unit_in_span(&span, entry) else {
             return;
         };
-        let names = |e: SlotEntry| {
-            e.state() == SlotState::Unit
-                && e.unit_class() == entry.unit_class()
-                && e.handle() == entry.handle()
-        };
         // Only from the first member, and only when every member passes the filter.
         if members.trailing_zeros() as usize != slot - head.first
             || !span
                 .guards()
                 .map(|g| g.entry())
-                .filter(|&e| names(e))
+                .filter(|&e| same_head(e, entry))
                 .all(|e| super::recompress::selected_unit(e, request, hi))
         {
             return;
@@ -930,17 +932,15 @@ impl PageStore {
         span: &LockedSpan<'_>,
         key: SlotEntry,
     ) -> Option<(u32, SlotEntry, Head)> {
-        let names = |e: SlotEntry| {
-            e.state() == SlotState::Unit
-                && e.unit_class() == key.unit_class()
-                && e.handle() == key.handle()
-        };
         let members: u32 = span
             .guards()
             .enumerate()
-            .filter(|(_, g)| names(g.entry()))
+            .filter(|(_, g)| same_head(g.entry(), key))
             .fold(0, |m, (i, _)| m | 1 << i);
-        let member = span.guards().map(SlotGuard::entry).find(|&e| names(e))?;
+        let member = span
+            .guards()
+            .map(SlotGuard::entry)
+            .find(|&e| same_head(e, key))?;
         // SAFETY: we hold the locks of the span, and a slot of it names the head.
         let head = unsafe { self.unit_head(member) }?;
         (head.first == span.first && head.pages == span.guards().count())
@@ -963,12 +963,7 @@ impl PageStore {
     /// Compaction: moves the head of the unit slot `slot` is a member of (`entry`) out of a
     /// victim chunk, with every member locked. Returns the pages the move gave back.
     pub(crate) fn move_unit_head(&self, slot: usize, entry: SlotEntry) -> u64 {
-        let names = |e: SlotEntry| {
-            e.state() == SlotState::Unit
-                && e.unit_class() == entry.unit_class()
-                && e.handle() == entry.handle()
-        };
-        let Some((_, head)) = self.locked_head(slot).filter(|(e, _)| names(*e)) else {
+        let Some((_, head)) = self.locked_head(slot).filter(|&(e, _)| same_head(e, entry)) else {
             return 0;
         };
         let mut span = self.lock_span(head.first, head.pages);
