@@ -653,8 +653,10 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
             s.slots.peek(index)
         );
     }
-    // Everything left goes to the file, and still reads back.
+    // Everything left goes to the file, and still reads back. (A unit half written back is
+    // rewritten page by page by a worker: wait for it, as check_consistency asks.)
     s.writeback(&writeback_request(5, None)).unwrap();
+    assert!(s.wait_drained(Duration::from_secs(10)));
     s.check_consistency().unwrap();
     for (index, expect) in model.iter().enumerate() {
         s.read(index as u64, &mut out).unwrap();
@@ -667,6 +669,7 @@ fn run_model_on(s: &PageStore, ops: &[Op]) {
     let stored = model.iter().filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
     assert!(s.stats().mm.orig_data_size >= stored * PAGE_SIZE as u64);
     s.discard(0..MODEL_PAGES).unwrap();
+    assert!(s.wait_drained(Duration::from_secs(10)));
     s.check_consistency().unwrap();
     let w = s.stats().writeback;
     assert_eq!((w.pages_on_file, w.live_bytes), (0, 0), "{w:?}");
